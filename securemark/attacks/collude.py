@@ -1,0 +1,48 @@
+"""Coalitions merge their copies weight by weight."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+COLLUSION_METHODS = ("average", "median", "interleave", "extreme")
+StateDict = Mapping[str, torch.Tensor]
+
+
+def collude(copies: Sequence[StateDict], method: str, rng: np.random.Generator) -> tuple[dict, dict]:
+    """Merge ``copies`` by ``method``:
+
+    average: the mean; median: the per-weight median; interleave: each weight from a random copy;
+    extreme: each weight the min or the max of the copies, chosen at random (randomized min/max).
+    Non-float tensors (counters) are taken from the first copy.
+    """
+    if method not in COLLUSION_METHODS:
+        raise ValueError(f"unknown collusion method {method!r}; choose one of {', '.join(COLLUSION_METHODS)}")
+    if len(copies) < 2:
+        raise ValueError(f"collusion needs at least 2 copies, got {len(copies)}")
+    names = list(copies[0])
+    for i, sd in enumerate(copies[1:], start=1):
+        if list(sd) != names or any(sd[n].shape != copies[0][n].shape for n in names):
+            raise ValueError(f"copy {i} does not have the same tensors as copy 0")
+    gen = torch.Generator().manual_seed(int(rng.integers(2**63)))
+    out: dict[str, torch.Tensor] = {}
+    for name in names:
+        first = copies[0][name]
+        if not first.is_floating_point():
+            out[name] = first.clone()
+            continue
+        stack = torch.stack([sd[name].to(torch.float64) for sd in copies])  # (k, *shape)
+        if method == "average":
+            merged = stack.mean(0)
+        elif method == "median":
+            merged = stack.median(0).values if len(copies) % 2 else stack.quantile(0.5, dim=0)
+        elif method == "interleave":
+            pick = torch.randint(len(copies), first.shape, generator=gen)
+            merged = stack.gather(0, pick.unsqueeze(0)).squeeze(0)
+        else:
+            use_max = torch.rand(first.shape, generator=gen) < 0.5
+            merged = torch.where(use_max, stack.max(0).values, stack.min(0).values)
+        out[name] = merged.to(first.dtype)
+    return out, {"attack": "collude", "method": method, "copies": len(copies)}

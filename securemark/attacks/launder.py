@@ -1,0 +1,71 @@
+"""Laundering a single copy: magnitude pruning, quantization round trips, Gaussian noise."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+StateDict = Mapping[str, torch.Tensor]
+
+
+def _weights(sd: StateDict) -> list[str]:
+    """The tensors these attacks touch: floating-point weights with >= 2 dims (conv, linear)."""
+    return [n for n, t in sd.items() if t.is_floating_point() and t.dim() >= 2]
+
+
+def prune(sd: StateDict, ratio: float, scope: str = "global") -> tuple[dict, dict]:
+    """Zero the ``ratio`` share of weights with the smallest magnitude, over all layers or per layer."""
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"prune ratio must lie in [0, 1), got {ratio}")
+    if scope not in ("global", "layer"):
+        raise ValueError(f"prune scope must be 'global' or 'layer', got {scope!r}")
+    out = dict(sd)
+    names = _weights(sd)
+    if scope == "global":
+        mags = torch.cat([sd[n].detach().abs().reshape(-1).to(torch.float64) for n in names])
+        k = int(ratio * mags.numel())
+        cut = mags.kthvalue(k).values if k > 0 else torch.tensor(-1.0, dtype=torch.float64)
+        cuts = dict.fromkeys(names, cut)
+    else:
+        cuts = {}
+        for n in names:
+            mags = sd[n].detach().abs().reshape(-1).to(torch.float64)
+            k = int(ratio * mags.numel())
+            cuts[n] = mags.kthvalue(k).values if k > 0 else torch.tensor(-1.0, dtype=torch.float64)
+    zeroed = 0
+    for n in names:
+        keep = sd[n].detach().abs().to(torch.float64) > cuts[n]
+        zeroed += int((~keep).sum())
+        out[n] = sd[n] * keep.to(sd[n].dtype)
+    total = sum(sd[n].numel() for n in names)
+    return out, {"attack": "prune", "ratio": ratio, "scope": scope, "zeroed": zeroed, "of": total}
+
+
+def quantize(sd: StateDict, bits: int = 8) -> tuple[dict, dict]:
+    """Round trip through symmetric per-tensor integers of ``bits`` bits (8 or 4), or float16 for bits=16."""
+    if bits not in (4, 8, 16):
+        raise ValueError(f"quantize supports 4, 8 (integer) and 16 (float16) bits, got {bits}")
+    out = dict(sd)
+    for n in _weights(sd):
+        t = sd[n].detach()
+        if bits == 16:
+            out[n] = t.to(torch.float16).to(t.dtype)
+            continue
+        levels = 2 ** (bits - 1) - 1
+        scale = t.abs().max() / levels
+        out[n] = t if scale == 0 else (torch.round(t / scale).clamp(-levels, levels) * scale).to(t.dtype)
+    return out, {"attack": "quantize", "bits": bits}
+
+
+def add_noise(sd: StateDict, std: float, rng: np.random.Generator) -> tuple[dict, dict]:
+    """Add N(0, std^2) to every weight (absolute std, in the weights' own units)."""
+    if std < 0:
+        raise ValueError(f"noise std must be >= 0, got {std}")
+    gen = torch.Generator().manual_seed(int(rng.integers(2**63)))
+    out = dict(sd)
+    for n in _weights(sd):
+        t = sd[n].detach()
+        out[n] = t + std * torch.randn(t.shape, generator=gen, dtype=t.dtype)
+    return out, {"attack": "noise", "std": std}

@@ -1,0 +1,260 @@
+"""securemark command line: codes | registry | issue | trace | attack | bench | demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from securemark.codes.base import CODE_KINDS
+from securemark.codes.channel import ATTACKS
+
+EXPECTED_ERRORS: tuple[type[Exception], ...] = (ValueError, RuntimeError, FileNotFoundError, PermissionError)
+
+
+def _print_json(obj: object) -> None:
+    print(json.dumps(obj, indent=2, default=float))
+
+
+def _table(rows: dict[str, object]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(show_header=False)
+    for k, v in rows.items():
+        table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
+    Console().print(table)
+
+
+# --- codes -----------------------------------------------------------------------------------------
+def cmd_codes_eval(a: argparse.Namespace) -> None:
+    from securemark.codes.evaluate import CodeTrialSpec, evaluate_code
+
+    spec = CodeTrialSpec(a.code, a.users, a.colluders, a.length, a.attack, a.noise, a.trials, a.eps, a.seed,
+                         a.max_colluders, a.detector)
+    result = evaluate_code(spec, progress=not a.json and sys.stderr.isatty())
+    _print_json(result) if a.json else _table(result)
+
+
+# --- registry, issue, trace ------------------------------------------------------------------------
+def cmd_registry_init(a: argparse.Namespace) -> None:
+    from securemark.registry import Registry, RegistryParams
+
+    params = RegistryParams(code=a.code, length=a.length, max_colluders=a.max_colluders, eps=a.eps,
+                            budget=a.budget, carrier_mode=a.carrier)
+    with Registry.init(a.directory, params) as reg:
+        print(f"registry created at {reg.directory} ({params.code}, L={params.length}, c_max={params.max_colluders},"
+              f" eps={params.eps}); the owner secret is in {reg.directory / 'owner.key'} (mode 0600): back it up")
+
+
+def cmd_registry_show(a: argparse.Namespace) -> None:
+    from dataclasses import asdict
+
+    from securemark.registry import Registry
+
+    with Registry.open(a.directory) as reg:
+        base = reg.base()
+        _print_json({
+            "params": asdict(reg.params),
+            "customers": reg.customers(),
+            "base": None if base is None else {"digest": base.digest, "strength": base.strength, "layout": base.layout},
+            "deliveries": reg.deliveries(),
+        })
+
+
+def cmd_issue(a: argparse.Namespace) -> None:
+    from securemark.modelio import file_sha256, load_state_dict, save_state_dict
+    from securemark.owner import issue_copy
+    from securemark.registry import Registry
+
+    base = load_state_dict(a.model)
+    with Registry.open(a.directory) as reg:
+        copy = issue_copy(reg, base, a.customer, note=str(a.out))
+        save_state_dict(copy, a.out)
+    print(f"issued {a.out} to {a.customer!r} (sha256 {file_sha256(a.out)[:16]}...)")
+
+
+def cmd_trace(a: argparse.Namespace) -> None:
+    from securemark.modelio import load_state_dict
+    from securemark.registry import Registry
+    from securemark.tracing.tracer import trace
+
+    suspect = load_state_dict(a.suspect)
+    with Registry.open(a.directory) as reg:
+        report = trace(suspect, reg, top_k=a.top)
+    if a.json:
+        _print_json(report.to_json())
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{a.suspect}: {report.users} customers, threshold {report.threshold:.2f}, eps {report.eps}")
+    for col in ("customer", "score", "p-value", "accused"):
+        table.add_column(col)
+    accused = {s.customer for s in report.accused}
+    for s in report.scores_top:
+        pv = "" if s.p_value is None else f"{s.p_value:.2e}"
+        table.add_row(s.customer, f"{s.score:.3f}", pv, "ACCUSED" if s.customer in accused else "")
+    Console().print(table)
+    print("accused: " + (", ".join(s.customer for s in report.accused) or "nobody"))
+
+
+# --- attacks ---------------------------------------------------------------------------------------
+def cmd_attack(a: argparse.Namespace) -> None:
+    from securemark import attacks
+    from securemark.modelio import load_state_dict, save_state_dict
+
+    rng = np.random.default_rng(a.seed)
+    if a.attack == "collude":
+        out, record = attacks.collude([load_state_dict(f) for f in a.files], a.method, rng)
+    elif a.attack == "prune":
+        out, record = attacks.prune(load_state_dict(a.file), a.ratio, a.scope)
+    elif a.attack == "quantize":
+        out, record = attacks.quantize(load_state_dict(a.file), a.bits)
+    else:
+        out, record = attacks.add_noise(load_state_dict(a.file), a.std, rng)
+    save_state_dict(out, a.out)
+    print(json.dumps({**record, "out": str(a.out)}))
+
+
+# --- bench -----------------------------------------------------------------------------------------
+def cmd_bench_trace(a: argparse.Namespace) -> None:
+    from securemark.codes import pack_bits, tardos
+    from securemark.tracing.scores import PackedCodebook, accuse, tardos_scores
+
+    rng = np.random.default_rng(a.seed)
+    t0 = time.perf_counter()
+    bias = tardos.arcsine_bias(rng.random(a.length), a.max_colluders)
+    packed = np.empty((a.users, (a.length + 7) // 8), dtype=np.uint8)
+    for s in range(0, a.users, 50_000):  # genuine Tardos rows, generated in blocks
+        u = rng.random((min(50_000, a.users - s), a.length), dtype=np.float32)
+        packed[s : s + len(u)] = pack_bits(tardos.draw_rows(bias.astype(np.float32), u))
+    t1 = time.perf_counter()
+    book = PackedCodebook.from_packed_rows(packed, a.length)
+    t2 = time.perf_counter()
+    coalition = rng.choice(a.users, size=a.max_colluders, replace=False)
+    rows = np.unpackbits(packed[coalition], axis=1, count=a.length).astype(np.float64)
+    y = (2 * rows - 1).mean(0)
+    times = []
+    for _ in range(a.repeats):
+        s0 = time.perf_counter()
+        acc = accuse(tardos_scores(book, y, bias), y, 1e-3)
+        times.append(time.perf_counter() - s0)
+    result = {
+        "users": a.users, "length": a.length, "generate_seconds": round(t1 - t0, 3),
+        "layout_seconds": round(t2 - t1, 3), "score_seconds_median": round(float(np.median(times)), 4),
+        "score_seconds_min": round(min(times), 4), "repeats": a.repeats,
+        "accused_colluders": int(np.isin(acc.accused, coalition).sum()), "accused_innocents": int((~np.isin(acc.accused, coalition)).sum()),
+        "codebook_mib": round(book.columns.nbytes / 2**20, 1),
+    }
+    _print_json(result) if a.json else _table(result)
+
+
+def cmd_demo(a: argparse.Namespace) -> None:
+    from securemark.demo import main as demo_main
+
+    demo_main(a.out, a.seed)
+
+
+# --- parser ----------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="securemark", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    codes = sub.add_parser("codes", help="collusion-resistant codes").add_subparsers(dest="sub", required=True)
+    ev = codes.add_parser("eval", help="Monte-Carlo catch rate and false accusations of a code under an attack")
+    ev.add_argument("--code", choices=CODE_KINDS, default="tardos")
+    ev.add_argument("--users", type=int, default=1000)
+    ev.add_argument("--colluders", type=int, default=5)
+    ev.add_argument("--length", type=int, default=2048)
+    ev.add_argument("--attack", choices=ATTACKS, default="average")
+    ev.add_argument("--noise", type=float, default=0.0)
+    ev.add_argument("--trials", type=int, default=200)
+    ev.add_argument("--eps", type=float, default=1e-3)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--max-colluders", type=int, default=None, help="design size (default: --colluders)")
+    ev.add_argument("--detector", choices=("and", "soft"), default="and", help="BIBD detector")
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=cmd_codes_eval)
+
+    reg = sub.add_parser("registry", help="the owner's registry").add_subparsers(dest="sub", required=True)
+    ini = reg.add_parser("init", help="create a registry and a fresh owner secret")
+    ini.add_argument("directory", type=Path)
+    ini.add_argument("--code", choices=CODE_KINDS, default="tardos")
+    ini.add_argument("--length", type=int, default=2048)
+    ini.add_argument("--max-colluders", type=int, default=5)
+    ini.add_argument("--eps", type=float, default=1e-3)
+    ini.add_argument("--budget", type=float, default=0.05, help="perturbation RMS / carrier RMS")
+    ini.add_argument("--carrier", choices=("weights", "filter-mean"), default="weights")
+    ini.set_defaults(func=cmd_registry_init)
+    show = reg.add_parser("show", help="print a registry's parameters, customers and deliveries as JSON")
+    show.add_argument("directory", type=Path)
+    show.set_defaults(func=cmd_registry_show)
+
+    iss = sub.add_parser("issue", help="issue a fingerprinted copy of a model to a customer")
+    iss.add_argument("directory", type=Path)
+    iss.add_argument("--model", type=Path, required=True)
+    iss.add_argument("--customer", required=True)
+    iss.add_argument("--out", type=Path, required=True)
+    iss.set_defaults(func=cmd_issue)
+
+    tr = sub.add_parser("trace", help="name the customers behind a suspect model")
+    tr.add_argument("directory", type=Path)
+    tr.add_argument("suspect", type=Path)
+    tr.add_argument("--top", type=int, default=10)
+    tr.add_argument("--json", action="store_true")
+    tr.set_defaults(func=cmd_trace)
+
+    att = sub.add_parser("attack", help="attacks on model files").add_subparsers(dest="attack", required=True)
+    col = att.add_parser("collude", help="merge copies")
+    col.add_argument("files", type=Path, nargs="+")
+    col.add_argument("--method", choices=("average", "median", "interleave", "extreme"), default="average")
+    pr = att.add_parser("prune", help="magnitude pruning")
+    pr.add_argument("file", type=Path)
+    pr.add_argument("--ratio", type=float, required=True)
+    pr.add_argument("--scope", choices=("global", "layer"), default="global")
+    qu = att.add_parser("quantize", help="integer (4, 8) or float16 (16) round trip")
+    qu.add_argument("file", type=Path)
+    qu.add_argument("--bits", type=int, choices=(4, 8, 16), default=8)
+    no = att.add_parser("noise", help="add Gaussian noise of absolute std S to every weight")
+    no.add_argument("file", type=Path)
+    no.add_argument("--std", type=float, required=True)
+    for sp in (col, pr, qu, no):
+        sp.add_argument("--out", type=Path, required=True)
+        sp.add_argument("--seed", type=int, default=0)
+        sp.set_defaults(func=cmd_attack)
+
+    bench = sub.add_parser("bench", help="benchmarks that print figures").add_subparsers(dest="sub", required=True)
+    bt = bench.add_parser("trace", help="seconds to score one suspect against N customers")
+    bt.add_argument("--users", type=int, default=1_000_000)
+    bt.add_argument("--length", type=int, default=2048)
+    bt.add_argument("--max-colluders", type=int, default=5)
+    bt.add_argument("--repeats", type=int, default=5)
+    bt.add_argument("--seed", type=int, default=0)
+    bt.add_argument("--json", action="store_true")
+    bt.set_defaults(func=cmd_bench_trace)
+
+    demo = sub.add_parser("demo", help="the owner workflow end to end on real digits")
+    demo.add_argument("--out", default=None, help="directory for the registry and leaked model (default: temp)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except EXPECTED_ERRORS as exc:  # bad input gets one clear line, not a traceback
+        print(f"securemark: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

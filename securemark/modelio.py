@@ -1,0 +1,69 @@
+"""Loading and saving state_dicts safely: suspects are untrusted, so nothing here runs code from a file."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+MODEL_SUFFIXES = (".safetensors", ".pt", ".pth")
+
+
+class ModelFileError(ValueError):
+    """A model file is missing, of an unknown format, or not a flat mapping of names to tensors."""
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read .safetensors, or .pt/.pth with ``weights_only=True`` (no pickled code is executed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"model file {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            sd = load_file(str(path))
+        elif path.suffix in (".pt", ".pth"):
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            raise ModelFileError(f"{path}: unknown model format; use one of {', '.join(MODEL_SUFFIXES)}")
+    except ModelFileError:
+        raise
+    except Exception as exc:  # a corrupt or hostile file must give a message, not a traceback
+        raise ModelFileError(f"{path} could not be read as a model: {exc}") from None
+    if not isinstance(sd, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()
+    ):
+        raise ModelFileError(f"{path} is not a flat mapping of tensor names to tensors (a state_dict)")
+    return dict(sd)
+
+
+def save_state_dict(sd: Mapping[str, torch.Tensor], path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+    if path.suffix == ".safetensors":
+        save_file(tensors, str(path))
+    elif path.suffix in (".pt", ".pth"):
+        torch.save(tensors, path)
+    else:
+        raise ModelFileError(f"{path}: unknown model format; use one of {', '.join(MODEL_SUFFIXES)}")
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def state_digest(sd: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and bytes: identifies a model whatever file format holds it."""
+    h = hashlib.sha256()
+    for name in sorted(sd):
+        t = sd[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

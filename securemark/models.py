@@ -1,0 +1,64 @@
+"""Small models written here (no torchvision): an MLP, a small CNN, and a CIFAR-size CNN."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+MODELS = ("mlp", "cnn", "cifar-cnn")
+
+
+class MLP(nn.Module):
+    def __init__(self, in_shape: tuple[int, int, int], classes: int, hidden: int = 128) -> None:
+        super().__init__()
+        c, h, w = in_shape
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class SmallCNN(nn.Module):
+    """Two conv blocks and two linear layers; ~105k parameters on 28x28, ~10k on 8x8."""
+
+    def __init__(self, in_shape: tuple[int, int, int], classes: int, width: int = 16) -> None:
+        super().__init__()
+        c, h, w = in_shape
+        self.features = nn.Sequential(
+            nn.Conv2d(c, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # (B, w, H/2, W/2)
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # (B, 2w, H/4, W/4)
+        )
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(2 * width * (h // 4) * (w // 4), 64), nn.ReLU(), nn.Linear(64, classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class CifarCNN(nn.Module):
+    """Three conv blocks for 32x32 colour images (~0.3M parameters)."""
+
+    def __init__(self, in_shape: tuple[int, int, int], classes: int) -> None:
+        super().__init__()
+        c, h, w = in_shape
+        blocks: list[nn.Module] = []
+        for cin, cout in ((c, 32), (32, 64), (64, 128)):
+            blocks += [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2)]
+        self.features = nn.Sequential(*blocks)  # (B, 128, H/8, W/8)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(128 * (h // 8) * (w // 8), 128), nn.ReLU(), nn.Linear(128, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def build(name: str, in_shape: tuple[int, int, int], classes: int, seed: int = 0) -> nn.Module:
+    """A freshly initialized model; ``seed`` makes the initialization reproducible."""
+    torch.manual_seed(seed)
+    if name == "mlp":
+        return MLP(in_shape, classes)
+    if name == "cnn":
+        return SmallCNN(in_shape, classes)
+    if name == "cifar-cnn":
+        return CifarCNN(in_shape, classes)
+    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")

@@ -1,0 +1,42 @@
+"""The model owner's workflow on top of the registry: issue fingerprinted copies of a base model."""
+
+from __future__ import annotations
+
+from securemark.fingerprint.carrier import StateDict
+from securemark.fingerprint.embed import Fingerprinter
+from securemark.modelio import state_digest
+from securemark.registry import Base, Registry, RegistryError
+
+
+def fingerprinter(registry: Registry, model: StateDict) -> Fingerprinter:
+    """The registry's fingerprinter for models shaped like ``model``."""
+    fp = Fingerprinter.create(registry.secret, registry.params.carrier, model, registry.params.length)
+    base = registry.base()
+    if base is not None and base.layout != fp.layout.digest:
+        raise RegistryError(
+            f"model layout {fp.layout.digest} differs from the registry's {base.layout}: another architecture"
+        )
+    return fp
+
+
+def establish_base(registry: Registry, base_model: StateDict, strength: float | None = None) -> tuple[Fingerprinter, Base]:
+    """Record ``base_model`` as the registry's base (once): its projection and the embedding strength."""
+    fp = fingerprinter(registry, base_model)
+    current = registry.base()
+    digest = state_digest(base_model)
+    if current is not None and current.digest == digest:
+        return fp, current
+    if strength is None:
+        strength = fp.strength_for_budget(base_model, registry.params.budget)
+    base = Base(digest, fp.project(base_model), strength, fp.layout.digest)
+    registry.set_base(base)  # raises if a different base was recorded before
+    return fp, base
+
+
+def issue_copy(registry: Registry, base_model: StateDict, customer: str, note: str = "") -> dict:
+    """The copy of ``base_model`` for ``customer``, recorded in the registry (sha256 of its tensors)."""
+    fp, base = establish_base(registry, base_model)
+    cust = registry.customer(customer)
+    copy = fp.embed(base_model, cust.bits, base.strength)
+    registry.record_delivery(cust, state_digest(copy), note)
+    return copy

@@ -1,0 +1,1 @@
+"""Tracing: pure scoring math (scores) and reports against a registry (tracer)."""

@@ -1,0 +1,63 @@
+"""Local training and evaluation loops (plain torch), shared by the owner demo, Flower clients and attacks."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from securemark.data import Dataset
+
+
+def pick_device() -> torch.device:
+    """CUDA when this process can see a GPU (e.g. a Ray actor given a GPU fraction), else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def train(
+    model: nn.Module,
+    data: Dataset,
+    *,
+    epochs: int = 1,
+    lr: float = 0.05,
+    batch_size: int = 32,
+    generator: torch.Generator | None = None,
+    device: torch.device | None = None,
+) -> float:
+    """SGD with momentum for ``epochs``; returns the mean training loss of the last epoch."""
+    device = device or pick_device()
+    model.to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    loss_fn = nn.CrossEntropyLoss()
+    last = float("nan")
+    for _ in range(epochs):
+        order = torch.randperm(len(data), generator=generator)
+        total, count = 0.0, 0
+        for start in range(0, len(data), batch_size):
+            idx = order[start : start + batch_size]
+            x, y = data.x[idx].to(device), data.y[idx].to(device)
+            opt.zero_grad()
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            opt.step()
+            total, count = total + loss.item() * len(idx), count + len(idx)
+        last = total / max(count, 1)
+    return last
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, data: Dataset, device: torch.device | None = None, batch_size: int = 512) -> float:
+    device = device or pick_device()
+    model.to(device).eval()
+    correct = 0
+    for start in range(0, len(data), batch_size):
+        x, y = data.x[start : start + batch_size].to(device), data.y[start : start + batch_size].to(device)
+        correct += int((model(x).argmax(1) == y).sum())
+    return correct / max(len(data), 1)
+
+
+def accuracy_of(model: nn.Module, weights: Mapping[str, torch.Tensor], data: Dataset) -> float:
+    """Accuracy of ``model`` after loading ``weights`` (the model object is reused, its weights replaced)."""
+    model.load_state_dict(dict(weights))
+    return accuracy(model, data)
