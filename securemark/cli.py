@@ -35,8 +35,9 @@ def _table(rows: dict[str, object]) -> None:
 def cmd_codes_eval(a: argparse.Namespace) -> None:
     from securemark.codes.evaluate import CodeTrialSpec, evaluate_code
 
-    spec = CodeTrialSpec(a.code, a.users, a.colluders, a.length, a.attack, a.noise, a.trials, a.eps, a.seed,
-                         a.max_colluders, a.detector)
+    spec = CodeTrialSpec(
+        a.code, a.users, a.colluders, a.length, a.attack, a.noise, a.trials, a.eps, a.seed, a.max_colluders, a.detector
+    )
     result = evaluate_code(spec, progress=not a.json and sys.stderr.isatty())
     _print_json(result) if a.json else _table(result)
 
@@ -45,11 +46,14 @@ def cmd_codes_eval(a: argparse.Namespace) -> None:
 def cmd_registry_init(a: argparse.Namespace) -> None:
     from securemark.registry import Registry, RegistryParams
 
-    params = RegistryParams(code=a.code, length=a.length, max_colluders=a.max_colluders, eps=a.eps,
-                            budget=a.budget, carrier_mode=a.carrier)
+    params = RegistryParams(
+        code=a.code, length=a.length, max_colluders=a.max_colluders, eps=a.eps, budget=a.budget, carrier_mode=a.carrier
+    )
     with Registry.init(a.directory, params) as reg:
-        print(f"registry created at {reg.directory} ({params.code}, L={params.length}, c_max={params.max_colluders},"
-              f" eps={params.eps}); the owner secret is in {reg.directory / 'owner.key'} (mode 0600): back it up")
+        print(
+            f"registry created at {reg.directory} ({params.code}, L={params.length}, c_max={params.max_colluders},"
+            f" eps={params.eps}); the owner secret is in {reg.directory / 'owner.key'} (mode 0600): back it up"
+        )
 
 
 def cmd_registry_show(a: argparse.Namespace) -> None:
@@ -59,12 +63,20 @@ def cmd_registry_show(a: argparse.Namespace) -> None:
 
     with Registry.open(a.directory) as reg:
         base = reg.base()
-        _print_json({
-            "params": asdict(reg.params),
-            "customers": reg.customers(),
-            "base": None if base is None else {"digest": base.digest, "strength": base.strength, "layout": base.layout},
-            "deliveries": reg.deliveries(),
-        })
+        _print_json(
+            {
+                "params": asdict(reg.params),
+                "customers": reg.customers(),
+                "base": None
+                if base is None
+                else {
+                    "digest": base.digest,
+                    "strength": base.strength,
+                    "carrier_tensors": [n for n, _ in base.tensors],
+                },
+                "deliveries": reg.deliveries(),
+            }
+        )
 
 
 def cmd_issue(a: argparse.Namespace) -> None:
@@ -146,10 +158,15 @@ def cmd_bench_trace(a: argparse.Namespace) -> None:
         acc = accuse(tardos_scores(book, y, bias), y, 1e-3)
         times.append(time.perf_counter() - s0)
     result = {
-        "users": a.users, "length": a.length, "generate_seconds": round(t1 - t0, 3),
-        "layout_seconds": round(t2 - t1, 3), "score_seconds_median": round(float(np.median(times)), 4),
-        "score_seconds_min": round(min(times), 4), "repeats": a.repeats,
-        "accused_colluders": int(np.isin(acc.accused, coalition).sum()), "accused_innocents": int((~np.isin(acc.accused, coalition)).sum()),
+        "users": a.users,
+        "length": a.length,
+        "generate_seconds": round(t1 - t0, 3),
+        "layout_seconds": round(t2 - t1, 3),
+        "score_seconds_median": round(float(np.median(times)), 4),
+        "score_seconds_min": round(min(times), 4),
+        "repeats": a.repeats,
+        "accused_colluders": int(np.isin(acc.accused, coalition).sum()),
+        "accused_innocents": int((~np.isin(acc.accused, coalition)).sum()),
         "codebook_mib": round(book.columns.nbytes / 2**20, 1),
     }
     _print_json(result) if a.json else _table(result)

@@ -32,7 +32,7 @@ class Dataset:
     def split(self, test_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
         """(train, test), shuffled with ``seed``."""
         order = np.random.default_rng(seed).permutation(len(self))
-        cut = int(round(len(self) * (1 - test_fraction)))
+        cut = round(len(self) * (1 - test_fraction))
         return self.subset(order[:cut]), self.subset(order[cut:])
 
 

@@ -32,7 +32,9 @@ class DemoResult:
 
 def _train(seed: int, train_set: data.Dataset, epochs: int) -> torch.nn.Module:
     model = models.build("cnn", tuple(train_set.x.shape[1:]), train_set.classes, seed=seed)  # type: ignore[arg-type]
-    training.train(model, train_set, epochs=epochs, generator=torch.Generator().manual_seed(seed), device=torch.device("cpu"))
+    training.train(
+        model, train_set, epochs=epochs, generator=torch.Generator().manual_seed(seed), device=torch.device("cpu")
+    )
     return model
 
 
@@ -81,8 +83,13 @@ def print_result(res: DemoResult, console: Console) -> None:
         table.add_column(col)
     accused = {s.customer for s in res.report.accused}
     for s in res.report.scores_top[:8]:
-        table.add_row(s.customer, f"{s.score:.2f}", f"{s.p_value:.1e}", "yes" if s.customer in accused else "",
-                      "yes" if s.customer in res.coalition else "")
+        table.add_row(
+            s.customer,
+            f"{s.score:.2f}",
+            f"{s.p_value:.1e}",
+            "yes" if s.customer in accused else "",
+            "yes" if s.customer in res.coalition else "",
+        )
     console.print(table)
     console.print(
         f"threshold z = {res.report.threshold:.2f} (eps = {res.report.eps}: P(any innocent accused) <= eps)\n"

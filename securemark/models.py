@@ -25,8 +25,12 @@ class SmallCNN(nn.Module):
         super().__init__()
         c, h, w = in_shape
         self.features = nn.Sequential(
-            nn.Conv2d(c, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # (B, w, H/2, W/2)
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # (B, 2w, H/4, W/4)
+            nn.Conv2d(c, width, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # (B, w, H/2, W/2)
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # (B, 2w, H/4, W/4)
         )
         self.head = nn.Sequential(
             nn.Flatten(), nn.Linear(2 * width * (h // 4) * (w // 4), 64), nn.ReLU(), nn.Linear(64, classes)
@@ -46,7 +50,9 @@ class CifarCNN(nn.Module):
         for cin, cout in ((c, 32), (32, 64), (64, 128)):
             blocks += [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2)]
         self.features = nn.Sequential(*blocks)  # (B, 128, H/8, W/8)
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(128 * (h // 8) * (w // 8), 128), nn.ReLU(), nn.Linear(128, classes))
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(128 * (h // 8) * (w // 8), 128), nn.ReLU(), nn.Linear(128, classes)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))

@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
-from securemark.fingerprint.carrier import StateDict
-from securemark.fingerprint.embed import Fingerprinter
+from securemark.fingerprint.carrier import CarrierLayout, StateDict
+from securemark.fingerprint.embed import Fingerprinter, Projection
 from securemark.modelio import state_digest
-from securemark.registry import Base, Registry, RegistryError
+from securemark.registry import Base, Registry
 
 
 def fingerprinter(registry: Registry, model: StateDict) -> Fingerprinter:
-    """The registry's fingerprinter for models shaped like ``model``."""
-    fp = Fingerprinter.create(registry.secret, registry.params.carrier, model, registry.params.length)
+    """The registry's fingerprinter; once a base is recorded, ``model`` must have its carrier tensors
+    (CarrierMismatch names the first missing or misshapen one)."""
     base = registry.base()
-    if base is not None and base.layout != fp.layout.digest:
-        raise RegistryError(
-            f"model layout {fp.layout.digest} differs from the registry's {base.layout}: another architecture"
-        )
-    return fp
+    if base is None:
+        return Fingerprinter.create(registry.secret, registry.params.carrier, model, registry.params.length)
+    layout = CarrierLayout(registry.params.carrier, base.tensors)
+    layout.check(model)
+    return Fingerprinter(layout, Projection.derive(registry.secret, layout.size, registry.params.length))
 
 
-def establish_base(registry: Registry, base_model: StateDict, strength: float | None = None) -> tuple[Fingerprinter, Base]:
+def establish_base(
+    registry: Registry, base_model: StateDict, strength: float | None = None
+) -> tuple[Fingerprinter, Base]:
     """Record ``base_model`` as the registry's base (once): its projection and the embedding strength."""
     fp = fingerprinter(registry, base_model)
     current = registry.base()
@@ -28,7 +30,7 @@ def establish_base(registry: Registry, base_model: StateDict, strength: float | 
         return fp, current
     if strength is None:
         strength = fp.strength_for_budget(base_model, registry.params.budget)
-    base = Base(digest, fp.project(base_model), strength, fp.layout.digest)
+    base = Base(digest, fp.project(base_model), strength, fp.layout.tensors)
     registry.set_base(base)  # raises if a different base was recorded before
     return fp, base
 

@@ -92,7 +92,7 @@ class Base:
     digest: str
     reference: np.ndarray = field(repr=False)
     strength: float
-    layout: str
+    tensors: tuple[tuple[str, tuple[int, ...]], ...]  # the carrier's tensors: suspects are checked by name
 
 
 def _now() -> str:
@@ -134,7 +134,8 @@ class Registry:
         try:
             conn = cls._connect(db)
             meta = {k: json.loads(v) for k, v in conn.execute("SELECT key, value FROM meta")}
-            params = RegistryParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["params"].items()})
+            fields: dict = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["params"].items()}
+            params = RegistryParams(**fields)
         except (sqlite3.DatabaseError, KeyError, TypeError, ValueError) as exc:
             raise RegistryError(f"registry {db} is corrupt or not a securemark registry ({exc})") from None
         if meta.get("format") != FORMAT:
@@ -244,7 +245,9 @@ class Registry:
         args: tuple[str, ...] = ()
         if name is not None:
             q, args = q + " WHERE c.name = ?", (name,)
-        return [dict(zip(("customer", "sha256", "issued_at", "note"), r, strict=True)) for r in self._conn.execute(q, args)]
+        return [
+            dict(zip(("customer", "sha256", "issued_at", "note"), r, strict=True)) for r in self._conn.execute(q, args)
+        ]
 
     # --- embedding parameters ----------------------------------------------------------------------
     def base(self) -> Base | None:
@@ -253,7 +256,8 @@ class Registry:
             return None
         info = json.loads(row[0])
         reference = np.frombuffer(self._array("reference"), dtype=np.float64).copy()
-        return Base(info["digest"], reference, info["strength"], info["layout"])
+        tensors = tuple((name, tuple(shape)) for name, shape in info["tensors"])
+        return Base(info["digest"], reference, info["strength"], tensors)
 
     def set_base(self, base: Base) -> None:
         """Record the base model once; copies from another base would need another reference."""
@@ -265,7 +269,7 @@ class Registry:
             )
         if current is not None:
             return
-        info = {"digest": base.digest, "strength": base.strength, "layout": base.layout}
+        info = {"digest": base.digest, "strength": base.strength, "tensors": [[n, list(s)] for n, s in base.tensors]}
         with self._write() as conn:
             conn.execute("INSERT INTO meta VALUES ('base', ?)", (json.dumps(info),))
             conn.execute("INSERT INTO arrays VALUES ('reference', ?)", (base.reference.tobytes(),))

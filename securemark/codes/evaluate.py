@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -58,7 +59,9 @@ def _accuse_scored(spec: CodeTrialSpec, rng: np.random.Generator, threshold: flo
     return np.flatnonzero(scores > threshold), coalition
 
 
-def _accuse_bibd(spec: CodeTrialSpec, rng: np.random.Generator, rows: np.ndarray, q: int) -> tuple[np.ndarray, np.ndarray]:
+def _accuse_bibd(
+    spec: CodeTrialSpec, rng: np.random.Generator, rows: np.ndarray, q: int
+) -> tuple[np.ndarray, np.ndarray]:
     c_max = spec.max_colluders or spec.colluders
     coalition = rng.choice(spec.users, size=spec.colluders, replace=False)
     y = collude(2.0 * rows[coalition] - 1.0, spec.attack, rng, spec.noise)
@@ -82,7 +85,7 @@ def evaluate_code(spec: CodeTrialSpec, progress: bool = False) -> dict[str, obje
         length, threshold = spec.length, accusation_threshold(spec.users, spec.eps)
 
     caught = all_caught = false_acc = trials_false = accused_total = 0
-    trial_range = range(spec.trials)
+    trial_range: Iterable[int] = range(spec.trials)
     if progress:
         from rich.progress import track
 

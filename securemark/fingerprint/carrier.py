@@ -8,8 +8,6 @@ output filters of each selected tensor; writing a change d to it adds d to every
 from __future__ import annotations
 
 import fnmatch
-import hashlib
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -67,12 +65,6 @@ class CarrierLayout:
     @property
     def size(self) -> int:
         return sum(self._width(shape) for _, shape in self.tensors)
-
-    @property
-    def digest(self) -> str:
-        """A stable id of the layout, stored in the registry to refuse models of another architecture."""
-        desc = {"mode": self.spec.mode, "tensors": [[n, list(s)] for n, s in self.tensors]}
-        return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:16]
 
     def check(self, sd: StateDict) -> None:
         """Raise CarrierMismatch naming the first tensor that is missing or of another shape."""

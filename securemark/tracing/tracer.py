@@ -70,7 +70,9 @@ def trace(suspect: StateDict, registry: Registry, top_k: int = 10) -> TraceRepor
 
     def suspects(idx: np.ndarray) -> list[Suspect]:
         pv = pvals(idx) if pvals is not None else [None] * len(idx)
-        return [Suspect(names[i], float(scores[i]), None if q is None else float(q)) for i, q in zip(idx, pv, strict=True)]
+        return [
+            Suspect(names[i], float(scores[i]), None if q is None else float(q)) for i, q in zip(idx, pv, strict=True)
+        ]
 
     top = order[:top_k]
     top_row = registry.customer(names[top[0]], create=False).bits

@@ -1,0 +1,58 @@
+import numpy as np
+import pytest
+import torch
+
+from securemark import attacks
+
+
+def sd(values):
+    return {
+        "w": torch.tensor(values, dtype=torch.float32).reshape(2, 2),
+        "b": torch.tensor([1.0, 2.0]),
+        "n": torch.tensor(3),
+    }
+
+
+def test_collusion_methods_hand_worked():
+    copies = [sd([1, 2, 3, 4]), sd([3, 2, 1, 0]), sd([5, 8, 2, 2])]
+    rng = np.random.default_rng(0)
+    avg, rec = attacks.collude(copies, "average", rng)
+    np.testing.assert_allclose(avg["w"].reshape(-1), [3, 4, 2, 2])
+    assert rec == {"attack": "collude", "method": "average", "copies": 3}
+    med, _ = attacks.collude(copies, "median", rng)
+    np.testing.assert_allclose(med["w"].reshape(-1), [3, 2, 2, 2])
+    inter, _ = attacks.collude(copies, "interleave", rng)
+    stack = torch.stack([c["w"] for c in copies])
+    assert ((stack == inter["w"]).any(0)).all()
+    ext, _ = attacks.collude(copies, "extreme", rng)
+    assert ((ext["w"] == stack.min(0).values) | (ext["w"] == stack.max(0).values)).all()
+    assert avg["n"].item() == 3 and avg["n"].dtype == torch.int64
+
+
+def test_collusion_refuses_mismatched_or_single_copies():
+    with pytest.raises(ValueError, match="at least 2"):
+        attacks.collude([sd([1, 2, 3, 4])], "average", np.random.default_rng(0))
+    other = sd([1, 2, 3, 4])
+    other["w"] = torch.zeros(4)
+    with pytest.raises(ValueError, match="copy 1"):
+        attacks.collude([sd([1, 2, 3, 4]), other], "average", np.random.default_rng(0))
+
+
+def test_prune_zeroes_the_smallest_weights_only():
+    out, rec = attacks.prune(sd([0.1, -4, 0.2, 3]), 0.5)
+    np.testing.assert_allclose(out["w"].reshape(-1), [0, -4, 0, 3])
+    assert rec["zeroed"] == 2 and rec["of"] == 4
+    assert torch.equal(out["b"], torch.tensor([1.0, 2.0]))  # biases are not weights here
+
+
+def test_quantize_int8_error_is_within_half_a_step():
+    t = torch.randn(64, 64)
+    out, _ = attacks.quantize({"w": t}, 8)
+    step = t.abs().max() / 127
+    assert (out["w"] - t).abs().max() <= step / 2 + 1e-7
+    assert len(torch.unique(attacks.quantize({"w": t}, 4)[0]["w"])) <= 15
+
+
+def test_noise_has_the_requested_std():
+    out, _ = attacks.add_noise({"w": torch.zeros(200, 200)}, 0.1, np.random.default_rng(0))
+    assert abs(out["w"].std().item() - 0.1) < 0.002

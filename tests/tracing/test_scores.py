@@ -1,0 +1,28 @@
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from securemark.codes import pack_bits, tardos
+from securemark.tracing.scores import PackedCodebook, accuse, dense_scores_reference, tardos_scores
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 200), st.integers(0, 2**31))
+def test_packed_scores_match_dense_reference(n, length, seed):
+    rng = np.random.default_rng(seed)
+    bias = tardos.arcsine_bias(rng.random(length), 4)
+    rows = tardos.draw_rows(bias, rng.random((n, length)))
+    y = rng.standard_normal(length)
+    book = PackedCodebook.from_packed_rows(pack_bits(rows), length)
+    np.testing.assert_allclose(
+        tardos_scores(book, y, bias), dense_scores_reference(rows, y, bias), atol=1e-3, rtol=1e-4
+    )
+
+
+def test_accuse_orders_by_score_and_handles_zero_observation():
+    scores = np.array([0.0, 30.0, 10.0, 50.0])
+    acc = accuse(scores, np.full(4, 2.0), eps=1e-3)  # ||y|| = 4 -> normalized 0, 7.5, 2.5, 12.5
+    assert list(acc.accused) == [3, 1]
+    assert acc.p_values(np.array([0]))[0] == 0.5
+    none = accuse(scores, np.zeros(4), eps=1e-3)
+    assert len(none.accused) == 0

@@ -1,0 +1,70 @@
+import pytest
+import torch
+
+from securemark import attacks
+from securemark.demo import run_demo
+from securemark.fingerprint.carrier import CarrierMismatch
+from securemark.models import build
+from securemark.owner import issue_copy
+from securemark.registry import Registry, RegistryError, RegistryParams
+from securemark.tracing.tracer import trace
+
+
+def test_owner_workflow_small_cnn(tmp_path):
+    """50 customers, 4 collude by averaging, 30% pruning: only colluders accused, at least one; an unmarked
+    (independently trained) model accuses nobody."""
+    res = run_demo(tmp_path, customers=50, colluders=4, prune_ratio=0.3, seed=3, epochs=4)
+    accused = {s.customer for s in res.report.accused}
+    assert accused and accused <= set(res.coalition)
+    assert res.unmarked_report.accused == []
+    assert res.base_accuracy - res.copies_mean_accuracy < 0.02
+
+
+def _small(tmp_path, n=6):
+    base = {k: v.clone() for k, v in build("cnn", (1, 8, 8), 10, seed=0).state_dict().items()}
+    reg = Registry.init(tmp_path / "r", RegistryParams(length=256, max_colluders=3))
+    copies = {f"c{i}": issue_copy(reg, base, f"c{i}") for i in range(n)}
+    return reg, base, copies
+
+
+def test_single_leaker_after_laundering_is_named(tmp_path):
+    reg, _, copies = _small(tmp_path)
+    leaked, _ = attacks.quantize(attacks.prune(copies["c2"], 0.5)[0], 8)
+    report = trace(leaked, reg)
+    assert [s.customer for s in report.accused] == ["c2"]
+    assert report.bit_agreement_top > 0.75  # chance is 0.5
+    reg.close()
+
+
+def test_exact_copy_has_unit_signal_and_full_agreement(tmp_path):
+    reg, _, copies = _small(tmp_path)
+    report = trace(copies["c4"], reg)
+    assert report.scores_top[0].customer == "c4"
+    assert report.bit_agreement_top == 1.0 and abs(report.signal_rms - 1) < 1e-4
+    assert set(report.to_json()) >= {"accused", "threshold", "eps", "scores_top"}
+    reg.close()
+
+
+def test_wrong_architecture_and_empty_registry(tmp_path):
+    reg, base, _ = _small(tmp_path)
+    other = build("mlp", (1, 8, 8), 10).state_dict()
+    with pytest.raises(CarrierMismatch, match=r"'features\.0\.weight' is missing"):
+        trace(other, reg)
+    wider = dict(base)
+    wider["head.3.weight"] = torch.zeros(11, 64)
+    with pytest.raises(CarrierMismatch, match=r"'head.3.weight' has shape \[11, 64\], expected \[10, 64\]"):
+        trace(wider, reg)
+    reg.close()
+    empty = Registry.init(tmp_path / "e", RegistryParams(length=64))
+    with pytest.raises(RegistryError, match="no copy yet"):
+        trace(base, empty)
+    empty.close()
+
+
+def test_modified_base_cannot_be_issued_from(tmp_path):
+    reg, base, _ = _small(tmp_path, n=1)
+    changed = {k: v + 0.01 if v.is_floating_point() else v for k, v in base.items()}
+    with pytest.raises(RegistryError, match="differs"):
+        issue_copy(reg, changed, "late")
+    reg.close()
+    assert torch.equal(base["features.0.weight"], build("cnn", (1, 8, 8), 10, seed=0).state_dict()["features.0.weight"])
