@@ -172,6 +172,18 @@ def cmd_bench_trace(a: argparse.Namespace) -> None:
     _print_json(result) if a.json else _table(result)
 
 
+def cmd_bench_secagg(a: argparse.Namespace) -> None:
+    from securemark.secagg.bench import bench_secagg
+
+    result = bench_secagg(a.clients, a.params, a.dropout, a.graph, a.seed)
+    if a.json:
+        _print_json(result)
+        return
+    result["prg_MB_per_second"] = result.pop("prg_bytes_per_second") / 1e6
+    result["mask_MB_per_second"] = result.pop("mask_bytes_per_second") / 1e6
+    _table({k: v for k, v in result.items() if k != "stage_seconds"} | result["stage_seconds"])
+
+
 def cmd_demo(a: argparse.Namespace) -> None:
     from securemark.demo import main as demo_main
 
@@ -255,6 +267,15 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--seed", type=int, default=0)
     bt.add_argument("--json", action="store_true")
     bt.set_defaults(func=cmd_bench_trace)
+
+    bs = bench.add_parser("secagg", help="one masked-aggregation round against a plain sum")
+    bs.add_argument("--clients", type=int, default=10)
+    bs.add_argument("--params", type=int, default=1_000_000)
+    bs.add_argument("--dropout", type=float, default=0.0, help="share of clients vanishing before masked input")
+    bs.add_argument("--graph", choices=("complete", "sparse"), default="complete")
+    bs.add_argument("--seed", type=int, default=0)
+    bs.add_argument("--json", action="store_true")
+    bs.set_defaults(func=cmd_bench_secagg)
 
     demo = sub.add_parser("demo", help="the owner workflow end to end on real digits")
     demo.add_argument("--out", default=None, help="directory for the registry and leaked model (default: temp)")

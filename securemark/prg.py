@@ -35,6 +35,30 @@ def keystream_into(key: bytes, out: np.ndarray, *, nonce: bytes = _ZERO_NONCE) -
     return out
 
 
+def add_keystream(key: bytes, acc: np.ndarray, *, subtract: bool = False, chunk_bytes: int = 1 << 16) -> None:
+    """acc += keystream (or -=), word by word mod 2^bits, in place, for an unsigned integer array ``acc``.
+
+    The keystream is made in small chunks that stay in cache and are added at once, so masking runs near the
+    raw cipher rate instead of writing a whole mask to memory and reading it back.
+    """
+    if len(key) != KEY_BYTES:
+        raise ValueError(f"ChaCha20 key must be {KEY_BYTES} bytes, got {len(key)}")
+    if acc.dtype.kind != "u" or not acc.flags.c_contiguous:
+        raise ValueError("acc must be a contiguous unsigned integer array")
+    flat = acc.reshape(-1)
+    words = max(1, chunk_bytes // flat.itemsize)
+    buf = np.empty(words, dtype=flat.dtype)
+    raw = memoryview(buf.view(np.uint8))  # type: ignore[arg-type]
+    zeros = memoryview(bytes(words * flat.itemsize))  # slicing a memoryview copies nothing
+    enc = Cipher(algorithms.ChaCha20(key, _ZERO_NONCE), mode=None).encryptor()
+    op = np.subtract if subtract else np.add
+    for start in range(0, flat.size, words):
+        n = min(words, flat.size - start)
+        enc.update_into(zeros[: n * flat.itemsize], raw[: n * flat.itemsize])
+        part = flat[start : start + n]
+        op(part, buf[:n], out=part)
+
+
 def keystream(key: bytes, count: int, dtype: np.typing.DTypeLike = np.uint8) -> np.ndarray:
     """``count`` values of ``dtype`` drawn from the ChaCha20 keystream under ``key``."""
     return keystream_into(key, np.empty(count, dtype=dtype))

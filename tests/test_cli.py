@@ -112,3 +112,26 @@ def test_bench_trace_small(capsys):
     code, out, _ = run(capsys, "bench", "trace", "--users", "3000", "--length", "2048", "--repeats", "2", "--json")
     r = json.loads(out)
     assert code == 0 and r["users"] == 3000 and r["accused_innocents"] == 0 and r["accused_colluders"] >= 1
+
+
+@pytest.mark.parametrize("graph", ["complete", "sparse"])
+def test_bench_secagg_small(capsys, graph):
+    code, out, _ = run(
+        capsys,
+        "bench",
+        "secagg",
+        "--clients",
+        "12",
+        "--params",
+        "2000",
+        "--graph",
+        graph,
+        "--dropout",
+        "0.25",
+        "--json",
+    )
+    r = json.loads(out)
+    assert code == 0 and r["exact"] is True and r["dropped"] == 3
+    assert r["max_abs_error"] <= r["quantization_step"]
+    for key in ("plain_seconds", "masked_seconds", "prg_bytes_per_second", "mask_bytes_per_second", "clipped"):
+        assert key in r

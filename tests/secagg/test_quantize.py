@@ -1,0 +1,63 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from securemark.secagg.quantize import QuantConfig, QuantizationError, decode, encode, quantized_values
+
+
+def test_weighted_mean_hand_worked():
+    # bits=2, clip=1.5: step 1, grid {-1.5, -0.5, 0.5, 1.5} -> q = {0, 1, 2, 3}. Values on the grid encode exactly.
+    cfg = QuantConfig(clip=1.5, bits=2, max_weight=10, max_clients=4)
+    rng = np.random.default_rng(0)
+    xs, ws = [-0.5, 0.5, 1.5], [3, 2, 1]  # q = 1, 2, 3 with weights 3, 2, 1: sum n q = 10, sum n = 6
+    total = sum(encode(np.array([x]), w, cfg, rng) for x, w in zip(xs, ws, strict=True))
+    assert list(total) == [10, 6, 0]
+    dec = decode(total, cfg)
+    assert dec.total_weight == 6 and dec.clipped == 0
+    assert dec.mean[0] == pytest.approx(10 / 6 * 1.0 - 1.5)  # = (3 * -0.5 + 2 * 0.5 + 1.5) / 6
+
+
+def test_clipping_is_counted():
+    cfg = QuantConfig(clip=1.0, bits=8)
+    out = encode(np.array([0.5, 3.0, -7.0, 1.0]), 2, cfg, np.random.default_rng(0))
+    assert out[-1] == 2 and out[-2] == 2
+    assert out[1] == 2 * cfg.levels and out[2] == 0
+
+
+def test_modulus_is_the_smallest_that_cannot_wrap():
+    assert QuantConfig(bits=16, max_weight=1000, max_clients=16).modulus_bits == 32
+    assert QuantConfig(bits=16, max_weight=1 << 16, max_clients=1024).modulus_bits == 64
+    with pytest.raises(QuantizationError, match="wrap"):
+        QuantConfig(bits=30, max_weight=1 << 30, max_clients=1 << 10)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_input_is_refused(bad):
+    with pytest.raises(QuantizationError, match="non-finite"):
+        encode(np.array([0.0, bad]), 1, QuantConfig(), np.random.default_rng(0))
+
+
+def test_bad_weight_and_shape():
+    cfg = QuantConfig(max_weight=5)
+    with pytest.raises(QuantizationError, match="weight 6"):
+        encode(np.zeros(3), 6, cfg, np.random.default_rng(0))
+    with pytest.raises(QuantizationError, match="flat vector"):
+        encode(np.zeros((2, 2)), 1, cfg, np.random.default_rng(0))
+
+
+def test_stochastic_rounding_is_unbiased():
+    cfg = QuantConfig(clip=1.0, bits=4)
+    x = np.full(200_000, 0.3)
+    q = quantized_values(x, cfg, np.random.default_rng(1))
+    assert abs(q.mean() - 0.3) < 1e-3
+    assert set(np.round(np.unique(q), 9)) <= set(np.round(-1 + cfg.step * np.arange(16), 9))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(-2, 2), min_size=1, max_size=20), st.integers(1, 30), st.integers(2, 20))
+def test_error_within_one_step(values, weight, bits):
+    cfg = QuantConfig(clip=2.0, bits=bits, max_weight=64, max_clients=2)
+    x = np.array(values)
+    dec = decode(encode(x, weight, cfg, np.random.default_rng(0)), cfg)
+    assert np.all(np.abs(dec.mean - x) <= cfg.step + 1e-12)
