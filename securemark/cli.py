@@ -98,7 +98,7 @@ def cmd_trace(a: argparse.Namespace) -> None:
 
     suspect = load_state_dict(a.suspect)
     with Registry.open(a.directory) as reg:
-        report = trace(suspect, reg, top_k=a.top)
+        report = trace(suspect, reg, top_k=a.top, hard=a.hard)
     if a.json:
         _print_json(report.to_json())
         return
@@ -236,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("directory", type=Path)
     tr.add_argument("suspect", type=Path)
     tr.add_argument("--top", type=int, default=10)
+    tr.add_argument("--hard", action="store_true", help="score the signs of the extracted code only")
     tr.add_argument("--json", action="store_true")
     tr.set_defaults(func=cmd_trace)
 

@@ -43,8 +43,12 @@ class TraceReport:
         return out
 
 
-def trace(suspect: StateDict, registry: Registry, top_k: int = 10) -> TraceReport:
-    """Extract the soft code from ``suspect`` and score every customer of ``registry``."""
+def trace(suspect: StateDict, registry: Registry, top_k: int = 10, hard: bool = False) -> TraceReport:
+    """Extract the soft code from ``suspect`` and score every customer of ``registry``.
+
+    ``hard=True`` scores the signs of the soft code only (the classic hard-decision Tardos decoder); the
+    threshold and its false-accusation bound hold for either observation.
+    """
     start = time.perf_counter()
     base = registry.base()
     if base is None:
@@ -54,6 +58,8 @@ def trace(suspect: StateDict, registry: Registry, top_k: int = 10) -> TraceRepor
         raise RegistryError(f"registry {registry.directory} has no customers")
     fp = fingerprinter(registry, suspect)  # raises naming any tensor of the wrong shape
     y = fp.extract(suspect, base.reference, base.strength)
+    if hard:
+        y = np.sign(y)
     p = registry.params
     if p.code == "bibd":
         rows = np.array([registry.code_row(i) for i in range(len(names))])

@@ -32,6 +32,7 @@ def test_single_leaker_after_laundering_is_named(tmp_path):
     leaked, _ = attacks.quantize(attacks.prune(copies["c2"], 0.5)[0], 8)
     report = trace(leaked, reg)
     assert [s.customer for s in report.accused] == ["c2"]
+    assert [s.customer for s in trace(leaked, reg, hard=True).accused] == ["c2"]
     assert report.bit_agreement_top > 0.75  # chance is 0.5
     reg.close()
 
