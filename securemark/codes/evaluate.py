@@ -80,7 +80,10 @@ def evaluate_code(spec: CodeTrialSpec, progress: bool = False) -> dict[str, obje
         rows = bibd.code_rows(q)
         if spec.users > len(rows):
             raise ValueError(f"PG(2,{q}) serves at most {len(rows)} users; asked for {spec.users}")
-        rows, length, threshold = rows[: spec.users], rows.shape[1], float("nan")
+        c_max = spec.max_colluders or spec.colluders
+        # the detector's own cut: AND reads a position as 1 above 1 - 1/c_max; soft compares line means
+        threshold = 1.0 - 1.0 / c_max if spec.detector == "and" else bibd.soft_threshold(q, c_max)
+        rows, length = rows[: spec.users], rows.shape[1]
     else:
         length, threshold = spec.length, accusation_threshold(spec.users, spec.eps)
 

@@ -33,6 +33,7 @@ def test_random_codes_fail_under_minority_which_is_why_tardos_is_default():
 def test_bibd_31_6_1_identifies_coalitions_exactly_in_the_harness():
     r = evaluate_code(CodeTrialSpec("bibd", 31, 5, attack="average", trials=200, seed=14))
     assert r["all_caught_rate"] == 1.0 and r["false_accusations"] == 0 and r["mean_accused"] == 5
+    assert r["threshold"] == 1 - 1 / 5
 
 
 @pytest.mark.parametrize("attack", ["interleave", "minority", "average"])
