@@ -74,3 +74,64 @@ def load(name: str, seed: int = 0) -> Dataset:
     if name == "synthetic":
         return synthetic(seed=seed)
     raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+
+
+# --- partitions: which examples each client (customer) holds -------------------------------------------
+PARTITIONS = ("iid", "dirichlet", "pathological")
+
+
+def partition(
+    labels: np.ndarray, clients: int, scheme: str, rng: np.random.Generator, *, alpha: float = 0.5, classes: int = 2
+) -> list[np.ndarray]:
+    """Index arrays, one per client, covering every example exactly once (pathological: exactly once too).
+
+    iid: a shuffled even split. dirichlet: class c's examples are split by proportions ~ Dir(alpha) over
+    clients (small alpha, skewed clients). pathological: each client holds ``classes`` label shards (the
+    sort-and-shard scheme of McMahan et al.).
+    """
+    labels = np.asarray(labels)
+    n = len(labels)
+    if clients < 1 or clients > n:
+        raise ValueError(f"cannot split {n} examples among {clients} clients")
+    if scheme == "iid":
+        return [np.sort(p) for p in np.array_split(rng.permutation(n), clients)]
+    if scheme == "dirichlet":
+        if alpha <= 0:
+            raise ValueError(f"dirichlet alpha must be > 0, got {alpha}")
+        parts: list[list[int]] = [[] for _ in range(clients)]
+        for c in np.unique(labels):
+            idx = rng.permutation(np.flatnonzero(labels == c))
+            cuts = (np.cumsum(rng.dirichlet(np.full(clients, alpha))) * len(idx)).astype(int)[:-1]
+            for k, chunk in enumerate(np.split(idx, cuts)):
+                parts[k].extend(chunk.tolist())
+        empty = [k for k, p in enumerate(parts) if not p]
+        for k in empty:  # no client leaves empty-handed: take one example from the largest
+            big = max(range(clients), key=lambda j: len(parts[j]))
+            parts[k].append(parts[big].pop())
+        return [np.sort(np.array(p, dtype=np.int64)) for p in parts]
+    if scheme == "pathological":
+        shards = clients * classes
+        order = np.argsort(labels, kind="stable")  # sorted by label, then cut into shards
+        pieces = np.array_split(order, shards)
+        assign = rng.permutation(shards)
+        return [
+            np.sort(np.concatenate([pieces[s] for s in assign[k * classes : (k + 1) * classes]]))
+            for k in range(clients)
+        ]
+    raise ValueError(f"unknown partition scheme {scheme!r}; choose one of {', '.join(PARTITIONS)}")
+
+
+def client_split(dataset: str, partition_id: int, num_partitions: int, scheme: str, seed: int, **kw: float) -> Dataset:
+    """The training examples of client ``partition_id``: the server's held-out share is never included."""
+    train, _ = load(dataset, seed).split(kw.pop("test_fraction", 0.2), seed)
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition-id {partition_id} outside [0, {num_partitions})")
+    parts = partition(
+        train.y.numpy(),
+        num_partitions,
+        scheme,
+        np.random.default_rng(seed),
+        alpha=float(kw.get("alpha", 0.5)),
+        classes=int(kw.get("classes", 2)),
+    )
+    return train.subset(parts[partition_id])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -61,3 +62,26 @@ def accuracy_of(model: nn.Module, weights: Mapping[str, torch.Tensor], data: Dat
     """Accuracy of ``model`` after loading ``weights`` (the model object is reused, its weights replaced)."""
     model.load_state_dict(dict(weights))
     return accuracy(model, data)
+
+
+# --- updates as flat vectors (what masked aggregation sums) --------------------------------------------
+def float_names(sd: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors, in a fixed order; integer buffers (counters) are not averaged."""
+    return sorted(n for n, t in sd.items() if t.is_floating_point())
+
+
+def flatten(sd: Mapping[str, torch.Tensor], names: list[str]) -> np.ndarray:
+    return np.concatenate([sd[n].detach().to("cpu", torch.float64).reshape(-1).numpy() for n in names])
+
+
+def add_flat(sd: Mapping[str, torch.Tensor], names: list[str], delta: np.ndarray) -> dict[str, torch.Tensor]:
+    """A new state_dict with ``delta`` (in ``flatten`` order) added to the named tensors."""
+    out, pos = dict(sd), 0
+    for n in names:
+        t = sd[n]
+        step = torch.from_numpy(delta[pos : pos + t.numel()]).reshape(t.shape)
+        out[n] = (t.detach().to("cpu", torch.float64) + step).to(t.dtype)
+        pos += t.numel()
+    if pos != len(delta):
+        raise ValueError(f"update has {len(delta)} values, the model {pos}")
+    return out

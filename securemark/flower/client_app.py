@@ -1,0 +1,125 @@
+"""The ClientApp: trains on its own partition from its own fingerprinted copy and sends only masked updates.
+
+Handlers: query.hello (which customer am I), train (train, then advertise keys or, without masking, send
+the plain update), query.share_keys, query.masked_input, query.unmask. Masking state lives in the node's
+``context.state`` between messages.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from securemark import data, models, training
+from securemark.flower import wire
+from securemark.secagg import protocol as P
+from securemark.secagg.quantize import QuantConfig, encode
+
+app = ClientApp()
+
+
+def _partition(context: Context) -> tuple[int, int]:
+    cfg = context.node_config
+    if "partition-id" not in cfg or "num-partitions" not in cfg:
+        raise ValueError("node config needs partition-id and num-partitions (flower-supernode --node-config)")
+    return int(cfg["partition-id"]), int(cfg["num-partitions"])  # type: ignore[arg-type]
+
+
+@lru_cache(maxsize=4)
+def _client_data(
+    name: str, pid: int, parts: int, scheme: str, seed: int, alpha: float, classes: int, test: float
+) -> data.Dataset:
+    return data.client_split(name, pid, parts, scheme, seed, alpha=alpha, classes=classes, test_fraction=test)
+
+
+@app.query("hello")
+def hello(msg: Message, context: Context) -> Message:
+    pid, parts = _partition(context)
+    return Message(
+        RecordDict({wire.CONFIG: ConfigRecord({"partition-id": pid, "num-partitions": parts})}), reply_to=msg
+    )
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg = msg.content[wire.CONFIG]  # type: ignore[index]
+    pid, parts = _partition(context)
+    local = _client_data(
+        str(cfg["data.name"]),
+        pid,
+        parts,
+        str(cfg["data.partition"]),
+        int(cfg["seed"]),
+        float(cfg["data.alpha"]),
+        int(cfg["data.classes_per_client"]),
+        float(cfg["data.test_fraction"]),
+    )
+    start = msg.content[wire.MODEL].to_torch_state_dict()  # type: ignore[union-attr]
+    model = models.build(str(cfg["model.name"]), tuple(local.x.shape[1:]), local.classes)  # type: ignore[arg-type]
+    model.load_state_dict(start)
+    gen = torch.Generator().manual_seed(int(cfg["seed"]) * 100_003 + int(cfg["round"]) * 1009 + pid)
+    loss = training.train(
+        model,
+        local,
+        epochs=int(cfg["local_epochs"]),
+        lr=float(cfg["lr"]),
+        batch_size=int(cfg["batch_size"]),
+        generator=gen,
+    )
+    names = training.float_names(start)
+    after = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    delta = training.flatten(after, names) - training.flatten(start, names)  # relative to our own copy
+    metrics = MetricRecord({"train_loss": loss})
+    if wire.SECAGG not in msg.content:  # plain FedAvg baseline
+        update = ArrayRecord([delta.astype(np.float32)])
+        return Message(
+            RecordDict(
+                {wire.UPDATE: update, wire.METRICS: metrics, wire.CONFIG: ConfigRecord({"num-examples": len(local)})}
+            ),
+            reply_to=msg,
+        )
+    qcfg = QuantConfig(
+        float(cfg["secagg.clip"]), int(cfg["secagg.bits"]), int(cfg["max_weight"]), int(cfg["max_clients"])
+    )
+    encoded = encode(delta, len(local), qcfg, np.random.default_rng(gen.initial_seed()))
+    round_cfg, client_id = wire.round_config_from(msg.content[wire.SECAGG])  # type: ignore[arg-type]
+    st = P.ClientState(round_cfg, client_id)
+    c_pk, s_pk = P.client_advertise(st)
+    context.state[wire.STATE] = wire.client_state_record(st)
+    context.state[wire.ENCODED] = wire.array_record(encoded)
+    return Message(
+        RecordDict({wire.METRICS: metrics, wire.PAYLOAD: ConfigRecord({"c_pk": c_pk, "s_pk": s_pk})}), reply_to=msg
+    )
+
+
+@app.query("share_keys")
+def share_keys(msg: Message, context: Context) -> Message:
+    st = wire.client_state_from(context.state[wire.STATE])  # type: ignore[arg-type]
+    c_pks = wire.bytes_map_from(msg.content["c_pk"])  # type: ignore[arg-type]
+    s_pks = wire.bytes_map_from(msg.content["s_pk"])  # type: ignore[arg-type]
+    cts = P.client_share_keys(st, {j: (c_pks[j], s_pks[j]) for j in c_pks})
+    context.state[wire.STATE] = wire.client_state_record(st)
+    return Message(RecordDict({wire.PAYLOAD: wire.bytes_map(cts)}), reply_to=msg)
+
+
+@app.query("masked_input")
+def masked_input(msg: Message, context: Context) -> Message:
+    st = wire.client_state_from(context.state[wire.STATE])  # type: ignore[arg-type]
+    encoded = wire.array_from(context.state[wire.ENCODED])  # type: ignore[arg-type]
+    y = P.client_masked_input(st, wire.bytes_map_from(msg.content[wire.PAYLOAD]), encoded)  # type: ignore[arg-type]
+    context.state[wire.STATE] = wire.client_state_record(st)
+    del context.state[wire.ENCODED]
+    return Message(RecordDict({wire.UPDATE: wire.array_record(y)}), reply_to=msg)
+
+
+@app.query("unmask")
+def unmask(msg: Message, context: Context) -> Message:
+    st = wire.client_state_from(context.state[wire.STATE])  # type: ignore[arg-type]
+    survivors = [int(i) for i in msg.content[wire.PAYLOAD]["survivors"]]  # type: ignore[index, union-attr]
+    b, s = P.client_unmask(st, survivors)
+    del context.state[wire.STATE]
+    return Message(RecordDict({"b": wire.bytes_map(b), "s": wire.bytes_map(s)}), reply_to=msg)

@@ -1,0 +1,135 @@
+"""What travels in Flower messages: message types, record keys, and (de)serialization of protocol state.
+
+Message keys are constants in one place. A client's protocol state lives in its node ``context.state``
+between messages (a node's messages may be served by different processes), never in a message to the server.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+from flwr.app import ArrayRecord, ConfigRecord
+
+from securemark.secagg import protocol as P
+from securemark.secagg.shamir import SHARE_BYTES
+
+# message types: "<category>.<action>"
+HELLO = "query.hello"
+TRAIN = "train"
+SHARE_KEYS = "query.share_keys"
+MASKED_INPUT = "query.masked_input"
+UNMASK = "query.unmask"
+
+# record keys
+CONFIG = "config"
+MODEL = "model"
+UPDATE = "update"
+METRICS = "metrics"
+SECAGG = "secagg"
+PAYLOAD = "payload"
+STATE = "securemark.secagg"  # in context.state
+ENCODED = "securemark.encoded"  # the client's encoded update, in context.state
+
+
+def round_config_record(cfg: P.RoundConfig, client_id: int) -> ConfigRecord:
+    ids = list(cfg.clients)
+    return ConfigRecord(
+        {
+            "run_id": cfg.run_id,
+            "round": cfg.round,
+            "threshold": cfg.threshold,
+            "size": cfg.size,
+            "modulus_bits": cfg.modulus_bits,
+            "client_id": client_id,
+            "ids": ids,
+            "degrees": [len(cfg.neighbours[i]) for i in ids],
+            "neighbours": [j for i in ids for j in cfg.neighbours[i]] or [0],
+        }
+    )
+
+
+def round_config_from(rec: ConfigRecord) -> tuple[P.RoundConfig, int]:
+    ids, degrees, flat = list(rec["ids"]), list(rec["degrees"]), list(rec["neighbours"])  # type: ignore[arg-type]
+    neighbours, pos = {}, 0
+    for i, d in zip(ids, degrees, strict=True):
+        neighbours[int(i)] = tuple(int(j) for j in flat[pos : pos + d])
+        pos += d
+    cfg = P.RoundConfig(
+        str(rec["run_id"]),
+        int(rec["round"]),
+        neighbours,
+        int(rec["threshold"]),  # type: ignore[arg-type]
+        int(rec["size"]),
+        int(rec["modulus_bits"]),
+    )  # type: ignore[arg-type]
+    return cfg, int(rec["client_id"])  # type: ignore[arg-type]
+
+
+def _raw(key: X25519PrivateKey) -> bytes:
+    return key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+
+
+def client_state_record(st: P.ClientState) -> ConfigRecord:
+    rec = round_config_record(st.cfg, st.id)
+    peers, held = sorted(st.peer_keys), sorted(st.held)
+    rec.update(
+        {
+            "stage": int(st.stage),
+            "c_key": _raw(st.c_key),
+            "s_key": _raw(st.s_key),
+            "seed": st.seed,
+            "peers": peers or [0],
+            "peer_c": b"".join(st.peer_keys[j][0] for j in peers),
+            "peer_s": b"".join(st.peer_keys[j][1] for j in peers),
+            "held": held or [0],
+            "held_b": b"".join(st.held[j][0] for j in held),
+            "held_s": b"".join(st.held[j][1] for j in held),
+            "sharers": list(st.sharers) or [0],
+        }
+    )
+    return rec
+
+
+def client_state_from(rec: ConfigRecord) -> P.ClientState:
+    cfg, client_id = round_config_from(rec)
+    st = P.ClientState(
+        cfg,
+        client_id,
+        stage=P.Stage(int(rec["stage"])),  # type: ignore[arg-type]
+        c_key=X25519PrivateKey.from_private_bytes(rec["c_key"]),  # type: ignore[arg-type]
+        s_key=X25519PrivateKey.from_private_bytes(rec["s_key"]),  # type: ignore[arg-type]
+        seed=bytes(rec["seed"]),
+    )  # type: ignore[arg-type]
+    k = P.KEY_BYTES
+    peer_c, peer_s = bytes(rec["peer_c"]), bytes(rec["peer_s"])  # type: ignore[arg-type]
+    for n, j in enumerate(p for p in rec["peers"] if p):  # type: ignore[union-attr]
+        st.peer_keys[int(j)] = (peer_c[n * k : (n + 1) * k], peer_s[n * k : (n + 1) * k])
+    held_b, held_s = bytes(rec["held_b"]), bytes(rec["held_s"])  # type: ignore[arg-type]
+    for n, j in enumerate(h for h in rec["held"] if h):  # type: ignore[union-attr]
+        st.held[int(j)] = (
+            held_b[n * SHARE_BYTES : (n + 1) * SHARE_BYTES],
+            held_s[n * SHARE_BYTES : (n + 1) * SHARE_BYTES],
+        )
+    st.sharers = tuple(int(j) for j in rec["sharers"] if j)  # type: ignore[union-attr]
+    return st
+
+
+def bytes_map(mapping: dict[int, bytes]) -> ConfigRecord:
+    """{peer id: bytes} as a record (ids and values in matching lists)."""
+    ids = sorted(mapping)
+    return ConfigRecord({"ids": ids or [0], "values": [mapping[i] for i in ids] or [b""], "count": len(ids)})
+
+
+def bytes_map_from(rec: ConfigRecord) -> dict[int, bytes]:
+    count = int(rec["count"])  # type: ignore[arg-type]
+    ids, values = list(rec["ids"])[:count], list(rec["values"])[:count]  # type: ignore[arg-type]
+    return {int(i): bytes(v) for i, v in zip(ids, values, strict=True)}
+
+
+def array_record(arr: np.ndarray) -> ArrayRecord:
+    return ArrayRecord([arr])
+
+
+def array_from(rec: ArrayRecord) -> np.ndarray:
+    return rec.to_numpy_ndarrays()[0]
