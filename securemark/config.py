@@ -181,9 +181,8 @@ def _coerce(key: str, typ: Any, value: Any) -> Any:
     elif typ is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
-    elif typ is str:
-        if isinstance(value, str):
-            return value
+    elif typ is str and isinstance(value, str):
+        return value
     raise ConfigError(f"{key} must be of type {getattr(typ, '__name__', typ)}, got {value!r}")
 
 

@@ -39,7 +39,8 @@ def write_report(out: Path, cfg: SimConfig, rounds: list[dict[str, Any]]) -> Non
         "# securemark run",
         "",
         f"{cfg.train.clients} clients ({cfg.data.name}, {cfg.data.partition}), {cfg.model.name}, "
-        f"{cfg.train.rounds} rounds of {cfg.train.per_round}; fingerprint {'on' if cfg.fingerprint.enabled else 'off'}, "
+        f"{cfg.train.rounds} rounds of {cfg.train.per_round}; "
+        f"fingerprint {'on' if cfg.fingerprint.enabled else 'off'}, "
         f"masked aggregation {'on (' + cfg.secagg.graph + ')' if cfg.secagg.enabled else 'off'}.",
         "",
         f"Final global accuracy: {last.get('global_accuracy', float('nan')):.4f}",
@@ -58,7 +59,8 @@ def write_report(out: Path, cfg: SimConfig, rounds: list[dict[str, Any]]) -> Non
     ]
     for m in rounds:
         lines.append(
-            f"| {m['round']} | {m['status']} | {m['global_accuracy']:.4f} | {m.get('copies_mean_accuracy', float('nan')):.4f} "
+            f"| {m['round']} | {m['status']} | {m['global_accuracy']:.4f} "
+            f"| {m.get('copies_mean_accuracy', float('nan')):.4f} "
             f"| {m.get('max_bit_error', float('nan')):.4f} | {m.get('survived', '')}/{m['sampled']} | {m['seconds']} |"
         )
     failed = [m for m in rounds if m["status"] != "completed"]

@@ -36,7 +36,7 @@ def simulate(cfg: SimConfig, out: Path) -> dict[str, Any]:
         raise FileExistsError(f"{out} already holds a run; choose another --out")
     run_simulation(
         make_server_app(cfg, out), client_app, num_supernodes=cfg.train.clients, backend_config=backend_config(cfg)
-    )  # type: ignore[arg-type]
+    )
     if not (out / "report.md").exists():
         raise RuntimeError(f"the simulation ended without finishing the run; see the log above (output: {out})")
     return json.loads((out / "metrics.json").read_text())

@@ -26,7 +26,7 @@ def _partition(context: Context) -> tuple[int, int]:
     cfg = context.node_config
     if "partition-id" not in cfg or "num-partitions" not in cfg:
         raise ValueError("node config needs partition-id and num-partitions (flower-supernode --node-config)")
-    return int(cfg["partition-id"]), int(cfg["num-partitions"])  # type: ignore[arg-type]
+    return int(cfg["partition-id"]), int(cfg["num-partitions"])
 
 
 @lru_cache(maxsize=4)
@@ -46,7 +46,7 @@ def hello(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    cfg = msg.content[wire.CONFIG]  # type: ignore[index]
+    cfg = msg.content[wire.CONFIG]
     pid, parts = _partition(context)
     local = _client_data(
         str(cfg["data.name"]),
@@ -58,8 +58,8 @@ def train(msg: Message, context: Context) -> Message:
         int(cfg["data.classes_per_client"]),
         float(cfg["data.test_fraction"]),
     )
-    start = msg.content[wire.MODEL].to_torch_state_dict()  # type: ignore[union-attr]
-    model = models.build(str(cfg["model.name"]), tuple(local.x.shape[1:]), local.classes)  # type: ignore[arg-type]
+    start = msg.content[wire.MODEL].to_torch_state_dict()
+    model = models.build(str(cfg["model.name"]), tuple(local.x.shape[1:]), local.classes)
     model.load_state_dict(start)
     gen = torch.Generator().manual_seed(int(cfg["seed"]) * 100_003 + int(cfg["round"]) * 1009 + pid)
     loss = training.train(
@@ -86,7 +86,7 @@ def train(msg: Message, context: Context) -> Message:
         float(cfg["secagg.clip"]), int(cfg["secagg.bits"]), int(cfg["max_weight"]), int(cfg["max_clients"])
     )
     encoded = encode(delta, len(local), qcfg, np.random.default_rng(gen.initial_seed()))
-    round_cfg, client_id = wire.round_config_from(msg.content[wire.SECAGG])  # type: ignore[arg-type]
+    round_cfg, client_id = wire.round_config_from(msg.content[wire.SECAGG])
     st = P.ClientState(round_cfg, client_id)
     c_pk, s_pk = P.client_advertise(st)
     context.state[wire.STATE] = wire.client_state_record(st)
@@ -98,9 +98,9 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.query("share_keys")
 def share_keys(msg: Message, context: Context) -> Message:
-    st = wire.client_state_from(context.state[wire.STATE])  # type: ignore[arg-type]
-    c_pks = wire.bytes_map_from(msg.content["c_pk"])  # type: ignore[arg-type]
-    s_pks = wire.bytes_map_from(msg.content["s_pk"])  # type: ignore[arg-type]
+    st = wire.client_state_from(context.state[wire.STATE])
+    c_pks = wire.bytes_map_from(msg.content["c_pk"])
+    s_pks = wire.bytes_map_from(msg.content["s_pk"])
     cts = P.client_share_keys(st, {j: (c_pks[j], s_pks[j]) for j in c_pks})
     context.state[wire.STATE] = wire.client_state_record(st)
     return Message(RecordDict({wire.PAYLOAD: wire.bytes_map(cts)}), reply_to=msg)
@@ -108,9 +108,9 @@ def share_keys(msg: Message, context: Context) -> Message:
 
 @app.query("masked_input")
 def masked_input(msg: Message, context: Context) -> Message:
-    st = wire.client_state_from(context.state[wire.STATE])  # type: ignore[arg-type]
-    encoded = wire.array_from(context.state[wire.ENCODED])  # type: ignore[arg-type]
-    y = P.client_masked_input(st, wire.bytes_map_from(msg.content[wire.PAYLOAD]), encoded)  # type: ignore[arg-type]
+    st = wire.client_state_from(context.state[wire.STATE])
+    encoded = wire.array_from(context.state[wire.ENCODED])
+    y = P.client_masked_input(st, wire.bytes_map_from(msg.content[wire.PAYLOAD]), encoded)
     context.state[wire.STATE] = wire.client_state_record(st)
     del context.state[wire.ENCODED]
     return Message(RecordDict({wire.UPDATE: wire.array_record(y)}), reply_to=msg)
@@ -118,8 +118,8 @@ def masked_input(msg: Message, context: Context) -> Message:
 
 @app.query("unmask")
 def unmask(msg: Message, context: Context) -> Message:
-    st = wire.client_state_from(context.state[wire.STATE])  # type: ignore[arg-type]
-    survivors = [int(i) for i in msg.content[wire.PAYLOAD]["survivors"]]  # type: ignore[index, union-attr]
+    st = wire.client_state_from(context.state[wire.STATE])
+    survivors = [int(i) for i in msg.content[wire.PAYLOAD]["survivors"]]
     b, s = P.client_unmask(st, survivors)
     del context.state[wire.STATE]
     return Message(RecordDict({"b": wire.bytes_map(b), "s": wire.bytes_map(s)}), reply_to=msg)

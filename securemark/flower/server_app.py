@@ -41,7 +41,7 @@ class Federation:
         train_set, self.test = data.load(cfg.data.name, cfg.train.seed).split(cfg.data.test_fraction, cfg.train.seed)
         self.max_weight = len(train_set)  # no client can hold more examples than the training share
         shape = tuple(self.test.x.shape[1:])
-        self.model = models.build(cfg.model.name, shape, self.test.classes, seed=cfg.train.seed)  # type: ignore[arg-type]
+        self.model = models.build(cfg.model.name, shape, self.test.classes, seed=cfg.train.seed)
         self.weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.names = training.float_names(self.weights)
         self.registry: Registry | None = None
@@ -75,7 +75,7 @@ class Federation:
                 time.sleep(1)
         replies = self.send(wire.HELLO, {n: RecordDict() for n in nodes}, 0)
         for node, reply in replies.items():
-            pid = int(reply.content[wire.CONFIG]["partition-id"])  # type: ignore[index, arg-type]
+            pid = int(reply.content[wire.CONFIG]["partition-id"])
             self.customers[node] = f"client-{pid:03d}"
         if len(set(self.customers.values())) != len(self.customers):
             raise RuntimeError("two nodes report the same partition-id: customers must be distinct")
@@ -144,13 +144,10 @@ class Federation:
         replies = self.send(wire.TRAIN, contents, r)
         if not replies:
             raise RuntimeError("no client returned an update")
-        weights = {n: int(rep.content[wire.CONFIG]["num-examples"]) for n, rep in replies.items()}  # type: ignore[index, arg-type]
+        weights = {n: int(rep.content[wire.CONFIG]["num-examples"]) for n, rep in replies.items()}
         total = sum(weights.values())
         delta = (
-            sum(
-                weights[n] * wire.array_from(rep.content[wire.UPDATE]).astype(np.float64)  # type: ignore[arg-type]
-                for n, rep in replies.items()
-            )
+            sum(weights[n] * wire.array_from(rep.content[wire.UPDATE]).astype(np.float64) for n, rep in replies.items())
             / total
         )
         return delta, {"survived": len(replies), "dropped": len(contents) - len(replies), "train_loss": _loss(replies)}
@@ -178,7 +175,7 @@ class Federation:
         for n, rep in replies.items():
             self._accept(
                 P.server_receive_keys, srv, ids[n], rep.content[wire.PAYLOAD]["c_pk"], rep.content[wire.PAYLOAD]["s_pk"]
-            )  # type: ignore[index]
+            )
         srv.close(Stage.ADVERTISE, len(srv.keys))
 
         share_msgs = {}
@@ -191,14 +188,14 @@ class Federation:
                 }
             )
         for n, rep in self.send(wire.SHARE_KEYS, share_msgs, r).items():
-            self._accept(P.server_receive_shares, srv, ids[n], wire.bytes_map_from(rep.content[wire.PAYLOAD]))  # type: ignore[arg-type]
+            self._accept(P.server_receive_shares, srv, ids[n], wire.bytes_map_from(rep.content[wire.PAYLOAD]))
         srv.close(Stage.SHARE, len(srv.shared))
 
         masked_msgs = {
             node_of[i]: RecordDict({wire.PAYLOAD: wire.bytes_map(P.server_shares_for(srv, i))}) for i in srv.shared
         }
         for n, rep in self.send(wire.MASKED_INPUT, masked_msgs, r).items():
-            self._accept(P.server_receive_masked, srv, ids[n], wire.array_from(rep.content[wire.UPDATE]))  # type: ignore[arg-type]
+            self._accept(P.server_receive_masked, srv, ids[n], wire.array_from(rep.content[wire.UPDATE]))
         srv.close(Stage.MASKED, len(srv.inputs))
 
         survivors = P.server_survivors(srv)
@@ -210,9 +207,9 @@ class Federation:
                 P.server_receive_unmask,
                 srv,
                 ids[n],
-                wire.bytes_map_from(rep.content["b"]),  # type: ignore[arg-type]
+                wire.bytes_map_from(rep.content["b"]),
                 wire.bytes_map_from(rep.content["s"]),
-            )  # type: ignore[arg-type]
+            )
         dec = decode(P.server_sum(srv), qcfg)
         info = {
             "survived": len(survivors),
@@ -293,7 +290,7 @@ class Federation:
 
 
 def _loss(replies: dict[int, Message]) -> float:
-    losses = [float(rep.content[wire.METRICS]["train_loss"]) for rep in replies.values()]  # type: ignore[index, arg-type]
+    losses = [float(rep.content[wire.METRICS]["train_loss"]) for rep in replies.values()]
     return float(np.mean(losses)) if losses else float("nan")
 
 
@@ -301,7 +298,8 @@ def _round_line(m: dict[str, Any]) -> str:
     parts = [f"round {m['round']}: {m['status']}", f"acc {m['global_accuracy']:.3f}"]
     if "copies_mean_accuracy" in m:
         parts.append(
-            f"copies {m['copies_mean_accuracy']:.3f} (min {m['copies_min_accuracy']:.3f}), bit error {m['max_bit_error']:.3f}"
+            f"copies {m['copies_mean_accuracy']:.3f} (min {m['copies_min_accuracy']:.3f}), "
+            f"bit error {m['max_bit_error']:.3f}"
         )
     if "survived" in m:
         parts.append(f"survived {m['survived']}/{m['sampled']}")

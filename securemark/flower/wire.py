@@ -50,7 +50,7 @@ def round_config_record(cfg: P.RoundConfig, client_id: int) -> ConfigRecord:
 
 
 def round_config_from(rec: ConfigRecord) -> tuple[P.RoundConfig, int]:
-    ids, degrees, flat = list(rec["ids"]), list(rec["degrees"]), list(rec["neighbours"])  # type: ignore[arg-type]
+    ids, degrees, flat = list(rec["ids"]), list(rec["degrees"]), list(rec["neighbours"])
     neighbours, pos = {}, 0
     for i, d in zip(ids, degrees, strict=True):
         neighbours[int(i)] = tuple(int(j) for j in flat[pos : pos + d])
@@ -59,11 +59,11 @@ def round_config_from(rec: ConfigRecord) -> tuple[P.RoundConfig, int]:
         str(rec["run_id"]),
         int(rec["round"]),
         neighbours,
-        int(rec["threshold"]),  # type: ignore[arg-type]
+        int(rec["threshold"]),
         int(rec["size"]),
         int(rec["modulus_bits"]),
-    )  # type: ignore[arg-type]
-    return cfg, int(rec["client_id"])  # type: ignore[arg-type]
+    )
+    return cfg, int(rec["client_id"])
 
 
 def _raw(key: X25519PrivateKey) -> bytes:
@@ -96,22 +96,22 @@ def client_state_from(rec: ConfigRecord) -> P.ClientState:
     st = P.ClientState(
         cfg,
         client_id,
-        stage=P.Stage(int(rec["stage"])),  # type: ignore[arg-type]
-        c_key=X25519PrivateKey.from_private_bytes(rec["c_key"]),  # type: ignore[arg-type]
-        s_key=X25519PrivateKey.from_private_bytes(rec["s_key"]),  # type: ignore[arg-type]
+        stage=P.Stage(int(rec["stage"])),
+        c_key=X25519PrivateKey.from_private_bytes(rec["c_key"]),
+        s_key=X25519PrivateKey.from_private_bytes(rec["s_key"]),
         seed=bytes(rec["seed"]),
-    )  # type: ignore[arg-type]
+    )
     k = P.KEY_BYTES
-    peer_c, peer_s = bytes(rec["peer_c"]), bytes(rec["peer_s"])  # type: ignore[arg-type]
-    for n, j in enumerate(p for p in rec["peers"] if p):  # type: ignore[union-attr]
+    peer_c, peer_s = bytes(rec["peer_c"]), bytes(rec["peer_s"])
+    for n, j in enumerate(p for p in rec["peers"] if p):
         st.peer_keys[int(j)] = (peer_c[n * k : (n + 1) * k], peer_s[n * k : (n + 1) * k])
-    held_b, held_s = bytes(rec["held_b"]), bytes(rec["held_s"])  # type: ignore[arg-type]
-    for n, j in enumerate(h for h in rec["held"] if h):  # type: ignore[union-attr]
+    held_b, held_s = bytes(rec["held_b"]), bytes(rec["held_s"])
+    for n, j in enumerate(h for h in rec["held"] if h):
         st.held[int(j)] = (
             held_b[n * SHARE_BYTES : (n + 1) * SHARE_BYTES],
             held_s[n * SHARE_BYTES : (n + 1) * SHARE_BYTES],
         )
-    st.sharers = tuple(int(j) for j in rec["sharers"] if j)  # type: ignore[union-attr]
+    st.sharers = tuple(int(j) for j in rec["sharers"] if j)
     return st
 
 
@@ -122,8 +122,8 @@ def bytes_map(mapping: dict[int, bytes]) -> ConfigRecord:
 
 
 def bytes_map_from(rec: ConfigRecord) -> dict[int, bytes]:
-    count = int(rec["count"])  # type: ignore[arg-type]
-    ids, values = list(rec["ids"])[:count], list(rec["values"])[:count]  # type: ignore[arg-type]
+    count = int(rec["count"])
+    ids, values = list(rec["ids"])[:count], list(rec["values"])[:count]
     return {int(i): bytes(v) for i, v in zip(ids, values, strict=True)}
 
 

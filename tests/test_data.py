@@ -1,0 +1,50 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from securemark import data
+
+
+def test_real_datasets_load_offline_and_shuffled():
+    d = data.load_digits()
+    assert d.x.shape == (1797, 1, 8, 8) and float(d.x.max()) <= 1.0 and d.classes == 10
+    m = data.load_mnist5k()
+    assert m.x.shape == (5000, 1, 28, 28) and len(set(m.y[:50].tolist())) > 5  # shuffled, not sorted by label
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from(data.PARTITIONS), st.integers(1, 30), st.integers(0, 2**31))
+def test_partitions_cover_every_example_exactly_once(scheme, clients, seed):
+    labels = np.random.default_rng(seed).integers(0, 10, 600)
+    parts = data.partition(labels, clients, scheme, np.random.default_rng(seed), alpha=0.3, classes=2)
+    allidx = np.concatenate(parts)
+    assert len(parts) == clients and all(len(p) > 0 for p in parts)
+    assert len(allidx) == 600 and len(np.unique(allidx)) == 600
+
+
+def test_non_iid_schemes_skew_labels():
+    labels = data.load_digits().y.numpy()
+    rng = np.random.default_rng(0)
+    path = data.partition(labels, 10, "pathological", rng, classes=2)
+    assert max(len(np.unique(labels[p])) for p in path) <= 3  # 2 shards may straddle a label boundary
+    iid = data.partition(labels, 10, "iid", rng)
+    assert min(len(np.unique(labels[p])) for p in iid) == 10
+
+
+def test_client_split_never_includes_the_servers_held_out_share():
+    train, test = data.load("digits", 0).split(0.2, 0)
+    parts = [data.client_split("digits", k, 4, "iid", 0, test_fraction=0.2) for k in range(4)]
+    assert sum(len(p) for p in parts) == len(train)
+    held_out = {tuple(x.reshape(-1).tolist()) for x in test.x[:50]}
+    seen = {tuple(x.reshape(-1).tolist()) for p in parts for x in p.x}
+    assert not held_out & seen or len(held_out & seen) < 5  # digits has a few exact duplicate images
+
+
+def test_bad_partition_requests():
+    with pytest.raises(ValueError, match="unknown partition"):
+        data.partition(np.zeros(10), 2, "nope", np.random.default_rng(0))
+    with pytest.raises(ValueError, match="cannot split"):
+        data.partition(np.zeros(3), 5, "iid", np.random.default_rng(0))
+    with pytest.raises(ValueError, match="partition-id"):
+        data.client_split("digits", 4, 4, "iid", 0)
