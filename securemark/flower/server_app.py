@@ -49,6 +49,7 @@ class Federation:
         self.strength = 0.0
         self._round_reference = np.zeros(0)  # X w_r of the weights this round's copies were made from
         self.customers: dict[int, str] = {}  # node id -> customer name (from partition-id)
+        self.bits: dict[int, np.ndarray] = {}  # node id -> its code row (read once from the registry)
         self.rounds: list[dict[str, Any]] = []
 
     # --- messaging ---------------------------------------------------------------------------------
@@ -91,14 +92,13 @@ class Federation:
         self.registry = Registry.init(self.out / "registry", params)
         self.fp = Fingerprinter.create(self.registry.secret, params.carrier, self.weights, params.length)
         self.strength = self.fp.strength_for_budget(self.weights, fc.budget)  # fixed for the whole run
-        for name in sorted(self.customers.values()):
-            self.registry.customer(name)
+        for node in sorted(self.customers, key=self.customers.__getitem__):
+            self.bits[node] = self.registry.customer(self.customers[node]).bits
 
     def copy_for(self, node: int) -> dict[str, torch.Tensor]:
-        if self.fp is None or self.registry is None:
+        if self.fp is None:
             return self.weights
-        bits = self.registry.customer(self.customers[node], create=False).bits
-        return self.fp.embed(self.weights, bits, self.strength)
+        return self.fp.embed(self.weights, self.bits[node], self.strength)
 
     # --- one round ---------------------------------------------------------------------------------
     def train_config(self, round_no: int, sampled: int) -> ConfigRecord:
@@ -246,12 +246,11 @@ class Federation:
         return out
 
     def _bit_errors(self, copies: dict[int, dict[str, torch.Tensor]]) -> float:
-        assert self.fp is not None and self.registry is not None
+        assert self.fp is not None
         worst = 0.0
         for n, copy in copies.items():
-            bits = self.registry.customer(self.customers[n], create=False).bits
             y = self.fp.extract(copy, self._round_reference, self.strength)
-            worst = max(worst, float(np.mean((y > 0) != bits)))
+            worst = max(worst, float(np.mean((y > 0) != self.bits[n])))
         return worst
 
     def run(self) -> list[dict[str, Any]]:
