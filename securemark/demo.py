@@ -15,7 +15,7 @@ from rich.table import Table
 
 from securemark import attacks, data, models, training
 from securemark.modelio import save_state_dict
-from securemark.owner import issue_copy
+from securemark.owner import issue_copies
 from securemark.registry import Registry, RegistryParams
 from securemark.tracing.tracer import TraceReport, trace
 
@@ -59,7 +59,7 @@ def run_demo(
     console.print(f"[bold]2.[/] registry at {out / 'registry'}; issuing {customers} fingerprinted copies")
     registry = Registry.init(out / "registry", RegistryParams(code="tardos", length=2048, max_colluders=5, eps=1e-3))
     names = [f"customer-{i:03d}" for i in range(customers)]
-    copies = {n: issue_copy(registry, base, n) for n in names}
+    copies = issue_copies(registry, base, names)
     accs = [training.accuracy_of(model, copies[n], test_set) for n in names]
 
     coalition = sorted(rng.choice(names, size=colluders, replace=False).tolist())

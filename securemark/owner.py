@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from securemark.fingerprint.carrier import CarrierLayout, StateDict
 from securemark.fingerprint.embed import Fingerprinter, Projection
 from securemark.modelio import state_digest
@@ -35,10 +37,22 @@ def establish_base(
     return fp, base
 
 
+def issue_copies(
+    registry: Registry, base_model: StateDict, customers: Iterable[str], note: str = "", strength: float | None = None
+) -> dict[str, dict]:
+    """Copies of ``base_model`` for each customer, each recorded in the registry (sha256 of its tensors).
+
+    The base is hashed and the projection derived once for the whole batch, not once per customer.
+    """
+    fp, base = establish_base(registry, base_model, strength)
+    copies = {}
+    for name in customers:
+        cust = registry.customer(name)
+        copies[name] = fp.embed(base_model, cust.bits, base.strength)
+        registry.record_delivery(cust, state_digest(copies[name]), note)
+    return copies
+
+
 def issue_copy(registry: Registry, base_model: StateDict, customer: str, note: str = "") -> dict:
-    """The copy of ``base_model`` for ``customer``, recorded in the registry (sha256 of its tensors)."""
-    fp, base = establish_base(registry, base_model)
-    cust = registry.customer(customer)
-    copy = fp.embed(base_model, cust.bits, base.strength)
-    registry.record_delivery(cust, state_digest(copy), note)
-    return copy
+    """The copy of ``base_model`` for one customer (see :func:`issue_copies`)."""
+    return issue_copies(registry, base_model, [customer], note)[customer]

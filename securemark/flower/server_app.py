@@ -22,8 +22,8 @@ from securemark import data, models, training
 from securemark.config import SimConfig
 from securemark.fingerprint.embed import Fingerprinter
 from securemark.flower import wire
-from securemark.modelio import save_state_dict, state_digest
-from securemark.owner import establish_base
+from securemark.modelio import save_state_dict
+from securemark.owner import issue_copies
 from securemark.registry import Registry, RegistryParams
 from securemark.report import write_report
 from securemark.secagg import protocol as P
@@ -47,7 +47,6 @@ class Federation:
         self.registry: Registry | None = None
         self.fp: Fingerprinter | None = None
         self.strength = 0.0
-        self._round_reference = np.zeros(0)  # X w_r of the weights this round's copies were made from
         self.customers: dict[int, str] = {}  # node id -> customer name (from partition-id)
         self.bits: dict[int, np.ndarray] = {}  # node id -> its code row (read once from the registry)
         self.rounds: list[dict[str, Any]] = []
@@ -122,6 +121,8 @@ class Federation:
         picks = self.rng.choice(len(nodes), size=self.cfg.train.per_round, replace=False)  # node ids exceed float64
         sampled = sorted(nodes[int(i)] for i in picks)
         start = time.perf_counter()
+        # X w_r: the copies issued now are read back against the weights they were made from
+        reference = self.fp.project(self.weights) if self.fp is not None else None
         copies = {n: self.copy_for(n) for n in sampled}
         base_config = self.train_config(r, len(sampled))
         contents = {n: RecordDict({wire.MODEL: ArrayRecord(copies[n]), wire.CONFIG: base_config}) for n in sampled}
@@ -137,7 +138,7 @@ class Federation:
             m.update(status="failed", reason=str(exc))
             self.console.print(f"  [red]round {r} failed, model unchanged: {exc}[/]")
         m["seconds"] = round(time.perf_counter() - start, 3)
-        m.update(self.evaluate(copies))
+        m.update(self.evaluate(copies, reference))
         return m
 
     def plain_round(self, r: int, contents: dict[int, RecordDict]) -> tuple[np.ndarray, dict[str, Any]]:
@@ -228,12 +229,12 @@ class Federation:
             self.console.print(f"  [yellow]rejected: {exc}[/]")
 
     # --- evaluation and outputs --------------------------------------------------------------------
-    def evaluate(self, issued: dict[int, dict[str, torch.Tensor]]) -> dict[str, Any]:
+    def evaluate(self, issued: dict[int, dict[str, torch.Tensor]], reference: np.ndarray | None) -> dict[str, Any]:
         """Global accuracy of w_{r+1}; copies of w_{r+1} for a sample of customers (what they get next),
         so the fidelity drop compares like with like; bit error of the copies actually issued this round."""
         acc = training.accuracy_of(self.model, self.weights, self.test)
         out: dict[str, Any] = {"global_accuracy": acc}
-        if self.fp is None or self.registry is None:
+        if self.fp is None or reference is None:
             return out
         sample = sorted(self.customers)[: self.cfg.fingerprint.eval_copies]
         accs = [training.accuracy_of(self.model, self.copy_for(n), self.test) for n in sample]
@@ -241,15 +242,15 @@ class Federation:
             copies_mean_accuracy=float(np.mean(accs)),
             copies_min_accuracy=float(np.min(accs)),
             copies_accuracy_drop=acc - float(np.mean(accs)),
-            max_bit_error=self._bit_errors(issued),
+            max_bit_error=self._bit_errors(issued, reference),
         )
         return out
 
-    def _bit_errors(self, copies: dict[int, dict[str, torch.Tensor]]) -> float:
+    def _bit_errors(self, copies: dict[int, dict[str, torch.Tensor]], reference: np.ndarray) -> float:
         assert self.fp is not None
         worst = 0.0
         for n, copy in copies.items():
-            y = self.fp.extract(copy, self._round_reference, self.strength)
+            y = self.fp.extract(copy, reference, self.strength)
             worst = max(worst, float(np.mean((y > 0) != self.bits[n])))
         return worst
 
@@ -264,8 +265,6 @@ class Federation:
             f"fingerprint={'on' if c.fingerprint.enabled else 'off'}, secagg={'on' if c.secagg.enabled else 'off'}"
         )
         for r in range(1, c.train.rounds + 1):
-            if self.fp is not None:
-                self._round_reference = self.fp.project(self.weights)  # X w_r, for extraction of this round's copies
             m = self.run_round(r)
             self.rounds.append(m)
             self.console.print(_round_line(m))
@@ -275,15 +274,11 @@ class Federation:
 
     def finish(self) -> None:
         save_state_dict(self.weights, self.out / "global.safetensors")
-        if self.fp is not None and self.registry is not None:
-            fp, base = establish_base(self.registry, self.weights, self.strength)
-            for name in sorted(self.customers.values()):
-                cust = self.registry.customer(name, create=False)
-                copy = fp.embed(self.weights, cust.bits, base.strength)
+        if self.registry is not None:
+            names = sorted(self.customers.values())
+            note = f"final copy, {self.cfg.train.rounds} rounds"
+            for name, copy in issue_copies(self.registry, self.weights, names, note, self.strength).items():
                 save_state_dict(copy, self.out / "customers" / f"{name}.safetensors")
-                self.registry.record_delivery(
-                    cust, state_digest(copy), note=f"final copy, {self.cfg.train.rounds} rounds"
-                )
             self.registry.close()
         write_report(self.out, self.cfg, self.rounds)
 

@@ -32,7 +32,6 @@ def federation(tmp_path, cfg):
     fed.out.mkdir(parents=True, exist_ok=True)
     fed.discover()
     fed.setup_fingerprint()
-    fed._round_reference = fed.fp.project(fed.weights)
     return grid, fed
 
 

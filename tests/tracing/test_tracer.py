@@ -69,3 +69,14 @@ def test_modified_base_cannot_be_issued_from(tmp_path):
         issue_copy(reg, changed, "late")
     reg.close()
     assert torch.equal(base["features.0.weight"], build("cnn", (1, 8, 8), 10, seed=0).state_dict()["features.0.weight"])
+
+
+def test_batch_issue_equals_one_at_a_time_and_records_every_delivery(tmp_path):
+    from securemark.owner import issue_copies
+
+    reg, base, singles = _small(tmp_path, n=3)
+    batch = issue_copies(reg, base, ["c0", "c1", "c2"], note="batch")
+    for name in singles:
+        assert all(torch.equal(batch[name][k], singles[name][k]) for k in base)
+    assert len(reg.deliveries()) == 6 and len(reg.deliveries("c1")) == 2
+    reg.close()
