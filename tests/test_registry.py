@@ -113,6 +113,10 @@ def test_bad_parameters_are_refused():
         RegistryParams(code="nope")
     with pytest.raises(RegistryError, match="length must be >= 16"):
         RegistryParams(length=4)
+
+
+@pytest.mark.parametrize("name", ["", " padded", "padded "])
+def test_bad_customer_names_are_refused(reg, name):
     with pytest.raises(RegistryError, match="customer name"):
-        RegistryParams()  # valid
-        Registry.customer(None, " padded ")  # type: ignore[arg-type]
+        reg.customer(name)
+    assert reg.customers() == []

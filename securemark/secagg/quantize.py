@@ -93,8 +93,3 @@ def decode(total: np.ndarray, cfg: QuantConfig) -> Decoded:
         raise QuantizationError("the sum carries zero total weight: nothing to average")
     mean = total[:-EXTRA_SLOTS].astype(np.float64) / weight * cfg.step - cfg.clip
     return Decoded(mean, weight, int(total[-1]))
-
-
-def quantized_values(x: np.ndarray, cfg: QuantConfig, rng: np.random.Generator) -> np.ndarray:
-    """q(x) as floats (the values the masked sum averages), for tests and plain-sum baselines."""
-    return encode(x, 1, cfg, rng)[:-EXTRA_SLOTS].astype(np.float64) * cfg.step - cfg.clip
