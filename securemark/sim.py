@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,14 @@ for _var, _value in (
     ("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0"),
 ):
     os.environ.setdefault(_var, _value)
+
+
+class _HideRunSimulationDeprecation(logging.Filter):
+    """run_simulation is the in-process entry point this runner needs (apps bound to a config object);
+    ``flwr run`` is supported separately (see README), so Flower's notice about it is noise here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "run_simulation" not in record.getMessage()
 
 
 def backend_config(cfg: SimConfig) -> dict[str, Any]:
@@ -31,6 +40,14 @@ def simulate(cfg: SimConfig, out: Path) -> dict[str, Any]:
     from securemark.flower.client_app import app as client_app
     from securemark.flower.server_app import make_server_app
 
+    if cfg.resources.num_gpus > 0:
+        import torch
+
+        if not torch.cuda.is_available():  # Ray would wait forever for a GPU that is not there
+            raise RuntimeError(f"resources.num_gpus = {cfg.resources.num_gpus} but no CUDA GPU is visible; set it to 0")
+    flwr_log = logging.getLogger("flwr")
+    if not any(isinstance(f, _HideRunSimulationDeprecation) for f in flwr_log.filters):
+        flwr_log.addFilter(_HideRunSimulationDeprecation())
     out = Path(out)
     if (out / "metrics.json").exists():
         raise FileExistsError(f"{out} already holds a run; choose another --out")

@@ -56,3 +56,21 @@ def test_quantize_int8_error_is_within_half_a_step():
 def test_noise_has_the_requested_std():
     out, _ = attacks.add_noise({"w": torch.zeros(200, 200)}, 0.1, np.random.default_rng(0))
     assert abs(out["w"].std().item() - 0.1) < 0.002
+
+
+def test_finetune_lowers_the_loss_on_the_attackers_data_and_leaves_the_input_untouched():
+    from securemark import data, models, training
+
+    own = data.synthetic(n=300, seed=1)
+    model = models.build("mlp", (1, 8, 8), 10, seed=0)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    before = training.accuracy_of(model, start, own)
+    tuned, rec = attacks.finetune(start, model, own, epochs=3, lr=0.05, fraction=0.5, rng=np.random.default_rng(0))
+    assert rec["attack"] == "finetune" and rec["examples"] == 150 and rec["epochs"] == 3
+    assert training.accuracy_of(model, tuned, own) > before + 0.3
+    fresh = models.build("mlp", (1, 8, 8), 10, seed=0).state_dict()
+    assert all(torch.equal(start[k], fresh[k]) for k in start)  # the copy handed in is not modified
+    same, _ = attacks.finetune(start, model, own, epochs=0, rng=np.random.default_rng(0))
+    assert all(torch.equal(same[k], start[k]) for k in start)
+    with pytest.raises(ValueError, match="fraction"):
+        attacks.finetune(start, model, own, fraction=0.0, rng=np.random.default_rng(0))

@@ -1,4 +1,4 @@
-"""Laundering a single copy: magnitude pruning, quantization round trips, Gaussian noise."""
+"""Laundering a single copy: magnitude pruning, quantization round trips, Gaussian noise, fine-tuning."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
+
+from securemark import training
+from securemark.data import Dataset
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -69,3 +72,27 @@ def add_noise(sd: StateDict, std: float, rng: np.random.Generator) -> tuple[dict
         t = sd[n].detach()
         out[n] = t + std * torch.randn(t.shape, generator=gen, dtype=t.dtype)
     return out, {"attack": "noise", "std": std}
+
+
+def finetune(
+    sd: StateDict,
+    model: torch.nn.Module,
+    data: Dataset,
+    *,
+    epochs: int = 1,
+    lr: float = 0.01,
+    fraction: float = 1.0,
+    rng: np.random.Generator,
+) -> tuple[dict, dict]:
+    """Train ``sd`` (loaded into ``model``) on a random ``fraction`` of the attacker's own ``data``."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fine-tuning data fraction must lie in (0, 1], got {fraction}")
+    if epochs < 0 or lr <= 0:
+        raise ValueError(f"fine-tuning needs epochs >= 0 and lr > 0, got {epochs}, {lr}")
+    size = max(1, round(fraction * len(data)))
+    subset = data.subset(rng.permutation(len(data))[:size])
+    model.load_state_dict(dict(sd))
+    gen = torch.Generator().manual_seed(int(rng.integers(2**63)))
+    loss = training.train(model, subset, epochs=epochs, lr=lr, generator=gen) if epochs else float("nan")
+    out = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
+    return out, {"attack": "finetune", "epochs": epochs, "lr": lr, "examples": size, "loss": loss}

@@ -3,8 +3,11 @@
 import json
 from pathlib import Path
 
+from numpy.random import default_rng as rng
+
 from securemark.cli import main
 from securemark.config import SimConfig
+from securemark.quickstart import leak_and_trace
 from securemark.sim import simulate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,3 +28,9 @@ def test_smoke_config_runs_on_ray_and_copies_trace_to_their_customer(tmp_path, c
     assert main(["trace", str(out / "registry"), str(out / "customers" / "client-002.safetensors"), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["accused"] == ["client-002"]
+
+    # the quickstart's second half on this run: a laundered leak (fine-tune, prune, int8) names its customer
+    leaker, steps, accuracy, traced = leak_and_trace(SimConfig.load(ROOT / "configs" / "smoke.toml"), out, rng(1))
+    assert [s["attack"] for s in steps] == ["finetune", "prune", "quantize"]
+    assert [s.customer for s in traced.accused] == [leaker]
+    assert (out / "leaked.safetensors").is_file() and accuracy["leaked"] > 0.3
