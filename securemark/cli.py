@@ -184,6 +184,16 @@ def cmd_bench_secagg(a: argparse.Namespace) -> None:
     _table({k: v for k, v in result.items() if k != "stage_seconds"} | result["stage_seconds"])
 
 
+def cmd_bench_rounds(a: argparse.Namespace) -> None:
+    from securemark.flower.bench_rounds import bench_rounds
+
+    result = bench_rounds(a.clients, a.params, a.rounds, a.seed)
+    if a.json:
+        _print_json(result)
+        return
+    _table({k: v for k, v in result.items() if k != "per_round_seconds"})
+
+
 def cmd_simulate(a: argparse.Namespace) -> None:
     from securemark.config import SimConfig
     from securemark.sim import simulate
@@ -198,9 +208,37 @@ def cmd_simulate(a: argparse.Namespace) -> None:
 
 
 def cmd_demo(a: argparse.Namespace) -> None:
-    from securemark.demo import main as demo_main
+    if a.owner:  # the owner workflow alone: no federation, ~10 s
+        from securemark.demo import main as demo_main
 
-    demo_main(a.out, a.seed)
+        demo_main(a.out, a.seed)
+        return
+    from rich.console import Console
+
+    from securemark.config import SimConfig
+    from securemark.quickstart import print_quickstart, run_quickstart
+
+    cfg = SimConfig.load(_find_config(a.config))
+    out = Path(a.out) if a.out else _fresh_dir(Path(cfg.output))
+    console = Console()
+    print_quickstart(run_quickstart(cfg, out, a.seed, console), console)
+
+
+def _find_config(path: Path) -> Path:
+    """``path`` as given, else inside the source checkout (an editable install run from elsewhere)."""
+    if path.exists() or path.is_absolute():
+        return path
+    beside = Path(__file__).resolve().parents[1] / path
+    return beside if beside.exists() else path
+
+
+def _fresh_dir(base: Path) -> Path:
+    """``base``, or ``base-2``, ``base-3``... : the first that holds no run yet."""
+    candidate, n = base, 1
+    while (candidate / "metrics.json").exists():
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate
 
 
 # --- parser ----------------------------------------------------------------------------------------
@@ -291,15 +329,25 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--json", action="store_true")
     bs.set_defaults(func=cmd_bench_secagg)
 
+    br = bench.add_parser("rounds", help="seconds per round: plain FedAvg, securemark, Flower's SecAgg+")
+    br.add_argument("--clients", type=int, default=10)
+    br.add_argument("--params", type=int, default=1_000_000, help="MLP sized to about this many parameters")
+    br.add_argument("--rounds", type=int, default=3, help="the first is warm-up and not counted")
+    br.add_argument("--seed", type=int, default=0)
+    br.add_argument("--json", action="store_true")
+    br.set_defaults(func=cmd_bench_rounds)
+
     sim = sub.add_parser("simulate", help="federated training on Flower's simulation engine (Ray)")
     sim.add_argument("config", type=Path)
     sim.add_argument("--out", default=None, help="output directory (default: the config's output)")
     sim.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.rounds=3")
     sim.set_defaults(func=cmd_simulate)
 
-    demo = sub.add_parser("demo", help="the owner workflow end to end on real digits")
-    demo.add_argument("--out", default=None, help="directory for the registry and leaked model (default: temp)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo = sub.add_parser("demo", help="quickstart: federated training, then a laundered leak traced to its customer")
+    demo.add_argument("--config", type=Path, default=Path("configs/quickstart.toml"))
+    demo.add_argument("--out", default=None, help="run directory (default: the config's output, made unique)")
+    demo.add_argument("--seed", type=int, default=0, help="chooses the leaking customer")
+    demo.add_argument("--owner", action="store_true", help="the owner workflow alone on digits: no federation")
     demo.set_defaults(func=cmd_demo)
     return p
 

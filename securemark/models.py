@@ -58,13 +58,22 @@ class CifarCNN(nn.Module):
         return self.head(self.features(x))
 
 
-def build(name: str, in_shape: tuple[int, int, int], classes: int, seed: int = 0) -> nn.Module:
-    """A freshly initialized model; ``seed`` makes the initialization reproducible."""
+def mlp_width_for(params: int, in_shape: tuple[int, int, int], classes: int) -> int:
+    """The MLP hidden width whose parameter count is closest to ``params``: h (in + 1 + classes) + classes."""
+    c, h, w = in_shape
+    return max(1, round((params - classes) / (c * h * w + 1 + classes)))
+
+
+def build(name: str, in_shape: tuple[int, int, int], classes: int, seed: int = 0, width: int = 0) -> nn.Module:
+    """A freshly initialized model; ``seed`` makes the initialization reproducible. ``width`` sets the MLP's
+    hidden units or the small CNN's base channels (0: the default); the CIFAR CNN has a fixed width."""
     torch.manual_seed(seed)
+    if width < 0:
+        raise ValueError(f"model width must be >= 0, got {width}")
     if name == "mlp":
-        return MLP(in_shape, classes)
+        return MLP(in_shape, classes, hidden=width or 128)
     if name == "cnn":
-        return SmallCNN(in_shape, classes)
+        return SmallCNN(in_shape, classes, width=width or 16)
     if name == "cifar-cnn":
         return CifarCNN(in_shape, classes)
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")

@@ -4,6 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from securemark import data
+from securemark.config import SimConfig
 
 
 def test_real_datasets_load_offline_and_shuffled():
@@ -48,3 +49,39 @@ def test_bad_partition_requests():
         data.partition(np.zeros(3), 5, "iid", np.random.default_rng(0))
     with pytest.raises(ValueError, match="partition-id"):
         data.client_split("digits", 4, 4, "iid", 0)
+
+
+def _parquet(path, column, images, labels):
+    import datasets
+
+    feats = datasets.Features({column: datasets.Image(), "label": datasets.ClassLabel(num_classes=10)})
+    datasets.Dataset.from_dict({column: list(images), "label": labels}, features=feats).to_parquet(str(path))
+    return str(path)
+
+
+def test_flwr_datasets_loaders_read_local_parquet_files_offline(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (12, 28, 28), dtype=np.uint8)
+    labels = [i % 10 for i in range(12)]
+    files = _parquet(tmp_path / "mnist.parquet", "image", [Image.fromarray(a) for a in gray], labels)
+    ds = data.load("mnist", seed=0, files=files)
+    assert ds.x.shape == (12, 1, 28, 28) and ds.classes == 10
+    # the loader shuffles; every image comes back once, scaled to [0, 1], with its own label
+    got = {(int(y), round(float(x.sum()) * 255)) for x, y in zip(ds.x, ds.y, strict=True)}
+    assert got == {(lab, int(a.astype(np.int64).sum())) for a, lab in zip(gray, labels, strict=True)}
+
+    rgb = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    files = _parquet(tmp_path / "cifar.parquet", "img", [Image.fromarray(a) for a in rgb], labels[:6])
+    cifar = data.load("cifar10", seed=0, files=files)
+    assert cifar.x.shape == (6, 3, 32, 32)
+    first = int(np.flatnonzero(cifar.y.numpy() == 0)[0])
+    np.testing.assert_allclose(cifar.x[first].numpy(), rgb[0].transpose(2, 0, 1) / 255.0, atol=1e-6)
+
+    cfg = SimConfig.from_dict({"data": {"name": "cifar10", "files": files, "test_fraction": 0.5}})
+    parts = [data.client_data(cfg.data, i, 3, seed=0) for i in range(3)]
+    assert sum(len(p) for p in parts) == 3  # half held out for the server, the rest split among 3 clients
+
+    with pytest.raises(ValueError, match="expected columns"):
+        data.load("cifar10", files=_parquet(tmp_path / "wrong.parquet", "image", [Image.fromarray(rgb[0])], [1]))

@@ -15,6 +15,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from securemark import data, models, training
+from securemark.config import DataConfig, SimConfig
 from securemark.flower import wire
 from securemark.secagg import protocol as P
 from securemark.secagg.quantize import QuantConfig, encode
@@ -30,10 +31,13 @@ def _partition(context: Context) -> tuple[int, int]:
 
 
 @lru_cache(maxsize=4)
-def _client_data(
-    name: str, pid: int, parts: int, scheme: str, seed: int, alpha: float, classes: int, test: float
-) -> data.Dataset:
-    return data.client_split(name, pid, parts, scheme, seed, alpha=alpha, classes=classes, test_fraction=test)
+def _client_data(d: DataConfig, pid: int, parts: int, seed: int) -> data.Dataset:
+    return data.client_data(d, pid, parts, seed)
+
+
+def _data_config(cfg: ConfigRecord) -> DataConfig:
+    """The run's data section, from the ``data.*`` keys the server sends."""
+    return SimConfig.from_flat({k: cfg[k] for k in cfg if k.startswith("data.")}).data
 
 
 @app.query("hello")
@@ -48,18 +52,9 @@ def hello(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     cfg = msg.content[wire.CONFIG]
     pid, parts = _partition(context)
-    local = _client_data(
-        str(cfg["data.name"]),
-        pid,
-        parts,
-        str(cfg["data.partition"]),
-        int(cfg["seed"]),
-        float(cfg["data.alpha"]),
-        int(cfg["data.classes_per_client"]),
-        float(cfg["data.test_fraction"]),
-    )
+    local = _client_data(_data_config(cfg), pid, parts, int(cfg["seed"]))
     start = msg.content[wire.MODEL].to_torch_state_dict()
-    model = models.build(str(cfg["model.name"]), tuple(local.x.shape[1:]), local.classes)
+    model = models.build(str(cfg["model.name"]), tuple(local.x.shape[1:]), local.classes, width=int(cfg["model.width"]))
     model.load_state_dict(start)
     gen = torch.Generator().manual_seed(int(cfg["seed"]) * 100_003 + int(cfg["round"]) * 1009 + pid)
     loss = training.train(

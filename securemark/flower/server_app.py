@@ -38,10 +38,10 @@ class Federation:
         self.grid, self.cfg, self.out = grid, cfg, out
         self.console = console or Console()
         self.rng = np.random.default_rng(cfg.train.seed)
-        train_set, self.test = data.load(cfg.data.name, cfg.train.seed).split(cfg.data.test_fraction, cfg.train.seed)
+        train_set, self.test = data.server_split(cfg.data, cfg.train.seed)
         self.max_weight = len(train_set)  # no client can hold more examples than the training share
         shape = tuple(self.test.x.shape[1:])
-        self.model = models.build(cfg.model.name, shape, self.test.classes, seed=cfg.train.seed)
+        self.model = models.build(cfg.model.name, shape, self.test.classes, seed=cfg.train.seed, width=cfg.model.width)
         self.weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.names = training.float_names(self.weights)
         self.registry: Registry | None = None
@@ -171,7 +171,9 @@ class Federation:
         for n in sampled:
             contents[n][wire.SECAGG] = wire.round_config_record(rcfg, ids[n])
 
+        clock = _StageClock()
         replies = self.send(wire.TRAIN, contents, r)  # training + advertise keys
+        clock.lap("train")
         loss = _loss(replies)
         for n, rep in replies.items():
             self._accept(
@@ -191,6 +193,7 @@ class Federation:
         for n, rep in self.send(wire.SHARE_KEYS, share_msgs, r).items():
             self._accept(P.server_receive_shares, srv, ids[n], wire.bytes_map_from(rep.content[wire.PAYLOAD]))
         srv.close(Stage.SHARE, len(srv.shared))
+        clock.lap("share_keys")
 
         masked_msgs = {
             node_of[i]: RecordDict({wire.PAYLOAD: wire.bytes_map(P.server_shares_for(srv, i))}) for i in srv.shared
@@ -198,6 +201,7 @@ class Federation:
         for n, rep in self.send(wire.MASKED_INPUT, masked_msgs, r).items():
             self._accept(P.server_receive_masked, srv, ids[n], wire.array_from(rep.content[wire.UPDATE]))
         srv.close(Stage.MASKED, len(srv.inputs))
+        clock.lap("masked_input")
 
         survivors = P.server_survivors(srv)
         unmask_msgs = {
@@ -211,13 +215,16 @@ class Federation:
                 wire.bytes_map_from(rep.content["b"]),
                 wire.bytes_map_from(rep.content["s"]),
             )
+        clock.lap("unmask")
         dec = decode(P.server_sum(srv), qcfg)
+        clock.lap("sum")
         info = {
             "survived": len(survivors),
             "dropped": len(sampled) - len(survivors),
             "clipped": dec.clipped,
             "threshold": threshold,
             "train_loss": loss,
+            "stage_seconds": clock.laps,
         }
         return dec.mean, info
 
@@ -267,7 +274,7 @@ class Federation:
         for r in range(1, c.train.rounds + 1):
             m = self.run_round(r)
             self.rounds.append(m)
-            self.console.print(_round_line(m))
+            self.console.print(_round_line(m), soft_wrap=True)
             (self.out / "metrics.json").write_text(json.dumps({"rounds": self.rounds}, indent=2))
         self.finish()
         return self.rounds
@@ -281,6 +288,17 @@ class Federation:
                 save_state_dict(copy, self.out / "customers" / f"{name}.safetensors")
             self.registry.close()
         write_report(self.out, self.cfg, self.rounds)
+
+
+class _StageClock:
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.laps[stage] = round(now - self._last, 4)
+        self._last = now
 
 
 def _loss(replies: dict[int, Message]) -> float:

@@ -1,0 +1,160 @@
+"""`securemark bench rounds`: seconds per federated round, three ways, same model, data and clients.
+
+- plain: securemark's ServerApp with fingerprinting and masking off (FedAvg of plain updates);
+- securemark: fingerprinted copies and masked aggregation (SecAgg over `cryptography`);
+- flower_secaggplus: Flower's own SecAgg+ (SecAggPlusWorkflow around a legacy FedAvg, secaggplus_mod).
+
+A round is timed on the server from sampling to the updated global model (evaluation excluded, as in
+metrics.json). Each variant is a fresh simulation; the figure is the median over rounds after the first,
+so Ray start-up and warm-up do not count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Context
+from flwr.client import NumPyClient
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp import ClientApp
+from flwr.common import ndarrays_to_parameters
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.strategy import FedAvg
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.serverapp import Grid, ServerApp
+
+from securemark import data, models, training
+from securemark.config import SimConfig
+
+VARIANTS = ("plain", "securemark", "flower_secaggplus")
+
+
+def bench_config(clients: int, params: int, rounds: int, seed: int = 0) -> SimConfig:
+    """MNIST-5k, an MLP sized to ``params`` parameters, every client in every round, 1 local epoch."""
+    shape, classes = (1, 28, 28), 10
+    width = models.mlp_width_for(params, shape, classes)
+    raw = {
+        "data": {"name": "mnist5k"},
+        "model": {"name": "mlp", "width": width},
+        "train": {"rounds": rounds, "clients": clients, "per_round": clients, "local_epochs": 1, "seed": seed},
+        "fingerprint": {"length": 1024, "eval_copies": 1},
+    }
+    return SimConfig.from_dict(raw)
+
+
+def variant_config(cfg: SimConfig, variant: str) -> SimConfig:
+    on = variant == "securemark"
+    return dataclasses.replace(
+        cfg,
+        fingerprint=dataclasses.replace(cfg.fingerprint, enabled=on),
+        secagg=dataclasses.replace(cfg.secagg, enabled=on),
+    )
+
+
+# --- Flower's SecAgg+ on the same model and data ---------------------------------------------------
+class _TrainClient(NumPyClient):
+    def __init__(self, cfg: SimConfig, pid: int) -> None:
+        self.cfg = cfg
+        self.pid = pid
+        self.local = data.client_data(cfg.data, pid, cfg.train.clients, cfg.train.seed)
+        shape = tuple(self.local.x.shape[1:])
+        self.model = models.build(cfg.model.name, shape, self.local.classes, width=cfg.model.width)  # type: ignore[arg-type]
+
+    def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[list[np.ndarray], int, dict]:
+        names = list(self.model.state_dict())
+        self.model.load_state_dict({n: torch.from_numpy(np.asarray(p)) for n, p in zip(names, parameters, strict=True)})
+        t = self.cfg.train
+        gen = torch.Generator().manual_seed(t.seed * 100_003 + int(config.get("round", 0)) * 1009 + self.pid)
+        loss = training.train(
+            self.model, self.local, epochs=t.local_epochs, lr=t.lr, batch_size=t.batch_size, generator=gen
+        )
+        weights = [v.detach().cpu().numpy() for v in self.model.state_dict().values()]
+        return weights, len(self.local), {"train_loss": loss}
+
+
+def secaggplus_apps(cfg: SimConfig, round_seconds: list[float]) -> tuple[ServerApp, ClientApp]:
+    """Flower's SecAgg+ apps; each fit round's duration is appended to ``round_seconds``."""
+
+    def client_fn(context: Context) -> Any:
+        return _TrainClient(cfg, int(context.node_config["partition-id"])).to_client()
+
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        t = cfg.train
+        _, test = data.server_split(cfg.data, t.seed)
+        shape = tuple(test.x.shape[1:])
+        model = models.build(cfg.model.name, shape, test.classes, seed=t.seed, width=cfg.model.width)  # type: ignore[arg-type]
+        strategy = FedAvg(
+            fraction_fit=t.per_round / t.clients,
+            fraction_evaluate=0.0,
+            min_fit_clients=t.per_round,
+            min_available_clients=t.clients,
+            initial_parameters=ndarrays_to_parameters([v.numpy() for v in model.state_dict().values()]),
+            on_fit_config_fn=lambda r: {"round": r},
+        )
+        shares = t.per_round if t.per_round % 2 else t.per_round - 1  # odd, as SecAgg+ wants below all clients
+        secagg = SecAggPlusWorkflow(num_shares=shares, reconstruction_threshold=shares // 2 + 1, max_weight=5000)
+
+        def timed_fit(g: Grid, ctx: Context) -> None:
+            start = time.perf_counter()
+            secagg(g, ctx)
+            round_seconds.append(time.perf_counter() - start)
+
+        legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=t.rounds), strategy=strategy)
+        DefaultWorkflow(fit_workflow=timed_fit)(grid, legacy)
+
+    return server, ClientApp(client_fn=client_fn, mods=[secaggplus_mod])
+
+
+# --- the benchmark ---------------------------------------------------------------------------------
+def run_variant(cfg: SimConfig, variant: str, workdir: Path) -> list[float]:
+    """Per-round seconds of one variant (a fresh simulation)."""
+    from flwr.simulation import run_simulation
+
+    from securemark.sim import backend_config, simulate
+
+    if variant == "flower_secaggplus":
+        seconds: list[float] = []
+        server, client = secaggplus_apps(cfg, seconds)
+        run_simulation(server, client, num_supernodes=cfg.train.clients, backend_config=backend_config(cfg))
+        if len(seconds) != cfg.train.rounds:
+            raise RuntimeError(f"Flower's SecAgg+ finished {len(seconds)} of {cfg.train.rounds} rounds")
+        return seconds
+    rounds = simulate(variant_config(cfg, variant), workdir / variant)["rounds"]
+    failed = [m["round"] for m in rounds if m["status"] != "completed"]
+    if failed:
+        raise RuntimeError(f"{variant}: rounds {failed} failed")
+    return [float(m["seconds"]) for m in rounds]
+
+
+def bench_rounds(clients: int, params: int, rounds: int, seed: int = 0) -> dict[str, Any]:
+    if rounds < 2:
+        raise ValueError("bench rounds needs >= 2 rounds: the first (warm-up) is not counted")
+    cfg = bench_config(clients, params, rounds, seed)
+    per_round: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory(prefix="securemark-bench-") as tmp:
+        for variant in VARIANTS:
+            per_round[variant] = run_variant(cfg, variant, Path(tmp))
+    med = {v: statistics.median(s[1:]) for v, s in per_round.items()}
+    n_params = sum(p.numel() for p in models.build("mlp", (1, 28, 28), 10, width=cfg.model.width).parameters())
+    return {
+        "clients": clients,
+        "params": n_params,
+        "rounds": rounds,
+        "plain_seconds": med["plain"],
+        "securemark_seconds": med["securemark"],
+        "flower_secaggplus_seconds": med["flower_secaggplus"],
+        "securemark_over_plain": med["securemark"] / med["plain"],
+        "flower_secaggplus_over_plain": med["flower_secaggplus"] / med["plain"],
+        "securemark_over_flower_secaggplus": med["securemark"] / med["flower_secaggplus"],
+        "per_round_seconds": per_round,
+    }
