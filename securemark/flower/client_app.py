@@ -1,8 +1,9 @@
 """The ClientApp: trains on its own partition from its own fingerprinted copy and sends only masked updates.
 
-Handlers: query.hello (which customer am I), train (train, then advertise keys or, without masking, send
-the plain update), query.share_keys, query.masked_input, query.unmask. Masking state lives in the node's
-``context.state`` between messages.
+Handlers: query.hello (which customer am I); under masking query.advertise (fresh keys), query.share_keys
+(encrypted shares for peers), train (train from its own copy, reply with the masked update only) and
+query.unmask; without masking, train replies with the plain update. Masking state lives in the node's
+``context.state`` between messages; the update itself is never stored there.
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ def hello(msg: Message, context: Context) -> Message:
     )
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
+def encoded_update(msg: Message, context: Context) -> tuple[np.ndarray, float, int]:
+    """Train from the copy in ``msg``; (update relative to that copy, mean loss, examples). Deterministic."""
     cfg = msg.content[wire.CONFIG]
     pid, parts = _partition(context)
     local = _client_data(_data_config(cfg), pid, parts, int(cfg["seed"]))
@@ -68,27 +69,21 @@ def train(msg: Message, context: Context) -> Message:
     names = training.float_names(start)
     after = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     delta = training.flatten(after, names) - training.flatten(start, names)  # relative to our own copy
-    metrics = MetricRecord({"train_loss": loss})
-    if wire.SECAGG not in msg.content:  # plain FedAvg baseline
-        update = ArrayRecord([delta.astype(np.float32)])
-        return Message(
-            RecordDict(
-                {wire.UPDATE: update, wire.METRICS: metrics, wire.CONFIG: ConfigRecord({"num-examples": len(local)})}
-            ),
-            reply_to=msg,
-        )
+    if wire.SECAGG not in msg.content:
+        return delta, loss, len(local)
     qcfg = QuantConfig(
         float(cfg["secagg.clip"]), int(cfg["secagg.bits"]), int(cfg["max_weight"]), int(cfg["max_clients"])
     )
-    encoded = encode(delta, len(local), qcfg, np.random.default_rng(gen.initial_seed()))
+    return encode(delta, len(local), qcfg, np.random.default_rng(gen.initial_seed())), loss, len(local)
+
+
+@app.query("advertise")
+def advertise(msg: Message, context: Context) -> Message:
     round_cfg, client_id = wire.round_config_from(msg.content[wire.SECAGG])
     st = P.ClientState(round_cfg, client_id)
     c_pk, s_pk = P.client_advertise(st)
     context.state[wire.STATE] = wire.client_state_record(st)
-    context.state[wire.ENCODED] = wire.array_record(encoded)
-    return Message(
-        RecordDict({wire.METRICS: metrics, wire.PAYLOAD: ConfigRecord({"c_pk": c_pk, "s_pk": s_pk})}), reply_to=msg
-    )
+    return Message(RecordDict({wire.PAYLOAD: ConfigRecord({"c_pk": c_pk, "s_pk": s_pk})}), reply_to=msg)
 
 
 @app.query("share_keys")
@@ -101,14 +96,22 @@ def share_keys(msg: Message, context: Context) -> Message:
     return Message(RecordDict({wire.PAYLOAD: wire.bytes_map(cts)}), reply_to=msg)
 
 
-@app.query("masked_input")
-def masked_input(msg: Message, context: Context) -> Message:
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train; reply with the plain update (FedAvg baseline) or, under masking, only the masked one."""
+    update, loss, examples = encoded_update(msg, context)
+    metrics = MetricRecord({"train_loss": loss})
+    if wire.SECAGG not in msg.content:  # plain FedAvg baseline
+        config = ConfigRecord({"num-examples": examples})
+        reply = {wire.UPDATE: ArrayRecord([update.astype(np.float32)]), wire.METRICS: metrics, wire.CONFIG: config}
+        return Message(RecordDict(reply), reply_to=msg)
     st = wire.client_state_from(context.state[wire.STATE])
-    encoded = wire.array_from(context.state[wire.ENCODED])
-    y = P.client_masked_input(st, wire.bytes_map_from(msg.content[wire.PAYLOAD]), encoded)
+    round_cfg, client_id = wire.round_config_from(msg.content[wire.SECAGG])
+    if (round_cfg.run_id, round_cfg.round, client_id) != (st.cfg.run_id, st.cfg.round, st.id):
+        raise P.ProtocolViolation("train message of another round than this client's key exchange")
+    y = P.client_masked_input(st, wire.bytes_map_from(msg.content[wire.PAYLOAD]), update)
     context.state[wire.STATE] = wire.client_state_record(st)
-    del context.state[wire.ENCODED]
-    return Message(RecordDict({wire.UPDATE: wire.array_record(y)}), reply_to=msg)
+    return Message(RecordDict({wire.UPDATE: wire.array_record(y), wire.METRICS: metrics}), reply_to=msg)
 
 
 @app.query("unmask")

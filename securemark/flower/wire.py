@@ -16,9 +16,9 @@ from securemark.secagg.shamir import SHARE_BYTES
 
 # message types: "<category>.<action>"
 HELLO = "query.hello"
-TRAIN = "train"
+ADVERTISE = "query.advertise"
 SHARE_KEYS = "query.share_keys"
-MASKED_INPUT = "query.masked_input"
+TRAIN = "train"  # the client's copy (+ its encrypted shares under masking) in, the (masked) update out
 UNMASK = "query.unmask"
 
 # record keys
@@ -29,7 +29,6 @@ METRICS = "metrics"
 SECAGG = "secagg"
 PAYLOAD = "payload"
 STATE = "securemark.secagg"  # in context.state
-ENCODED = "securemark.encoded"  # the client's encoded update, in context.state
 
 
 def round_config_record(cfg: P.RoundConfig, client_id: int) -> ConfigRecord:

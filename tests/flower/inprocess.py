@@ -22,18 +22,25 @@ class InProcessGrid:
             for k in range(clients)
         }
         self.sent: list[Message] = []
+        self.replies: dict[str, Message] = {}
 
     def get_node_ids(self) -> list[int]:
         return sorted(self.contexts)
 
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
+    def push_messages(self, messages):
+        """Runs the ClientApp on each message at once; the replies wait for pull_messages."""
+        ids = []
         for msg in messages:
+            msg.metadata.__dict__["_message_id"] = f"m{len(self.sent)}"  # as Flower's grids do on push
             self.sent.append(msg)
             node = msg.metadata.dst_node_id
             TaskIdentity.node_id = node
             try:
-                replies.append(client_app(msg, self.contexts[node]))
+                self.replies[msg.metadata.message_id] = client_app(msg, self.contexts[node])
             finally:
                 TaskIdentity.node_id = 0
-        return replies
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]

@@ -1,13 +1,12 @@
 """Federation rounds through the real ClientApp (in process): dropouts, failed rounds, what the server sees."""
 
 import numpy as np
-from flwr.app import RecordDict
 from rich.console import Console
 
 from securemark import training
 from securemark.config import SimConfig
 from securemark.flower import wire
-from securemark.flower.client_app import app as client_app
+from securemark.flower.client_app import encoded_update
 from securemark.flower.server_app import Federation
 from securemark.secagg.quantize import QuantConfig, decode
 
@@ -46,20 +45,15 @@ def lose_replies(monkeypatch, fed, lost):
 
 
 def replay_encoded(grid, node):
-    """A node's encoded update, rebuilt by replaying its (deterministic) train message on a fresh state."""
+    """A node's encoded update, rebuilt from its (deterministic) train message, before masking."""
     train_msg = next(m for m in grid.sent if m.metadata.dst_node_id == node and m.metadata.message_type == "train")
-    ctx = grid.contexts[node]
-    saved, ctx.state = ctx.state, RecordDict()
-    client_app(train_msg, ctx)
-    out = wire.array_from(ctx.state[wire.ENCODED])
-    ctx.state = saved
-    return out
+    return encoded_update(train_msg, grid.contexts[node])[0]
 
 
 def test_round_with_dropouts_applies_the_survivors_weighted_mean(tmp_path, monkeypatch):
     grid, fed = federation(tmp_path, config())
     # 1001 vanishes before its masked input arrives; 1003 after sending it (its input still counts)
-    lose_replies(monkeypatch, fed, {wire.MASKED_INPUT: {1001}, wire.UNMASK: {1003}})
+    lose_replies(monkeypatch, fed, {wire.TRAIN: {1001}, wire.UNMASK: {1003}})
     before = dict(fed.weights)
     m = fed.run_round(1)
     assert m["status"] == "completed" and m["survived"] == 4 and m["dropped"] == 1
@@ -73,7 +67,7 @@ def test_round_with_dropouts_applies_the_survivors_weighted_mean(tmp_path, monke
 
 def test_too_few_survivors_fail_the_round_loudly_and_leave_the_model(tmp_path, monkeypatch):
     _, fed = federation(tmp_path, config())
-    lose_replies(monkeypatch, fed, {wire.MASKED_INPUT: {1000, 1002, 1004}})  # 2 of 5 left, threshold 3
+    lose_replies(monkeypatch, fed, {wire.TRAIN: {1000, 1002, 1004}})  # 2 of 5 left, threshold 3
     before = {k: v.clone() for k, v in fed.weights.items()}
     m = fed.run_round(1)
     assert m["status"] == "failed" and "threshold" in m["reason"]
@@ -84,12 +78,12 @@ def test_stages_travel_as_messages_and_client_state_is_cleared(tmp_path):
     grid, fed = federation(tmp_path, config())
     fed.run_round(1)
     kinds = {m.metadata.message_type for m in grid.sent}
-    assert kinds == {wire.HELLO, wire.TRAIN, wire.SHARE_KEYS, wire.MASKED_INPUT, wire.UNMASK}
+    assert kinds == {wire.HELLO, wire.ADVERTISE, wire.SHARE_KEYS, wire.TRAIN, wire.UNMASK}
     train_msgs = [m for m in grid.sent if m.metadata.message_type == wire.TRAIN]
     firsts = {m.metadata.dst_node_id: m.content[wire.MODEL].to_torch_state_dict()["net.1.weight"] for m in train_msgs}
     assert len({t.sum().item() for t in firsts.values()}) == 5  # every client got its own copy
     for ctx in grid.contexts.values():
-        assert wire.STATE not in ctx.state and wire.ENCODED not in ctx.state
+        assert wire.STATE not in ctx.state
 
 
 def test_plain_fedavg_baseline_from_the_same_code(tmp_path):
