@@ -14,6 +14,8 @@ import numpy as np
 from securemark.codes.base import CODE_KINDS
 from securemark.codes.channel import ATTACKS
 
+# the CLI parses without importing torch: a test checks this equals securemark.attacks.COLLUSION_METHODS
+COLLUSION_METHODS = ("average", "median", "interleave", "layer-interleave", "extreme", "extrapolate", "convex")
 EXPECTED_ERRORS: tuple[type[Exception], ...] = (ValueError, RuntimeError, FileNotFoundError, PermissionError)
 
 
@@ -123,7 +125,7 @@ def cmd_attack(a: argparse.Namespace) -> None:
 
     rng = np.random.default_rng(a.seed)
     if a.attack == "collude":
-        out, record = attacks.collude([load_state_dict(f) for f in a.files], a.method, rng)
+        out, record = attacks.collude([load_state_dict(f) for f in a.files], a.method, rng, a.alpha)
     elif a.attack == "prune":
         out, record = attacks.prune(load_state_dict(a.file), a.ratio, a.scope)
     elif a.attack == "quantize":
@@ -294,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     att = sub.add_parser("attack", help="attacks on model files").add_subparsers(dest="attack", required=True)
     col = att.add_parser("collude", help="merge copies")
     col.add_argument("files", type=Path, nargs="+")
-    col.add_argument("--method", choices=("average", "median", "interleave", "extreme"), default="average")
+    col.add_argument("--method", choices=COLLUSION_METHODS, default="average")
+    col.add_argument("--alpha", type=float, default=0.5, help="extrapolate: w_a + alpha (w_a - w_b)")
     pr = att.add_parser("prune", help="magnitude pruning")
     pr.add_argument("file", type=Path)
     pr.add_argument("--ratio", type=float, required=True)

@@ -135,3 +135,9 @@ def test_bench_secagg_small(capsys, graph):
     assert r["max_abs_error"] <= r["quantization_step"]
     for key in ("plain_seconds", "masked_seconds", "prg_bytes_per_second", "mask_bytes_per_second", "clipped"):
         assert key in r
+
+
+def test_cli_collusion_choices_match_the_attacks():
+    from securemark import attacks, cli
+
+    assert cli.COLLUSION_METHODS == attacks.COLLUSION_METHODS

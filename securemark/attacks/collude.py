@@ -7,15 +7,19 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-COLLUSION_METHODS = ("average", "median", "interleave", "extreme")
+COLLUSION_METHODS = ("average", "median", "interleave", "layer-interleave", "extreme", "extrapolate", "convex")
 StateDict = Mapping[str, torch.Tensor]
 
 
-def collude(copies: Sequence[StateDict], method: str, rng: np.random.Generator) -> tuple[dict, dict]:
+def collude(
+    copies: Sequence[StateDict], method: str, rng: np.random.Generator, alpha: float = 0.5
+) -> tuple[dict, dict]:
     """Merge ``copies`` by ``method``:
 
     average: the mean; median: the per-weight median; interleave: each weight from a random copy;
-    extreme: each weight the min or the max of the copies, chosen at random (randomized min/max).
+    layer-interleave: each tensor from a random copy; extreme: each weight the min or the max of the copies,
+    chosen at random (randomized min/max); extrapolate: w_a + alpha (w_a - w_b) for the first two copies
+    (walking away from b's fingerprint); convex: a random convex combination (weights ~ Dirichlet(1)).
     Non-float tensors (counters) are taken from the first copy.
     """
     if method not in COLLUSION_METHODS:
@@ -27,6 +31,12 @@ def collude(copies: Sequence[StateDict], method: str, rng: np.random.Generator) 
         if list(sd) != names or any(sd[n].shape != copies[0][n].shape for n in names):
             raise ValueError(f"copy {i} does not have the same tensors as copy 0")
     gen = torch.Generator().manual_seed(int(rng.integers(2**63)))
+    mix = torch.from_numpy(rng.dirichlet(np.ones(len(copies))))  # convex weights, one draw for all tensors
+    record: dict = {"attack": "collude", "method": method, "copies": len(copies)}
+    if method == "extrapolate":
+        record["alpha"] = alpha
+    if method == "convex":
+        record["weights"] = [round(float(w), 4) for w in mix]
     out: dict[str, torch.Tensor] = {}
     for name in names:
         first = copies[0][name]
@@ -41,8 +51,14 @@ def collude(copies: Sequence[StateDict], method: str, rng: np.random.Generator) 
         elif method == "interleave":
             pick = torch.randint(len(copies), first.shape, generator=gen)
             merged = stack.gather(0, pick.unsqueeze(0)).squeeze(0)
+        elif method == "layer-interleave":
+            merged = stack[int(torch.randint(len(copies), (1,), generator=gen))]
+        elif method == "extrapolate":
+            merged = stack[0] + alpha * (stack[0] - stack[1])
+        elif method == "convex":
+            merged = torch.tensordot(mix, stack, dims=1)
         else:
             use_max = torch.rand(first.shape, generator=gen) < 0.5
             merged = torch.where(use_max, stack.max(0).values, stack.min(0).values)
         out[name] = merged.to(first.dtype)
-    return out, {"attack": "collude", "method": method, "copies": len(copies)}
+    return out, record

@@ -96,3 +96,49 @@ def finetune(
     loss = training.train(model, subset, epochs=epochs, lr=lr, generator=gen) if epochs else float("nan")
     out = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
     return out, {"attack": "finetune", "epochs": epochs, "lr": lr, "examples": size, "loss": loss}
+
+
+def overwrite(sd: StateDict, length: int, budget: float, rng: np.random.Generator) -> tuple[dict, dict]:
+    """The attacker embeds its own random fingerprint with its own fresh key (same scheme, same budget)."""
+    from securemark.fingerprint.carrier import CarrierSpec
+    from securemark.fingerprint.embed import Fingerprinter
+    from securemark.fingerprint.keys import OwnerSecret
+
+    fp = Fingerprinter.create(OwnerSecret.generate(), CarrierSpec(), sd, length)
+    bits = rng.integers(0, 2, length).astype(bool)
+    out = fp.embed(sd, bits, fp.strength_for_budget(sd, budget))
+    return out, {"attack": "overwrite", "length": length, "budget": budget}
+
+
+def distill(
+    sd: StateDict,
+    teacher: torch.nn.Module,
+    student: torch.nn.Module,
+    unlabeled: Dataset,
+    *,
+    epochs: int = 5,
+    lr: float = 0.05,
+    temperature: float = 2.0,
+    rng: np.random.Generator,
+) -> tuple[dict, dict]:
+    """Train a freshly initialized ``student`` to match the teacher's soft labels on ``unlabeled`` inputs
+    (their labels are never read). The result shares no weights with the copy: its fingerprint is gone,
+    at whatever accuracy the attacker's data buys."""
+    teacher.load_state_dict(dict(sd))
+    teacher.eval()
+    with torch.no_grad():
+        soft = torch.softmax(teacher(unlabeled.x) / temperature, dim=1)
+    opt = torch.optim.SGD(student.parameters(), lr=lr, momentum=0.9)
+    gen = torch.Generator().manual_seed(int(rng.integers(2**63)))
+    student.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(unlabeled), generator=gen)
+        for start in range(0, len(order), 32):
+            idx = order[start : start + 32]
+            logp = torch.log_softmax(student(unlabeled.x[idx]) / temperature, dim=1)
+            loss = torch.nn.functional.kl_div(logp, soft[idx], reduction="batchmean")
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    out = {k: v.detach().clone() for k, v in student.state_dict().items()}
+    return out, {"attack": "distill", "epochs": epochs, "examples": len(unlabeled), "temperature": temperature}

@@ -1,0 +1,125 @@
+"""Attack pipelines written as text, e.g. ``collude:average > finetune:epochs=1,fraction=0.1 > prune:ratio=0.5``.
+
+A step is ``name`` or ``name:key=value,...``; ``collude:median`` is short for ``collude:method=median``.
+A pipeline starts from the coalition's copies: a ``collude`` step must come first when there are several;
+with a single copy it is skipped (and recorded as skipped). Every step's record is kept, in order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from securemark.attacks import launder as L
+from securemark.attacks.collude import COLLUSION_METHODS, collude
+from securemark.data import Dataset
+
+StateDict = Mapping[str, torch.Tensor]
+
+# step -> its parameters and their types (the first is the shorthand positional one for collude)
+STEPS: dict[str, dict[str, type]] = {
+    "collude": {"method": str, "alpha": float},
+    "finetune": {"epochs": int, "lr": float, "fraction": float},
+    "prune": {"ratio": float, "scope": str},
+    "quantize": {"bits": int},
+    "noise": {"std": float},
+    "overwrite": {"budget": float, "length": int},
+    "distill": {"epochs": int, "lr": float, "temperature": float, "fraction": float},
+}
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return self.name + (":" + ",".join(f"{k}={v}" for k, v in self.params.items()) if self.params else "")
+
+
+@dataclass
+class Attacker:
+    """What the pirate holds besides the copies: the architecture, its own data, randomness."""
+
+    model: Callable[[], torch.nn.Module]  # a freshly initialized model of the right architecture
+    data: Dataset  # its own (labelled) data; distillation ignores the labels
+    rng: np.random.Generator
+    length: int = 1024  # overwrite: the attacker's own code length
+    budget: float = 0.05  # overwrite: the attacker's own fidelity budget
+
+
+def parse(spec: str) -> list[Step]:
+    """``"collude:average > prune:ratio=0.5"`` -> [Step("collude", {"method": "average"}), ...]."""
+    steps = []
+    for raw in (part.strip() for part in spec.split(">")):
+        if not raw:
+            raise ValueError(f"empty step in attack pipeline {spec!r}")
+        name, _, args = raw.partition(":")
+        name = name.strip()
+        if name not in STEPS:
+            raise ValueError(f"unknown attack {name!r} in {spec!r}; known: {', '.join(STEPS)}")
+        params: dict[str, Any] = {}
+        for item in filter(None, (a.strip() for a in args.split(","))):
+            key, eq, value = item.partition("=")
+            if not eq and name == "collude":
+                key, value = "method", key
+            elif not eq:
+                raise ValueError(f"{raw!r}: expected key=value, got {item!r}")
+            key = key.strip()
+            if key not in STEPS[name]:
+                raise ValueError(f"{raw!r}: unknown parameter {key!r}; {name} takes {', '.join(STEPS[name])}")
+            try:
+                params[key] = STEPS[name][key](value.strip())
+            except ValueError:
+                raise ValueError(f"{raw!r}: {key} must be {STEPS[name][key].__name__}, got {value!r}") from None
+        if name == "collude" and params.get("method", "average") not in COLLUSION_METHODS:
+            raise ValueError(f"{raw!r}: collusion method must be one of {', '.join(COLLUSION_METHODS)}")
+        steps.append(Step(name, params))
+    if any(s.name == "collude" for s in steps[1:]):
+        raise ValueError(f"{spec!r}: collude can only be the first step")
+    return steps
+
+
+def run(copies: Sequence[StateDict], steps: Sequence[Step], attacker: Attacker) -> tuple[dict, list[dict]]:
+    """Apply ``steps`` to the coalition's ``copies``; returns the pirate model and one record per step."""
+    if not copies:
+        raise ValueError("an attack needs at least one copy")
+    if len(copies) > 1 and (not steps or steps[0].name != "collude"):
+        raise ValueError(f"{len(copies)} copies need a collude step first")
+    current: dict = dict(copies[0])
+    records: list[dict] = []
+    for step in steps:
+        p = step.params
+        if step.name == "collude":
+            if len(copies) == 1:
+                records.append({"attack": "collude", "skipped": "a single copy"})
+                continue
+            current, rec = collude(copies, p.get("method", "average"), attacker.rng, p.get("alpha", 0.5))
+        elif step.name == "finetune":
+            current, rec = L.finetune(
+                current, attacker.model(), attacker.data, epochs=p.get("epochs", 1), lr=p.get("lr", 0.01),
+                fraction=p.get("fraction", 1.0), rng=attacker.rng,
+            )  # fmt: skip
+        elif step.name == "prune":
+            current, rec = L.prune(current, p.get("ratio", 0.5), p.get("scope", "global"))
+        elif step.name == "quantize":
+            current, rec = L.quantize(current, p.get("bits", 8))
+        elif step.name == "noise":
+            current, rec = L.add_noise(current, p["std"], attacker.rng)
+        elif step.name == "overwrite":
+            current, rec = L.overwrite(
+                current, p.get("length", attacker.length), p.get("budget", attacker.budget), attacker.rng
+            )
+        else:  # distill
+            size = max(1, round(p.get("fraction", 1.0) * len(attacker.data)))
+            unlabeled = attacker.data.subset(attacker.rng.permutation(len(attacker.data))[:size])
+            current, rec = L.distill(
+                current, attacker.model(), attacker.model(), unlabeled, epochs=p.get("epochs", 5),
+                lr=p.get("lr", 0.05), temperature=p.get("temperature", 2.0), rng=attacker.rng,
+            )  # fmt: skip
+        records.append(rec)
+    return current, records
