@@ -50,7 +50,8 @@ def hello(msg: Message, context: Context) -> Message:
 
 
 def encoded_update(msg: Message, context: Context) -> tuple[np.ndarray, float, int]:
-    """Train from the copy in ``msg``; (update relative to that copy, mean loss, examples). Deterministic."""
+    """Train from the copy in ``msg``: (the update relative to that copy, fixed-point encoded when the round
+    is masked; the mean loss; the example count). Deterministic given the message."""
     cfg = msg.content[wire.CONFIG]
     pid, parts = _partition(context)
     local = _client_data(_data_config(cfg), pid, parts, int(cfg["seed"]))
@@ -99,16 +100,21 @@ def share_keys(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train; reply with the plain update (FedAvg baseline) or, under masking, only the masked one."""
-    update, loss, examples = encoded_update(msg, context)
-    metrics = MetricRecord({"train_loss": loss})
     if wire.SECAGG not in msg.content:  # plain FedAvg baseline
+        update, loss, examples = encoded_update(msg, context)
         config = ConfigRecord({"num-examples": examples})
-        reply = {wire.UPDATE: ArrayRecord([update.astype(np.float32)]), wire.METRICS: metrics, wire.CONFIG: config}
+        reply = {
+            wire.UPDATE: ArrayRecord([update.astype(np.float32)]),
+            wire.METRICS: MetricRecord({"train_loss": loss}),
+            wire.CONFIG: config,
+        }
         return Message(RecordDict(reply), reply_to=msg)
-    st = wire.client_state_from(context.state[wire.STATE])
+    st = wire.client_state_from(context.state[wire.STATE])  # checked before spending time on training
     round_cfg, client_id = wire.round_config_from(msg.content[wire.SECAGG])
     if (round_cfg.run_id, round_cfg.round, client_id) != (st.cfg.run_id, st.cfg.round, st.id):
         raise P.ProtocolViolation("train message of another round than this client's key exchange")
+    update, loss, _ = encoded_update(msg, context)
+    metrics = MetricRecord({"train_loss": loss})
     y = P.client_masked_input(st, wire.bytes_map_from(msg.content[wire.PAYLOAD]), update)
     context.state[wire.STATE] = wire.client_state_record(st)
     return Message(RecordDict({wire.UPDATE: wire.array_record(y), wire.METRICS: metrics}), reply_to=msg)
