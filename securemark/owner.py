@@ -56,3 +56,16 @@ def issue_copies(
 def issue_copy(registry: Registry, base_model: StateDict, customer: str, note: str = "") -> dict:
     """The copy of ``base_model`` for one customer (see :func:`issue_copies`)."""
     return issue_copies(registry, base_model, [customer], note)[customer]
+
+
+# --- federated customers: one per client partition, stable across runs (never Flower's random node ids) ----
+def customer_name(partition_id: int) -> str:
+    return f"client-{partition_id:03d}"
+
+
+def partition_of(customer: str) -> int:
+    """The partition-id of a federated customer named by :func:`customer_name`."""
+    prefix, _, number = customer.rpartition("-")
+    if prefix != "client" or not number.isdigit():
+        raise ValueError(f"{customer!r} is not a federated customer name (client-<partition-id>)")
+    return int(number)

@@ -9,22 +9,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from rich.console import Console
 from rich.table import Table
 
-from securemark import attacks, data, models, training
+from securemark import data, models, training
+from securemark.attacks import pipeline
 from securemark.config import SimConfig
 from securemark.modelio import load_state_dict, save_state_dict
+from securemark.owner import partition_of
 from securemark.registry import Registry
 from securemark.tracing.tracer import TraceReport, trace
 
-
-@dataclass(frozen=True)
-class Laundering:
-    finetune_epochs: int = 1
-    finetune_lr: float = 0.01
-    prune_ratio: float = 0.5
-    quantize_bits: int = 8
+LAUNDERING = "finetune:epochs=1,lr=0.01 > prune:ratio=0.5 > quantize:bits=8"  # an attacks.pipeline spec
 
 
 @dataclass(frozen=True)
@@ -37,31 +34,30 @@ class QuickstartResult:
 
 
 def leak_and_trace(
-    cfg: SimConfig, out: Path, rng: np.random.Generator, launder: Laundering = Laundering()
+    cfg: SimConfig, out: Path, rng: np.random.Generator, launder: str = LAUNDERING
 ) -> tuple[str, list[dict[str, Any]], dict[str, float], TraceReport]:
     """Pick a customer of the finished run in ``out``, launder its final copy with its own data, trace it."""
     with Registry.open(out / "registry") as registry:
         names = registry.customers()
         leaker = names[int(rng.integers(len(names)))]
         copy = load_state_dict(out / "customers" / f"{leaker}.safetensors")
-        pid = int(leaker.rsplit("-", 1)[1])  # customers are named client-<partition-id>
-        own = data.client_data(cfg.data, pid, cfg.train.clients, cfg.train.seed)
+        own = data.client_data(cfg.data, partition_of(leaker), cfg.train.clients, cfg.train.seed)
         _, test = data.server_split(cfg.data, cfg.train.seed)
         shape = tuple(test.x.shape[1:])
-        model = models.build(cfg.model.name, shape, test.classes, width=cfg.model.width)  # type: ignore[arg-type]
-        tuned, s1 = attacks.finetune(
-            copy, model, own, epochs=launder.finetune_epochs, lr=launder.finetune_lr, rng=rng
-        )
-        pruned, s2 = attacks.prune(tuned, launder.prune_ratio)
-        leaked, s3 = attacks.quantize(pruned, launder.quantize_bits)
+
+        def fresh() -> torch.nn.Module:
+            return models.build(cfg.model.name, shape, test.classes, width=cfg.model.width)  # type: ignore[arg-type]
+
+        leaked, steps = pipeline.run([copy], pipeline.parse(launder), pipeline.Attacker(fresh, own, rng))
         save_state_dict(leaked, out / "leaked.safetensors")
+        model = fresh()
         accuracy = {
             "global": training.accuracy_of(model, load_state_dict(out / "global.safetensors"), test),
             "leaker_copy": training.accuracy_of(model, copy, test),
             "leaked": training.accuracy_of(model, leaked, test),
         }
         report = trace(leaked, registry)
-    return leaker, [s1, s2, s3], accuracy, report
+    return leaker, steps, accuracy, report
 
 
 def run_quickstart(cfg: SimConfig, out: Path, seed: int = 0, console: Console | None = None) -> QuickstartResult:

@@ -33,12 +33,9 @@ def backend_config(cfg: SimConfig) -> dict[str, Any]:
     }
 
 
-def simulate(cfg: SimConfig, out: Path) -> dict[str, Any]:
-    """Run all rounds; returns metrics.json's content. Raises if the ServerApp did not finish."""
+def run_apps(server_app: Any, client_app: Any, cfg: SimConfig) -> None:
+    """Flower's simulation engine on Ray: ``cfg.train.clients`` SuperNodes with ``cfg.resources`` each."""
     from flwr.simulation import run_simulation
-
-    from securemark.flower.client_app import app as client_app
-    from securemark.flower.server_app import make_server_app
 
     if cfg.resources.num_gpus > 0:
         import torch
@@ -48,12 +45,18 @@ def simulate(cfg: SimConfig, out: Path) -> dict[str, Any]:
     flwr_log = logging.getLogger("flwr")
     if not any(isinstance(f, _HideRunSimulationDeprecation) for f in flwr_log.filters):
         flwr_log.addFilter(_HideRunSimulationDeprecation())
+    run_simulation(server_app, client_app, num_supernodes=cfg.train.clients, backend_config=backend_config(cfg))
+
+
+def simulate(cfg: SimConfig, out: Path) -> dict[str, Any]:
+    """Run all rounds; returns metrics.json's content. Raises if the ServerApp did not finish."""
+    from securemark.flower.client_app import app as client_app
+    from securemark.flower.server_app import make_server_app
+
     out = Path(out)
     if (out / "metrics.json").exists():
         raise FileExistsError(f"{out} already holds a run; choose another --out")
-    run_simulation(
-        make_server_app(cfg, out), client_app, num_supernodes=cfg.train.clients, backend_config=backend_config(cfg)
-    )
+    run_apps(make_server_app(cfg, out), client_app, cfg)
     if not (out / "report.md").exists():
         raise RuntimeError(f"the simulation ended without finishing the run; see the log above (output: {out})")
     return json.loads((out / "metrics.json").read_text())

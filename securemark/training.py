@@ -16,6 +16,11 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def client_generator(seed: int, round_no: int, partition_id: int) -> torch.Generator:
+    """The batch-order generator of one client in one round: reproducible, distinct per client and round."""
+    return torch.Generator().manual_seed(seed * 100_003 + round_no * 1009 + partition_id)
+
+
 def train(
     model: nn.Module,
     data: Dataset,

@@ -120,3 +120,13 @@ def test_bad_customer_names_are_refused(reg, name):
     with pytest.raises(RegistryError, match="customer name"):
         reg.customer(name)
     assert reg.customers() == []
+
+
+def test_federated_customer_names_round_trip_to_partition_ids():
+    from securemark.owner import customer_name, partition_of
+
+    assert customer_name(7) == "client-007" and customer_name(1234) == "client-1234"
+    assert all(partition_of(customer_name(i)) == i for i in (0, 7, 999, 1234))
+    for bad in ("alice", "client-", "client-x1", "customer-003"):
+        with pytest.raises(ValueError, match="not a federated customer"):
+            partition_of(bad)

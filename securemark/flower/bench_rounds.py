@@ -71,7 +71,7 @@ class _TrainClient(NumPyClient):
         names = list(self.model.state_dict())
         self.model.load_state_dict({n: torch.from_numpy(np.asarray(p)) for n, p in zip(names, parameters, strict=True)})
         t = self.cfg.train
-        gen = torch.Generator().manual_seed(t.seed * 100_003 + int(config.get("round", 0)) * 1009 + self.pid)
+        gen = training.client_generator(t.seed, int(config["round"]), self.pid)
         loss = training.train(
             self.model, self.local, epochs=t.local_epochs, lr=t.lr, batch_size=t.batch_size, generator=gen
         )
@@ -118,14 +118,11 @@ def secaggplus_apps(cfg: SimConfig, round_seconds: list[float]) -> tuple[ServerA
 # --- the benchmark ---------------------------------------------------------------------------------
 def run_variant(cfg: SimConfig, variant: str, workdir: Path) -> list[float]:
     """Per-round seconds of one variant (a fresh simulation)."""
-    from flwr.simulation import run_simulation
-
-    from securemark.sim import backend_config, simulate
+    from securemark.sim import run_apps, simulate
 
     if variant == "flower_secaggplus":
         seconds: list[float] = []
-        server, client = secaggplus_apps(cfg, seconds)
-        run_simulation(server, client, num_supernodes=cfg.train.clients, backend_config=backend_config(cfg))
+        run_apps(*secaggplus_apps(cfg, seconds), cfg)
         if len(seconds) != cfg.train.rounds:
             raise RuntimeError(f"Flower's SecAgg+ finished {len(seconds)} of {cfg.train.rounds} rounds")
         return seconds

@@ -11,7 +11,6 @@ from __future__ import annotations
 from functools import lru_cache
 
 import numpy as np
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -58,7 +57,7 @@ def encoded_update(msg: Message, context: Context) -> tuple[np.ndarray, float, i
     start = msg.content[wire.MODEL].to_torch_state_dict()
     model = models.build(str(cfg["model.name"]), tuple(local.x.shape[1:]), local.classes, width=int(cfg["model.width"]))
     model.load_state_dict(start)
-    gen = torch.Generator().manual_seed(int(cfg["seed"]) * 100_003 + int(cfg["round"]) * 1009 + pid)
+    gen = training.client_generator(int(cfg["seed"]), int(cfg["round"]), pid)
     loss = training.train(
         model,
         local,

@@ -24,7 +24,7 @@ from securemark.config import SimConfig
 from securemark.fingerprint.embed import Fingerprinter
 from securemark.flower import wire
 from securemark.modelio import save_state_dict
-from securemark.owner import issue_copies
+from securemark.owner import customer_name, issue_copies
 from securemark.registry import Registry, RegistryParams
 from securemark.report import write_report
 from securemark.secagg import protocol as P
@@ -92,7 +92,7 @@ class Federation:
         replies = self.send(wire.HELLO, {n: RecordDict() for n in nodes}, 0)
         for node, reply in replies.items():
             pid = int(reply.content[wire.CONFIG]["partition-id"])
-            self.customers[node] = f"client-{pid:03d}"
+            self.customers[node] = customer_name(pid)
         if len(set(self.customers.values())) != len(self.customers):
             raise RuntimeError("two nodes report the same partition-id: customers must be distinct")
 
