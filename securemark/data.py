@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 from dataclasses import dataclass
+from functools import lru_cache
 from importlib import resources
 
 import numpy as np
@@ -98,7 +99,10 @@ def load_hub(name: str, seed: int = 0, files: str = "") -> Dataset:
     return _finish(x, y, 10, seed)
 
 
+@lru_cache(maxsize=2)
 def load(name: str, seed: int = 0, files: str = "") -> Dataset:
+    """A whole dataset, shuffled with ``seed``. Cached per process: every client a Ray actor serves, the
+    server and the quickstart read the same pool (callers take subsets and never modify it in place)."""
     if name in HUB_DATASETS:
         return load_hub(name, seed, files)
     if name == "digits":

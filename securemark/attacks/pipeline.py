@@ -37,9 +37,6 @@ class Step:
     name: str
     params: dict[str, Any] = field(default_factory=dict)
 
-    def __str__(self) -> str:
-        return self.name + (":" + ",".join(f"{k}={v}" for k, v in self.params.items()) if self.params else "")
-
 
 @dataclass
 class Attacker:

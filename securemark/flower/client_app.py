@@ -8,8 +8,6 @@ query.unmask; without masking, train replies with the plain update. Masking stat
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -30,11 +28,6 @@ def _partition(context: Context) -> tuple[int, int]:
     return int(cfg["partition-id"]), int(cfg["num-partitions"])
 
 
-@lru_cache(maxsize=4)
-def _client_data(d: DataConfig, pid: int, parts: int, seed: int) -> data.Dataset:
-    return data.client_data(d, pid, parts, seed)
-
-
 def _data_config(cfg: ConfigRecord) -> DataConfig:
     """The run's data section, from the ``data.*`` keys the server sends."""
     return SimConfig.from_flat({k: cfg[k] for k in cfg if k.startswith("data.")}).data
@@ -53,7 +46,7 @@ def encoded_update(msg: Message, context: Context) -> tuple[np.ndarray, float, i
     is masked; the mean loss; the example count). Deterministic given the message."""
     cfg = msg.content[wire.CONFIG]
     pid, parts = _partition(context)
-    local = _client_data(_data_config(cfg), pid, parts, int(cfg["seed"]))
+    local = data.client_data(_data_config(cfg), pid, parts, int(cfg["seed"]))
     start = msg.content[wire.MODEL].to_torch_state_dict()
     model = models.build(str(cfg["model.name"]), tuple(local.x.shape[1:]), local.classes, width=int(cfg["model.width"]))
     model.load_state_dict(start)
