@@ -9,6 +9,7 @@ make each look-up pass stream through memory (10^6 x 2048 bits in about 0.4 s on
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -40,11 +41,29 @@ class PackedCodebook:
     def users(self) -> int:
         return self.columns.shape[1]
 
-    def matvec(self, w: np.ndarray) -> np.ndarray:
-        """x_j . w for every user j, float64 (n,)."""
+    @cached_property
+    def _dense(self) -> np.ndarray:
+        """(n, L) float32 0/1 rows, unpacked once: the fast path for small codebooks."""
+        raw = np.ascontiguousarray(self.columns.T).astype(">u2").view(np.uint8)  # (n, 2 L16) row-major bytes
+        return np.unpackbits(raw, axis=1, count=self.length).astype(np.float32)
+
+    def matvec(self, w: np.ndarray, method: str = "auto") -> np.ndarray:
+        """x_j . w for every user j, float64 (n,).
+
+        ``table`` pays for 65,536-entry tables per 16 bits (about L x 65,536 operations) and then one look-up
+        per user and chunk: it wins for many users. ``dense`` unpacks the rows once and multiplies (n x L): it
+        wins while n is far below 65,536 (an evaluation's thousand customers: ~1 ms against ~0.2 s).
+        ``auto`` picks dense below 16,384 users when the unpacked rows fit in 64 MiB.
+        """
         w = np.asarray(w, dtype=np.float64)
         if w.shape != (self.length,):
             raise ValueError(f"weights have shape {w.shape}, expected ({self.length},)")
+        if method == "auto":
+            method = "dense" if self.users < 16_384 and self.users * self.length <= 1 << 24 else "table"
+        if method == "dense":
+            return (self._dense @ w.astype(np.float32)).astype(np.float64)
+        if method != "table":
+            raise ValueError(f"matvec method must be auto, table or dense, got {method!r}")
         padded = np.zeros(self.columns.shape[0] * _CHUNK_BITS)
         padded[: self.length] = w
         # float32 tables halve memory traffic; partial sums stay in float64 below
