@@ -10,7 +10,7 @@ import dataclasses
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, get_args, get_origin, get_type_hints
 
 DATASET_NAMES = ("digits", "mnist5k", "synthetic", "mnist", "fashion-mnist", "cifar10")  # see securemark.data
 
@@ -73,8 +73,56 @@ class ResourcesConfig:
     num_gpus: float = 0.0  # fractions share a GPU between Ray actors
 
 
+class TomlConfig:
+    """Loading shared by every top-level config: TOML file, ``--set`` overrides, nested sections, checked types."""
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Any:
+        kwargs: dict[str, Any] = {}
+        hints = get_type_hints(cls)
+        for key, value in raw.items():
+            if key not in hints:
+                raise ConfigError(f"unknown configuration section or key {key!r}")
+            if dataclasses.is_dataclass(hints[key]):
+                if not isinstance(value, dict):
+                    raise ConfigError(f"[{key}] must be a table")
+                kwargs[key] = _section(hints[key], key, value)
+            else:
+                kwargs[key] = _coerce(f"{key}", hints[key], value)
+        return cls(**kwargs)
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: list[str] | None = None) -> Any:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"configuration file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        for item in overrides or []:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ConfigError(f"--set expects section.key=value, got {item!r}")
+            _assign(raw, key.strip(), _parse_value(value.strip()))
+        return cls.from_dict(raw)
+
+    def to_toml(self) -> str:
+        lines, tables = [], []
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                tables.append(f"\n[{f.name}]")
+                tables += [f"{s.name} = {_toml_value(getattr(value, s.name))}" for s in fields(value)]
+            elif isinstance(value, dict):
+                tables.append(f"\n[{f.name}]")
+                tables += [f"{_toml_value(k)} = {_toml_value(v)}" for k, v in value.items()]
+            else:
+                lines.append(f"{f.name} = {_toml_value(value)}")
+        return "\n".join(lines + tables) + "\n"
+
+
 @dataclass(frozen=True)
-class SimConfig:
+class SimConfig(TomlConfig):
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -101,36 +149,14 @@ class SimConfig:
         )
         _check(self.resources.num_cpus > 0 and self.resources.num_gpus >= 0, "resources", self.resources)
 
-    # --- conversions ---------------------------------------------------------------------------------
+    # --- Flower's flat run config -------------------------------------------------------------------
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> SimConfig:
-        kwargs: dict[str, Any] = {}
-        hints = get_type_hints(cls)
-        for key, value in raw.items():
-            if key not in hints:
-                raise ConfigError(f"unknown configuration section or key {key!r}")
-            if dataclasses.is_dataclass(hints[key]):
-                if not isinstance(value, dict):
-                    raise ConfigError(f"[{key}] must be a table")
-                kwargs[key] = _section(hints[key], key, value)
-            else:
-                kwargs[key] = _coerce(f"{key}", hints[key], value)
-        return cls(**kwargs)
+        return super().from_dict(raw)
 
     @classmethod
     def load(cls, path: str | Path, overrides: list[str] | None = None) -> SimConfig:
-        try:
-            raw = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"configuration file {path} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: {exc}") from None
-        for item in overrides or []:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise ConfigError(f"--set expects section.key=value, got {item!r}")
-            _assign(raw, key.strip(), _parse_value(value.strip()))
-        return cls.from_dict(raw)
+        return super().load(path, overrides)
 
     @classmethod
     def from_flat(cls, flat: dict[str, Any]) -> SimConfig:
@@ -151,15 +177,6 @@ class SimConfig:
                 out[f.name] = value
         return out
 
-    def to_toml(self) -> str:
-        lines = [f"output = {_toml_value(self.output)}"]
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if dataclasses.is_dataclass(value):
-                lines.append(f"\n[{f.name}]")
-                lines += [f"{s.name} = {_toml_value(getattr(value, s.name))}" for s in fields(value)]
-        return "\n".join(lines) + "\n"
-
 
 def _check(ok: bool, key: str, value: object) -> None:
     if not ok:
@@ -177,6 +194,11 @@ def _section(cls: type, name: str, values: dict[str, Any]) -> Any:
 
 
 def _coerce(key: str, typ: Any, value: Any) -> Any:
+    origin, args = get_origin(typ), get_args(typ)
+    if origin is tuple and isinstance(value, list | tuple):  # tuple[X, ...] from a TOML array
+        return tuple(_coerce(f"{key}[{i}]", args[0], v) for i, v in enumerate(value))
+    if origin is dict and isinstance(value, dict):  # dict[str, X] from a TOML table
+        return {str(k): _coerce(f"{key}.{k}", args[1], v) for k, v in value.items()}
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -213,4 +235,6 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return repr(value)
