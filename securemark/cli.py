@@ -1,4 +1,4 @@
-"""securemark command line: codes | registry | issue | trace | attack | bench | demo."""
+"""securemark command line: codes | registry | issue | trace | attack | bench | simulate | evaluate | demo."""
 
 from __future__ import annotations
 
@@ -209,6 +209,19 @@ def cmd_simulate(a: argparse.Namespace) -> None:
     )
 
 
+def cmd_evaluate(a: argparse.Namespace) -> None:
+    from securemark.evaluation.config import EvalConfig
+    from securemark.evaluation.harness import evaluate
+    from securemark.evaluation.stats import meets_target
+
+    cfg = EvalConfig.load(a.config, a.set)
+    out = Path(a.out or cfg.output)
+    results = evaluate(cfg, out)
+    cells = results["cells"]
+    below = sum(not meets_target(c) for c in cells)
+    print(f"done: {len(cells)} cells, {below} below target (catch >= 0.99, no innocent); report: {out / 'report.md'}")
+
+
 def cmd_demo(a: argparse.Namespace) -> None:
     if a.owner:  # the owner workflow alone: no federation, ~10 s
         from securemark.demo import main as demo_main
@@ -345,6 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--out", default=None, help="output directory (default: the config's output)")
     sim.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.rounds=3")
     sim.set_defaults(func=cmd_simulate)
+
+    ev = sub.add_parser("evaluate", help="traitor tracing under attack and collusion: trials, report, plots")
+    ev.add_argument("config", type=Path)
+    ev.add_argument("--out", default=None, help="output directory (default: the config's output)")
+    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. evaluate.trials=50")
+    ev.set_defaults(func=cmd_evaluate)
 
     demo = sub.add_parser("demo", help="quickstart: federated training, then a laundered leak traced to its customer")
     demo.add_argument("--config", type=Path, default=Path("configs/quickstart.toml"))

@@ -1,21 +1,32 @@
-"""The one full simulation in the suite: configs/smoke.toml on Flower's Ray engine, then tracing a copy."""
+"""The one full simulation in the suite: configs/smoke.toml on Flower's Ray engine; then tracing a copy, a
+laundered leak, and configs/collusion-smoke.toml's evaluation, all on that run's output."""
 
+import csv
 import json
 from pathlib import Path
 
+import matplotlib.image
+import pytest
 from numpy.random import default_rng as rng
 
 from securemark.cli import main
 from securemark.config import SimConfig
+from securemark.evaluation.config import EvalConfig
+from securemark.evaluation.harness import evaluate, plan
 from securemark.quickstart import leak_and_trace
 from securemark.sim import simulate
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_smoke_config_runs_on_ray_and_copies_trace_to_their_customer(tmp_path, capsys):
-    out = tmp_path / "run"
-    metrics = simulate(SimConfig.load(ROOT / "configs" / "smoke.toml"), out)
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    return out, simulate(SimConfig.load(ROOT / "configs" / "smoke.toml"), out)
+
+
+def test_smoke_config_runs_on_ray_and_copies_trace_to_their_customer(smoke_run, capsys):
+    out, metrics = smoke_run
     rounds = metrics["rounds"]
     assert [m["status"] for m in rounds] == ["completed", "completed"]
     assert all(m["max_bit_error"] == 0.0 and m["survived"] == 4 for m in rounds)
@@ -34,3 +45,47 @@ def test_smoke_config_runs_on_ray_and_copies_trace_to_their_customer(tmp_path, c
     assert [s["attack"] for s in steps] == ["finetune", "prune", "quantize"]
     assert [s.customer for s in traced.accused] == [leaker]
     assert (out / "leaked.safetensors").is_file() and accuracy["leaked"] > 0.3
+
+
+def test_collusion_smoke_evaluation_writes_results_report_and_plots(smoke_run, tmp_path):
+    run, _ = smoke_run
+    cfg = EvalConfig.load(ROOT / "configs" / "collusion-smoke.toml", [f'source.run="{run}"'])
+    results = evaluate(cfg, tmp_path / "eval")
+    cells = {(c["scheme"], c["attack"], c["coalition_size"]): c for c in results["cells"]}
+    assert list(cells) == plan(cfg) and all(c["trials"] == 4 for c in cells.values())
+
+    # controls: the unmarked base model. securemark's tracers accuse nobody; argmax always names someone
+    for scheme in ("tardos", "random", "bibd"):
+        assert cells[(scheme, "launder", 0)]["innocents_accused"] == 0
+    assert cells[("fedtracker", "launder", 0)]["trials_with_innocent"] == 4
+    # a single laundered copy is traced to its customer alone; an average of three without laundering too
+    for scheme in ("tardos", "random"):
+        assert cells[(scheme, "launder", 1)]["catch_rate"] == 1.0
+    tardos_avg = cells[("tardos", "average", 3)]
+    assert tardos_avg["catch_rate"] == 1.0 and tardos_avg["innocents_accused"] == 0
+    assert tardos_avg["survival"] == pytest.approx(1.0, abs=1e-3)  # linear merge: the mean row, intact
+    assert cells[("bibd", "average", 3)]["customers"] == 13  # PG(2, 3)
+    for f in results["fidelity"].values():
+        assert abs(f["drop_pp"]) < 5.0  # digits CNN, 5 copies: a loose sanity bound, the real one is in #5's note
+
+    out = tmp_path / "eval"
+    saved = json.loads((out / "results.json").read_text())  # strict JSON: NaN written as null
+    assert len(saved["cells"]) == len(cells) and [r["budget"] for r in saved["fidelity_sweep"]] == [0.02, 0.05, 0.1]
+    with (out / "results.csv").open() as fh:
+        assert len(list(csv.DictReader(fh))) == len(cells)
+    assert len((out / "trials.jsonl").read_text().splitlines()) == 4 * len(cells)
+    report = (out / "report.md").read_text()
+    for png in ("catch.png", "survival.png", "fidelity.png"):
+        assert f"]({png})" in report
+        height, width, _ = matplotlib.image.imread(out / png).shape  # a real, decodable PNG
+        assert height > 100 and width > 100
+    with pytest.raises(FileExistsError):
+        evaluate(cfg, out)
+
+
+def test_evaluate_without_a_source_says_how_to_make_one(tmp_path, capsys):
+    config = str(ROOT / "configs" / "collusion-smoke.toml")
+    args = ["evaluate", config, "--out", str(tmp_path / "e"), "--set", f"source.run={tmp_path / 'none'}"]
+    assert main([*args, "--set", 'source.config=""']) == 2
+    assert "holds no finished run" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()

@@ -1,0 +1,1 @@
+"""Traitor tracing under attack and collusion: schemes, trials, summaries, report (``securemark evaluate``)."""

@@ -1,0 +1,86 @@
+"""What ``securemark evaluate`` runs: a base model, schemes, attack pipelines, coalition sizes, trials."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from securemark.attacks import pipeline
+from securemark.codes.base import CODE_KINDS
+from securemark.config import ConfigError, TomlConfig, _check
+from securemark.fingerprint.carrier import CARRIER_MODES
+
+SCHEMES = (*CODE_KINDS, "fedtracker")  # a shared-projection code traced by score, or the per-customer baseline
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    run: str = "runs/quickstart"  # a `securemark simulate` output: global.safetensors + config.toml
+    config: str = ""  # a simulate config to train `run` with first, when it holds no finished run
+
+
+@dataclass(frozen=True)
+class CodeSettings:
+    """The registry each scheme gets (BIBD fixes its own length from max_colluders)."""
+
+    length: int = 2048
+    max_colluders: int = 8
+    eps: float = 1e-3
+    budget: float = 0.05  # fidelity: perturbation RMS / carrier RMS
+    carrier_mode: str = "weights"  # weights | filter-mean (Uchida's carrier)
+    include: tuple[str, ...] = ("*",)  # carrier tensors (fnmatch patterns)
+
+
+@dataclass(frozen=True)
+class TrialSettings:
+    customers: int = 1000  # copies issued (BIBD serves at most q^2 + q + 1)
+    schemes: tuple[str, ...] = ("tardos",)
+    coalition_sizes: tuple[int, ...] = (1, 2, 4, 8)  # 0: a control, the unmarked base model under the attack
+    trials: int = 200  # per cell (scheme, attack, coalition size)
+    seed: int = 0  # coalitions and attack randomness; shared by all schemes, so cells are paired
+
+
+@dataclass(frozen=True)
+class FidelitySettings:
+    copies: int = 20  # random customers whose copies are evaluated per scheme
+    budgets: tuple[float, ...] = ()  # sweep: copy accuracy (and traitor score after `attack`) per budget
+    attack: str = ""  # an attack pipeline applied to one copy per customer at each budget of the sweep
+
+
+@dataclass(frozen=True)
+class EvalConfig(TomlConfig):
+    source: SourceConfig = field(default_factory=SourceConfig)
+    code: CodeSettings = field(default_factory=CodeSettings)
+    evaluate: TrialSettings = field(default_factory=TrialSettings)
+    attacks: dict[str, str] = field(default_factory=lambda: {"average": "collude:average"})  # name -> pipeline
+    fidelity: FidelitySettings = field(default_factory=FidelitySettings)
+    output: str = "runs/evaluate"
+
+    def __post_init__(self) -> None:
+        c, e, f = self.code, self.evaluate, self.fidelity
+        _check(c.length >= 16, "code.length", c.length)
+        _check(c.max_colluders >= 1, "code.max_colluders", c.max_colluders)
+        _check(0 < c.eps < 1, "code.eps", c.eps)
+        _check(c.budget > 0, "code.budget", c.budget)
+        _check(c.carrier_mode in CARRIER_MODES, "code.carrier_mode", c.carrier_mode)
+        _check(e.customers >= 2, "evaluate.customers", e.customers)
+        _check(bool(e.schemes) and all(s in SCHEMES for s in e.schemes), f"evaluate.schemes (of {SCHEMES})", e.schemes)
+        _check(len(set(e.schemes)) == len(e.schemes), "evaluate.schemes (repeated)", e.schemes)
+        sizes = e.coalition_sizes
+        _check(bool(sizes) and all(0 <= k <= e.customers for k in sizes), "evaluate.coalition_sizes", sizes)
+        _check(e.trials >= 1, "evaluate.trials", e.trials)
+        _check(bool(self.attacks), "attacks (at least one)", self.attacks)
+        specs = [(f"attacks.{name}", spec) for name, spec in self.attacks.items()]
+        for key, spec in specs + ([("fidelity.attack", f.attack)] if f.attack else []):
+            try:
+                pipeline.parse(spec)
+            except ValueError as exc:
+                raise ConfigError(f"invalid value for {key}: {exc}") from None
+        _check(f.copies >= 1, "fidelity.copies", f.copies)
+        _check(all(b > 0 for b in f.budgets), "fidelity.budgets", f.budgets)
+        _check(not f.budgets or any(s in ("tardos", "random") for s in e.schemes), "fidelity.budgets (sweeps a "
+               "tardos or random scheme)", e.schemes)  # fmt: skip
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: list[str] | None = None) -> EvalConfig:
+        return super().load(path, overrides)

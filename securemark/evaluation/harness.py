@@ -1,0 +1,278 @@
+"""The evaluation loop: for every scheme, attack pipeline and coalition size, run independent trials (draw a
+coalition, attack its copies, trace the result) and summarize each cell.
+
+Randomness is paired across schemes: trial t of (attack, c) draws its coalition and its attack's randomness
+from ``default_rng([seed, attack, c, t])``, so every scheme faces the same coalitions (by index) and the same
+fine-tuning batches. Owner secrets come from ``os.urandom`` as always (Registry.init); they are not seeded.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from securemark import data, models, training
+from securemark.attacks import pipeline
+from securemark.codes import bibd
+from securemark.config import SimConfig
+from securemark.data import Dataset
+from securemark.evaluation.config import EvalConfig
+from securemark.evaluation.schemes import Scheme, SharedScheme, make_scheme
+from securemark.evaluation.stats import summarize
+from securemark.fingerprint.carrier import StateDict
+from securemark.modelio import load_state_dict
+
+
+@dataclass
+class Setting:
+    """What every trial shares: the base model, the pirate's data pool, the test set, a model to evaluate."""
+
+    base: StateDict
+    pool: Dataset  # the pirate's own data is drawn from here (fine-tuning fraction, distillation inputs)
+    test: Dataset
+    fresh: Callable[[], torch.nn.Module]
+    global_accuracy: float
+
+    def accuracy(self, sd: StateDict) -> float:
+        return training.accuracy_of(self._model, sd, self.test)
+
+    def __post_init__(self) -> None:
+        self._model = self.fresh()
+
+
+def load_source(cfg: EvalConfig, console: Console) -> tuple[SimConfig, Setting]:
+    """The base model of a finished simulate run (trained first from ``source.config`` when missing)."""
+    run = Path(cfg.source.run)
+    if not (run / "global.safetensors").is_file():
+        if not cfg.source.config:
+            raise FileNotFoundError(
+                f"{run} holds no finished run (global.safetensors); run 'securemark simulate' first or set "
+                "source.config to train it here"
+            )
+        from securemark.sim import simulate  # imports flwr and ray: only when training
+
+        console.print(f"training the base model with {cfg.source.config} -> {run}")
+        simulate(SimConfig.load(cfg.source.config), run)
+    sim = SimConfig.load(run / "config.toml")
+    pool, test = data.server_split(sim.data, sim.train.seed)
+    shape = tuple(test.x.shape[1:])
+
+    def fresh() -> torch.nn.Module:
+        return models.build(sim.model.name, shape, test.classes, width=sim.model.width)  # type: ignore[arg-type]
+
+    base = load_state_dict(run / "global.safetensors")
+    setting = Setting(base, pool, test, fresh, global_accuracy=0.0)
+    setting.global_accuracy = setting.accuracy(base)
+    return sim, setting
+
+
+def run_trial(
+    scheme: Scheme, steps: list[pipeline.Step], size: int, rng: np.random.Generator, s: Setting, cfg: EvalConfig
+) -> dict[str, Any]:
+    """One coalition of ``size`` customers attacks its copies with ``steps``; the scheme traces the result."""
+    coalition = np.sort(rng.choice(scheme.customers, size=size, replace=False))
+    copies: list[StateDict] = [scheme.copy(int(j)) for j in coalition] or [s.base]  # size 0: the unmarked base
+    attacker = pipeline.Attacker(s.fresh, s.pool, rng, length=cfg.code.length, budget=cfg.code.budget)
+    t0 = time.perf_counter()
+    pirate, _ = pipeline.run(copies, steps, attacker)
+    t1 = time.perf_counter()
+    outcome = scheme.trace(pirate)
+    t2 = time.perf_counter()
+    guilty = np.isin(outcome.accused, coalition)
+    innocent = np.ones(scheme.customers, dtype=bool)
+    innocent[coalition] = False
+    bit_agreement, survival = scheme.survival(outcome, coalition)
+    return {
+        "coalition_size": size,
+        "coalition": coalition.tolist(),
+        "accused": outcome.accused.tolist(),
+        "caught": bool(guilty.any()),
+        "colluders_accused": int(guilty.sum()),
+        "innocents_accused": int((~guilty).sum()),
+        "accuracy": s.accuracy(pirate),
+        "bit_agreement": bit_agreement,
+        "survival": survival,
+        "top_colluder_score": float(outcome.scores[coalition].max()) if size else float("nan"),
+        "top_innocent_score": float(outcome.scores[innocent].max()),
+        "threshold": outcome.threshold,
+        "attack_seconds": t1 - t0,
+        "tracing_seconds": t2 - t1,
+    }
+
+
+def fidelity(scheme: Scheme, s: Setting, copies: int, rng: np.random.Generator) -> dict[str, Any]:
+    """Accuracy of a random sample of customers' copies against the global model's."""
+    picked = rng.choice(scheme.customers, size=min(copies, scheme.customers), replace=False)
+    acc = [s.accuracy(scheme.copy(int(j))) for j in picked]
+    return {
+        "global_accuracy": s.global_accuracy,
+        "copies": len(acc),
+        "copies_mean_accuracy": float(np.mean(acc)),
+        "copies_min_accuracy": float(np.min(acc)),
+        "copies_max_accuracy": float(np.max(acc)),
+        "drop_pp": 100.0 * (s.global_accuracy - float(np.mean(acc))),
+    }
+
+
+def fidelity_sweep(
+    scheme: SharedScheme, cfg: EvalConfig, s: Setting, advance: Callable[[], None]
+) -> list[dict[str, Any]]:
+    """Per budget: copy accuracy and, when ``fidelity.attack`` is set, the single traitor's score after it.
+
+    The Tardos score is normalized by ||y||, so reading at the registry's strength is exact for any budget.
+    """
+    f = cfg.fidelity
+    steps = pipeline.parse(f.attack) if f.attack else []
+    rows = []
+    for b_index, budget in enumerate(f.budgets):
+        strength = scheme.fp.strength_for_budget(s.base, budget)
+        rng = np.random.default_rng([cfg.evaluate.seed, 10_000, b_index])
+        acc, scores, agreement, caught, innocents = [], [], [], 0, 0
+        for j in rng.choice(scheme.customers, size=min(f.copies, scheme.customers), replace=False):
+            copy = scheme.copy(int(j), strength)
+            acc.append(s.accuracy(copy))
+            if steps:
+                attacker = pipeline.Attacker(s.fresh, s.pool, rng, length=cfg.code.length, budget=budget)
+                outcome = scheme.trace(pipeline.run([copy], steps, attacker)[0])
+                scores.append(float(outcome.scores[j]))
+                agreement.append(scheme.survival(outcome, np.array([j]))[0])
+                caught += int(j in outcome.accused)
+                innocents += int(np.sum(outcome.accused != j))
+            advance()
+        rows.append({
+            "budget": budget, "strength": strength, "copies": len(acc),
+            "copies_mean_accuracy": float(np.mean(acc)), "copies_min_accuracy": float(np.min(acc)),
+            "drop_pp": 100.0 * (s.global_accuracy - float(np.mean(acc))),
+            "traitor_score": float(np.mean(scores)) if scores else None,
+            "bit_agreement": float(np.mean(agreement)) if agreement else None,
+            "catch_rate": caught / len(acc) if steps else None, "innocents_accused": innocents if steps else None,
+        })  # fmt: skip
+    return rows
+
+
+@contextmanager
+def _progress(console: Console, total: int) -> Iterator[tuple[Progress, Any]]:
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn())  # fmt: skip
+    with Progress(*columns, console=console, transient=False) as bar:
+        yield bar, bar.add_task("evaluate", total=total)
+
+
+def plan(cfg: EvalConfig) -> list[tuple[str, str, int]]:
+    """The cells to run, (scheme, attack, coalition size), in order.
+
+    A pipeline that starts with ``collude`` is a coalition's attack and runs for c >= 2; one without is a
+    single copy's and runs for c <= 1 (c = 0: the unmarked base, a control). The rest are not cells: a
+    collusion of one copy would only repeat the laundering that follows it. BIBD serves q^2 + q + 1
+    customers, so larger coalitions than that are left out too.
+    """
+    cells = []
+    for name in cfg.evaluate.schemes:
+        customers = scheme_customers(name, cfg)
+        for attack, spec in cfg.attacks.items():
+            colludes = pipeline.parse(spec)[0].name == "collude"
+            for size in cfg.evaluate.coalition_sizes:
+                if (size >= 2) == colludes and size <= customers:
+                    cells.append((name, attack, size))
+    return cells
+
+
+def scheme_customers(name: str, cfg: EvalConfig) -> int:
+    if name == "bibd":
+        q = bibd.plane_order_for(cfg.code.max_colluders)
+        return min(cfg.evaluate.customers, q * q + q + 1)
+    return cfg.evaluate.customers
+
+
+def evaluate(cfg: EvalConfig, out: Path, console: Console | None = None) -> dict[str, Any]:
+    """Run every cell of ``cfg``; write results.json, results.csv, trials.jsonl, report.md and plots to ``out``."""
+    from securemark.evaluation.outputs import write_outputs  # matplotlib: only once there is something to plot
+
+    console = console or Console(stderr=True)
+    out = Path(out)
+    if (out / "results.json").exists():
+        raise FileExistsError(f"{out} already holds an evaluation; choose another --out")
+    to_run = plan(cfg)
+    if not to_run:
+        raise ValueError("no cell to run: collude pipelines need coalition sizes >= 2, the others sizes 0 or 1")
+    start = time.perf_counter()
+    sim, s = load_source(cfg, console)  # before anything is written: a missing source leaves no stray output
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.toml").write_text(cfg.to_toml())
+    e, f = cfg.evaluate, cfg.fidelity
+    attack_index = {name: i for i, name in enumerate(cfg.attacks)}
+    sweep_scheme = next((n for n in e.schemes if n in ("tardos", "random")), None) if f.budgets else None
+    total = len(to_run) * e.trials + len(f.budgets) * f.copies
+    cells: list[dict[str, Any]] = []
+    fid: dict[str, Any] = {}
+    sweep: list[dict[str, Any]] = []
+    with (out / "trials.jsonl").open("w") as log, _progress(console, total) as (bar, task):
+        for name in e.schemes:
+            bar.update(task, description=f"{name}: issuing {scheme_customers(name, cfg)} customers")
+            scheme = make_scheme(name, cfg, s.base, out / "registries")
+            fid[name] = fidelity(scheme, s, f.copies, np.random.default_rng([e.seed, 20_000]))
+            for _, attack, size in (c for c in to_run if c[0] == name):
+                bar.update(task, description=f"{name} {attack} c={size}")
+                steps, trials = pipeline.parse(cfg.attacks[attack]), []
+                for t in range(e.trials):
+                    rng = np.random.default_rng([e.seed, attack_index[attack], size, t])
+                    record = run_trial(scheme, steps, size, rng, s, cfg)
+                    record.update(scheme=name, attack=attack, trial=t)
+                    log.write(json.dumps(_finite(record)) + "\n")
+                    trials.append(record)
+                    bar.advance(task)
+                cells.append(_cell(name, attack, cfg, scheme, trials))
+            if name == sweep_scheme:
+                bar.update(task, description=f"{name}: fidelity sweep")
+                assert isinstance(scheme, SharedScheme)
+                sweep = fidelity_sweep(scheme, cfg, s, lambda: bar.advance(task))
+            scheme.close()
+    results = {
+        "source": {"run": cfg.source.run, "data": sim.data.name, "model": sim.model.name},
+        "global_accuracy": s.global_accuracy,
+        "fidelity": fid,
+        "fidelity_sweep": sweep,
+        "cells": cells,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    write_outputs(out, cfg, _finite(results))
+    return results
+
+
+def _cell(scheme_name: str, attack: str, cfg: EvalConfig, scheme: Scheme, trials: list[dict]) -> dict[str, Any]:
+    is_shared = isinstance(scheme, SharedScheme)
+    return {
+        "scheme": scheme_name,
+        "code": scheme_name if is_shared else "random",  # the baseline's fingerprints are random bits
+        "tracer": "shared-projection score" if is_shared else "per-customer projection argmax",
+        "attack": attack,
+        "pipeline": cfg.attacks[attack],
+        "coalition_size": trials[0]["coalition_size"],
+        "customers": scheme.customers,
+        "length": scheme.length,
+        "max_colluders": cfg.code.max_colluders,
+        "eps": cfg.code.eps if is_shared else None,
+        "budget": cfg.code.budget,
+        **summarize(trials),
+    }
+
+
+def _finite(obj: Any) -> Any:
+    """NaN -> None throughout, so results are strict JSON."""
+    if isinstance(obj, float):
+        return obj if np.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj

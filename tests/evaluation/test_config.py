@@ -1,0 +1,52 @@
+from pathlib import Path
+
+import pytest
+
+from securemark.config import ConfigError
+from securemark.evaluation.config import EvalConfig
+from securemark.evaluation.harness import plan
+
+ROOT = Path(__file__).resolve().parents[2]
+EVAL_CONFIGS = [ROOT / "configs" / "collusion-smoke.toml", *sorted((ROOT / "simulations" / "configs").glob("*.toml"))]
+
+
+@pytest.mark.parametrize("path", EVAL_CONFIGS, ids=lambda p: p.name)
+def test_shipped_evaluation_configs_load_round_trip_and_plan_cells(path, tmp_path):
+    if path.name.endswith("-base.toml"):  # a simulate config that trains an evaluation's base model
+        pytest.skip("a simulate config")
+    cfg = EvalConfig.load(path)
+    (tmp_path / "c.toml").write_text(cfg.to_toml())
+    assert EvalConfig.load(tmp_path / "c.toml") == cfg
+    assert plan(cfg)
+
+
+def test_plan_runs_collusions_on_coalitions_and_laundering_on_single_copies():
+    cfg = EvalConfig.from_dict({
+        "code": {"max_colluders": 2},  # BIBD: PG(2, 2) serves 7 customers
+        "evaluate": {"customers": 50, "schemes": ["tardos", "bibd"], "coalition_sizes": [0, 1, 2, 8]},
+        "attacks": {"launder": "prune:ratio=0.5", "avg": "collude:average > quantize:bits=8"},
+    })  # fmt: skip
+    assert plan(cfg) == [
+        ("tardos", "launder", 0), ("tardos", "launder", 1), ("tardos", "avg", 2), ("tardos", "avg", 8),
+        ("bibd", "launder", 0), ("bibd", "launder", 1), ("bibd", "avg", 2),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"attacks": {"x": "collude:mean"}}, "attacks.x: .*collusion method"),
+        ({"attacks": {"x": "prune:ratio=half"}}, "attacks.x: .*ratio must be float"),
+        ({"attacks": {}}, "attacks"),
+        ({"evaluate": {"schemes": ["tardos", "deepmarks"]}}, "evaluate.schemes"),
+        ({"evaluate": {"coalition_sizes": [1, 2000]}}, "evaluate.coalition_sizes"),
+        ({"evaluate": {"trials": "many"}}, "evaluate.trials must be of type int"),
+        ({"evaluate": {"coalition_sizes": [1, "two"]}}, r"evaluate.coalition_sizes\[1\] must be of type int"),
+        ({"code": {"carrier_mode": "bn"}}, "code.carrier_mode"),
+        ({"fidelity": {"attack": "shrink"}}, "fidelity.attack"),
+        ({"fidelity": {"budgets": [0.1]}, "evaluate": {"schemes": ["bibd"]}}, "fidelity.budgets"),
+    ],
+)
+def test_bad_evaluation_configs_name_the_key(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        EvalConfig.from_dict(raw)
