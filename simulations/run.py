@@ -1,0 +1,42 @@
+"""Reproduce the evaluation tables: ``python simulations/run.py [NAME ...] [--set KEY=VALUE ...]``.
+
+Each NAME is an evaluation config in simulations/configs/NAME.toml (default: all of them, in the order
+below); its results go to simulations/results/NAME/ (report.md, results.json, results.csv, plots). A base
+model a config names is trained first when missing (runs/quickstart, runs/uchida-base: about a minute each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+
+from securemark.evaluation.config import EvalConfig
+from securemark.evaluation.harness import evaluate
+
+HERE = Path(__file__).resolve().parent
+ORDER = ("collusion", "comparison", "robustness", "fidelity", "uchida")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", metavar="NAME", help=f"any of {', '.join(ORDER)} (default: all)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. evaluate.trials=20")
+    parser.add_argument("--replace", action="store_true", help="delete an earlier result directory first")
+    args = parser.parse_args()
+    unknown = set(args.names) - set(ORDER)
+    if unknown:
+        parser.error(f"unknown simulation {', '.join(sorted(unknown))}; choose from {', '.join(ORDER)}")
+    for name in args.names or ORDER:
+        cfg = EvalConfig.load(HERE / "configs" / f"{name}.toml", args.set)
+        out = Path(cfg.output)
+        if args.replace and out.exists():
+            shutil.rmtree(out)
+        start = time.perf_counter()
+        results = evaluate(cfg, out)
+        print(f"{name}: {len(results['cells'])} cells in {time.perf_counter() - start:.0f} s -> {out / 'report.md'}")
+
+
+if __name__ == "__main__":
+    main()
