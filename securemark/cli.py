@@ -51,6 +51,12 @@ def cmd_registry_init(a: argparse.Namespace) -> None:
     params = RegistryParams(
         code=a.code, length=a.length, max_colluders=a.max_colluders, eps=a.eps, budget=a.budget, carrier_mode=a.carrier
     )
+    if params.code == "bibd":
+        print(
+            "warning: BIBD (DeepMarks) detectors have no false-accusation bound: a laundered model that carries no"
+            " mark can implicate innocent customers. Tardos codes bound it by eps.",
+            file=sys.stderr,
+        )
     with Registry.init(a.directory, params) as reg:
         print(
             f"registry created at {reg.directory} ({params.code}, L={params.length}, c_max={params.max_colluders},"

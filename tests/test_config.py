@@ -1,15 +1,18 @@
+import tomllib
 from pathlib import Path
 
 import pytest
 
 from securemark.config import ConfigError, SimConfig
+from securemark.evaluation.config import EvalConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_every_shipped_config_loads():
     for path in sorted((ROOT / "configs").glob("*.toml")):
-        SimConfig.load(path)
+        is_evaluation = "evaluate" in tomllib.loads(path.read_text())
+        (EvalConfig if is_evaluation else SimConfig).load(path)
 
 
 def test_overrides_flat_round_trip_and_toml_round_trip(tmp_path):

@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 from securemark.evaluation.config import EvalConfig
 from securemark.evaluation.stats import meets_target
@@ -64,6 +65,7 @@ def plot_catch(cells: list[dict[str, Any]], path: Path) -> str:
         bottom.set_xlabel("coalition size c")
         for ax in (top, bottom):
             ax.grid(alpha=0.3)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0][0].set_ylabel("catch rate")
     axes[1][0].set_ylabel("trials accusing an innocent")
     axes[0][0].legend(fontsize=8)
