@@ -14,6 +14,7 @@ from pathlib import Path
 
 from securemark.evaluation.config import EvalConfig
 from securemark.evaluation.harness import evaluate
+from securemark.evaluation.outputs import rewrite
 
 HERE = Path(__file__).resolve().parent
 ORDER = ("collusion", "comparison", "robustness", "fidelity", "uchida")
@@ -24,6 +25,7 @@ def main() -> None:
     parser.add_argument("names", nargs="*", metavar="NAME", help=f"any of {', '.join(ORDER)} (default: all)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. evaluate.trials=20")
     parser.add_argument("--replace", action="store_true", help="delete an earlier result directory first")
+    parser.add_argument("--report-only", action="store_true", help="redraw report.md and plots from results.json")
     args = parser.parse_args()
     unknown = set(args.names) - set(ORDER)
     if unknown:
@@ -31,6 +33,10 @@ def main() -> None:
     for name in args.names or ORDER:
         cfg = EvalConfig.load(HERE / "configs" / f"{name}.toml", args.set)
         out = Path(cfg.output)
+        if args.report_only:
+            rewrite(out)
+            print(f"{name}: redrew {out / 'report.md'}")
+            continue
         if args.replace and out.exists():
             shutil.rmtree(out)
         start = time.perf_counter()

@@ -24,6 +24,12 @@ CSV_FIELDS = (
 )  # fmt: skip
 
 
+def rewrite(out: Path) -> None:
+    """Redraw the report and plots of a finished evaluation from its files (no trial is re-run)."""
+    results = json.loads((out / "results.json").read_text())
+    write_outputs(out, EvalConfig.load(out / "config.toml"), results)
+
+
 def write_outputs(out: Path, cfg: EvalConfig, results: dict[str, Any]) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=1))
     with (out / "results.csv").open("w", newline="") as fh:
@@ -139,7 +145,9 @@ def report(cfg: EvalConfig, results: dict[str, Any], plots: list[str]) -> str:
         f"budget = {cfg.code.budget}, carrier {cfg.code.carrier_mode}.",
         "",
         "caught: at least one colluder accused. Intervals are Wilson 95%. c = 0 is a control: the unmarked base "
-        "model under the attack, where every accusation is false.",
+        "model under the attack, where every accusation is false. bit agreement: the share of the positions where "
+        "all colluders hold the same bit that the suspect still shows (0.5 is chance); survival: cos(extracted "
+        "code, the colluders' mean +-1 row), 1 for an intact copy or a plain average.",
         "",
         "## Attacks",
         "",
@@ -155,8 +163,8 @@ def report(cfg: EvalConfig, results: dict[str, Any], plots: list[str]) -> str:
         "## Cells",
         "",
         "| scheme | attack | c | n | trials | catch rate [95%] | all caught | innocents accused | accuracy "
-        "| bit agreement | trace s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| bit agreement | survival | trace s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]  # fmt: skip
     for c in results["cells"]:
         catch = "n/a"
@@ -165,7 +173,7 @@ def report(cfg: EvalConfig, results: dict[str, Any], plots: list[str]) -> str:
         lines.append(
             f"| {c['scheme']} | {c['attack']} | {c['coalition_size']} | {c['customers']} | {c['trials']} | {catch} "
             f"| {_pct(c['all_caught_rate'])} | {c['innocents_accused']} | {_pct(c['accuracy'])} "
-            f"| {_pct(c['bit_agreement'])} | {c['tracing_seconds']:.4f} |"
+            f"| {_pct(c['bit_agreement'])} | {_pct(c['survival'])} | {c['tracing_seconds']:.4f} |"
         )
     missing = [c for c in results["cells"] if not meets_target(c)]
     lines += ["", "## Below target (catch rate >= 0.99 and no innocent accused)", ""]

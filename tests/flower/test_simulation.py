@@ -13,6 +13,7 @@ from securemark.cli import main
 from securemark.config import SimConfig
 from securemark.evaluation.config import EvalConfig
 from securemark.evaluation.harness import evaluate, plan
+from securemark.evaluation.outputs import rewrite
 from securemark.quickstart import leak_and_trace
 from securemark.sim import simulate
 
@@ -83,6 +84,9 @@ def test_collusion_smoke_evaluation_writes_results_report_and_plots(smoke_run, t
         assert height > 100 and width > 100
     with pytest.raises(FileExistsError):
         evaluate(cfg, out)
+    (out / "catch.png").unlink()
+    rewrite(out)  # report and plots again from the saved files alone
+    assert (out / "report.md").read_text() == report and (out / "catch.png").is_file()
 
 
 def test_evaluate_without_a_source_says_how_to_make_one(tmp_path, capsys):
