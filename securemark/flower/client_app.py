@@ -9,7 +9,7 @@ query.unmask; without masking, train replies with the plain update. Masking stat
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from securemark import data, models, training
@@ -96,7 +96,7 @@ def train(msg: Message, context: Context) -> Message:
         update, loss, examples = encoded_update(msg, context)
         config = ConfigRecord({"num-examples": examples})
         reply = {
-            wire.UPDATE: ArrayRecord([update.astype(np.float32)]),
+            wire.UPDATE: wire.array_record(update.astype(np.float32)),
             wire.METRICS: MetricRecord({"train_loss": loss}),
             wire.CONFIG: config,
         }

@@ -175,11 +175,7 @@ class Federation:
         sc = self.cfg.secagg
         ids = {n: k + 1 for k, n in enumerate(sampled)}
         node_of = {k: n for n, k in ids.items()}
-        if sc.graph == "sparse" and len(sampled) > 4:
-            k = P.sparse_degree(len(sampled))
-            graph, threshold = P.harary_graph(tuple(ids.values()), k, self.rng), k // 2 + 1
-        else:
-            graph, threshold = P.complete_graph(tuple(ids.values())), len(sampled) // 2 + 1
+        graph, threshold = P.neighbour_graph(tuple(ids.values()), sc.graph, self.rng)
         qcfg = QuantConfig(sc.clip, sc.bits, self.max_weight, len(sampled))
         size = sum(self.weights[n].numel() for n in self.names) + 2
         rcfg = P.RoundConfig(str(self.grid.run.run_id), r, graph, threshold, size, qcfg.modulus_bits)

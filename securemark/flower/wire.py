@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 from flwr.app import ArrayRecord, ConfigRecord
 
 from securemark.secagg import protocol as P
@@ -65,18 +64,14 @@ def round_config_from(rec: ConfigRecord) -> tuple[P.RoundConfig, int]:
     return cfg, int(rec["client_id"])
 
 
-def _raw(key: X25519PrivateKey) -> bytes:
-    return key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
-
-
 def client_state_record(st: P.ClientState) -> ConfigRecord:
     rec = round_config_record(st.cfg, st.id)
     peers, held = sorted(st.peer_keys), sorted(st.held)
     rec.update(
         {
             "stage": int(st.stage),
-            "c_key": _raw(st.c_key),
-            "s_key": _raw(st.s_key),
+            "c_key": P.private_bytes(st.c_key),
+            "s_key": P.private_bytes(st.s_key),
             "seed": st.seed,
             "peers": peers or [0],
             "peer_c": b"".join(st.peer_keys[j][0] for j in peers),

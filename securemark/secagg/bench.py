@@ -32,16 +32,6 @@ def masking_rates(size: int, dtype: type[np.unsignedinteger], repeats: int = 5) 
     return raw.nbytes / best_raw, acc.nbytes / best_mask
 
 
-def graph_for(ids: tuple[int, ...], graph: str, rng: np.random.Generator) -> tuple[dict[int, tuple[int, ...]], int]:
-    """The neighbour graph and its threshold: a majority of each neighbourhood (self included)."""
-    if graph == "complete":
-        return P.complete_graph(ids), len(ids) // 2 + 1
-    if graph == "sparse":
-        k = P.sparse_degree(len(ids))
-        return P.harary_graph(ids, k, rng), k // 2 + 1
-    raise ValueError(f"graph must be 'complete' or 'sparse', got {graph!r}")
-
-
 def bench_secagg(clients: int, params: int, dropout: float = 0.0, graph: str = "complete", seed: int = 0) -> dict:
     if clients < 3 or params < 1 or not 0 <= dropout < 1:
         raise ValueError("need clients >= 3, params >= 1 and 0 <= dropout < 1")
@@ -50,7 +40,7 @@ def bench_secagg(clients: int, params: int, dropout: float = 0.0, graph: str = "
     updates = {i: 0.05 * rng.standard_normal(params) for i in ids}
     weights = {i: int(rng.integers(100, 1000)) for i in ids}
     qcfg = QuantConfig(clip=0.5, bits=16, max_weight=1024, max_clients=clients)
-    neighbours, threshold = graph_for(ids, graph, rng)
+    neighbours, threshold = P.neighbour_graph(ids, graph, rng)
     cfg = P.RoundConfig("bench", 1, neighbours, threshold, params + 2, qcfg.modulus_bits)
     dropped = set(rng.choice(ids, size=int(dropout * clients), replace=False).tolist())
     kept = [i for i in ids if i not in dropped]

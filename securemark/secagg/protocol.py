@@ -132,7 +132,24 @@ def harary_graph(clients: Sequence[int], k: int, rng: np.random.Generator) -> di
     return {i: tuple(sorted(p)) for i, p in peers.items()}
 
 
-def _raw(private: X25519PrivateKey) -> bytes:
+def neighbour_graph(
+    clients: Sequence[int], kind: str, rng: np.random.Generator
+) -> tuple[dict[int, tuple[int, ...]], int]:
+    """The round's graph and threshold, a majority of each neighbourhood (self included).
+
+    ``complete`` is SecAgg; ``sparse`` is SecAgg+'s random k-regular graph, which for 4 clients or fewer
+    would be no sparser than complete in any useful sense, so they get the complete graph.
+    """
+    if kind not in ("complete", "sparse"):
+        raise ValueError(f"graph must be 'complete' or 'sparse', got {kind!r}")
+    if kind == "sparse" and len(clients) > 4:
+        k = sparse_degree(len(clients))
+        return harary_graph(clients, k, rng), k // 2 + 1
+    return complete_graph(clients), len(clients) // 2 + 1
+
+
+def private_bytes(private: X25519PrivateKey) -> bytes:
+    """The raw 32 bytes of a private key: what is Shamir-shared, and what a node keeps in its own state."""
     return private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
 
 
@@ -200,7 +217,7 @@ def client_share_keys(st: ClientState, peer_keys: Mapping[int, tuple[bytes, byte
     st.peer_keys = dict(peer_keys)
     holders = [*sorted(peer_keys), st.id]
     b_shares = shamir.split(st.seed, holders, st.cfg.threshold)
-    s_shares = shamir.split(_raw(st.s_key), holders, st.cfg.threshold)
+    s_shares = shamir.split(private_bytes(st.s_key), holders, st.cfg.threshold)
     st.held[st.id] = (b_shares[st.id], s_shares[st.id])
     out = {}
     for j in sorted(peer_keys):

@@ -100,3 +100,14 @@ def test_graphs_are_symmetric_and_validated():
         P.RoundConfig("r", 1, P.complete_graph((1, 2, 3)), 4, 3)
     with pytest.raises(ValueError, match=">= 1"):
         P.RoundConfig("r", 1, P.complete_graph((0, 1, 2)), 2, 3)
+
+
+def test_neighbour_graph_picks_secagg_or_secagg_plus_and_a_majority_threshold():
+    rng = np.random.default_rng(0)
+    graph, t = P.neighbour_graph(tuple(range(1, 31)), "sparse", rng)
+    k = P.sparse_degree(30)
+    assert all(len(p) == k for p in graph.values()) and t == k // 2 + 1
+    assert P.neighbour_graph((1, 2, 3, 4), "sparse", rng) == (P.complete_graph((1, 2, 3, 4)), 3)  # too few
+    assert P.neighbour_graph((1, 2, 3, 4, 5), "complete", rng) == (P.complete_graph((1, 2, 3, 4, 5)), 3)
+    with pytest.raises(ValueError, match="complete"):
+        P.neighbour_graph((1, 2, 3), "ring", rng)
