@@ -23,7 +23,6 @@ from securemark.codes.random import uniform_bias
 from securemark.fingerprint.carrier import CARRIER_MODES, CarrierSpec
 from securemark.fingerprint.keys import OwnerSecret, SecretFileError
 from securemark.prg import uniforms
-from securemark.tracing.scores import PackedCodebook
 
 FORMAT = 1
 DB_NAME = "registry.sqlite"
@@ -105,6 +104,7 @@ class Registry:
         self._conn = conn
         self.params = params
         self._secret: OwnerSecret | None = None
+        self._bias: np.ndarray | None = None
 
     # --- opening -----------------------------------------------------------------------------------
     @classmethod
@@ -180,7 +180,10 @@ class Registry:
         return self._secret
 
     def bias(self) -> np.ndarray:
-        return np.frombuffer(self._array("bias"), dtype=np.float64).copy()
+        """The code's bias vector (written once at init): read once per open registry, a copy each call."""
+        if self._bias is None:
+            self._bias = np.frombuffer(self._array("bias"), dtype=np.float64).copy()
+        return self._bias.copy()
 
     def _array(self, name: str) -> bytes:
         row = self._conn.execute("SELECT data FROM arrays WHERE name = ?", (name,)).fetchone()
@@ -228,10 +231,6 @@ class Registry:
         nbytes = (self.params.length + 7) // 8
         packed = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.uint8).reshape(len(rows), nbytes)
         return [r[0] for r in rows], packed
-
-    def packed_codebook(self) -> tuple[list[str], PackedCodebook]:
-        names, packed = self.codebook()
-        return names, PackedCodebook.from_packed_rows(packed, self.params.length)
 
     def record_delivery(self, customer: Customer, sha256: str, note: str = "") -> None:
         with self._write() as conn:

@@ -8,12 +8,12 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from securemark.codes import bibd
+from securemark.codes import bibd, unpack_bits
 from securemark.fingerprint.carrier import StateDict
 from securemark.fingerprint.embed import Fingerprinter
 from securemark.owner import fingerprinter
 from securemark.registry import Registry, RegistryError
-from securemark.tracing.scores import accuse, tardos_scores
+from securemark.tracing.scores import PackedCodebook, accuse, tardos_scores
 
 PValues = Callable[[np.ndarray], np.ndarray]
 
@@ -56,17 +56,18 @@ class Tracer:
         base = registry.base()
         if base is None:
             raise RegistryError(f"registry {registry.directory} has issued no copy yet: nothing to trace against")
-        self.names, self._book = registry.packed_codebook()
+        self.names, self._packed = registry.codebook()
         if not self.names:
             raise RegistryError(f"registry {registry.directory} has no customers")
         self.params = registry.params
         self.base = base
         self._registry = registry
         self._fp: Fingerprinter | None = None
+        length = self.params.length
+        self._book = PackedCodebook.from_packed_rows(self._packed, length)
         self._bias = registry.bias() if self.params.code != "bibd" else None
-        self._rows = (  # BIBD rows are public and few (v <= a few hundred): kept unpacked
-            np.array([registry.code_row(i) for i in range(len(self.names))]) if self.params.code == "bibd" else None
-        )
+        # BIBD rows are public and few (v <= a few hundred): kept unpacked for the soft detector
+        self._rows = unpack_bits(self._packed, length) if self.params.code == "bibd" else None
 
     def extract(self, suspect: StateDict) -> np.ndarray:
         """The soft code y (L,) of ``suspect``; CarrierMismatch names any tensor of the wrong shape."""
@@ -112,7 +113,7 @@ class Tracer:
             pv = [None] * len(idx) if pvals is None else [float(q) for q in pvals(idx)]
             return [Suspect(self.names[i], float(scores[i]), q) for i, q in zip(idx, pv, strict=True)]
 
-        top_row = self._registry.customer(self.names[order[0]], create=False).bits
+        top_row = unpack_bits(self._packed[order[0]], self.params.length)
         return TraceReport(
             accused=suspects(accused_idx),
             scores_top=suspects(order[:top_k]),
