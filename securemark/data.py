@@ -41,6 +41,12 @@ class Dataset:
         idx = torch.as_tensor(index, dtype=torch.long)
         return Dataset(self.x[idx], self.y[idx], self.classes)
 
+    def sample(self, fraction: float, rng: np.random.Generator) -> Dataset:
+        """A random ``fraction`` of the examples (at least one), drawn from ``rng``."""
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"data fraction must lie in (0, 1], got {fraction}")
+        return self.subset(rng.permutation(len(self))[: max(1, round(fraction * len(self)))])
+
     def split(self, test_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
         """(train, test), shuffled with ``seed``."""
         order = np.random.default_rng(seed).permutation(len(self))

@@ -85,3 +85,14 @@ def test_flwr_datasets_loaders_read_local_parquet_files_offline(tmp_path):
 
     with pytest.raises(ValueError, match="expected columns"):
         data.load("cifar10", files=_parquet(tmp_path / "wrong.parquet", "image", [Image.fromarray(rgb[0])], [1]))
+
+
+def test_sample_draws_a_fraction_without_repeats_and_rejects_bad_fractions():
+    d = data.synthetic(n=200)
+    part = d.sample(0.1, np.random.default_rng(0))
+    assert len(part) == 20 and len(d.sample(1e-9, np.random.default_rng(0))) == 1  # at least one example
+    rows = {tuple(x.reshape(-1).tolist()) for x in part.x}
+    assert len(rows) == 20 and rows <= {tuple(x.reshape(-1).tolist()) for x in d.x}
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="fraction"):
+            d.sample(bad, np.random.default_rng(0))

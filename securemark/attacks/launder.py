@@ -85,17 +85,14 @@ def finetune(
     rng: np.random.Generator,
 ) -> tuple[dict, dict]:
     """Train ``sd`` (loaded into ``model``) on a random ``fraction`` of the attacker's own ``data``."""
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"fine-tuning data fraction must lie in (0, 1], got {fraction}")
     if epochs < 0 or lr <= 0:
         raise ValueError(f"fine-tuning needs epochs >= 0 and lr > 0, got {epochs}, {lr}")
-    size = max(1, round(fraction * len(data)))
-    subset = data.subset(rng.permutation(len(data))[:size])
+    subset = data.sample(fraction, rng)
     model.load_state_dict(dict(sd))
     gen = torch.Generator().manual_seed(int(rng.integers(2**63)))
     loss = training.train(model, subset, epochs=epochs, lr=lr, generator=gen) if epochs else float("nan")
     out = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
-    return out, {"attack": "finetune", "epochs": epochs, "lr": lr, "examples": size, "loss": loss}
+    return out, {"attack": "finetune", "epochs": epochs, "lr": lr, "examples": len(subset), "loss": loss}
 
 
 def overwrite(sd: StateDict, length: int, budget: float, rng: np.random.Generator) -> tuple[dict, dict]:

@@ -112,8 +112,7 @@ def run(copies: Sequence[StateDict], steps: Sequence[Step], attacker: Attacker) 
                 current, p.get("length", attacker.length), p.get("budget", attacker.budget), attacker.rng
             )
         else:  # distill
-            size = max(1, round(p.get("fraction", 1.0) * len(attacker.data)))
-            unlabeled = attacker.data.subset(attacker.rng.permutation(len(attacker.data))[:size])
+            unlabeled = attacker.data.sample(p.get("fraction", 1.0), attacker.rng)
             current, rec = L.distill(
                 current, attacker.model(), attacker.model(), unlabeled, epochs=p.get("epochs", 5),
                 lr=p.get("lr", 0.05), temperature=p.get("temperature", 2.0), rng=attacker.rng,

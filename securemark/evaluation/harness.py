@@ -41,13 +41,13 @@ class Setting:
     pool: Dataset  # the pirate's own data is drawn from here (fine-tuning fraction, distillation inputs)
     test: Dataset
     fresh: Callable[[], torch.nn.Module]
-    global_accuracy: float
+
+    def __post_init__(self) -> None:
+        self._model = self.fresh()  # reused for every evaluation: weights are loaded, never trained
+        self.global_accuracy = self.accuracy(self.base)
 
     def accuracy(self, sd: StateDict) -> float:
         return training.accuracy_of(self._model, sd, self.test)
-
-    def __post_init__(self) -> None:
-        self._model = self.fresh()
 
 
 def load_source(cfg: EvalConfig, console: Console) -> tuple[SimConfig, Setting]:
@@ -70,10 +70,7 @@ def load_source(cfg: EvalConfig, console: Console) -> tuple[SimConfig, Setting]:
     def fresh() -> torch.nn.Module:
         return models.build(sim.model.name, shape, test.classes, width=sim.model.width)  # type: ignore[arg-type]
 
-    base = load_state_dict(run / "global.safetensors")
-    setting = Setting(base, pool, test, fresh, global_accuracy=0.0)
-    setting.global_accuracy = setting.accuracy(base)
-    return sim, setting
+    return sim, Setting(load_state_dict(run / "global.safetensors"), pool, test, fresh)
 
 
 def run_trial(
