@@ -23,11 +23,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from securemark import data, models, training
 from securemark.attacks import pipeline
-from securemark.codes import bibd
 from securemark.config import SimConfig
 from securemark.data import Dataset
 from securemark.evaluation.config import EvalConfig
-from securemark.evaluation.schemes import Scheme, SharedScheme, make_scheme
+from securemark.evaluation.schemes import Scheme, SharedScheme, make_scheme, scheme_customers
 from securemark.evaluation.stats import summarize
 from securemark.fingerprint.carrier import StateDict
 from securemark.modelio import load_state_dict
@@ -182,13 +181,6 @@ def plan(cfg: EvalConfig) -> list[tuple[str, str, int]]:
                 if (size >= 2) == colludes and size <= customers:
                     cells.append((name, attack, size))
     return cells
-
-
-def scheme_customers(name: str, cfg: EvalConfig) -> int:
-    if name == "bibd":
-        q = bibd.plane_order_for(cfg.code.max_colluders)
-        return min(cfg.evaluate.customers, q * q + q + 1)
-    return cfg.evaluate.customers
 
 
 def evaluate(cfg: EvalConfig, out: Path, console: Console | None = None) -> dict[str, Any]:

@@ -40,17 +40,26 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b) / norm if norm > 0 else 0.0
 
 
+def registry_params(code: str, cfg: EvalConfig) -> RegistryParams:
+    c = cfg.code
+    return RegistryParams(
+        code=code, length=c.length, max_colluders=c.max_colluders, eps=c.eps, budget=c.budget,
+        carrier_mode=c.carrier_mode, include=c.include,
+    )  # fmt: skip
+
+
+def scheme_customers(name: str, cfg: EvalConfig) -> int:
+    """How many customers a scheme serves: all asked for, except what a BIBD design caps."""
+    capacity = None if name == "fedtracker" else registry_params(name, cfg).capacity
+    return min(cfg.evaluate.customers, capacity or cfg.evaluate.customers)
+
+
 class SharedScheme:
     def __init__(self, code: str, cfg: EvalConfig, base: StateDict, directory: Path) -> None:
-        c = cfg.code
-        params = RegistryParams(
-            code=code, length=c.length, max_colluders=c.max_colluders, eps=c.eps, budget=c.budget,
-            carrier_mode=c.carrier_mode, include=c.include,
-        )  # fmt: skip
+        params = registry_params(code, cfg)
         self.name = code
         self.registry = Registry.init(directory, params)
-        n = min(cfg.evaluate.customers, params.capacity or cfg.evaluate.customers)
-        for j in range(n):
+        for j in range(scheme_customers(code, cfg)):
             self.registry.customer(f"customer-{j:05d}")
         self.base_model = base
         self.fp, self.base = establish_base(self.registry, base)
