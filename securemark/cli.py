@@ -19,8 +19,21 @@ COLLUSION_METHODS = ("average", "median", "interleave", "layer-interleave", "ext
 EXPECTED_ERRORS: tuple[type[Exception], ...] = (ValueError, RuntimeError, FileNotFoundError, PermissionError)
 
 
+def _strict(obj: object) -> object:
+    """NaN and infinities -> None, numpy scalars -> floats: what --json prints is always strict JSON."""
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_strict(v) for v in obj]
+    if isinstance(obj, float | np.floating):
+        return float(obj) if np.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
 def _print_json(obj: object) -> None:
-    print(json.dumps(obj, indent=2, default=float))
+    print(json.dumps(_strict(obj), indent=2, allow_nan=False, default=float))
 
 
 def _table(rows: dict[str, object]) -> None:
@@ -88,32 +101,48 @@ def cmd_registry_show(a: argparse.Namespace) -> None:
 
 
 def cmd_issue(a: argparse.Namespace) -> None:
-    from securemark.modelio import file_sha256, load_state_dict, save_state_dict
-    from securemark.owner import issue_copy
+    """The delivery is recorded only once the copy's file is whole on disk (written beside it, then renamed);
+    an --out the CLI cannot write is refused before any customer or delivery is recorded."""
+    import os
+
+    from securemark import modelio
+    from securemark.owner import make_copy
     from securemark.registry import Registry
 
-    base = load_state_dict(a.model)
+    out: Path = a.out
+    if out.suffix not in modelio.MODEL_SUFFIXES:
+        raise modelio.ModelFileError(f"{out}: unknown model format; use one of {', '.join(modelio.MODEL_SUFFIXES)}")
+    base = modelio.load_state_dict(a.model)
     with Registry.open(a.directory) as reg:
-        copy = issue_copy(reg, base, a.customer, note=str(a.out))
-        save_state_dict(copy, a.out)
-    print(f"issued {a.out} to {a.customer!r} (sha256 {file_sha256(a.out)[:16]}...)")
+        copy, customer = make_copy(reg, base, a.customer)
+        partial = out.with_name(f".{out.stem}.{os.getpid()}.partial{out.suffix}")
+        try:
+            modelio.save_state_dict(copy, partial)
+            os.replace(partial, out)
+        finally:
+            partial.unlink(missing_ok=True)
+        reg.record_delivery(customer, modelio.state_digest(copy), note=str(out))
+    print(f"issued {out} to {a.customer!r} (sha256 {modelio.file_sha256(out)[:16]}...)")
 
 
 def cmd_trace(a: argparse.Namespace) -> None:
+    from securemark.fingerprint.align import load_groups
     from securemark.modelio import load_state_dict
     from securemark.registry import Registry
     from securemark.tracing.tracer import trace
 
     suspect = load_state_dict(a.suspect)
+    groups = load_groups(a.align_spec) if a.align_spec else None
     with Registry.open(a.directory) as reg:
-        report = trace(suspect, reg, top_k=a.top, hard=a.hard)
+        report = trace(suspect, reg, top_k=a.top, hard=a.hard, groups=groups, aligned=not a.no_align)
     if a.json:
         _print_json(report.to_json())
         return
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{a.suspect}: {report.users} customers, threshold {report.threshold:.2f}, eps {report.eps}")
+    title = f"{a.suspect}: {report.users} customers, threshold {report.threshold:.2f}, eps {report.eps}"
+    table = Table(title=title, caption=f"alignment {report.alignment['status']}; bound: {report.bound}")
     for col in ("customer", "score", "p-value", "accused"):
         table.add_column(col)
     accused = {s.customer for s in report.accused}
@@ -145,6 +174,7 @@ def cmd_attack(a: argparse.Namespace) -> None:
 # --- bench -----------------------------------------------------------------------------------------
 def cmd_bench_trace(a: argparse.Namespace) -> None:
     from securemark.codes import pack_bits, tardos
+    from securemark.tracing.bound import Law
     from securemark.tracing.scores import PackedCodebook, accuse, tardos_scores
 
     rng = np.random.default_rng(a.seed)
@@ -163,7 +193,7 @@ def cmd_bench_trace(a: argparse.Namespace) -> None:
     times = []
     for _ in range(a.repeats):
         s0 = time.perf_counter()
-        acc = accuse(tardos_scores(book, y, bias), y, 1e-3)
+        acc = accuse(tardos_scores(book, y, bias), Law.of(y, bias), 1e-3)
         times.append(time.perf_counter() - s0)
     result = {
         "users": a.users,
@@ -309,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("suspect", type=Path)
     tr.add_argument("--top", type=int, default=10)
     tr.add_argument("--hard", action="store_true", help="score the signs of the extracted code only")
+    tr.add_argument("--align-spec", type=Path, default=None, help="unit groups (JSON) for models that are no chain")
+    tr.add_argument("--no-align", action="store_true", help="read the suspect in its own coordinates")
     tr.add_argument("--json", action="store_true")
     tr.set_defaults(func=cmd_trace)
 

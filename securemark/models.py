@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
@@ -77,3 +79,24 @@ def build(name: str, in_shape: tuple[int, int, int], classes: int, seed: int = 0
     if name == "cifar-cnn":
         return CifarCNN(in_shape, classes)
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+
+
+def load_weights(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> nn.Module:
+    """``model.load_state_dict(sd)``, or, when tensors differ in shape (a widened copy: dummy or split units),
+    the tensors put in place of the module's own. Linear, Conv and BatchNorm read their shapes from their
+    tensors, so the wider model runs (and trains) as the pirate who widened it would run it."""
+    try:
+        model.load_state_dict(dict(sd))
+        return model
+    except RuntimeError:
+        pass
+    for name, t in sd.items():
+        prefix, _, leaf = name.rpartition(".")
+        module = model.get_submodule(prefix) if prefix else model
+        if leaf in module._parameters:
+            module._parameters[leaf] = nn.Parameter(t.detach().clone())
+        elif leaf in module._buffers:
+            module._buffers[leaf] = t.detach().clone()
+        else:
+            raise RuntimeError(f"{name!r} is neither a parameter nor a buffer of {type(model).__name__}")
+    return model

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
+
+import torch
 
 from securemark.fingerprint.carrier import CarrierLayout, StateDict
 from securemark.fingerprint.embed import Fingerprinter, Projection
 from securemark.modelio import state_digest
-from securemark.registry import Base, Registry
+from securemark.registry import Base, Customer, Registry
 
 
 def fingerprinter(registry: Registry, model: StateDict) -> Fingerprinter:
@@ -21,26 +24,57 @@ def fingerprinter(registry: Registry, model: StateDict) -> Fingerprinter:
     return Fingerprinter(layout, Projection.derive(registry.secret, layout.size, registry.params.length))
 
 
+def check_finite(model: StateDict) -> None:
+    """Refuse a model with NaN or inf in a floating tensor: every copy made from it would carry them, and
+    the strength computed from it would be NaN (copies that hold no readable mark)."""
+    for name, t in sorted(model.items()):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"base model tensor {name!r} holds NaN or inf values; refusing to issue copies of it")
+
+
 def establish_base(
     registry: Registry, base_model: StateDict, strength: float | None = None
 ) -> tuple[Fingerprinter, Base]:
-    """Record ``base_model`` as the registry's base (once): its projection and the embedding strength."""
+    """Record ``base_model`` as the registry's base (once): its projection, the embedding strength, and the
+    model itself (``registry.save_base_model``: a tracer aligns suspects to it).
+
+    Refuses (ValueError) a base that would give unmarked or NaN copies: NaN/inf in a floating tensor, or a
+    strength that is 0 (an all-zero carrier) or not finite. Checked here so that the CLI, the Flower server
+    and the evaluation all get it."""
     fp = fingerprinter(registry, base_model)
     current = registry.base()
     digest = state_digest(base_model)
     if current is not None and current.digest == digest:
         return fp, current
+    check_finite(base_model)
     if strength is None:
         strength = fp.strength_for_budget(base_model, registry.params.budget)
+    if not 0 < strength < math.inf:  # NaN fails this too
+        why = " (the base model's carrier tensors are all zero)" if strength == 0 else ""
+        raise ValueError(f"embedding strength must be finite and > 0, got {strength}{why}; no copy issued")
     base = Base(digest, fp.project(base_model), strength, fp.layout.tensors)
-    registry.set_base(base)  # raises if a different base was recorded before
+    if current is None:  # the file first, then the record that points at it; a different base is refused below
+        registry.save_base_model(base_model)
+    registry.set_base(base)  # raises if a different base was recorded before (also by a concurrent issuer)
     return fp, base
+
+
+def make_copy(
+    registry: Registry, base_model: StateDict, customer: str, strength: float | None = None
+) -> tuple[dict, Customer]:
+    """The copy of ``base_model`` for ``customer``, and the customer, WITHOUT recording a delivery: a caller
+    that writes the copy to a file calls ``registry.record_delivery`` once the write succeeded, so the
+    registry never lists a delivery that does not exist."""
+    fp, base = establish_base(registry, base_model, strength)
+    cust = registry.customer(customer)
+    return fp.embed(base_model, cust.bits, base.strength), cust
 
 
 def issue_copies(
     registry: Registry, base_model: StateDict, customers: Iterable[str], note: str = "", strength: float | None = None
 ) -> dict[str, dict]:
-    """Copies of ``base_model`` for each customer, each recorded in the registry (sha256 of its tensors).
+    """Copies of ``base_model`` for each customer, each recorded in the registry (sha256 of its tensors) as
+    it is made: for copies handed over in memory. To write files first, use :func:`make_copy`.
 
     The base is hashed and the projection derived once for the whole batch, not once per customer.
     """
@@ -54,7 +88,7 @@ def issue_copies(
 
 
 def issue_copy(registry: Registry, base_model: StateDict, customer: str, note: str = "") -> dict:
-    """The copy of ``base_model`` for one customer (see :func:`issue_copies`)."""
+    """The copy of ``base_model`` for one customer, recorded as delivered (see :func:`issue_copies`)."""
     return issue_copies(registry, base_model, [customer], note)[customer]
 
 

@@ -2,18 +2,26 @@
 every delivered model, and the embedding parameters. SQLite in WAL mode; every write is one transaction.
 
 The owner secret lives beside it in ``owner.key`` (mode 0600) and nowhere else: the registry stores what
-is derived from it (bias, code rows) so tracing reads one file, but never the key itself.
+is derived from it (bias, code rows) so tracing reads one file, but never the key itself. The database is
+mode 0600 too: whoever reads the code rows and the bias can forge a copy that frames any customer. The base
+model itself is kept in ``bases/<digest>.safetensors`` (0600), so a tracer can align suspects to it.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import math
+import os
 import sqlite3
+import stat
+import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
 import numpy as np
 
@@ -24,9 +32,14 @@ from securemark.fingerprint.carrier import CARRIER_MODES, CarrierSpec
 from securemark.fingerprint.keys import OwnerSecret, SecretFileError
 from securemark.prg import uniforms
 
+if TYPE_CHECKING:
+    import torch
+
 FORMAT = 1
 DB_NAME = "registry.sqlite"
 KEY_NAME = "owner.key"
+BASES_DIR = "bases"
+_PRIVATE = stat.S_IRWXG | stat.S_IRWXO  # any of these bits on the database or the key is refused
 
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -41,6 +54,26 @@ CREATE TABLE deliveries (
 
 class RegistryError(RuntimeError):
     """The registry is missing, corrupt, or asked for something it cannot give."""
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _db_errors(method: Callable[_P, _R]) -> Callable[_P, _R]:
+    """sqlite3.DatabaseError (a corrupt page, a truncated file, a locked or full disk), and the Type/Value/
+    KeyError of decoding a damaged row (SQLite is dynamically typed: a bad page can turn a BLOB into NULL),
+    become a one-line RegistryError: the CLI turns that into exit 2, not a traceback."""
+
+    @functools.wraps(method)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return method(*args, **kwargs)
+        except (sqlite3.DatabaseError, TypeError, ValueError, KeyError) as exc:
+            where = getattr(args[0], "directory", "?")
+            raise RegistryError(f"registry {where}/{DB_NAME} is unusable (corrupt?): {exc}") from None
+
+    return wrapper
 
 
 @dataclass(frozen=True)
@@ -59,12 +92,17 @@ class RegistryParams:
             raise RegistryError(f"code must be one of {CODE_KINDS}, got {self.code!r}")
         if self.carrier_mode not in CARRIER_MODES:
             raise RegistryError(f"carrier mode must be one of {CARRIER_MODES}, got {self.carrier_mode!r}")
-        if self.max_colluders < 1 or not 0 < self.eps < 1 or self.budget <= 0:
-            raise RegistryError("need max_colluders >= 1, 0 < eps < 1 and budget > 0")
+        # every check is written so that NaN fails it (NaN compares False with everything)
+        if not self.max_colluders >= 1:
+            raise RegistryError(f"need max_colluders >= 1, got {self.max_colluders}")
+        if not 0 < self.eps < 1:
+            raise RegistryError(f"need 0 < eps < 1, got {self.eps}")
+        if not 0 < self.budget < math.inf:  # a NaN or infinite budget gives NaN or infinite copies
+            raise RegistryError(f"need a finite budget > 0, got {self.budget}")
         if self.code == "bibd":
             q = bibd.plane_order_for(self.max_colluders)
             object.__setattr__(self, "length", q * q + q + 1)  # the design fixes the length
-        elif self.length < 16:
+        elif not self.length >= 16:
             raise RegistryError(f"code length must be >= 16, got {self.length}")
 
     @property
@@ -109,36 +147,77 @@ class Registry:
     # --- opening -----------------------------------------------------------------------------------
     @classmethod
     def init(cls, directory: str | Path, params: RegistryParams) -> Registry:
+        """A new registry with a fresh owner secret. ``params`` were validated when built, before anything
+        here touches the disk; if init fails midway it removes what it created (directories, key, database)
+        and nothing else, so a failed init can simply be run again."""
+        if not isinstance(params, RegistryParams):
+            raise TypeError(f"params must be RegistryParams, got {type(params).__name__}")
         directory = Path(directory)
-        if (directory / DB_NAME).exists() or (directory / KEY_NAME).exists():
+        db, key = directory / DB_NAME, directory / KEY_NAME
+        sides = [db.with_name(db.name + s) for s in ("-wal", "-shm")]
+        if any(p.exists() for p in (db, key, *sides)):
             raise RegistryError(f"{directory} already holds a registry; refusing to overwrite it")
-        directory.mkdir(parents=True, exist_ok=True)
-        secret = OwnerSecret.generate()
-        secret.save(directory / KEY_NAME)
-        reg = cls(directory, cls._connect(directory / DB_NAME), params)
-        reg._secret = secret
-        with reg._write() as conn:
-            for statement in _SCHEMA.split(";"):  # not executescript: it would COMMIT mid-transaction
-                conn.execute(statement)
-            meta = {"format": FORMAT, "params": asdict(params), "created_at": _now()}
-            conn.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()])
-            conn.execute("INSERT INTO arrays VALUES ('bias', ?)", (_bias(secret, params).tobytes(),))
-        return reg
+        new_dirs = [d for d in (directory, *directory.parents) if not d.exists()]  # deepest first
+        created: list[Path] = []  # appended only once made, so a racing init's files are never removed
+        conn: sqlite3.Connection | None = None
+        try:
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            secret = OwnerSecret.generate()
+            secret.save(key)
+            created.append(key)
+            os.close(os.open(db, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # 0600 before sqlite opens it
+            created += [db, *sides]  # SQLite gives -wal and -shm the database file's mode
+            conn = cls._connect(db)
+            reg = cls(directory, conn, params)
+            reg._secret = secret
+            with reg._write() as c:
+                for statement in _SCHEMA.split(";"):  # not executescript: it would COMMIT mid-transaction
+                    c.execute(statement)
+                meta = {"format": FORMAT, "params": asdict(params), "created_at": _now()}
+                c.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()])
+                c.execute("INSERT INTO arrays VALUES ('bias', ?)", (_bias(secret, params).tobytes(),))
+            for path in (db, *sides):  # whatever the umask or SQLite version did
+                with suppress(FileNotFoundError):
+                    path.chmod(0o600)
+            return reg
+        except BaseException as exc:
+            if conn is not None:
+                conn.close()
+            for path in created:
+                path.unlink(missing_ok=True)
+            for d in new_dirs:
+                with suppress(OSError):  # never removes a directory something else has put files in
+                    d.rmdir()
+            if isinstance(exc, sqlite3.DatabaseError):
+                raise RegistryError(f"could not create the registry at {directory}: {exc}") from None
+            raise
 
     @classmethod
     def open(cls, directory: str | Path) -> Registry:
+        """An existing registry; refused if its database is accessible by group or others (like owner.key)."""
         directory = Path(directory)
         db = directory / DB_NAME
         if not db.is_file():
             raise RegistryError(f"no registry at {directory} (missing {DB_NAME}); create one with 'registry init'")
+        mode = stat.S_IMODE(db.stat().st_mode)
+        if mode & _PRIVATE:
+            raise RegistryError(
+                f"registry {db} is accessible by group or others (mode {mode:o}) and its code rows let a reader"
+                f" frame any customer; run: chmod 600 {db}"
+            )
         try:
             conn = cls._connect(db)
+        except sqlite3.DatabaseError as exc:
+            raise RegistryError(f"registry {db} is corrupt or not a securemark registry ({exc})") from None
+        try:
             meta = {k: json.loads(v) for k, v in conn.execute("SELECT key, value FROM meta")}
             fields: dict = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["params"].items()}
             params = RegistryParams(**fields)
-        except (sqlite3.DatabaseError, KeyError, TypeError, ValueError) as exc:
+        except (sqlite3.DatabaseError, KeyError, TypeError, ValueError, RegistryError) as exc:
+            conn.close()
             raise RegistryError(f"registry {db} is corrupt or not a securemark registry ({exc})") from None
         if meta.get("format") != FORMAT:
+            conn.close()
             raise RegistryError(f"registry {db} has format {meta.get('format')}, this securemark reads {FORMAT}")
         return cls(directory, conn, params)
 
@@ -156,10 +235,12 @@ class Registry:
         try:
             yield self._conn
         except BaseException:
-            self._conn.execute("ROLLBACK")
+            if self._conn.in_transaction:  # SQLite may have rolled back already (a corrupt page, a full disk)
+                self._conn.execute("ROLLBACK")
             raise
         self._conn.execute("COMMIT")
 
+    @_db_errors
     def close(self) -> None:
         self._conn.close()
 
@@ -179,10 +260,15 @@ class Registry:
                 raise RegistryError(str(exc)) from None
         return self._secret
 
+    @_db_errors
     def bias(self) -> np.ndarray:
-        """The code's bias vector (written once at init): read once per open registry, a copy each call."""
+        """The code's bias vector (written once at init): read once per open registry, a copy each call.
+        Checked to lie in (0, 1): SQLite does not checksum blobs, and a damaged bias would skew every score."""
         if self._bias is None:
-            self._bias = np.frombuffer(self._array("bias"), dtype=np.float64).copy()
+            p = np.frombuffer(self._array("bias"), dtype=np.float64).copy()
+            if p.shape != (self.params.length,) or not np.all((p > 0) & (p < 1)):
+                raise RegistryError(f"registry {self.directory}: the stored bias is corrupt")
+            self._bias = p
         return self._bias.copy()
 
     def _array(self, name: str) -> bytes:
@@ -192,6 +278,7 @@ class Registry:
         return bytes(row[0])
 
     # --- customers ---------------------------------------------------------------------------------
+    @_db_errors
     def customer(self, name: str, *, create: bool = True) -> Customer:
         """The customer called ``name``; a new one gets the next code row (never one already issued)."""
         if not name or name != name.strip():
@@ -216,22 +303,28 @@ class Registry:
                 raise RegistryError(f"code row {index} equals an issued row; refusing to issue it twice") from None
         return Customer(index, name, bits)
 
+    @_db_errors
     def code_row(self, index: int) -> np.ndarray:
         """Bits of code row ``index``, derived from the owner secret (deterministic per registry)."""
         if self.params.code == "bibd":
             return bibd.code_rows(bibd.plane_order_for(self.params.max_colluders))[index]
         return tardos.draw_rows(self.bias(), uniforms(self.secret.derive(f"code-row/{index}"), self.params.length))
 
+    @_db_errors
     def customers(self) -> list[str]:
         return [r[0] for r in self._conn.execute("SELECT name FROM customers ORDER BY id")]
 
+    @_db_errors
     def codebook(self) -> tuple[list[str], np.ndarray]:
         """Names and row-major packed code rows of every customer, in index order."""
         rows = self._conn.execute("SELECT name, code FROM customers ORDER BY id").fetchall()
         nbytes = (self.params.length + 7) // 8
-        packed = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.uint8).reshape(len(rows), nbytes)
-        return [r[0] for r in rows], packed
+        blob = b"".join(r[1] for r in rows)
+        if len(blob) != len(rows) * nbytes:
+            raise RegistryError(f"registry {self.directory}: stored code rows are not {nbytes} bytes each (corrupt)")
+        return [r[0] for r in rows], np.frombuffer(blob, dtype=np.uint8).reshape(len(rows), nbytes)
 
+    @_db_errors
     def record_delivery(self, customer: Customer, sha256: str, note: str = "") -> None:
         with self._write() as conn:
             conn.execute(
@@ -239,6 +332,7 @@ class Registry:
                 (customer.index, sha256, _now(), note),
             )
 
+    @_db_errors
     def deliveries(self, name: str | None = None) -> list[dict[str, str]]:
         q = "SELECT c.name, d.sha256, d.issued_at, d.note FROM deliveries d JOIN customers c ON c.id = d.customer_id"
         args: tuple[str, ...] = ()
@@ -249,6 +343,7 @@ class Registry:
         ]
 
     # --- embedding parameters ----------------------------------------------------------------------
+    @_db_errors
     def base(self) -> Base | None:
         row = self._conn.execute("SELECT value FROM meta WHERE key = 'base'").fetchone()
         if row is None:
@@ -258,20 +353,63 @@ class Registry:
         tensors = tuple((name, tuple(shape)) for name, shape in info["tensors"])
         return Base(info["digest"], reference, info["strength"], tensors)
 
+    @_db_errors
     def set_base(self, base: Base) -> None:
-        """Record the base model once; copies from another base would need another reference."""
-        current = self.base()
-        if current is not None and current.digest != base.digest:
-            raise RegistryError(
-                f"this registry's copies are made from base {current.digest[:12]}; model {base.digest[:12]} "
-                "differs. Use a new registry for a new base model."
-            )
-        if current is not None:
-            return
+        """Record the base model once; copies from another base would need another reference.
+
+        One transaction that re-reads under the write lock: two first issues at once both get here, and the
+        second finds the first's base (same digest: nothing to do; another digest: RegistryError)."""
         info = {"digest": base.digest, "strength": base.strength, "tensors": [[n, list(s)] for n, s in base.tensors]}
         with self._write() as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'base'").fetchone()
+            if row is not None:
+                current = json.loads(row[0])["digest"]
+                if current != base.digest:
+                    raise RegistryError(
+                        f"this registry's copies are made from base {current[:12]}; model {base.digest[:12]} "
+                        "differs. Use a new registry for a new base model."
+                    )
+                return
             conn.execute("INSERT INTO meta VALUES ('base', ?)", (json.dumps(info),))
             conn.execute("INSERT INTO arrays VALUES ('reference', ?)", (base.reference.tobytes(),))
+
+    def save_base_model(self, model: Mapping[str, torch.Tensor]) -> str:
+        """Keep ``model`` as ``bases/<state digest>.safetensors`` (mode 0600: it is the owner's unmarked
+        model) and return the digest. Written to a temporary file beside it and renamed, so a reader (or a
+        concurrent first issue writing the same file) only ever sees a whole file."""
+        from securemark.modelio import save_state_dict, state_digest
+
+        digest = state_digest(model)
+        folder = self.directory / BASES_DIR
+        folder.mkdir(mode=0o700, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{digest[:16]}.", suffix=".safetensors", dir=folder)  # mode 0600
+        os.close(fd)
+        try:
+            save_state_dict(model, tmp)
+            os.replace(tmp, folder / f"{digest}.safetensors")
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        return digest
+
+    def base_model(self) -> dict[str, torch.Tensor] | None:
+        """The recorded base model, read back and checked against the recorded digest (RegistryError if it
+        was altered or is unreadable). None when no base is recorded yet, or when the registry predates kept
+        base models (no ``bases/`` file): callers then trace without aligning suspects to the base."""
+        from securemark.modelio import ModelFileError, load_state_dict, state_digest
+
+        base = self.base()
+        if base is None:
+            return None
+        path = self.directory / BASES_DIR / f"{base.digest}.safetensors"
+        if not path.is_file():
+            return None
+        try:
+            model = load_state_dict(path)
+        except ModelFileError as exc:
+            raise RegistryError(str(exc)) from None
+        if state_digest(model) != base.digest:
+            raise RegistryError(f"base model {path} does not match the recorded digest {base.digest[:12]}: altered")
+        return model
 
 
 def _bias(secret: OwnerSecret, params: RegistryParams) -> np.ndarray:

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from securemark import models
 from securemark.data import Dataset
 
 
@@ -65,7 +66,7 @@ def accuracy(model: nn.Module, data: Dataset, device: torch.device | None = None
 
 def accuracy_of(model: nn.Module, weights: Mapping[str, torch.Tensor], data: Dataset) -> float:
     """Accuracy of ``model`` after loading ``weights`` (the model object is reused, its weights replaced)."""
-    model.load_state_dict(dict(weights))
+    models.load_weights(model, weights)
     return accuracy(model, data)
 
 

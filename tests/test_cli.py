@@ -141,3 +141,152 @@ def test_cli_collusion_choices_match_the_attacks():
     from securemark import attacks, cli
 
     assert cli.COLLUSION_METHODS == attacks.COLLUSION_METHODS
+
+
+# --- owner-side hardening of registry init and issue ----------------------------------------------------
+def _owner_setup(tmp_path, capsys, customers=("ann", "ben", "cat")):
+    base = tmp_path / "base.pt"
+    save_state_dict(build("cnn", (1, 8, 8), 10).state_dict(), base)
+    reg = tmp_path / "reg"
+    assert run(capsys, "registry", "init", str(reg), "--length", "256", "--max-colluders", "3")[0] == 0
+    for name in customers:
+        out = str(tmp_path / f"{name}.safetensors")
+        assert run(capsys, "issue", str(reg), "--model", str(base), "--customer", name, "--out", out)[0] == 0
+    return base, reg
+
+
+def _registry_state(reg):
+    from securemark.registry import Registry
+
+    with Registry.open(reg) as r:
+        return r.customers(), r.deliveries(), r.base()
+
+
+def test_issue_refuses_an_unknown_suffix_before_recording_anything(tmp_path, capsys):
+    base, reg = _owner_setup(tmp_path, capsys, customers=())
+    code, _, err = run(capsys, "issue", str(reg), "--model", str(base), "--customer", "eve", "--out", "eve.onnx")
+    assert code == 2 and "unknown model format" in err and len(err.splitlines()) == 1
+    assert _registry_state(reg) == ([], [], None)
+
+
+def test_issue_records_the_delivery_only_once_the_file_is_written(tmp_path, capsys, monkeypatch):
+    from pathlib import Path
+
+    from securemark import modelio
+
+    base, reg = _owner_setup(tmp_path, capsys, customers=())
+
+    def full_disk(sd, path):
+        Path(path).write_bytes(b"half a model")
+        raise PermissionError(f"{path}: disk says no")
+
+    monkeypatch.setattr(modelio, "save_state_dict", full_disk)
+    out = tmp_path / "out" / "eve.pt"
+    out.parent.mkdir()
+    code, _, err = run(capsys, "issue", str(reg), "--model", str(base), "--customer", "eve", "--out", str(out))
+    assert code == 2 and "disk says no" in err
+    assert list(out.parent.iterdir()) == []  # neither the copy nor a partial file
+    assert _registry_state(reg)[1] == []
+    monkeypatch.undo()
+    assert run(capsys, "issue", str(reg), "--model", str(base), "--customer", "eve", "--out", str(out))[0] == 0
+    assert [(d["customer"], d["note"]) for d in _registry_state(reg)[1]] == [("eve", str(out))]
+
+
+def test_issue_refuses_a_nan_or_all_zero_base(tmp_path, capsys):
+    import torch
+
+    _, reg = _owner_setup(tmp_path, capsys, customers=())
+    sd = build("cnn", (1, 8, 8), 10).state_dict()
+    sd["features.0.weight"][0, 0, 0, 0] = float("nan")
+    save_state_dict(sd, tmp_path / "nan.pt")
+    save_state_dict({k: torch.zeros_like(v) for k, v in sd.items()}, tmp_path / "zero.pt")
+    for model, message in (("nan.pt", "tensor 'features.0.weight' holds NaN or inf"), ("zero.pt", "all zero")):
+        out = tmp_path / f"copy-{model}"
+        argv = ["issue", str(reg), "--model", str(tmp_path / model), "--customer", "eve", "--out", str(out)]
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and message in err and len(err.splitlines()) == 1
+        assert not out.exists()
+    assert _registry_state(reg) == ([], [], None)
+
+
+@pytest.mark.parametrize("flag", [("--budget", "nan"), ("--budget", "inf"), ("--eps", "nan"), ("--budget", "-1")])
+def test_registry_init_with_bad_parameters_creates_nothing(tmp_path, capsys, flag):
+    code, _, err = run(capsys, "registry", "init", str(tmp_path / "r"), *flag)
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_group_readable_registry_is_refused(tmp_path, capsys):
+    _, reg = _owner_setup(tmp_path, capsys, customers=())
+    (reg / "registry.sqlite").chmod(0o644)
+    code, _, err = run(capsys, "registry", "show", str(reg))
+    assert code == 2 and "chmod 600" in err and len(err.splitlines()) == 1
+
+
+def _commands(tmp_path, reg, base):
+    return (
+        ["registry", "show", str(reg)],
+        ["issue", str(reg), "--model", str(base), "--customer", "zed", "--out", str(tmp_path / "zed.pt")],
+        ["trace", str(reg), str(tmp_path / "ann.safetensors"), "--json"],
+    )
+
+
+def test_a_corrupted_registry_gives_one_line_and_exit_2(tmp_path, capsys):
+    import os
+    import shutil
+
+    base, reg = _owner_setup(tmp_path, capsys)
+    pristine = tmp_path / "pristine"
+    shutil.copytree(reg, pristine)
+    db = reg / "registry.sqlite"
+    size = db.stat().st_size
+
+    def corrupt(offset=None, truncate=None):
+        shutil.rmtree(reg)
+        shutil.copytree(pristine, reg)
+        if truncate is not None:
+            os.truncate(db, truncate)
+        else:
+            with open(db, "r+b") as fh:
+                fh.seek(offset)
+                fh.write(b"\xa5" * 64)
+
+    for how in ({"truncate": size // 2}, {"offset": 100}):  # half the pages; the first b-tree page
+        corrupt(**how)
+        for argv in _commands(tmp_path, reg, base):
+            code, _, err = run(capsys, *argv)
+            assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, (how, argv, err)
+    failed = 0
+    for page in range(1, size // 4096):  # every page header: a command either works or fails in one line
+        corrupt(offset=page * 4096 + 8)
+        for argv in _commands(tmp_path, reg, base):
+            code, _, err = run(capsys, *argv)
+            assert code in (0, 2) and (code == 0 or len(err.splitlines()) == 1), (page, argv, err)
+            failed += code == 2
+    assert failed > 0
+
+
+def test_trace_of_a_nan_suspect_is_exit_2_and_json_is_strict(tmp_path, capsys):
+    import torch
+
+    from securemark.cli import main
+    from securemark.modelio import save_state_dict
+    from securemark.models import build
+
+    reg = tmp_path / "reg"
+    assert main(["registry", "init", str(reg), "--length", "64", "--max-colluders", "2"]) == 0
+    model = tmp_path / "base.safetensors"
+    save_state_dict(build("cnn", (1, 8, 8), 10).state_dict(), model)
+    assert main(["issue", str(reg), "--model", str(model), "--customer", "ann", "--out", str(tmp_path / "a.pt")]) == 0
+    capsys.readouterr()
+    zero = {k: torch.zeros_like(v) for k, v in build("cnn", (1, 8, 8), 10).state_dict().items()}
+    save_state_dict(zero, tmp_path / "zero.pt")  # extracts to a finite observation; JSON must stay strict
+    assert main(["trace", str(reg), str(tmp_path / "zero.pt"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert "bound" in report and report["alignment"]["status"].startswith("aligned")
+    nan = dict(zero)
+    nan["head.3.weight"] = torch.full_like(zero["head.3.weight"], float("nan"))
+    save_state_dict(nan, tmp_path / "nan.pt")
+    assert main(["trace", str(reg), str(tmp_path / "nan.pt"), "--json"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'head.3.weight' holds nan" in err[0]

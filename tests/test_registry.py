@@ -1,11 +1,16 @@
+import os
 import sqlite3
 import stat
 import threading
 
 import numpy as np
 import pytest
+import torch
 
 from securemark.codes import bibd
+from securemark.modelio import load_state_dict, save_state_dict, state_digest
+from securemark.models import build
+from securemark.owner import establish_base, issue_copies, issue_copy, make_copy
 from securemark.registry import Base, Registry, RegistryError, RegistryParams
 
 
@@ -130,3 +135,197 @@ def test_federated_customer_names_round_trip_to_partition_ids():
     for bad in ("alice", "client-", "client-x1", "customer-003"):
         with pytest.raises(ValueError, match="not a federated customer"):
             partition_of(bad)
+
+
+# --- owner-side hardening ------------------------------------------------------------------------------
+def _cnn():
+    return {k: v.clone() for k, v in build("cnn", (1, 8, 8), 10, seed=0).state_dict().items()}
+
+
+def _mode(path):
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_database_side_files_and_kept_base_are_0600_whatever_the_umask(tmp_path):
+    old = os.umask(0o022)  # the usual umask: files would be 0644 unless created private
+    try:
+        with Registry.init(tmp_path / "r", RegistryParams(length=128)) as r:
+            issue_copy(r, _cnn(), "alice")  # a write: the -wal and -shm files exist while r is open
+            db = r.directory / "registry.sqlite"
+            sides = [db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")]
+            assert all(p.exists() for p in sides)
+            assert {p.name: _mode(p) for p in sides} == {p.name: 0o600 for p in sides}
+            kept = list((r.directory / "bases").iterdir())
+            assert len(kept) == 1 and _mode(kept[0]) == 0o600 and _mode(r.directory / "bases") == 0o700
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o660])
+def test_open_refuses_a_database_others_can_read(reg, mode):
+    db = reg.directory / "registry.sqlite"
+    db.chmod(mode)
+    with pytest.raises(RegistryError, match=r"accessible by group or others .*chmod 600"):
+        Registry.open(reg.directory)
+    db.chmod(0o600)
+    Registry.open(reg.directory).close()
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("budget", float("nan"), "finite budget > 0"),
+        ("budget", float("inf"), "finite budget > 0"),
+        ("budget", 0.0, "finite budget > 0"),
+        ("eps", float("nan"), "0 < eps < 1"),
+        ("length", float("nan"), "length must be >= 16"),
+        ("max_colluders", float("nan"), "max_colluders >= 1"),
+    ],
+)
+def test_non_finite_parameters_are_refused(field, value, message):
+    with pytest.raises(RegistryError, match=message):
+        RegistryParams(**{field: value})
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_base_with_nan_or_inf_is_refused_by_tensor_name_and_nothing_is_recorded(reg, bad):
+    base = _cnn()
+    base["head.3.bias"][1] = bad  # not even a carrier tensor: every floating tensor is checked
+    with pytest.raises(ValueError, match=r"tensor 'head\.3\.bias' holds NaN or inf"):
+        issue_copies(reg, base, ["alice"])
+    assert reg.base() is None and reg.deliveries() == [] and reg.customers() == []
+    assert not (reg.directory / "bases").exists()
+
+
+def test_an_all_zero_base_or_a_bad_strength_is_refused(reg):
+    base = _cnn()
+    zero = {k: torch.zeros_like(v) for k, v in base.items()}
+    with pytest.raises(ValueError, match=r"strength must be finite and > 0, got 0\.0 \(.*all zero\)"):
+        issue_copy(reg, zero, "alice")
+    for strength in (float("nan"), float("inf"), 0.0, -1.0):
+        with pytest.raises(ValueError, match="strength must be finite and > 0"):
+            establish_base(reg, base, strength)
+    assert reg.base() is None and reg.deliveries() == [] and reg.customers() == []
+
+
+def test_make_copy_records_no_delivery_until_asked(reg):
+    base = _cnn()
+    copy, customer = make_copy(reg, base, "alice")
+    assert customer.name == "alice" and reg.deliveries() == []
+    reg.record_delivery(customer, state_digest(copy), "alice.pt")
+    assert [d["customer"] for d in reg.deliveries()] == ["alice"]
+    assert all(torch.equal(copy[k], v) for k, v in issue_copy(reg, base, "alice").items())  # same copy
+
+
+def test_two_first_issues_at_once_both_succeed(tmp_path):
+    """Both find no base, both record it: the second must see the first's under the lock, not collide."""
+    base = _cnn()
+    for trial in range(4):
+        directory = tmp_path / f"r{trial}"
+        Registry.init(directory, RegistryParams(length=128)).close()
+        barrier, errors = threading.Barrier(4), []
+
+        def issue(name, directory=directory, barrier=barrier, errors=errors):
+            try:
+                with Registry.open(directory) as r:
+                    barrier.wait()
+                    issue_copy(r, base, name)
+            except Exception as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=issue, args=(f"c{i}",)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        with Registry.open(directory) as r:
+            assert len(r.deliveries()) == 4 and r.base() is not None
+
+
+def test_set_base_rereads_under_the_lock(reg, monkeypatch):
+    """A base recorded by another process between this one's read and its write: same digest is a no-op,
+    another digest is refused (never an IntegrityError)."""
+    base = Base("d1", np.arange(128.0), 0.5, (("w", (2, 64)),))
+    other = Registry.open(reg.directory)
+    other.set_base(base)
+    monkeypatch.setattr(Registry, "base", lambda self: None)  # a stale read, as if made before the insert
+    reg.set_base(base)
+    with pytest.raises(RegistryError, match="differs"):
+        reg.set_base(Base("d2", np.zeros(128), 0.5, (("w", (2, 64)),)))
+    other.close()
+
+
+def test_failed_init_removes_what_it_created_and_only_that(tmp_path, monkeypatch):
+    import securemark.registry as registry_module
+
+    def boom(*_):
+        raise RuntimeError("simulated failure")
+
+    monkeypatch.setattr(registry_module, "_bias", boom)
+    with pytest.raises(RuntimeError, match="simulated"):
+        Registry.init(tmp_path / "new" / "deeper" / "reg", RegistryParams(length=128))
+    assert list(tmp_path.iterdir()) == []
+    existing = tmp_path / "kept"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine")
+    with pytest.raises(RuntimeError, match="simulated"):
+        Registry.init(existing, RegistryParams(length=128))
+    assert [p.name for p in existing.iterdir()] == ["notes.txt"]
+    monkeypatch.undo()
+    monkeypatch.setattr(registry_module, "_SCHEMA", registry_module._SCHEMA + "; CREATE TABLE meta (x)")
+    with pytest.raises(RegistryError, match="could not create the registry"):
+        Registry.init(existing, RegistryParams(length=128))
+    assert [p.name for p in existing.iterdir()] == ["notes.txt"]
+    monkeypatch.undo()
+    Registry.init(existing, RegistryParams(length=128)).close()  # and init can simply run again
+
+
+def test_corrupt_rows_give_a_registry_error(reg):
+    reg.customer("alice")
+    reg.close()
+    conn = sqlite3.connect(reg.directory / "registry.sqlite")
+    conn.execute("UPDATE customers SET code = 'text'")  # a damaged record header can decode to another type
+    conn.execute("UPDATE arrays SET data = zeroblob(1024) WHERE name = 'bias'")
+    conn.commit()
+    conn.close()
+    with Registry.open(reg.directory) as r:
+        with pytest.raises(RegistryError, match="unusable"):
+            r.codebook()
+        with pytest.raises(RegistryError, match="bias is corrupt"):
+            r.bias()
+
+
+def test_the_base_model_is_kept_by_digest_and_read_back_checked(reg):
+    assert reg.base_model() is None  # nothing issued yet
+    base = _cnn()
+    issue_copy(reg, base, "alice")
+    digest = state_digest(base)
+    path = reg.directory / "bases" / f"{digest}.safetensors"
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
+    kept = reg.base_model()
+    assert kept is not None and state_digest(kept) == digest and reg.base().digest == digest
+    assert kept.keys() == base.keys() and all(torch.equal(kept[k], v) for k, v in base.items())
+    tampered = dict(base, **{"head.3.bias": base["head.3.bias"] + 1})
+    save_state_dict(tampered, path)
+    with pytest.raises(RegistryError, match="does not match the recorded digest"):
+        reg.base_model()
+    path.write_bytes(b"not safetensors")
+    with pytest.raises(RegistryError, match="could not be read"):
+        reg.base_model()
+    path.unlink()  # a registry made before bases were kept: callers trace without alignment
+    assert reg.base_model() is None
+
+
+def test_safetensors_round_trip_keeps_the_state_digest(reg):
+    sd = {
+        "w16": torch.randn(3, 4).half(),
+        "wbf": torch.randn(2, 5).bfloat16(),
+        "w64": torch.randn(4, 4, dtype=torch.float64),
+        "steps": torch.tensor(7),
+        "mask": torch.tensor([True, False]),
+        "strided": torch.randn(6, 4).t(),  # not contiguous
+    }
+    digest = reg.save_base_model(sd)
+    assert digest == state_digest(sd)
+    assert state_digest(load_state_dict(reg.directory / "bases" / f"{digest}.safetensors")) == digest

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from securemark import training
+from securemark import models, training
 from securemark.data import Dataset
 
 StateDict = Mapping[str, torch.Tensor]
@@ -88,7 +88,7 @@ def finetune(
     if epochs < 0 or lr <= 0:
         raise ValueError(f"fine-tuning needs epochs >= 0 and lr > 0, got {epochs}, {lr}")
     subset = data.sample(fraction, rng)
-    model.load_state_dict(dict(sd))
+    models.load_weights(model, sd)
     gen = torch.Generator().manual_seed(int(rng.integers(2**63)))
     loss = training.train(model, subset, epochs=epochs, lr=lr, generator=gen) if epochs else float("nan")
     out = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
@@ -121,7 +121,7 @@ def distill(
     """Train a freshly initialized ``student`` to match the teacher's soft labels on ``unlabeled`` inputs
     (their labels are never read). The result shares no weights with the copy: its fingerprint is gone,
     at whatever accuracy the attacker's data buys."""
-    teacher.load_state_dict(dict(sd))
+    models.load_weights(teacher, sd)
     teacher.eval()
     with torch.no_grad():
         soft = torch.softmax(teacher(unlabeled.x) / temperature, dim=1)

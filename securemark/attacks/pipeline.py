@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from securemark.attacks import launder as L
+from securemark.attacks import rewrite as R
 from securemark.attacks.collude import COLLUSION_METHODS, collude
 from securemark.data import Dataset
 
@@ -22,14 +23,20 @@ StateDict = Mapping[str, torch.Tensor]
 
 # step -> its parameters and their types (the first is the shorthand positional one for collude)
 STEPS: dict[str, dict[str, type]] = {
-    "collude": {"method": str, "alpha": float},
+    "collude": {"method": str, "alpha": float, "align": int},
     "finetune": {"epochs": int, "lr": float, "fraction": float},
     "prune": {"ratio": float, "scope": str},
     "quantize": {"bits": int},
     "noise": {"std": float},
     "overwrite": {"budget": float, "length": int},
     "distill": {"epochs": int, "lr": float, "temperature": float, "fraction": float},
+    "spike": {"count": int, "low": float, "high": float, "dead": int},
+    "permute": {},
+    "rescale": {"low": float, "high": float},
+    "widen": {"dummies": int, "splits": int},
+    "obfuscate": {"dead": int},
 }
+DEAD_PROBE = 512  # examples of the pirate's own data that find inputs which are always zero
 
 
 @dataclass(frozen=True)
@@ -95,7 +102,9 @@ def run(copies: Sequence[StateDict], steps: Sequence[Step], attacker: Attacker) 
             if len(copies) == 1:
                 records.append({"attack": "collude", "skipped": "a single copy"})
                 continue
-            current, rec = collude(copies, p.get("method", "average"), attacker.rng, p.get("alpha", 0.5))
+            held = _mutually_aligned(copies, attacker) if p.get("align", 0) else copies
+            current, rec = collude(held, p.get("method", "average"), attacker.rng, p.get("alpha", 0.5))
+            rec["mutually_aligned"] = bool(p.get("align", 0))
         elif step.name == "finetune":
             current, rec = L.finetune(
                 current, attacker.model(), attacker.data, epochs=p.get("epochs", 1), lr=p.get("lr", 0.01),
@@ -111,6 +120,19 @@ def run(copies: Sequence[StateDict], steps: Sequence[Step], attacker: Attacker) 
             current, rec = L.overwrite(
                 current, p.get("length", attacker.length), p.get("budget", attacker.budget), attacker.rng
             )
+        elif step.name in ("spike", "obfuscate"):
+            dead = _dead(current, attacker) if p.get("dead", 1) else None
+            if step.name == "spike":
+                current, rec = R.spike(current, attacker.rng, p.get("count", 0), p.get("low", 5.0),
+                                       p.get("high", 500.0), dead)  # fmt: skip
+            else:
+                current, rec = R.obfuscate(current, attacker.rng, dead)
+        elif step.name == "permute":
+            current, rec = R.permute(current, attacker.rng)
+        elif step.name == "rescale":
+            current, rec = R.rescale(current, attacker.rng, p.get("low", 0.25), p.get("high", 4.0))
+        elif step.name == "widen":
+            current, rec = R.widen(current, attacker.rng, p.get("dummies", 4), p.get("splits", 2))
         else:  # distill
             unlabeled = attacker.data.sample(p.get("fraction", 1.0), attacker.rng)
             current, rec = L.distill(
@@ -119,3 +141,22 @@ def run(copies: Sequence[StateDict], steps: Sequence[Step], attacker: Attacker) 
             )  # fmt: skip
         records.append(rec)
     return current, records
+
+
+def _dead(sd: StateDict, attacker: Attacker) -> dict[str, torch.Tensor] | None:
+    """Weights whose input is zero on the pirate's own data (None when the model does not load as is)."""
+    try:
+        return R.dead_inputs(attacker.model(), sd, attacker.data.x[:DEAD_PROBE])
+    except RuntimeError:  # widened already: the attacker's architecture no longer fits
+        return None
+
+
+def _mutually_aligned(copies: Sequence[StateDict], attacker: Attacker) -> list[dict]:
+    """Coalition members that each permuted and rescaled their own copy, then aligned theirs to the first
+    member's with the owner's own tool (it needs no secret): what a coalition must do before it can merge
+    weights. (Widening comes after the merge, in ``obfuscate``: split units of two different widenings do not
+    average into the same function.)"""
+    from securemark.fingerprint.align import align
+
+    held = [R.permute(R.rescale(c, attacker.rng)[0], attacker.rng)[0] for c in copies]
+    return [held[0]] + [align(c, held[0])[0] for c in held[1:]]

@@ -9,9 +9,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from securemark.codes import bibd, tardos
-from securemark.codes.base import CODE_KINDS, accusation_threshold
+from securemark.codes.base import CODE_KINDS
 from securemark.codes.channel import ATTACKS, collude
 from securemark.codes.random import uniform_bias
+from securemark.tracing.bound import Law, robust_observation
+from securemark.tracing.scores import accuse
 
 
 @dataclass(frozen=True)
@@ -41,8 +43,11 @@ class CodeTrialSpec:
             raise ValueError(f"detector must be 'and' or 'soft', got {self.detector!r}")
 
 
-def _accuse_scored(spec: CodeTrialSpec, rng: np.random.Generator, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """One trial of a scored code (Tardos or random): returns (accused users, coalition)."""
+def _accuse_scored(spec: CodeTrialSpec, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, float]:
+    """One trial of a scored code (Tardos or random): (accused users, coalition, normalized threshold).
+
+    The threshold is the tracer's own: certified for this observation's exact innocent law (tracing.bound).
+    """
     c_max = spec.max_colluders or spec.colluders
     if spec.code == "tardos":
         bias = tardos.arcsine_bias(rng.random(spec.length), c_max)
@@ -51,12 +56,14 @@ def _accuse_scored(spec: CodeTrialSpec, rng: np.random.Generator, threshold: flo
     rows = tardos.draw_rows(bias.astype(np.float32), rng.random((spec.users, spec.length), dtype=np.float32))
     coalition = rng.choice(spec.users, size=spec.colluders, replace=False)
     y = collude(2.0 * rows[coalition] - 1.0, spec.attack, rng, spec.noise)
+    y = robust_observation(y).y
     norm = np.linalg.norm(y)
     if norm == 0:
-        return np.empty(0, dtype=np.int64), coalition
+        return np.empty(0, dtype=np.int64), coalition, float("inf")
     w, offset = tardos.score_weights(y, bias)
-    scores = (rows.astype(np.float32) @ w.astype(np.float32) - offset) / norm
-    return np.flatnonzero(scores > threshold), coalition
+    scores = rows.astype(np.float32) @ w.astype(np.float32) - offset
+    acc = accuse(scores, Law.of(y, bias), spec.eps, lambda users: tardos.soft_scores_reference(rows[users], y, bias))
+    return acc.accused, coalition, acc.threshold
 
 
 def _accuse_bibd(
@@ -85,9 +92,10 @@ def evaluate_code(spec: CodeTrialSpec, progress: bool = False) -> dict[str, obje
         threshold = 1.0 - 1.0 / c_max if spec.detector == "and" else bibd.soft_threshold(q, c_max)
         rows, length = rows[: spec.users], rows.shape[1]
     else:
-        length, threshold = spec.length, accusation_threshold(spec.users, spec.eps)
+        length, threshold = spec.length, float("nan")  # per trial: the mean is reported
 
     caught = all_caught = false_acc = trials_false = accused_total = 0
+    thresholds = []
     trial_range: Iterable[int] = range(spec.trials)
     if progress:
         from rich.progress import track
@@ -97,7 +105,8 @@ def evaluate_code(spec: CodeTrialSpec, progress: bool = False) -> dict[str, obje
         if spec.code == "bibd":
             accused, coalition = _accuse_bibd(spec, rng, rows, q)
         else:
-            accused, coalition = _accuse_scored(spec, rng, threshold)
+            accused, coalition, t = _accuse_scored(spec, rng)
+            thresholds.append(t)
         guilty = np.isin(accused, coalition)
         n_guilty, n_innocent = int(guilty.sum()), int((~guilty).sum())
         caught += n_guilty >= 1
@@ -108,7 +117,7 @@ def evaluate_code(spec: CodeTrialSpec, progress: bool = False) -> dict[str, obje
     out = asdict(spec)
     out.update(
         length=length,
-        threshold=threshold,
+        threshold=threshold if spec.code == "bibd" else float(np.mean(thresholds)),
         catch_rate=caught / spec.trials,
         all_caught_rate=all_caught / spec.trials,
         false_accusations=false_acc,

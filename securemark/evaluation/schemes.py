@@ -79,9 +79,9 @@ class SharedScheme:
         return self.fp.embed(self.base_model, self.rows[j], self.base.strength if strength is None else strength)
 
     def trace(self, suspect: StateDict) -> Outcome:
-        y = self.tracer.extract(suspect)
-        scores, threshold, accused, _ = self.tracer.accuse(y)
-        return Outcome(accused, scores, threshold, y)
+        obs, _ = self.tracer.observe(suspect)
+        v = self.tracer.accuse(obs.y)
+        return Outcome(v.accused, v.scores, v.threshold, obs.y)
 
     def survival(self, outcome: Outcome, coalition: np.ndarray) -> tuple[float, float]:
         """(bit agreement, cosine): the share of positions where all colluders hold the same symbol that

@@ -8,13 +8,14 @@ make each look-up pass stream through memory (10^6 x 2048 bits in about 0.4 s on
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
 
 from securemark.codes import tardos
-from securemark.codes.base import accusation_threshold, gaussian_sf
+from securemark.tracing.bound import Law
 
 _CHUNK_BITS = 16
 _PATTERNS = np.unpackbits(np.arange(1 << 16, dtype=">u2").view(np.uint8).reshape(-1, 2), axis=1)  # (65536, 16)
@@ -76,6 +77,12 @@ class PackedCodebook:
         return out
 
 
+    def rows(self, users: np.ndarray) -> np.ndarray:
+        """(k, L) 0/1 float64 rows of the given users (unpacked on demand)."""
+        raw = np.ascontiguousarray(self.columns[:, users].T).astype(">u2").view(np.uint8)
+        return np.unpackbits(raw.reshape(len(users), -1), axis=1, count=self.length).astype(np.float64)
+
+
 def tardos_scores(book: PackedCodebook, y: np.ndarray, bias: np.ndarray) -> np.ndarray:
     """Symmetric soft scores S_j of every user for observation y (see codes.tardos)."""
     w, offset = tardos.score_weights(y, bias)
@@ -88,20 +95,47 @@ def dense_scores_reference(rows: np.ndarray, y: np.ndarray, bias: np.ndarray) ->
 
 @dataclass(frozen=True)
 class Accusation:
-    normalized: np.ndarray  # S_j / ||y||, ~N(0, 1) for an innocent
-    threshold: float
+    """Who is accused for one observation, against the threshold certified for that observation's law."""
+
+    normalized: np.ndarray  # S_j / ||y||: innocents have mean 0 and variance 1 (not necessarily Gaussian)
+    threshold: float  # in the same units
     accused: np.ndarray  # indices, most suspicious first
+    innocent_tail: float  # certified P(one innocent's score > threshold) <= eps / n
+    law: Law | None  # None for a zero observation
 
     def p_values(self, users: np.ndarray) -> np.ndarray:
-        """P(N(0,1) > normalized score) for the given users (computed only for those reported)."""
-        return gaussian_sf(self.normalized[users])
+        """Certified upper bounds on P(innocent score >= this score), for the given users only."""
+        if self.law is None:
+            return np.ones(len(users))
+        std = self.law.std
+        return np.array([self.law.tail_bound(float(self.normalized[u]) * std) for u in users])
 
 
-def accuse(scores: np.ndarray, y: np.ndarray, eps: float) -> Accusation:
-    """Normalize scores by ||y|| and accuse above z = Phi^-1(1 - eps/n); a zero observation accuses nobody."""
-    norm = float(np.linalg.norm(y))
-    normalized = scores / norm if norm > 0 else np.zeros_like(scores)
-    threshold = accusation_threshold(len(scores), eps)
-    accused = np.flatnonzero(normalized > threshold)
-    accused = accused[np.argsort(-normalized[accused])]
-    return Accusation(normalized, threshold, accused)
+def exact_scores(book: PackedCodebook, users: np.ndarray, y: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """S_j in float64 for a few users: the reference the accusation itself is decided on."""
+    return dense_scores_reference(book.rows(users), y, bias)
+
+
+def accuse(
+    scores: np.ndarray, law: Law, eps: float, exact: Callable[[np.ndarray], np.ndarray] | None = None
+) -> Accusation:
+    """Accuse where S_j exceeds the threshold the exact innocent law certifies at eps / n (tracing.bound):
+    P(any innocent accused) <= eps for this observation, whatever it is. A zero observation accuses nobody.
+
+    ``scores`` may be float32 sums (the fast paths): every user within float32's worst-case error of the
+    threshold is re-scored by ``exact`` (float64) and accused only above the threshold plus a 1e-9 relative
+    guard. Without it, innocents tied at the law's maximum (a lone spike) round above it.
+    """
+    n = len(scores)
+    if not 0.0 < eps < 1.0:
+        raise ValueError(f"eps must lie in (0, 1), got {eps}")
+    std = law.std
+    if std == 0:
+        return Accusation(np.zeros_like(scores), float("inf"), np.empty(0, dtype=np.int64), 0.0, None)
+    tau = law.threshold(eps / n)
+    scale = float(np.sum(np.abs(law.w)))  # bounds |S_j| and every partial sum
+    candidates = np.flatnonzero(scores > tau - len(law.w) * 2.0**-23 * scale)
+    decided = exact(candidates) if exact is not None and len(candidates) else scores[candidates]
+    accused = candidates[decided > tau + 1e-9 * scale]
+    accused = accused[np.argsort(-scores[accused])]
+    return Accusation(scores / std, tau / std, accused, law.tail_bound(tau), law)

@@ -1,19 +1,48 @@
-"""Trace a suspect model against a registry: who is accused, how sure, and how clean the extraction was."""
+"""Trace a suspect model against a registry: who is accused, how sure, and how clean the extraction was.
+
+A suspect is untrusted: non-finite or absurd weights are an error, never a verdict. It is aligned to the
+registry's base (fingerprint.align: permuted, rescaled, widened units undone), its soft code is read
+robustly (tracing.bound: outliers saturated), and the threshold is certified for that very observation.
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import torch
 
 from securemark.codes import bibd, unpack_bits
-from securemark.fingerprint.carrier import StateDict
+from securemark.fingerprint.align import AlignmentError, UnitGroup, align, chain_groups
+from securemark.fingerprint.carrier import CarrierMismatch, StateDict
 from securemark.fingerprint.embed import Fingerprinter
 from securemark.owner import fingerprinter
 from securemark.registry import Registry, RegistryError
-from securemark.tracing.scores import PackedCodebook, accuse, tardos_scores
+from securemark.tracing.bound import Law, Observation, robust_observation
+from securemark.tracing.scores import PackedCodebook, accuse, exact_scores, tardos_scores
+
+ABSURD = 1e30  # no trained model holds a weight near float32's overflow (3.4e38)
+
+
+class SuspectError(ValueError):
+    """The suspect holds values no verdict can be built on (NaN, inf, absurd magnitudes)."""
+
+
+def check_suspect(sd: StateDict) -> None:
+    """Raise SuspectError naming the first floating tensor with a non-finite or absurd (>= 1e30) entry."""
+    for name, t in sd.items():
+        if not t.is_floating_point() or t.numel() == 0:
+            continue
+        bad = ~torch.isfinite(t) | (t.abs() >= ABSURD)
+        if bool(bad.any()):
+            index = [int(i) for i in torch.nonzero(bad)[0]]
+            value = float(t[tuple(index)])
+            raise SuspectError(
+                f"tensor {name!r} holds {value:g} at {index}: a suspect with non-finite or absurd (|w| >= {ABSURD:g})"
+                " weights cannot be traced; it is no verdict"
+            )
 
 PValues = Callable[[np.ndarray], np.ndarray]
 
@@ -22,26 +51,33 @@ PValues = Callable[[np.ndarray], np.ndarray]
 class Suspect:
     customer: str
     score: float
-    p_value: float | None  # None for the BIBD detectors, which have no Gaussian null
+    p_value: float | None  # certified bound on P(an innocent scores this high); None for BIBD (no null)
 
 
 @dataclass(frozen=True)
 class TraceReport:
     accused: list[Suspect]
     scores_top: list[Suspect]
-    threshold: float
+    threshold: float  # normalized (score / ||y||), certified for this observation
     eps: float
+    bound: str  # how the threshold was certified
+    innocent_tail: float | None  # certified P(one given innocent accused) at the threshold
+    false_accusation_bound: float | None  # customers x innocent_tail: P(any innocent accused) <= this <= eps
     code: str
     users: int
     length: int
-    signal_rms: float  # ||y|| / sqrt(L): 1 for an intact copy, ~mean-row norm for an average
+    signal_rms: float  # ||y|| / sqrt(L) after clipping: 1 for an intact copy, ~mean-row norm for an average
+    clipped: int  # coordinates of y saturated as outliers
     bit_agreement_top: float  # share of positions where sign(y) matches the top suspect's row
+    alignment: dict[str, object]  # what alignment to the base undid, or why it did not run
     seconds: float
     soft_code: np.ndarray = field(repr=False, compare=False)
 
     def to_json(self) -> dict[str, object]:
         out = asdict(self)
         out.pop("soft_code")
+        if not np.isfinite(self.threshold):
+            out["threshold"] = None  # a zero observation: nobody can be accused (strict JSON has no Infinity)
         out["accused"] = [s.customer for s in self.accused]
         out["accused_detail"] = [asdict(s) for s in self.accused]
         return out
@@ -49,10 +85,14 @@ class TraceReport:
 
 class Tracer:
     """A registry read once for many suspects: base, codebook, bias and the secret projection are loaded and
-    derived here, so each :meth:`trace` costs one extraction and one scoring pass (the evaluation harness
-    traces thousands of suspects against one registry)."""
+    derived here, so each :meth:`trace` costs one alignment, one extraction and one scoring pass (the
+    evaluation harness traces thousands of suspects against one registry).
 
-    def __init__(self, registry: Registry) -> None:
+    ``groups`` are explicit unit groups for alignment (residual models); by default they are derived from the
+    base when it is a sequential chain. ``aligned=False`` reads suspects in their own coordinates.
+    """
+
+    def __init__(self, registry: Registry, groups: Sequence[UnitGroup] | None = None, aligned: bool = True) -> None:
         base = registry.base()
         if base is None:
             raise RegistryError(f"registry {registry.directory} has issued no copy yet: nothing to trace against")
@@ -68,67 +108,119 @@ class Tracer:
         self._bias = registry.bias() if self.params.code != "bibd" else None
         # BIBD rows are public and few (v <= a few hundred): kept unpacked for the soft detector
         self._rows = unpack_bits(self._packed, length) if self.params.code == "bibd" else None
+        self._base_model = registry.base_model() if aligned else None
+        self._groups, self._alignment = self._unit_groups(groups, aligned)
+
+    def _unit_groups(self, groups: Sequence[UnitGroup] | None, aligned: bool) -> tuple[list[UnitGroup] | None, str]:
+        if not aligned:
+            return None, "off: disabled"
+        if self._base_model is None:
+            return None, "off: the registry keeps no base model (made before alignment existed)"
+        if groups is not None:
+            return list(groups), "explicit unit groups"
+        try:
+            return chain_groups(self._base_model), "unit groups derived from the base"
+        except AlignmentError as exc:
+            return None, f"off: {exc}"
+
+    def prepare(self, suspect: StateDict) -> tuple[StateDict, dict[str, object]]:
+        """The suspect checked (SuspectError) and aligned to the base, with what alignment did."""
+        check_suspect(suspect)
+        if self._groups is None or self._base_model is None:
+            return suspect, {"status": self._alignment}
+        fp = self._fingerprinter(self._base_model)
+        mark_rms = self.base.strength * np.sqrt(fp.length / fp.layout.size)  # RMS(s X^T b) per carrier weight
+        aligned, rep = align(suspect, self._base_model, self._groups, noise=mark_rms)
+        return aligned, {"status": "aligned: " + self._alignment, **asdict(rep)}
 
     def extract(self, suspect: StateDict) -> np.ndarray:
-        """The soft code y (L,) of ``suspect``; CarrierMismatch names any tensor of the wrong shape."""
+        """The raw soft code y (L,) of an already prepared suspect; CarrierMismatch names a misshapen tensor."""
+        try:
+            fp = self._fingerprinter(suspect)
+            fp.layout.check(suspect)
+        except CarrierMismatch as exc:
+            raise CarrierMismatch(f"{exc} (alignment {self._alignment})") from None
+        return fp.extract(suspect, self.base.reference, self.base.strength)
+
+    def _fingerprinter(self, model: StateDict) -> Fingerprinter:
         if self._fp is None:
-            self._fp = fingerprinter(self._registry, suspect)
-        else:
-            self._fp.layout.check(suspect)
-        return self._fp.extract(suspect, self.base.reference, self.base.strength)
+            self._fp = fingerprinter(self._registry, model)
+        return self._fp
 
-    def accuse(self, y: np.ndarray) -> tuple[np.ndarray, float, np.ndarray, PValues | None]:
-        """(score of every customer, threshold, accused indices most suspicious first, p-values or None).
+    def observe(self, suspect: StateDict) -> tuple[Observation, dict[str, object]]:
+        """Check, align, extract and read robustly: the observation the scores are computed from."""
+        prepared, alignment = self.prepare(suspect)
+        return robust_observation(self.extract(prepared)), alignment
 
-        p-values come as a function of customer indices: computing them for 10^6 customers would cost more
-        than scoring them.
+    def accuse(self, y: np.ndarray) -> Verdict:
+        """Score every customer for observation ``y`` and accuse.
 
-        Tardos and random codes: normalized soft scores against z = Phi^-1(1 - eps/n); BIBD: the soft
-        detector against its midway threshold (no Gaussian null, so no p-values).
+        Tardos and random codes: soft scores against the threshold certified for this y's exact innocent law
+        (p-values are certified bounds, computed only for the customers asked for); BIBD: the soft detector
+        against its midway threshold (no null law, no bound, no p-values).
         """
         p = self.params
         if self._rows is not None:
             scores = bibd.soft_scores(y, self._rows)
             threshold = bibd.soft_threshold(bibd.plane_order_for(p.max_colluders), p.max_colluders)
             order = np.argsort(-scores)
-            return scores, threshold, order[scores[order] > threshold], None
+            return Verdict(scores, threshold, order[scores[order] > threshold], None, None)
         assert self._bias is not None
-        acc = accuse(tardos_scores(self._book, y, self._bias), y, p.eps)
-        return acc.normalized, acc.threshold, acc.accused, acc.p_values
+        bias = self._bias
+        acc = accuse(tardos_scores(self._book, y, bias), Law.of(y, bias), p.eps,
+                     lambda users: exact_scores(self._book, users, y, bias))  # fmt: skip
+        return Verdict(acc.normalized, acc.threshold, acc.accused, acc.p_values, acc.innocent_tail)
 
     def trace(self, suspect: StateDict, top_k: int = 10, hard: bool = False) -> TraceReport:
-        """Extract the soft code from ``suspect`` and score every customer.
+        """Align the suspect, extract its soft code and score every customer.
 
         ``hard=True`` scores the signs of the soft code only (the classic hard-decision Tardos decoder); the
-        threshold and its false-accusation bound hold for either observation.
+        threshold is certified for whichever observation is scored.
         """
         start = time.perf_counter()
-        y = self.extract(suspect)
-        if hard:
-            y = np.sign(y)
-        scores, threshold, accused_idx, pvals = self.accuse(y)
-        order = np.argsort(-scores)
+        obs, alignment = self.observe(suspect)
+        y = np.sign(obs.y) if hard else obs.y
+        v = self.accuse(y)
+        order = np.argsort(-v.scores)
 
         def suspects(idx: np.ndarray) -> list[Suspect]:
-            pv = [None] * len(idx) if pvals is None else [float(q) for q in pvals(idx)]
-            return [Suspect(self.names[i], float(scores[i]), q) for i, q in zip(idx, pv, strict=True)]
+            pv = [None] * len(idx) if v.p_values is None else [float(q) for q in v.p_values(idx)]
+            return [Suspect(self.names[i], float(v.scores[i]), q) for i, q in zip(idx, pv, strict=True)]
 
         top_row = unpack_bits(self._packed[order[0]], self.params.length)
+        tail = v.innocent_tail
         return TraceReport(
-            accused=suspects(accused_idx),
+            accused=suspects(v.accused),
             scores_top=suspects(order[:top_k]),
-            threshold=float(threshold),
+            threshold=float(v.threshold),
             eps=self.params.eps,
+            bound="none (BIBD detector)" if tail is None else "Chernoff + Berry-Esseen on the exact innocent law",
+            innocent_tail=tail,
+            false_accusation_bound=None if tail is None else tail * len(self.names),
             code=self.params.code,
             users=len(self.names),
             length=self.params.length,
             signal_rms=float(np.linalg.norm(y) / np.sqrt(len(y))),
+            clipped=obs.clipped,
             bit_agreement_top=float(np.mean((y > 0) == top_row)),
+            alignment=alignment,
             seconds=round(time.perf_counter() - start, 4),
             soft_code=y,
         )
 
 
-def trace(suspect: StateDict, registry: Registry, top_k: int = 10, hard: bool = False) -> TraceReport:
+@dataclass(frozen=True)
+class Verdict:
+    scores: np.ndarray  # every customer's score (normalized for Tardos/random)
+    threshold: float
+    accused: np.ndarray  # indices, most suspicious first
+    p_values: PValues | None
+    innocent_tail: float | None
+
+
+def trace(
+    suspect: StateDict, registry: Registry, top_k: int = 10, hard: bool = False,
+    groups: Sequence[UnitGroup] | None = None, aligned: bool = True,
+) -> TraceReport:  # fmt: skip
     """One suspect against ``registry`` (see :class:`Tracer`)."""
-    return Tracer(registry).trace(suspect, top_k, hard)
+    return Tracer(registry, groups, aligned).trace(suspect, top_k, hard)

@@ -3,7 +3,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from securemark.codes import pack_bits, tardos
-from securemark.tracing.scores import PackedCodebook, accuse, dense_scores_reference, tardos_scores
+from securemark.tracing.scores import PackedCodebook, dense_scores_reference, tardos_scores
 
 
 @settings(max_examples=40, deadline=None)
@@ -20,12 +20,3 @@ def test_packed_scores_match_dense_reference(n, length, seed, method):
     )
     if method == "auto":
         np.testing.assert_allclose(tardos_scores(book, y, bias), book.matvec(w, "dense") - offset)
-
-
-def test_accuse_orders_by_score_and_handles_zero_observation():
-    scores = np.array([0.0, 30.0, 10.0, 50.0])
-    acc = accuse(scores, np.full(4, 2.0), eps=1e-3)  # ||y|| = 4 -> normalized 0, 7.5, 2.5, 12.5
-    assert list(acc.accused) == [3, 1]
-    assert acc.p_values(np.array([0]))[0] == 0.5
-    none = accuse(scores, np.zeros(4), eps=1e-3)
-    assert len(none.accused) == 0

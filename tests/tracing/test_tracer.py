@@ -1,13 +1,15 @@
+import numpy as np
 import pytest
 import torch
 
 from securemark import attacks
 from securemark.demo import run_demo
+from securemark.fingerprint.align import AlignmentError
 from securemark.fingerprint.carrier import CarrierMismatch
 from securemark.models import build
 from securemark.owner import issue_copy
 from securemark.registry import Registry, RegistryError, RegistryParams
-from securemark.tracing.tracer import trace
+from securemark.tracing.tracer import SuspectError, trace
 
 
 def test_owner_workflow_small_cnn(tmp_path):
@@ -49,11 +51,13 @@ def test_exact_copy_has_unit_signal_and_full_agreement(tmp_path):
 def test_wrong_architecture_and_empty_registry(tmp_path):
     reg, base, _ = _small(tmp_path)
     other = build("mlp", (1, 8, 8), 10).state_dict()
-    with pytest.raises(CarrierMismatch, match=r"'features\.0\.weight' is missing"):
+    with pytest.raises(AlignmentError, match=r"'features\.0\.bias' is missing"):
         trace(other, reg)
+    with pytest.raises(CarrierMismatch, match=r"'features\.0\.weight' is missing \(.*alignment off: disabled"):
+        trace(other, reg, aligned=False)
     wider = dict(base)
-    wider["head.3.weight"] = torch.zeros(11, 64)
-    with pytest.raises(CarrierMismatch, match=r"'head.3.weight' has shape \[11, 64\], expected \[10, 64\]"):
+    wider["head.3.weight"] = torch.zeros(11, 64)  # more classes: no unit group explains the output axis
+    with pytest.raises(AlignmentError, match=r"'head.3.weight' has shape \[11, 64\], the base \[10, 64\]"):
         trace(wider, reg)
     reg.close()
     empty = Registry.init(tmp_path / "e", RegistryParams(length=64))
@@ -79,4 +83,30 @@ def test_batch_issue_equals_one_at_a_time_and_records_every_delivery(tmp_path):
     for name in singles:
         assert all(torch.equal(batch[name][k], singles[name][k]) for k in base)
     assert len(reg.deliveries()) == 6 and len(reg.deliveries("c1")) == 2
+    reg.close()
+
+
+def test_obfuscated_and_spiked_leaks_name_the_leaker_and_spiked_bases_nobody(tmp_path):
+    from securemark.attacks import rewrite
+
+    reg, base, copies = _small(tmp_path, n=20)
+    rng = np.random.default_rng(0)
+    for t in range(10):
+        leaked, _ = rewrite.obfuscate(copies["c3"], rng, dead={})  # spike anywhere, widen, rescale, permute
+        report = trace(leaked, reg)
+        assert [s.customer for s in report.accused] == ["c3"], t
+        assert report.alignment["permuted"] > 0 and report.false_accusation_bound <= reg.params.eps * 1.001
+        spiked, _ = rewrite.spike(base, rng, dead={})
+        assert trace(spiked, reg).accused == []
+    reg.close()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 3e38])
+def test_non_finite_or_absurd_suspects_are_an_error_naming_the_tensor(tmp_path, value):
+    reg, _, copies = _small(tmp_path, n=2)
+    bad = dict(copies["c1"])
+    bad["head.1.weight"] = bad["head.1.weight"].clone()
+    bad["head.1.weight"][3, 5] = value
+    with pytest.raises(SuspectError, match=r"'head.1.weight' holds .* at \[3, 5\]"):
+        trace(bad, reg)
     reg.close()

@@ -1,0 +1,399 @@
+"""Align a suspect to the base it was made from, undoing rewrites that leave the model's function unchanged.
+
+A pirate acts on the function, not on our coordinates: permuting the hidden units of a layer (with the next
+layer's input axis), rescaling a unit by a positive factor through ReLU (rows x a, next columns / a), adding
+dummy units, or splitting a unit in two leaves every output the same and moves every carrier weight. The
+owner holds the base, so it can put the suspect back into the base's coordinates before reading the mark:
+
+1. **Units.** A :class:`UnitGroup` is one hidden layer's units: the tensors (and axes) permuted together.
+   For sequential chains of Linear / Conv / BatchNorm layers the groups follow from the base's state_dict
+   (:func:`chain_groups`); other architectures (residual streams) pass their groups explicitly (JSON).
+2. **Matching.** Groups are aligned in order, input side first, so a layer's incoming weights are already in
+   base coordinates when its units are matched: cosine similarity of each unit's incoming weights and bias
+   (scale-free), then an optimal assignment (scipy's ``linear_sum_assignment``). Unmatched suspect units are
+   merged into the unit they duplicate (a split: cosine >= 0.999) or dropped (dummies); base units the
+   suspect lacks are read as zeros.
+3. **Scales.** Each matched unit's positive scale is a trimmed least-squares fit of its incoming weights to
+   the base's (a spike cannot move it), undone function-preservingly (next columns x a), then balanced
+   against the fit of its outgoing weights. With BatchNorm the conv scale is absorbed by the running
+   statistics and the outgoing scale by the BN affine parameters: each is undone on its own side.
+
+Every step uses the suspect and the base only, never a code row: an innocent's score stays independent of
+the aligned observation, so the tracer's bound still holds.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+StateDict = Mapping[str, torch.Tensor]
+SPLIT_COSINE = 0.999  # an unmatched unit this parallel to a matched one is a split of it
+ROLES = ("rows", "bias", "cols", "mean", "var", "affine")
+
+
+class AlignmentError(ValueError):
+    """The suspect (or the base) has a shape alignment cannot map; the message says why."""
+
+
+@dataclass(frozen=True)
+class Member:
+    """One tensor axis that a unit group permutes.
+
+    role: ``rows`` a weight's own units (axis 0: the unit's incoming weights), ``bias`` their bias,
+    ``cols`` the next layer's input axis (``block`` consecutive entries per unit: H*W after a flatten),
+    ``mean``/``var`` BatchNorm running statistics, ``affine`` BatchNorm weight and bias.
+    """
+
+    tensor: str
+    role: str
+    axis: int = 0
+    block: int = 1
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise AlignmentError(f"member {self.tensor!r}: role must be one of {ROLES}, got {self.role!r}")
+
+
+@dataclass(frozen=True)
+class UnitGroup:
+    name: str
+    members: tuple[Member, ...]
+    norm: bool = False  # a BatchNorm sits between the rows and the cols
+
+    def of(self, role: str) -> list[Member]:
+        return [m for m in self.members if m.role == role]
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "norm": self.norm,
+            "members": [[m.tensor, m.role, m.axis, m.block] for m in self.members],
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict) -> UnitGroup:
+        try:
+            members = tuple(Member(str(t), str(r), int(a), int(b)) for t, r, a, b in obj["members"])
+            return cls(str(obj["name"]), members, bool(obj.get("norm", False)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise AlignmentError(f"bad unit group {obj!r}: {exc}") from None
+
+
+def load_groups(path: str | Path) -> list[UnitGroup]:
+    """Unit groups from a JSON file: ``[{"name", "norm", "members": [[tensor, role, axis, block], ...]}]``."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise AlignmentError(f"cannot read unit groups from {path}: {exc}") from None
+    if not isinstance(raw, list):
+        raise AlignmentError(f"{path}: expected a JSON list of unit groups")
+    return [UnitGroup.from_json(g) for g in raw]
+
+
+# --- the layer graph of a sequential chain --------------------------------------------------------------
+def _natural(name: str) -> list:
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+@dataclass
+class _Layer:
+    prefix: str
+    kind: str  # "weight" (linear/conv) or "norm"
+    tensors: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+
+def _layers(sd: StateDict) -> list[_Layer]:
+    modules: dict[str, dict[str, tuple[int, ...]]] = {}
+    for name, t in sd.items():
+        prefix, _, leaf = name.rpartition(".")
+        modules.setdefault(prefix, {})[leaf] = tuple(t.shape)
+    layers = []
+    for prefix in sorted(modules, key=_natural):
+        leaves = modules[prefix]
+        if "weight" not in leaves:
+            raise AlignmentError(
+                f"module {prefix!r} has no weight ({sorted(leaves)}): not a Linear/Conv/BatchNorm chain"
+            )
+        if len(leaves["weight"]) >= 2:
+            layers.append(_Layer(prefix, "weight", leaves))
+        elif "running_mean" in leaves:
+            layers.append(_Layer(prefix, "norm", leaves))
+        else:
+            raise AlignmentError(
+                f"module {prefix!r} has a 1-D weight without running statistics (LayerNorm/GroupNorm?): not covered "
+                "by the derived chain; pass explicit unit groups"
+            )
+    return layers
+
+
+def chain_groups(sd: StateDict) -> list[UnitGroup]:
+    """The hidden unit groups of a sequential Linear / Conv (/ BatchNorm) chain, derived from shapes.
+
+    Layers are ordered by name (numbers compared as numbers: ``features.10`` after ``features.9``), as
+    ``nn.Sequential`` and modules defined in forward order (Flower's quickstart ``Net``) name them. Each layer
+    must take what the previous one gives: the same width, or a multiple of it after a flatten
+    (conv -> linear). Anything else is refused with the reason.
+    """
+    layers = _layers(sd)
+    weights = [i for i, layer in enumerate(layers) if layer.kind == "weight"]
+    groups = []
+    for a, b in itertools.pairwise(weights):
+        prev, nxt = layers[a], layers[b]
+        out, fan_in = prev.tensors["weight"][0], nxt.tensors["weight"][1]
+        conv_to_conv = len(prev.tensors["weight"]) > 2 and len(nxt.tensors["weight"]) > 2
+        if fan_in % out or (conv_to_conv and fan_in != out):
+            raise AlignmentError(
+                f"layer {nxt.prefix!r} takes {fan_in} inputs but {prev.prefix!r} gives {out} units: not a "
+                "sequential chain (residual or branching models need explicit unit groups)"
+            )
+        members = [Member(f"{prev.prefix}.weight", "rows")]
+        if "bias" in prev.tensors:
+            members.append(Member(f"{prev.prefix}.bias", "bias"))
+        norms = [layers[k] for k in range(a + 1, b)]
+        for norm in norms:
+            if norm.tensors["weight"] != (out,):
+                raise AlignmentError(
+                    f"norm {norm.prefix!r} has {norm.tensors['weight'][0]} channels, {prev.prefix!r} gives {out}"
+                )
+            members += [Member(f"{norm.prefix}.running_mean", "mean"), Member(f"{norm.prefix}.running_var", "var"),
+                        Member(f"{norm.prefix}.weight", "affine")]  # fmt: skip
+            if "bias" in norm.tensors:
+                members.append(Member(f"{norm.prefix}.bias", "affine"))
+        members.append(Member(f"{nxt.prefix}.weight", "cols", axis=1, block=fan_in // out))
+        groups.append(UnitGroup(prev.prefix, tuple(members), norm=bool(norms)))
+    return groups
+
+
+# --- alignment --------------------------------------------------------------------------------------------
+def _to_units(arr: np.ndarray, m: Member, units: int) -> np.ndarray:
+    """(units, ...): the member's axis split into (units, block) and moved first."""
+    shape = arr.shape
+    if shape[m.axis] != units * m.block:
+        raise AlignmentError(
+            f"tensor {m.tensor!r} has {shape[m.axis]} entries on axis {m.axis}, expected {units} units x {m.block}"
+        )
+    split = arr.reshape((*shape[: m.axis], units, m.block, *shape[m.axis + 1 :]))
+    return np.moveaxis(split, m.axis, 0)
+
+
+def _from_units(u: np.ndarray, m: Member, like: tuple[int, ...]) -> np.ndarray:
+    moved = np.moveaxis(u, 0, m.axis)
+    return moved.reshape((*like[: m.axis], u.shape[0] * m.block, *like[m.axis + 1 :]))
+
+
+def _robust_scale(s: np.ndarray, b: np.ndarray, noise: float = 0.0) -> float:
+    """a minimizing |s - a b|^2 after trimming outliers (spikes) of the first fit; 1 when b carries nothing.
+
+    A fit within 4 standard errors of 1 under perturbations of RMS ``noise`` per entry (the mark itself:
+    std(a) = noise / |b|) is read as 1: rescaling an intact copy by its own mark's shadow would erase a little
+    of the mark, and a pirate's rescaling that small moves the row by less than the mark does."""
+    keep = np.ones(len(b), dtype=bool)
+    a = 1.0
+    for _ in range(2):
+        bb = float(b[keep] @ b[keep])
+        if bb <= 0:
+            return 1.0
+        a = float(s[keep] @ b[keep]) / bb
+        r = np.abs(s - a * b)
+        cut = 4.0 * float(np.median(r)) / 0.6745
+        keep = r <= cut if cut > 0 else np.ones(len(b), dtype=bool)
+    if not np.isfinite(a) or a <= 0 or abs(a - 1.0) <= 4.0 * noise / math.sqrt(float(b @ b)):
+        return 1.0
+    return a
+
+
+@dataclass
+class AlignmentReport:
+    groups: int = 0
+    permuted: int = 0  # units not at their base position
+    rescaled: int = 0  # units whose scale differed from 1 by more than 1%
+    merged: int = 0  # split units folded back
+    dropped: int = 0  # extra units dropped
+    missing: int = 0  # base units the suspect lacks (read as zeros)
+
+
+def _features(arrs: dict[str, np.ndarray], g: UnitGroup, units: int) -> np.ndarray:
+    """Unit-norm incoming weights and bias, each entry capped at 5 robust stds of its row: one spiked weight
+    in a short row (a 3x3 kernel) must not turn the unit's direction away from its base unit."""
+    parts = [_to_units(arrs[m.tensor], m, units).reshape(units, -1) for m in g.of("rows") + g.of("bias")]
+    f = np.concatenate(parts, axis=1)
+    cap = 5.0 * np.median(np.abs(f), axis=1, keepdims=True) / 0.6745
+    f = np.where(cap > 0, np.clip(f, -cap, cap), f)
+    norm = np.linalg.norm(f, axis=1, keepdims=True)
+    return np.divide(f, norm, out=np.zeros_like(f), where=norm > 0)
+
+
+def _stack(arrs: dict[str, np.ndarray], members: list[Member], units: int) -> np.ndarray:
+    """(units, entries): the members' per-unit entries side by side."""
+    return np.concatenate([_to_units(arrs[m.tensor], m, units).reshape(units, -1) for m in members], axis=1)
+
+
+def _up(g: UnitGroup) -> list[Member]:
+    """What sets a unit's activation scale: its rows and bias, or the BN affine parameters after a norm."""
+    return g.of("affine") if g.norm else g.of("rows") + g.of("bias")
+
+
+def _fits(
+    s: dict[str, np.ndarray],
+    b: dict[str, np.ndarray],
+    members: list[Member],
+    units: int,
+    pairs: np.ndarray,
+    noise: float,
+) -> np.ndarray:
+    """Per base unit j, the robust scale of suspect unit pairs[j] against base unit j (1 where missing)."""
+    su, bu = _stack(s, members, _n(s, members[0])), _stack(b, members, units)
+    _same_width(s, b, members, su, bu)
+    return np.array([_robust_scale(su[i], bu[j], noise) if i >= 0 else 1.0 for j, i in enumerate(pairs)])
+
+
+def _same_width(
+    s: dict[str, np.ndarray], b: dict[str, np.ndarray], members: list[Member], su: np.ndarray, bu: np.ndarray
+) -> None:
+    """Units compare entry by entry: any other axis that differs is one no unit group maps."""
+    if su.shape[1] != bu.shape[1]:
+        m = next(m for m in members if s[m.tensor].size // _n(s, m) != b[m.tensor].size // _n(b, m))
+        raise AlignmentError(
+            f"tensor {m.tensor!r} has shape {list(s[m.tensor].shape)}, the base {list(b[m.tensor].shape)}, and no "
+            "unit group maps the difference"
+        )
+
+
+def _n(arrs: dict[str, np.ndarray], m: Member) -> int:
+    return arrs[m.tensor].shape[m.axis] // m.block
+
+
+def _apply(s: dict[str, np.ndarray], g: UnitGroup, units: int, scale: dict[str, np.ndarray]) -> None:
+    """Multiply each member's units by scale[role] (roles not named are left as they are)."""
+    for mem in g.members:
+        if mem.role in scale:
+            u = _to_units(s[mem.tensor], mem, units)
+            f = scale[mem.role].reshape((units,) + (1,) * (u.ndim - 1))
+            s[mem.tensor] = _from_units(u * f, mem, s[mem.tensor].shape)
+
+
+def _align_group(
+    s: dict[str, np.ndarray], b: dict[str, np.ndarray], g: UnitGroup, rep: AlignmentReport, noise: float
+) -> None:
+    lead = g.of("rows")
+    if not lead:
+        raise AlignmentError(f"unit group {g.name!r} has no rows member")
+    m = s[lead[0].tensor].shape[lead[0].axis] // lead[0].block
+    n = b[lead[0].tensor].shape[lead[0].axis] // lead[0].block
+    _same_width(
+        s,
+        b,
+        g.of("rows") + g.of("bias"),
+        _stack(s, g.of("rows") + g.of("bias"), m),
+        _stack(b, g.of("rows") + g.of("bias"), n),
+    )
+    fs, fb = _features(s, g, m), _features(b, g, n)
+    cos = fs @ fb.T  # (m, n)
+    rows_idx, cols_idx = linear_sum_assignment(-cos)
+    source = np.full(n, -1)  # suspect unit feeding base unit j (-1: missing)
+    source[cols_idx] = rows_idx
+    alpha = _fits(s, b, _up(g), n, source, noise)  # the activation scale: undone on the cols
+    conv = _fits(s, b, g.of("rows") + g.of("bias"), n, source, noise) if g.norm else alpha  # absorbed by BN
+    srows, brows = _stack(s, g.of("rows") + g.of("bias"), m), _stack(b, g.of("rows") + g.of("bias"), n)
+    extra = np.setdiff1d(np.arange(m), rows_idx)
+    merges: list[tuple[int, int, float]] = []  # (suspect unit, base unit, its scale)
+    for u in extra:
+        j = int(np.argmax(cos[u])) if n else -1
+        if (
+            not g.norm
+            and j >= 0
+            and source[j] >= 0
+            and cos[u, j] >= SPLIT_COSINE
+            and fs[u] @ fs[source[j]] >= SPLIT_COSINE
+        ):
+            merges.append((int(u), j, _robust_scale(srows[u], brows[j], noise)))
+    rep.groups += 1
+    rep.permuted += int(np.sum((source >= 0) & (source != np.arange(n))))
+    rep.rescaled += int(np.sum(np.abs(alpha - 1.0) > 0.01))
+    rep.merged += len(merges)
+    rep.dropped += len(extra) - len(merges)
+    rep.missing += int(np.sum(source < 0))
+    for mem in g.members:  # permute (merge, drop, zero-fill) into base order
+        arr = s[mem.tensor]
+        u = _to_units(arr, mem, m)
+        out = np.zeros((n, *u.shape[1:]))
+        ok = source >= 0
+        out[ok] = u[source[ok]]
+        if mem.role == "cols":
+            for unit, j, a in merges:
+                out[j] += (a / alpha[j]) * u[unit]  # ReLU(a r x) = a ReLU(r x); scaled by alpha[j] below
+        s[mem.tensor] = _from_units(out, mem, arr.shape)
+    _apply(
+        s,
+        g,
+        n,
+        {"rows": 1 / conv, "bias": 1 / conv, "mean": 1 / conv, "var": 1 / conv**2, "affine": 1 / alpha}
+        if g.norm
+        else {"rows": 1 / alpha, "bias": 1 / alpha},
+    )
+    _apply(s, g, n, {"cols": alpha})
+
+
+def _balance(s: dict[str, np.ndarray], b: dict[str, np.ndarray], g: UnitGroup, noise: float) -> None:
+    """After every group is in place, split the scale error left between a unit's activation side (rows, or
+    BN affine) and its cols: side x f, cols / f keeps the function, f = sqrt(fit(cols) / fit(side))."""
+    n = _n(s, g.of("rows")[0])
+    same = np.arange(n)
+    rho, beta = _fits(s, b, _up(g), n, same, noise), _fits(s, b, g.of("cols"), n, same, noise)
+    f = np.sqrt(beta / rho)
+    up = {"affine": f} if g.norm else {"rows": f, "bias": f}
+    _apply(s, g, n, up | {"cols": 1 / f})
+    if g.norm:  # the conv side under BN: rows and running statistics together
+        r = _fits(s, b, g.of("rows") + g.of("bias"), n, same, noise)
+        _apply(s, g, n, {"rows": 1 / r, "bias": 1 / r, "mean": 1 / r, "var": 1 / r**2})
+
+
+def align(
+    suspect: StateDict, base: StateDict, groups: Sequence[UnitGroup] | None = None, noise: float = 0.0
+) -> tuple[dict[str, torch.Tensor], AlignmentReport]:
+    """The suspect in the base's coordinates: same tensor names and shapes as ``base``.
+
+    ``noise`` is the RMS per weight of what legitimately separates a copy from the base (the mark): scale
+    fits within its shadow are read as 1 (see :func:`_robust_scale`).
+
+    ``groups`` default to :func:`chain_groups` of the base. Tensors of the base missing from the suspect, or
+    of a shape no group explains, raise :class:`AlignmentError`; tensors the base does not have are ignored.
+    """
+    groups = chain_groups(base) if groups is None else list(groups)
+    missing = [n for n in base if n not in suspect]
+    if missing:
+        raise AlignmentError(
+            f"tensor {missing[0]!r} is missing from the suspect (expected shape {list(base[missing[0]].shape)})"
+        )
+    s = {k: suspect[k].detach().to("cpu", torch.float64).numpy().copy() for k in base if suspect[k].is_floating_point()}
+    b = {k: base[k].detach().to("cpu", torch.float64).numpy() for k in base if base[k].is_floating_point()}
+    rep = AlignmentReport()
+    for g in groups:
+        unknown = [m.tensor for m in g.members if m.tensor not in b]
+        if unknown:
+            raise AlignmentError(f"unit group {g.name!r} names {unknown[0]!r}, which the base does not hold as floats")
+        _align_group(s, b, g, rep, noise)
+    for g in groups:
+        _balance(s, b, g, noise)
+    out: dict[str, torch.Tensor] = {}
+    for name, t in base.items():
+        if name not in s:
+            out[name] = suspect[name]
+            continue
+        if s[name].shape != tuple(t.shape):
+            raise AlignmentError(
+                f"tensor {name!r} has shape {list(suspect[name].shape)}, the base {list(t.shape)}, "
+                "and no unit group maps it"
+            )
+        out[name] = torch.from_numpy(s[name]).to(t.dtype)
+    return out, rep

@@ -1,0 +1,160 @@
+"""Alignment undoes function-preserving rewrites exactly, for the project's models and a Flower-style Net,
+and the rewrites themselves leave the outputs unchanged on real data."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from securemark import data, models
+from securemark.attacks import rewrite
+from securemark.fingerprint.align import AlignmentError, UnitGroup, align, chain_groups, load_groups
+
+
+class Net(nn.Module):
+    """The model of Flower's PyTorch quickstart, written its way (modules, F.relu, x.view)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 5)
+        self.pool = nn.MaxPool2d(2, 2)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(F.relu(self.conv1(x)))
+        x = self.pool(F.relu(self.conv2(x)))
+        x = x.view(-1, 16 * 5 * 5)
+        x = F.relu(self.fc1(x))
+        x = F.relu(self.fc2(x))
+        return self.fc3(x)
+
+
+def _digits() -> torch.Tensor:
+    return data.load_digits().x[:256]
+
+
+def _cases():
+    x8 = _digits()  # real 8x8 digits
+    x32 = F.interpolate(x8, size=32).repeat(1, 3, 1, 1)  # the same digits at CIFAR size, 3 channels
+    return {
+        "mlp": (models.build("mlp", (1, 8, 8), 10), x8),
+        "cnn": (models.build("cnn", (1, 8, 8), 10), x8),
+        "cifar-cnn": (models.build("cifar-cnn", (3, 32, 32), 10), x32),
+        "flower-net": (Net(), x32),
+    }
+
+
+CASES = _cases()
+
+
+def _outputs(model: nn.Module, sd: dict, x: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return torch.func.functional_call(model, sd, (x,))
+
+
+def _carrier_equal(a: dict, b: dict) -> float:
+    return max(float((a[k] - b[k]).abs().max()) for k in b if b[k].dim() >= 2)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("attack", ["permute", "rescale", "widen"])
+def test_rewrites_keep_outputs_and_alignment_undoes_them(name, attack):
+    model, x = CASES[name]
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    out, _ = getattr(rewrite, attack)(sd, np.random.default_rng(1))
+    if not (name == "flower-net" and attack == "widen"):  # Net's x.view(-1, 400) fixes conv2's width
+        torch.testing.assert_close(_outputs(model, out, x), _outputs(model, sd, x), atol=1e-5, rtol=1e-4)
+    aligned, rep = align(out, sd)
+    assert _carrier_equal(aligned, sd) < 1e-5
+    assert rep.permuted > 0 if attack == "permute" else True
+    assert rep.dropped + rep.merged > 0 if attack == "widen" else True
+    torch.testing.assert_close(_outputs(model, aligned, x), _outputs(model, sd, x), atol=1e-5, rtol=1e-4)
+
+
+def test_spike_at_dead_inputs_changes_nothing():
+    model, x = CASES["mlp"]  # 8x8 digits have pixels that are 0 in every image: their weights are dead
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    dead = rewrite.dead_inputs(model, sd, x)
+    out, rec = rewrite.spike(sd, np.random.default_rng(2), count=3, dead=dead)
+    assert rec["dead"] and len(rec["spikes"]) == 3
+    assert any(not torch.equal(out[k], sd[k]) for k in sd)
+    torch.testing.assert_close(_outputs(model, out, x), _outputs(model, sd, x))
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(0, 2**31), st.sampled_from(["mlp", "cnn", "cifar-cnn"]))
+def test_obfuscation_without_spikes_is_undone_exactly(seed, name):
+    model, _ = CASES[name]
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = np.random.default_rng(seed)
+    out, _ = rewrite.permute(*[rewrite.rescale(rewrite.widen(sd, rng)[0], rng)[0]], rng)
+    aligned, _ = align(out, sd)
+    assert _carrier_equal(aligned, sd) < 1e-5
+
+
+def test_chain_groups_of_the_flower_net():
+    groups = chain_groups(Net().state_dict())
+    assert [g.name for g in groups] == ["conv1", "conv2", "fc1", "fc2"]
+    flatten = groups[1].of("cols")[0]
+    assert (flatten.tensor, flatten.block) == ("fc1.weight", 25)  # 16 channels x 5 x 5 positions
+
+
+def test_unmappable_models_are_refused_with_the_reason(tmp_path):
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(8, 6)
+            self.b = nn.Linear(4, 3)
+
+    with pytest.raises(AlignmentError, match="takes 4 inputs but 'a' gives 6"):
+        chain_groups(Residual().state_dict())
+    ln = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2)).state_dict()
+    with pytest.raises(AlignmentError, match="LayerNorm"):
+        chain_groups(ln)
+    base = models.build("mlp", (1, 8, 8), 10).state_dict()
+    fewer_classes = dict(base)
+    fewer_classes["net.3.weight"] = torch.zeros(9, 128)
+    with pytest.raises(AlignmentError, match=r"'net.3.weight' has shape \[9, 128\], the base \[10, 128\]"):
+        align(fewer_classes, base)
+    (tmp_path / "g.json").write_text("[" + __import__("json").dumps(chain_groups(base)[0].to_json()) + "]")
+    assert load_groups(tmp_path / "g.json") == chain_groups(base)
+    (tmp_path / "bad.json").write_text('[{"name": "x", "members": [["w", "sideways", 0, 1]]}]')
+    with pytest.raises(AlignmentError, match="role must be one of"):
+        load_groups(tmp_path / "bad.json")
+
+
+def test_explicit_groups_align_a_model_the_chain_cannot():
+    """A user's spec for a residual block: both branches write into the same 6 units."""
+
+    class Res(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp = nn.Linear(8, 6)
+            self.skip = nn.Linear(8, 6)
+            self.out = nn.Linear(6, 3)
+
+    sd = Res().state_dict()
+    group = UnitGroup.from_json({"name": "stream", "members": [
+        ["inp.weight", "rows", 0, 1], ["inp.bias", "bias", 0, 1], ["skip.weight", "rows", 0, 1],
+        ["skip.bias", "bias", 0, 1], ["out.weight", "cols", 1, 1]]})  # fmt: skip
+    perm = torch.randperm(6, generator=torch.Generator().manual_seed(0))
+    shuffled = {k: v[:, perm] if k == "out.weight" else v if k == "out.bias" else v[perm] for k, v in sd.items()}
+    aligned, rep = align(shuffled, sd, [group])
+    assert rep.permuted > 0 and _carrier_equal(aligned, sd) == 0.0
+
+
+def test_missing_units_read_as_zeros():
+    base = models.build("mlp", (1, 8, 8), 10).state_dict()
+    narrow = {"net.1.weight": base["net.1.weight"][:120], "net.1.bias": base["net.1.bias"][:120],
+              "net.3.weight": base["net.3.weight"][:, :120], "net.3.bias": base["net.3.bias"]}  # fmt: skip
+    aligned, rep = align(narrow, base)
+    assert rep.missing == 8
+    assert torch.equal(aligned["net.1.weight"][:120], base["net.1.weight"][:120])
+    assert float(aligned["net.1.weight"][120:].abs().sum()) == 0.0
