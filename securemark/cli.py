@@ -103,8 +103,6 @@ def cmd_registry_show(a: argparse.Namespace) -> None:
 def cmd_issue(a: argparse.Namespace) -> None:
     """The delivery is recorded only once the copy's file is whole on disk (written beside it, then renamed);
     an --out the CLI cannot write is refused before any customer or delivery is recorded."""
-    import os
-
     from securemark import modelio
     from securemark.owner import make_copy
     from securemark.registry import Registry
@@ -115,12 +113,7 @@ def cmd_issue(a: argparse.Namespace) -> None:
     base = modelio.load_state_dict(a.model)
     with Registry.open(a.directory) as reg:
         copy, customer = make_copy(reg, base, a.customer)
-        partial = out.with_name(f".{out.stem}.{os.getpid()}.partial{out.suffix}")
-        try:
-            modelio.save_state_dict(copy, partial)
-            os.replace(partial, out)
-        finally:
-            partial.unlink(missing_ok=True)
+        modelio.save_atomic(copy, out)
         reg.record_delivery(customer, modelio.state_digest(copy), note=str(out))
     print(f"issued {out} to {a.customer!r} (sha256 {modelio.file_sha256(out)[:16]}...)")
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -51,6 +53,22 @@ def save_state_dict(sd: Mapping[str, torch.Tensor], path: str | Path) -> None:
         raise ModelFileError(f"{path}: unknown model format; use one of {', '.join(MODEL_SUFFIXES)}")
 
 
+def save_atomic(sd: Mapping[str, torch.Tensor], path: str | Path) -> None:
+    """Write ``sd`` to a temporary file beside ``path`` (mode 0600), then rename it into place: a reader, or a
+    concurrent writer of the same file, only ever sees a whole file, and a failed write leaves nothing."""
+    path = Path(path)
+    if path.suffix not in MODEL_SUFFIXES:
+        raise ModelFileError(f"{path}: unknown model format; use one of {', '.join(MODEL_SUFFIXES)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        save_state_dict(sd, tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 def file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -67,3 +85,17 @@ def state_digest(sd: Mapping[str, torch.Tensor]) -> str:
         h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def first_bad_entry(sd: Mapping[str, torch.Tensor], limit: float = float("inf")) -> tuple[str, list[int], float] | None:
+    """(tensor name, index, value) of the first floating entry, in name order, that is NaN, infinite or of
+    magnitude >= ``limit``; None when there is none. Owner and tracer both refuse models that have one."""
+    for name in sorted(sd):
+        t = sd[name]
+        if not t.is_floating_point() or t.numel() == 0:
+            continue
+        bad = ~torch.isfinite(t) | (t.abs() >= limit)
+        if bool(bad.any()):
+            index = [int(i) for i in torch.nonzero(bad)[0]]
+            return name, index, float(t[tuple(index)])
+    return None

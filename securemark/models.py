@@ -82,7 +82,7 @@ def build(name: str, in_shape: tuple[int, int, int], classes: int, seed: int = 0
 
 
 def load_weights(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> nn.Module:
-    """``model.load_state_dict(sd)``, or, when tensors differ in shape (a widened copy: dummy or split units),
+    """``model.load_state_dict(sd)``, or, when tensors differ in shape (a widened copy: added or split units),
     the tensors put in place of the module's own. Linear, Conv and BatchNorm read their shapes from their
     tensors, so the wider model runs (and trains) as the pirate who widened it would run it."""
     try:

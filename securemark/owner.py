@@ -5,11 +5,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-import torch
-
 from securemark.fingerprint.carrier import CarrierLayout, StateDict
 from securemark.fingerprint.embed import Fingerprinter, Projection
-from securemark.modelio import state_digest
+from securemark.modelio import first_bad_entry, state_digest
 from securemark.registry import Base, Customer, Registry
 
 
@@ -27,9 +25,9 @@ def fingerprinter(registry: Registry, model: StateDict) -> Fingerprinter:
 def check_finite(model: StateDict) -> None:
     """Refuse a model with NaN or inf in a floating tensor: every copy made from it would carry them, and
     the strength computed from it would be NaN (copies that hold no readable mark)."""
-    for name, t in sorted(model.items()):
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"base model tensor {name!r} holds NaN or inf values; refusing to issue copies of it")
+    bad = first_bad_entry(model)
+    if bad is not None:
+        raise ValueError(f"base model tensor {bad[0]!r} holds NaN or inf values; refusing to issue copies of it")
 
 
 def establish_base(

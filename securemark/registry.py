@@ -15,7 +15,6 @@ import math
 import os
 import sqlite3
 import stat
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
@@ -377,18 +376,12 @@ class Registry:
         """Keep ``model`` as ``bases/<state digest>.safetensors`` (mode 0600: it is the owner's unmarked
         model) and return the digest. Written to a temporary file beside it and renamed, so a reader (or a
         concurrent first issue writing the same file) only ever sees a whole file."""
-        from securemark.modelio import save_state_dict, state_digest
+        from securemark.modelio import save_atomic, state_digest
 
         digest = state_digest(model)
         folder = self.directory / BASES_DIR
         folder.mkdir(mode=0o700, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{digest[:16]}.", suffix=".safetensors", dir=folder)  # mode 0600
-        os.close(fd)
-        try:
-            save_state_dict(model, tmp)
-            os.replace(tmp, folder / f"{digest}.safetensors")
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        save_atomic(model, folder / f"{digest}.safetensors")
         return digest
 
     def base_model(self) -> dict[str, torch.Tensor] | None:

@@ -33,7 +33,7 @@ STEPS: dict[str, dict[str, type]] = {
     "spike": {"count": int, "low": float, "high": float, "dead": int},
     "permute": {},
     "rescale": {"low": float, "high": float},
-    "widen": {"dummies": int, "splits": int},
+    "widen": {"extra": int, "splits": int},
     "obfuscate": {"dead": int},
 }
 DEAD_PROBE = 512  # examples of the pirate's own data that find inputs which are always zero
@@ -132,7 +132,7 @@ def run(copies: Sequence[StateDict], steps: Sequence[Step], attacker: Attacker) 
         elif step.name == "rescale":
             current, rec = R.rescale(current, attacker.rng, p.get("low", 0.25), p.get("high", 4.0))
         elif step.name == "widen":
-            current, rec = R.widen(current, attacker.rng, p.get("dummies", 4), p.get("splits", 2))
+            current, rec = R.widen(current, attacker.rng, p.get("extra", 4), p.get("splits", 2))
         else:  # distill
             unlabeled = attacker.data.sample(p.get("fraction", 1.0), attacker.rng)
             current, rec = L.distill(
@@ -143,12 +143,9 @@ def run(copies: Sequence[StateDict], steps: Sequence[Step], attacker: Attacker) 
     return current, records
 
 
-def _dead(sd: StateDict, attacker: Attacker) -> dict[str, torch.Tensor] | None:
-    """Weights whose input is zero on the pirate's own data (None when the model does not load as is)."""
-    try:
-        return R.dead_inputs(attacker.model(), sd, attacker.data.x[:DEAD_PROBE])
-    except RuntimeError:  # widened already: the attacker's architecture no longer fits
-        return None
+def _dead(sd: StateDict, attacker: Attacker) -> dict[str, torch.Tensor]:
+    """Weights whose input is zero on the pirate's own data (a widened copy runs too: models.load_weights)."""
+    return R.dead_inputs(attacker.model(), sd, attacker.data.x[:DEAD_PROBE])
 
 
 def _mutually_aligned(copies: Sequence[StateDict], attacker: Attacker) -> list[dict]:

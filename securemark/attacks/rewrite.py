@@ -3,8 +3,8 @@
 * ``permute``: shuffle the hidden units of every layer (with the next layer's input axis).
 * ``rescale``: multiply each hidden unit by a positive factor and divide its outgoing weights by it (ReLU and
   max-pooling are positively homogeneous); with BatchNorm, the BN affine parameters carry the factor.
-* ``widen``: add dummy units (random incoming weights, zero outgoing) and split units in two (the same
-  incoming direction at another scale, the outgoing weights shared between them).
+* ``widen``: add units that feed nothing (random incoming weights, zero outgoing weights) and split units in
+  two (the same incoming direction at another scale, the outgoing weights shared between them).
 * ``spike``: set a few weights far out (5-500x their tensor's std), at inputs that are dead on the pirate's
   data when there are any (then the outputs do not change either).
 * ``obfuscate``: all of them.
@@ -47,11 +47,12 @@ def _float(sd: StateDict) -> dict[str, torch.Tensor]:
 
 def permute(sd: StateDict, rng: np.random.Generator) -> tuple[dict, dict]:
     out = _float(sd)
-    for g in chain_groups(sd):
+    groups = chain_groups(sd)
+    for g in groups:
         perm = torch.from_numpy(rng.permutation(_count(out, g)))
         for m in g.members:
             out[m.tensor] = _back(_units(out[m.tensor], m)[perm], m, tuple(out[m.tensor].shape))
-    return out, {"attack": "permute", "groups": len(chain_groups(sd))}
+    return out, {"attack": "permute", "groups": len(groups)}
 
 
 def rescale(sd: StateDict, rng: np.random.Generator, low: float = 0.25, high: float = 4.0) -> tuple[dict, dict]:
@@ -73,10 +74,11 @@ def rescale(sd: StateDict, rng: np.random.Generator, low: float = 0.25, high: fl
     return out, {"attack": "rescale", "low": low, "high": high}
 
 
-def widen(sd: StateDict, rng: np.random.Generator, dummies: int = 4, splits: int = 2) -> tuple[dict, dict]:
-    """Add ``dummies`` dead units and split ``splits`` units (split: layers without BatchNorm) per group."""
-    if dummies < 0 or splits < 0:
-        raise ValueError(f"widen needs dummies, splits >= 0, got {dummies}, {splits}")
+def widen(sd: StateDict, rng: np.random.Generator, extra: int = 4, splits: int = 2) -> tuple[dict, dict]:
+    """Per hidden layer, add ``extra`` units that feed nothing (zero outgoing weights) and split ``splits``
+    units in two (layers without BatchNorm only: a split under BN is not a sum of two ReLU outputs)."""
+    if extra < 0 or splits < 0:
+        raise ValueError(f"widen needs extra, splits >= 0, got {extra}, {splits}")
     out = _float(sd)
     gen = torch.Generator().manual_seed(int(rng.integers(2**63)))
     for g in chain_groups(sd):
@@ -94,17 +96,17 @@ def widen(sd: StateDict, rng: np.random.Generator, dummies: int = 4, splits: int
                 u = u.clone()
                 u[torch.from_numpy(chosen)] = new * (1 - share.reshape(shape))
                 new = new * (share / scale).reshape(shape)  # t ReLU(r x) (c / t) col = c col ReLU(r x)
-            dummy_shape = (dummies, *u.shape[1:])
+            added_shape = (extra, *u.shape[1:])
             if m.role == "cols":
-                dummy = torch.zeros(dummy_shape, dtype=u.dtype)  # no effect on the outputs
+                added = torch.zeros(added_shape, dtype=u.dtype)  # the added units feed nothing: outputs unchanged
             elif m.role == "var":
-                dummy = torch.ones(dummy_shape, dtype=u.dtype)
+                added = torch.ones(added_shape, dtype=u.dtype)  # a valid BatchNorm variance
             else:
                 std = float(u.std()) if u.numel() > 1 else 1.0
-                dummy = std * torch.randn(dummy_shape, generator=gen, dtype=u.dtype)
-            u = torch.cat([u, new, dummy])
+                added = std * torch.randn(added_shape, generator=gen, dtype=u.dtype)  # look like real units
+            u = torch.cat([u, new, added])
             out[m.tensor] = _back(u, m, tuple(out[m.tensor].shape)).to(sd[m.tensor].dtype)
-    return out, {"attack": "widen", "dummies": dummies, "splits": splits}
+    return out, {"attack": "widen", "extra": extra, "splits": splits}
 
 
 def dead_inputs(model: torch.nn.Module, sd: StateDict, x: torch.Tensor) -> dict[str, torch.Tensor]:

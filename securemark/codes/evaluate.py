@@ -57,9 +57,6 @@ def _accuse_scored(spec: CodeTrialSpec, rng: np.random.Generator) -> tuple[np.nd
     coalition = rng.choice(spec.users, size=spec.colluders, replace=False)
     y = collude(2.0 * rows[coalition] - 1.0, spec.attack, rng, spec.noise)
     y = robust_observation(y).y
-    norm = np.linalg.norm(y)
-    if norm == 0:
-        return np.empty(0, dtype=np.int64), coalition, float("inf")
     w, offset = tardos.score_weights(y, bias)
     scores = rows.astype(np.float32) @ w.astype(np.float32) - offset
     acc = accuse(scores, Law.of(y, bias), spec.eps, lambda users: tardos.soft_scores_reference(rows[users], y, bias))
@@ -117,7 +114,7 @@ def evaluate_code(spec: CodeTrialSpec, progress: bool = False) -> dict[str, obje
     out = asdict(spec)
     out.update(
         length=length,
-        threshold=threshold if spec.code == "bibd" else float(np.mean(thresholds)),
+        threshold=threshold if spec.code == "bibd" else float(np.mean(np.asarray(thresholds)[np.isfinite(thresholds)])),
         catch_rate=caught / spec.trials,
         all_caught_rate=all_caught / spec.trials,
         false_accusations=false_acc,

@@ -2,8 +2,8 @@
 
 A pirate acts on the function, not on our coordinates: permuting the hidden units of a layer (with the next
 layer's input axis), rescaling a unit by a positive factor through ReLU (rows x a, next columns / a), adding
-dummy units, or splitting a unit in two leaves every output the same and moves every carrier weight. The
-owner holds the base, so it can put the suspect back into the base's coordinates before reading the mark:
+units that feed nothing, or splitting a unit in two leaves every output the same and moves every carrier
+weight. The owner holds the base, so it can put the suspect back into the base's coordinates before reading:
 
 1. **Units.** A :class:`UnitGroup` is one hidden layer's units: the tensors (and axes) permuted together.
    For sequential chains of Linear / Conv / BatchNorm layers the groups follow from the base's state_dict
@@ -11,8 +11,8 @@ owner holds the base, so it can put the suspect back into the base's coordinates
 2. **Matching.** Groups are aligned in order, input side first, so a layer's incoming weights are already in
    base coordinates when its units are matched: cosine similarity of each unit's incoming weights and bias
    (scale-free), then an optimal assignment (scipy's ``linear_sum_assignment``). Unmatched suspect units are
-   merged into the unit they duplicate (a split: cosine >= 0.999) or dropped (dummies); base units the
-   suspect lacks are read as zeros.
+   merged into the unit they duplicate (a split: cosine >= 0.999) or dropped (units that feed nothing); base
+   units the suspect lacks are read as zeros.
 3. **Scales.** Each matched unit's positive scale is a trimmed least-squares fit of its incoming weights to
    the base's (a spike cannot move it), undone function-preservingly (next columns x a), then balanced
    against the fit of its outgoing weights. With BatchNorm the conv scale is absorbed by the running
@@ -222,55 +222,54 @@ class AlignmentReport:
     missing: int = 0  # base units the suspect lacks (read as zeros)
 
 
-def _features(arrs: dict[str, np.ndarray], g: UnitGroup, units: int) -> np.ndarray:
-    """Unit-norm incoming weights and bias, each entry capped at 5 robust stds of its row: one spiked weight
-    in a short row (a 3x3 kernel) must not turn the unit's direction away from its base unit."""
-    parts = [_to_units(arrs[m.tensor], m, units).reshape(units, -1) for m in g.of("rows") + g.of("bias")]
-    f = np.concatenate(parts, axis=1)
-    cap = 5.0 * np.median(np.abs(f), axis=1, keepdims=True) / 0.6745
-    f = np.where(cap > 0, np.clip(f, -cap, cap), f)
-    norm = np.linalg.norm(f, axis=1, keepdims=True)
-    return np.divide(f, norm, out=np.zeros_like(f), where=norm > 0)
-
-
 def _stack(arrs: dict[str, np.ndarray], members: list[Member], units: int) -> np.ndarray:
     """(units, entries): the members' per-unit entries side by side."""
     return np.concatenate([_to_units(arrs[m.tensor], m, units).reshape(units, -1) for m in members], axis=1)
 
 
+def _unit_matrices(
+    s: dict[str, np.ndarray], b: dict[str, np.ndarray], members: list[Member], m: int, n: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Suspect (m, k) and base (n, k) per-unit entries of ``members``. Units compare entry by entry, so an
+    axis other than the units' that differs is one no unit group maps: refused, naming the tensor."""
+    su, bu = _stack(s, members, m), _stack(b, members, n)
+    if su.shape[1] != bu.shape[1]:
+        t = next(x.tensor for x in members if s[x.tensor].size // m != b[x.tensor].size // n)
+        raise AlignmentError(
+            f"tensor {t!r} has shape {list(s[t].shape)}, the base {list(b[t].shape)}, and no unit group maps the "
+            "difference"
+        )
+    return su, bu
+
+
+def _directions(rows: np.ndarray) -> np.ndarray:
+    """Unit-norm rows, each entry capped at 5 robust stds of its row first: one spiked weight in a short row
+    (a 3x3 kernel) must not turn the unit's direction away from its base unit."""
+    cap = 5.0 * np.median(np.abs(rows), axis=1, keepdims=True) / 0.6745
+    f = np.where(cap > 0, np.clip(rows, -cap, cap), rows)
+    norm = np.linalg.norm(f, axis=1, keepdims=True)
+    return np.divide(f, norm, out=np.zeros_like(f), where=norm > 0)
+
+
+def _incoming(g: UnitGroup) -> list[Member]:
+    return g.of("rows") + g.of("bias")
+
+
 def _up(g: UnitGroup) -> list[Member]:
     """What sets a unit's activation scale: its rows and bias, or the BN affine parameters after a norm."""
-    return g.of("affine") if g.norm else g.of("rows") + g.of("bias")
+    return g.of("affine") if g.norm else _incoming(g)
 
 
-def _fits(
-    s: dict[str, np.ndarray],
-    b: dict[str, np.ndarray],
-    members: list[Member],
-    units: int,
-    pairs: np.ndarray,
-    noise: float,
-) -> np.ndarray:
+def _fits(su: np.ndarray, bu: np.ndarray, pairs: np.ndarray, noise: float) -> np.ndarray:
     """Per base unit j, the robust scale of suspect unit pairs[j] against base unit j (1 where missing)."""
-    su, bu = _stack(s, members, _n(s, members[0])), _stack(b, members, units)
-    _same_width(s, b, members, su, bu)
     return np.array([_robust_scale(su[i], bu[j], noise) if i >= 0 else 1.0 for j, i in enumerate(pairs)])
 
 
-def _same_width(
-    s: dict[str, np.ndarray], b: dict[str, np.ndarray], members: list[Member], su: np.ndarray, bu: np.ndarray
-) -> None:
-    """Units compare entry by entry: any other axis that differs is one no unit group maps."""
-    if su.shape[1] != bu.shape[1]:
-        m = next(m for m in members if s[m.tensor].size // _n(s, m) != b[m.tensor].size // _n(b, m))
-        raise AlignmentError(
-            f"tensor {m.tensor!r} has shape {list(s[m.tensor].shape)}, the base {list(b[m.tensor].shape)}, and no "
-            "unit group maps the difference"
-        )
-
-
-def _n(arrs: dict[str, np.ndarray], m: Member) -> int:
-    return arrs[m.tensor].shape[m.axis] // m.block
+def _units_of(arrs: dict[str, np.ndarray], g: UnitGroup) -> int:
+    lead = g.of("rows")
+    if not lead:
+        raise AlignmentError(f"unit group {g.name!r} has no rows member")
+    return arrs[lead[0].tensor].shape[lead[0].axis] // lead[0].block
 
 
 def _apply(s: dict[str, np.ndarray], g: UnitGroup, units: int, scale: dict[str, np.ndarray]) -> None:
@@ -285,37 +284,21 @@ def _apply(s: dict[str, np.ndarray], g: UnitGroup, units: int, scale: dict[str, 
 def _align_group(
     s: dict[str, np.ndarray], b: dict[str, np.ndarray], g: UnitGroup, rep: AlignmentReport, noise: float
 ) -> None:
-    lead = g.of("rows")
-    if not lead:
-        raise AlignmentError(f"unit group {g.name!r} has no rows member")
-    m = s[lead[0].tensor].shape[lead[0].axis] // lead[0].block
-    n = b[lead[0].tensor].shape[lead[0].axis] // lead[0].block
-    _same_width(
-        s,
-        b,
-        g.of("rows") + g.of("bias"),
-        _stack(s, g.of("rows") + g.of("bias"), m),
-        _stack(b, g.of("rows") + g.of("bias"), n),
-    )
-    fs, fb = _features(s, g, m), _features(b, g, n)
-    cos = fs @ fb.T  # (m, n)
+    m, n = _units_of(s, g), _units_of(b, g)
+    srows, brows = _unit_matrices(s, b, _incoming(g), m, n)
+    fs = _directions(srows)
+    cos = fs @ _directions(brows).T  # (m, n)
     rows_idx, cols_idx = linear_sum_assignment(-cos)
     source = np.full(n, -1)  # suspect unit feeding base unit j (-1: missing)
     source[cols_idx] = rows_idx
-    alpha = _fits(s, b, _up(g), n, source, noise)  # the activation scale: undone on the cols
-    conv = _fits(s, b, g.of("rows") + g.of("bias"), n, source, noise) if g.norm else alpha  # absorbed by BN
-    srows, brows = _stack(s, g.of("rows") + g.of("bias"), m), _stack(b, g.of("rows") + g.of("bias"), n)
+    conv = _fits(srows, brows, source, noise)
+    # the activation scale, undone on the cols; under a norm the conv scale is absorbed by the BN statistics
+    alpha = _fits(*_unit_matrices(s, b, _up(g), m, n), source, noise) if g.norm else conv
     extra = np.setdiff1d(np.arange(m), rows_idx)
     merges: list[tuple[int, int, float]] = []  # (suspect unit, base unit, its scale)
-    for u in extra:
-        j = int(np.argmax(cos[u])) if n else -1
-        if (
-            not g.norm
-            and j >= 0
-            and source[j] >= 0
-            and cos[u, j] >= SPLIT_COSINE
-            and fs[u] @ fs[source[j]] >= SPLIT_COSINE
-        ):
+    for u in extra if not g.norm else ():  # a split of a unit under BN is not a sum of two ReLU outputs
+        j = int(np.argmax(cos[u]))
+        if source[j] >= 0 and cos[u, j] >= SPLIT_COSINE and fs[u] @ fs[source[j]] >= SPLIT_COSINE:
             merges.append((int(u), j, _robust_scale(srows[u], brows[j], noise)))
     rep.groups += 1
     rep.permuted += int(np.sum((source >= 0) & (source != np.arange(n))))
@@ -333,28 +316,24 @@ def _align_group(
             for unit, j, a in merges:
                 out[j] += (a / alpha[j]) * u[unit]  # ReLU(a r x) = a ReLU(r x); scaled by alpha[j] below
         s[mem.tensor] = _from_units(out, mem, arr.shape)
-    _apply(
-        s,
-        g,
-        n,
-        {"rows": 1 / conv, "bias": 1 / conv, "mean": 1 / conv, "var": 1 / conv**2, "affine": 1 / alpha}
-        if g.norm
-        else {"rows": 1 / alpha, "bias": 1 / alpha},
-    )
-    _apply(s, g, n, {"cols": alpha})
+    scale = {"rows": 1 / conv, "bias": 1 / conv}
+    if g.norm:
+        scale |= {"mean": 1 / conv, "var": 1 / conv**2, "affine": 1 / alpha}
+    _apply(s, g, n, scale | {"cols": alpha})
 
 
 def _balance(s: dict[str, np.ndarray], b: dict[str, np.ndarray], g: UnitGroup, noise: float) -> None:
     """After every group is in place, split the scale error left between a unit's activation side (rows, or
     BN affine) and its cols: side x f, cols / f keeps the function, f = sqrt(fit(cols) / fit(side))."""
-    n = _n(s, g.of("rows")[0])
+    n = _units_of(b, g)
     same = np.arange(n)
-    rho, beta = _fits(s, b, _up(g), n, same, noise), _fits(s, b, g.of("cols"), n, same, noise)
+    rho = _fits(*_unit_matrices(s, b, _up(g), n, n), same, noise)
+    beta = _fits(*_unit_matrices(s, b, g.of("cols"), n, n), same, noise)
     f = np.sqrt(beta / rho)
     up = {"affine": f} if g.norm else {"rows": f, "bias": f}
     _apply(s, g, n, up | {"cols": 1 / f})
     if g.norm:  # the conv side under BN: rows and running statistics together
-        r = _fits(s, b, g.of("rows") + g.of("bias"), n, same, noise)
+        r = _fits(*_unit_matrices(s, b, _incoming(g), n, n), same, noise)
         _apply(s, g, n, {"rows": 1 / r, "bias": 1 / r, "mean": 1 / r, "var": 1 / r**2})
 
 

@@ -31,7 +31,9 @@ Clipping is a function of y alone, so the bound still holds for the clipped obse
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 from scipy.special import erfcx, expit, log_expit
@@ -59,31 +61,45 @@ class Law:
         keep = y != 0
         return cls(y[keep] / np.sqrt(bias[keep] * (1.0 - bias[keep])), bias[keep])
 
-    @property
+    @cached_property
     def std(self) -> float:
         """sqrt(Var S) = ||y||."""
         return float(np.sqrt(np.sum(self.w**2 * self.p * (1 - self.p))))
 
-    @property
+    @cached_property
     def maximum(self) -> float:
         """The largest value S can take: P(S > maximum) = 0."""
         return float(np.sum(np.maximum(self.w * (1 - self.p), -self.w * self.p)))
 
+    @cached_property
+    def _logit(self) -> np.ndarray:
+        return np.log(self.p) - np.log1p(-self.p)
+
     def _tilt(self, lam: float) -> tuple[float, float, float, float]:
         """K(lam), K'(lam), K''(lam) and the tilted third absolute central moment sum rho(lam)."""
         w, p = self.w, self.p
-        logit = np.log(p) - np.log1p(-p)
-        t = logit + lam * w
+        t = self._logit + lam * w
         q = expit(t)  # tilted P(x_l = 1)
         # K_l = log(p e^{lam w (1-p)} + (1-p) e^{-lam w p}) = log(1-p) - lam w p + log(1 + e^{t}), computed stably
         k = float(np.sum(np.log1p(-p) - lam * w * p - log_expit(-t)))
         v = q * (1 - q)
-        return (
-            k,
-            float(np.sum(w * (q - p))),
-            float(np.sum(w**2 * v)),
-            float(np.sum(np.abs(w) ** 3 * v * (q**2 + (1 - q) ** 2))),
-        )
+        rho = float(np.sum(np.abs(w) ** 3 * v * (q**2 + (1 - q) ** 2)))
+        return k, float(np.sum(w * (q - p))), float(np.sum(w**2 * v)), rho
+
+    def _first(self, reached: Callable[[float], bool]) -> tuple[float, float] | None:
+        """(lo, hi) around the smallest lam > 0 where ``reached`` turns true (it is monotone in lam): doubling
+        from 1 / std, then bisection to 1e-9. None when every tilted bit saturates first (lam max|w| > 1e4)."""
+        lo, hi = 0.0, 1.0 / self.std
+        while not reached(hi):
+            lo, hi = hi, 2.0 * hi
+            if hi * float(np.max(np.abs(self.w))) > 1e4:
+                return None
+        for _ in range(60):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (lo, mid) if reached(mid) else (mid, hi)
+            if hi - lo <= 1e-9 * hi:
+                break
+        return lo, hi
 
     def log_bound_at(self, lam: float) -> tuple[float, float]:
         """(tau, log of an upper bound on P(S >= tau)) at the saddle point tau = K'(lam), lam > 0."""
@@ -96,8 +112,9 @@ class Law:
         factor = min(1.0, 0.5 + delta, gaussian + 2.0 * delta)
         return k1, k - lam * k1 + math.log(factor)
 
-    def threshold(self, alpha: float) -> float:
-        """A score tau with P(S > tau) <= alpha (the smallest this bound certifies, found by bisection on lam).
+    def certify(self, alpha: float) -> tuple[float, float]:
+        """(tau, bound): a score tau with P(S > tau) <= bound <= alpha, the smallest tau this bound certifies
+        (bisection on lam).
 
         Falls back to :attr:`maximum` (P(S > maximum) = 0) when no saddle point certifies alpha, as for a lone
         spike at a position whose bias exceeds alpha.
@@ -105,23 +122,17 @@ class Law:
         if not 0.0 < alpha < 1.0:
             raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
         if len(self.w) == 0:
-            return 0.0
+            return 0.0, 0.0
         target = math.log(alpha)
-        scale = 1.0 / max(self.std, 1e-300)
-        lo, hi = 0.0, scale
-        while self.log_bound_at(hi)[1] > target:  # grow until certified, or until the law is exhausted
-            lo, hi = hi, 2.0 * hi
-            if hi * float(np.max(np.abs(self.w))) > 1e4:  # every tilted bit is saturated: no saddle certifies
-                return self.maximum
-        for _ in range(60):
-            mid = 0.5 * (lo + hi)
-            if self.log_bound_at(mid)[1] > target:
-                lo = mid
-            else:
-                hi = mid
-            if hi - lo <= 1e-9 * hi:
-                break
-        return min(self.log_bound_at(hi)[0], self.maximum)
+        found = self._first(lambda lam: self.log_bound_at(lam)[1] <= target)
+        if found is None:
+            return self.maximum, 0.0
+        tau, log_bound = self.log_bound_at(found[1])
+        return (tau, math.exp(log_bound)) if tau < self.maximum else (self.maximum, 0.0)
+
+    def threshold(self, alpha: float) -> float:
+        """The score of :meth:`certify`: P(S > threshold) <= alpha."""
+        return self.certify(alpha)[0]
 
     def tail_bound(self, score: float) -> float:
         """An upper bound on P(S >= score): a conservative p-value for one customer's score."""
@@ -129,15 +140,11 @@ class Law:
             return 1.0
         if score > self.maximum:
             return 0.0
-        lo, hi = 0.0, 1.0 / max(self.std, 1e-300)
-        while self._tilt(hi)[1] < score:  # K' increases from 0 to maximum
-            lo, hi = hi, 2.0 * hi
-            if hi * float(np.max(np.abs(self.w))) > 1e4:
-                return float(math.exp(self.log_bound_at(hi)[1]))  # ~P(S = maximum)
-        for _ in range(60):
-            mid = 0.5 * (lo + hi)
-            lo, hi = (mid, hi) if self._tilt(mid)[1] < score else (lo, mid)
-        return min(1.0, math.exp(self.log_bound_at(lo)[1]))  # K'(lo) <= score: a bound at a lower tau
+        found = self._first(lambda lam: self._tilt(lam)[1] >= score)  # K' rises from 0 to the maximum
+        if found is None:  # saturated: the bound at the largest lam tried, whose saddle point is below score
+            lam = 1e4 / float(np.max(np.abs(self.w)))
+            return min(1.0, math.exp(self.log_bound_at(lam)[1]))
+        return min(1.0, math.exp(self.log_bound_at(found[0])[1]))  # K'(lo) <= score: a bound at a lower tau
 
 
 @dataclass(frozen=True)

@@ -76,7 +76,6 @@ class PackedCodebook:
             out += part
         return out
 
-
     def rows(self, users: np.ndarray) -> np.ndarray:
         """(k, L) 0/1 float64 rows of the given users (unpacked on demand)."""
         raw = np.ascontiguousarray(self.columns[:, users].T).astype(">u2").view(np.uint8)
@@ -122,9 +121,10 @@ def accuse(
     """Accuse where S_j exceeds the threshold the exact innocent law certifies at eps / n (tracing.bound):
     P(any innocent accused) <= eps for this observation, whatever it is. A zero observation accuses nobody.
 
-    ``scores`` may be float32 sums (the fast paths): every user within float32's worst-case error of the
-    threshold is re-scored by ``exact`` (float64) and accused only above the threshold plus a 1e-9 relative
-    guard. Without it, innocents tied at the law's maximum (a lone spike) round above it.
+    ``scores`` may be float32 sums (the fast paths), whose worst-case error is L 2^-23 sum|w|: innocents tied
+    at the law's maximum (a lone spike) would round above it. Users within that error of the threshold are
+    re-scored by ``exact`` (float64) and accused above the threshold plus a 1e-9 relative guard; without
+    ``exact`` they must clear the threshold by the whole float32 error.
     """
     n = len(scores)
     if not 0.0 < eps < 1.0:
@@ -132,10 +132,13 @@ def accuse(
     std = law.std
     if std == 0:
         return Accusation(np.zeros_like(scores), float("inf"), np.empty(0, dtype=np.int64), 0.0, None)
-    tau = law.threshold(eps / n)
+    tau, tail = law.certify(eps / n)
     scale = float(np.sum(np.abs(law.w)))  # bounds |S_j| and every partial sum
-    candidates = np.flatnonzero(scores > tau - len(law.w) * 2.0**-23 * scale)
-    decided = exact(candidates) if exact is not None and len(candidates) else scores[candidates]
-    accused = candidates[decided > tau + 1e-9 * scale]
+    error = len(law.w) * 2.0**-23 * scale
+    candidates = np.flatnonzero(scores > tau - error)
+    if exact is not None:
+        accused = candidates[exact(candidates) > tau + 1e-9 * scale] if len(candidates) else candidates
+    else:
+        accused = candidates[scores[candidates] > tau + error]
     accused = accused[np.argsort(-scores[accused])]
-    return Accusation(scores / std, tau / std, accused, law.tail_bound(tau), law)
+    return Accusation(scores / std, tau / std, accused, tail, law)

@@ -12,17 +12,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-import torch
 
 from securemark.codes import bibd, unpack_bits
 from securemark.fingerprint.align import AlignmentError, UnitGroup, align, chain_groups
-from securemark.fingerprint.carrier import CarrierMismatch, StateDict
+from securemark.fingerprint.carrier import CarrierLayout, CarrierMismatch, StateDict
 from securemark.fingerprint.embed import Fingerprinter
+from securemark.modelio import first_bad_entry
 from securemark.owner import fingerprinter
 from securemark.registry import Registry, RegistryError
 from securemark.tracing.bound import Law, Observation, robust_observation
 from securemark.tracing.scores import PackedCodebook, accuse, exact_scores, tardos_scores
 
+PValues = Callable[[np.ndarray], np.ndarray]
 ABSURD = 1e30  # no trained model holds a weight near float32's overflow (3.4e38)
 
 
@@ -32,19 +33,13 @@ class SuspectError(ValueError):
 
 def check_suspect(sd: StateDict) -> None:
     """Raise SuspectError naming the first floating tensor with a non-finite or absurd (>= 1e30) entry."""
-    for name, t in sd.items():
-        if not t.is_floating_point() or t.numel() == 0:
-            continue
-        bad = ~torch.isfinite(t) | (t.abs() >= ABSURD)
-        if bool(bad.any()):
-            index = [int(i) for i in torch.nonzero(bad)[0]]
-            value = float(t[tuple(index)])
-            raise SuspectError(
-                f"tensor {name!r} holds {value:g} at {index}: a suspect with non-finite or absurd (|w| >= {ABSURD:g})"
-                " weights cannot be traced; it is no verdict"
-            )
-
-PValues = Callable[[np.ndarray], np.ndarray]
+    bad = first_bad_entry(sd, ABSURD)
+    if bad is not None:
+        name, index, value = bad
+        raise SuspectError(
+            f"tensor {name!r} holds {value:g} at {index}: a suspect with non-finite or absurd (|w| >= {ABSURD:g})"
+            " weights cannot be traced; it is no verdict"
+        )
 
 
 @dataclass(frozen=True)
@@ -109,6 +104,8 @@ class Tracer:
         # BIBD rows are public and few (v <= a few hundred): kept unpacked for the soft detector
         self._rows = unpack_bits(self._packed, length) if self.params.code == "bibd" else None
         self._base_model = registry.base_model() if aligned else None
+        carrier_size = CarrierLayout(self.params.carrier, base.tensors).size
+        self._mark_rms = base.strength * np.sqrt(length / carrier_size)  # RMS(s X^T b) per carrier weight
         self._groups, self._alignment = self._unit_groups(groups, aligned)
 
     def _unit_groups(self, groups: Sequence[UnitGroup] | None, aligned: bool) -> tuple[list[UnitGroup] | None, str]:
@@ -128,9 +125,7 @@ class Tracer:
         check_suspect(suspect)
         if self._groups is None or self._base_model is None:
             return suspect, {"status": self._alignment}
-        fp = self._fingerprinter(self._base_model)
-        mark_rms = self.base.strength * np.sqrt(fp.length / fp.layout.size)  # RMS(s X^T b) per carrier weight
-        aligned, rep = align(suspect, self._base_model, self._groups, noise=mark_rms)
+        aligned, rep = align(suspect, self._base_model, self._groups, noise=self._mark_rms)
         return aligned, {"status": "aligned: " + self._alignment, **asdict(rep)}
 
     def extract(self, suspect: StateDict) -> np.ndarray:
@@ -183,9 +178,12 @@ class Tracer:
         v = self.accuse(y)
         order = np.argsort(-v.scores)
 
+        shown = np.union1d(v.accused, order[:top_k]).astype(np.int64)  # p-values once per reported customer
+        pv = dict(zip(shown.tolist(), [None] * len(shown) if v.p_values is None else v.p_values(shown).tolist(),
+                      strict=True))  # fmt: skip
+
         def suspects(idx: np.ndarray) -> list[Suspect]:
-            pv = [None] * len(idx) if v.p_values is None else [float(q) for q in v.p_values(idx)]
-            return [Suspect(self.names[i], float(v.scores[i]), q) for i, q in zip(idx, pv, strict=True)]
+            return [Suspect(self.names[i], float(v.scores[i]), pv[int(i)]) for i in idx]
 
         top_row = unpack_bits(self._packed[order[0]], self.params.length)
         tail = v.innocent_tail
