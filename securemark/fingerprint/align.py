@@ -354,7 +354,12 @@ def align(
         raise AlignmentError(
             f"tensor {missing[0]!r} is missing from the suspect (expected shape {list(base[missing[0]].shape)})"
         )
-    s = {k: suspect[k].detach().to("cpu", torch.float64).numpy().copy() for k in base if suspect[k].is_floating_point()}
+    kind = [n for n in base if suspect[n].is_floating_point() != base[n].is_floating_point()]
+    if kind:
+        raise AlignmentError(
+            f"tensor {kind[0]!r} is {suspect[kind[0]].dtype} in the suspect, {base[kind[0]].dtype} in the base"
+        )
+    s = {k: suspect[k].detach().to("cpu", torch.float64).numpy().copy() for k in base if base[k].is_floating_point()}
     b = {k: base[k].detach().to("cpu", torch.float64).numpy() for k in base if base[k].is_floating_point()}
     rep = AlignmentReport()
     for g in groups:

@@ -123,6 +123,10 @@ def test_unmappable_models_are_refused_with_the_reason(tmp_path):
     fewer_classes["net.3.weight"] = torch.zeros(9, 128)
     with pytest.raises(AlignmentError, match=r"'net.3.weight' has shape \[9, 128\], the base \[10, 128\]"):
         align(fewer_classes, base)
+    integer = dict(base)
+    integer["net.1.weight"] = base["net.1.weight"].round().to(torch.int64)
+    with pytest.raises(AlignmentError, match=r"'net.1.weight' is torch.int64 in the suspect, torch.float32 in the base"):
+        align(integer, base)
     (tmp_path / "g.json").write_text("[" + __import__("json").dumps(chain_groups(base)[0].to_json()) + "]")
     assert load_groups(tmp_path / "g.json") == chain_groups(base)
     (tmp_path / "bad.json").write_text('[{"name": "x", "members": [["w", "sideways", 0, 1]]}]')
