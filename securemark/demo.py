@@ -92,7 +92,7 @@ def print_result(res: DemoResult, console: Console) -> None:
         )
     console.print(table)
     console.print(
-        f"threshold z = {res.report.threshold:.2f} (eps = {res.report.eps}: P(any innocent accused) <= eps)\n"
+        f"certified threshold {res.report.threshold:.2f} (eps = {res.report.eps}: P(any innocent accused) <= eps)\n"
         f"accuracy: base {res.base_accuracy:.3f}, fingerprinted copies {res.copies_mean_accuracy:.3f} (mean), "
         f"leaked {res.leaked_accuracy:.3f}\n"
         f"unmarked model: {len(res.unmarked_report.accused)} accused"

@@ -88,7 +88,7 @@ def print_quickstart(res: QuickstartResult, console: Console) -> None:
         f"accuracy: global {a['global']:.3f}, leaker's copy {a['leaker_copy']:.3f}, leaked {a['leaked']:.3f}\n"
         f"training: last round copies {last.get('copies_mean_accuracy', float('nan')):.3f} (mean), "
         f"bit error {last.get('max_bit_error', float('nan')):.3f}, {last['seconds']:.1f} s/round\n"
-        f"threshold z = {res.report.threshold:.2f} (eps = {res.report.eps}: P(any innocent accused) <= eps)"
+        f"certified threshold {res.report.threshold:.2f} (eps = {res.report.eps}: P(any innocent accused) <= eps)"
     )
     names = ", ".join(s.customer for s in res.report.accused) or "nobody"
     verdict = "correct" if [s.customer for s in res.report.accused] == [res.leaker] else f"the leaker was {res.leaker}"
