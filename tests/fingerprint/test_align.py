@@ -125,7 +125,7 @@ def test_unmappable_models_are_refused_with_the_reason(tmp_path):
         align(fewer_classes, base)
     integer = dict(base)
     integer["net.1.weight"] = base["net.1.weight"].round().to(torch.int64)
-    with pytest.raises(AlignmentError, match=r"'net.1.weight' is torch.int64 in the suspect, torch.float32 in the base"):
+    with pytest.raises(AlignmentError, match=r"'net.1.weight' is torch.int64 in the suspect, torch.float32"):
         align(integer, base)
     (tmp_path / "g.json").write_text("[" + __import__("json").dumps(chain_groups(base)[0].to_json()) + "]")
     assert load_groups(tmp_path / "g.json") == chain_groups(base)
