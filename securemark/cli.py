@@ -225,6 +225,17 @@ def cmd_bench_rounds(a: argparse.Namespace) -> None:
     _table({k: v for k, v in result.items() if k != "per_round_seconds"})
 
 
+def cmd_bench_align(a: argparse.Namespace) -> None:
+    from securemark.fingerprint.bench_align import bench_align
+
+    result = bench_align(a.repeats, a.budget, a.seed, large=not a.small)
+    if a.json:
+        _print_json(result)
+        return
+    for row in result["models"]:  # type: ignore[attr-defined]
+        _table(row)
+
+
 def cmd_simulate(a: argparse.Namespace) -> None:
     from securemark.config import SimConfig
     from securemark.sim import simulate
@@ -383,6 +394,14 @@ def build_parser() -> argparse.ArgumentParser:
     br.add_argument("--seed", type=int, default=0)
     br.add_argument("--json", action="store_true")
     br.set_defaults(func=cmd_bench_rounds)
+
+    ba = bench.add_parser("align", help="seconds to align an obfuscated suspect: quickstart CNN, 10^7-param MLP")
+    ba.add_argument("--repeats", type=int, default=3)
+    ba.add_argument("--budget", type=float, default=0.05, help="the stand-in mark's RMS relative to the weights'")
+    ba.add_argument("--small", action="store_true", help="the quickstart CNN only")
+    ba.add_argument("--seed", type=int, default=0)
+    ba.add_argument("--json", action="store_true")
+    ba.set_defaults(func=cmd_bench_align)
 
     sim = sub.add_parser("simulate", help="federated training on Flower's simulation engine (Ray)")
     sim.add_argument("config", type=Path)

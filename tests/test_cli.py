@@ -114,6 +114,14 @@ def test_bench_trace_small(capsys):
     assert code == 0 and r["users"] == 3000 and r["accused_innocents"] == 0 and r["accused_colluders"] >= 1
 
 
+def test_bench_align_small(capsys):
+    code, out, _ = run(capsys, "bench", "align", "--small", "--repeats", "1", "--json")
+    (row,) = json.loads(out)["models"]
+    assert code == 0 and row["model"] == "quickstart-cnn" and row["params"] == 105_866
+    assert row["units_merged"] == 6 and row["units_dropped"] == 12  # 2 splits and 4 dummies in each of 3 layers
+    assert row["mark_cosine"] > 0.99 and row["mark_coordinates_recovered"] > 0.9
+
+
 @pytest.mark.parametrize("graph", ["complete", "sparse"])
 def test_bench_secagg_small(capsys, graph):
     code, out, _ = run(

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 StateDict = Mapping[str, torch.Tensor]
-SPLIT_COSINE = 0.999  # an unmatched unit this parallel to a matched one is a split of it
+SPLIT_COSINE = 0.999  # an unmatched unit this parallel to the suspect's own unit for a base unit is its split
 ROLES = ("rows", "bias", "cols", "mean", "var", "affine")
 
 
@@ -191,25 +190,48 @@ def _from_units(u: np.ndarray, m: Member, like: tuple[int, ...]) -> np.ndarray:
     return moved.reshape((*like[: m.axis], u.shape[0] * m.block, *like[m.axis + 1 :]))
 
 
-def _robust_scale(s: np.ndarray, b: np.ndarray, noise: float = 0.0) -> float:
-    """a minimizing |s - a b|^2 after trimming outliers (spikes) of the first fit; 1 when b carries nothing.
+def _row_median(x: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    """Per row, the median of the entries where ``ok`` (0 for a row with none)."""
+    count = ok.sum(axis=1)
+    srt = np.sort(np.where(ok, x, np.inf), axis=1)
+    rows, last = np.arange(len(x)), np.maximum(count - 1, 0)
+    med = 0.5 * (srt[rows, last // 2] + srt[rows, last - last // 2])
+    return np.where(count > 0, med, 0.0)
+
+
+def _scales(s: np.ndarray, b: np.ndarray, noise: float = 0.0) -> np.ndarray:
+    """Per row i, the positive a minimizing |s_i - a b_i|^2 over the entries a robust first fit calls inliers;
+    1 when b_i carries nothing. ``s``, ``b``: (n, k) paired rows, all fitted at once.
+
+    The first fit is the median of s / b over the larger half of b's entries (the smaller ones' ratios are
+    mostly noise): spikes in up to a quarter of the entries, even 2 of a 10-entry column or one on the
+    largest weight, cannot move it, where a least-squares first fit is dragged by the spikes and then trims
+    the wrong entries (and a |b|-weighted median breaks when the spike sits on a weight holding half the
+    row's mass). Least squares on the entries within 4 robust standard deviations of that fit refines it.
 
     A fit within 4 standard errors of 1 under perturbations of RMS ``noise`` per entry (the mark itself:
     std(a) = noise / |b|) is read as 1: rescaling an intact copy by its own mark's shadow would erase a little
-    of the mark, and a pirate's rescaling that small moves the row by less than the mark does."""
-    keep = np.ones(len(b), dtype=bool)
-    a = 1.0
-    for _ in range(2):
-        bb = float(b[keep] @ b[keep])
-        if bb <= 0:
-            return 1.0
-        a = float(s[keep] @ b[keep]) / bb
-        r = np.abs(s - a * b)
-        cut = 4.0 * float(np.median(r)) / 0.6745
-        keep = r <= cut if cut > 0 else np.ones(len(b), dtype=bool)
-    if not np.isfinite(a) or a <= 0 or abs(a - 1.0) <= 4.0 * noise / math.sqrt(float(b @ b)):
-        return 1.0
-    return a
+    of the mark, and a pirate's rescaling that small moves the row by less than the mark does.
+
+    Entries the suspect holds at exactly 0 are erasures (pruned weights, removed units read as zeros): they
+    say nothing about the scale and are left out."""
+    ok = (b != 0) & (s != 0)
+    count = ok.sum(axis=1)
+    large = ok & (np.abs(b) >= _row_median(np.abs(b), ok)[:, None])
+    a = np.where(count > 0, _row_median(np.where(large, s / np.where(ok, b, 1.0), 0.0), large), 1.0)
+    r = np.abs(s - a[:, None] * b)
+    med = _row_median(r, ok)
+    keep = ok & (r <= 4.0 * med[:, None] / 0.6745)
+    den = np.sum(np.where(keep, b * b, 0.0), axis=1)
+    fit = np.divide(np.sum(np.where(keep, s * b, 0.0), axis=1), den, out=a.copy(), where=den > 0)
+    shadow = 4.0 * noise / np.sqrt(np.maximum(np.sum(np.where(ok, b * b, 0.0), axis=1), 1e-300))
+    bad = (count == 0) | ~np.isfinite(fit) | (fit <= 0) | (np.abs(fit - 1.0) <= shadow)
+    return np.where(bad, 1.0, fit)
+
+
+def _robust_scale(s: np.ndarray, b: np.ndarray, noise: float = 0.0) -> float:
+    """:func:`_scales` of one pair of rows."""
+    return float(_scales(s[None, :], b[None, :], noise)[0])
 
 
 @dataclass
@@ -243,10 +265,13 @@ def _unit_matrices(
 
 
 def _directions(rows: np.ndarray) -> np.ndarray:
-    """Unit-norm rows, each entry capped at 5 robust stds of its row first: one spiked weight in a short row
-    (a 3x3 kernel) must not turn the unit's direction away from its base unit."""
+    """Unit-norm rows, each entry beyond 5 robust stds of its row dropped first: one spiked weight in a short
+    row (a 3x3 kernel) must not turn the unit's direction away from its base unit. (Capping it at 5 stds is
+    not enough: a capped spike still outweighed the other 8 entries of a kernel, cosine to its own base unit
+    -0.02, and the unit lost its match to an added dummy.) The rule is scale-free, so a rescaled copy drops
+    the same entries as the base."""
     cap = 5.0 * np.median(np.abs(rows), axis=1, keepdims=True) / 0.6745
-    f = np.where(cap > 0, np.clip(rows, -cap, cap), rows)
+    f = np.where((cap > 0) & (np.abs(rows) > cap), 0.0, rows)
     norm = np.linalg.norm(f, axis=1, keepdims=True)
     return np.divide(f, norm, out=np.zeros_like(f), where=norm > 0)
 
@@ -262,7 +287,11 @@ def _up(g: UnitGroup) -> list[Member]:
 
 def _fits(su: np.ndarray, bu: np.ndarray, pairs: np.ndarray, noise: float) -> np.ndarray:
     """Per base unit j, the robust scale of suspect unit pairs[j] against base unit j (1 where missing)."""
-    return np.array([_robust_scale(su[i], bu[j], noise) if i >= 0 else 1.0 for j, i in enumerate(pairs)])
+    out = np.ones(len(pairs))
+    ok = pairs >= 0
+    if ok.any():
+        out[ok] = _scales(su[pairs[ok]], bu[np.flatnonzero(ok)], noise)
+    return out
 
 
 def _units_of(arrs: dict[str, np.ndarray], g: UnitGroup) -> int:
@@ -289,6 +318,8 @@ def _align_group(
     fs = _directions(srows)
     cos = fs @ _directions(brows).T  # (m, n)
     rows_idx, cols_idx = linear_sum_assignment(-cos)
+    live = fs[rows_idx].any(axis=1)  # a unit with all-zero incoming weights is one removed in place
+    rows_idx, cols_idx = rows_idx[live], cols_idx[live]
     source = np.full(n, -1)  # suspect unit feeding base unit j (-1: missing)
     source[cols_idx] = rows_idx
     conv = _fits(srows, brows, source, noise)
@@ -298,7 +329,9 @@ def _align_group(
     merges: list[tuple[int, int, float]] = []  # (suspect unit, base unit, its scale)
     for u in extra if not g.norm else ():  # a split of a unit under BN is not a sum of two ReLU outputs
         j = int(np.argmax(cos[u]))
-        if source[j] >= 0 and cos[u, j] >= SPLIT_COSINE and fs[u] @ fs[source[j]] >= SPLIT_COSINE:
+        # parallel to its twin in the suspect itself: the mark (and laundering) moves both halves alike,
+        # while either one's cosine to the base unit is lowered by the mark (0.9987 at the default budget)
+        if source[j] >= 0 and fs[u] @ fs[source[j]] >= SPLIT_COSINE:
             merges.append((int(u), j, _robust_scale(srows[u], brows[j], noise)))
     rep.groups += 1
     rep.permuted += int(np.sum((source >= 0) & (source != np.arange(n))))
@@ -323,13 +356,21 @@ def _align_group(
 
 
 def _balance(s: dict[str, np.ndarray], b: dict[str, np.ndarray], g: UnitGroup, noise: float) -> None:
-    """After every group is in place, split the scale error left between a unit's activation side (rows, or
-    BN affine) and its cols: side x f, cols / f keeps the function, f = sqrt(fit(cols) / fit(side))."""
+    """After every group is in place, undo the scale error e left on each unit: its activation side (rows, or
+    BN affine) reads e x base, its cols base / e. Both fits estimate log e, with variances noise^2 / |b|^2 of
+    their own entries, so they are combined by precision: a 9-entry kernel row says little, the 288 entries of
+    its outgoing channel say much (an equal-weight mean left a 3x3 kernel's units off by a third of the mark).
+    An estimate within 4 standard errors of 1 is the mark's own shadow and reads as 1."""
     n = _units_of(b, g)
     same = np.arange(n)
-    rho = _fits(*_unit_matrices(s, b, _up(g), n, n), same, noise)
-    beta = _fits(*_unit_matrices(s, b, g.of("cols"), n, n), same, noise)
-    f = np.sqrt(beta / rho)
+    up_s, up_b = _unit_matrices(s, b, _up(g), n, n)
+    cols_s, cols_b = _unit_matrices(s, b, g.of("cols"), n, n)
+    p_up, p_cols = np.sum(up_b**2, axis=1), np.sum(cols_b**2, axis=1)
+    total = p_up + p_cols
+    log_e = np.divide(p_up * np.log(_fits(up_s, up_b, same, 0.0)) - p_cols * np.log(_fits(cols_s, cols_b, same, 0.0)),
+                      total, out=np.zeros(n), where=total > 0)  # fmt: skip
+    log_e[np.abs(log_e) <= 4.0 * noise / np.sqrt(np.maximum(total, 1e-300))] = 0.0
+    f = np.exp(-log_e)
     up = {"affine": f} if g.norm else {"rows": f, "bias": f}
     _apply(s, g, n, up | {"cols": 1 / f})
     if g.norm:  # the conv side under BN: rows and running statistics together
@@ -343,7 +384,7 @@ def align(
     """The suspect in the base's coordinates: same tensor names and shapes as ``base``.
 
     ``noise`` is the RMS per weight of what legitimately separates a copy from the base (the mark): scale
-    fits within its shadow are read as 1 (see :func:`_robust_scale`).
+    fits within its shadow are read as 1 (see :func:`_scales`).
 
     ``groups`` default to :func:`chain_groups` of the base. Tensors of the base missing from the suspect, or
     of a shape no group explains, raise :class:`AlignmentError`; tensors the base does not have are ignored.

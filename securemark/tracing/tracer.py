@@ -2,7 +2,8 @@
 
 A suspect is untrusted: non-finite or absurd weights are an error, never a verdict. It is aligned to the
 registry's base (fingerprint.align: permuted, rescaled, widened units undone), its soft code is read
-robustly (tracing.bound: outliers saturated), and the threshold is certified for that very observation.
+robustly (weights the suspect set to exactly zero are erasures; tracing.bound: outliers saturated), and the
+threshold is certified for that very observation.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import torch
 
 from securemark.codes import bibd, unpack_bits
 from securemark.fingerprint.align import AlignmentError, UnitGroup, align, chain_groups
@@ -25,6 +27,26 @@ from securemark.tracing.scores import PackedCodebook, accuse, exact_scores, tard
 
 PValues = Callable[[np.ndarray], np.ndarray]
 ABSURD = 1e30  # no trained model holds a weight near float32's overflow (3.4e38)
+
+
+def fill_erasures(suspect: StateDict, base: StateDict) -> tuple[dict, int]:
+    """The suspect with every weight it holds at exactly 0 where the base does not read as the base's value.
+
+    A zero carries no trace of the mark: it is a pruned weight, a unit removed (alignment reads the units a
+    suspect lacks as zeros), a quantization step. Read as 0 it would add -v, often 20x the mark, to its code
+    position; read as the base it adds nothing: an erasure. The rule uses the suspect and the base only, never
+    a code row, so an innocent's score stays independent of the observation and the bound holds.
+    """
+    out, count = dict(suspect), 0
+    for name, b in base.items():
+        t = suspect.get(name)
+        if t is None or not b.is_floating_point() or t.shape != b.shape:
+            continue
+        hole = (t == 0) & (b != 0)
+        n = int(hole.sum())
+        if n:
+            out[name], count = torch.where(hole, b.to(t.dtype), t), count + n
+    return out, count
 
 
 class SuspectError(ValueError):
@@ -121,12 +143,14 @@ class Tracer:
             return None, f"off: {exc}"
 
     def prepare(self, suspect: StateDict) -> tuple[StateDict, dict[str, object]]:
-        """The suspect checked (SuspectError) and aligned to the base, with what alignment did."""
+        """The suspect checked (SuspectError), aligned to the base and its zeros read as erasures, with what
+        alignment did."""
         check_suspect(suspect)
         if self._groups is None or self._base_model is None:
             return suspect, {"status": self._alignment}
         aligned, rep = align(suspect, self._base_model, self._groups, noise=self._mark_rms)
-        return aligned, {"status": "aligned: " + self._alignment, **asdict(rep)}
+        filled, erased = fill_erasures(aligned, self._base_model)
+        return filled, {"status": "aligned: " + self._alignment, **asdict(rep), "erased": erased}
 
     def extract(self, suspect: StateDict) -> np.ndarray:
         """The raw soft code y (L,) of an already prepared suspect; CarrierMismatch names a misshapen tensor."""

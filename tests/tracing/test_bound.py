@@ -115,7 +115,11 @@ def test_robust_observation():
     spiked = signs.copy()
     spiked[7] = 1e9
     obs = robust_observation(spiked)
-    assert obs.clipped == 1 and obs.y[7] == pytest.approx(3 * 1.0 / 0.6744897501960817)
+    assert obs.clipped == 1 and obs.y[7] == pytest.approx(2 * 1.0 / 0.6744897501960817)
+    merged = np.where(np.arange(100) % 4 == 0, 1.0, 0.125)  # a merge: median |y| 0.125, its +-1 never clipped
+    merged[5] = -40.0
+    obs = robust_observation(merged)
+    assert obs.clipped == 1 and obs.y[0] == 1.0 and obs.y[5] == -1.0
     assert robust_observation(np.zeros(8)).y.tolist() == [0.0] * 8
     with pytest.raises(ValueError, match="non-finite"):
         robust_observation(np.array([1.0, np.nan]))

@@ -110,3 +110,33 @@ def test_non_finite_or_absurd_suspects_are_an_error_naming_the_tensor(tmp_path, 
     with pytest.raises(SuspectError, match=r"'head.1.weight' holds .* at \[3, 5\]"):
         trace(bad, reg)
     reg.close()
+
+
+def test_zeros_are_erasures_removed_or_pruned_units_still_name_the_leaker(tmp_path):
+    """Half of a layer's units removed (a narrower model) or zeroed in place, or 90% of the weights pruned: the
+    zeros read as erasures (the base's value), not as -v, and the leaker alone is named."""
+    reg, _, copies = _small(tmp_path, n=20)
+    leak = copies["c7"]
+    keep = torch.arange(0, 64, 2)
+    narrow = dict(leak)
+    narrow["head.1.weight"], narrow["head.1.bias"] = leak["head.1.weight"][keep], leak["head.1.bias"][keep]
+    narrow["head.3.weight"] = leak["head.3.weight"][:, keep]
+    zeroed = dict(leak)
+    zeroed["head.1.weight"] = leak["head.1.weight"].clone()
+    zeroed["head.1.weight"][1::2] = 0
+    pruned, _ = attacks.prune(leak, 0.9)
+    for suspect in (narrow, zeroed, pruned):
+        report = trace(suspect, reg)
+        assert [s.customer for s in report.accused] == ["c7"]
+        assert report.alignment["erased"] > 0
+    assert trace(narrow, reg).alignment["missing"] == 32
+    reg.close()
+
+
+def test_fill_erasures_reads_zeros_as_the_base():
+    from securemark.tracing.tracer import fill_erasures
+
+    base = {"w": torch.tensor([[1.0, 0.0], [2.0, 3.0]]), "n": torch.tensor([1, 0])}
+    suspect = {"w": torch.tensor([[0.0, 0.0], [2.5, 0.0]]), "n": torch.tensor([0, 0])}
+    out, count = fill_erasures(suspect, base)
+    assert count == 2 and out["w"].tolist() == [[1.0, 0.0], [2.5, 3.0]] and out["n"].tolist() == [0, 0]
