@@ -33,7 +33,13 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     except ModelFileError:
         raise
     except Exception as exc:  # a corrupt or hostile file must give a message, not a traceback
-        raise ModelFileError(f"{path} could not be read as a model: {exc}") from None
+        if "weights_only" in str(exc):  # torch's own text advises weights_only=False: never, for a suspect
+            raise ModelFileError(
+                f"{path} holds pickled objects beyond tensors; refused (read with weights_only=True, as untrusted "
+                "input must be): save it as a plain state_dict or .safetensors"
+            ) from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelFileError(f"{path} could not be read as a model: {first}") from None
     if not isinstance(sd, Mapping) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()
     ):
@@ -94,6 +100,8 @@ def first_bad_entry(sd: Mapping[str, torch.Tensor], limit: float = float("inf"))
         t = sd[name]
         if not t.is_floating_point() or t.numel() == 0:
             continue
+        if t.element_size() < 2:  # float8 has no isfinite: checked in float32, which holds every value
+            t = t.float()
         bad = ~torch.isfinite(t) | (t.abs() >= limit)
         if bool(bad.any()):
             index = [int(i) for i in torch.nonzero(bad)[0]]

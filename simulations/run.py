@@ -17,7 +17,7 @@ from securemark.evaluation.harness import evaluate
 from securemark.evaluation.outputs import rewrite
 
 HERE = Path(__file__).resolve().parent
-ORDER = ("collusion", "adversarial", "spikes", "comparison", "robustness", "fidelity", "uchida")
+ORDER = ("collusion", "adversarial", "rewrite-launder", "spikes", "comparison", "robustness", "fidelity", "uchida")
 
 
 def main() -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -61,6 +62,10 @@ class Member:
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise AlignmentError(f"member {self.tensor!r}: role must be one of {ROLES}, got {self.role!r}")
+        if not 0 <= self.axis < 64 or not 1 <= self.block < 2**40:
+            raise AlignmentError(
+                f"member {self.tensor!r}: needs 0 <= axis < 64 and block >= 1, got {self.axis}, {self.block}"
+            )
 
 
 @dataclass(frozen=True)
@@ -177,7 +182,9 @@ def chain_groups(sd: StateDict) -> list[UnitGroup]:
 def _to_units(arr: np.ndarray, m: Member, units: int) -> np.ndarray:
     """(units, ...): the member's axis split into (units, block) and moved first."""
     shape = arr.shape
-    if shape[m.axis] != units * m.block:
+    if arr.ndim <= m.axis:
+        raise AlignmentError(f"tensor {m.tensor!r} has {arr.ndim} dimensions, no axis {m.axis}")
+    if units == 0 or shape[m.axis] != units * m.block:
         raise AlignmentError(
             f"tensor {m.tensor!r} has {shape[m.axis]} entries on axis {m.axis}, expected {units} units x {m.block}"
         )
@@ -225,7 +232,8 @@ def _scales(s: np.ndarray, b: np.ndarray, noise: float = 0.0) -> np.ndarray:
     den = np.sum(np.where(keep, b * b, 0.0), axis=1)
     fit = np.divide(np.sum(np.where(keep, s * b, 0.0), axis=1), den, out=a.copy(), where=den > 0)
     shadow = 4.0 * noise / np.sqrt(np.maximum(np.sum(np.where(ok, b * b, 0.0), axis=1), 1e-300))
-    bad = (count == 0) | ~np.isfinite(fit) | (fit <= 0) | (np.abs(fit - 1.0) <= shadow)
+    absurd = (fit < 1e-8) | (fit > 1e8)  # no rescaling a float32 model survives: a fit gone wrong, left alone
+    bad = (count == 0) | ~np.isfinite(fit) | absurd | (np.abs(fit - 1.0) <= shadow)
     return np.where(bad, 1.0, fit)
 
 
@@ -246,6 +254,9 @@ class AlignmentReport:
 
 def _stack(arrs: dict[str, np.ndarray], members: list[Member], units: int) -> np.ndarray:
     """(units, entries): the members' per-unit entries side by side."""
+    if not members:
+        raise AlignmentError("a unit group lacks the members this step needs (a norm group without BatchNorm "
+                             "weight/bias, or no cols)")  # fmt: skip
     return np.concatenate([_to_units(arrs[m.tensor], m, units).reshape(units, -1) for m in members], axis=1)
 
 
@@ -265,15 +276,26 @@ def _unit_matrices(
 
 
 def _directions(rows: np.ndarray) -> np.ndarray:
-    """Unit-norm rows, each entry beyond 5 robust stds of its row dropped first: one spiked weight in a short
-    row (a 3x3 kernel) must not turn the unit's direction away from its base unit. (Capping it at 5 stds is
+    """Unit-norm rows, each entry beyond 5x the row's k-th largest magnitude (k = 5% of the row, at least 2)
+    dropped first: one spiked weight in a short row (a 3x3 kernel) must not turn the unit's direction away
+    from its base unit, and a row mostly pruned to tiny values must keep its real weights. (Capping it at 5 stds is
     not enough: a capped spike still outweighed the other 8 entries of a kernel, cosine to its own base unit
     -0.02, and the unit lost its match to an added dummy.) The rule is scale-free, so a rescaled copy drops
     the same entries as the base."""
-    cap = 5.0 * np.median(np.abs(rows), axis=1, keepdims=True) / 0.6745
-    f = np.where((cap > 0) & (np.abs(rows) > cap), 0.0, rows)
+    mags = np.abs(rows)
+    k = max(2, math.ceil(rows.shape[1] / 20))  # a spike or two is never the k-th largest; pruning leaves it
+    cap = 5.0 * np.sort(mags, axis=1)[:, -k][:, None] if rows.shape[1] >= k else np.zeros((len(rows), 1))
+    f = np.where((cap > 0) & (mags > cap), 0.0, rows)
     norm = np.linalg.norm(f, axis=1, keepdims=True)
     return np.divide(f, norm, out=np.zeros_like(f), where=norm > 0)
+
+
+def _similarity(srows: np.ndarray, brows: np.ndarray) -> np.ndarray:
+    """(m, n) cosines of suspect and base rows over the suspect's support: a pruned row is compared with the
+    base row's entries it kept, not penalized for the ones it lost (zeros are erasures, not information)."""
+    fs, fb = _directions(srows), _directions(brows)
+    support_norm = np.sqrt((fs != 0).astype(np.float64) @ (fb**2).T)
+    return np.divide(fs @ fb.T, support_norm, out=np.zeros_like(support_norm), where=support_norm > 0)
 
 
 def _incoming(g: UnitGroup) -> list[Member]:
@@ -298,6 +320,9 @@ def _units_of(arrs: dict[str, np.ndarray], g: UnitGroup) -> int:
     lead = g.of("rows")
     if not lead:
         raise AlignmentError(f"unit group {g.name!r} has no rows member")
+    if arrs[lead[0].tensor].ndim <= lead[0].axis:
+        raise AlignmentError(f"tensor {lead[0].tensor!r} has {arrs[lead[0].tensor].ndim} dimensions, no axis "
+                             f"{lead[0].axis}")  # fmt: skip
     return arrs[lead[0].tensor].shape[lead[0].axis] // lead[0].block
 
 
@@ -316,7 +341,7 @@ def _align_group(
     m, n = _units_of(s, g), _units_of(b, g)
     srows, brows = _unit_matrices(s, b, _incoming(g), m, n)
     fs = _directions(srows)
-    cos = fs @ _directions(brows).T  # (m, n)
+    cos = _similarity(srows, brows)  # (m, n)
     rows_idx, cols_idx = linear_sum_assignment(-cos)
     live = fs[rows_idx].any(axis=1)  # a unit with all-zero incoming weights is one removed in place
     rows_idx, cols_idx = rows_idx[live], cols_idx[live]
@@ -378,6 +403,52 @@ def _balance(s: dict[str, np.ndarray], b: dict[str, np.ndarray], g: UnitGroup, n
         _apply(s, g, n, {"rows": 1 / r, "bias": 1 / r, "mean": 1 / r, "var": 1 / r**2})
 
 
+def _erase_tiny(arr: np.ndarray) -> None:
+    """Entries below 1e-9 of the tensor's 95th-percentile magnitude become exact zeros (erasures): a pruner
+    that writes 1e-12 instead of 0 must not pass for a row of real weights (nor overflow the scale fits). The
+    percentile ignores both a few spikes and a majority of pruned entries."""
+    mags = np.abs(arr)
+    nonzero = mags[mags > 0]
+    if nonzero.size:
+        arr[mags <= 1e-9 * float(np.quantile(nonzero, 0.95))] = 0.0
+
+
+def _output_gauge(
+    s: dict[str, np.ndarray], b: dict[str, np.ndarray], groups: Sequence[UnitGroup], noise: float
+) -> None:
+    """Undo what a softmax (or an argmax) cannot see on the output layer: the same vector added to every class
+    row (and the same constant to every class bias), and a positive factor on all logits. Per input, suspect
+    and base are centred over the classes (erased entries left out and kept as erasures), the common scale is
+    fitted on the centred entries and undone, and the base's class mean is put back. A shift within 4 standard
+    errors of the mark's own class mean is the mark's and is left; a pirate's larger one takes the mark's
+    class-mean component with it (1 / classes of that layer's share)."""
+    hidden = {m.tensor for g in groups for m in g.of("rows")}
+    last = groups[-1].of("cols") if groups else []
+    if not last or last[0].tensor in hidden:
+        return
+    w = last[0].tensor
+    if s[w].shape != b[w].shape or s[w].shape[0] < 2:  # a misshapen one is refused by align's final check
+        return
+    names = [w]
+    bias = w.removesuffix("weight") + "bias"
+    if w.endswith("weight") and bias in s and s[bias].shape == b[bias].shape == s[w].shape[:1]:
+        names.append(bias)
+    kept = {n: s[n] != 0 for n in names}  # erased entries stay erasures
+    centred: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    for n in names:  # per input, both sides centred over the classes the suspect kept
+        count = np.maximum(kept[n].sum(axis=0, keepdims=True), 1)
+        mb = np.where(kept[n], b[n], 0.0).sum(axis=0, keepdims=True) / count
+        ms = np.where(kept[n], s[n], 0.0).sum(axis=0, keepdims=True) / count
+        ms = np.where(np.abs(ms - mb) <= 4.0 * noise / np.sqrt(count), mb, ms)  # the mark's own class mean
+        centred[n] = (np.where(kept[n], s[n] - ms, 0.0), np.where(kept[n], b[n] - mb, 0.0), mb)
+    flat_s = np.concatenate([centred[n][0].ravel() for n in names])
+    flat_b = np.concatenate([centred[n][1].ravel() for n in names])
+    c = float(_scales(flat_s[None, :], flat_b[None, :], noise)[0])  # the logit scale, fitted shift-free
+    for n in names:
+        sc, _, mb = centred[n]
+        s[n] = np.where(kept[n], sc / c + mb, 0.0)
+
+
 def align(
     suspect: StateDict, base: StateDict, groups: Sequence[UnitGroup] | None = None, noise: float = 0.0
 ) -> tuple[dict[str, torch.Tensor], AlignmentReport]:
@@ -386,8 +457,11 @@ def align(
     ``noise`` is the RMS per weight of what legitimately separates a copy from the base (the mark): scale
     fits within its shadow are read as 1 (see :func:`_scales`).
 
-    ``groups`` default to :func:`chain_groups` of the base. Tensors of the base missing from the suspect, or
-    of a shape no group explains, raise :class:`AlignmentError`; tensors the base does not have are ignored.
+    ``groups`` default to :func:`chain_groups` of the base. The layer the last group feeds, when no group
+    permutes its own units (the output layer), has its softmax gauge undone too (a vector added to every class
+    row, a positive factor on the logits; for another layer this only reads it a little coarser). Entries below
+    1e-9 of their tensor's typical magnitude read as exact zeros. Tensors of the base missing from the suspect, or of a
+    shape no group explains, raise :class:`AlignmentError`; tensors the base does not have are ignored.
     """
     groups = chain_groups(base) if groups is None else list(groups)
     missing = [n for n in base if n not in suspect]
@@ -402,12 +476,15 @@ def align(
         )
     s = {k: suspect[k].detach().to("cpu", torch.float64).numpy().copy() for k in base if base[k].is_floating_point()}
     b = {k: base[k].detach().to("cpu", torch.float64).numpy() for k in base if base[k].is_floating_point()}
+    for arr in s.values():
+        _erase_tiny(arr)
     rep = AlignmentReport()
     for g in groups:
         unknown = [m.tensor for m in g.members if m.tensor not in b]
         if unknown:
             raise AlignmentError(f"unit group {g.name!r} names {unknown[0]!r}, which the base does not hold as floats")
         _align_group(s, b, g, rep, noise)
+    _output_gauge(s, b, groups, noise)  # before balancing: a logit scale must not be pushed into hidden units
     for g in groups:
         _balance(s, b, g, noise)
     out: dict[str, torch.Tensor] = {}

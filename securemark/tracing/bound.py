@@ -142,8 +142,9 @@ class Law:
         """An upper bound on P(S >= score): a conservative p-value for one customer's score."""
         if len(self.w) == 0 or score <= 0:
             return 1.0
-        if score > self.maximum:
+        if score > self.maximum + 1e-9 * float(np.sum(np.abs(self.w))):  # beyond rounding: impossible
             return 0.0
+        score = min(score, self.maximum)  # a tie at the maximum, summed in another order, is a tie
         found = self._first(lambda lam: self._tilt(lam)[1] >= score)  # K' rises from 0 to the maximum
         if found is None:  # saturated: the bound at the largest lam tried, whose saddle point is below score
             lam = 1e4 / float(np.max(np.abs(self.w)))

@@ -137,7 +137,9 @@ def accuse(
     error = len(law.w) * 2.0**-23 * scale
     candidates = np.flatnonzero(scores > tau - error)
     if exact is not None:
-        accused = candidates[exact(candidates) > tau + 1e-9 * scale] if len(candidates) else candidates
+        scores = np.array(scores, dtype=np.float64)  # the candidates' reported scores (and p-values) exact too:
+        scores[candidates] = exact(candidates) if len(candidates) else 0.0  # a float32 tie above the maximum
+        accused = candidates[scores[candidates] > tau + 1e-9 * scale]  # would show p = 0 for an innocent
     else:
         accused = candidates[scores[candidates] > tau + error]
     accused = accused[np.argsort(-scores[accused])]

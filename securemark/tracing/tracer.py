@@ -150,6 +150,10 @@ class Tracer:
             return suspect, {"status": self._alignment}
         aligned, rep = align(suspect, self._base_model, self._groups, noise=self._mark_rms)
         filled, erased = fill_erasures(aligned, self._base_model)
+        try:
+            check_suspect(filled)  # undoing a pirate's scales can overflow an absurd suspect's float32
+        except SuspectError as exc:
+            raise SuspectError(f"after alignment to the base: {exc}") from None
         return filled, {"status": "aligned: " + self._alignment, **asdict(rep), "erased": erased}
 
     def extract(self, suspect: StateDict) -> np.ndarray:

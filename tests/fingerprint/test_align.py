@@ -178,3 +178,15 @@ def test_scale_fit_ignores_spikes_in_up_to_a_fifth_of_a_short_row(seed, size, sc
     hit = rng.choice(size, size=max(1, size // 5), replace=False)
     s[hit] += rng.choice([-1, 1], len(hit)) * np.exp(rng.uniform(np.log(5), np.log(500), len(hit))) * b.std()
     assert _robust_scale(s, b) == pytest.approx(scale, rel=1e-9)
+
+
+def test_malformed_groups_and_tensors_are_alignment_errors():
+    base = models.build("mlp", (1, 8, 8), 10).state_dict()
+    for member in (["net.1.weight", "rows", 5, 1], ["net.1.weight", "rows", 0, 0], ["net.1.weight", "rows", -1, 1]):
+        with pytest.raises(AlignmentError):
+            groups = [UnitGroup.from_json({"name": "g", "members": [member, ["net.3.weight", "cols", 1, 1]]})]
+            align(dict(base), base, groups)
+    scalar_bias = dict(base)
+    scalar_bias["net.1.bias"] = torch.tensor(0.5)
+    with pytest.raises(AlignmentError, match="dimensions"):
+        align(scalar_bias, base)

@@ -140,3 +140,37 @@ def test_fill_erasures_reads_zeros_as_the_base():
     suspect = {"w": torch.tensor([[0.0, 0.0], [2.5, 0.0]]), "n": torch.tensor([0, 0])}
     out, count = fill_erasures(suspect, base)
     assert count == 2 and out["w"].tolist() == [[1.0, 0.0], [2.5, 3.0]] and out["n"].tolist() == [0, 0]
+
+
+def test_output_gauge_and_tiny_pruning_do_not_hide_the_leaker(tmp_path):
+    """Rewrites a softmax or argmax cannot see (a vector added to every class row, logits x 100) and pruning
+    that writes 1e-12 instead of 0: the leaker alone is still named."""
+    reg, _, copies = _small(tmp_path, n=20)
+    leak = copies["c5"]
+    shifted = dict(leak)
+    shifted["head.3.weight"] = leak["head.3.weight"] + 100 * torch.randn(leak["head.3.weight"].shape[1])
+    scaled = {k: v * 100 if k.startswith("head.3") else v for k, v in leak.items()}
+    pruned, _ = attacks.prune(leak, 0.7)
+    tiny = {k: torch.where(v == 0, torch.full_like(v, 1e-12), v) if k in pruned and v.dim() > 1 else v
+            for k, v in pruned.items()}  # fmt: skip
+    for suspect in (shifted, scaled, tiny):
+        assert [s.customer for s in trace(suspect, reg).accused] == ["c5"]
+    reg.close()
+
+
+def test_innocents_tied_at_the_maximum_never_show_p_value_zero(tmp_path):
+    reg, base, _ = _small(tmp_path, n=20)
+    spiked = dict(base)
+    spiked["head.1.weight"] = base["head.1.weight"].clone()
+    spiked["head.1.weight"][3, 7] += 1.0  # one code position: innocents holding a 1 there tie at the maximum
+    report = trace(spiked, reg, top_k=20)
+    assert report.accused == [] and all(s.p_value is None or s.p_value > 0 for s in report.scores_top)
+    reg.close()
+
+
+def test_float8_suspect_is_checked_not_crashed():
+    from securemark.tracing.tracer import SuspectError, check_suspect
+
+    check_suspect({"w": torch.ones(3).to(torch.float8_e4m3fn)})
+    with pytest.raises(SuspectError, match="'w' holds nan"):
+        check_suspect({"w": torch.tensor([1.0, float("nan")]).to(torch.float8_e4m3fn)})
