@@ -14,64 +14,55 @@ Unit groups come from :mod:`securemark.fingerprint.align` (the same layer graph 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
 
 from securemark import models
-from securemark.fingerprint.align import Member, UnitGroup, chain_groups
+from securemark.fingerprint.align import UnitGroup, chain_groups, from_units, to_units, units_of
 
 StateDict = Mapping[str, torch.Tensor]
+Arrays = dict[str, np.ndarray]
 
 
-def _units(t: torch.Tensor, m: Member) -> torch.Tensor:
-    """(units, ...) view of a member's axis."""
-    shape = tuple(t.shape)
-    units = shape[m.axis] // m.block
-    return t.reshape((*shape[: m.axis], units, m.block, *shape[m.axis + 1 :])).movedim(m.axis, 0)
-
-
-def _back(u: torch.Tensor, m: Member, like: tuple[int, ...]) -> torch.Tensor:
-    return u.movedim(0, m.axis).reshape((*like[: m.axis], u.shape[0] * m.block, *like[m.axis + 1 :]))
-
-
-def _count(sd: StateDict, g: UnitGroup) -> int:
-    lead = g.of("rows")[0]
-    return sd[lead.tensor].shape[lead.axis] // lead.block
-
-
-def _float(sd: StateDict) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in sd.items()}
+def _rewritten(sd: StateDict, change: Callable[[Arrays, UnitGroup], None]) -> dict[str, torch.Tensor]:
+    """``change`` applied to every hidden unit group of ``sd``'s chain, on float64 copies of the tensors the
+    groups name (the unit views are align's own); the rest of ``sd`` is cloned as it is."""
+    groups = chain_groups(sd)
+    named = {m.tensor for g in groups for m in g.members}
+    arrs = {k: sd[k].detach().to("cpu", torch.float64).numpy().copy() for k in named}
+    for g in groups:
+        change(arrs, g)
+    return {k: torch.from_numpy(arrs[k]).to(v.dtype) if k in arrs else v.detach().clone() for k, v in sd.items()}
 
 
 def permute(sd: StateDict, rng: np.random.Generator) -> tuple[dict, dict]:
-    out = _float(sd)
-    groups = chain_groups(sd)
-    for g in groups:
-        perm = torch.from_numpy(rng.permutation(_count(out, g)))
+    def change(arrs: Arrays, g: UnitGroup) -> None:
+        n = units_of(arrs, g)
+        perm = rng.permutation(n)
         for m in g.members:
-            out[m.tensor] = _back(_units(out[m.tensor], m)[perm], m, tuple(out[m.tensor].shape))
-    return out, {"attack": "permute", "groups": len(groups)}
+            arrs[m.tensor] = from_units(to_units(arrs[m.tensor], m, n)[perm], m, arrs[m.tensor].shape)
+
+    return _rewritten(sd, change), {"attack": "permute", "groups": len(chain_groups(sd))}
 
 
 def rescale(sd: StateDict, rng: np.random.Generator, low: float = 0.25, high: float = 4.0) -> tuple[dict, dict]:
     """Each hidden unit x a, a log-uniform in [low, high]; its outgoing weights / a."""
     if not 0 < low <= high or not np.isfinite(high):
         raise ValueError(f"rescale needs 0 < low <= high (finite), got {low}, {high}")
-    out = _float(sd)
-    for g in chain_groups(sd):
-        n = _count(out, g)
-        a = torch.from_numpy(np.exp(rng.uniform(np.log(low), np.log(high), n)))
+
+    def change(arrs: Arrays, g: UnitGroup) -> None:
+        n = units_of(arrs, g)
+        a = np.exp(rng.uniform(np.log(low), np.log(high), n))
         up = ("affine",) if g.norm else ("rows", "bias")
         for m in g.members:
-            if m.role not in up and m.role != "cols":
-                continue
-            u = _units(out[m.tensor], m).to(torch.float64)
-            shape = (n,) + (1,) * (u.dim() - 1)
-            u = u * a.reshape(shape) if m.role in up else u / a.reshape(shape)
-            out[m.tensor] = _back(u, m, tuple(out[m.tensor].shape)).to(sd[m.tensor].dtype)
-    return out, {"attack": "rescale", "low": low, "high": high}
+            if m.role in up or m.role == "cols":
+                u = to_units(arrs[m.tensor], m, n)
+                f = (a if m.role in up else 1 / a).reshape((n,) + (1,) * (u.ndim - 1))
+                arrs[m.tensor] = from_units(u * f, m, arrs[m.tensor].shape)
+
+    return _rewritten(sd, change), {"attack": "rescale", "low": low, "high": high}
 
 
 def widen(sd: StateDict, rng: np.random.Generator, extra: int = 4, splits: int = 2) -> tuple[dict, dict]:
@@ -79,34 +70,33 @@ def widen(sd: StateDict, rng: np.random.Generator, extra: int = 4, splits: int =
     units in two (layers without BatchNorm only: a split under BN is not a sum of two ReLU outputs)."""
     if extra < 0 or splits < 0:
         raise ValueError(f"widen needs extra, splits >= 0, got {extra}, {splits}")
-    out = _float(sd)
-    gen = torch.Generator().manual_seed(int(rng.integers(2**63)))
-    for g in chain_groups(sd):
-        n = _count(out, g)
+
+    def change(arrs: Arrays, g: UnitGroup) -> None:
+        n = units_of(arrs, g)
         chosen = rng.choice(n, size=min(splits, n), replace=False) if not g.norm else np.array([], dtype=int)
-        scale = torch.from_numpy(rng.uniform(0.5, 2.0, len(chosen)))  # the split's incoming scale t
-        share = torch.from_numpy(rng.uniform(0.2, 0.8, len(chosen)))  # the split's share c of the outgoing
+        scale = rng.uniform(0.5, 2.0, len(chosen))  # the split's incoming scale t
+        share = rng.uniform(0.2, 0.8, len(chosen))  # the split's share c of the outgoing weights
         for m in g.members:
-            u = _units(out[m.tensor], m).to(torch.float64)
-            shape = (len(chosen),) + (1,) * (u.dim() - 1)
-            new = u[torch.from_numpy(chosen)].clone()
+            u = to_units(arrs[m.tensor], m, n).copy()
+            shape = (len(chosen),) + (1,) * (u.ndim - 1)
+            new = u[chosen].copy()
             if m.role in ("rows", "bias"):
                 new = new * scale.reshape(shape)
             elif m.role == "cols":
-                u = u.clone()
-                u[torch.from_numpy(chosen)] = new * (1 - share.reshape(shape))
+                u[chosen] = new * (1 - share.reshape(shape))
                 new = new * (share / scale).reshape(shape)  # t ReLU(r x) (c / t) col = c col ReLU(r x)
             added_shape = (extra, *u.shape[1:])
             if m.role == "cols":
-                added = torch.zeros(added_shape, dtype=u.dtype)  # the added units feed nothing: outputs unchanged
+                added = np.zeros(added_shape)  # the added units feed nothing: outputs unchanged
             elif m.role == "var":
-                added = torch.ones(added_shape, dtype=u.dtype)  # a valid BatchNorm variance
+                added = np.ones(added_shape)  # a valid BatchNorm variance
             else:
-                std = float(u.std()) if u.numel() > 1 else 1.0
-                added = std * torch.randn(added_shape, generator=gen, dtype=u.dtype)  # look like real units
-            u = torch.cat([u, new, added])
-            out[m.tensor] = _back(u, m, tuple(out[m.tensor].shape)).to(sd[m.tensor].dtype)
-    return out, {"attack": "widen", "extra": extra, "splits": splits}
+                std = float(u.std()) if u.size > 1 else 1.0
+                added = std * rng.standard_normal(added_shape)  # look like real units
+            u = np.concatenate([u, new, added])
+            arrs[m.tensor] = from_units(u, m, arrs[m.tensor].shape)
+
+    return _rewritten(sd, change), {"attack": "widen", "extra": extra, "splits": splits}
 
 
 def dead_inputs(model: torch.nn.Module, sd: StateDict, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -146,7 +136,7 @@ def spike(
     if count < 0 or not 0 < low <= high:
         raise ValueError(f"spike needs count >= 0 and 0 < low <= high, got {count}, {low}, {high}")
     count = count or int(rng.integers(1, 4))
-    out = _float(sd)
+    out = {k: v.detach().clone() for k, v in sd.items()}
     names = [n for n, t in sd.items() if t.is_floating_point() and t.dim() >= 2]
     pool = {n: m for n, m in (dead or {}).items() if n in names and bool(m.any())}
     placed = []

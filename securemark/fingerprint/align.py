@@ -179,7 +179,7 @@ def chain_groups(sd: StateDict) -> list[UnitGroup]:
 
 
 # --- alignment --------------------------------------------------------------------------------------------
-def _to_units(arr: np.ndarray, m: Member, units: int) -> np.ndarray:
+def to_units(arr: np.ndarray, m: Member, units: int) -> np.ndarray:
     """(units, ...): the member's axis split into (units, block) and moved first."""
     shape = arr.shape
     if arr.ndim <= m.axis:
@@ -192,7 +192,7 @@ def _to_units(arr: np.ndarray, m: Member, units: int) -> np.ndarray:
     return np.moveaxis(split, m.axis, 0)
 
 
-def _from_units(u: np.ndarray, m: Member, like: tuple[int, ...]) -> np.ndarray:
+def from_units(u: np.ndarray, m: Member, like: tuple[int, ...]) -> np.ndarray:
     moved = np.moveaxis(u, 0, m.axis)
     return moved.reshape((*like[: m.axis], u.shape[0] * m.block, *like[m.axis + 1 :]))
 
@@ -257,7 +257,7 @@ def _stack(arrs: dict[str, np.ndarray], members: list[Member], units: int) -> np
     if not members:
         raise AlignmentError("a unit group lacks the members this step needs (a norm group without BatchNorm "
                              "weight/bias, or no cols)")  # fmt: skip
-    return np.concatenate([_to_units(arrs[m.tensor], m, units).reshape(units, -1) for m in members], axis=1)
+    return np.concatenate([to_units(arrs[m.tensor], m, units).reshape(units, -1) for m in members], axis=1)
 
 
 def _unit_matrices(
@@ -276,12 +276,12 @@ def _unit_matrices(
 
 
 def _directions(rows: np.ndarray) -> np.ndarray:
-    """Unit-norm rows, each entry beyond 5x the row's k-th largest magnitude (k = 5% of the row, at least 2)
-    dropped first: one spiked weight in a short row (a 3x3 kernel) must not turn the unit's direction away
-    from its base unit, and a row mostly pruned to tiny values must keep its real weights. (Capping it at 5 stds is
-    not enough: a capped spike still outweighed the other 8 entries of a kernel, cosine to its own base unit
-    -0.02, and the unit lost its match to an added dummy.) The rule is scale-free, so a rescaled copy drops
-    the same entries as the base."""
+    """Unit-norm rows, with every entry beyond 5x the row's k-th largest magnitude dropped first (k = 5% of
+    the row, at least 2), so that neither a spiked weight in a short row (a 3x3 kernel) nor a row mostly
+    pruned to zeros turns a unit away from its base unit. Capping a spike instead of dropping it is not
+    enough: in a 3x3 kernel a spike capped at 5 robust standard deviations still outweighed the other 8
+    entries (cosine -0.02 to its own base unit), and the unit was matched to an added dummy. The rule is
+    scale-free, so a rescaled copy drops the same entries as the base."""
     mags = np.abs(rows)
     k = max(2, math.ceil(rows.shape[1] / 20))  # a spike or two is never the k-th largest; pruning leaves it
     cap = 5.0 * np.sort(mags, axis=1)[:, -k][:, None] if rows.shape[1] >= k else np.zeros((len(rows), 1))
@@ -290,10 +290,10 @@ def _directions(rows: np.ndarray) -> np.ndarray:
     return np.divide(f, norm, out=np.zeros_like(f), where=norm > 0)
 
 
-def _similarity(srows: np.ndarray, brows: np.ndarray) -> np.ndarray:
-    """(m, n) cosines of suspect and base rows over the suspect's support: a pruned row is compared with the
-    base row's entries it kept, not penalized for the ones it lost (zeros are erasures, not information)."""
-    fs, fb = _directions(srows), _directions(brows)
+def _similarity(fs: np.ndarray, fb: np.ndarray) -> np.ndarray:
+    """(m, n) cosines of suspect and base directions (:func:`_directions`) over the suspect's support: a
+    pruned row is compared with the base row's entries it kept, not penalized for the ones it lost (zeros
+    are erasures, not information)."""
     support_norm = np.sqrt((fs != 0).astype(np.float64) @ (fb**2).T)
     return np.divide(fs @ fb.T, support_norm, out=np.zeros_like(support_norm), where=support_norm > 0)
 
@@ -316,7 +316,7 @@ def _fits(su: np.ndarray, bu: np.ndarray, pairs: np.ndarray, noise: float) -> np
     return out
 
 
-def _units_of(arrs: dict[str, np.ndarray], g: UnitGroup) -> int:
+def units_of(arrs: dict[str, np.ndarray], g: UnitGroup) -> int:
     lead = g.of("rows")
     if not lead:
         raise AlignmentError(f"unit group {g.name!r} has no rows member")
@@ -330,18 +330,18 @@ def _apply(s: dict[str, np.ndarray], g: UnitGroup, units: int, scale: dict[str, 
     """Multiply each member's units by scale[role] (roles not named are left as they are)."""
     for mem in g.members:
         if mem.role in scale:
-            u = _to_units(s[mem.tensor], mem, units)
+            u = to_units(s[mem.tensor], mem, units)
             f = scale[mem.role].reshape((units,) + (1,) * (u.ndim - 1))
-            s[mem.tensor] = _from_units(u * f, mem, s[mem.tensor].shape)
+            s[mem.tensor] = from_units(u * f, mem, s[mem.tensor].shape)
 
 
 def _align_group(
     s: dict[str, np.ndarray], b: dict[str, np.ndarray], g: UnitGroup, rep: AlignmentReport, noise: float
 ) -> None:
-    m, n = _units_of(s, g), _units_of(b, g)
+    m, n = units_of(s, g), units_of(b, g)
     srows, brows = _unit_matrices(s, b, _incoming(g), m, n)
     fs = _directions(srows)
-    cos = _similarity(srows, brows)  # (m, n)
+    cos = _similarity(fs, _directions(brows))  # (m, n)
     rows_idx, cols_idx = linear_sum_assignment(-cos)
     live = fs[rows_idx].any(axis=1)  # a unit with all-zero incoming weights is one removed in place
     rows_idx, cols_idx = rows_idx[live], cols_idx[live]
@@ -366,14 +366,14 @@ def _align_group(
     rep.missing += int(np.sum(source < 0))
     for mem in g.members:  # permute (merge, drop, zero-fill) into base order
         arr = s[mem.tensor]
-        u = _to_units(arr, mem, m)
+        u = to_units(arr, mem, m)
         out = np.zeros((n, *u.shape[1:]))
         ok = source >= 0
         out[ok] = u[source[ok]]
         if mem.role == "cols":
             for unit, j, a in merges:
                 out[j] += (a / alpha[j]) * u[unit]  # ReLU(a r x) = a ReLU(r x); scaled by alpha[j] below
-        s[mem.tensor] = _from_units(out, mem, arr.shape)
+        s[mem.tensor] = from_units(out, mem, arr.shape)
     scale = {"rows": 1 / conv, "bias": 1 / conv}
     if g.norm:
         scale |= {"mean": 1 / conv, "var": 1 / conv**2, "affine": 1 / alpha}
@@ -386,14 +386,14 @@ def _balance(s: dict[str, np.ndarray], b: dict[str, np.ndarray], g: UnitGroup, n
     their own entries, so they are combined by precision: a 9-entry kernel row says little, the 288 entries of
     its outgoing channel say much (an equal-weight mean left a 3x3 kernel's units off by a third of the mark).
     An estimate within 4 standard errors of 1 is the mark's own shadow and reads as 1."""
-    n = _units_of(b, g)
+    n = units_of(b, g)
     same = np.arange(n)
     up_s, up_b = _unit_matrices(s, b, _up(g), n, n)
     cols_s, cols_b = _unit_matrices(s, b, g.of("cols"), n, n)
     p_up, p_cols = np.sum(up_b**2, axis=1), np.sum(cols_b**2, axis=1)
     total = p_up + p_cols
-    log_e = np.divide(p_up * np.log(_fits(up_s, up_b, same, 0.0)) - p_cols * np.log(_fits(cols_s, cols_b, same, 0.0)),
-                      total, out=np.zeros(n), where=total > 0)  # fmt: skip
+    votes = p_up * np.log(_fits(up_s, up_b, same, 0.0)) - p_cols * np.log(_fits(cols_s, cols_b, same, 0.0))
+    log_e = np.divide(votes, total, out=np.zeros(n), where=total > 0)
     log_e[np.abs(log_e) <= 4.0 * noise / np.sqrt(np.maximum(total, 1e-300))] = 0.0
     f = np.exp(-log_e)
     up = {"affine": f} if g.norm else {"rows": f, "bias": f}

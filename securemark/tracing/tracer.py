@@ -33,7 +33,8 @@ def fill_erasures(suspect: StateDict, base: StateDict) -> tuple[dict, int]:
     """The suspect with every weight it holds at exactly 0 where the base does not read as the base's value.
 
     A zero carries no trace of the mark: it is a pruned weight, a unit removed (alignment reads the units a
-    suspect lacks as zeros), a quantization step. Read as 0 it would add -v, often 20x the mark, to its code
+    suspect lacks as zeros, and entries below 1e-9 of their tensor's typical magnitude as 0), a quantization
+    step. Read as 0 it would add -v, often 20x the mark, to its code
     position; read as the base it adds nothing: an erasure. The rule uses the suspect and the base only, never
     a code row, so an innocent's score stays independent of the observation and the bound holds.
     """
