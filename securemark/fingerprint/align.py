@@ -206,7 +206,7 @@ def _row_median(x: np.ndarray, ok: np.ndarray) -> np.ndarray:
     return np.where(count > 0, med, 0.0)
 
 
-def _scales(s: np.ndarray, b: np.ndarray, noise: float = 0.0) -> np.ndarray:
+def _scales(s: np.ndarray, b: np.ndarray, noise: float = 0.0, limit: float = 1e30) -> np.ndarray:
     """Per row i, the positive a minimizing |s_i - a b_i|^2 over the entries a robust first fit calls inliers;
     1 when b_i carries nothing. ``s``, ``b``: (n, k) paired rows, all fitted at once.
 
@@ -221,7 +221,7 @@ def _scales(s: np.ndarray, b: np.ndarray, noise: float = 0.0) -> np.ndarray:
     of the mark, and a pirate's rescaling that small moves the row by less than the mark does.
 
     Entries the suspect holds at exactly 0 are erasures (pruned weights, removed units read as zeros): they
-    say nothing about the scale and are left out."""
+    say nothing about the scale and are left out. A fit beyond [1 / limit, limit] is left alone (1)."""
     ok = (b != 0) & (s != 0)
     count = ok.sum(axis=1)
     large = ok & (np.abs(b) >= _row_median(np.abs(b), ok)[:, None])
@@ -232,7 +232,7 @@ def _scales(s: np.ndarray, b: np.ndarray, noise: float = 0.0) -> np.ndarray:
     den = np.sum(np.where(keep, b * b, 0.0), axis=1)
     fit = np.divide(np.sum(np.where(keep, s * b, 0.0), axis=1), den, out=a.copy(), where=den > 0)
     shadow = 4.0 * noise / np.sqrt(np.maximum(np.sum(np.where(ok, b * b, 0.0), axis=1), 1e-300))
-    absurd = (fit < 1e-8) | (fit > 1e8)  # no rescaling a float32 model survives: a fit gone wrong, left alone
+    absurd = (fit < 1 / limit) | (fit > limit)  # a hidden unit rescaled this far breaks float32: a wrong fit
     bad = (count == 0) | ~np.isfinite(fit) | absurd | (np.abs(fit - 1.0) <= shadow)
     return np.where(bad, 1.0, fit)
 
@@ -443,7 +443,8 @@ def _output_gauge(
         centred[n] = (np.where(kept[n], s[n] - ms, 0.0), np.where(kept[n], b[n] - mb, 0.0), mb)
     flat_s = np.concatenate([centred[n][0].ravel() for n in names])
     flat_b = np.concatenate([centred[n][1].ravel() for n in names])
-    c = float(_scales(flat_s[None, :], flat_b[None, :], noise)[0])  # the logit scale, fitted shift-free
+    # the logit scale, fitted shift-free; any factor that keeps the weights finite keeps the argmax
+    c = float(_scales(flat_s[None, :], flat_b[None, :], noise, limit=1e36)[0])
     for n in names:
         sc, _, mb = centred[n]
         s[n] = np.where(kept[n], sc / c + mb, 0.0)

@@ -143,17 +143,18 @@ def test_fill_erasures_reads_zeros_as_the_base():
 
 
 def test_output_gauge_and_tiny_pruning_do_not_hide_the_leaker(tmp_path):
-    """Rewrites a softmax or argmax cannot see (a vector added to every class row, logits x 100) and pruning
+    """Rewrites a softmax or argmax cannot see (a vector added to every class row, logits x 100 or x 1e28) and pruning
     that writes 1e-12 instead of 0: the leaker alone is still named."""
     reg, _, copies = _small(tmp_path, n=20)
     leak = copies["c5"]
     shifted = dict(leak)
     shifted["head.3.weight"] = leak["head.3.weight"] + 100 * torch.randn(leak["head.3.weight"].shape[1])
     scaled = {k: v * 100 if k.startswith("head.3") else v for k, v in leak.items()}
+    huge = {k: v * 1e28 if k.startswith("head.3") else v for k, v in leak.items()}  # argmax kept, weights < 1e30
     pruned, _ = attacks.prune(leak, 0.7)
     tiny = {k: torch.where(v == 0, torch.full_like(v, 1e-12), v) if k in pruned and v.dim() > 1 else v
             for k, v in pruned.items()}  # fmt: skip
-    for suspect in (shifted, scaled, tiny):
+    for suspect in (shifted, scaled, huge, tiny):
         assert [s.customer for s in trace(suspect, reg).accused] == ["c5"]
     reg.close()
 
@@ -174,3 +175,13 @@ def test_float8_suspect_is_checked_not_crashed():
     check_suspect({"w": torch.ones(3).to(torch.float8_e4m3fn)})
     with pytest.raises(SuspectError, match="'w' holds nan"):
         check_suspect({"w": torch.tensor([1.0, float("nan")]).to(torch.float8_e4m3fn)})
+
+
+def test_extreme_but_finite_rescaling_is_undone(tmp_path):
+    """Units rescaled by factors from 1e-15 to 1e15 (outputs unchanged, every weight finite): still traced."""
+    from securemark.attacks import rewrite
+
+    reg, _, copies = _small(tmp_path, n=20)
+    rescaled, _ = rewrite.rescale(copies["c2"], np.random.default_rng(0), 1e-15, 1e15)
+    assert [s.customer for s in trace(rescaled, reg).accused] == ["c2"]
+    reg.close()
