@@ -39,6 +39,10 @@ from scipy.optimize import linear_sum_assignment
 StateDict = Mapping[str, torch.Tensor]
 SPLIT_COSINE = 0.999  # an unmatched unit this parallel to the suspect's own unit for a base unit is its split
 ROLES = ("rows", "bias", "cols", "mean", "var", "affine")
+# A fit within this many standard errors of 1 (under the mark's own perturbation) is the mark's shadow, read as
+# 1. The fits are many (every unit, twice), so the rule must be per-trace, not per-fit: 4 sigmas (6e-5 a fit)
+# rescaled one unit of an intact copy in 1.7% of traces; 6 sigmas is 2e-9 a fit, ~2e-5 for a 10^4-unit model.
+SHADOW_SIGMAS = 6.0
 
 
 class AlignmentError(ValueError):
@@ -216,7 +220,7 @@ def _scales(s: np.ndarray, b: np.ndarray, noise: float = 0.0, limit: float = 1e3
     the wrong entries (and a |b|-weighted median breaks when the spike sits on a weight holding half the
     row's mass). Least squares on the entries within 4 robust standard deviations of that fit refines it.
 
-    A fit within 4 standard errors of 1 under perturbations of RMS ``noise`` per entry (the mark itself:
+    A fit within SHADOW_SIGMAS standard errors of 1 under perturbations of RMS ``noise`` per entry (the mark itself:
     std(a) = noise / |b|) is read as 1: rescaling an intact copy by its own mark's shadow would erase a little
     of the mark, and a pirate's rescaling that small moves the row by less than the mark does.
 
@@ -231,7 +235,7 @@ def _scales(s: np.ndarray, b: np.ndarray, noise: float = 0.0, limit: float = 1e3
     keep = ok & (r <= 4.0 * med[:, None] / 0.6745)
     den = np.sum(np.where(keep, b * b, 0.0), axis=1)
     fit = np.divide(np.sum(np.where(keep, s * b, 0.0), axis=1), den, out=a.copy(), where=den > 0)
-    shadow = 4.0 * noise / np.sqrt(np.maximum(np.sum(np.where(ok, b * b, 0.0), axis=1), 1e-300))
+    shadow = SHADOW_SIGMAS * noise / np.sqrt(np.maximum(np.sum(np.where(ok, b * b, 0.0), axis=1), 1e-300))
     absurd = (fit < 1 / limit) | (fit > limit)  # a hidden unit rescaled this far breaks float32: a wrong fit
     bad = (count == 0) | ~np.isfinite(fit) | absurd | (np.abs(fit - 1.0) <= shadow)
     return np.where(bad, 1.0, fit)
@@ -385,7 +389,7 @@ def _balance(s: dict[str, np.ndarray], b: dict[str, np.ndarray], g: UnitGroup, n
     BN affine) reads e x base, its cols base / e. Both fits estimate log e, with variances noise^2 / |b|^2 of
     their own entries, so they are combined by precision: a 9-entry kernel row says little, the 288 entries of
     its outgoing channel say much (an equal-weight mean left a 3x3 kernel's units off by a third of the mark).
-    An estimate within 4 standard errors of 1 is the mark's own shadow and reads as 1."""
+    An estimate within SHADOW_SIGMAS standard errors of 1 is the mark's own shadow and reads as 1."""
     n = units_of(b, g)
     same = np.arange(n)
     up_s, up_b = _unit_matrices(s, b, _up(g), n, n)
@@ -394,7 +398,7 @@ def _balance(s: dict[str, np.ndarray], b: dict[str, np.ndarray], g: UnitGroup, n
     total = p_up + p_cols
     votes = p_up * np.log(_fits(up_s, up_b, same, 0.0)) - p_cols * np.log(_fits(cols_s, cols_b, same, 0.0))
     log_e = np.divide(votes, total, out=np.zeros(n), where=total > 0)
-    log_e[np.abs(log_e) <= 4.0 * noise / np.sqrt(np.maximum(total, 1e-300))] = 0.0
+    log_e[np.abs(log_e) <= SHADOW_SIGMAS * noise / np.sqrt(np.maximum(total, 1e-300))] = 0.0
     f = np.exp(-log_e)
     up = {"affine": f} if g.norm else {"rows": f, "bias": f}
     _apply(s, g, n, up | {"cols": 1 / f})
@@ -419,8 +423,8 @@ def _output_gauge(
     """Undo what a softmax (or an argmax) cannot see on the output layer: the same vector added to every class
     row (and the same constant to every class bias), and a positive factor on all logits. Per input, suspect
     and base are centred over the classes (erased entries left out and kept as erasures), the common scale is
-    fitted on the centred entries and undone, and the base's class mean is put back. A shift within 4 standard
-    errors of the mark's own class mean is the mark's and is left; a pirate's larger one takes the mark's
+    fitted on the centred entries and undone, and the base's class mean is put back. A shift within SHADOW_SIGMAS
+    standard errors of the mark's own class mean is the mark's and is left; a pirate's larger one takes the mark's
     class-mean component with it (1 / classes of that layer's share)."""
     hidden = {m.tensor for g in groups for m in g.of("rows")}
     last = groups[-1].of("cols") if groups else []
@@ -439,7 +443,7 @@ def _output_gauge(
         count = np.maximum(kept[n].sum(axis=0, keepdims=True), 1)
         mb = np.where(kept[n], b[n], 0.0).sum(axis=0, keepdims=True) / count
         ms = np.where(kept[n], s[n], 0.0).sum(axis=0, keepdims=True) / count
-        ms = np.where(np.abs(ms - mb) <= 4.0 * noise / np.sqrt(count), mb, ms)  # the mark's own class mean
+        ms = np.where(np.abs(ms - mb) <= SHADOW_SIGMAS * noise / np.sqrt(count), mb, ms)  # the mark's own class mean
         centred[n] = (np.where(kept[n], s[n] - ms, 0.0), np.where(kept[n], b[n] - mb, 0.0), mb)
     flat_s = np.concatenate([centred[n][0].ravel() for n in names])
     flat_b = np.concatenate([centred[n][1].ravel() for n in names])
