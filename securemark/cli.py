@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +38,43 @@ def _print_json(obj: object) -> None:
     print(json.dumps(_strict(obj), indent=2, allow_nan=False, default=float))
 
 
+def _json_or_table(a: argparse.Namespace, result: dict[str, object]) -> object:
+    """``result`` for main to print as JSON under --json, else shown as a table here."""
+    if a.json:
+        return result
+    _table(result)
+    return None
+
+
+@contextmanager
+def _stdout_reserved(reserve: bool) -> Iterator[None]:
+    """With ``reserve``, stdout is kept for the JSON main prints afterwards: while the command runs, whatever
+    else would reach stdout goes to stderr instead. Python prints and rich consoles see sys.stdout swapped;
+    when stdout is a real file descriptor, it is also pointed at stderr's, so Flower's and Ray's output (their
+    handlers hold the old stream, some write from threads or native code) follows."""
+    if not reserve:
+        yield
+        return
+    real = sys.stdout
+    real.flush()
+    try:
+        fd = real.fileno()
+    except (OSError, ValueError, AttributeError):  # a test's capture object: no descriptor to move
+        fd = -1
+    saved = os.dup(fd) if fd >= 0 else -1
+    if fd >= 0:
+        os.dup2(sys.stderr.fileno(), fd)
+    sys.stdout = sys.stderr
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        sys.stdout = real
+        if fd >= 0:
+            os.dup2(saved, fd)
+            os.close(saved)
+
+
 def _table(rows: dict[str, object]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -47,14 +86,14 @@ def _table(rows: dict[str, object]) -> None:
 
 
 # --- codes -----------------------------------------------------------------------------------------
-def cmd_codes_eval(a: argparse.Namespace) -> None:
+def cmd_codes_eval(a: argparse.Namespace) -> object:
     from securemark.codes.evaluate import CodeTrialSpec, evaluate_code
 
     spec = CodeTrialSpec(
         a.code, a.users, a.colluders, a.length, a.attack, a.noise, a.trials, a.eps, a.seed, a.max_colluders, a.detector
     )
-    result = evaluate_code(spec, progress=not a.json and sys.stderr.isatty())
-    _print_json(result) if a.json else _table(result)
+    result = evaluate_code(spec, progress=sys.stderr.isatty())
+    return _json_or_table(a, result)
 
 
 # --- registry, issue, trace ------------------------------------------------------------------------
@@ -118,7 +157,7 @@ def cmd_issue(a: argparse.Namespace) -> None:
     print(f"issued {out} to {a.customer!r} (sha256 {modelio.file_sha256(out)[:16]}...)")
 
 
-def cmd_trace(a: argparse.Namespace) -> None:
+def cmd_trace(a: argparse.Namespace) -> object:
     from securemark.fingerprint.align import load_groups
     from securemark.modelio import load_state_dict
     from securemark.registry import Registry
@@ -129,8 +168,7 @@ def cmd_trace(a: argparse.Namespace) -> None:
     with Registry.open(a.directory) as reg:
         report = trace(suspect, reg, top_k=a.top, hard=a.hard, groups=groups, aligned=not a.no_align)
     if a.json:
-        _print_json(report.to_json())
-        return
+        return report.to_json()
     from rich.console import Console
     from rich.table import Table
 
@@ -144,6 +182,7 @@ def cmd_trace(a: argparse.Namespace) -> None:
         table.add_row(s.customer, f"{s.score:.3f}", pv, "ACCUSED" if s.customer in accused else "")
     Console().print(table)
     print("accused: " + (", ".join(s.customer for s in report.accused) or "nobody"))
+    return None
 
 
 # --- attacks ---------------------------------------------------------------------------------------
@@ -165,7 +204,7 @@ def cmd_attack(a: argparse.Namespace) -> None:
 
 
 # --- bench -----------------------------------------------------------------------------------------
-def cmd_bench_trace(a: argparse.Namespace) -> None:
+def cmd_bench_trace(a: argparse.Namespace) -> object:
     from securemark.codes import pack_bits, tardos
     from securemark.tracing.bound import Law
     from securemark.tracing.scores import PackedCodebook, accuse, tardos_scores
@@ -200,40 +239,40 @@ def cmd_bench_trace(a: argparse.Namespace) -> None:
         "accused_innocents": int((~np.isin(acc.accused, coalition)).sum()),
         "codebook_mib": round(book.columns.nbytes / 2**20, 1),
     }
-    _print_json(result) if a.json else _table(result)
+    return _json_or_table(a, result)
 
 
-def cmd_bench_secagg(a: argparse.Namespace) -> None:
+def cmd_bench_secagg(a: argparse.Namespace) -> object:
     from securemark.secagg.bench import bench_secagg
 
     result = bench_secagg(a.clients, a.params, a.dropout, a.graph, a.seed)
     if a.json:
-        _print_json(result)
-        return
+        return result
     result["prg_MB_per_second"] = result.pop("prg_bytes_per_second") / 1e6
     result["mask_MB_per_second"] = result.pop("mask_bytes_per_second") / 1e6
     _table({k: v for k, v in result.items() if k != "stage_seconds"} | result["stage_seconds"])
+    return None
 
 
-def cmd_bench_rounds(a: argparse.Namespace) -> None:
+def cmd_bench_rounds(a: argparse.Namespace) -> object:
     from securemark.flower.bench_rounds import bench_rounds
 
     result = bench_rounds(a.clients, a.params, a.rounds, a.seed)
     if a.json:
-        _print_json(result)
-        return
+        return result
     _table({k: v for k, v in result.items() if k != "per_round_seconds"})
+    return None
 
 
-def cmd_bench_align(a: argparse.Namespace) -> None:
+def cmd_bench_align(a: argparse.Namespace) -> object:
     from securemark.fingerprint.bench_align import bench_align
 
     result = bench_align(a.repeats, a.budget, a.seed, large=not a.small)
     if a.json:
-        _print_json(result)
-        return
+        return result
     for row in result["models"]:  # type: ignore[attr-defined]
         _table(row)
+    return None
 
 
 def cmd_simulate(a: argparse.Namespace) -> None:
@@ -427,10 +466,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        with _stdout_reserved(getattr(args, "json", False)):  # --json: stdout carries the JSON alone
+            payload = args.func(args)
     except EXPECTED_ERRORS as exc:  # bad input gets one clear line, not a traceback
         print(f"securemark: error: {exc}", file=sys.stderr)
         return 2
+    if payload is not None:
+        _print_json(payload)
     return 0
 
 

@@ -2,17 +2,28 @@
 
 The same configuration travels three ways: a TOML file (``securemark simulate``), ``--set section.key=value``
 overrides, and Flower's flat run config (``[tool.flwr.app.config]`` keys such as ``train.rounds``).
+
+Relative paths written in a TOML file resolve against that file's folder, so a config means the same from any
+working directory; paths given with ``--set`` or in Flower's run config resolve against the working directory.
+Every value is range-checked when the config is built; the error names the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import re
 import tomllib
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, get_args, get_origin, get_type_hints
+
+from securemark.codes.base import CODE_KINDS
 
 DATASET_NAMES = ("digits", "mnist5k", "synthetic", "mnist", "fashion-mnist", "cifar10")  # see securemark.data
+MAX_CLIENTS = 100_000  # one customer, one code row and one key pair per client; beyond this, shard the run
 
 
 class ConfigError(ValueError):
@@ -76,6 +87,8 @@ class ResourcesConfig:
 class TomlConfig:
     """Loading shared by every top-level config: TOML file, ``--set`` overrides, nested sections, checked types."""
 
+    PATHS: ClassVar[tuple[str, ...]] = ()  # dotted keys holding paths (resolved against the file's folder)
+
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Any:
         kwargs: dict[str, Any] = {}
@@ -99,6 +112,7 @@ class TomlConfig:
             raise ConfigError(f"configuration file {path} does not exist") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: {exc}") from None
+        _resolve_paths(raw, cls.PATHS, Path(path).resolve().parent)
         for item in overrides or []:
             key, sep, value = item.partition("=")
             if not sep:
@@ -106,23 +120,26 @@ class TomlConfig:
             _assign(raw, key.strip(), _parse_value(value.strip()))
         return cls.from_dict(raw)
 
-    def to_toml(self) -> str:
+    def to_toml(self, folder: str | Path | None = None) -> str:
+        """TOML that loads back to this config. Written for a file in ``folder``, its paths are made relative
+        to that folder: the file stays right when the tree moves, and names nobody's home directory."""
+        raw = dataclasses.asdict(self)  # type: ignore[call-overload]
+        if folder is not None:
+            _relative_paths(raw, self.PATHS, Path(folder))
         lines, tables = [], []
-        for f in fields(self):  # type: ignore[arg-type]
-            value = getattr(self, f.name)
-            if dataclasses.is_dataclass(value):
-                tables.append(f"\n[{f.name}]")
-                tables += [f"{s.name} = {_toml_value(getattr(value, s.name))}" for s in fields(value)]
-            elif isinstance(value, dict):
-                tables.append(f"\n[{f.name}]")
-                tables += [f"{_toml_value(k)} = {_toml_value(v)}" for k, v in value.items()]
+        for key, value in raw.items():
+            if isinstance(value, dict):
+                tables.append(f"\n[{key}]")
+                tables += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()]
             else:
-                lines.append(f"{f.name} = {_toml_value(value)}")
+                lines.append(f"{key} = {_toml_value(value)}")
         return "\n".join(lines + tables) + "\n"
 
 
 @dataclass(frozen=True)
 class SimConfig(TomlConfig):
+    PATHS: ClassVar[tuple[str, ...]] = ("output", "data.files")
+
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -132,22 +149,36 @@ class SimConfig(TomlConfig):
     output: str = "runs/latest"
 
     def __post_init__(self) -> None:
-        _check(self.data.name in DATASET_NAMES, "data.name", self.data.name)
-        _check(self.data.partition in ("iid", "dirichlet", "pathological"), "data.partition", self.data.partition)
-        _check(0 < self.data.test_fraction < 1, "data.test_fraction", self.data.test_fraction)
-        _check(self.model.name in ("mlp", "cnn", "cifar-cnn"), "model.name", self.model.name)
-        _check(self.model.width >= 0, "model.width", self.model.width)
-        t = self.train
-        _check(t.rounds >= 1, "train.rounds", t.rounds)
-        _check(t.clients >= 1, "train.clients", t.clients)
-        _check(1 <= t.per_round <= t.clients, "train.per_round", t.per_round)
-        _check(t.local_epochs >= 1 and t.lr > 0 and t.batch_size >= 1, "train.local_epochs/lr/batch_size", t)
-        _check(self.secagg.graph in ("complete", "sparse"), "secagg.graph", self.secagg.graph)
-        _check(0 <= self.secagg.dropout < 1, "secagg.dropout", self.secagg.dropout)
-        _check(
-            not self.secagg.enabled or t.per_round >= 3, "train.per_round (masked aggregation needs >= 3)", t.per_round
-        )
-        _check(self.resources.num_cpus > 0 and self.resources.num_gpus >= 0, "resources", self.resources)
+        d, m, t, f, s, r = self.data, self.model, self.train, self.fingerprint, self.secagg, self.resources
+        _check(d.name in DATASET_NAMES, "data.name", d.name)
+        _check(d.partition in ("iid", "dirichlet", "pathological"), "data.partition", d.partition)
+        _check(_finite(d.alpha) and d.alpha > 0, "data.alpha", d.alpha)
+        _check(1 <= d.classes_per_client <= 1000, "data.classes_per_client", d.classes_per_client)
+        _check(0 < d.test_fraction < 1, "data.test_fraction", d.test_fraction)
+        _check(m.name in ("mlp", "cnn", "cifar-cnn"), "model.name", m.name)
+        _check(0 <= m.width <= 65536, "model.width", m.width)
+        _check(1 <= t.rounds <= 100_000, "train.rounds", t.rounds)
+        _check(1 <= t.clients <= MAX_CLIENTS, f"train.clients (1..{MAX_CLIENTS})", t.clients)
+        _check(1 <= t.per_round <= t.clients, "train.per_round (1..train.clients)", t.per_round)
+        _check(1 <= t.local_epochs <= 10_000, "train.local_epochs", t.local_epochs)
+        _check(_finite(t.lr) and 0 < t.lr <= 1e3, "train.lr", t.lr)
+        _check(1 <= t.batch_size <= 1 << 20, "train.batch_size", t.batch_size)
+        _check(0 <= t.seed < 1 << 63, "train.seed", t.seed)
+        _check(f.code in CODE_KINDS, f"fingerprint.code (one of {', '.join(CODE_KINDS)})", f.code)
+        _check(16 <= f.length <= 1 << 20, "fingerprint.length (16..2^20)", f.length)
+        _check(1 <= f.max_colluders <= 1000, "fingerprint.max_colluders", f.max_colluders)
+        _check(_finite(f.eps) and 0 < f.eps < 1, "fingerprint.eps", f.eps)
+        _check(_finite(f.budget) and f.budget > 0, "fingerprint.budget", f.budget)
+        _check(0 <= f.eval_copies <= t.clients, "fingerprint.eval_copies (0..train.clients)", f.eval_copies)
+        _check(s.graph in ("complete", "sparse"), "secagg.graph", s.graph)
+        _check(_finite(s.clip) and s.clip > 0, "secagg.clip", s.clip)
+        _check(1 <= s.bits <= 30, "secagg.bits (1..30)", s.bits)
+        _check(0 <= s.dropout < 1, "secagg.dropout", s.dropout)
+        _check(_finite(s.timeout) and s.timeout > 0, "secagg.timeout", s.timeout)
+        _check(not s.enabled or t.per_round >= 3, "train.per_round (masked aggregation needs >= 3)", t.per_round)
+        _check(_finite(r.num_cpus) and r.num_cpus > 0, "resources.num_cpus", r.num_cpus)
+        _check(_finite(r.num_gpus) and r.num_gpus >= 0, "resources.num_gpus", r.num_gpus)
+        _check(bool(self.output), "output", self.output)
 
     # --- Flower's flat run config -------------------------------------------------------------------
     @classmethod
@@ -181,6 +212,44 @@ class SimConfig(TomlConfig):
 def _check(ok: bool, key: str, value: object) -> None:
     if not ok:
         raise ConfigError(f"invalid value for {key}: {value!r}")
+
+
+def _finite(x: float) -> bool:
+    return math.isfinite(x)
+
+
+def _path_entries(raw: dict[str, Any], keys: tuple[str, ...]) -> Iterator[tuple[dict[str, Any], str]]:
+    """(table, key) for each non-empty string path under the dotted ``keys`` of a raw table."""
+    for dotted in keys:
+        *parents, leaf = dotted.split(".")
+        node: Any = raw
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(leaf), str) and node[leaf]:
+            yield node, leaf
+
+
+def _resolve_paths(raw: dict[str, Any], keys: tuple[str, ...], folder: Path) -> None:
+    """Relative paths under ``keys`` in a file's raw table, resolved against ``folder`` (the file's)."""
+    for node, leaf in _path_entries(raw, keys):
+        node[leaf] = os.path.normpath(folder / os.path.expanduser(node[leaf]))
+
+
+def _relative_paths(raw: dict[str, Any], keys: tuple[str, ...], folder: Path) -> None:
+    """The inverse: paths (relative ones read against the working directory) written relative to ``folder``."""
+    here = folder.resolve()
+    for node, leaf in _path_entries(raw, keys):
+        path = os.path.abspath(node[leaf])
+        if os.path.commonpath([path, here]) != here.anchor:  # no relative path across unrelated trees
+            node[leaf] = os.path.relpath(path, here)
+        else:
+            node[leaf] = path
+
+
+def shown(path: str | Path) -> str:
+    """``path`` relative to the working directory when it lies below it (for reports), else as given."""
+    rel = os.path.relpath(path)
+    return str(path) if rel.startswith("..") else rel
 
 
 def _section(cls: type, name: str, values: dict[str, Any]) -> Any:
@@ -228,6 +297,10 @@ def _parse_value(text: str) -> Any:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text  # a bare word is a string
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_value(key)
 
 
 def _toml_value(value: Any) -> str:

@@ -298,3 +298,30 @@ def test_trace_of_a_nan_suspect_is_exit_2_and_json_is_strict(tmp_path, capsys):
     assert main(["trace", str(reg), str(tmp_path / "nan.pt"), "--json"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'head.3.weight' holds nan" in err[0]
+
+
+NOISY_COMMAND = """
+import logging, os, sys
+from securemark import cli
+
+def noisy(a):
+    print("a progress line")
+    os.write(1, b"a line from native code\\n")
+    logging.basicConfig(stream=sys.__stdout__)  # a handler bound to the original stdout object
+    logging.getLogger("some.lib").warning("a log line")
+    return {"ok": float("nan"), "n": 3}
+
+cli.cmd_bench_trace = noisy
+raise SystemExit(cli.main(["bench", "trace", "--json"]))
+"""
+
+
+def test_json_owns_stdout_whatever_else_writes_there():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", NOISY_COMMAND], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"ok": None, "n": 3}  # strict JSON: NaN is null
+    for line in ("a progress line", "a line from native code", "a log line"):
+        assert line in done.stderr

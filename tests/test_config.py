@@ -1,3 +1,4 @@
+import re
 import tomllib
 from pathlib import Path
 
@@ -48,3 +49,77 @@ def test_missing_file_and_bad_override(tmp_path):
         SimConfig.load(tmp_path / "none.toml")
     with pytest.raises(ConfigError, match=r"section\.key=value"):
         SimConfig.load(ROOT / "configs" / "smoke.toml", ["train.rounds"])
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"fingerprint": {"length": -5}}, "fingerprint.length"),
+        ({"fingerprint": {"eps": 2.0}}, "fingerprint.eps"),
+        ({"fingerprint": {"eps": float("nan")}}, "fingerprint.eps"),
+        ({"fingerprint": {"max_colluders": 0}}, "fingerprint.max_colluders"),
+        ({"fingerprint": {"budget": -1.0}}, "fingerprint.budget"),
+        ({"fingerprint": {"budget": float("inf")}}, "fingerprint.budget"),
+        ({"fingerprint": {"code": "foo"}}, "fingerprint.code"),
+        ({"fingerprint": {"eval_copies": -1}}, "fingerprint.eval_copies"),
+        ({"secagg": {"clip": -1.0}}, "secagg.clip"),
+        ({"secagg": {"clip": float("nan")}}, "secagg.clip"),
+        ({"secagg": {"bits": 0}}, "secagg.bits"),
+        ({"secagg": {"bits": 64}}, "secagg.bits"),
+        ({"secagg": {"timeout": -1.0}}, "secagg.timeout"),
+        ({"secagg": {"dropout": float("nan")}}, "secagg.dropout"),
+        ({"data": {"alpha": -1.0}}, "data.alpha"),
+        ({"data": {"classes_per_client": 0}}, "data.classes_per_client"),
+        ({"data": {"test_fraction": float("nan")}}, "data.test_fraction"),
+        ({"train": {"clients": 10**9}}, "train.clients"),
+        ({"train": {"lr": float("inf")}}, "train.lr"),
+        ({"train": {"lr": 0.0}}, "train.lr"),
+        ({"train": {"batch_size": 0}}, "train.batch_size"),
+        ({"train": {"local_epochs": 0}}, "train.local_epochs"),
+        ({"train": {"seed": -1}}, "train.seed"),
+        ({"model": {"width": -3}}, "model.width"),
+        ({"resources": {"num_cpus": float("nan")}}, "resources.num_cpus"),
+        ({"resources": {"num_gpus": -0.5}}, "resources.num_gpus"),
+        ({"output": ""}, "output"),
+    ],
+)
+def test_every_value_is_range_checked(raw, key):
+    with pytest.raises(ConfigError, match="invalid value for " + re.escape(key)):
+        SimConfig.from_dict(raw)
+
+
+def test_relative_paths_in_a_file_follow_the_file_not_the_working_directory(tmp_path, monkeypatch):
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    (folder / "c.toml").write_text('output = "../runs/x"\n[data]\nname = "mnist"\nfiles = "parquet/*.parquet"\n')
+    monkeypatch.chdir(tmp_path / "..")
+    cfg = SimConfig.load(folder / "c.toml")
+    assert Path(cfg.output) == tmp_path / "runs" / "x"
+    assert Path(cfg.data.files) == folder / "parquet" / "*.parquet"
+    # what the user types (--set, Flower's run config) is theirs: the working directory's
+    assert SimConfig.load(folder / "c.toml", ["output=elsewhere"]).output == "elsewhere"
+    assert SimConfig.from_flat({"output": "rel"}).output == "rel"
+    absolute = str(tmp_path / "abs")
+    assert SimConfig.load(folder / "c.toml", [f'output="{absolute}"']).output == absolute
+
+
+def test_a_shipped_evaluation_config_means_the_same_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = EvalConfig.load(ROOT / "configs" / "collusion-smoke.toml")
+    assert Path(cfg.source.run) == ROOT / "runs" / "smoke"
+    assert Path(cfg.source.config) == ROOT / "configs" / "smoke.toml"
+    assert Path(cfg.output) == ROOT / "runs" / "collusion-smoke"
+    assert Path(SimConfig.load(ROOT / "configs" / "quickstart.toml").output) == ROOT / "runs" / "quickstart"
+
+
+def test_a_config_written_into_a_folder_names_its_paths_from_there(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = SimConfig.load(ROOT / "configs" / "smoke.toml", ["data.files=local/*.parquet"])
+    run = tmp_path / "deep" / "run"
+    run.mkdir(parents=True)
+    (run / "config.toml").write_text(cfg.to_toml(run))
+    text = (run / "config.toml").read_text()
+    assert 'files = "../../local/*.parquet"' in text and str(tmp_path) not in text.replace(str(ROOT), "")
+    monkeypatch.chdir(ROOT)
+    back = SimConfig.load(run / "config.toml")
+    assert Path(back.data.files) == tmp_path / "local" / "*.parquet" and Path(back.output) == Path(cfg.output)

@@ -95,9 +95,11 @@ def evaluate_code(spec: CodeTrialSpec, progress: bool = False) -> dict[str, obje
     thresholds = []
     trial_range: Iterable[int] = range(spec.trials)
     if progress:
+        from rich.console import Console
         from rich.progress import track
 
-        trial_range = track(trial_range, description=f"{spec.code} {spec.attack} c={spec.colluders}")
+        label = f"{spec.code} {spec.attack} c={spec.colluders}"
+        trial_range = track(trial_range, description=label, console=Console(stderr=True))
     for _ in trial_range:
         if spec.code == "bibd":
             accused, coalition = _accuse_bibd(spec, rng, rows, q)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from securemark.attacks import pipeline
 from securemark.codes.base import CODE_KINDS
-from securemark.config import ConfigError, TomlConfig, _check
+from securemark.config import ConfigError, TomlConfig, _check, _finite
 from securemark.fingerprint.carrier import CARRIER_MODES
 
 SCHEMES = (*CODE_KINDS, "fedtracker")  # a shared-projection code traced by score, or the per-customer baseline
@@ -38,6 +39,9 @@ class TrialSettings:
     coalition_sizes: tuple[int, ...] = (1, 2, 4, 8)  # 0: a control, the unmarked base model under the attack
     trials: int = 200  # per cell (scheme, attack, coalition size)
     seed: int = 0  # coalitions and attack randomness; shared by all schemes, so cells are paired
+    # the attacked model's test accuracy on the first this-many trials of a cell (0: all). Accuracy is an attack
+    # cost, not a tracing figure, and on the quickstart CNN it was 40% of a trial's time
+    accuracy_trials: int = 0
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,7 @@ class FidelitySettings:
 
 @dataclass(frozen=True)
 class EvalConfig(TomlConfig):
+    PATHS: ClassVar[tuple[str, ...]] = ("output", "source.run", "source.config")
     source: SourceConfig = field(default_factory=SourceConfig)
     code: CodeSettings = field(default_factory=CodeSettings)
     evaluate: TrialSettings = field(default_factory=TrialSettings)
@@ -58,17 +63,21 @@ class EvalConfig(TomlConfig):
 
     def __post_init__(self) -> None:
         c, e, f = self.code, self.evaluate, self.fidelity
-        _check(c.length >= 16, "code.length", c.length)
-        _check(c.max_colluders >= 1, "code.max_colluders", c.max_colluders)
-        _check(0 < c.eps < 1, "code.eps", c.eps)
-        _check(c.budget > 0, "code.budget", c.budget)
+        _check(bool(self.source.run), "source.run", self.source.run)
+        _check(16 <= c.length <= 1 << 20, "code.length (16..2^20)", c.length)
+        _check(1 <= c.max_colluders <= 1000, "code.max_colluders", c.max_colluders)
+        _check(_finite(c.eps) and 0 < c.eps < 1, "code.eps", c.eps)
+        _check(_finite(c.budget) and c.budget > 0, "code.budget", c.budget)
         _check(c.carrier_mode in CARRIER_MODES, "code.carrier_mode", c.carrier_mode)
-        _check(e.customers >= 2, "evaluate.customers", e.customers)
+        _check(bool(c.include) and all(c.include), "code.include", c.include)
+        _check(2 <= e.customers <= 10_000_000, "evaluate.customers", e.customers)
         _check(bool(e.schemes) and all(s in SCHEMES for s in e.schemes), f"evaluate.schemes (of {SCHEMES})", e.schemes)
         _check(len(set(e.schemes)) == len(e.schemes), "evaluate.schemes (repeated)", e.schemes)
         sizes = e.coalition_sizes
         _check(bool(sizes) and all(0 <= k <= e.customers for k in sizes), "evaluate.coalition_sizes", sizes)
-        _check(e.trials >= 1, "evaluate.trials", e.trials)
+        _check(1 <= e.trials <= 10_000_000, "evaluate.trials", e.trials)
+        _check(0 <= e.seed < 1 << 63, "evaluate.seed", e.seed)
+        _check(e.accuracy_trials >= 0, "evaluate.accuracy_trials", e.accuracy_trials)
         _check(bool(self.attacks), "attacks (at least one)", self.attacks)
         specs = [(f"attacks.{name}", spec) for name, spec in self.attacks.items()]
         for key, spec in specs + ([("fidelity.attack", f.attack)] if f.attack else []):
@@ -76,8 +85,9 @@ class EvalConfig(TomlConfig):
                 pipeline.parse(spec)
             except ValueError as exc:
                 raise ConfigError(f"invalid value for {key}: {exc}") from None
-        _check(f.copies >= 1, "fidelity.copies", f.copies)
-        _check(all(b > 0 for b in f.budgets), "fidelity.budgets", f.budgets)
+        _check(1 <= f.copies <= e.customers, "fidelity.copies (1..evaluate.customers)", f.copies)
+        _check(all(_finite(b) and b > 0 for b in f.budgets), "fidelity.budgets", f.budgets)
+        _check(bool(self.output), "output", self.output)
         _check(not f.budgets or any(s in ("tardos", "random") for s in e.schemes), "fidelity.budgets (sweeps a "
                "tardos or random scheme)", e.schemes)  # fmt: skip
 

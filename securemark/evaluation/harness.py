@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from securemark import data, models, training
 from securemark.attacks import pipeline
-from securemark.config import SimConfig
+from securemark.config import SimConfig, shown
 from securemark.data import Dataset
 from securemark.evaluation.config import EvalConfig
 from securemark.evaluation.schemes import Scheme, SharedScheme, make_scheme, scheme_customers
@@ -73,9 +73,16 @@ def load_source(cfg: EvalConfig, console: Console) -> tuple[SimConfig, Setting]:
 
 
 def run_trial(
-    scheme: Scheme, steps: list[pipeline.Step], size: int, rng: np.random.Generator, s: Setting, cfg: EvalConfig
+    scheme: Scheme,
+    steps: list[pipeline.Step],
+    size: int,
+    rng: np.random.Generator,
+    s: Setting,
+    cfg: EvalConfig,
+    with_accuracy: bool = True,
 ) -> dict[str, Any]:
-    """One coalition of ``size`` customers attacks its copies with ``steps``; the scheme traces the result."""
+    """One coalition of ``size`` customers attacks its copies with ``steps``; the scheme traces the result
+    (and the attacked model's accuracy is measured when ``with_accuracy``, else NaN)."""
     coalition = np.sort(rng.choice(scheme.customers, size=size, replace=False))
     copies: list[StateDict] = [scheme.copy(int(j)) for j in coalition] or [s.base]  # size 0: the unmarked base
     attacker = pipeline.Attacker(s.fresh, s.pool, rng, length=cfg.code.length, budget=cfg.code.budget)
@@ -95,7 +102,7 @@ def run_trial(
         "caught": bool(guilty.any()),
         "colluders_accused": int(guilty.sum()),
         "innocents_accused": int((~guilty).sum()),
-        "accuracy": s.accuracy(pirate),
+        "accuracy": s.accuracy(pirate) if with_accuracy else float("nan"),
         "bit_agreement": bit_agreement,
         "survival": survival,
         "top_colluder_score": float(outcome.scores[coalition].max()) if size else float("nan"),
@@ -197,7 +204,7 @@ def evaluate(cfg: EvalConfig, out: Path, console: Console | None = None) -> dict
     start = time.perf_counter()
     sim, s = load_source(cfg, console)  # before anything is written: a missing source leaves no stray output
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.toml").write_text(cfg.to_toml())
+    (out / "config.toml").write_text(cfg.to_toml(out))
     e, f = cfg.evaluate, cfg.fidelity
     attack_index = {name: i for i, name in enumerate(cfg.attacks)}
     sweep_scheme = next((n for n in e.schemes if n in ("tardos", "random")), None) if f.budgets else None
@@ -215,7 +222,8 @@ def evaluate(cfg: EvalConfig, out: Path, console: Console | None = None) -> dict
                 steps, trials = pipeline.parse(cfg.attacks[attack]), []
                 for t in range(e.trials):
                     rng = np.random.default_rng([e.seed, attack_index[attack], size, t])
-                    record = run_trial(scheme, steps, size, rng, s, cfg)
+                    with_accuracy = not e.accuracy_trials or t < e.accuracy_trials
+                    record = run_trial(scheme, steps, size, rng, s, cfg, with_accuracy)
                     record.update(scheme=name, attack=attack, trial=t)
                     log.write(json.dumps(_finite(record)) + "\n")
                     trials.append(record)
@@ -227,7 +235,7 @@ def evaluate(cfg: EvalConfig, out: Path, console: Console | None = None) -> dict
                 sweep = fidelity_sweep(scheme, cfg, s, lambda: bar.advance(task))
             scheme.close()
     results = {
-        "source": {"run": cfg.source.run, "data": sim.data.name, "model": sim.model.name},
+        "source": {"run": shown(cfg.source.run), "data": sim.data.name, "model": sim.model.name},
         "global_accuracy": s.global_accuracy,
         "fidelity": fid,
         "fidelity_sweep": sweep,

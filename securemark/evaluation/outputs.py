@@ -88,6 +88,9 @@ def plot_survival(trials_path: Path, path: Path) -> str | None:
     if not trials:
         return None
     fig, ax = plt.subplots(figsize=(6.5, 4))
+    trials = [t for t in trials if t["accuracy"] is not None]  # measured on the first accuracy_trials of a cell
+    if not trials:
+        return None
     for (scheme, attack), group in _by([{**t, "key": (t["scheme"], t["attack"])} for t in trials], "key").items():
         ax.scatter([t["survival"] for t in group], [t["accuracy"] for t in group], s=10, alpha=0.5,
                    label=f"{scheme} / {attack}")  # fmt: skip
@@ -148,6 +151,11 @@ def report(cfg: EvalConfig, results: dict[str, Any], plots: list[str]) -> str:
         "model under the attack, where every accusation is false. bit agreement: the share of the positions where "
         "all colluders hold the same bit that the suspect still shows (0.5 is chance); survival: cos(extracted "
         "code, the colluders' mean +-1 row), 1 for an intact copy or a plain average.",
+        *(
+            [f"accuracy: the attacked model's, measured on the first {e.accuracy_trials} trials of each cell."]
+            if e.accuracy_trials
+            else []
+        ),
         "",
         "## Attacks",
         "",

@@ -33,6 +33,7 @@ def summarize(trials: Sequence[dict[str, Any]]) -> dict[str, Any]:
     size = trials[0]["coalition_size"]
     caught = sum(t["caught"] for t in trials)
     with_innocent = sum(t["innocents_accused"] > 0 for t in trials)
+    measured = [a for t in trials if (a := t["accuracy"]) is not None and math.isfinite(a)]  # see accuracy_trials
     out: dict[str, Any] = {
         "trials": n,
         "catch_rate": caught / n if size > 0 else None,  # a control (no colluder) has nobody to catch
@@ -43,8 +44,8 @@ def summarize(trials: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "innocents_accused": sum(t["innocents_accused"] for t in trials),
         "trials_with_innocent": with_innocent,
         "innocent_rate_high": wilson(with_innocent, n)[1],  # 95% upper bound on P(a trial accuses an innocent)
-        "accuracy": _mean([t["accuracy"] for t in trials]),
-        "accuracy_min": min(t["accuracy"] for t in trials),
+        "accuracy": _mean(measured),
+        "accuracy_min": min(measured, default=float("nan")),
         "bit_agreement": _mean([t["bit_agreement"] for t in trials]),
         "survival": _mean([t["survival"] for t in trials]),
         "top_colluder_score": _mean([t["top_colluder_score"] for t in trials if size > 0]),

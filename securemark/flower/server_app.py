@@ -276,7 +276,7 @@ class Federation:
 
     def run(self) -> list[dict[str, Any]]:
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.toml").write_text(self.cfg.to_toml())
+        (self.out / "config.toml").write_text(self.cfg.to_toml(self.out))
         self.discover()
         self.setup_fingerprint()
         c = self.cfg

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -50,4 +51,22 @@ def test_plan_runs_collusions_on_coalitions_and_laundering_on_single_copies():
 )
 def test_bad_evaluation_configs_name_the_key(raw, message):
     with pytest.raises(ConfigError, match=message):
+        EvalConfig.from_dict(raw)
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"code": {"eps": float("nan")}}, "code.eps"),
+        ({"code": {"budget": float("inf")}}, "code.budget"),
+        ({"code": {"length": 8}}, "code.length"),
+        ({"code": {"include": []}}, "code.include"),
+        ({"evaluate": {"seed": -1}}, "evaluate.seed"),
+        ({"evaluate": {"customers": 10, "coalition_sizes": [1]}, "fidelity": {"copies": 11}}, "fidelity.copies"),
+        ({"fidelity": {"budgets": [float("nan")]}}, "fidelity.budgets"),
+        ({"source": {"run": ""}}, "source.run"),
+    ],
+)
+def test_evaluation_values_are_range_checked(raw, key):
+    with pytest.raises(ConfigError, match="invalid value for " + re.escape(key)):
         EvalConfig.from_dict(raw)
