@@ -18,6 +18,7 @@ from securemark.codes.channel import ATTACKS
 
 # the CLI parses without importing torch: a test checks this equals securemark.attacks.COLLUSION_METHODS
 COLLUSION_METHODS = ("average", "median", "interleave", "layer-interleave", "extreme", "extrapolate", "convex")
+RAY_HELP = "run trials as Ray tasks: local (this machine's cores, the default), auto or ray://host:port (a cluster)"
 EXPECTED_ERRORS: tuple[type[Exception], ...] = (ValueError, RuntimeError, FileNotFoundError, PermissionError)
 
 
@@ -295,7 +296,7 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
 
     cfg = EvalConfig.load(a.config, a.set)
     out = Path(a.out or cfg.output)
-    results = evaluate(cfg, out)
+    results = evaluate(cfg, out, ray_address=a.ray)
     cells = results["cells"]
     below = sum(not meets_target(c) for c in cells)
     print(f"done: {len(cells)} cells, {below} below target (catch >= 0.99, no innocent); report: {out / 'report.md'}")
@@ -452,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("config", type=Path)
     ev.add_argument("--out", default=None, help="output directory (default: the config's output)")
     ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. evaluate.trials=50")
+    ev.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS", help=RAY_HELP)
     ev.set_defaults(func=cmd_evaluate)
 
     demo = sub.add_parser("demo", help="quickstart: federated training, then a laundered leak traced to its customer")

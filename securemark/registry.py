@@ -220,6 +220,32 @@ class Registry:
             raise RegistryError(f"registry {db} has format {meta.get('format')}, this securemark reads {FORMAT}")
         return cls(directory, conn, params)
 
+    def files(self) -> dict[str, bytes]:
+        """Every file of the registry (owner key, database, kept bases) by relative path: a consistent copy,
+        the WAL checkpointed into the database first. It holds the owner secret: ship it only where the owner
+        would keep the registry itself (an evaluation's throwaway registry on the owner's own Ray workers)."""
+        self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        skip = {DB_NAME + "-wal", DB_NAME + "-shm"}
+        return {
+            str(p.relative_to(self.directory)): p.read_bytes()
+            for p in sorted(self.directory.rglob("*"))
+            if p.is_file() and p.name not in skip
+        }
+
+    @classmethod
+    def from_files(cls, directory: str | Path, files: dict[str, bytes]) -> Registry:
+        """A registry written from :meth:`files` into the new ``directory`` (0700, files 0600), opened."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, mode=0o700)
+        for rel, content in files.items():
+            path = (directory / rel).resolve()
+            if directory.resolve() not in path.parents:
+                raise RegistryError(f"registry file {rel!r} lies outside the registry")
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            path.write_bytes(content)
+            path.chmod(0o600)
+        return cls.open(directory)
+
     @staticmethod
     def _connect(db: Path) -> sqlite3.Connection:
         conn = sqlite3.connect(db, isolation_level=None)  # transactions are explicit: see _write

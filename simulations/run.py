@@ -12,6 +12,7 @@ import shutil
 import time
 from pathlib import Path
 
+from securemark.cli import RAY_HELP
 from securemark.evaluation.config import EvalConfig
 from securemark.evaluation.harness import evaluate
 from securemark.evaluation.outputs import rewrite
@@ -25,6 +26,7 @@ def main() -> None:
     parser.add_argument("names", nargs="*", metavar="NAME", help=f"any of {', '.join(ORDER)} (default: all)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. evaluate.trials=20")
     parser.add_argument("--replace", action="store_true", help="delete an earlier result directory first")
+    parser.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS", help=RAY_HELP)
     parser.add_argument("--report-only", action="store_true", help="redraw report.md and plots from results.json")
     args = parser.parse_args()
     unknown = set(args.names) - set(ORDER)
@@ -40,7 +42,7 @@ def main() -> None:
         if args.replace and out.exists():
             shutil.rmtree(out)
         start = time.perf_counter()
-        results = evaluate(cfg, out)
+        results = evaluate(cfg, out, ray_address=args.ray)
         print(f"{name}: {len(results['cells'])} cells in {time.perf_counter() - start:.0f} s -> {out / 'report.md'}")
 
 

@@ -113,6 +113,39 @@ def run_trial(
     }
 
 
+TrialKey = tuple[str, int, int]  # (attack, coalition size, trial index)
+Runner = Callable[[Scheme, list[TrialKey], Callable[[dict[str, Any]], None]], None]
+
+
+def trial(scheme: Scheme, key: TrialKey, s: Setting, cfg: EvalConfig) -> dict[str, Any]:
+    """Trial t of cell (attack, c), its randomness drawn from ``default_rng([seed, attack's index, c, t])``:
+    the same record whichever process runs it."""
+    attack, size, t = key
+    e = cfg.evaluate
+    rng = np.random.default_rng([e.seed, list(cfg.attacks).index(attack), size, t])
+    with_accuracy = not e.accuracy_trials or t < e.accuracy_trials
+    record = run_trial(scheme, pipeline.parse(cfg.attacks[attack]), size, rng, s, cfg, with_accuracy)
+    record.update(scheme=scheme.name, attack=attack, trial=t)
+    return record
+
+
+@contextmanager
+def _runner(ray_address: str | None, s: Setting, cfg: EvalConfig) -> Iterator[Runner]:
+    """Runs trials and hands each record to ``done`` as it finishes: here, one after another, or as Ray tasks."""
+    if ray_address is not None:
+        from securemark.flower.ray_trials import ray_runner  # imports ray: only when asked for
+
+        with ray_runner(ray_address, s, cfg) as run:
+            yield run
+        return
+
+    def serial(scheme: Scheme, keys: list[TrialKey], done: Callable[[dict[str, Any]], None]) -> None:
+        for key in keys:
+            done(trial(scheme, key, s, cfg))
+
+    yield serial
+
+
 def fidelity(scheme: Scheme, s: Setting, copies: int, rng: np.random.Generator) -> dict[str, Any]:
     """Accuracy of a random sample of customers' copies against the global model's."""
     picked = rng.choice(scheme.customers, size=min(copies, scheme.customers), replace=False)
@@ -190,8 +223,13 @@ def plan(cfg: EvalConfig) -> list[tuple[str, str, int]]:
     return cells
 
 
-def evaluate(cfg: EvalConfig, out: Path, console: Console | None = None) -> dict[str, Any]:
-    """Run every cell of ``cfg``; write results.json, results.csv, trials.jsonl, report.md and plots to ``out``."""
+def evaluate(
+    cfg: EvalConfig, out: Path, console: Console | None = None, ray_address: str | None = None
+) -> dict[str, Any]:
+    """Run every cell of ``cfg``; write results.json, results.csv, trials.jsonl, report.md and plots to ``out``.
+
+    Trials run in this process, or with ``ray_address`` as Ray tasks (``local``, ``auto``, ``ray://host:port``;
+    see securemark.flower.ray_trials): the records are the same either way, trial by trial."""
     from securemark.evaluation.outputs import write_outputs  # matplotlib: only once there is something to plot
 
     console = console or Console(stderr=True)
@@ -206,29 +244,30 @@ def evaluate(cfg: EvalConfig, out: Path, console: Console | None = None) -> dict
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.toml").write_text(cfg.to_toml(out))
     e, f = cfg.evaluate, cfg.fidelity
-    attack_index = {name: i for i, name in enumerate(cfg.attacks)}
     sweep_scheme = next((n for n in e.schemes if n in ("tardos", "random")), None) if f.budgets else None
     total = len(to_run) * e.trials + len(f.budgets) * f.copies
     cells: list[dict[str, Any]] = []
     fid: dict[str, Any] = {}
     sweep: list[dict[str, Any]] = []
-    with (out / "trials.jsonl").open("w") as log, _progress(console, total) as (bar, task):
+    got: dict[TrialKey, dict[str, Any]] = {}
+    log_path = out / "trials.jsonl"
+    with _runner(ray_address, s, cfg) as run, log_path.open("w") as log, _progress(console, total) as (bar, task):
+
+        def done(record: dict[str, Any]) -> None:
+            log.write(json.dumps(_finite(record)) + "\n")
+            got[(record["attack"], record["coalition_size"], record["trial"])] = record
+            bar.update(
+                task, advance=1, description=f"{record['scheme']} {record['attack']} c={record['coalition_size']}"
+            )
+
         for name in e.schemes:
             bar.update(task, description=f"{name}: issuing {scheme_customers(name, cfg)} customers")
             scheme = make_scheme(name, cfg, s.base, out / "registries")
             fid[name] = fidelity(scheme, s, f.copies, np.random.default_rng([e.seed, 20_000]))
-            for _, attack, size in (c for c in to_run if c[0] == name):
-                bar.update(task, description=f"{name} {attack} c={size}")
-                steps, trials = pipeline.parse(cfg.attacks[attack]), []
-                for t in range(e.trials):
-                    rng = np.random.default_rng([e.seed, attack_index[attack], size, t])
-                    with_accuracy = not e.accuracy_trials or t < e.accuracy_trials
-                    record = run_trial(scheme, steps, size, rng, s, cfg, with_accuracy)
-                    record.update(scheme=name, attack=attack, trial=t)
-                    log.write(json.dumps(_finite(record)) + "\n")
-                    trials.append(record)
-                    bar.advance(task)
-                cells.append(_cell(name, attack, cfg, scheme, trials))
+            here = [(attack, size) for n, attack, size in to_run if n == name]
+            got.clear()
+            run(scheme, [(attack, size, t) for attack, size in here for t in range(e.trials)], done)
+            cells += [_cell(name, a, cfg, scheme, [got[(a, c, t)] for t in range(e.trials)]) for a, c in here]
             if name == sweep_scheme:
                 bar.update(task, description=f"{name}: fidelity sweep")
                 assert isinstance(scheme, SharedScheme)

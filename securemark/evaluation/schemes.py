@@ -55,17 +55,22 @@ def scheme_customers(name: str, cfg: EvalConfig) -> int:
 
 
 class SharedScheme:
-    def __init__(self, code: str, cfg: EvalConfig, base: StateDict, directory: Path) -> None:
-        params = registry_params(code, cfg)
-        self.name = code
-        self.registry = Registry.init(directory, params)
-        for j in range(scheme_customers(code, cfg)):
-            self.registry.customer(f"customer-{j:05d}")
+    def __init__(self, registry: Registry, base: StateDict) -> None:
+        """The scheme over a registry whose customers are registered (``create``, or a copy of one)."""
+        self.name = registry.params.code
+        self.registry = registry
         self.base_model = base
-        self.fp, self.base = establish_base(self.registry, base)
-        _, packed = self.registry.codebook()
-        self.rows = unpack_bits(packed, params.length)  # (n, L) bool
-        self.tracer = Tracer(self.registry)
+        self.fp, self.base = establish_base(registry, base)
+        _, packed = registry.codebook()
+        self.rows = unpack_bits(packed, registry.params.length)  # (n, L) bool
+        self.tracer = Tracer(registry)
+
+    @classmethod
+    def create(cls, code: str, cfg: EvalConfig, base: StateDict, directory: Path) -> SharedScheme:
+        registry = Registry.init(directory, registry_params(code, cfg))
+        for j in range(scheme_customers(code, cfg)):
+            registry.customer(f"customer-{j:05d}")
+        return cls(registry, base)
 
     @property
     def customers(self) -> int:
@@ -143,4 +148,4 @@ Scheme = SharedScheme | FedTrackerScheme
 def make_scheme(name: str, cfg: EvalConfig, base: StateDict, directory: Path) -> Scheme:
     if name == "fedtracker":
         return FedTrackerScheme(cfg, base)
-    return SharedScheme(name, cfg, base, directory / name)
+    return SharedScheme.create(name, cfg, base, directory / name)

@@ -62,7 +62,7 @@ def test_bad_evaluation_configs_name_the_key(raw, message):
         ({"code": {"length": 8}}, "code.length"),
         ({"code": {"include": []}}, "code.include"),
         ({"evaluate": {"seed": -1}}, "evaluate.seed"),
-        ({"evaluate": {"customers": 10, "coalition_sizes": [1]}, "fidelity": {"copies": 11}}, "fidelity.copies"),
+        ({"fidelity": {"copies": 0}}, "fidelity.copies"),
         ({"fidelity": {"budgets": [float("nan")]}}, "fidelity.budgets"),
         ({"source": {"run": ""}}, "source.run"),
     ],

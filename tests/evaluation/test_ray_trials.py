@@ -1,0 +1,72 @@
+"""Trials as Ray actors give the serial run's records, trial by trial (one local Ray start)."""
+
+import os
+import tempfile
+
+import numpy as np
+
+from securemark import data, models
+from securemark.evaluation.config import EvalConfig
+from securemark.evaluation.harness import Setting, plan, trial
+from securemark.evaluation.schemes import make_scheme
+from securemark.registry import Registry
+
+TIMINGS = {"attack_seconds", "tracing_seconds"}
+
+
+def _setting() -> Setting:
+    pool, test = data.load("digits").split(0.2, 0)
+    base = models.build("cnn", (1, 8, 8), 10, seed=3).state_dict()
+    return Setting(base, pool, test, lambda: models.build("cnn", (1, 8, 8), 10))
+
+
+def _unpacked() -> set[str]:
+    """The registry copies actors unpack (owner key included) in this machine's temp folder."""
+    return {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("securemark-trials-")}
+
+
+def test_ray_actors_reproduce_the_serial_records_and_leave_no_registry_copy(tmp_path):
+    from securemark.flower.ray_trials import ray_runner
+
+    before = _unpacked()
+    cfg = EvalConfig.from_dict({
+        "code": {"length": 256, "max_colluders": 3},
+        "evaluate": {"customers": 20, "schemes": ["tardos", "fedtracker"], "coalition_sizes": [0, 1, 2],
+                     "trials": 3, "accuracy_trials": 2},
+        "attacks": {"launder": "finetune:epochs=1,lr=0.01,fraction=0.05 > prune:ratio=0.5",
+                    "average": "collude:average > quantize:bits=8"},
+    })  # fmt: skip
+    s = _setting()
+    schemes = {name: make_scheme(name, cfg, s.base, tmp_path / "registries") for name in cfg.evaluate.schemes}
+    keys = {name: [(a, c, t) for n, a, c in plan(cfg) if n == name for t in range(3)] for name in schemes}
+    serial = {name: [trial(schemes[name], k, s, cfg) for k in keys[name]] for name in schemes}
+    with ray_runner("local", s, cfg) as run:
+        for name, scheme in schemes.items():
+            got: list[dict] = []
+            run(scheme, keys[name], got.append)
+            by_key = {(r["attack"], r["coalition_size"], r["trial"]): r for r in got}
+            assert sorted(by_key) == sorted(keys[name])
+            for want in serial[name]:
+                have = by_key[(want["attack"], want["coalition_size"], want["trial"])]
+                for field, value in want.items():
+                    if field not in TIMINGS:
+                        assert have[field] == value or (value != value and have[field] != have[field]), field
+    assert _unpacked() == before  # every actor deleted its copy of the registry
+    assert serial["tardos"][0]["accuracy"] > 0 and np.isnan(serial["tardos"][2]["accuracy"])
+    for scheme in schemes.values():
+        scheme.close()
+
+
+def test_registry_files_round_trip(tmp_path):
+    cfg = EvalConfig.from_dict(
+        {"code": {"length": 64, "max_colluders": 2}, "evaluate": {"customers": 5, "coalition_sizes": [1]}}
+    )
+    scheme = make_scheme("tardos", cfg, _setting().base, tmp_path)
+    files = scheme.registry.files()
+    assert "owner.key" in files and "registry.sqlite" in files and not any(k.endswith("-wal") for k in files)
+    copy = Registry.from_files(tmp_path / "copy", files)
+    assert copy.customers() == scheme.registry.customers() and copy.secret.key == scheme.registry.secret.key
+    assert np.array_equal(copy.codebook()[1], scheme.registry.codebook()[1])
+    assert (os.stat(tmp_path / "copy" / "owner.key").st_mode & 0o077) == 0
+    copy.close()
+    scheme.close()
