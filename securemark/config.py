@@ -82,6 +82,9 @@ class SecAggSettings:
 class ResourcesConfig:
     num_cpus: float = 1.0
     num_gpus: float = 0.0  # fractions share a GPU between Ray actors
+    # "" starts a private Ray instance on this machine; "auto", "host:port" or "ray://host:port" joins a running
+    # cluster (its nodes need securemark installed; the run's outputs are written where the ServerApp runs)
+    ray_address: str = ""
 
 
 class TomlConfig:
@@ -178,6 +181,7 @@ class SimConfig(TomlConfig):
         _check(not s.enabled or t.per_round >= 3, "train.per_round (masked aggregation needs >= 3)", t.per_round)
         _check(_finite(r.num_cpus) and r.num_cpus > 0, "resources.num_cpus", r.num_cpus)
         _check(_finite(r.num_gpus) and r.num_gpus >= 0, "resources.num_gpus", r.num_gpus)
+        _check(_ray_address(r.ray_address), "resources.ray_address (auto, host:port or ray://host:port)", r.ray_address)
         _check(bool(self.output), "output", self.output)
 
     # --- Flower's flat run config -------------------------------------------------------------------
@@ -216,6 +220,10 @@ def _check(ok: bool, key: str, value: object) -> None:
 
 def _finite(x: float) -> bool:
     return math.isfinite(x)
+
+
+def _ray_address(address: str) -> bool:
+    return address in ("", "auto") or re.fullmatch(r"(ray://)?[A-Za-z0-9.\-\[\]:]+:\d{1,5}", address) is not None
 
 
 def _path_entries(raw: dict[str, Any], keys: tuple[str, ...]) -> Iterator[tuple[dict[str, Any], str]]:

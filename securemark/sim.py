@@ -27,10 +27,12 @@ class _HideRunSimulationDeprecation(logging.Filter):
 
 
 def backend_config(cfg: SimConfig) -> dict[str, Any]:
-    return {
-        "client_resources": {"num_cpus": cfg.resources.num_cpus, "num_gpus": cfg.resources.num_gpus},
-        "init_args": {"include_dashboard": False, "log_to_driver": False},
-    }
+    """Flower's Ray backend settings: per-client resources, and the cluster to join when one is named."""
+    r = cfg.resources
+    init_args: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+    if r.ray_address:
+        init_args["address"] = r.ray_address
+    return {"client_resources": {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus}, "init_args": init_args}
 
 
 def run_apps(server_app: Any, client_app: Any, cfg: SimConfig) -> None:
