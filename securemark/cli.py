@@ -276,6 +276,18 @@ def cmd_bench_align(a: argparse.Namespace) -> object:
     return None
 
 
+def cmd_bench_simulate(a: argparse.Namespace) -> object:
+    from securemark.config import SimConfig
+    from securemark.flower.bench_simulate import bench_simulate
+
+    out = Path(a.out) if a.out else _fresh_dir(Path(SimConfig.load(a.config, a.set).output))
+    result = bench_simulate(a.config, a.set, out)
+    if a.json:
+        return result
+    _table({k: v for k, v in result.items() if k != "masking_stage_seconds"} | result["masking_stage_seconds"])
+    return None
+
+
 def cmd_simulate(a: argparse.Namespace) -> None:
     from securemark.config import SimConfig
     from securemark.sim import simulate
@@ -442,6 +454,13 @@ def build_parser() -> argparse.ArgumentParser:
     ba.add_argument("--seed", type=int, default=0)
     ba.add_argument("--json", action="store_true")
     ba.set_defaults(func=cmd_bench_align)
+
+    bsim = bench.add_parser("simulate", help="one federation measured: s/round, peak memory (all processes), tracing")
+    bsim.add_argument("config", type=Path)
+    bsim.add_argument("--out", default=None, help="output directory (default: the config's output, made unique)")
+    bsim.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.rounds=3")
+    bsim.add_argument("--json", action="store_true")
+    bsim.set_defaults(func=cmd_bench_simulate)
 
     sim = sub.add_parser("simulate", help="federated training on Flower's simulation engine (Ray)")
     sim.add_argument("config", type=Path)

@@ -14,6 +14,7 @@ from securemark.config import SimConfig
 from securemark.evaluation.config import EvalConfig
 from securemark.evaluation.harness import evaluate, plan
 from securemark.evaluation.outputs import rewrite
+from securemark.flower.bench_simulate import _traced
 from securemark.quickstart import leak_and_trace
 from securemark.sim import simulate
 
@@ -40,6 +41,7 @@ def test_smoke_config_runs_on_ray_and_copies_trace_to_their_customer(smoke_run, 
     assert main(["trace", str(out / "registry"), str(out / "customers" / "client-002.safetensors"), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["accused"] == ["client-002"]
+    assert _traced(out) == (4, 4)  # bench simulate's check: every final copy names its customer alone
 
     # the quickstart's second half on this run: a laundered leak (fine-tune, prune, int8) names its customer
     leaker, steps, accuracy, traced = leak_and_trace(SimConfig.load(ROOT / "configs" / "smoke.toml"), out, rng(1))

@@ -1,0 +1,116 @@
+"""`securemark bench simulate CONFIG`: one federation, measured end to end.
+
+Seconds per round (from metrics.json), the peak resident memory of the whole run (this process plus every
+process it starts: Ray's GCS, raylet and worker actors; sampled from /proc, Linux only), the server's masking
+stages summed over rounds, and the outputs checked: every customer's final copy written, recorded, and traced
+back to that customer alone.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import threading
+import time
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+from securemark.config import SimConfig
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _children() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:  # gone meanwhile
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])  # the name may hold spaces and parentheses
+            kids.setdefault(ppid, []).append(int(entry))
+    return kids
+
+
+def tree_rss(root: int) -> int:
+    """Resident bytes of ``root`` and all its descendants."""
+    kids, todo, total = _children(), [root], 0
+    while todo:
+        pid = todo.pop()
+        todo += kids.get(pid, [])
+        with suppress(OSError):  # gone meanwhile
+            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
+    return total
+
+
+class PeakMemory:
+    """The largest :func:`tree_rss` of this process seen while the ``with`` block runs (every ``interval`` s)."""
+
+    def __init__(self, interval: float = 0.2) -> None:
+        self.interval, self.peak = interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, tree_rss(os.getpid()))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakMemory:
+        if not Path("/proc/self/statm").exists():
+            raise RuntimeError("bench simulate reads memory from /proc: Linux only")
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _traced(out: Path) -> tuple[int, int]:
+    """(copies traced to their own customer alone, copies) over every final copy in ``out/customers``."""
+    from securemark.modelio import load_state_dict
+    from securemark.registry import Registry
+    from securemark.tracing.tracer import Tracer
+
+    files = sorted((out / "customers").glob("*.safetensors"))
+    ok = 0
+    with Registry.open(out / "registry") as reg:
+        tracer = Tracer(reg)
+        for f in files:
+            accused = tracer.trace(load_state_dict(f), top_k=1).accused
+            ok += [s.customer for s in accused] == [f.stem]
+    return ok, len(files)
+
+
+def bench_simulate(config: Path, overrides: list[str], out: Path) -> dict[str, Any]:
+    from securemark.sim import simulate
+
+    cfg = SimConfig.load(config, overrides)
+    start = time.perf_counter()
+    with PeakMemory() as mem:
+        metrics = simulate(cfg, out)
+    seconds = time.perf_counter() - start
+    rounds = metrics["rounds"]
+    stages: dict[str, float] = {}
+    for m in rounds:
+        for stage, s in m.get("stage_seconds", {}).items():
+            stages[stage] = round(stages.get(stage, 0.0) + s, 3)
+    traced, copies = _traced(out) if cfg.fingerprint.enabled else (0, 0)
+    return {
+        "config": str(config),
+        "clients": cfg.train.clients,
+        "per_round": cfg.train.per_round,
+        "rounds": len(rounds),
+        "completed_rounds": sum(m["status"] == "completed" for m in rounds),
+        "seconds_total": round(seconds, 1),
+        "seconds_per_round_median": statistics.median(m["seconds"] for m in rounds),
+        "peak_rss_gib": round(mem.peak / 2**30, 2),
+        "masking_stage_seconds": stages,  # summed over rounds; "sum" is the server's unmasking arithmetic
+        "final_accuracy": rounds[-1]["global_accuracy"],
+        "copies_issued": copies,
+        "copies_traced_to_their_customer_alone": traced,
+        "out": str(out),
+    }
