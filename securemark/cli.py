@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,9 @@ from securemark.codes.channel import ATTACKS
 # the CLI parses without importing torch: a test checks this equals securemark.attacks.COLLUSION_METHODS
 COLLUSION_METHODS = ("average", "median", "interleave", "layer-interleave", "extreme", "extrapolate", "convex")
 RAY_HELP = "run trials as Ray tasks: local (this machine's cores, the default), auto or ray://host:port (a cluster)"
-EXPECTED_ERRORS: tuple[type[Exception], ...] = (ValueError, RuntimeError, FileNotFoundError, PermissionError)
+# bad input or an unusable environment: one line and exit 2 (OSError covers missing, existing or unwritable
+# paths, a closed pipe and an unreachable cluster; OverflowError a number too large for a float)
+EXPECTED_ERRORS: tuple[type[Exception], ...] = (ValueError, RuntimeError, OSError, OverflowError)
 
 
 def _strict(obj: object) -> object:
@@ -57,6 +60,8 @@ def _stdout_reserved(reserve: bool) -> Iterator[None]:
         yield
         return
     real = sys.stdout
+    if real is None:
+        raise OSError("stdout is closed: --json has nowhere to write")
     real.flush()
     try:
         fd = real.fileno()
@@ -69,7 +74,12 @@ def _stdout_reserved(reserve: bool) -> Iterator[None]:
     try:
         yield
     finally:
+        # whatever was written meanwhile through a cached stdout object or C stdio goes out while fd 1 still
+        # points at stderr
+        real.flush()
         sys.stderr.flush()
+        with suppress(OSError, AttributeError):
+            ctypes.CDLL(None).fflush(None)
         sys.stdout = real
         if fd >= 0:
             os.dup2(saved, fd)
@@ -348,6 +358,34 @@ def _fresh_dir(base: Path) -> Path:
     return candidate
 
 
+def _positive(text: str) -> int:
+    return _int_at_least(text, 1)
+
+
+def _natural(text: str) -> int:
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = low - 1
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
+    return value
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not np.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
 # --- parser ----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="securemark", description=__doc__)
@@ -356,15 +394,15 @@ def build_parser() -> argparse.ArgumentParser:
     codes = sub.add_parser("codes", help="collusion-resistant codes").add_subparsers(dest="sub", required=True)
     ev = codes.add_parser("eval", help="Monte-Carlo catch rate and false accusations of a code under an attack")
     ev.add_argument("--code", choices=CODE_KINDS, default="tardos")
-    ev.add_argument("--users", type=int, default=1000)
-    ev.add_argument("--colluders", type=int, default=5)
-    ev.add_argument("--length", type=int, default=2048)
+    ev.add_argument("--users", type=_positive, default=1000)
+    ev.add_argument("--colluders", type=_positive, default=5)
+    ev.add_argument("--length", type=_positive, default=2048)
     ev.add_argument("--attack", choices=ATTACKS, default="average")
-    ev.add_argument("--noise", type=float, default=0.0)
-    ev.add_argument("--trials", type=int, default=200)
-    ev.add_argument("--eps", type=float, default=1e-3)
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--max-colluders", type=int, default=None, help="design size (default: --colluders)")
+    ev.add_argument("--noise", type=_finite, default=0.0)
+    ev.add_argument("--trials", type=_positive, default=200)
+    ev.add_argument("--eps", type=_finite, default=1e-3)
+    ev.add_argument("--seed", type=_natural, default=0)
+    ev.add_argument("--max-colluders", type=_positive, default=None, help="design size (default: --colluders)")
     ev.add_argument("--detector", choices=("and", "soft"), default="and", help="BIBD detector")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=cmd_codes_eval)
@@ -373,10 +411,10 @@ def build_parser() -> argparse.ArgumentParser:
     ini = reg.add_parser("init", help="create a registry and a fresh owner secret")
     ini.add_argument("directory", type=Path)
     ini.add_argument("--code", choices=CODE_KINDS, default="tardos")
-    ini.add_argument("--length", type=int, default=2048)
-    ini.add_argument("--max-colluders", type=int, default=5)
-    ini.add_argument("--eps", type=float, default=1e-3)
-    ini.add_argument("--budget", type=float, default=0.05, help="perturbation RMS / carrier RMS")
+    ini.add_argument("--length", type=_positive, default=2048)
+    ini.add_argument("--max-colluders", type=_positive, default=5)
+    ini.add_argument("--eps", type=_finite, default=1e-3)
+    ini.add_argument("--budget", type=_finite, default=0.05, help="perturbation RMS / carrier RMS")
     ini.add_argument("--carrier", choices=("weights", "filter-mean"), default="weights")
     ini.set_defaults(func=cmd_registry_init)
     show = reg.add_parser("show", help="print a registry's parameters, customers and deliveries as JSON")
@@ -393,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("trace", help="name the customers behind a suspect model")
     tr.add_argument("directory", type=Path)
     tr.add_argument("suspect", type=Path)
-    tr.add_argument("--top", type=int, default=10)
+    tr.add_argument("--top", type=_positive, default=10)
     tr.add_argument("--hard", action="store_true", help="score the signs of the extracted code only")
     tr.add_argument("--align-spec", type=Path, default=None, help="unit groups (JSON) for models that are no chain")
     tr.add_argument("--no-align", action="store_true", help="read the suspect in its own coordinates")
@@ -404,54 +442,54 @@ def build_parser() -> argparse.ArgumentParser:
     col = att.add_parser("collude", help="merge copies")
     col.add_argument("files", type=Path, nargs="+")
     col.add_argument("--method", choices=COLLUSION_METHODS, default="average")
-    col.add_argument("--alpha", type=float, default=0.5, help="extrapolate: w_a + alpha (w_a - w_b)")
+    col.add_argument("--alpha", type=_finite, default=0.5, help="extrapolate: w_a + alpha (w_a - w_b)")
     pr = att.add_parser("prune", help="magnitude pruning")
     pr.add_argument("file", type=Path)
-    pr.add_argument("--ratio", type=float, required=True)
+    pr.add_argument("--ratio", type=_finite, required=True)
     pr.add_argument("--scope", choices=("global", "layer"), default="global")
     qu = att.add_parser("quantize", help="integer (4, 8) or float16 (16) round trip")
     qu.add_argument("file", type=Path)
     qu.add_argument("--bits", type=int, choices=(4, 8, 16), default=8)
     no = att.add_parser("noise", help="add Gaussian noise of absolute std S to every weight")
     no.add_argument("file", type=Path)
-    no.add_argument("--std", type=float, required=True)
+    no.add_argument("--std", type=_finite, required=True)
     for sp in (col, pr, qu, no):
         sp.add_argument("--out", type=Path, required=True)
-        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--seed", type=_natural, default=0)
         sp.set_defaults(func=cmd_attack)
 
     bench = sub.add_parser("bench", help="benchmarks that print figures").add_subparsers(dest="sub", required=True)
     bt = bench.add_parser("trace", help="seconds to score one suspect against N customers")
-    bt.add_argument("--users", type=int, default=1_000_000)
-    bt.add_argument("--length", type=int, default=2048)
-    bt.add_argument("--max-colluders", type=int, default=5)
-    bt.add_argument("--repeats", type=int, default=5)
-    bt.add_argument("--seed", type=int, default=0)
+    bt.add_argument("--users", type=_positive, default=1_000_000)
+    bt.add_argument("--length", type=_positive, default=2048)
+    bt.add_argument("--max-colluders", type=_positive, default=5)
+    bt.add_argument("--repeats", type=_positive, default=5)
+    bt.add_argument("--seed", type=_natural, default=0)
     bt.add_argument("--json", action="store_true")
     bt.set_defaults(func=cmd_bench_trace)
 
     bs = bench.add_parser("secagg", help="one masked-aggregation round against a plain sum")
-    bs.add_argument("--clients", type=int, default=10)
-    bs.add_argument("--params", type=int, default=1_000_000)
-    bs.add_argument("--dropout", type=float, default=0.0, help="share of clients vanishing before masked input")
+    bs.add_argument("--clients", type=_positive, default=10)
+    bs.add_argument("--params", type=_positive, default=1_000_000)
+    bs.add_argument("--dropout", type=_finite, default=0.0, help="share of clients vanishing before masked input")
     bs.add_argument("--graph", choices=("complete", "sparse"), default="complete")
-    bs.add_argument("--seed", type=int, default=0)
+    bs.add_argument("--seed", type=_natural, default=0)
     bs.add_argument("--json", action="store_true")
     bs.set_defaults(func=cmd_bench_secagg)
 
     br = bench.add_parser("rounds", help="seconds per round: plain FedAvg, securemark, Flower's SecAgg+")
-    br.add_argument("--clients", type=int, default=10)
-    br.add_argument("--params", type=int, default=1_000_000, help="MLP sized to about this many parameters")
-    br.add_argument("--rounds", type=int, default=3, help="the first is warm-up and not counted")
-    br.add_argument("--seed", type=int, default=0)
+    br.add_argument("--clients", type=_positive, default=10)
+    br.add_argument("--params", type=_positive, default=1_000_000, help="MLP sized to about this many parameters")
+    br.add_argument("--rounds", type=_positive, default=3, help="the first is warm-up and not counted")
+    br.add_argument("--seed", type=_natural, default=0)
     br.add_argument("--json", action="store_true")
     br.set_defaults(func=cmd_bench_rounds)
 
     ba = bench.add_parser("align", help="seconds to align an obfuscated suspect: quickstart CNN, 10^7-param MLP")
-    ba.add_argument("--repeats", type=int, default=3)
-    ba.add_argument("--budget", type=float, default=0.05, help="the stand-in mark's RMS relative to the weights'")
+    ba.add_argument("--repeats", type=_positive, default=3)
+    ba.add_argument("--budget", type=_finite, default=0.05, help="the stand-in mark's RMS relative to the weights'")
     ba.add_argument("--small", action="store_true", help="the quickstart CNN only")
-    ba.add_argument("--seed", type=int, default=0)
+    ba.add_argument("--seed", type=_natural, default=0)
     ba.add_argument("--json", action="store_true")
     ba.set_defaults(func=cmd_bench_align)
 
@@ -478,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="quickstart: federated training, then a laundered leak traced to its customer")
     demo.add_argument("--config", type=Path, default=Path("configs/quickstart.toml"))
     demo.add_argument("--out", default=None, help="run directory (default: the config's output, made unique)")
-    demo.add_argument("--seed", type=int, default=0, help="chooses the leaking customer")
+    demo.add_argument("--seed", type=_natural, default=0, help="chooses the leaking customer")
     demo.add_argument("--owner", action="store_true", help="the owner workflow alone on digits: no federation")
     demo.set_defaults(func=cmd_demo)
     return p
@@ -489,11 +527,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _stdout_reserved(getattr(args, "json", False)):  # --json: stdout carries the JSON alone
             payload = args.func(args)
+        if payload is not None:
+            _print_json(payload)
+            sys.stdout.flush()
     except EXPECTED_ERRORS as exc:  # bad input gets one clear line, not a traceback
         print(f"securemark: error: {exc}", file=sys.stderr)
         return 2
-    if payload is not None:
-        _print_json(payload)
     return 0
 
 

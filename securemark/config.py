@@ -11,6 +11,7 @@ Every value is range-checked when the config is built; the error names the key.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
@@ -181,8 +182,10 @@ class SimConfig(TomlConfig):
         _check(not s.enabled or t.per_round >= 3, "train.per_round (masked aggregation needs >= 3)", t.per_round)
         _check(_finite(r.num_cpus) and r.num_cpus > 0, "resources.num_cpus", r.num_cpus)
         _check(_finite(r.num_gpus) and r.num_gpus >= 0, "resources.num_gpus", r.num_gpus)
-        _check(_ray_address(r.ray_address), "resources.ray_address (auto, host:port or ray://host:port)", r.ray_address)
-        _check(bool(self.output), "output", self.output)
+        ray_key = "resources.ray_address (auto, host:port or ray://host:port)"
+        _check(valid_ray_address(r.ray_address), ray_key, r.ray_address)
+        _check(_path_ok(self.output), "output", self.output)
+        _check(not d.files or _path_ok(d.files), "data.files", d.files)
 
     # --- Flower's flat run config -------------------------------------------------------------------
     @classmethod
@@ -222,8 +225,17 @@ def _finite(x: float) -> bool:
     return math.isfinite(x)
 
 
-def _ray_address(address: str) -> bool:
-    return address in ("", "auto") or re.fullmatch(r"(ray://)?[A-Za-z0-9.\-\[\]:]+:\d{1,5}", address) is not None
+def _path_ok(path: str) -> bool:
+    """Not blank, no NUL, no control characters: a path a file system and a TOML file can both hold."""
+    return bool(path.strip()) and not any(ord(c) < 32 or c == "\x7f" for c in path)
+
+
+def valid_ray_address(address: str) -> bool:
+    """ "" (a private instance), "auto", "host:port" or "ray://host:port" (port 1..65535)."""
+    if address in ("", "auto"):
+        return True
+    m = re.fullmatch(r"(?:ray://)?(?:[A-Za-z0-9.\-]+|\[[0-9A-Fa-f:]+\]):(\d{1,5})", address)
+    return m is not None and 1 <= int(m.group(1)) <= 65535
 
 
 def _path_entries(raw: dict[str, Any], keys: tuple[str, ...]) -> Iterator[tuple[dict[str, Any], str]]:
@@ -314,8 +326,8 @@ def _toml_key(key: str) -> str:
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, str):  # a TOML basic string: JSON's escapes are TOML's, DEL escaped too
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(value, tuple | list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return repr(value)

@@ -13,6 +13,8 @@ import functools
 import json
 import math
 import os
+import re
+import shutil
 import sqlite3
 import stat
 import time
@@ -221,30 +223,41 @@ class Registry:
         return cls(directory, conn, params)
 
     def files(self) -> dict[str, bytes]:
-        """Every file of the registry (owner key, database, kept bases) by relative path: a consistent copy,
-        the WAL checkpointed into the database first. It holds the owner secret: ship it only where the owner
-        would keep the registry itself (an evaluation's throwaway registry on the owner's own Ray workers)."""
-        self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        skip = {DB_NAME + "-wal", DB_NAME + "-shm"}
-        return {
-            str(p.relative_to(self.directory)): p.read_bytes()
-            for p in sorted(self.directory.rglob("*"))
-            if p.is_file() and p.name not in skip
-        }
+        """The registry's own files (owner key, database, kept bases) by relative path: a consistent copy, the
+        WAL checkpointed into the database first (refused while another connection reads, which would leave
+        recent writes out). It holds the owner secret: ship it only where the owner would keep the registry
+        itself (an evaluation's throwaway registry on the owner's own Ray workers)."""
+        busy, _, _ = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:
+            raise RegistryError(f"{self.directory} is being read by another connection; copy it once that is done")
+        bases = self.directory / BASES_DIR
+        paths = [self.directory / KEY_NAME, self.directory / DB_NAME, *sorted(bases.glob("*.safetensors"))]
+        real = [p for p in paths if p.is_file() and not p.is_symlink()]
+        return {p.relative_to(self.directory).as_posix(): p.read_bytes() for p in real}
 
     @classmethod
     def from_files(cls, directory: str | Path, files: dict[str, bytes]) -> Registry:
-        """A registry written from :meth:`files` into the new ``directory`` (0700, files 0600), opened."""
+        """A registry written from :meth:`files` into ``directory`` (which must not exist; 0700, files 0600) and
+        opened. Names other than the registry's own are refused before anything is written; a failure
+        midway removes what was written."""
         directory = Path(directory)
-        directory.mkdir(parents=True, mode=0o700)
-        for rel, content in files.items():
-            path = (directory / rel).resolve()
-            if directory.resolve() not in path.parents:
-                raise RegistryError(f"registry file {rel!r} lies outside the registry")
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            path.write_bytes(content)
-            path.chmod(0o600)
-        return cls.open(directory)
+        allowed = re.compile(rf"({re.escape(KEY_NAME)}|{re.escape(DB_NAME)}|{BASES_DIR}/[0-9a-f]{{64}}\.safetensors)")
+        odd = [name for name in files if not allowed.fullmatch(name)]
+        if odd or DB_NAME not in files or KEY_NAME not in files:
+            raise RegistryError(f"not a registry's files: unexpected {odd} or {DB_NAME}/{KEY_NAME} missing")
+        if directory.exists():
+            raise RegistryError(f"{directory} already exists; a registry copy goes into a new folder")
+        try:
+            (directory / BASES_DIR).mkdir(parents=True, mode=0o700)
+            directory.chmod(0o700)
+            for name, content in files.items():
+                fd = os.open(directory / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(content)
+            return cls.open(directory)
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
 
     @staticmethod
     def _connect(db: Path) -> sqlite3.Connection:

@@ -118,7 +118,7 @@ def test_pipeline_parses_runs_and_records_every_step():
         ("prune:ratio", "key=value"),
         ("prune:rate=0.1", "unknown parameter"),
         ("quantize:bits=eight", "must be int"),
-        ("collude:blend", "collusion method"),
+        ("collude:blend", "method must be one of"),
         ("prune:ratio=0.1 > collude:average", "first step"),
         ("prune:ratio=0.1 >", "empty step"),
     ],

@@ -1,10 +1,14 @@
 import json
+import os
+from pathlib import Path
 
 import pytest
 
 from securemark.cli import main
 from securemark.modelio import load_state_dict, save_state_dict
 from securemark.models import build
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(capsys, *argv):
@@ -217,10 +221,19 @@ def test_issue_refuses_a_nan_or_all_zero_base(tmp_path, capsys):
     assert _registry_state(reg) == ([], [], None)
 
 
-@pytest.mark.parametrize("flag", [("--budget", "nan"), ("--budget", "inf"), ("--eps", "nan"), ("--budget", "-1")])
+@pytest.mark.parametrize("flag", [("--budget", "-1"), ("--eps", "2")])
 def test_registry_init_with_bad_parameters_creates_nothing(tmp_path, capsys, flag):
     code, _, err = run(capsys, "registry", "init", str(tmp_path / "r"), *flag)
     assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("flag", [("--budget", "nan"), ("--budget", "inf"), ("--eps", "nan"), ("--length", "0")])
+def test_non_finite_or_non_positive_options_are_refused_by_the_parser(tmp_path, capsys, flag):
+    with pytest.raises(SystemExit) as stop:
+        main(["registry", "init", str(tmp_path / "r"), *flag])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and f"argument {flag[0]}: must be" in err and "Traceback" not in err
     assert not (tmp_path / "r").exists()
 
 
@@ -301,11 +314,15 @@ def test_trace_of_a_nan_suspect_is_exit_2_and_json_is_strict(tmp_path, capsys):
 
 
 NOISY_COMMAND = """
-import logging, os, sys
+import ctypes, logging, os, sys
 from securemark import cli
+
+cached = sys.stdout  # a library that kept the stream object before the command started
 
 def noisy(a):
     print("a progress line")
+    cached.write("a cached-stream line\\n")
+    ctypes.CDLL(None).printf(b"a C stdio line\\n")
     os.write(1, b"a line from native code\\n")
     logging.basicConfig(stream=sys.__stdout__)  # a handler bound to the original stdout object
     logging.getLogger("some.lib").warning("a log line")
@@ -320,8 +337,22 @@ def test_json_owns_stdout_whatever_else_writes_there():
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-c", NOISY_COMMAND], capture_output=True, text=True, timeout=120)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # buffers as in a plain shell
+    done = subprocess.run([sys.executable, "-c", NOISY_COMMAND], capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"ok": None, "n": 3}  # strict JSON: NaN is null
-    for line in ("a progress line", "a line from native code", "a log line"):
+    for line in ("a progress line", "a cached-stream line", "a C stdio line", "a line from native code", "a log line"):
         assert line in done.stderr
+
+
+def test_refusals_before_any_work_exit_2_with_one_line(tmp_path, capsys):
+    config = str(ROOT / "configs" / "collusion-smoke.toml")
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "results.json").write_text("{}")
+    assert main(["evaluate", config, "--out", str(tmp_path / "done")]) == 2
+    assert "already holds an evaluation" in capsys.readouterr().err
+    assert main(["evaluate", config, "--out", str(tmp_path / "new"), "--ray", "bogus"]) == 2
+    err = capsys.readouterr().err
+    assert "--ray 'bogus'" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "new").exists()
+    assert main(["evaluate", str(tmp_path)]) == 2  # a folder, not a config
+    assert "securemark: error:" in capsys.readouterr().err

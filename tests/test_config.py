@@ -3,8 +3,10 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from securemark.config import ConfigError, SimConfig
+from securemark.config import ConfigError, SimConfig, _toml_value, valid_ray_address
 from securemark.evaluation.config import EvalConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,3 +125,23 @@ def test_a_config_written_into_a_folder_names_its_paths_from_there(tmp_path, mon
     monkeypatch.chdir(ROOT)
     back = SimConfig.load(run / "config.toml")
     assert Path(back.data.files) == tmp_path / "local" / "*.parquet" and Path(back.output) == Path(cfg.output)
+
+
+@given(st.text())
+def test_any_string_survives_a_toml_round_trip(text):
+    assert tomllib.loads("v = " + _toml_value(text))["v"] == text
+
+
+@pytest.mark.parametrize(
+    ("address", "ok"),
+    [("", True), ("auto", True), ("127.0.0.1:6379", True), ("ray://head.lan:10001", True), ("[::1]:6379", True),
+     ("host:99999", False), ("::1", False), ("local", False), ("http://x:1", False), ("ray://x", False)],
+)  # fmt: skip
+def test_ray_addresses(address, ok):
+    assert valid_ray_address(address) is ok
+
+
+@pytest.mark.parametrize("path", ["   ", "a\x00b", "line\nbreak"])
+def test_blank_or_control_character_paths_are_refused(path):
+    with pytest.raises(ConfigError, match="invalid value for output"):
+        SimConfig.from_dict({"output": path})

@@ -36,6 +36,30 @@ STEPS: dict[str, dict[str, type]] = {
     "widen": {"extra": int, "splits": int},
     "obfuscate": {"dead": int},
 }
+_FINITE = "finite and > 0"
+# what each parameter may be, checked when a pipeline is parsed: a bad config fails before any work is done
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "method": (lambda v: v in COLLUSION_METHODS, "one of " + ", ".join(COLLUSION_METHODS)),
+    "alpha": (lambda v: np.isfinite(v), "finite"),
+    "align": (lambda v: v in (0, 1), "0 or 1"),
+    "epochs": (lambda v: 0 <= v <= 10_000, "0..10000"),
+    "lr": (lambda v: np.isfinite(v) and v > 0, _FINITE),
+    "fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "scope": (lambda v: v in ("global", "layer"), "global or layer"),
+    "bits": (lambda v: v in (4, 8, 16), "4, 8 or 16"),
+    "std": (lambda v: np.isfinite(v) and v >= 0, "finite and >= 0"),
+    "budget": (lambda v: np.isfinite(v) and v > 0, _FINITE),
+    "length": (lambda v: 16 <= v <= 1 << 20, "16..2^20"),
+    "temperature": (lambda v: np.isfinite(v) and v > 0, _FINITE),
+    "count": (lambda v: 0 <= v <= 1_000_000, "0..10^6"),
+    "low": (lambda v: np.isfinite(v) and v > 0, _FINITE),
+    "high": (lambda v: np.isfinite(v) and v > 0, _FINITE),
+    "dead": (lambda v: v in (0, 1), "0 or 1"),
+    "extra": (lambda v: 0 <= v <= 100_000, "0..10^5"),
+    "splits": (lambda v: 0 <= v <= 100_000, "0..10^5"),
+}
+assert all(k in RANGES for params in STEPS.values() for k in params)
 DEAD_PROBE = 512  # examples of the pirate's own data that find inputs which are always zero
 
 
@@ -80,8 +104,11 @@ def parse(spec: str) -> list[Step]:
                 params[key] = STEPS[name][key](value.strip())
             except ValueError:
                 raise ValueError(f"{raw!r}: {key} must be {STEPS[name][key].__name__}, got {value!r}") from None
-        if name == "collude" and params.get("method", "average") not in COLLUSION_METHODS:
-            raise ValueError(f"{raw!r}: collusion method must be one of {', '.join(COLLUSION_METHODS)}")
+            ok, allowed = RANGES[key]
+            if not ok(params[key]):
+                raise ValueError(f"{raw!r}: {key} must be {allowed}, got {value.strip()!r}")
+        if params.get("low", 0) > params.get("high", np.inf):
+            raise ValueError(f"{raw!r}: low must be <= high")
         steps.append(Step(name, params))
     if any(s.name == "collude" for s in steps[1:]):
         raise ValueError(f"{spec!r}: collude can only be the first step")

@@ -8,7 +8,7 @@ from typing import ClassVar
 
 from securemark.attacks import pipeline
 from securemark.codes.base import CODE_KINDS
-from securemark.config import ConfigError, TomlConfig, _check, _finite
+from securemark.config import ConfigError, TomlConfig, _check, _finite, _path_ok
 from securemark.fingerprint.carrier import CARRIER_MODES
 
 SCHEMES = (*CODE_KINDS, "fedtracker")  # a shared-projection code traced by score, or the per-customer baseline
@@ -63,7 +63,9 @@ class EvalConfig(TomlConfig):
 
     def __post_init__(self) -> None:
         c, e, f = self.code, self.evaluate, self.fidelity
-        _check(bool(self.source.run), "source.run", self.source.run)
+        _check(_path_ok(self.source.run), "source.run", self.source.run)
+        _check(not self.source.config or _path_ok(self.source.config), "source.config", self.source.config)
+        _check(_path_ok(self.output), "output", self.output)
         _check(16 <= c.length <= 1 << 20, "code.length (16..2^20)", c.length)
         _check(1 <= c.max_colluders <= 1000, "code.max_colluders", c.max_colluders)
         _check(_finite(c.eps) and 0 < c.eps < 1, "code.eps", c.eps)
@@ -87,7 +89,7 @@ class EvalConfig(TomlConfig):
                 raise ConfigError(f"invalid value for {key}: {exc}") from None
         _check(1 <= f.copies <= 1_000_000, "fidelity.copies", f.copies)  # capped at the customers when run
         _check(all(_finite(b) and b > 0 for b in f.budgets), "fidelity.budgets", f.budgets)
-        _check(bool(self.output), "output", self.output)
+
         _check(not f.budgets or any(s in ("tardos", "random") for s in e.schemes), "fidelity.budgets (sweeps a "
                "tardos or random scheme)", e.schemes)  # fmt: skip
 

@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from securemark import data, models, training
 from securemark.attacks import pipeline
-from securemark.config import SimConfig, shown
+from securemark.config import SimConfig, shown, valid_ray_address
 from securemark.data import Dataset
 from securemark.evaluation.config import EvalConfig
 from securemark.evaluation.schemes import Scheme, SharedScheme, make_scheme, scheme_customers
@@ -236,6 +236,8 @@ def evaluate(
     out = Path(out)
     if (out / "results.json").exists():
         raise FileExistsError(f"{out} already holds an evaluation; choose another --out")
+    if ray_address not in (None, "local") and not (ray_address and valid_ray_address(ray_address)):
+        raise ValueError(f"--ray {ray_address!r}: expected local, auto, host:port or ray://host:port")
     to_run = plan(cfg)
     if not to_run:
         raise ValueError("no cell to run: collude pipelines need coalition sizes >= 2, the others sizes 0 or 1")

@@ -4,10 +4,13 @@ One actor per CPU of the cluster. What every trial shares (the base model, the p
 the config) reaches each actor once, through Ray's object store; each scheme reaches it once too, and the actor
 rebuilds it (registry, tracer) before its first trial. Then a task ships only trial keys (attack, coalition
 size, index), a few at a time, to whichever actor is free. A trial's randomness is seeded by its key
-(:func:`securemark.evaluation.harness.trial`), so the records are those of the serial run, trial by trial.
+(:func:`securemark.evaluation.harness.trial`), so the records are those of the serial run, trial by trial: the
+same coalitions, attacks and verdicts, scores equal to float rounding (torch sums in an order that depends on
+its thread count, one per actor here).
 
 A scheme travels as its registry's files, owner key included: an evaluation's registries are throwaway ones
-(made fresh for the run), the actors are the owner's own, and each deletes its copy when the scheme is done.
+(made fresh for the run), the actors are the owner's own, and each deletes its copy when the scheme is done or
+the run fails (a driver killed outright leaves them in the workers' temp folders, as ``securemark-trials-*``).
 Do not point ``--ray`` at a cluster you would not give that key to. (This module sits in securemark/flower/
 because that layer is the one place that imports ray and flwr.)
 """
@@ -15,6 +18,7 @@ because that layer is the one place that imports ray and flwr.)
 from __future__ import annotations
 
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -23,6 +27,7 @@ from typing import Any
 
 import ray
 import torch
+from ray.exceptions import RayTaskError
 from ray.util import ActorPool
 
 from securemark.evaluation.config import EvalConfig
@@ -30,6 +35,7 @@ from securemark.evaluation.harness import Runner, Setting, TrialKey, trial
 from securemark.evaluation.schemes import Scheme, SharedScheme
 from securemark.registry import Registry
 
+CLOSE_SECONDS = 300  # for actors to finish the chunk in hand and delete their registry copy on an error
 TRIALS_PER_TASK = 4  # a trial takes 0.1-1 s here: enough to hide a call's overhead, small enough to balance
 
 
@@ -73,12 +79,21 @@ def connect(address: str) -> bool:
     """Join Ray at ``address`` (``local`` starts it on this machine's cores); True when this call started it."""
     if ray.is_initialized():
         return False
-    options: dict[str, Any] = {"log_to_driver": False, "include_dashboard": False}
-    if address == "local":
-        ray.init(**options)
-    else:
-        ray.init(address=address, **options)
+    check_reachable(address)
+    # "local" always starts a private instance (no address would join RAY_ADDRESS or the last `ray start`)
+    ray.init(address=address, log_to_driver=False, include_dashboard=False)
     return True
+
+
+def check_reachable(address: str, timeout: float = 10.0) -> None:
+    """A host:port address must accept a connection within ``timeout`` (ray.init would wait for minutes)."""
+    if address in ("local", "auto"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as exc:
+        raise ConnectionError(f"no Ray cluster answers at {address} ({exc})") from None
 
 
 @contextmanager
@@ -86,7 +101,7 @@ def ray_runner(address: str, setting: Setting, cfg: EvalConfig) -> Iterator[Runn
     started = connect(address)
     actors: list[Any] = []
     try:
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        cpus = max(1, int(ray.available_resources().get("CPU", 1)))  # a shared cluster: what is free now
         shared = [ray.put(setting), ray.put(cfg)]
         actors = [TrialActor.remote(*shared) for _ in range(cpus)]
         pool = ActorPool(actors)
@@ -95,16 +110,20 @@ def ray_runner(address: str, setting: Setting, cfg: EvalConfig) -> Iterator[Runn
             payload = ray.put(_payload(scheme))
             ray.get([a.load.remote(payload) for a in actors])
             chunks = [keys[i : i + TRIALS_PER_TASK] for i in range(0, len(keys), TRIALS_PER_TASK)]
-            for records in pool.map_unordered(lambda actor, chunk: actor.run.remote(chunk), chunks):
-                for record in records:
-                    done(record)
+            try:
+                for records in pool.map_unordered(lambda actor, chunk: actor.run.remote(chunk), chunks):
+                    for record in records:
+                        done(record)
+            except RayTaskError as exc:  # one line, not Ray's framed remote traceback
+                raise RuntimeError(f"a trial failed on a Ray actor: {exc.cause!r}") from None
             ray.get([a.close.remote() for a in actors])
 
         yield run
     finally:
+        # every actor deletes its registry copy (owner key) once its current chunk is done; then it goes
+        with suppress(Exception):
+            ray.get([a.close.remote() for a in actors], timeout=CLOSE_SECONDS)
         for a in actors:
-            with suppress(Exception):  # the actor's registry copy goes with it
-                ray.get(a.close.remote(), timeout=30)
             ray.kill(a)
         if started:
             ray.shutdown()

@@ -37,7 +37,7 @@ def test_plan_runs_collusions_on_coalitions_and_laundering_on_single_copies():
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
-        ({"attacks": {"x": "collude:mean"}}, "attacks.x: .*collusion method"),
+        ({"attacks": {"x": "collude:mean"}}, "attacks.x: .*method must be one of"),
         ({"attacks": {"x": "prune:ratio=half"}}, "attacks.x: .*ratio must be float"),
         ({"attacks": {}}, "attacks"),
         ({"evaluate": {"schemes": ["tardos", "deepmarks"]}}, "evaluate.schemes"),
@@ -46,6 +46,12 @@ def test_plan_runs_collusions_on_coalitions_and_laundering_on_single_copies():
         ({"evaluate": {"coalition_sizes": [1, "two"]}}, r"evaluate.coalition_sizes\[1\] must be of type int"),
         ({"code": {"carrier_mode": "bn"}}, "code.carrier_mode"),
         ({"fidelity": {"attack": "shrink"}}, "fidelity.attack"),
+        ({"attacks": {"x": "quantize:bits=3"}}, "attacks.x: .*bits must be 4, 8 or 16"),
+        ({"attacks": {"x": "noise:std=nan"}}, "attacks.x: .*std must be finite"),
+        ({"attacks": {"x": "prune:ratio=5"}}, r"attacks.x: .*ratio must be in \[0, 1\)"),
+        ({"attacks": {"x": "finetune:lr=nan"}}, "attacks.x: .*lr must be finite"),
+        ({"attacks": {"x": "rescale:low=4,high=2"}}, "attacks.x: .*low must be <= high"),
+        ({"attacks": {"x": "collude:average,align=2"}}, "attacks.x: .*align must be 0 or 1"),
         ({"fidelity": {"budgets": [0.1]}, "evaluate": {"schemes": ["bibd"]}}, "fidelity.budgets"),
     ],
 )
