@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -31,6 +32,8 @@ def _strict(obj: object) -> object:
         return {k: _strict(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
         return [_strict(v) for v in obj]
+    if isinstance(obj, bool | np.bool_):
+        return bool(obj)
     if isinstance(obj, float | np.floating):
         return float(obj) if np.isfinite(obj) else None
     if isinstance(obj, np.integer):
@@ -290,8 +293,9 @@ def cmd_bench_simulate(a: argparse.Namespace) -> object:
     from securemark.config import SimConfig
     from securemark.flower.bench_simulate import bench_simulate
 
-    out = Path(a.out) if a.out else _fresh_dir(Path(SimConfig.load(a.config, a.set).output))
-    result = bench_simulate(a.config, a.set, out)
+    cfg = SimConfig.load(a.config, a.set)
+    out = Path(a.out) if a.out else _fresh_dir(Path(cfg.output))
+    result = {"config": str(a.config), **bench_simulate(cfg, out)}
     if a.json:
         return result
     _table({k: v for k, v in result.items() if k != "masking_stage_seconds"} | result["masking_stage_seconds"])
@@ -387,6 +391,16 @@ def _finite(text: str) -> float:
 
 
 # --- parser ----------------------------------------------------------------------------------------
+def _config_command(parent: Any, name: str, help: str, example: str, unique: bool = False) -> argparse.ArgumentParser:
+    """A command run from a config file: CONFIG, --out, --set."""
+    cmd = parent.add_parser(name, help=help)
+    cmd.add_argument("config", type=Path)
+    made_unique = ", made unique" if unique else ""
+    cmd.add_argument("--out", default=None, help=f"output directory (default: the config's output{made_unique})")
+    cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=f"override, e.g. {example}")
+    return cmd
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="securemark", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -493,23 +507,16 @@ def build_parser() -> argparse.ArgumentParser:
     ba.add_argument("--json", action="store_true")
     ba.set_defaults(func=cmd_bench_align)
 
-    bsim = bench.add_parser("simulate", help="one federation measured: s/round, peak memory (all processes), tracing")
-    bsim.add_argument("config", type=Path)
-    bsim.add_argument("--out", default=None, help="output directory (default: the config's output, made unique)")
-    bsim.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.rounds=3")
+    about = "one federation measured: s/round, peak memory (all processes), tracing"
+    bsim = _config_command(bench, "simulate", about, "train.rounds=3", unique=True)
     bsim.add_argument("--json", action="store_true")
     bsim.set_defaults(func=cmd_bench_simulate)
 
-    sim = sub.add_parser("simulate", help="federated training on Flower's simulation engine (Ray)")
-    sim.add_argument("config", type=Path)
-    sim.add_argument("--out", default=None, help="output directory (default: the config's output)")
-    sim.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.rounds=3")
+    sim = _config_command(sub, "simulate", "federated training on Flower's simulation engine (Ray)", "train.rounds=3")
     sim.set_defaults(func=cmd_simulate)
 
-    ev = sub.add_parser("evaluate", help="traitor tracing under attack and collusion: trials, report, plots")
-    ev.add_argument("config", type=Path)
-    ev.add_argument("--out", default=None, help="output directory (default: the config's output)")
-    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. evaluate.trials=50")
+    about = "traitor tracing under attack and collusion: trials, report, plots"
+    ev = _config_command(sub, "evaluate", about, "evaluate.trials=50")
     ev.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS", help=RAY_HELP)
     ev.set_defaults(func=cmd_evaluate)
 

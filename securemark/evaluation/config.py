@@ -89,7 +89,6 @@ class EvalConfig(TomlConfig):
                 raise ConfigError(f"invalid value for {key}: {exc}") from None
         _check(1 <= f.copies <= 1_000_000, "fidelity.copies", f.copies)  # capped at the customers when run
         _check(all(_finite(b) and b > 0 for b in f.budgets), "fidelity.budgets", f.budgets)
-
         _check(not f.budgets or any(s in ("tardos", "random") for s in e.schemes), "fidelity.budgets (sweeps a "
                "tardos or random scheme)", e.schemes)  # fmt: skip
 

@@ -8,6 +8,7 @@ fine-tuning batches. Owner secrets come from ``os.urandom`` as always (Registry.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -114,6 +115,7 @@ def run_trial(
 
 
 TrialKey = tuple[str, int, int]  # (attack, coalition size, trial index)
+_steps = functools.cache(pipeline.parse)  # a pipeline's text parsed once, not once per trial
 Runner = Callable[[Scheme, list[TrialKey], Callable[[dict[str, Any]], None]], None]
 
 
@@ -124,7 +126,7 @@ def trial(scheme: Scheme, key: TrialKey, s: Setting, cfg: EvalConfig) -> dict[st
     e = cfg.evaluate
     rng = np.random.default_rng([e.seed, list(cfg.attacks).index(attack), size, t])
     with_accuracy = not e.accuracy_trials or t < e.accuracy_trials
-    record = run_trial(scheme, pipeline.parse(cfg.attacks[attack]), size, rng, s, cfg, with_accuracy)
+    record = run_trial(scheme, _steps(cfg.attacks[attack]), size, rng, s, cfg, with_accuracy)
     record.update(scheme=scheme.name, attack=attack, trial=t)
     return record
 

@@ -284,8 +284,9 @@ def _directions(rows: np.ndarray) -> np.ndarray:
     the row, at least 2), so that neither a spiked weight in a short row (a 3x3 kernel) nor a row mostly
     pruned to zeros turns a unit away from its base unit. Capping a spike instead of dropping it is not
     enough: in a 3x3 kernel a spike capped at 5 robust standard deviations still outweighed the other 8
-    entries (cosine -0.02 to its own base unit), and the unit was matched to an added dummy. The rule is
-    scale-free, so a rescaled copy drops the same entries as the base."""
+    entries (cosine -0.02 to its own base unit), and the unit was matched to an added dummy.
+
+    Scale-free: a rescaled copy drops the same entries as the base."""
     mags = np.abs(rows)
     k = max(2, math.ceil(rows.shape[1] / 20))  # a spike or two is never the k-th largest; pruning leaves it
     cap = 5.0 * np.sort(mags, axis=1)[:, -k][:, None] if rows.shape[1] >= k else np.zeros((len(rows), 1))

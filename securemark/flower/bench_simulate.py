@@ -90,10 +90,9 @@ def _traced(out: Path) -> dict[str, int]:
             "copies_naming_their_customer_alone": alone, "innocents_accused": innocents}  # fmt: skip
 
 
-def bench_simulate(config: Path, overrides: list[str], out: Path) -> dict[str, Any]:
+def bench_simulate(cfg: SimConfig, out: Path) -> dict[str, Any]:
     from securemark.sim import simulate
 
-    cfg = SimConfig.load(config, overrides)
     start = time.perf_counter()
     with PeakMemory() as mem:
         metrics = simulate(cfg, out)
@@ -105,7 +104,6 @@ def bench_simulate(config: Path, overrides: list[str], out: Path) -> dict[str, A
             stages[stage] = round(stages.get(stage, 0.0) + s, 3)
     traced = _traced(out) if cfg.fingerprint.enabled else {}
     return {
-        "config": str(config),
         "clients": cfg.train.clients,
         "per_round": cfg.train.per_round,
         "rounds": len(rounds),
