@@ -540,6 +540,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EXPECTED_ERRORS as exc:  # bad input gets one clear line, not a traceback
         print(f"securemark: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: what the command started (a Ray instance, actors) is already stopped
+        print("securemark: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -9,8 +9,8 @@ same coalitions, attacks and verdicts, scores equal to float rounding (torch sum
 its thread count, one per actor here).
 
 A scheme travels as its registry's files, owner key included: an evaluation's registries are throwaway ones
-(made fresh for the run), the actors are the owner's own, and each deletes its copy when the scheme is done or
-the run fails (a driver killed outright leaves them in the workers' temp folders, as ``securemark-trials-*``).
+(made fresh for the run) and the actors are the owner's own. Each actor writes the copy to a temp folder, builds
+the scheme from it and deletes it before its first trial, so only a worker killed in that moment leaves one.
 Do not point ``--ray`` at a cluster you would not give that key to. (This module sits in securemark/flower/
 because that layer is the one place that imports ray and flwr.)
 """
@@ -21,7 +21,7 @@ import shutil
 import socket
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,6 @@ from securemark.evaluation.harness import Runner, Setting, TrialKey, trial
 from securemark.evaluation.schemes import Scheme, SharedScheme
 from securemark.registry import Registry
 
-CLOSE_SECONDS = 300  # for actors to finish the chunk in hand and delete their registry copy on an error
 TRIALS_PER_TASK = 4  # a trial takes 0.1-1 s here: enough to hide a call's overhead, small enough to balance
 
 
@@ -45,17 +44,22 @@ class TrialActor:
         torch.set_num_threads(1)  # one actor per core: intra-op threads would only contend
         self.setting, self.cfg = setting, cfg
         self.scheme: Scheme | None = None
-        self.folder: Path | None = None
 
     def load(self, item: tuple[str, Any]) -> None:
-        """Hold the scheme packed by :func:`_payload` in place of the previous one."""
+        """Hold the scheme packed by :func:`_payload` in place of the previous one. A registry copy is on
+        disk only while the scheme is built: the scheme's tracer and fingerprinter read the registry once, into
+        memory, so the files (owner key included) are deleted before any trial runs, and a worker killed
+        mid-run leaves none behind."""
         self.close()
         kind, payload = item
-        if kind == "registry":
-            self.folder = Path(tempfile.mkdtemp(prefix="securemark-trials-"))
-            self.scheme = SharedScheme(Registry.from_files(self.folder / "registry", payload), self.setting.base)
-        else:
+        if kind != "registry":
             self.scheme = payload
+            return
+        folder = Path(tempfile.mkdtemp(prefix="securemark-trials-"))
+        try:
+            self.scheme = SharedScheme(Registry.from_files(folder / "registry", payload), self.setting.base)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def run(self, keys: list[TrialKey]) -> list[dict[str, Any]]:
         assert self.scheme is not None, "load a scheme first"
@@ -64,9 +68,7 @@ class TrialActor:
     def close(self) -> None:
         if self.scheme is not None:
             self.scheme.close()
-        if self.folder is not None:
-            shutil.rmtree(self.folder, ignore_errors=True)
-        self.scheme = self.folder = None
+        self.scheme = None
 
 
 def _payload(scheme: Scheme) -> tuple[str, Any]:
@@ -116,14 +118,10 @@ def ray_runner(address: str, setting: Setting, cfg: EvalConfig) -> Iterator[Runn
                         done(record)
             except RayTaskError as exc:  # one line, not Ray's framed remote traceback
                 raise RuntimeError(f"a trial failed on a Ray actor: {exc.cause!r}") from None
-            ray.get([a.close.remote() for a in actors])
 
         yield run
     finally:
-        # every actor deletes its registry copy (owner key) once its current chunk is done; then it goes
-        with suppress(Exception):
-            ray.get([a.close.remote() for a in actors], timeout=CLOSE_SECONDS)
-        for a in actors:
+        for a in actors:  # schemes live in actor memory only: nothing on disk to wait for
             ray.kill(a)
         if started:
             ray.shutdown()

@@ -44,7 +44,12 @@ def test_ray_actors_reproduce_the_serial_records_and_leave_no_registry_copy(tmp_
     with ray_runner("local", s, cfg) as run:
         for name, scheme in schemes.items():
             got: list[dict] = []
-            run(scheme, keys[name], got.append)
+
+            def done(record: dict, got: list[dict] = got) -> None:
+                assert _unpacked() == before  # no registry copy on disk while trials run
+                got.append(record)
+
+            run(scheme, keys[name], done)
             by_key = {(r["attack"], r["coalition_size"], r["trial"]): r for r in got}
             assert sorted(by_key) == sorted(keys[name])
             for want in serial[name]:
