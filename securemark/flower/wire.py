@@ -1,4 +1,4 @@
-"""What travels in Flower messages: message types, record keys, and (de)serialization of protocol state.
+"""What travels in Flower messages: stages, record keys, and (de)serialization of protocol state and models.
 
 Message keys are constants in one place. A client's protocol state lives in its node ``context.state``
 between messages (a node's messages may be served by different processes), never in a message to the server.
@@ -13,20 +13,23 @@ from flwr.app import ArrayRecord, ConfigRecord
 from securemark.secagg import protocol as P
 from securemark.secagg.shamir import SHARE_BYTES
 
-# message types: "<category>.<action>"
-HELLO = "query.hello"
-ADVERTISE = "query.advertise"
-SHARE_KEYS = "query.share_keys"
-TRAIN = "train"  # the client's copy (+ its encrypted shares under masking) in, the (masked) update out
-UNMASK = "query.unmask"
+# Every securemark message travels as a Flower ``train`` message: a ClientApp routes a message only to a
+# function it registered, and the user's app registers ``@app.train()``; securemark_mod, wrapped around it,
+# answers every stage but TRAIN itself. The stage is named in the SM record.
+MESSAGE_TYPE = "train"
+HELLO = "hello"  # which customer is this node (its claimed partition-id, when identities are claimed)
+ADVERTISE = "advertise"  # fresh key pair of this round
+SHARE_KEYS = "share_keys"  # encrypted shares for the neighbours
+TRAIN = "train"  # the customer's copy (+ its encrypted shares) in, the (masked) update out
+UNMASK = "unmask"
+STAGES = (HELLO, ADVERTISE, SHARE_KEYS, TRAIN, UNMASK)
 
-# record keys
-CONFIG = "config"
-MODEL = "model"
-UPDATE = "update"
-METRICS = "metrics"
-SECAGG = "secagg"
-PAYLOAD = "payload"
+# record keys (prefixed: they sit beside the user's own records in the same message)
+SM = "securemark"  # ConfigRecord: "stage", and a stage's small values
+SECAGG = "securemark.secagg"  # ConfigRecord: the round's masking configuration
+PAYLOAD = "securemark.payload"  # ConfigRecord: keys, shares, survivors
+UPDATE = "securemark.update"  # ArrayRecord: the (masked) update of one client
+B_SHARES, S_SHARES = "securemark.b", "securemark.s"  # unmask reply
 STATE = "securemark.secagg"  # in context.state
 
 
@@ -121,9 +124,49 @@ def bytes_map_from(rec: ConfigRecord) -> dict[int, bytes]:
     return {int(i): bytes(v) for i, v in zip(ids, values, strict=True)}
 
 
+def key_map(keys: dict[int, tuple[bytes, bytes]]) -> ConfigRecord:
+    """{peer id: (c_pk, s_pk)} as one record."""
+    ids = sorted(keys)
+    return ConfigRecord(
+        {
+            "ids": ids or [0],
+            "c_pk": [keys[i][0] for i in ids] or [b""],
+            "s_pk": [keys[i][1] for i in ids] or [b""],
+            "count": len(ids),
+        }
+    )
+
+
+def key_map_from(rec: ConfigRecord) -> dict[int, tuple[bytes, bytes]]:
+    count = int(rec["count"])
+    ids, c_pk, s_pk = list(rec["ids"])[:count], list(rec["c_pk"])[:count], list(rec["s_pk"])[:count]
+    return {int(i): (bytes(c), bytes(s)) for i, c, s in zip(ids, c_pk, s_pk, strict=True)}
+
+
 def array_record(arr: np.ndarray) -> ArrayRecord:
     return ArrayRecord([arr])
 
 
 def array_from(rec: ArrayRecord) -> np.ndarray:
     return rec.to_numpy_ndarrays()[0]
+
+
+# --- a model as named numpy arrays (the mod needs no torch) ----------------------------------------------------
+def arrays_of(rec: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: rec[k].numpy() for k in rec}
+
+
+def is_float(a: np.ndarray) -> bool:
+    return bool(np.issubdtype(a.dtype, np.floating))
+
+
+def float_keys(arrays: dict[str, np.ndarray]) -> list[str]:
+    """The floating arrays, sorted: the update's layout (as ``training.float_names`` on a state_dict).
+    Integer buffers (counters) are not averaged."""
+    return sorted(k for k, a in arrays.items() if is_float(a))
+
+
+def flatten(arrays: dict[str, np.ndarray], names: list[str]) -> np.ndarray:
+    if not names:
+        return np.zeros(0)
+    return np.concatenate([np.asarray(arrays[n], dtype=np.float64).reshape(-1) for n in names])

@@ -1,31 +1,39 @@
-"""A Grid that delivers messages to the real ClientApp in this process: deterministic, no Ray.
+"""A Grid that delivers messages to a real ClientApp in this process: deterministic, no Ray.
 
-Used to check protocol behaviour (dropouts, failed rounds) exactly; the Ray path has its own test.
+Used to check protocol behaviour (dropouts, failed rounds, hostile nodes) exactly; the Ray path has its own test.
 """
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
 
-from securemark.flower.client_app import app as client_app
+from securemark.flower.client_app import app as shipped_client_app
 
 
 class InProcessGrid:
-    def __init__(self, clients: int, run_id: int = 4242) -> None:
+    def __init__(self, clients: int, app=shipped_client_app, run_id: int = 4242, partitions=None, keys=None) -> None:
         TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = run_id, 1, 0  # as run_simulation does
-        self.run = SimpleNamespace(run_id=run_id)  # the Federation reads run.run_id only
+        self.run = SimpleNamespace(run_id=run_id)  # SecureMark reads run.run_id only
+        self.app = app
+        partitions = list(range(clients)) if partitions is None else partitions
         self.contexts = {
-            1000 + k: Context(run_id, 1000 + k, {"partition-id": k, "num-partitions": clients}, RecordDict(), {})
-            for k in range(clients)
+            1000 + k: Context(run_id, 1000 + k, {"partition-id": p, "num-partitions": clients}, RecordDict(), {})
+            for k, p in enumerate(partitions)
         }
+        self.keys = keys or {}  # node id -> (registered public key, name): what a SuperLink with node auth reports
         self.sent: list[Message] = []
         self.replies: dict[str, Message] = {}
 
     def get_node_ids(self) -> list[int]:
         return sorted(self.contexts)
+
+    def get_nodes(self):
+        keys = {n: self.keys.get(n, (b"", "")) for n in self.get_node_ids()}
+        return [SimpleNamespace(node_id=n, public_key=key, name=name) for n, (key, name) in keys.items()]
 
     def push_messages(self, messages):
         """Runs the ClientApp on each message at once; the replies wait for pull_messages."""
@@ -36,7 +44,10 @@ class InProcessGrid:
             node = msg.metadata.dst_node_id
             TaskIdentity.node_id = node
             try:
-                self.replies[msg.metadata.message_id] = client_app(msg, self.contexts[node])
+                self.replies[msg.metadata.message_id] = self.app(msg, self.contexts[node])
+            except Exception as exc:  # as Flower does: the ClientApp's exception becomes an error reply
+                error = Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(exc).__name__}: {exc}")
+                self.replies[msg.metadata.message_id] = Message(error, reply_to=msg)
             finally:
                 TaskIdentity.node_id = 0
             ids.append(msg.metadata.message_id)

@@ -1,0 +1,192 @@
+"""``securemark_mod``: the client side of securemark, around a Flower app's unchanged ``@app.train()``.
+
+    app = ClientApp(mods=[securemark_mod])  # it must be the FIRST mod
+
+Every securemark message is a Flower ``train`` message carrying a ``securemark`` record that names its stage
+(see ``wire``). The mod answers the masking stages itself (hello, advertise, share_keys, unmask). On the train
+stage it hands the user's function exactly what the inner strategy sent (its ArrayRecord, here the customer's
+fingerprinted copy, and its ConfigRecord), then checks the reply against FedAvg's contract, turns the returned
+arrays into the update relative to the copy it received (so the customer's fingerprint never reaches the
+global model), encodes it with the example count as weight, masks it, and replies with the masked update and the
+user's other metrics: never the plain update, never the example count in clear. Messages without a
+``securemark`` record (a plain Flower server, evaluate and query messages) pass through untouched.
+
+Why first: a mod listed before it would see (and could change) the masked reply; ``fixedclipping_mod`` or
+``localdp_mod`` there would corrupt the sum. The reply carries the SHA-256 of the masked vector (a hash of a
+one-time-padded vector: it tells the server nothing new), so the server names a reply changed after this mod.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+from collections.abc import Callable
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
+
+from securemark.flower import wire
+from securemark.secagg import protocol as P
+from securemark.secagg.quantize import QuantConfig, QuantizationError, encode
+
+Next = Callable[[Message, Context], Message]
+
+
+class ContractError(ValueError):
+    """The train function's reply breaks FedAvg's contract (one ArrayRecord with the keys sent, a MetricRecord
+    with the example count), or a securemark message is malformed."""
+
+
+_REFUSE = (ContractError, P.SecAggError, QuantizationError, KeyError, TypeError, ValueError)
+
+
+def securemark_mod(msg: Message, context: Context, call_next: Next) -> Message:
+    """Flower Mod: answer securemark's stages; wrap the train stage around the app's own train function.
+    A malformed message or a reply breaking the contract gets an error reply naming why; an exception raised
+    by the app's own train function propagates as Flower reports any app's exception."""
+    if not msg.has_content() or wire.SM not in msg.content:
+        return call_next(msg, context)
+    try:
+        stage = str(msg.content[wire.SM]["stage"])
+        if stage != wire.TRAIN:
+            if stage not in _HANDLERS:
+                raise ContractError(f"unknown securemark stage {stage!r}")
+            return _HANDLERS[stage](msg, context)
+        user_msg, sent = _before_train(msg, context)
+    except _REFUSE as exc:
+        return _refuse(msg, exc)
+    reply = call_next(user_msg, context)
+    if reply.has_error():
+        return reply
+    try:
+        return _after_train(msg, context, sent, reply)
+    except _REFUSE as exc:
+        return _refuse(msg, exc)
+
+
+def _refuse(msg: Message, exc: Exception) -> Message:
+    reason = f"securemark_mod refused the {msg.metadata.message_type} message: {type(exc).__name__}: {exc}"
+    return Message(Error(ErrorCode.MOD_FAILED_PRECONDITION, reason), reply_to=msg)
+
+
+def _reply(msg: Message, stage: str, context: Context, **records: ConfigRecord | ArrayRecord | MetricRecord) -> Message:
+    """A reply with the SM record (stage + this node's identity claim) and the given records."""
+    head = ConfigRecord({"stage": stage, **claim(context)})
+    if wire.SM in records:
+        head.update(records.pop(wire.SM))
+    return Message(RecordDict({wire.SM: head, **records}), reply_to=msg)
+
+
+def claim(context: Context) -> dict[str, int]:
+    """The identity this node claims (its partition-id), when its node config has one. On a SuperLink with
+    SuperNode authentication the server identifies the node by its registered key instead."""
+    pid = context.node_config.get("partition-id")
+    return {} if pid is None else {"partition-id": int(pid)}
+
+
+# --- masking stages ------------------------------------------------------------------------------------------
+def _hello(msg: Message, context: Context) -> Message:
+    return _reply(msg, wire.HELLO, context)
+
+
+def _advertise(msg: Message, context: Context) -> Message:
+    round_cfg, client_id = wire.round_config_from(msg.content[wire.SECAGG])
+    st = P.ClientState(round_cfg, client_id)
+    c_pk, s_pk = P.client_advertise(st)
+    context.state[wire.STATE] = wire.client_state_record(st)
+    return _reply(msg, wire.ADVERTISE, context, **{wire.PAYLOAD: ConfigRecord({"c_pk": c_pk, "s_pk": s_pk})})
+
+
+def _share_keys(msg: Message, context: Context) -> Message:
+    st = _state(context)
+    cts = P.client_share_keys(st, wire.key_map_from(msg.content[wire.PAYLOAD]))
+    context.state[wire.STATE] = wire.client_state_record(st)
+    return _reply(msg, wire.SHARE_KEYS, context, **{wire.PAYLOAD: wire.bytes_map(cts)})
+
+
+def _unmask(msg: Message, context: Context) -> Message:
+    st = _state(context)
+    survivors = [int(i) for i in msg.content[wire.PAYLOAD]["survivors"]]
+    b, s = P.client_unmask(st, survivors)
+    del context.state[wire.STATE]
+    return _reply(msg, wire.UNMASK, context, **{wire.B_SHARES: wire.bytes_map(b), wire.S_SHARES: wire.bytes_map(s)})
+
+
+_HANDLERS: dict[str, Callable[[Message, Context], Message]] = {
+    wire.HELLO: _hello,
+    wire.ADVERTISE: _advertise,
+    wire.SHARE_KEYS: _share_keys,
+    wire.UNMASK: _unmask,
+}
+
+
+def _state(context: Context) -> P.ClientState:
+    if wire.STATE not in context.state:
+        raise P.StageError("no key exchange of this round on this node (a restarted node, or a stage out of order)")
+    return wire.client_state_from(context.state[wire.STATE])
+
+
+# --- the train stage -----------------------------------------------------------------------------------------
+def _before_train(msg: Message, context: Context) -> tuple[Message, ArrayRecord]:
+    """The message the app's train function gets (exactly what the inner strategy sent) and the arrays sent."""
+    if wire.SECAGG in msg.content:  # checked before spending time on training
+        st = _state(context)
+        round_cfg, client_id = wire.round_config_from(msg.content[wire.SECAGG])
+        if (round_cfg.run_id, round_cfg.round, client_id) != (st.cfg.run_id, st.cfg.round, st.id):
+            raise P.ProtocolViolation("train message of another round than this node's key exchange")
+    user_content = RecordDict({k: v for k, v in msg.content.items() if not k.startswith(wire.SM)})
+    sent = _only(user_content.array_records, "the train message", "ArrayRecord")
+    return Message(content=user_content, metadata=copy.copy(msg.metadata)), sent
+
+
+def _after_train(msg: Message, context: Context, sent: ArrayRecord, reply: Message) -> Message:
+    """The update relative to ``sent``: masked (masked rounds) or plain with its weight (baseline)."""
+    head = msg.content[wire.SM]
+    delta, weight, metrics_key, metrics = contract(sent, reply.content, str(head["weight-key"]))
+    if wire.SECAGG not in msg.content:
+        records = {wire.SM: ConfigRecord({"weight": weight}), wire.UPDATE: wire.array_record(delta)}
+        return _reply(msg, wire.TRAIN, context, **records, **{metrics_key: metrics})
+    st = _state(context)
+    qcfg = QuantConfig(float(head["clip"]), int(head["bits"]), int(head["max-weight"]), int(head["max-clients"]))
+    rng = np.random.default_rng(int.from_bytes(os.urandom(16), "little"))  # stochastic rounding
+    y = P.client_masked_input(st, wire.bytes_map_from(msg.content[wire.PAYLOAD]), encode(delta, weight, qcfg, rng))
+    context.state[wire.STATE] = wire.client_state_record(st)
+    records = {
+        wire.SM: ConfigRecord({"digest": hashlib.sha256(y.tobytes()).digest()}),
+        wire.UPDATE: wire.array_record(y),
+    }
+    return _reply(msg, wire.TRAIN, context, **records, **{metrics_key: metrics})
+
+
+def contract(sent: ArrayRecord, reply: RecordDict, weight_key: str) -> tuple[np.ndarray, int, str, MetricRecord]:
+    """Check a train reply against FedAvg's contract; return (the update relative to ``sent``, flat float64 in
+    ``wire.flatten`` order; its weight; the MetricRecord's key; the other metrics)."""
+    returned = _only(reply.array_records, "the train function's reply", "ArrayRecord")
+    before, after = wire.arrays_of(sent), wire.arrays_of(returned)
+    if before.keys() != after.keys():
+        missing, extra = sorted(before.keys() - after.keys()), sorted(after.keys() - before.keys())
+        raise ContractError(f"the reply's arrays differ from those sent: missing {missing[:5]}, extra {extra[:5]}")
+    for k, a in before.items():
+        if after[k].shape != a.shape:
+            raise ContractError(f"array {k!r} came back with shape {after[k].shape}, sent {a.shape}")
+        if wire.is_float(a) and not np.isfinite(after[k]).all():
+            raise ContractError(f"array {k!r} holds NaN or infinite values; refusing to send an update")
+    metrics_key, record = _only(reply.metric_records, "the train function's reply", "MetricRecord", with_key=True)
+    if weight_key not in record:
+        raise ContractError(f"the reply's MetricRecord has no {weight_key!r}: the update's weight (example count)")
+    weight = record[weight_key]
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or weight != int(weight) or weight < 1:
+        raise ContractError(f"{weight_key!r} must be a whole number >= 1, got {weight!r}")
+    names = wire.float_keys(before)
+    delta = wire.flatten(after, names) - wire.flatten(before, names)
+    others = MetricRecord({k: v for k, v in record.items() if k != weight_key})
+    return delta, int(weight), metrics_key, others
+
+
+def _only(records: dict, where: str, kind: str, with_key: bool = False):  # type: ignore[no-untyped-def]
+    if len(records) != 1:
+        raise ContractError(f"{where} must hold exactly one {kind} (FedAvg's contract), found {len(records)}")
+    key, value = next(iter(records.items()))
+    return (key, value) if with_key else value

@@ -1,0 +1,539 @@
+"""``SecureMark``: securemark's server side as a Flower Strategy that wraps a Message-API strategy.
+
+    strategy = SecureMark(FedAvg(fraction_evaluate=0.5), out="/srv/owner/run1")
+    result = strategy.start(grid=grid, initial_arrays=arrays, num_rounds=3, evaluate_fn=evaluate)
+
+The inner strategy keeps what it owns: sampling, the configs it sends, how metrics are aggregated, and any
+server optimizer (FedAvgM, FedAdam, ...). SecureMark changes what travels. One round:
+
+1. the inner strategy's ``configure_train`` samples nodes and builds its messages;
+2. each sampled node is identified as a customer (its claimed partition-id, or on a SuperLink with SuperNode
+   authentication its registered key); a node claiming an identity already taken, or whose identity changes,
+   is refused and gets nothing;
+3. masked rounds: advertise keys, share keys (``secagg``), then each node's message carries its own copy
+   ``w + s X^T b_customer`` and its encrypted shares; the reply is its masked update relative to that copy
+   (``securemark_mod``); unmask; the server learns only the weighted mean of the updates;
+4. the inner strategy aggregates one synthetic reply holding ``w + mean update`` with the total weight, so its
+   server optimizer and metric aggregation run unchanged, and the fingerprints never enter the global model;
+5. client evaluation gets fingerprinted copies (never the plain global model); ``evaluate_fn`` scores the
+   global model and a few customers' copies.
+
+At the end ``out`` holds what ``securemark simulate`` writes: ``registry/`` (with the owner key),
+``customers/<customer>.safetensors`` (every customer's final copy), ``metrics.json`` and ``global.safetensors``.
+
+Inner strategies whose aggregate is not a weighted mean of updates need the individual updates that masking
+hides; they are refused with the reason. Client metrics travel in clear and are averaged without weights:
+the example counts are secret.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, Result, Strategy
+from rich.console import Console
+
+from securemark import training
+from securemark.config import FingerprintConfig, SecAggSettings
+from securemark.fingerprint.embed import Fingerprinter
+from securemark.flower import wire
+from securemark.modelio import save_state_dict
+from securemark.owner import customer_name, issue_copies
+from securemark.registry import Registry, RegistryParams
+from securemark.secagg import protocol as P
+from securemark.secagg.protocol import Stage
+from securemark.secagg.quantize import QuantConfig, decode
+
+EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
+IDENTITIES = ("partition-id", "node")
+
+_MEAN_ONLY = (
+    "masked aggregation reveals only the weighted sum of the updates; SecureMark wraps strategies whose aggregate "
+    "is a weighted mean (FedAvg, FedProx, FedAvgM, FedAdam, FedYogi, FedAdagrad)"
+)
+REFUSED = {
+    "FedMedian": "its aggregate is a coordinate-wise median of individual models",
+    "FedTrimmedAvg": "it trims individual clients' values",
+    "MultiKrum": "it selects models by distances between individual updates",
+    "Bulyan": "it selects and trims individual updates",
+    "QFedAvg": "it weights each update by that client's loss",
+    "FedXgbBagging": "it merges tree ensembles, not arrays",
+    "FedXgbCyclic": "it passes one client's model on, unaveraged",
+}
+
+
+def check_inner(strategy: Strategy) -> None:
+    """Refuse (ValueError) an inner strategy whose aggregate masked aggregation cannot compute."""
+    for cls in type(strategy).__mro__:
+        if cls.__name__ in REFUSED:
+            raise ValueError(f"SecureMark cannot wrap {type(strategy).__name__}: {REFUSED[cls.__name__]}; {_MEAN_ONLY}")
+    if not isinstance(strategy, FedAvg):
+        raise ValueError(f"SecureMark cannot wrap {type(strategy).__name__}: {_MEAN_ONLY}")
+
+
+class SecureMark(Strategy):
+    """Per-customer fingerprinted copies and masked aggregation around ``strategy`` (see the module doc)."""
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        out: str | Path,
+        *,
+        fingerprint: FingerprintConfig | None = None,
+        secagg: SecAggSettings | None = None,
+        identity: str = "partition-id",
+        max_weight: int = 1 << 16,
+        console: Console | None = None,
+    ) -> None:
+        check_inner(strategy)
+        if identity not in IDENTITIES:
+            raise ValueError(f"identity must be one of {IDENTITIES}, got {identity!r}")
+        if not 1 <= max_weight <= 1 << 32:
+            raise ValueError(
+                f"max_weight (largest example count a client may declare) must be in [1, 2^32], got {max_weight}"
+            )
+        self.inner: FedAvg = strategy  # type: ignore[assignment]
+        self.out = Path(out)
+        self.fingerprint = fingerprint if fingerprint is not None else FingerprintConfig()
+        self.secagg = secagg if secagg is not None else SecAggSettings()
+        self.identity, self.max_weight = identity, max_weight
+        self.console = console or Console(stderr=True)
+        self.rng = np.random.default_rng()  # neighbour graphs and simulated losses: nothing secret
+        self.customers: dict[int, str] = {}  # node id -> customer
+        self.refused: set[int] = set()
+        self.registry: Registry | None = None
+        self.fp: Fingerprinter | None = None
+        self.strength = 0.0
+        self.rounds: list[dict[str, Any]] = []
+        self._grid: Grid | None = None
+        self._round: dict[str, Any] = {}
+
+    # --- the global model as a torch state_dict ----------------------------------------------------------------
+    def _load(self, arrays: ArrayRecord) -> None:
+        sd = arrays.to_torch_state_dict()
+        if not hasattr(self, "dtypes"):
+            self.dtypes = {k: v.dtype for k, v in sd.items()}
+            self.names = training.float_names(sd)
+        self.weights = {k: v.to(self.dtypes[k]) for k, v in sd.items()}  # an inner aggregate turns ints into floats
+
+    def copy_for(self, node: int) -> dict[str, torch.Tensor]:
+        if self.fp is None:
+            return self.weights
+        bits = self.registry.customer(self.customers[node]).bits  # type: ignore[union-attr]
+        return self.fp.embed(self.weights, bits, self.strength)
+
+    # --- messaging ------------------------------------------------------------------------------------------
+    @property
+    def grid(self) -> Grid:
+        if self._grid is None:
+            raise RuntimeError("SecureMark talks to nodes only inside start(grid=...)")
+        return self._grid
+
+    def send(self, stage: str, contents: dict[int, RecordDict], round_no: int, timeout: float) -> dict[int, Message]:
+        """One message per node, the stage named in its SM record; see :meth:`receive`."""
+        msgs = []
+        for node, content in contents.items():
+            content[wire.SM] = ConfigRecord({**content.get(wire.SM, {}), "stage": stage})
+            msgs.append(Message(content, dst_node_id=node, message_type=wire.MESSAGE_TYPE, group_id=str(round_no)))
+        return self.receive(stage, msgs, timeout)
+
+    def receive(self, stage: str, msgs: list[Message], timeout: float) -> dict[int, Message]:
+        """Replies without error whose sender's identity still holds; ``secagg.dropout`` simulates losses."""
+        replies: dict[int, Message] = {}
+        for reply in self.exchange(msgs, timeout):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                self.console.print(f"  [yellow]node {node} failed at {stage}: {reply.error.reason}[/]")
+            elif (stage == wire.HELLO or self._claim_holds(node, reply)) and self.rng.random() >= self.secagg.dropout:
+                replies[node] = reply
+        return replies
+
+    def exchange(self, msgs: list[Message], timeout: float) -> list[Message]:
+        """Grid.send_and_receive, polling from 2 ms up to 0.25 s instead of a fixed 0.1 s (simulation) or
+        3 s (deployment): a masked round has four exchanges, and a fixed interval rounds each one up."""
+        pending = set(self.grid.push_messages(msgs)) if msgs else set()
+        replies: list[Message] = []
+        end, wait = time.monotonic() + timeout, 0.002
+        while pending and time.monotonic() < end:
+            got = list(self.grid.pull_messages(pending))
+            replies += got
+            pending -= {m.metadata.reply_to_message_id for m in got}
+            if pending:
+                time.sleep(wait)
+                wait = min(wait * 1.5, 0.25)
+        return replies
+
+    # --- customers ------------------------------------------------------------------------------------------
+    def identify(self, nodes: Iterable[int]) -> list[int]:
+        """The nodes that may receive a copy: new ones are identified (a hello, or their registered key)."""
+        new = [n for n in nodes if n not in self.customers and n not in self.refused]
+        if new:
+            claims = self._node_identities(new) if self.identity == "node" else self._claimed_identities(new)
+            taken = set(self.customers.values())
+            for node, name in claims.items():
+                twins = [m for m, other in claims.items() if other == name and m != node]
+                if name is None or name in taken or twins:
+                    why = "no identity" if name is None else f"identity {name!r} is already taken"
+                    self.console.print(f"  [red]refused node {node}: {why}; it gets no copy[/]")
+                    self.refused.add(node)
+                else:
+                    self.customers[node] = name
+        return [n for n in nodes if n in self.customers]
+
+    def _claimed_identities(self, nodes: list[int]) -> dict[int, str | None]:
+        replies = self.send(wire.HELLO, {n: RecordDict() for n in nodes}, 0, self.secagg.timeout)
+        claims: dict[int, str | None] = {n: None for n in nodes if n in replies}
+        for node, reply in replies.items():
+            pid = reply.content[wire.SM].get("partition-id")
+            if isinstance(pid, int) and not isinstance(pid, bool) and pid >= 0:
+                claims[node] = customer_name(pid)
+        return claims
+
+    def _node_identities(self, nodes: list[int]) -> dict[int, str | None]:
+        infos = {info.node_id: info for info in self.grid.get_nodes()}
+        return {n: _registered_name(infos.get(n)) for n in nodes}
+
+    def _claim_holds(self, node: int, reply: Message) -> bool:
+        """A reply from a node whose identity changed since it was identified is dropped; the node is refused."""
+        if self.identity == "node":
+            now = _registered_name(next((i for i in self.grid.get_nodes() if i.node_id == node), None))
+        else:
+            pid = reply.content[wire.SM].get("partition-id") if wire.SM in reply.content else None
+            now = customer_name(pid) if isinstance(pid, int) and not isinstance(pid, bool) and pid >= 0 else None
+        if now == self.customers.get(node):
+            return True
+        self.console.print(
+            f"  [red]refused node {node}: identity changed from {self.customers.get(node)!r} to {now!r}[/]"
+        )
+        self.customers.pop(node, None)
+        self.refused.add(node)
+        return False
+
+    # --- Strategy: train ------------------------------------------------------------------------------------
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> list[Message]:
+        """The inner strategy's train messages, each carrying its customer's copy; under masking, after the
+        key exchange (run here), with the node's encrypted shares."""
+        self._grid = grid
+        self._load(arrays)
+        inner_msgs = {m.metadata.dst_node_id: m for m in self.inner.configure_train(server_round, arrays, config, grid)}
+        sampled = sorted(self.identify(inner_msgs))
+        head = {"stage": wire.TRAIN, "weight-key": self.inner.weighted_by_key}
+        contents = {}
+        for n in sampled:
+            contents[n] = _with_arrays(inner_msgs[n].content, ArrayRecord(self.copy_for(n)))
+            contents[n][wire.SM] = ConfigRecord(head)
+        self._round = {"round": server_round, "sampled": sampled, "contents": contents, "clock": _StageClock()}
+        self._round["reference"] = self.fp.project(self.weights) if self.fp is not None else None
+        if self.secagg.enabled and sampled:
+            self._key_exchange(server_round, sampled, contents)
+        return [
+            Message(c, dst_node_id=n, message_type=wire.MESSAGE_TYPE, group_id=str(server_round))
+            for n, c in contents.items()
+        ]
+
+    def _key_exchange(self, r: int, sampled: list[int], contents: dict[int, RecordDict]) -> None:
+        sc = self.secagg
+        ids = {n: k + 1 for k, n in enumerate(sampled)}
+        node_of = {k: n for n, k in ids.items()}
+        graph, threshold = P.neighbour_graph(tuple(ids.values()), sc.graph, self.rng)
+        qcfg = QuantConfig(sc.clip, sc.bits, self.max_weight, len(sampled))
+        size = sum(self.weights[n].numel() for n in self.names) + 2
+        rcfg = P.RoundConfig(str(self.grid.run.run_id), r, graph, threshold, size, qcfg.modulus_bits)
+        srv = P.ServerState(rcfg)
+        clock = self._round["clock"]
+        secagg = {n: wire.round_config_record(rcfg, ids[n]) for n in sampled}
+        for n, rep in self.send(
+            wire.ADVERTISE, {n: RecordDict({wire.SECAGG: secagg[n]}) for n in sampled}, r, sc.timeout
+        ).items():
+            keys = rep.content[wire.PAYLOAD]
+            _accept(self.console, P.server_receive_keys, srv, ids[n], keys["c_pk"], keys["s_pk"])
+        srv.close(Stage.ADVERTISE, len(srv.keys))
+        clock.lap("advertise")
+
+        share_msgs = {node_of[i]: RecordDict({wire.PAYLOAD: wire.key_map(P.server_keys_for(srv, i))}) for i in srv.keys}
+        for n, rep in self.send(wire.SHARE_KEYS, share_msgs, r, sc.timeout).items():
+            _accept(self.console, P.server_receive_shares, srv, ids[n], wire.bytes_map_from(rep.content[wire.PAYLOAD]))
+        srv.close(Stage.SHARE, len(srv.shared))
+        clock.lap("share_keys")
+
+        quant = {"clip": sc.clip, "bits": sc.bits, "max-weight": self.max_weight, "max-clients": len(sampled)}
+        for n in list(contents):
+            if ids[n] not in srv.shared:  # no shares: it cannot take part in this round
+                del contents[n]
+                continue
+            contents[n][wire.SM] = ConfigRecord({**contents[n][wire.SM], **quant})
+            contents[n][wire.SECAGG] = secagg[n]
+            contents[n][wire.PAYLOAD] = wire.bytes_map(P.server_shares_for(srv, ids[n]))
+        self._round.update(ids=ids, node_of=node_of, srv=srv, qcfg=qcfg, threshold=threshold)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Unmask (masked rounds) or average (plain) the updates; the inner strategy aggregates the result."""
+        got = {m.metadata.src_node_id: m for m in replies}
+        if self.secagg.enabled:
+            mean, weight, info = self._unmask(server_round, got)
+        else:
+            mean, weight, info = self._plain_mean(got)
+        self._round["info"] = info
+        client = _mean_metrics([_metrics_of(m) for m in got.values()])
+        new = training.add_flat(self.weights, self.names, mean)
+        synthetic = Message(
+            RecordDict(
+                {
+                    self.inner.arrayrecord_key: ArrayRecord(new),
+                    "metrics": MetricRecord({**client, self.inner.weighted_by_key: weight}),
+                }
+            ),
+            dst_node_id=0,
+            message_type=wire.MESSAGE_TYPE,
+        )
+        return self.inner.aggregate_train(server_round, [synthetic])
+
+    def _plain_mean(self, replies: dict[int, Message]) -> tuple[np.ndarray, int, dict[str, Any]]:
+        if not replies:
+            raise RuntimeError("no client returned an update")
+        weights = {n: int(rep.content[wire.SM]["weight"]) for n, rep in replies.items()}
+        total = sum(weights.values())
+        mean = (
+            sum(weights[n] * wire.array_from(rep.content[wire.UPDATE]).astype(np.float64) for n, rep in replies.items())
+            / total
+        )
+        sampled = len(self._round["sampled"])
+        return mean, total, {"survived": len(replies), "dropped": sampled - len(replies)}
+
+    def _unmask(self, r: int, replies: dict[int, Message]) -> tuple[np.ndarray, int, dict[str, Any]]:
+        st = self._round
+        if "srv" not in st:
+            raise P.TooFewSurvivors("no client took part in the key exchange")
+        srv, ids, node_of, clock = st["srv"], st["ids"], st["node_of"], st["clock"]
+        for n, rep in replies.items():
+            y = wire.array_from(rep.content[wire.UPDATE])
+            if hashlib.sha256(y.tobytes()).digest() != bytes(rep.content[wire.SM]["digest"]):
+                self.console.print(
+                    f"  [red]node {n}: masked update changed after securemark_mod (must be the first mod)[/]"
+                )
+                continue
+            _accept(self.console, P.server_receive_masked, srv, ids[n], y)
+        srv.close(Stage.MASKED, len(srv.inputs))
+        clock.lap("train_masked_input")
+        survivors = P.server_survivors(srv)
+        unmask = {
+            node_of[i]: RecordDict({wire.PAYLOAD: ConfigRecord({"survivors": list(survivors)})}) for i in survivors
+        }
+        for n, rep in self.send(wire.UNMASK, unmask, r, self.secagg.timeout).items():
+            b, s = wire.bytes_map_from(rep.content[wire.B_SHARES]), wire.bytes_map_from(rep.content[wire.S_SHARES])
+            _accept(self.console, P.server_receive_unmask, srv, ids[n], b, s)
+        clock.lap("unmask")
+        dec = decode(P.server_sum(srv), st["qcfg"])
+        clock.lap("sum")
+        sampled = len(st["sampled"])
+        info = {
+            "survived": len(survivors),
+            "dropped": sampled - len(survivors),
+            "clipped": dec.clipped,
+            "threshold": st["threshold"],
+            "stage_seconds": clock.laps,
+        }
+        return dec.mean, dec.total_weight, info
+
+    # --- Strategy: evaluate ---------------------------------------------------------------------------------
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> list[Message]:
+        """The inner strategy's evaluate messages, each with its customer's copy instead of the global model."""
+        self._grid = grid
+        self._load(arrays)
+        inner_msgs = {
+            m.metadata.dst_node_id: m for m in self.inner.configure_evaluate(server_round, arrays, config, grid)
+        }
+        return [
+            Message(_with_arrays(inner_msgs[n].content, ArrayRecord(self.copy_for(n))), dst_node_id=n,
+                    message_type=inner_msgs[n].metadata.message_type, group_id=str(server_round))
+            for n in self.identify(inner_msgs)
+        ]  # fmt: skip
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    # --- the run --------------------------------------------------------------------------------------------
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: EvaluateFn | None = None,
+    ) -> Result:
+        """Run ``num_rounds`` rounds (see the module doc); write ``out``; return Flower's Result."""
+        if (self.out / "metrics.json").exists() or (self.out / "registry").exists():
+            raise FileExistsError(f"{self.out} already holds a run; choose another output directory")
+        self._grid = grid
+        self._load(initial_arrays)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._setup_fingerprint()
+        train_config = train_config if train_config is not None else ConfigRecord()
+        evaluate_config = evaluate_config if evaluate_config is not None else ConfigRecord()
+        result, arrays = Result(arrays=initial_arrays), initial_arrays
+        if evaluate_fn is not None and (res := evaluate_fn(0, initial_arrays)) is not None:
+            result.evaluate_metrics_serverapp[0] = res
+        for r in range(1, num_rounds + 1):
+            m: dict[str, Any] = {"round": r, "sampled": 0}
+            start = time.perf_counter()
+            try:
+                msgs = self.configure_train(r, arrays, ConfigRecord(dict(train_config)), grid)
+                m["sampled"] = len(self._round["sampled"])
+                agg, metrics = self.aggregate_train(r, self.receive(wire.TRAIN, msgs, timeout).values())
+                if agg is None:
+                    raise RuntimeError("the inner strategy aggregated nothing")
+                arrays = result.arrays = agg
+                if metrics is not None:
+                    result.train_metrics_clientapp[r] = metrics
+                    m["client_train"] = dict(metrics)
+                m.update(self._round["info"], status="completed")
+            except (P.SecAggError, RuntimeError) as exc:
+                m.update(status="failed", reason=str(exc))
+                self.console.print(f"  [red]round {r} failed, model unchanged: {exc}[/]")
+            m["seconds"] = round(time.perf_counter() - start, 3)
+            self._load(arrays)
+            m.update(self._evaluate(r, arrays, evaluate_fn, result))
+            evaluate_msgs = self.configure_evaluate(r, arrays, ConfigRecord(dict(evaluate_config)), grid)
+            if evaluate_msgs and (agg_eval := self.aggregate_evaluate(r, self.exchange(evaluate_msgs, timeout))):
+                result.evaluate_metrics_clientapp[r] = agg_eval
+                m["client_evaluate"] = dict(agg_eval)
+            self.rounds.append(m)
+            self.console.print(_round_line(m), soft_wrap=True)
+            (self.out / "metrics.json").write_text(json.dumps({"rounds": self.rounds}, indent=2, default=float))
+        self.finish()
+        return result
+
+    def _setup_fingerprint(self) -> None:
+        fc = self.fingerprint
+        if not fc.enabled:
+            return
+        params = RegistryParams(
+            code=fc.code, length=fc.length, max_colluders=fc.max_colluders, eps=fc.eps, budget=fc.budget
+        )
+        self.registry = Registry.init(self.out / "registry", params)
+        self.fp = Fingerprinter.create(self.registry.secret, params.carrier, self.weights, params.length)
+        self.strength = self.fp.strength_for_budget(self.weights, fc.budget)  # fixed for the whole run
+
+    def _evaluate(self, r: int, arrays: ArrayRecord, evaluate_fn: EvaluateFn | None, result: Result) -> dict[str, Any]:
+        """``evaluate_fn`` on the global model and on copies of it for a few customers (what they get next):
+        ``global_<k>``, ``copies_mean_<k>``, ``copies_min_<k>``, ``copies_<k>_drop``; the bit error of the
+        copies issued this round, read against the weights they were made from."""
+        out: dict[str, Any] = {}
+        if evaluate_fn is not None and (res := evaluate_fn(r, arrays)) is not None:
+            result.evaluate_metrics_serverapp[r] = res
+            out.update({f"global_{k}": v for k, v in res.items()})
+            if self.fp is not None:
+                sample = sorted(self.customers)[: self.fingerprint.eval_copies]
+                scores = [evaluate_fn(r, ArrayRecord(self.copy_for(n))) or {} for n in sample]
+                for k, v in res.items():
+                    vals = [float(s[k]) for s in scores if k in s]  # type: ignore[arg-type]
+                    if vals and isinstance(v, int | float):
+                        out.update({f"copies_mean_{k}": float(np.mean(vals)), f"copies_min_{k}": float(np.min(vals))})
+                        out[f"copies_{k}_drop"] = float(v) - float(np.mean(vals))
+        reference, issued = self._round.get("reference"), self._round.get("contents", {})
+        if self.fp is not None and reference is not None and issued:
+            errors = []
+            for n, content in issued.items():
+                copy = next(iter(content.array_records.values())).to_torch_state_dict()
+                y = self.fp.extract(copy, reference, self.strength)
+                errors.append(float(np.mean((y > 0) != self.registry.customer(self.customers[n]).bits)))  # type: ignore[union-attr]
+            out["max_bit_error"] = max(errors)
+        return out
+
+    def finish(self) -> None:
+        save_state_dict(self.weights, self.out / "global.safetensors")
+        if self.registry is not None:
+            names = sorted(self.customers.values())
+            note = f"final copy, {len(self.rounds)} rounds"
+            for name, copy in issue_copies(self.registry, self.weights, names, note, self.strength).items():
+                save_state_dict(copy, self.out / "customers" / f"{name}.safetensors")
+            self.registry.close()
+
+
+def _registered_name(info: Any) -> str | None:
+    """A registered node's customer: its registered name, else a digest of its public key. None for a node
+    without a key (simulation, or a SuperLink without SuperNode authentication)."""
+    if info is None or not getattr(info, "public_key", b""):
+        return None
+    name = getattr(info, "name", "")
+    return name or "node-" + hashlib.sha256(info.public_key).hexdigest()[:16]
+
+
+def _with_arrays(content: RecordDict, arrays: ArrayRecord) -> RecordDict:
+    """A fresh copy of the inner strategy's content (FedAvg shares one object across messages) with its
+    ArrayRecord replaced."""
+    out = RecordDict()
+    for key, rec in content.items():
+        if isinstance(rec, ArrayRecord):
+            out[key] = arrays
+        else:
+            out[key] = type(rec)(dict(rec))
+    return out
+
+
+def _metrics_of(reply: Message) -> dict[str, Any]:
+    recs = [r for k, r in reply.content.metric_records.items()]
+    return dict(recs[0]) if recs else {}
+
+
+def _mean_metrics(records: list[dict[str, Any]]) -> dict[str, float]:
+    keys = set().union(*records) if records else set()
+    out = {}
+    for k in sorted(keys):
+        vals = [float(r[k]) for r in records if isinstance(r.get(k), int | float) and not isinstance(r.get(k), bool)]
+        if vals:
+            out[k] = float(np.mean(vals))
+    return out
+
+
+def _accept(console: Console, fn: Any, srv: P.ServerState, client: int, *args: Any) -> None:
+    """Apply one client's message; a malformed one is rejected and that client counts as dropped."""
+    try:
+        fn(srv, client, *args)
+    except P.ProtocolViolation as exc:
+        console.print(f"  [yellow]rejected: {exc}[/]")
+
+
+class _StageClock:
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.laps[stage] = round(now - self._last, 4)
+        self._last = now
+
+
+def _round_line(m: dict[str, Any]) -> str:
+    parts = [f"round {m['round']}: {m['status']}"]
+    if "global_accuracy" in m:
+        parts.append(f"acc {m['global_accuracy']:.3f}")
+    if "copies_mean_accuracy" in m:
+        parts.append(f"copies {m['copies_mean_accuracy']:.3f} (min {m['copies_min_accuracy']:.3f})")
+    if "max_bit_error" in m:
+        parts.append(f"bit error {m['max_bit_error']:.3f}")
+    if "survived" in m:
+        parts.append(f"survived {m['survived']}/{m['sampled']}")
+    parts.append(f"{m['seconds']:.1f} s")
+    return "  " + ", ".join(parts)

@@ -1,0 +1,316 @@
+"""SecureMark and securemark_mod through real ClientApps in process: masked sums, dropouts, what the server
+sees, the train contract, hostile nodes, refused inner strategies."""
+
+import copy
+import io
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp.strategy import Bulyan, FedAdam, FedAvg, FedAvgM, FedMedian, FedTrimmedAvg, Krum, QFedAvg
+from rich.console import Console
+
+from securemark import training
+from securemark.config import SimConfig
+from securemark.flower import wire
+from securemark.flower.client_app import train as shipped_train
+from securemark.flower.mod import securemark_mod
+from securemark.flower.server_app import run as run_app
+from securemark.flower.server_app import strategy_for, train_config
+from securemark.flower.strategy import SecureMark, check_inner
+from securemark.models import build
+
+from .inprocess import InProcessGrid
+
+
+def config(fingerprint=True, secagg=True, clients=5, rounds=1):
+    return SimConfig.from_dict(
+        {
+            "data": {"name": "digits"},
+            "model": {"name": "mlp"},
+            "train": {"rounds": rounds, "clients": clients, "per_round": clients, "local_epochs": 1, "seed": 1},
+            "fingerprint": {"enabled": fingerprint, "length": 128, "eval_copies": 2},
+            "secagg": {"enabled": secagg},
+        }
+    )
+
+
+def initial(cfg):
+    model = build("mlp", (1, 8, 8), 10, seed=1)
+    return ArrayRecord({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+
+def quiet_strategy(cfg, tmp_path, **kw):
+    s = strategy_for(cfg, tmp_path, max_weight=2000, console=Console(quiet=True))
+    for k, v in kw.items():
+        setattr(s, k, v)
+    return s
+
+
+def recording_console():
+    return Console(record=True, width=300, file=io.StringIO())
+
+
+def lose(monkeypatch, strategy, lost):
+    """Clients vanish: their replies at the given stages never reach the server."""
+    real = strategy.receive
+
+    def lossy(stage, msgs, timeout):
+        return {n: r for n, r in real(stage, msgs, timeout).items() if n not in lost.get(stage, ())}
+
+    monkeypatch.setattr(strategy, "receive", lossy)
+
+
+def user_update(grid, node):
+    """What the user's train function returns for ``node``'s train message, minus the copy it received:
+    the plain update the mod masked (the shipped train function is deterministic given its message)."""
+    msg = next(
+        m for m in grid.sent if m.metadata.dst_node_id == node and str(m.content[wire.SM]["stage"]) == wire.TRAIN
+    )
+    content = RecordDict({k: v for k, v in msg.content.items() if not k.startswith(wire.SM)})
+    reply = shipped_train(Message(content=content, metadata=copy.copy(msg.metadata)), grid.contexts[node])
+    sent = msg.content["arrays"].to_torch_state_dict()
+    after = reply.content["arrays"].to_torch_state_dict()
+    names = training.float_names(sent)
+    return training.flatten(after, names) - training.flatten(sent, names), int(reply.content["metrics"]["num-examples"])
+
+
+def test_masked_round_with_dropouts_gives_the_survivors_weighted_mean(tmp_path, monkeypatch):
+    cfg = config()
+    grid, s = InProcessGrid(5), quiet_strategy(config(), tmp_path)
+    # 1001 vanishes before its masked input arrives; 1003 after sending it (its input still counts)
+    lose(monkeypatch, s, {wire.TRAIN: {1001}, wire.UNMASK: {1003}})
+    start = initial(cfg)
+    s.start(grid, start, num_rounds=1, train_config=train_config(cfg))
+    m = s.rounds[0]
+    assert m["status"] == "completed" and m["survived"] == 4 and m["dropped"] == 1 and m["max_bit_error"] == 0.0
+    updates = {n: user_update(grid, n) for n in grid.contexts if n != 1001}
+    clip = cfg.secagg.clip
+    total = sum(w for _, w in updates.values())
+    expected = sum(w * np.clip(u, -clip, clip) for u, w in updates.values()) / total
+    before = start.to_torch_state_dict()
+    names = training.float_names(before)
+    got = training.flatten(s.weights, names) - training.flatten(before, names)
+    step = 2 * clip / ((1 << cfg.secagg.bits) - 1)  # stochastic rounding moves each value by less than a step
+    assert np.abs(got - expected).max() < step
+    assert np.abs(expected).max() > 100 * step  # the comparison is not vacuous
+
+
+def test_too_few_survivors_fail_the_round_loudly_and_leave_the_model(tmp_path, monkeypatch):
+    cfg = config()
+    s = quiet_strategy(cfg, tmp_path)
+    lose(monkeypatch, s, {wire.TRAIN: {1000, 1002, 1004}})  # 2 of 5 left, threshold 3
+    start = initial(cfg)
+    s.start(InProcessGrid(5), start, num_rounds=1, train_config=train_config(cfg))
+    assert s.rounds[0]["status"] == "failed" and "threshold" in s.rounds[0]["reason"]
+    before = start.to_torch_state_dict()
+    assert all(bool((s.weights[k] == before[k]).all()) for k in before)
+
+
+def test_the_server_sees_only_masked_updates_and_every_client_its_own_copy(tmp_path):
+    cfg = config()
+    grid = InProcessGrid(5)
+    s = quiet_strategy(cfg, tmp_path)
+    s.start(grid, initial(cfg), num_rounds=1, train_config=train_config(cfg))
+    assert {m.metadata.message_type for m in grid.sent} == {"train"}
+    assert {str(m.content[wire.SM]["stage"]) for m in grid.sent} == set(wire.STAGES)
+    train_msgs = [m for m in grid.sent if str(m.content[wire.SM]["stage"]) == wire.TRAIN]
+    firsts = {m.metadata.dst_node_id: m.content["arrays"]["net.1.weight"].numpy().sum() for m in train_msgs}
+    assert len(set(firsts.values())) == 5  # every client got its own copy
+    assert all(wire.STATE not in ctx.state for ctx in grid.contexts.values())
+    # run a second round while recording what comes back: only uint vectors and the user's other metrics
+    seen = []
+    real_pull = grid.pull_messages
+
+    def record(ids):
+        got = real_pull(ids)
+        seen.extend(got)
+        return got
+
+    grid.pull_messages = record
+    s2 = quiet_strategy(cfg, tmp_path / "two")
+    s2.start(grid, initial(cfg), num_rounds=1, train_config=train_config(cfg))
+    train_replies = [r for r in seen if str(r.content[wire.SM]["stage"]) == wire.TRAIN]
+    assert len(train_replies) == 5
+    for r in train_replies:
+        assert list(r.content.array_records) == [wire.UPDATE]
+        assert wire.array_from(r.content[wire.UPDATE]).dtype.kind == "u"
+        assert dict(r.content["metrics"]).keys() == {"train_loss"}  # never num-examples in clear
+
+
+def test_plain_rounds_and_outputs_of_a_full_run(tmp_path):
+    cfg = config(fingerprint=False, secagg=False, clients=3)
+    rounds = run_app(InProcessGrid(3), cfg, tmp_path, Console(quiet=True))
+    assert rounds[0]["status"] == "completed" and "max_bit_error" not in rounds[0]
+    assert (tmp_path / "global.safetensors").exists() and (tmp_path / "report.md").exists()
+    assert not (tmp_path / "registry").exists() and not (tmp_path / "customers").exists()
+
+
+def test_a_full_masked_run_issues_every_customer_a_traceable_copy(tmp_path, capsys):
+    from securemark.cli import main
+
+    cfg = config(clients=3, rounds=2)
+    rounds = run_app(InProcessGrid(3), cfg, tmp_path, Console(quiet=True))
+    assert [m["status"] for m in rounds] == ["completed", "completed"]
+    assert rounds[-1]["global_accuracy"] > 0.5 and "copies_accuracy_drop" in rounds[-1]
+    assert sorted(p.stem for p in (tmp_path / "customers").iterdir()) == ["client-000", "client-001", "client-002"]
+    capsys.readouterr()
+    assert (
+        main(["trace", str(tmp_path / "registry"), str(tmp_path / "customers" / "client-002.safetensors"), "--json"])
+        == 0
+    )
+    import json
+
+    assert json.loads(capsys.readouterr().out)["accused"] == ["client-002"]
+
+
+# --- the train contract ---------------------------------------------------------------------------------------
+def app_with(reply_fn, mods=None):
+    """A ClientApp whose train function replies ``reply_fn(arrays_received)`` (a RecordDict)."""
+    app = ClientApp(mods=mods if mods is not None else [securemark_mod])
+
+    @app.train()
+    def train(msg, context):
+        return Message(reply_fn(msg.content["arrays"]), reply_to=msg)
+
+    return app
+
+
+def good_reply(arrays, **metrics):
+    moved = ArrayRecord({k: Array(v.numpy() * 0.9) for k, v in arrays.items()})
+    return RecordDict({"arrays": moved, "metrics": MetricRecord({"num-examples": 10, **metrics})})
+
+
+def one_round(tmp_path, app, clients=3, **kw):
+    cfg = config(clients=clients)
+    s = quiet_strategy(cfg, tmp_path, console=recording_console())
+    grid = InProcessGrid(clients, app=app, **kw)
+    s.start(grid, initial(cfg), num_rounds=1, train_config=train_config(cfg))
+    return s, grid, s.console.export_text()
+
+
+@pytest.mark.parametrize(
+    ("reply", "why"),
+    [
+        (lambda a: RecordDict({"metrics": MetricRecord({"num-examples": 10})}), "exactly one ArrayRecord"),
+        (
+            lambda a: RecordDict(
+                {"arrays": ArrayRecord({"other": Array(np.zeros(3))}), "metrics": MetricRecord({"num-examples": 1})}
+            ),
+            "differ",
+        ),
+        (lambda a: RecordDict({"arrays": a, "metrics": MetricRecord({"loss": 1.0})}), "'num-examples'"),
+        (lambda a: RecordDict({"arrays": a, "metrics": MetricRecord({"num-examples": 0})}), "whole number >= 1"),
+        (lambda a: RecordDict({"arrays": a, "metrics": MetricRecord({"num-examples": 2.5})}), "whole number >= 1"),
+        (
+            lambda a: RecordDict(
+                {
+                    "arrays": ArrayRecord({k: Array(v.numpy() * np.nan) for k, v in a.items()}),
+                    "metrics": MetricRecord({"num-examples": 3}),
+                }
+            ),
+            "NaN",
+        ),
+        (lambda a: good_reply(a, **{"num-examples": 10**9}), "weight"),  # beyond max_weight: QuantizationError
+    ],
+)
+def test_contract_breaches_get_a_clear_error_reply_and_the_round_goes_on(tmp_path, reply, why):
+    bad = app_with(reply)
+    good = app_with(good_reply)
+
+    def app(msg, context):  # node 1000 breaks the contract, the others keep it
+        return (bad if context.node_id == 1000 else good)(msg, context)
+
+    s, _, log = one_round(tmp_path, app, clients=4)
+    assert "node 1000 failed at train" in log and why in log
+    assert s.rounds[0]["status"] == "completed" and s.rounds[0]["survived"] == 3
+
+
+def test_a_mod_listed_before_securemark_mod_is_detected(tmp_path):
+    def noisy_mod(msg, context, call_next):  # e.g. a local-DP mod: it changes the reply's arrays
+        reply = call_next(msg, context)
+        if reply.has_content():
+            for rec in reply.content.array_records.values():
+                for k in list(rec):
+                    rec[k] = type(rec[k]).from_numpy_ndarray(rec[k].numpy() + 1)
+        return reply
+
+    s, _, log = one_round(tmp_path, app_with(good_reply, mods=[noisy_mod, securemark_mod]), clients=3)
+    assert "changed after securemark_mod (must be the first mod)" in log
+    assert s.rounds[0]["status"] == "failed"
+
+
+def test_messages_without_securemark_records_pass_through_untouched():
+    app = app_with(good_reply)
+    grid = InProcessGrid(1, app=app)
+    msg = Message(
+        RecordDict({"arrays": initial(config()), "config": ConfigRecord()}), dst_node_id=1000, message_type="train"
+    )
+    [mid] = grid.push_messages([msg])
+    [reply] = grid.pull_messages([mid])
+    assert reply.content["metrics"]["num-examples"] == 10 and "arrays" in reply.content
+
+
+# --- identities -------------------------------------------------------------------------------------------------
+def test_a_duplicated_partition_id_is_refused_and_gets_no_copy(tmp_path):
+    s, grid, log = one_round(tmp_path, app_with(good_reply), clients=4, partitions=[0, 1, 1, 2])
+    assert "refused node 1001" in log and "refused node 1002" in log and "already taken" in log
+    got_copy = {m.metadata.dst_node_id for m in grid.sent if str(m.content[wire.SM]["stage"]) == wire.TRAIN}
+    assert got_copy == {1000, 1003}
+    assert sorted(s.customers.values()) == ["client-000", "client-002"]
+
+
+def test_a_node_whose_identity_changes_between_rounds_is_refused(tmp_path):
+    cfg = config(clients=3, rounds=2)
+    s = quiet_strategy(cfg, tmp_path)
+    s.console = recording_console()
+    grid = InProcessGrid(3, app=app_with(good_reply))
+    real = grid.push_messages
+
+    def switch_after_round_one(messages):
+        messages = list(messages)
+        if any(m.group_id == "2" for m in (mm.metadata for mm in messages)):
+            grid.contexts[1002].node_config["partition-id"] = 0  # now claims client-000
+        return real(messages)
+
+    grid.push_messages = switch_after_round_one
+    s.start(grid, initial(cfg), num_rounds=2, train_config=train_config(cfg))
+    log = s.console.export_text()
+    assert "refused node 1002: identity changed from 'client-002' to 'client-000'" in log
+    assert 1002 in s.refused and s.rounds[1]["status"] == "completed"
+
+
+def test_identity_by_registered_node_key(tmp_path):
+    keys = {1000: (b"key-a", "alice"), 1001: (b"key-b", "")}  # 1002 is not registered: no key
+    cfg = config(clients=3)
+    s = quiet_strategy(cfg, tmp_path, identity="node")
+    s.console = recording_console()
+    grid = InProcessGrid(3, app=app_with(good_reply), keys=keys)
+    s.start(grid, initial(cfg), num_rounds=1, train_config=train_config(cfg))
+    assert s.customers[1000] == "alice" and s.customers[1001].startswith("node-") and 1002 in s.refused
+    assert "refused node 1002: no identity" in s.console.export_text()
+
+
+# --- inner strategies -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("inner", [FedMedian(), FedTrimmedAvg(), Krum(), Bulyan(), QFedAvg(client_learning_rate=0.1)])
+def test_strategies_that_need_individual_updates_are_refused_with_the_reason(inner):
+    with pytest.raises(ValueError, match=r"cannot wrap .*weighted sum"):
+        check_inner(inner)
+
+
+def test_non_fedavg_strategies_are_refused():
+    from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
+
+    with pytest.raises(ValueError, match="weighted mean"):
+        check_inner(DifferentialPrivacyServerSideFixedClipping(FedAvg(), 1.0, 1.0, 2))
+
+
+@pytest.mark.parametrize("inner", [FedAvgM(server_momentum=0.5), FedAdam()])
+def test_server_optimizers_run_on_the_unmasked_mean(tmp_path, inner):
+    cfg = config(clients=3)
+    s = SecureMark(inner, tmp_path, fingerprint=cfg.fingerprint, secagg=cfg.secagg, console=Console(quiet=True))
+    start = initial(cfg)
+    s.start(InProcessGrid(3), start, num_rounds=1, train_config=train_config(cfg))
+    moved = training.flatten(s.weights, s.names) - training.flatten(start.to_torch_state_dict(), s.names)
+    assert s.rounds[0]["status"] == "completed" and np.abs(moved).max() > 0
