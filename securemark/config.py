@@ -67,6 +67,7 @@ class FingerprintConfig:
     eps: float = 1e-3
     budget: float = 0.05  # perturbation RMS / carrier RMS
     eval_copies: int = 3  # fingerprinted copies evaluated per round
+    identity: str = "partition-id"  # who a customer is: claimed partition-id | node (registered SuperNode key)
 
 
 @dataclass(frozen=True)
@@ -174,6 +175,7 @@ class SimConfig(TomlConfig):
         _check(_finite(f.eps) and 0 < f.eps < 1, "fingerprint.eps", f.eps)
         _check(_finite(f.budget) and f.budget > 0, "fingerprint.budget", f.budget)
         _check(0 <= f.eval_copies <= t.clients, "fingerprint.eval_copies (0..train.clients)", f.eval_copies)
+        _check(f.identity in ("partition-id", "node"), "fingerprint.identity (partition-id | node)", f.identity)
         _check(s.graph in ("complete", "sparse"), "secagg.graph", s.graph)
         _check(_finite(s.clip) and s.clip > 0, "secagg.clip", s.clip)
         _check(1 <= s.bits <= 30, "secagg.bits (1..30)", s.bits)

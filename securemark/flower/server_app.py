@@ -35,7 +35,13 @@ def strategy_for(cfg: SimConfig, out: Path, max_weight: int, console: Console | 
     inner = FedAvg(fraction_train=t.per_round / t.clients, min_train_nodes=t.per_round, min_available_nodes=t.clients)
     inner.fraction_evaluate, inner.min_evaluate_nodes = 0.0, 0  # evaluation runs on the server (evaluate_fn)
     return SecureMark(
-        inner, out, fingerprint=cfg.fingerprint, secagg=cfg.secagg, max_weight=max_weight, console=console
+        inner,
+        out,
+        fingerprint=cfg.fingerprint,
+        secagg=cfg.secagg,
+        identity=cfg.fingerprint.identity,
+        max_weight=max_weight,
+        console=console,
     )
 
 

@@ -15,13 +15,17 @@ from securemark.flower.client_app import app as shipped_client_app
 
 
 class InProcessGrid:
-    def __init__(self, clients: int, app=shipped_client_app, run_id: int = 4242, partitions=None, keys=None) -> None:
+    def __init__(
+        self, clients: int, app=shipped_client_app, run_id: int = 4242, partitions=None, keys=None, run_config=None
+    ) -> None:
         TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = run_id, 1, 0  # as run_simulation does
         self.run = SimpleNamespace(run_id=run_id)  # SecureMark reads run.run_id only
         self.app = app
         partitions = list(range(clients)) if partitions is None else partitions
         self.contexts = {
-            1000 + k: Context(run_id, 1000 + k, {"partition-id": p, "num-partitions": clients}, RecordDict(), {})
+            1000 + k: Context(
+                run_id, 1000 + k, {"partition-id": p, "num-partitions": clients}, RecordDict(), run_config or {}
+            )
             for k, p in enumerate(partitions)
         }
         self.keys = keys or {}  # node id -> (registered public key, name): what a SuperLink with node auth reports
