@@ -129,19 +129,20 @@ def _state(context: Context) -> P.ClientState:
 
 
 # --- the train stage -----------------------------------------------------------------------------------------
-def _before_train(msg: Message, context: Context) -> tuple[Message, ArrayRecord]:
-    """The message the app's train function gets (exactly what the inner strategy sent) and the arrays sent."""
+def _before_train(msg: Message, context: Context) -> tuple[Message, dict[str, np.ndarray]]:
+    """The message the app's train function gets (exactly what the inner strategy sent) and the arrays sent,
+    read before the app runs (an app may change the received record in place)."""
     if wire.SECAGG in msg.content:  # checked before spending time on training
         st = _state(context)
         round_cfg, client_id = wire.round_config_from(msg.content[wire.SECAGG])
         if (round_cfg.run_id, round_cfg.round, client_id) != (st.cfg.run_id, st.cfg.round, st.id):
             raise P.ProtocolViolation("train message of another round than this node's key exchange")
     user_content = RecordDict({k: v for k, v in msg.content.items() if not k.startswith(wire.SM)})
-    sent = _only(user_content.array_records, "the train message", "ArrayRecord")
+    sent = wire.arrays_of(_only(user_content.array_records, "the train message", "ArrayRecord"))
     return Message(content=user_content, metadata=copy.copy(msg.metadata)), sent
 
 
-def _after_train(msg: Message, context: Context, sent: ArrayRecord, reply: Message) -> Message:
+def _after_train(msg: Message, context: Context, sent: dict[str, np.ndarray], reply: Message) -> Message:
     """The update relative to ``sent``: masked (masked rounds) or plain with its weight (baseline)."""
     head = msg.content[wire.SM]
     delta, weight, metrics_key, metrics = contract(sent, reply.content, str(head["weight-key"]))
@@ -149,6 +150,8 @@ def _after_train(msg: Message, context: Context, sent: ArrayRecord, reply: Messa
         records = {wire.SM: ConfigRecord({"weight": weight}), wire.UPDATE: wire.array_record(delta)}
         return _reply(msg, wire.TRAIN, context, **records, **{metrics_key: metrics})
     st = _state(context)
+    if weight > int(head["max-weight"]):  # the value itself is not named: this reply is not masked
+        raise ContractError(f"the example count exceeds the server's max-weight {int(head['max-weight'])}")
     qcfg = QuantConfig(float(head["clip"]), int(head["bits"]), int(head["max-weight"]), int(head["max-clients"]))
     rng = np.random.default_rng(int.from_bytes(os.urandom(16), "little"))  # stochastic rounding
     y = P.client_masked_input(st, wire.bytes_map_from(msg.content[wire.PAYLOAD]), encode(delta, weight, qcfg, rng))
@@ -160,11 +163,13 @@ def _after_train(msg: Message, context: Context, sent: ArrayRecord, reply: Messa
     return _reply(msg, wire.TRAIN, context, **records, **{metrics_key: metrics})
 
 
-def contract(sent: ArrayRecord, reply: RecordDict, weight_key: str) -> tuple[np.ndarray, int, str, MetricRecord]:
-    """Check a train reply against FedAvg's contract; return (the update relative to ``sent``, flat float64 in
+def contract(
+    before: dict[str, np.ndarray], reply: RecordDict, weight_key: str
+) -> tuple[np.ndarray, int, str, MetricRecord]:
+    """Check a train reply against FedAvg's contract; return (the update relative to ``before``, flat float64 in
     ``wire.flatten`` order; its weight; the MetricRecord's key; the other metrics)."""
     returned = _only(reply.array_records, "the train function's reply", "ArrayRecord")
-    before, after = wire.arrays_of(sent), wire.arrays_of(returned)
+    after = wire.arrays_of(returned)
     if before.keys() != after.keys():
         missing, extra = sorted(before.keys() - after.keys()), sorted(after.keys() - before.keys())
         raise ContractError(f"the reply's arrays differ from those sent: missing {missing[:5]}, extra {extra[:5]}")
@@ -178,7 +183,7 @@ def contract(sent: ArrayRecord, reply: RecordDict, weight_key: str) -> tuple[np.
         raise ContractError(f"the reply's MetricRecord has no {weight_key!r}: the update's weight (example count)")
     weight = record[weight_key]
     if isinstance(weight, bool) or not isinstance(weight, int | float) or weight != int(weight) or weight < 1:
-        raise ContractError(f"{weight_key!r} must be a whole number >= 1, got {weight!r}")
+        raise ContractError(f"{weight_key!r} must be a whole number >= 1")  # its value is secret
     names = wire.float_keys(before)
     delta = wire.flatten(after, names) - wire.flatten(before, names)
     others = MetricRecord({k: v for k, v in record.items() if k != weight_key})

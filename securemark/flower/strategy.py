@@ -149,11 +149,15 @@ class SecureMark(Strategy):
     def receive(self, stage: str, msgs: list[Message], timeout: float) -> dict[int, Message]:
         """Replies without error whose sender's identity still holds; ``secagg.dropout`` simulates losses."""
         replies: dict[int, Message] = {}
-        for reply in self.exchange(msgs, timeout):
+        got = self.exchange(msgs, timeout)
+        registered = self._registered() if self.identity == "node" and stage != wire.HELLO else {}
+        for reply in got:
             node = reply.metadata.src_node_id
             if reply.has_error():
                 self.console.print(f"  [yellow]node {node} failed at {stage}: {reply.error.reason}[/]")
-            elif (stage == wire.HELLO or self._claim_holds(node, reply)) and self.rng.random() >= self.secagg.dropout:
+            elif stage != wire.HELLO and not self._claim_holds(node, reply, registered):
+                continue
+            elif self.rng.random() >= self.secagg.dropout:
                 replies[node] = reply
         return replies
 
@@ -193,22 +197,23 @@ class SecureMark(Strategy):
         replies = self.send(wire.HELLO, {n: RecordDict() for n in nodes}, 0, self.secagg.timeout)
         claims: dict[int, str | None] = {n: None for n in nodes if n in replies}
         for node, reply in replies.items():
-            pid = reply.content[wire.SM].get("partition-id")
-            if isinstance(pid, int) and not isinstance(pid, bool) and pid >= 0:
-                claims[node] = customer_name(pid)
+            claims[node] = _claimed(reply)
         return claims
 
-    def _node_identities(self, nodes: list[int]) -> dict[int, str | None]:
-        infos = {info.node_id: info for info in self.grid.get_nodes()}
-        return {n: _registered_name(infos.get(n)) for n in nodes}
+    def _registered(self) -> dict[int, str | None]:
+        """Node id -> registered identity, as the SuperLink reports it now (one request)."""
+        return {info.node_id: _registered_name(info) for info in self.grid.get_nodes()}
 
-    def _claim_holds(self, node: int, reply: Message) -> bool:
+    def _node_identities(self, nodes: list[int]) -> dict[int, str | None]:
+        registered = self._registered()
+        return {n: registered.get(n) for n in nodes}
+
+    def _claim_holds(self, node: int, reply: Message, registered: dict[int, str | None]) -> bool:
         """A reply from a node whose identity changed since it was identified is dropped; the node is refused."""
         if self.identity == "node":
-            now = _registered_name(next((i for i in self.grid.get_nodes() if i.node_id == node), None))
+            now = registered.get(node)
         else:
-            pid = reply.content[wire.SM].get("partition-id") if wire.SM in reply.content else None
-            now = customer_name(pid) if isinstance(pid, int) and not isinstance(pid, bool) and pid >= 0 else None
+            now = _claimed(reply)
         if now == self.customers.get(node):
             return True
         self.console.print(
@@ -256,14 +261,13 @@ class SecureMark(Strategy):
         for n, rep in self.send(
             wire.ADVERTISE, {n: RecordDict({wire.SECAGG: secagg[n]}) for n in sampled}, r, sc.timeout
         ).items():
-            keys = rep.content[wire.PAYLOAD]
-            _accept(self.console, P.server_receive_keys, srv, ids[n], keys["c_pk"], keys["s_pk"])
+            _accept(self.console, n, _apply_keys, srv, ids[n], rep.content)
         srv.close(Stage.ADVERTISE, len(srv.keys))
         clock.lap("advertise")
 
         share_msgs = {node_of[i]: RecordDict({wire.PAYLOAD: wire.key_map(P.server_keys_for(srv, i))}) for i in srv.keys}
         for n, rep in self.send(wire.SHARE_KEYS, share_msgs, r, sc.timeout).items():
-            _accept(self.console, P.server_receive_shares, srv, ids[n], wire.bytes_map_from(rep.content[wire.PAYLOAD]))
+            _accept(self.console, n, _apply_shares, srv, ids[n], rep.content)
         srv.close(Stage.SHARE, len(srv.shared))
         clock.lap("share_keys")
 
@@ -302,16 +306,18 @@ class SecureMark(Strategy):
         return self.inner.aggregate_train(server_round, [synthetic])
 
     def _plain_mean(self, replies: dict[int, Message]) -> tuple[np.ndarray, int, dict[str, Any]]:
-        if not replies:
-            raise RuntimeError("no client returned an update")
-        weights = {n: int(rep.content[wire.SM]["weight"]) for n, rep in replies.items()}
-        total = sum(weights.values())
-        mean = (
-            sum(weights[n] * wire.array_from(rep.content[wire.UPDATE]).astype(np.float64) for n, rep in replies.items())
-            / total
-        )
+        size = sum(self.weights[n].numel() for n in self.names)
+        parsed: dict[int, tuple[int, np.ndarray]] = {}
+        for n, rep in replies.items():
+            got = _accept(self.console, n, _plain_update, rep.content, size, self.max_weight)
+            if got is not None:
+                parsed[n] = got
+        if not parsed:
+            raise RuntimeError("no client returned a valid update")
+        total = sum(w for w, _ in parsed.values())
+        mean = sum(w * u for w, u in parsed.values()) / total
         sampled = len(self._round["sampled"])
-        return mean, total, {"survived": len(replies), "dropped": sampled - len(replies)}
+        return mean, total, {"survived": len(parsed), "dropped": sampled - len(parsed)}
 
     def _unmask(self, r: int, replies: dict[int, Message]) -> tuple[np.ndarray, int, dict[str, Any]]:
         st = self._round
@@ -319,13 +325,7 @@ class SecureMark(Strategy):
             raise P.TooFewSurvivors("no client took part in the key exchange")
         srv, ids, node_of, clock = st["srv"], st["ids"], st["node_of"], st["clock"]
         for n, rep in replies.items():
-            y = wire.array_from(rep.content[wire.UPDATE])
-            if hashlib.sha256(y.tobytes()).digest() != bytes(rep.content[wire.SM]["digest"]):
-                self.console.print(
-                    f"  [red]node {n}: masked update changed after securemark_mod (must be the first mod)[/]"
-                )
-                continue
-            _accept(self.console, P.server_receive_masked, srv, ids[n], y)
+            _accept(self.console, n, _apply_masked, srv, ids[n], rep.content)
         srv.close(Stage.MASKED, len(srv.inputs))
         clock.lap("train_masked_input")
         survivors = P.server_survivors(srv)
@@ -333,8 +333,7 @@ class SecureMark(Strategy):
             node_of[i]: RecordDict({wire.PAYLOAD: ConfigRecord({"survivors": list(survivors)})}) for i in survivors
         }
         for n, rep in self.send(wire.UNMASK, unmask, r, self.secagg.timeout).items():
-            b, s = wire.bytes_map_from(rep.content[wire.B_SHARES]), wire.bytes_map_from(rep.content[wire.S_SHARES])
-            _accept(self.console, P.server_receive_unmask, srv, ids[n], b, s)
+            _accept(self.console, n, _apply_unmask, srv, ids[n], rep.content)
         clock.lap("unmask")
         dec = decode(P.server_sum(srv), st["qcfg"])
         clock.lap("sum")
@@ -407,21 +406,30 @@ class SecureMark(Strategy):
                     result.train_metrics_clientapp[r] = metrics
                     m["client_train"] = dict(metrics)
                 m.update(self._round["info"], status="completed")
-            except (P.SecAggError, RuntimeError) as exc:
+            except (P.SecAggError, RuntimeError, ValueError, ArithmeticError) as exc:  # the round fails, not the run
                 m.update(status="failed", reason=str(exc))
                 self.console.print(f"  [red]round {r} failed, model unchanged: {exc}[/]")
             m["seconds"] = round(time.perf_counter() - start, 3)
             self._load(arrays)
             m.update(self._evaluate(r, arrays, evaluate_fn, result))
             evaluate_msgs = self.configure_evaluate(r, arrays, ConfigRecord(dict(evaluate_config)), grid)
-            if evaluate_msgs and (agg_eval := self.aggregate_evaluate(r, self.exchange(evaluate_msgs, timeout))):
-                result.evaluate_metrics_clientapp[r] = agg_eval
-                m["client_evaluate"] = dict(agg_eval)
+            if evaluate_msgs:
+                agg_eval = self._client_evaluation(r, evaluate_msgs, timeout)
+                if agg_eval:
+                    result.evaluate_metrics_clientapp[r] = agg_eval
+                    m["client_evaluate"] = dict(agg_eval)
             self.rounds.append(m)
             self.console.print(_round_line(m), soft_wrap=True)
             (self.out / "metrics.json").write_text(json.dumps({"rounds": self.rounds}, indent=2, default=float))
         self.finish()
         return result
+
+    def _client_evaluation(self, r: int, msgs: list[Message], timeout: float) -> MetricRecord | None:
+        try:
+            return self.aggregate_evaluate(r, self.exchange(msgs, timeout))
+        except Exception as exc:  # the inner strategy refuses inconsistent replies by raising
+            self.console.print(f"  [yellow]client evaluation of round {r} not aggregated: {exc}[/]")
+            return None
 
     def _setup_fingerprint(self) -> None:
         fc = self.fingerprint
@@ -454,10 +462,13 @@ class SecureMark(Strategy):
         if self.fp is not None and reference is not None and issued:
             errors = []
             for n, content in issued.items():
+                if n not in self.customers:  # refused during the round
+                    continue
                 copy = next(iter(content.array_records.values())).to_torch_state_dict()
                 y = self.fp.extract(copy, reference, self.strength)
                 errors.append(float(np.mean((y > 0) != self.registry.customer(self.customers[n]).bits)))  # type: ignore[union-attr]
-            out["max_bit_error"] = max(errors)
+            if errors:
+                out["max_bit_error"] = max(errors)
         return out
 
     def finish(self) -> None:
@@ -468,6 +479,13 @@ class SecureMark(Strategy):
             for name, copy in issue_copies(self.registry, self.weights, names, note, self.strength).items():
                 save_state_dict(copy, self.out / "customers" / f"{name}.safetensors")
             self.registry.close()
+
+
+def _claimed(reply: Message) -> str | None:
+    """The customer a reply's partition-id claim names, or None for a missing or malformed claim."""
+    head = reply.content.config_records.get(wire.SM)
+    pid = head.get("partition-id") if head is not None else None
+    return customer_name(pid) if isinstance(pid, int) and not isinstance(pid, bool) and pid >= 0 else None
 
 
 def _registered_name(info: Any) -> str | None:
@@ -506,12 +524,48 @@ def _mean_metrics(records: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-def _accept(console: Console, fn: Any, srv: P.ServerState, client: int, *args: Any) -> None:
-    """Apply one client's message; a malformed one is rejected and that client counts as dropped."""
+def _accept(console: Console, node: int, parse_and_apply: Callable[..., Any], *args: Any) -> Any:
+    """Parse and apply one node's reply; anything malformed (a protocol violation, a missing record, a wrong
+    type) rejects that reply (None), the node counts as dropped, and the run goes on."""
     try:
-        fn(srv, client, *args)
-    except P.ProtocolViolation as exc:
-        console.print(f"  [yellow]rejected: {exc}[/]")
+        return parse_and_apply(*args)
+    except Exception as exc:  # a hostile or buggy node must never end the run
+        console.print(f"  [yellow]rejected node {node}: {type(exc).__name__}: {exc}[/]")
+        return None
+
+
+def _apply_keys(srv: P.ServerState, i: int, content: RecordDict) -> None:
+    c_pk, s_pk = content[wire.PAYLOAD]["c_pk"], content[wire.PAYLOAD]["s_pk"]
+    if not isinstance(c_pk, bytes) or not isinstance(s_pk, bytes):
+        raise TypeError("public keys must be bytes")
+    P.server_receive_keys(srv, i, c_pk, s_pk)
+
+
+def _apply_shares(srv: P.ServerState, i: int, content: RecordDict) -> None:
+    P.server_receive_shares(srv, i, wire.bytes_map_from(content[wire.PAYLOAD]))
+
+
+def _apply_masked(srv: P.ServerState, i: int, content: RecordDict) -> None:
+    """The masked vector of a train reply, checked against the digest securemark_mod attached."""
+    y, digest = wire.array_from(content[wire.UPDATE]), content[wire.SM]["digest"]
+    if not isinstance(digest, bytes) or hashlib.sha256(y.tobytes()).digest() != digest:
+        raise P.ProtocolViolation("masked update changed after securemark_mod (must be the first mod)")
+    P.server_receive_masked(srv, i, y)
+
+
+def _apply_unmask(srv: P.ServerState, i: int, content: RecordDict) -> None:
+    P.server_receive_unmask(
+        srv, i, wire.bytes_map_from(content[wire.B_SHARES]), wire.bytes_map_from(content[wire.S_SHARES])
+    )
+
+
+def _plain_update(content: RecordDict, size: int, max_weight: int) -> tuple[int, np.ndarray]:
+    weight, update = content[wire.SM]["weight"], wire.array_from(content[wire.UPDATE]).astype(np.float64)
+    if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= max_weight:
+        raise ValueError(f"weight must be a whole number in [1, {max_weight}]")
+    if update.shape != (size,) or not np.isfinite(update).all():
+        raise ValueError(f"update must be {size} finite values")
+    return weight, update
 
 
 class _StageClock:

@@ -121,7 +121,9 @@ def bytes_map(mapping: dict[int, bytes]) -> ConfigRecord:
 def bytes_map_from(rec: ConfigRecord) -> dict[int, bytes]:
     count = int(rec["count"])
     ids, values = list(rec["ids"])[:count], list(rec["values"])[:count]
-    return {int(i): bytes(v) for i, v in zip(ids, values, strict=True)}
+    if not all(isinstance(v, bytes) for v in values):
+        raise TypeError("a bytes map holds non-bytes values")
+    return {int(i): v for i, v in zip(ids, values, strict=True)}
 
 
 def key_map(keys: dict[int, tuple[bytes, bytes]]) -> ConfigRecord:

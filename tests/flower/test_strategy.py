@@ -314,3 +314,17 @@ def test_server_optimizers_run_on_the_unmasked_mean(tmp_path, inner):
     s.start(InProcessGrid(3), start, num_rounds=1, train_config=train_config(cfg))
     moved = training.flatten(s.weights, s.names) - training.flatten(start.to_torch_state_dict(), s.names)
     assert s.rounds[0]["status"] == "completed" and np.abs(moved).max() > 0
+
+
+def test_an_exception_in_the_users_train_function_is_reported_as_the_apps_own(tmp_path):
+    def boom(arrays):
+        raise RuntimeError("the user's own bug")
+
+    bad, good = app_with(boom), app_with(good_reply)
+
+    def app(msg, context):
+        return (bad if context.node_id == 1000 else good)(msg, context)
+
+    s, _, log = one_round(tmp_path, app, clients=4)
+    assert "RuntimeError: the user's own bug" in log and "securemark_mod refused" not in log
+    assert s.rounds[0]["status"] == "completed" and s.rounds[0]["survived"] == 3
