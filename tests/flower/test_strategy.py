@@ -328,3 +328,30 @@ def test_an_exception_in_the_users_train_function_is_reported_as_the_apps_own(tm
     s, _, log = one_round(tmp_path, app, clients=4)
     assert "RuntimeError: the user's own bug" in log and "securemark_mod refused" not in log
     assert s.rounds[0]["status"] == "completed" and s.rounds[0]["survived"] == 3
+
+
+def _mangle(stage, how):
+    """A mod outside securemark_mod on node 1000 that breaks its reply at ``stage``."""
+
+    def mod(msg, context, call_next):
+        reply = call_next(msg, context)
+        if context.node_id != 1000 or not reply.has_content() or str(msg.content[wire.SM]["stage"]) != stage:
+            return reply
+        c = reply.content
+        if how == "drop":
+            for key in [k for k in c if k.startswith("securemark.")]:
+                del c[key]
+        elif how == "types":
+            for key in [k for k in c if k.startswith("securemark.")]:
+                c[key] = ConfigRecord({"ids": ["x"], "values": ["not bytes"], "count": "x", "c_pk": 5, "s_pk": "k"})
+        return reply
+
+    return mod
+
+
+@pytest.mark.parametrize("how", ["drop", "types"])
+@pytest.mark.parametrize("stage", [wire.ADVERTISE, wire.SHARE_KEYS, wire.TRAIN, wire.UNMASK])
+def test_a_malformed_reply_at_any_stage_drops_that_node_and_never_ends_the_run(tmp_path, stage, how):
+    s, _, log = one_round(tmp_path, app_with(good_reply, mods=[_mangle(stage, how), securemark_mod]), clients=4)
+    assert "rejected node 1000" in log
+    assert s.rounds[0]["status"] == "completed" and s.rounds[0]["survived"] >= 3
