@@ -282,13 +282,16 @@ def _unit_matrices(
 def _directions(rows: np.ndarray) -> np.ndarray:
     """Unit-norm rows, with every entry beyond 5x the row's k-th largest magnitude dropped first (k = 5% of
     the row, at least 2), so that neither a spiked weight in a short row (a 3x3 kernel) nor a row mostly
-    pruned to zeros turns a unit away from its base unit. Capping a spike instead of dropping it is not
-    enough: in a 3x3 kernel a spike capped at 5 robust standard deviations still outweighed the other 8
-    entries (cosine -0.02 to its own base unit), and the unit was matched to an added dummy.
+    pruned to zeros turns a unit away from its base unit. Dropping, not capping: an earlier version capped
+    spikes at 5 robust standard deviations, and in a 3x3 kernel the capped spike still outweighed the other 8
+    entries (cosine -0.02 to its own base unit), so the unit was matched to an added dummy.
+
+    Limit: fewer than k spikes per row are dropped. With k = 2 for rows up to 40 entries, two spikes in the
+    same short row stay (README, "Alignment", known gaps).
 
     Scale-free: a rescaled copy drops the same entries as the base."""
     mags = np.abs(rows)
-    k = max(2, math.ceil(rows.shape[1] / 20))  # a spike or two is never the k-th largest; pruning leaves it
+    k = max(2, math.ceil(rows.shape[1] / 20))  # one spike per short row is never the k-th largest
     cap = 5.0 * np.sort(mags, axis=1)[:, -k][:, None] if rows.shape[1] >= k else np.zeros((len(rows), 1))
     f = np.where((cap > 0) & (mags > cap), 0.0, rows)
     norm = np.linalg.norm(f, axis=1, keepdims=True)
