@@ -109,6 +109,7 @@ class SecureMark(Strategy):
         self.console = console or Console(stderr=True)
         self.rng = np.random.default_rng()  # neighbour graphs and simulated losses: nothing secret
         self.customers: dict[int, str] = {}  # node id -> customer
+        self.bits: dict[int, np.ndarray] = {}  # node id -> its code row (read from the registry once)
         self.refused: set[int] = set()
         self.registry: Registry | None = None
         self.fp: Fingerprinter | None = None
@@ -116,20 +117,28 @@ class SecureMark(Strategy):
         self.rounds: list[dict[str, Any]] = []
         self._grid: Grid | None = None
         self._round: dict[str, Any] = {}
+        self._loaded: ArrayRecord | None = None
+        self.dtypes: dict[str, torch.dtype] = {}
 
     # --- the global model as a torch state_dict ----------------------------------------------------------------
     def _load(self, arrays: ArrayRecord) -> None:
+        """``self.weights`` from ``arrays`` (decoded once per record: start and both configure steps pass it)."""
+        if arrays is self._loaded:
+            return
         sd = arrays.to_torch_state_dict()
-        if not hasattr(self, "dtypes"):
+        if not self.dtypes:
             self.dtypes = {k: v.dtype for k, v in sd.items()}
             self.names = training.float_names(sd)
+            self.size = sum(sd[n].numel() for n in self.names)
         self.weights = {k: v.to(self.dtypes[k]) for k, v in sd.items()}  # an inner aggregate turns ints into floats
+        self._loaded = arrays
 
     def copy_for(self, node: int) -> dict[str, torch.Tensor]:
         if self.fp is None:
             return self.weights
-        bits = self.registry.customer(self.customers[node]).bits  # type: ignore[union-attr]
-        return self.fp.embed(self.weights, bits, self.strength)
+        if node not in self.bits:
+            self.bits[node] = self.registry.customer(self.customers[node]).bits  # type: ignore[union-attr]
+        return self.fp.embed(self.weights, self.bits[node], self.strength)
 
     # --- messaging ------------------------------------------------------------------------------------------
     @property
@@ -195,10 +204,7 @@ class SecureMark(Strategy):
 
     def _claimed_identities(self, nodes: list[int]) -> dict[int, str | None]:
         replies = self.send(wire.HELLO, {n: RecordDict() for n in nodes}, 0, self.secagg.timeout)
-        claims: dict[int, str | None] = {n: None for n in nodes if n in replies}
-        for node, reply in replies.items():
-            claims[node] = _claimed(reply)
-        return claims
+        return {node: _claimed(reply) for node, reply in replies.items()}
 
     def _registered(self) -> dict[int, str | None]:
         """Node id -> registered identity, as the SuperLink reports it now (one request)."""
@@ -234,11 +240,11 @@ class SecureMark(Strategy):
         inner_msgs = {m.metadata.dst_node_id: m for m in self.inner.configure_train(server_round, arrays, config, grid)}
         sampled = sorted(self.identify(inner_msgs))
         head = {"stage": wire.TRAIN, "weight-key": self.inner.weighted_by_key}
-        contents = {}
+        copies, contents = {n: self.copy_for(n) for n in sampled}, {}
         for n in sampled:
-            contents[n] = _with_arrays(inner_msgs[n].content, ArrayRecord(self.copy_for(n)))
+            contents[n] = _with_arrays(inner_msgs[n].content, ArrayRecord(copies[n]))
             contents[n][wire.SM] = ConfigRecord(head)
-        self._round = {"round": server_round, "sampled": sampled, "contents": contents, "clock": _StageClock()}
+        self._round = {"sampled": sampled, "copies": copies, "clock": _StageClock()}
         self._round["reference"] = self.fp.project(self.weights) if self.fp is not None else None
         if self.secagg.enabled and sampled:
             self._key_exchange(server_round, sampled, contents)
@@ -253,8 +259,7 @@ class SecureMark(Strategy):
         node_of = {k: n for n, k in ids.items()}
         graph, threshold = P.neighbour_graph(tuple(ids.values()), sc.graph, self.rng)
         qcfg = QuantConfig(sc.clip, sc.bits, self.max_weight, len(sampled))
-        size = sum(self.weights[n].numel() for n in self.names) + 2
-        rcfg = P.RoundConfig(str(self.grid.run.run_id), r, graph, threshold, size, qcfg.modulus_bits)
+        rcfg = P.RoundConfig(str(self.grid.run.run_id), r, graph, threshold, self.size + 2, qcfg.modulus_bits)
         srv = P.ServerState(rcfg)
         clock = self._round["clock"]
         secagg = {n: wire.round_config_record(rcfg, ids[n]) for n in sampled}
@@ -273,8 +278,8 @@ class SecureMark(Strategy):
 
         quant = {"clip": sc.clip, "bits": sc.bits, "max-weight": self.max_weight, "max-clients": len(sampled)}
         for n in list(contents):
-            if ids[n] not in srv.shared:  # no shares: it cannot take part in this round
-                del contents[n]
+            if ids[n] not in srv.shared:  # no shares: it cannot take part in this round, and gets no copy
+                del contents[n], self._round["copies"][n]
                 continue
             contents[n][wire.SM] = ConfigRecord({**contents[n][wire.SM], **quant})
             contents[n][wire.SECAGG] = secagg[n]
@@ -287,11 +292,11 @@ class SecureMark(Strategy):
         """Unmask (masked rounds) or average (plain) the updates; the inner strategy aggregates the result."""
         got = {m.metadata.src_node_id: m for m in replies}
         if self.secagg.enabled:
-            mean, weight, info = self._unmask(server_round, got)
+            mean, weight, counted, info = self._unmask(server_round, got)
         else:
-            mean, weight, info = self._plain_mean(got)
+            mean, weight, counted, info = self._plain_mean(got)
         self._round["info"] = info
-        client = _mean_metrics([_metrics_of(m) for m in got.values()])
+        client = _mean_metrics([_metrics_of(got[n]) for n in counted])  # only nodes whose update counted
         new = training.add_flat(self.weights, self.names, mean)
         synthetic = Message(
             RecordDict(
@@ -305,11 +310,10 @@ class SecureMark(Strategy):
         )
         return self.inner.aggregate_train(server_round, [synthetic])
 
-    def _plain_mean(self, replies: dict[int, Message]) -> tuple[np.ndarray, int, dict[str, Any]]:
-        size = sum(self.weights[n].numel() for n in self.names)
+    def _plain_mean(self, replies: dict[int, Message]) -> tuple[np.ndarray, int, list[int], dict[str, Any]]:
         parsed: dict[int, tuple[int, np.ndarray]] = {}
         for n, rep in replies.items():
-            got = _accept(self.console, n, _plain_update, rep.content, size, self.max_weight)
+            got = _accept(self.console, n, _plain_update, rep.content, self.size, self.max_weight)
             if got is not None:
                 parsed[n] = got
         if not parsed:
@@ -317,9 +321,9 @@ class SecureMark(Strategy):
         total = sum(w for w, _ in parsed.values())
         mean = sum(w * u for w, u in parsed.values()) / total
         sampled = len(self._round["sampled"])
-        return mean, total, {"survived": len(parsed), "dropped": sampled - len(parsed)}
+        return mean, total, list(parsed), {"survived": len(parsed), "dropped": sampled - len(parsed)}
 
-    def _unmask(self, r: int, replies: dict[int, Message]) -> tuple[np.ndarray, int, dict[str, Any]]:
+    def _unmask(self, r: int, replies: dict[int, Message]) -> tuple[np.ndarray, int, list[int], dict[str, Any]]:
         st = self._round
         if "srv" not in st:
             raise P.TooFewSurvivors("no client took part in the key exchange")
@@ -345,7 +349,7 @@ class SecureMark(Strategy):
             "threshold": st["threshold"],
             "stage_seconds": clock.laps,
         }
-        return dec.mean, dec.total_weight, info
+        return dec.mean, dec.total_weight, [node_of[i] for i in survivors], info
 
     # --- Strategy: evaluate ---------------------------------------------------------------------------------
     def configure_evaluate(
@@ -394,6 +398,7 @@ class SecureMark(Strategy):
             result.evaluate_metrics_serverapp[0] = res
         for r in range(1, num_rounds + 1):
             m: dict[str, Any] = {"round": r, "sampled": 0}
+            self._round = {}  # a round that fails early leaves no copies of the previous one to score
             start = time.perf_counter()
             try:
                 msgs = self.configure_train(r, arrays, ConfigRecord(dict(train_config)), grid)
@@ -458,17 +463,12 @@ class SecureMark(Strategy):
                     if vals and isinstance(v, int | float):
                         out.update({f"copies_mean_{k}": float(np.mean(vals)), f"copies_min_{k}": float(np.min(vals))})
                         out[f"copies_{k}_drop"] = float(v) - float(np.mean(vals))
-        reference, issued = self._round.get("reference"), self._round.get("contents", {})
+        reference, issued = self._round.get("reference"), self._round.get("copies", {})
         if self.fp is not None and reference is not None and issued:
-            errors = []
-            for n, content in issued.items():
-                if n not in self.customers:  # refused during the round
-                    continue
-                copy = next(iter(content.array_records.values())).to_torch_state_dict()
-                y = self.fp.extract(copy, reference, self.strength)
-                errors.append(float(np.mean((y > 0) != self.registry.customer(self.customers[n]).bits)))  # type: ignore[union-attr]
-            if errors:
-                out["max_bit_error"] = max(errors)
+            out["max_bit_error"] = max(
+                float(np.mean((self.fp.extract(copy, reference, self.strength) > 0) != self.bits[n]))
+                for n, copy in issued.items()
+            )
         return out
 
     def finish(self) -> None:
@@ -510,7 +510,7 @@ def _with_arrays(content: RecordDict, arrays: ArrayRecord) -> RecordDict:
 
 
 def _metrics_of(reply: Message) -> dict[str, Any]:
-    recs = [r for k, r in reply.content.metric_records.items()]
+    recs = list(reply.content.metric_records.values())
     return dict(recs[0]) if recs else {}
 
 
