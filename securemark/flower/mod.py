@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 import os
 from collections.abc import Callable
 
@@ -182,7 +183,8 @@ def contract(
     if weight_key not in record:
         raise ContractError(f"the reply's MetricRecord has no {weight_key!r}: the update's weight (example count)")
     weight = record[weight_key]
-    if isinstance(weight, bool) or not isinstance(weight, int | float) or weight != int(weight) or weight < 1:
+    whole = isinstance(weight, int) or (isinstance(weight, float) and math.isfinite(weight) and weight.is_integer())
+    if isinstance(weight, bool) or not whole or weight < 1:
         raise ContractError(f"{weight_key!r} must be a whole number >= 1")  # its value is secret
     names = wire.float_keys(before)
     delta = wire.flatten(after, names) - wire.flatten(before, names)

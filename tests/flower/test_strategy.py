@@ -203,6 +203,8 @@ def one_round(tmp_path, app, clients=3, **kw):
         (lambda a: RecordDict({"arrays": a, "metrics": MetricRecord({"loss": 1.0})}), "'num-examples'"),
         (lambda a: RecordDict({"arrays": a, "metrics": MetricRecord({"num-examples": 0})}), "whole number >= 1"),
         (lambda a: RecordDict({"arrays": a, "metrics": MetricRecord({"num-examples": 2.5})}), "whole number >= 1"),
+        (lambda a: RecordDict({"arrays": a, "metrics": MetricRecord({"num-examples": float("inf")})}), "whole number"),
+        (lambda a: RecordDict({"arrays": a, "metrics": MetricRecord({"num-examples": float("nan")})}), "whole number"),
         (
             lambda a: RecordDict(
                 {
