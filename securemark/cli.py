@@ -45,11 +45,13 @@ def _print_json(obj: object) -> None:
     print(json.dumps(_strict(obj), indent=2, allow_nan=False, default=float))
 
 
-def _json_or_table(a: argparse.Namespace, result: dict[str, object]) -> object:
-    """``result`` for main to print as JSON under --json, else shown as a table here."""
+def _json_or_table(a: argparse.Namespace, result: dict[str, object], *tables: dict[str, object]) -> object:
+    """``result`` for main to print as JSON under --json, else shown here as ``tables`` (default: ``result``
+    as one table)."""
     if a.json:
         return result
-    _table(result)
+    for rows in tables or (result,):
+        _table(rows)
     return None
 
 
@@ -260,33 +262,27 @@ def cmd_bench_secagg(a: argparse.Namespace) -> object:
     from securemark.secagg.bench import bench_secagg
 
     result = bench_secagg(a.clients, a.params, a.dropout, a.graph, a.seed)
-    if a.json:
-        return result
-    result["prg_MB_per_second"] = result.pop("prg_bytes_per_second") / 1e6
-    result["mask_MB_per_second"] = result.pop("mask_bytes_per_second") / 1e6
-    _table({k: v for k, v in result.items() if k != "stage_seconds"} | result["stage_seconds"])
-    return None
+    shown = {
+        k: v for k, v in result.items() if k not in ("stage_seconds", "prg_bytes_per_second", "mask_bytes_per_second")
+    }
+    shown["prg_MB_per_second"] = result["prg_bytes_per_second"] / 1e6
+    shown["mask_MB_per_second"] = result["mask_bytes_per_second"] / 1e6
+    return _json_or_table(a, result, shown | result["stage_seconds"])
 
 
 def cmd_bench_rounds(a: argparse.Namespace) -> object:
     from securemark.flower.bench_rounds import bench_rounds
 
     result = bench_rounds(a.clients, a.params, a.rounds, a.seed)
-    if a.json:
-        return result
-    _table({k: v for k, v in result.items() if k != "per_round_seconds"})
-    return None
+    return _json_or_table(a, result, {k: v for k, v in result.items() if k != "per_round_seconds"})
 
 
 def cmd_bench_align(a: argparse.Namespace) -> object:
     from securemark.fingerprint.bench_align import bench_align
 
     result = bench_align(a.repeats, a.budget, a.seed, large=not a.small)
-    if a.json:
-        return result
-    for row in result["models"]:  # type: ignore[attr-defined]
-        _table(row)
-    return None
+    models: list[dict[str, object]] = result["models"]  # type: ignore[assignment]
+    return _json_or_table(a, result, *models)
 
 
 def cmd_bench_simulate(a: argparse.Namespace) -> object:
@@ -296,10 +292,8 @@ def cmd_bench_simulate(a: argparse.Namespace) -> object:
     cfg = SimConfig.load(a.config, a.set)
     out = Path(a.out) if a.out else _fresh_dir(Path(cfg.output))
     result = {"config": str(a.config), **bench_simulate(cfg, out)}
-    if a.json:
-        return result
-    _table({k: v for k, v in result.items() if k != "masking_stage_seconds"} | result["masking_stage_seconds"])
-    return None
+    stages = result["masking_stage_seconds"]
+    return _json_or_table(a, result, {k: v for k, v in result.items() if k != "masking_stage_seconds"} | stages)
 
 
 def cmd_simulate(a: argparse.Namespace) -> None:
