@@ -77,7 +77,8 @@ class SecAggSettings:
     clip: float = 0.5  # update values are clipped to [-clip, clip] before quantization
     bits: int = 16
     dropout: float = 0.0  # simulated: probability that a client's message is lost at each stage
-    timeout: float = 300.0  # seconds to wait for replies in each stage
+    timeout: float = 300.0  # longest wait for the replies of one stage (seconds)
+    grace: float = 10.0  # once the threshold has answered, how much longer a stage waits for the rest (seconds)
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,7 @@ class SimConfig(TomlConfig):
         _check(1 <= s.bits <= 30, "secagg.bits (1..30)", s.bits)
         _check(0 <= s.dropout < 1, "secagg.dropout", s.dropout)
         _check(_finite(s.timeout) and s.timeout > 0, "secagg.timeout", s.timeout)
+        _check(_finite(s.grace) and 0 <= s.grace <= s.timeout, "secagg.grace (0..timeout)", s.grace)
         _check(not s.enabled or t.per_round >= 3, "train.per_round (masked aggregation needs >= 3)", t.per_round)
         _check(_finite(r.num_cpus) and r.num_cpus > 0, "resources.num_cpus", r.num_cpus)
         _check(_finite(r.num_gpus) and r.num_gpus >= 0, "resources.num_gpus", r.num_gpus)

@@ -3,7 +3,7 @@
     app = ClientApp(mods=[securemark_mod])  # it must be the FIRST mod
 
 Every securemark message is a Flower ``train`` message carrying a ``securemark`` record that names its stage
-(see ``wire``). The mod answers the masking stages itself (hello, advertise, share_keys, unmask). On the train
+(see ``wire``). The mod answers hello (identity, and once per session long-term keys) and unmask itself. On the train
 stage it hands the user's function exactly what the inner strategy sent (its ArrayRecord, here the customer's
 fingerprinted copy, and its ConfigRecord), then checks the reply against FedAvg's contract, turns the returned
 arrays into the update relative to the copy it received (so the customer's fingerprint never reaches the
@@ -30,7 +30,7 @@ from flwr.common.constant import ErrorCode
 
 from securemark.flower import wire
 from securemark.secagg import protocol as P
-from securemark.secagg.quantize import QuantConfig, QuantizationError, encode
+from securemark.secagg.quantize import EXTRA_SLOTS, QuantConfig, QuantizationError, encode
 
 Next = Callable[[Message, Context], Message]
 
@@ -89,55 +89,59 @@ def claim(context: Context) -> dict[str, int]:
 
 # --- masking stages ------------------------------------------------------------------------------------------
 def _hello(msg: Message, context: Context) -> Message:
-    return _reply(msg, wire.HELLO, context)
-
-
-def _advertise(msg: Message, context: Context) -> Message:
-    round_cfg, client_id = wire.round_config_from(msg.content[wire.SECAGG])
-    st = P.ClientState(round_cfg, client_id)
-    c_pk, s_pk = P.client_advertise(st)
-    context.state[wire.STATE] = wire.client_state_record(st)
-    return _reply(msg, wire.ADVERTISE, context, **{wire.PAYLOAD: ConfigRecord({"c_pk": c_pk, "s_pk": s_pk})})
-
-
-def _share_keys(msg: Message, context: Context) -> Message:
-    st = _state(context)
-    cts = P.client_share_keys(st, wire.key_map_from(msg.content[wire.PAYLOAD]))
-    context.state[wire.STATE] = wire.client_state_record(st)
-    return _reply(msg, wire.SHARE_KEYS, context, **{wire.PAYLOAD: wire.bytes_map(cts)})
+    """The node's identity claim; with a SESSION record, fresh long-term keys for that session (kept in the
+    node's state, the public halves in the reply). A hello for a session replaces any older keys."""
+    if wire.SESSION not in msg.content:
+        return _reply(msg, wire.HELLO, context)
+    head = msg.content[wire.SESSION]
+    session, node_id = str(head["session"]), int(head["client_id"])
+    if not session or not 1 <= node_id < 1 << 31:
+        raise ContractError("a session needs a name and a client id in [1, 2^31)")
+    keys = P.NodeKeys(session, node_id)
+    context.state[wire.KEYS] = wire.keys_record(keys)
+    context.state.pop(wire.ROUND, None)
+    c_pk, s_pk = keys.public()
+    return _reply(msg, wire.HELLO, context, **{wire.PAYLOAD: ConfigRecord({"c_pk": c_pk, "s_pk": s_pk})})
 
 
 def _unmask(msg: Message, context: Context) -> Message:
-    st = _state(context)
-    survivors = [int(i) for i in msg.content[wire.PAYLOAD]["survivors"]]
-    b, s = P.client_unmask(st, survivors)
-    del context.state[wire.STATE]
-    return _reply(msg, wire.UNMASK, context, **{wire.B_SHARES: wire.bytes_map(b), wire.S_SHARES: wire.bytes_map(s)})
+    keys = _keys(context)
+    if wire.ROUND not in context.state:
+        raise P.StageError("no masked input of this session waiting to be unmasked on this node")
+    saved = context.state[wire.ROUND]
+    cfg, _ = wire.round_config_from(saved)  # what this node masked for, never what the unmask message says
+    peer_keys = wire.key_map_from(ConfigRecord({k[5:]: v for k, v in saved.items() if k.startswith("peer.")}))
+    payload = msg.content[wire.PAYLOAD]
+    survivors = [int(i) for i in payload["survivors"]]
+    if int(payload["round"]) != cfg.round:
+        raise P.StageError(f"unmask of round {int(payload['round'])}, but this node masked round {cfg.round}")
+    try:
+        reveals, bad = P.client_unmask(keys, cfg, peer_keys, survivors, wire.bytes_map_from(msg.content[wire.SHARES]))
+    finally:  # one unmask per round, even a refused one
+        context.state[wire.KEYS] = wire.keys_record(keys)
+        del context.state[wire.ROUND]
+    return _reply(msg, wire.UNMASK, context, **{wire.PAYLOAD: wire.reveals_record(reveals, bad)})
 
 
-_HANDLERS: dict[str, Callable[[Message, Context], Message]] = {
-    wire.HELLO: _hello,
-    wire.ADVERTISE: _advertise,
-    wire.SHARE_KEYS: _share_keys,
-    wire.UNMASK: _unmask,
-}
+_HANDLERS: dict[str, Callable[[Message, Context], Message]] = {wire.HELLO: _hello, wire.UNMASK: _unmask}
 
 
-def _state(context: Context) -> P.ClientState:
-    if wire.STATE not in context.state:
-        raise P.StageError("no key exchange of this round on this node (a restarted node, or a stage out of order)")
-    return wire.client_state_from(context.state[wire.STATE])
+def _keys(context: Context) -> P.NodeKeys:
+    if wire.KEYS not in context.state:
+        raise P.StageError("no keys of this session on this node (a restarted node: it needs a new hello)")
+    return wire.keys_from(context.state[wire.KEYS])
 
 
 # --- the train stage -----------------------------------------------------------------------------------------
 def _before_train(msg: Message, context: Context) -> tuple[Message, dict[str, np.ndarray]]:
     """The message the app's train function gets (exactly what the inner strategy sent) and the arrays sent,
     read before the app runs (an app may change the received record in place)."""
-    if wire.SECAGG in msg.content:  # checked before spending time on training
-        st = _state(context)
-        round_cfg, client_id = wire.round_config_from(msg.content[wire.SECAGG])
-        if (round_cfg.run_id, round_cfg.round, client_id) != (st.cfg.run_id, st.cfg.round, st.id):
-            raise P.ProtocolViolation("train message of another round than this node's key exchange")
+    if wire.SECAGG in msg.content:  # everything checkable is checked before spending time on training
+        keys = _keys(context)
+        cfg, client_id = wire.round_config_from(msg.content[wire.SECAGG])
+        if (cfg.session, client_id) != (keys.session, keys.id) or cfg.round <= keys.last_round:
+            raise P.StageError("train message of another session or node, or of a round already masked")
+        cfg.check_safe_threshold(client_id)
     user_content = RecordDict({k: v for k, v in msg.content.items() if not k.startswith(wire.SM)})
     sent = wire.arrays_of(_only(user_content.array_records, "the train message", "ArrayRecord"))
     return Message(content=user_content, metadata=copy.copy(msg.metadata)), sent
@@ -150,16 +154,26 @@ def _after_train(msg: Message, context: Context, sent: dict[str, np.ndarray], re
     if wire.SECAGG not in msg.content:
         records = {wire.SM: ConfigRecord({"weight": weight}), wire.UPDATE: wire.array_record(delta)}
         return _reply(msg, wire.TRAIN, context, **records, **{metrics_key: metrics})
-    st = _state(context)
+    keys = _keys(context)
     if weight > int(head["max-weight"]):  # the value itself is not named: this reply is not masked
         raise ContractError(f"the example count exceeds the server's max-weight {int(head['max-weight'])}")
-    qcfg = QuantConfig(float(head["clip"]), int(head["bits"]), int(head["max-weight"]), int(head["max-clients"]))
+    qcfg = QuantConfig(
+        float(head["clip"]), int(head["bits"]), int(head["max-weight"]), int(head["max-clients"]), len(delta)
+    )
+    cfg, _ = wire.round_config_from(msg.content[wire.SECAGG])
+    if cfg.size != len(delta) + EXTRA_SLOTS or cfg.modulus_bits != qcfg.modulus_bits:
+        raise ContractError("the round's vector size or modulus does not fit this update")
+    peer_keys = wire.key_map_from(msg.content[wire.PAYLOAD])
     rng = np.random.default_rng(int.from_bytes(os.urandom(16), "little"))  # stochastic rounding
-    y = P.client_masked_input(st, wire.bytes_map_from(msg.content[wire.PAYLOAD]), encode(delta, weight, qcfg, rng))
-    context.state[wire.STATE] = wire.client_state_record(st)
+    masked = P.client_masked_input(keys, cfg, peer_keys, encode(delta, weight, qcfg, rng))
+    context.state[wire.KEYS] = wire.keys_record(keys)
+    saved = wire.round_config_record(cfg, keys.id)
+    saved.update({f"peer.{k}": v for k, v in msg.content[wire.PAYLOAD].items()})
+    context.state[wire.ROUND] = saved
     records = {
-        wire.SM: ConfigRecord({"digest": hashlib.sha256(y.tobytes()).digest()}),
-        wire.UPDATE: wire.array_record(y),
+        wire.SM: ConfigRecord({"digest": hashlib.sha256(masked.y.tobytes()).digest()}),
+        wire.UPDATE: wire.array_record(masked.y),
+        wire.PAYLOAD: wire.masked_record(masked),
     }
     return _reply(msg, wire.TRAIN, context, **records, **{metrics_key: metrics})
 

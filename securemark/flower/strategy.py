@@ -10,9 +10,12 @@ server optimizer (FedAvgM, FedAdam, ...). SecureMark changes what travels. One r
 2. each sampled node is identified as a customer (its claimed partition-id, or on a SuperLink with SuperNode
    authentication its registered key); a node claiming an identity already taken, or whose identity changes,
    is refused and gets nothing;
-3. masked rounds: advertise keys, share keys (``secagg``), then each node's message carries its own copy
-   ``w + s X^T b_customer`` and its encrypted shares; the reply is its masked update relative to that copy
-   (``securemark_mod``); unmask; the server learns only the weighted mean of the updates;
+3. masked rounds (``secagg.protocol``): a node sets up long-term keys once per run, in the hello that identifies
+   it; each round's train message carries the customer's copy ``w + s X^T b_customer``, the round's graph and
+   the neighbours' public keys; the reply is the masked update relative to that copy (``securemark_mod``) with
+   the encrypted shares of its round secrets; one unmask exchange follows: two exchanges per round. The server
+   learns only the weighted mean of the updates. Each exchange waits for every reply, or for the threshold plus
+   ``secagg.grace`` seconds, never longer than ``secagg.timeout``;
 4. the inner strategy aggregates one synthetic reply holding ``w + mean update`` with the total weight, so its
    server optimizer and metric aggregation run unchanged, and the fingerprints never enter the global model;
 5. client evaluation gets fingerprinted copies (never the plain global model); ``evaluate_fn`` scores the
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -50,7 +54,6 @@ from securemark.modelio import save_state_dict
 from securemark.owner import customer_name, issue_copies
 from securemark.registry import Registry, RegistryParams
 from securemark.secagg import protocol as P
-from securemark.secagg.protocol import Stage
 from securemark.secagg.quantize import QuantConfig, decode
 
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
@@ -109,6 +112,8 @@ class SecureMark(Strategy):
         self.console = console or Console(stderr=True)
         self.rng = np.random.default_rng()  # neighbour graphs and simulated losses: nothing secret
         self.customers: dict[int, str] = {}  # node id -> customer
+        self.ids: dict[int, int] = {}  # node id -> its id in the masking session (a Shamir x-coordinate)
+        self.keys = P.SessionKeys(os.urandom(16).hex())  # this run's session: long-term public keys of the nodes
         self.bits: dict[int, np.ndarray] = {}  # node id -> its code row (read from the registry once)
         self.refused: set[int] = set()
         self.registry: Registry | None = None
@@ -147,39 +152,48 @@ class SecureMark(Strategy):
             raise RuntimeError("SecureMark talks to nodes only inside start(grid=...)")
         return self._grid
 
-    def send(self, stage: str, contents: dict[int, RecordDict], round_no: int, timeout: float) -> dict[int, Message]:
+    def send(
+        self, stage: str, contents: dict[int, RecordDict], round_no: int, timeout: float, need: int | None = None
+    ) -> dict[int, Message]:
         """One message per node, the stage named in its SM record; see :meth:`receive`."""
         msgs = []
         for node, content in contents.items():
             content[wire.SM] = ConfigRecord({**content.get(wire.SM, {}), "stage": stage})
             msgs.append(Message(content, dst_node_id=node, message_type=wire.MESSAGE_TYPE, group_id=str(round_no)))
-        return self.receive(stage, msgs, timeout)
+        return self.receive(stage, msgs, timeout, need)
 
-    def receive(self, stage: str, msgs: list[Message], timeout: float) -> dict[int, Message]:
-        """Replies without error whose sender's identity still holds; ``secagg.dropout`` simulates losses."""
+    def receive(self, stage: str, msgs: list[Message], timeout: float, need: int | None = None) -> dict[int, Message]:
+        """Replies without error whose sender's identity still holds; ``secagg.dropout`` simulates losses. A node
+        that fails a masked stage is re-keyed before it takes part again (it may have lost its keys)."""
         replies: dict[int, Message] = {}
-        got = self.exchange(msgs, timeout)
+        got = self.exchange(msgs, timeout, need)
         registered = self._registered() if self.identity == "node" and stage != wire.HELLO else {}
         for reply in got:
             node = reply.metadata.src_node_id
             if reply.has_error():
                 self.console.print(f"  [yellow]node {node} failed at {stage}: {reply.error.reason}[/]")
+                if stage != wire.HELLO:
+                    self.keys.forget(self.ids.get(node, 0))
             elif stage != wire.HELLO and not self._claim_holds(node, reply, registered):
                 continue
             elif self.rng.random() >= self.secagg.dropout:
                 replies[node] = reply
         return replies
 
-    def exchange(self, msgs: list[Message], timeout: float) -> list[Message]:
-        """Grid.send_and_receive, polling from 2 ms up to 0.25 s instead of a fixed 0.1 s (simulation) or
-        3 s (deployment): a masked round has four exchanges, and a fixed interval rounds each one up."""
+    def exchange(self, msgs: list[Message], timeout: float, need: int | None = None) -> list[Message]:
+        """Grid.send_and_receive with deadlines: every reply, or once ``need`` good replies are in at most
+        ``secagg.grace`` seconds more (a dead node costs the grace, not the timeout), and never past ``timeout``.
+        Polls from 2 ms up to 0.25 s instead of a fixed 0.1 s (simulation) or 3 s (deployment)."""
         pending = set(self.grid.push_messages(msgs)) if msgs else set()
         replies: list[Message] = []
-        end, wait = time.monotonic() + timeout, 0.002
+        end, wait, good = time.monotonic() + timeout, 0.002, 0
         while pending and time.monotonic() < end:
             got = list(self.grid.pull_messages(pending))
             replies += got
             pending -= {m.metadata.reply_to_message_id for m in got}
+            good += sum(not m.has_error() for m in got)
+            if need is not None and good >= need:
+                end = min(end, time.monotonic() + self.secagg.grace)
             if pending:
                 time.sleep(wait)
                 wait = min(wait * 1.5, 0.25)
@@ -187,24 +201,53 @@ class SecureMark(Strategy):
 
     # --- customers ------------------------------------------------------------------------------------------
     def identify(self, nodes: Iterable[int]) -> list[int]:
-        """The nodes that may receive a copy: new ones are identified (a hello, or their registered key)."""
+        """The nodes that may take part: new ones are identified (a hello, or their registered key); under
+        masking, a hello also sets up the node's long-term keys (new nodes, and nodes that lost theirs)."""
+        nodes = list(nodes)
+        masked = self.secagg.enabled
         new = [n for n in nodes if n not in self.customers and n not in self.refused]
+        ask = new + [n for n in nodes if masked and n in self.customers and self.ids.get(n) not in self.keys.keys]
+        replies = self._hello(ask) if ask and (masked or self.identity == "partition-id") else {}
         if new:
-            claims = self._node_identities(new) if self.identity == "node" else self._claimed_identities(new)
-            taken = set(self.customers.values())
-            for node, name in claims.items():
-                twins = [m for m, other in claims.items() if other == name and m != node]
-                if name is None or name in taken or twins:
-                    why = "no identity" if name is None else f"identity {name!r} is already taken"
-                    self.console.print(f"  [red]refused node {node}: {why}; it gets no copy[/]")
-                    self.refused.add(node)
-                else:
-                    self.customers[node] = name
-        return [n for n in nodes if n in self.customers]
+            if self.identity == "node":
+                claims = self._node_identities(new)
+            else:
+                claims = {n: _claimed(replies[n]) for n in new if n in replies}
+            self._admit(claims)
+        registered = self._registered() if self.identity == "node" and replies else {}
+        for node, reply in replies.items():
+            if not masked or node not in self.customers:
+                continue
+            if node not in new and not self._claim_holds(node, reply, registered):
+                continue
+            if _accept(self.console, node, _apply_keys, self.keys, self.ids[node], reply.content) is None:
+                self._refuse(node, "its keys were refused")
+        return [n for n in nodes if n in self.customers and (not masked or self.ids.get(n) in self.keys.keys)]
 
-    def _claimed_identities(self, nodes: list[int]) -> dict[int, str | None]:
-        replies = self.send(wire.HELLO, {n: RecordDict() for n in nodes}, 0, self.secagg.timeout)
-        return {node: _claimed(reply) for node, reply in replies.items()}
+    def _admit(self, claims: dict[int, str | None]) -> None:
+        taken = set(self.customers.values())
+        for node, name in claims.items():
+            twins = [m for m, other in claims.items() if other == name and m != node]
+            if name is None or name in taken or twins:
+                self._refuse(node, "no identity" if name is None else f"identity {name!r} is already taken")
+            else:
+                self.customers[node] = name
+
+    def _refuse(self, node: int, why: str) -> None:
+        self.console.print(f"  [red]refused node {node}: {why}; it gets no copy[/]")
+        self.customers.pop(node, None)
+        self.keys.forget(self.ids.get(node, 0))
+        self.refused.add(node)
+
+    def _hello(self, nodes: list[int]) -> dict[int, Message]:
+        """Identity claims; under masking, each node's long-term keys for this session (under its session id)."""
+        contents = {}
+        for n in nodes:
+            contents[n] = RecordDict()
+            if self.secagg.enabled:
+                self.ids.setdefault(n, len(self.ids) + 1)
+                contents[n][wire.SESSION] = ConfigRecord({"session": self.keys.session, "client_id": self.ids[n]})
+        return self.send(wire.HELLO, contents, 0, self.secagg.timeout)
 
     def _registered(self) -> dict[int, str | None]:
         """Node id -> registered identity, as the SuperLink reports it now (one request)."""
@@ -222,69 +265,49 @@ class SecureMark(Strategy):
             now = _claimed(reply)
         if now == self.customers.get(node):
             return True
-        self.console.print(
-            f"  [red]refused node {node}: identity changed from {self.customers.get(node)!r} to {now!r}[/]"
-        )
-        self.customers.pop(node, None)
-        self.refused.add(node)
+        self._refuse(node, f"identity changed from {self.customers.get(node)!r} to {now!r}")
         return False
 
     # --- Strategy: train ------------------------------------------------------------------------------------
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> list[Message]:
-        """The inner strategy's train messages, each carrying its customer's copy; under masking, after the
-        key exchange (run here), with the node's encrypted shares."""
+        """The inner strategy's train messages, each carrying its customer's copy; under masking with the round's
+        configuration and the node's neighbours' public keys (new nodes are identified and keyed first)."""
         self._grid = grid
         self._load(arrays)
+        clock = _StageClock()
         inner_msgs = {m.metadata.dst_node_id: m for m in self.inner.configure_train(server_round, arrays, config, grid)}
         sampled = sorted(self.identify(inner_msgs))
+        clock.lap("hello")
         head = {"stage": wire.TRAIN, "weight-key": self.inner.weighted_by_key}
         copies, contents = {n: self.copy_for(n) for n in sampled}, {}
         for n in sampled:
             contents[n] = _with_arrays(inner_msgs[n].content, ArrayRecord(copies[n]))
             contents[n][wire.SM] = ConfigRecord(head)
-        self._round = {"sampled": sampled, "copies": copies, "clock": _StageClock()}
+        self._round = {"sampled": sampled, "copies": copies, "clock": clock}
         self._round["reference"] = self.fp.project(self.weights) if self.fp is not None else None
         if self.secagg.enabled and sampled:
-            self._key_exchange(server_round, sampled, contents)
+            self._masking_setup(server_round, sampled, contents)
         return [
             Message(c, dst_node_id=n, message_type=wire.MESSAGE_TYPE, group_id=str(server_round))
             for n, c in contents.items()
         ]
 
-    def _key_exchange(self, r: int, sampled: list[int], contents: dict[int, RecordDict]) -> None:
+    def _masking_setup(self, r: int, sampled: list[int], contents: dict[int, RecordDict]) -> None:
         sc = self.secagg
-        ids = {n: k + 1 for k, n in enumerate(sampled)}
-        node_of = {k: n for n, k in ids.items()}
-        graph, threshold = P.neighbour_graph(tuple(ids.values()), sc.graph, self.rng)
-        qcfg = QuantConfig(sc.clip, sc.bits, self.max_weight, len(sampled))
-        rcfg = P.RoundConfig(str(self.grid.run.run_id), r, graph, threshold, self.size + 2, qcfg.modulus_bits)
-        srv = P.ServerState(rcfg)
-        clock = self._round["clock"]
-        secagg = {n: wire.round_config_record(rcfg, ids[n]) for n in sampled}
-        for n, rep in self.send(
-            wire.ADVERTISE, {n: RecordDict({wire.SECAGG: secagg[n]}) for n in sampled}, r, sc.timeout
-        ).items():
-            _accept(self.console, n, _apply_keys, srv, ids[n], rep.content)
-        srv.close(Stage.ADVERTISE, len(srv.keys))
-        clock.lap("advertise")
-
-        share_msgs = {node_of[i]: RecordDict({wire.PAYLOAD: wire.key_map(P.server_keys_for(srv, i))}) for i in srv.keys}
-        for n, rep in self.send(wire.SHARE_KEYS, share_msgs, r, sc.timeout).items():
-            _accept(self.console, n, _apply_shares, srv, ids[n], rep.content)
-        srv.close(Stage.SHARE, len(srv.shared))
-        clock.lap("share_keys")
-
+        ids = {n: self.ids[n] for n in sampled}
+        graph, threshold = P.neighbour_graph(tuple(sorted(ids.values())), sc.graph, self.rng)
+        qcfg = QuantConfig(sc.clip, sc.bits, self.max_weight, len(sampled), self.size)
+        cfg = P.RoundConfig(self.keys.session, r, graph, threshold, self.size + 2, qcfg.modulus_bits)
         quant = {"clip": sc.clip, "bits": sc.bits, "max-weight": self.max_weight, "max-clients": len(sampled)}
-        for n in list(contents):
-            if ids[n] not in srv.shared:  # no shares: it cannot take part in this round, and gets no copy
-                del contents[n], self._round["copies"][n]
-                continue
+        for n in sampled:
             contents[n][wire.SM] = ConfigRecord({**contents[n][wire.SM], **quant})
-            contents[n][wire.SECAGG] = secagg[n]
-            contents[n][wire.PAYLOAD] = wire.bytes_map(P.server_shares_for(srv, ids[n]))
-        self._round.update(ids=ids, node_of=node_of, srv=srv, qcfg=qcfg, threshold=threshold)
+            contents[n][wire.SECAGG] = wire.round_config_record(cfg, ids[n])
+            contents[n][wire.PAYLOAD] = wire.key_map(self.keys.for_client(cfg, ids[n]))
+        self._round.update(
+            ids=ids, node_of={i: n for n, i in ids.items()}, srv=P.ServerRound(cfg), qcfg=qcfg, threshold=threshold
+        )
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -326,20 +349,32 @@ class SecureMark(Strategy):
     def _unmask(self, r: int, replies: dict[int, Message]) -> tuple[np.ndarray, int, list[int], dict[str, Any]]:
         st = self._round
         if "srv" not in st:
-            raise P.TooFewSurvivors("no client took part in the key exchange")
+            raise P.TooFewSurvivors("no client took part in this round's masking")
         srv, ids, node_of, clock = st["srv"], st["ids"], st["node_of"], st["clock"]
         for n, rep in replies.items():
             _accept(self.console, n, _apply_masked, srv, ids[n], rep.content)
-        srv.close(Stage.MASKED, len(srv.inputs))
-        clock.lap("train_masked_input")
-        survivors = P.server_survivors(srv)
+        survivors = P.server_close_inputs(srv)
+        clock.lap("train")
         unmask = {
-            node_of[i]: RecordDict({wire.PAYLOAD: ConfigRecord({"survivors": list(survivors)})}) for i in survivors
+            node_of[i]: RecordDict(
+                {
+                    wire.PAYLOAD: ConfigRecord({"survivors": list(survivors), "round": r}),
+                    wire.SHARES: wire.bytes_map(P.server_shares_for(srv, i)),
+                }
+            )
+            for i in survivors
         }
-        for n, rep in self.send(wire.UNMASK, unmask, r, self.secagg.timeout).items():
+        for n, rep in self.send(wire.UNMASK, unmask, r, self.secagg.timeout, need=len(survivors)).items():
             _accept(self.console, n, _apply_unmask, srv, ids[n], rep.content)
+        for why in srv.rejected:
+            self.console.print(f"  [yellow]rejected {why}[/]")
         clock.lap("unmask")
-        dec = decode(P.server_sum(srv), st["qcfg"])
+        try:
+            total = P.server_sum(srv)
+        except P.BadOwner as exc:
+            self._refuse(node_of[exc.client], f"it sent shares its holders cannot open ({exc})")
+            raise
+        dec = decode(total, st["qcfg"], len(survivors))
         clock.lap("sum")
         sampled = len(st["sampled"])
         info = {
@@ -403,7 +438,8 @@ class SecureMark(Strategy):
             try:
                 msgs = self.configure_train(r, arrays, ConfigRecord(dict(train_config)), grid)
                 m["sampled"] = len(self._round["sampled"])
-                agg, metrics = self.aggregate_train(r, self.receive(wire.TRAIN, msgs, timeout).values())
+                need = self._round.get("threshold", len(msgs) // 2 + 1)
+                agg, metrics = self.aggregate_train(r, self.receive(wire.TRAIN, msgs, timeout, need).values())
                 if agg is None:
                     raise RuntimeError("the inner strategy aggregated nothing")
                 arrays = result.arrays = agg
@@ -534,29 +570,21 @@ def _accept(console: Console, node: int, parse_and_apply: Callable[..., Any], *a
         return None
 
 
-def _apply_keys(srv: P.ServerState, i: int, content: RecordDict) -> None:
-    c_pk, s_pk = content[wire.PAYLOAD]["c_pk"], content[wire.PAYLOAD]["s_pk"]
-    if not isinstance(c_pk, bytes) or not isinstance(s_pk, bytes):
-        raise TypeError("public keys must be bytes")
-    P.server_receive_keys(srv, i, c_pk, s_pk)
+def _apply_keys(keys: P.SessionKeys, i: int, content: RecordDict) -> bool:
+    keys.register(i, content[wire.PAYLOAD]["c_pk"], content[wire.PAYLOAD]["s_pk"])
+    return True
 
 
-def _apply_shares(srv: P.ServerState, i: int, content: RecordDict) -> None:
-    P.server_receive_shares(srv, i, wire.bytes_map_from(content[wire.PAYLOAD]))
-
-
-def _apply_masked(srv: P.ServerState, i: int, content: RecordDict) -> None:
+def _apply_masked(srv: P.ServerRound, i: int, content: RecordDict) -> None:
     """The masked vector of a train reply, checked against the digest securemark_mod attached."""
     y, digest = wire.array_from(content[wire.UPDATE]), content[wire.SM]["digest"]
     if not isinstance(digest, bytes) or hashlib.sha256(y.tobytes()).digest() != digest:
         raise P.ProtocolViolation("masked update changed after securemark_mod (must be the first mod)")
-    P.server_receive_masked(srv, i, y)
+    P.server_receive_masked(srv, i, wire.masked_from(y, content[wire.PAYLOAD]))
 
 
-def _apply_unmask(srv: P.ServerState, i: int, content: RecordDict) -> None:
-    P.server_receive_unmask(
-        srv, i, wire.bytes_map_from(content[wire.B_SHARES]), wire.bytes_map_from(content[wire.S_SHARES])
-    )
+def _apply_unmask(srv: P.ServerRound, i: int, content: RecordDict) -> None:
+    P.server_receive_unmask(srv, i, *wire.reveals_from(content[wire.PAYLOAD]))
 
 
 def _plain_update(content: RecordDict, size: int, max_weight: int) -> tuple[int, np.ndarray]:

@@ -11,33 +11,31 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from flwr.app import ArrayRecord, ConfigRecord
 
 from securemark.secagg import protocol as P
-from securemark.secagg.shamir import SHARE_BYTES
 
 # Every securemark message travels as a Flower ``train`` message: a ClientApp routes a message only to a
 # function it registered, and the user's app registers ``@app.train()``; securemark_mod, wrapped around it,
 # answers every stage but TRAIN itself. The stage is named in the SM record.
 MESSAGE_TYPE = "train"
-HELLO = "hello"  # which customer is this node (its claimed partition-id, when identities are claimed)
-ADVERTISE = "advertise"  # fresh key pair of this round
-SHARE_KEYS = "share_keys"  # encrypted shares for the neighbours
-TRAIN = "train"  # the customer's copy (+ its encrypted shares) in, the (masked) update out
-UNMASK = "unmask"
-STAGES = (HELLO, ADVERTISE, SHARE_KEYS, TRAIN, UNMASK)
+HELLO = "hello"  # who is this node (its claimed partition-id), and, under masking, its long-term public keys
+TRAIN = "train"  # the customer's copy (+ round config, neighbours' keys) in; the (masked) update + shares out
+UNMASK = "unmask"  # survivors + shares addressed to this node in; the shares the sum needs out
+STAGES = (HELLO, TRAIN, UNMASK)
 
 # record keys (prefixed: they sit beside the user's own records in the same message)
 SM = "securemark"  # ConfigRecord: "stage", and a stage's small values
+SESSION = "securemark.session"  # ConfigRecord: the session a hello sets keys up for, and the node's id in it
 SECAGG = "securemark.secagg"  # ConfigRecord: the round's masking configuration
 PAYLOAD = "securemark.payload"  # ConfigRecord: keys, shares, survivors
 UPDATE = "securemark.update"  # ArrayRecord: the (masked) update of one client
-B_SHARES, S_SHARES = "securemark.b", "securemark.s"  # unmask reply
-STATE = "securemark.secagg"  # in context.state
+SHARES = "securemark.shares"  # ConfigRecord: encrypted shares addressed to one node (unmask request)
+KEYS, ROUND = "securemark.keys", "securemark.round"  # in context.state: long-term keys; the open round
 
 
 def round_config_record(cfg: P.RoundConfig, client_id: int) -> ConfigRecord:
     ids = list(cfg.clients)
     return ConfigRecord(
         {
-            "run_id": cfg.run_id,
+            "session": cfg.session,
             "round": cfg.round,
             "threshold": cfg.threshold,
             "size": cfg.size,
@@ -52,12 +50,14 @@ def round_config_record(cfg: P.RoundConfig, client_id: int) -> ConfigRecord:
 
 def round_config_from(rec: ConfigRecord) -> tuple[P.RoundConfig, int]:
     ids, degrees, flat = list(rec["ids"]), list(rec["degrees"]), list(rec["neighbours"])
+    if sum(int(d) for d in degrees) > len(flat):
+        raise ValueError("the round's neighbour lists are shorter than their degrees")
     neighbours, pos = {}, 0
     for i, d in zip(ids, degrees, strict=True):
-        neighbours[int(i)] = tuple(int(j) for j in flat[pos : pos + d])
-        pos += d
+        neighbours[int(i)] = tuple(int(j) for j in flat[pos : pos + int(d)])
+        pos += int(d)
     cfg = P.RoundConfig(
-        str(rec["run_id"]),
+        str(rec["session"]),
         int(rec["round"]),
         neighbours,
         int(rec["threshold"]),
@@ -67,49 +67,65 @@ def round_config_from(rec: ConfigRecord) -> tuple[P.RoundConfig, int]:
     return cfg, int(rec["client_id"])
 
 
-def client_state_record(st: P.ClientState) -> ConfigRecord:
-    rec = round_config_record(st.cfg, st.id)
-    peers, held = sorted(st.peer_keys), sorted(st.held)
-    rec.update(
+def keys_record(keys: P.NodeKeys) -> ConfigRecord:
+    return ConfigRecord(
         {
-            "stage": int(st.stage),
-            "c_key": P.private_bytes(st.c_key),
-            "s_key": P.private_bytes(st.s_key),
-            "seed": st.seed,
-            "peers": peers or [0],
-            "peer_c": b"".join(st.peer_keys[j][0] for j in peers),
-            "peer_s": b"".join(st.peer_keys[j][1] for j in peers),
-            "held": held or [0],
-            "held_b": b"".join(st.held[j][0] for j in held),
-            "held_s": b"".join(st.held[j][1] for j in held),
-            "sharers": list(st.sharers) or [0],
+            "session": keys.session,
+            "id": keys.id,
+            "c_key": P.private_bytes(keys.c_key),
+            "s_key": P.private_bytes(keys.s_key),
+            "last_round": keys.last_round,
+            "open_round": -1 if keys.open_round is None else keys.open_round,
         }
     )
+
+
+def keys_from(rec: ConfigRecord) -> P.NodeKeys:
+    open_round = int(rec["open_round"])
+    return P.NodeKeys(
+        str(rec["session"]),
+        int(rec["id"]),
+        c_key=X25519PrivateKey.from_private_bytes(bytes(rec["c_key"])),
+        s_key=X25519PrivateKey.from_private_bytes(bytes(rec["s_key"])),
+        last_round=int(rec["last_round"]),
+        open_round=None if open_round < 0 else open_round,
+    )
+
+
+def masked_record(m: P.MaskedInput) -> ConfigRecord:
+    rec = bytes_map(m.ciphertexts)
+    rec["commitments"] = m.commitments
     return rec
 
 
-def client_state_from(rec: ConfigRecord) -> P.ClientState:
-    cfg, client_id = round_config_from(rec)
-    st = P.ClientState(
-        cfg,
-        client_id,
-        stage=P.Stage(int(rec["stage"])),
-        c_key=X25519PrivateKey.from_private_bytes(rec["c_key"]),
-        s_key=X25519PrivateKey.from_private_bytes(rec["s_key"]),
-        seed=bytes(rec["seed"]),
+def masked_from(y: np.ndarray, rec: ConfigRecord) -> P.MaskedInput:
+    return P.MaskedInput(y, bytes_map_from(rec), rec["commitments"])  # type: ignore[arg-type]
+
+
+def reveals_record(reveals: dict[tuple[int, int], bytes], bad: list[int]) -> ConfigRecord:
+    keys = sorted(reveals)
+    return ConfigRecord(
+        {
+            "owners": [o for o, _ in keys] or [0],
+            "labels": [lb for _, lb in keys] or [0],
+            "shares": [reveals[k] for k in keys] or [b""],
+            "count": len(keys),
+            "bad": bad or [0],
+        }
     )
-    k = P.KEY_BYTES
-    peer_c, peer_s = bytes(rec["peer_c"]), bytes(rec["peer_s"])
-    for n, j in enumerate(p for p in rec["peers"] if p):
-        st.peer_keys[int(j)] = (peer_c[n * k : (n + 1) * k], peer_s[n * k : (n + 1) * k])
-    held_b, held_s = bytes(rec["held_b"]), bytes(rec["held_s"])
-    for n, j in enumerate(h for h in rec["held"] if h):
-        st.held[int(j)] = (
-            held_b[n * SHARE_BYTES : (n + 1) * SHARE_BYTES],
-            held_s[n * SHARE_BYTES : (n + 1) * SHARE_BYTES],
-        )
-    st.sharers = tuple(int(j) for j in rec["sharers"] if j)
-    return st
+
+
+def reveals_from(rec: ConfigRecord) -> tuple[dict[tuple[int, int], bytes], list[int]]:
+    count = int(rec["count"])
+    owners, labels, shares = list(rec["owners"]), list(rec["labels"]), list(rec["shares"])
+    if not 0 <= count <= len(owners) == len(labels) == len(shares):
+        raise ValueError("the unmask reply's lists disagree with its count")
+    out = {}
+    for o, lb, sh in zip(owners[:count], labels[:count], shares[:count], strict=True):
+        if not isinstance(sh, bytes) or (int(o), int(lb)) in out:
+            raise ValueError("the unmask reply holds a non-bytes or repeated share")
+        out[int(o), int(lb)] = sh
+    return out, [int(b) for b in rec["bad"] if int(b)]
 
 
 def bytes_map(mapping: dict[int, bytes]) -> ConfigRecord:
@@ -120,7 +136,10 @@ def bytes_map(mapping: dict[int, bytes]) -> ConfigRecord:
 
 def bytes_map_from(rec: ConfigRecord) -> dict[int, bytes]:
     count = int(rec["count"])
-    ids, values = list(rec["ids"])[:count], list(rec["values"])[:count]
+    ids, values = list(rec["ids"]), list(rec["values"])
+    if not 0 <= count <= len(ids) == len(values) or len(set(ids[:count])) != count:
+        raise ValueError("a bytes map's lists disagree with its count or repeat an id")
+    ids, values = ids[:count], values[:count]
     if not all(isinstance(v, bytes) for v in values):
         raise TypeError("a bytes map holds non-bytes values")
     return {int(i): v for i, v in zip(ids, values, strict=True)}
@@ -141,8 +160,12 @@ def key_map(keys: dict[int, tuple[bytes, bytes]]) -> ConfigRecord:
 
 def key_map_from(rec: ConfigRecord) -> dict[int, tuple[bytes, bytes]]:
     count = int(rec["count"])
-    ids, c_pk, s_pk = list(rec["ids"])[:count], list(rec["c_pk"])[:count], list(rec["s_pk"])[:count]
-    return {int(i): (bytes(c), bytes(s)) for i, c, s in zip(ids, c_pk, s_pk, strict=True)}
+    ids, c_pk, s_pk = list(rec["ids"]), list(rec["c_pk"]), list(rec["s_pk"])
+    if not 0 <= count <= len(ids) == len(c_pk) == len(s_pk) or len(set(ids[:count])) != count:
+        raise ValueError("a key map's lists disagree with its count or repeat an id")
+    if not all(isinstance(k, bytes) for k in c_pk[:count] + s_pk[:count]):
+        raise TypeError("a key map holds non-bytes keys")
+    return {int(i): (c, s) for i, c, s in zip(ids[:count], c_pk[:count], s_pk[:count], strict=True)}
 
 
 def array_record(arr: np.ndarray) -> ArrayRecord:

@@ -8,8 +8,7 @@ import numpy as np
 
 from securemark.prg import add_keystream, keystream_into
 from securemark.secagg import protocol as P
-from securemark.secagg.driver import run_round
-from securemark.secagg.protocol import Stage
+from securemark.secagg.driver import Session, run_round
 from securemark.secagg.quantize import QuantConfig, decode, encode
 
 
@@ -39,7 +38,7 @@ def bench_secagg(clients: int, params: int, dropout: float = 0.0, graph: str = "
     ids = tuple(range(1, clients + 1))
     updates = {i: 0.05 * rng.standard_normal(params) for i in ids}
     weights = {i: int(rng.integers(100, 1000)) for i in ids}
-    qcfg = QuantConfig(clip=0.5, bits=16, max_weight=1024, max_clients=clients)
+    qcfg = QuantConfig(clip=0.5, bits=16, max_weight=1024, max_clients=clients, size=params)
     neighbours, threshold = P.neighbour_graph(ids, graph, rng)
     cfg = P.RoundConfig("bench", 1, neighbours, threshold, params + 2, qcfg.modulus_bits)
     dropped = set(rng.choice(ids, size=int(dropout * clients), replace=False).tolist())
@@ -53,9 +52,12 @@ def bench_secagg(clients: int, params: int, dropout: float = 0.0, graph: str = "
     qrng = np.random.default_rng(seed + 1)
     encoded = {i: encode(updates[i], weights[i], qcfg, qrng) for i in ids}
     encode_seconds = time.perf_counter() - t
-    result = run_round(cfg, encoded, {Stage.MASKED: dropped})
+    session = Session("bench")
+    for i in ids:  # once per session, not per round: not timed
+        session.join(i)
+    result = run_round(session, cfg, encoded, {"masked": dropped})
     t = time.perf_counter()
-    dec = decode(result.total, qcfg)
+    dec = decode(result.total, qcfg, len(result.survivors))
     decode_seconds = time.perf_counter() - t
 
     prg, masking = masking_rates(cfg.size, cfg.dtype)
@@ -83,7 +85,7 @@ def bench_secagg(clients: int, params: int, dropout: float = 0.0, graph: str = "
         "prg_bytes_per_second": prg,
         "mask_bytes_per_second": masking,
         "mask_to_prg": round(masking / prg, 3),
-        "round_mask_bytes_per_second": result.mask_bytes / result.seconds["client.MASKED"],
+        "round_mask_bytes_per_second": result.mask_bytes / result.seconds["client.masked"],
         "encode_seconds": round(encode_seconds, 4),
         "decode_seconds": round(decode_seconds, 4),
         "stage_seconds": stage_seconds,

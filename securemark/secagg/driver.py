@@ -1,8 +1,7 @@
-"""Run one masked-aggregation round in one process: every client and the server, with dropouts.
+"""Run masked aggregation in one process: a session of nodes and the server, round after round, with dropouts.
 
-``drop[stage]`` names the clients that vanish just before sending their ``stage`` message: ADVERTISE (never
-joins), SHARE (advertised keys only), MASKED (shared keys, sent no input), UNMASK (sent its input, then
-vanished). Timings are kept per stage, clients and server apart.
+``drop`` names the clients that vanish in a round: ``"masked"`` (never sent a masked input) or ``"unmask"``
+(sent its input, then vanished). Timings are kept per stage, clients and server apart.
 """
 
 from __future__ import annotations
@@ -16,32 +15,49 @@ from typing import Any
 import numpy as np
 
 from securemark.secagg import protocol as P
-from securemark.secagg.protocol import Stage
+
+DROP_STAGES = ("masked", "unmask")
 
 
 @dataclass
 class RoundResult:
     total: np.ndarray
     survivors: tuple[int, ...]
-    seconds: dict[str, float] = field(default_factory=dict)  # "client.MASKED", "server.SUM", ...
+    seconds: dict[str, float] = field(default_factory=dict)  # "client.masked", "server.sum", ...
     mask_bytes: int = 0  # mask bytes clients generated and applied
 
 
+@dataclass
+class Session:
+    """Every node's long-term keys and the server's copy of their public halves; set up once."""
+
+    name: str
+    nodes: dict[int, P.NodeKeys] = field(default_factory=dict)
+    server: P.SessionKeys = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.server = P.SessionKeys(self.name)
+
+    def join(self, i: int) -> None:
+        """Set up (or re-key) node ``i``: new long-term keys, registered with the server."""
+        self.nodes[i] = P.NodeKeys(self.name, i)
+        self.server.register(i, *self.nodes[i].public())
+
+
 def run_round(
+    session: Session,
     cfg: P.RoundConfig,
     inputs: Mapping[int, np.ndarray],
-    drop: Mapping[Stage, set[int]] | None = None,
-    server: P.ServerState | None = None,
+    drop: Mapping[str, set[int]] | None = None,
+    server: P.ServerRound | None = None,
 ) -> RoundResult:
-    """Drive all stages; raises the protocol's error (e.g. TooFewSurvivors) when the round cannot finish."""
+    """Drive one round; raises the protocol's error (e.g. TooFewSurvivors) when it cannot finish."""
     drop = drop or {}
     secs: dict[str, float] = defaultdict(float)
-    srv = server or P.ServerState(cfg)
-    alive = set(cfg.clients)
-
-    def stage_clients(stage: Stage) -> list[int]:
-        alive.difference_update(drop.get(stage, set()))
-        return sorted(alive)
+    srv = server or P.ServerRound(cfg)
+    for i in cfg.clients:
+        if i not in session.nodes:
+            session.join(i)
 
     def timed(key: str, fn: Callable[..., Any], *args: Any) -> Any:
         t = time.perf_counter()
@@ -49,33 +65,20 @@ def run_round(
         secs[key] += time.perf_counter() - t
         return out
 
-    clients = {i: P.ClientState(cfg, i) for i in cfg.clients}
-    for i in stage_clients(Stage.ADVERTISE):
-        timed(
-            "server.ADVERTISE",
-            P.server_receive_keys,
-            srv,
-            i,
-            *timed("client.ADVERTISE", P.client_advertise, clients[i]),
-        )
-    srv.close(Stage.ADVERTISE, len(srv.keys))
-
-    for i in stage_clients(Stage.SHARE):
-        cts = timed("client.SHARE", P.client_share_keys, clients[i], P.server_keys_for(srv, i))
-        timed("server.SHARE", P.server_receive_shares, srv, i, cts)
-    srv.close(Stage.SHARE, len(srv.shared))
-
     mask_bytes = 0
-    for i in stage_clients(Stage.MASKED):
-        y = timed("client.MASKED", P.client_masked_input, clients[i], P.server_shares_for(srv, i), inputs[i])
-        mask_bytes += (1 + len(clients[i].sharers)) * y.nbytes
-        timed("server.MASKED", P.server_receive_masked, srv, i, y)
-    srv.close(Stage.MASKED, len(srv.inputs))
-
-    survivors = P.server_survivors(srv)
-    for i in stage_clients(Stage.UNMASK):
-        if i in srv.inputs:
-            b, s = timed("client.UNMASK", P.client_unmask, clients[i], survivors)
-            timed("server.UNMASK", P.server_receive_unmask, srv, i, b, s)
-    total = timed("server.SUM", P.server_sum, srv)
+    for i in cfg.clients:
+        if i in drop.get("masked", set()):
+            continue
+        peer_keys = session.server.for_client(cfg, i)
+        m = timed("client.masked", P.client_masked_input, session.nodes[i], cfg, peer_keys, inputs[i])
+        mask_bytes += (1 + len(cfg.neighbours[i])) * m.y.nbytes
+        timed("server.masked", P.server_receive_masked, srv, i, m)
+    survivors = P.server_close_inputs(srv)
+    for i in survivors:
+        if i in drop.get("unmask", set()):
+            continue
+        cts, peer_keys = P.server_shares_for(srv, i), session.server.for_client(cfg, i)
+        reveals, bad = timed("client.unmask", P.client_unmask, session.nodes[i], cfg, peer_keys, survivors, cts)
+        timed("server.unmask", P.server_receive_unmask, srv, i, reveals, bad)
+    total = timed("server.sum", P.server_sum, srv)
     return RoundResult(total, survivors, dict(secs), mask_bytes)

@@ -1,28 +1,56 @@
-"""SecAgg (Bonawitz et al. 2017) and SecAgg+ (Bell et al. 2020) as stages over state dataclasses.
+"""Masked aggregation over many rounds: keys once per session, two exchanges per round.
 
-    advertise keys -> share keys -> masked input -> unmask -> sum
+    session setup (once per node):  node -> server   long-term public keys (c: encrypts shares, s: agrees masks)
+    every round t:   train   server -> node   round config + neighbours' public keys
+                             node -> server   y_i, encrypted shares of its round secrets, share commitments
+                     unmask  server -> node   survivors S + the encrypted shares addressed to this node
+                             node -> server   the shares S needs
+                     the server sums the y_i of S and removes what is left of the masks
 
-Each stage is a function that takes a state and plain bytes / arrays and returns plain bytes / arrays, so
-Flower messages, tests and benchmarks drive the same code. The server is honest-but-curious: it routes
-encrypted shares it cannot read, sees only masked vectors, and unmasks only their sum.
+Client i in round t of session ``sid`` (neighbours N(i), holders H(i) = N(i) + {i}, threshold t) sends
 
-Client i holds two X25519 keys (c: encrypts shares, s: agrees pairwise masks) and a self-mask seed b_i.
-It Shamir-shares b_i and its s private key among its neighbours and itself (threshold t), and sends
+    y_i = x_i + PRG(b_i) + sum_{j in N(i)} sign(i, j) PRG(p_ij)   (mod 2^k),   sign = +1 if i < j else -1
+    p_ij = HKDF(DH(s_i, s_j), sid | t | "pair" | min(i,j) | max(i,j))          b_i: fresh random, every round
 
-    y_i = x_i + PRG(b_i) + sum_{j in N(i) & U2} sign(i, j) PRG(s_ij)   (mod 2^k),  sign = +1 if i < j else -1
+and, in the same reply, Shamir shares (threshold t over H(i)) of b_i and of every p_ij, each holder's shares
+AEAD-encrypted under HKDF(DH(c_i, c_h), sid | t | i | h), plus a 16-byte hash commitment of every share.
+Pairwise masks of two survivors cancel. At unmask each survivor h in S reveals, for every owner i in S whose
+shares it holds, the share of b_i and the shares of p_ij for the neighbours j of i outside S; the server checks
+each share against its commitment (a bad share costs that share, not the round), rebuilds b_i and those p_ij
+from any t good shares and removes them. Earlier designs (Bonawitz et al. 2017) make fresh keys every round
+(four exchanges) and rebuild a dropped client's whole mask key; Flamingo (S&P 2023) keeps keys across rounds and
+ships the shares with the masked input. Here the long-term private keys never leave the node, are never
+shared, and no dropout pattern ever needs them: only round-bound seeds are revealed, so no key has to be rotated
+after a dropout. A session is one server run (the server draws its id); a node that lost its keys is re-keyed.
 
-Pairwise masks cancel in the sum. For each survivor the server rebuilds b_j; for each client that shared keys
-but sent no masked input it rebuilds s_j and removes that client's pairwise masks from its neighbours' inputs.
-No client reveals both shares for the same peer, and none unmasks when fewer than t inputs arrived.
+What the server learns (honest-but-curious server: it follows the protocol and reports S truthfully):
+- the sum over S and nothing finer when S is connected in the round graph (SecAgg+ sparse graphs: the sum of
+  each connected component of S, as in Bell et al. 2020; the random graph is connected w.h.p.). For i in S every
+  revealed value is b_i or p_ij with j outside S; the masks p_ik with k in N(i) & S stay secret, and a holder
+  refuses unless t >= 2 of H(i) are in S, so i has a surviving neighbour;
+- nothing about a client outside S, including one whose y arrives late: nobody ever reveals a share of b_j for
+  j outside S, so y_j stays one-time padded by PRG(b_j), whatever pair seeds of j were revealed;
+- nothing about another round: every seed is bound to (sid, round) by HKDF, b_i is fresh, and a node masks at
+  most once per (sid, round) and answers at most one unmask per round, so no seed is ever used twice.
+A server that lies about S: every node checks that it is in S itself, that |S| >= t, that t > |H| / 2 for its own
+and every owner's holder set, and that at least t of each owner's holders are in S. With the complete graph
+(SecAgg) this is enough even if each node is told a different S: isolating x_i needs b_i and every p_ik; a holder
+never reveals a share of its own pair seed with i, marks at most |H| - t others as dropped, and
+(|H| - 1) t > |H| (|H| - t) whenever t > |H| / 2, so the shares needed cannot all be collected. For sparse graphs
+the guarantee is the honest-but-curious one; a malicious server needs a consistency round with signed survivor
+lists (Bonawitz et al. Sec. 4), one more exchange, not implemented.
+A client can always corrupt the sum with a wrong y (nothing here checks inputs); ``quantize.decode`` refuses sums
+no honest clients could produce.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+import struct
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import IntEnum
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -35,16 +63,9 @@ from securemark.secagg import shamir
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
-_PLAIN_BYTES = 8 + 2 * shamir.SHARE_BYTES  # sender, receiver, b-share, s-share
-CIPHER_BYTES = NONCE_BYTES + _PLAIN_BYTES + 16
-
-
-class Stage(IntEnum):
-    ADVERTISE = 1
-    SHARE = 2
-    MASKED = 3
-    UNMASK = 4
-    DONE = 5
+COMMIT_BYTES = 16
+_ENTRY = 4 + shamir.SHARE_BYTES  # label + share inside a ciphertext
+B_LABEL = 0  # the label of b_i; a pair seed p_ij is labelled j (ids are >= 1)
 
 
 class SecAggError(RuntimeError):
@@ -52,7 +73,7 @@ class SecAggError(RuntimeError):
 
 
 class StageError(SecAggError):
-    """A message arrived for a stage other than the current one."""
+    """A message for a round this party is not in (no keys, a replayed or repeated round, an unmask twice)."""
 
 
 class ProtocolViolation(SecAggError):
@@ -64,23 +85,68 @@ class ShareAuthError(SecAggError):
 
 
 class TooFewSurvivors(SecAggError):
-    """Fewer than the threshold of clients answered: the sum cannot (and must not) be unmasked."""
+    """Fewer than the threshold answered: the sum cannot (and must not) be unmasked."""
 
 
-# --- round configuration and graphs -----------------------------------------------------------------
+class BadOwner(ProtocolViolation):
+    """A survivor's shares could not be opened by its holders and its secrets cannot be rebuilt: that client
+    sent garbage (the round fails; the caller should not admit it again)."""
+
+    def __init__(self, client: int, why: str) -> None:
+        super().__init__(why)
+        self.client = client
+
+
+# --- keys ------------------------------------------------------------------------------------------------------
+def private_bytes(private: X25519PrivateKey) -> bytes:
+    return private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+
+
+def public_bytes(private: X25519PrivateKey) -> bytes:
+    return private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def check_public_key(key: object, what: str) -> bytes:
+    """A 32-byte X25519 public key that is not of low order. A low-order point makes every DH with it all-zero,
+    which `cryptography` refuses: checked once here, with a throwaway key, so it never reaches an honest peer."""
+    if not isinstance(key, bytes) or len(key) != KEY_BYTES:
+        raise ProtocolViolation(f"{what} must be {KEY_BYTES} bytes")
+    try:
+        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(key))
+    except ValueError:
+        raise ProtocolViolation(f"{what} is a low-order point (it would zero every shared secret)") from None
+    return key
+
+
+@dataclass
+class NodeKeys:
+    """A node's long-term keys for one session, and the last round it masked (rounds only go forward)."""
+
+    session: str
+    id: int
+    c_key: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate, repr=False)
+    s_key: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate, repr=False)
+    last_round: int = -1
+    open_round: int | None = None  # masked, not yet unmasked
+
+    def public(self) -> tuple[bytes, bytes]:
+        return public_bytes(self.c_key), public_bytes(self.s_key)
+
+
+# --- round configuration and graphs -------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RoundConfig:
-    run_id: str
+    session: str
     round: int
-    neighbours: Mapping[int, tuple[int, ...]]  # client id (>= 1) -> its neighbours; symmetric
-    threshold: int  # shares needed to rebuild a secret (and the fewest inputs that may be unmasked)
+    neighbours: Mapping[int, tuple[int, ...]]  # client id (>= 1, stable in the session) -> neighbours; symmetric
+    threshold: int  # shares needed to rebuild a secret (and the fewest survivors that may be unmasked)
     size: int  # length of the integer vectors
     modulus_bits: int = 64
 
     def __post_init__(self) -> None:
         ids = set(self.neighbours)
-        if not ids or min(ids) < 1:
-            raise ValueError("client ids must be integers >= 1 (they are Shamir x-coordinates)")
+        if not ids or min(ids) < 1 or max(ids) >= 1 << 31:
+            raise ValueError("client ids must be integers in [1, 2^31) (they are Shamir x-coordinates)")
         for i, peers in self.neighbours.items():
             if i in peers or not set(peers) <= ids or any(i not in self.neighbours[j] for j in peers):
                 raise ValueError(f"neighbour graph must be symmetric without self-loops (client {i})")
@@ -98,9 +164,24 @@ class RoundConfig:
     def dtype(self) -> type[np.unsignedinteger]:
         return np.uint32 if self.modulus_bits == 32 else np.uint64
 
+    def holders(self, i: int) -> tuple[int, ...]:
+        return tuple(sorted((*self.neighbours[i], i)))
+
+    def labels(self, i: int) -> tuple[int, ...]:
+        """What owner i shares, in order: b_i, then p_ij for each neighbour j."""
+        return (B_LABEL, *sorted(self.neighbours[i]))
+
     def context(self, purpose: str, a: int, b: int) -> bytes:
-        """Binds a derived key or associated data to this run, this round, a purpose and an ordered pair."""
-        return f"securemark/secagg/v1|{self.run_id}|{self.round}|{purpose}|{a}|{b}".encode()
+        """Binds a derived key, associated data or a commitment to this session, round, purpose and pair."""
+        return f"securemark/secagg/v2|{self.session}|{self.round}|{purpose}|{a}|{b}".encode()
+
+    def check_safe_threshold(self, i: int) -> None:
+        """A node's refusal of a threshold a lying server could exploit: at most half of H(i)."""
+        m = len(self.holders(i))
+        if not m / 2 < self.threshold <= m:
+            raise ProtocolViolation(
+                f"threshold {self.threshold} is unsafe for {m} holders: it must exceed half of them ({m / 2:g})"
+            )
 
 
 def complete_graph(clients: Sequence[int]) -> dict[int, tuple[int, ...]]:
@@ -117,7 +198,7 @@ def sparse_degree(n: int) -> int:
 def harary_graph(clients: Sequence[int], k: int, rng: np.random.Generator) -> dict[int, tuple[int, ...]]:
     """SecAgg+: a random k-regular graph (a Harary ring over a random order; k even).
 
-    The graph is public: the server draws it and sends each client its neighbours.
+    The graph is public: the server draws it and sends each client the round's graph.
     """
     n = len(clients)
     if k % 2 or not 2 <= k < n:
@@ -135,7 +216,7 @@ def harary_graph(clients: Sequence[int], k: int, rng: np.random.Generator) -> di
 def neighbour_graph(
     clients: Sequence[int], kind: str, rng: np.random.Generator
 ) -> tuple[dict[int, tuple[int, ...]], int]:
-    """The round's graph and threshold, a majority of each neighbourhood (self included).
+    """The round's graph and threshold, a strict majority of each holder set (neighbourhood + self).
 
     ``complete`` is SecAgg; ``sparse`` is SecAgg+'s random k-regular graph, which for 4 clients or fewer
     would be no sparser than complete in any useful sense, so they get the complete graph.
@@ -148,26 +229,31 @@ def neighbour_graph(
     return complete_graph(clients), len(clients) // 2 + 1
 
 
-def private_bytes(private: X25519PrivateKey) -> bytes:
-    """The raw 32 bytes of a private key: what is Shamir-shared, and what a node keeps in its own state."""
-    return private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+def _pair_seed(cfg: RoundConfig, s_key: X25519PrivateKey, peer_s: bytes, i: int, j: int) -> bytes:
+    try:
+        shared = s_key.exchange(X25519PublicKey.from_public_bytes(peer_s))
+    except ValueError:
+        raise ProtocolViolation(f"the mask key of client {j} is a low-order point") from None
+    return hkdf(shared, cfg.context("pair", min(i, j), max(i, j)))
 
 
-def _public(private: X25519PrivateKey) -> bytes:
-    return private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-
-
-def _agree(cfg: RoundConfig, private: X25519PrivateKey, peer_public: bytes, purpose: str, a: int, b: int) -> bytes:
-    shared = private.exchange(X25519PublicKey.from_public_bytes(peer_public))
-    return hkdf(shared, cfg.context(purpose, a, b))
-
-
-def _pair_mask_key(cfg: RoundConfig, private: X25519PrivateKey, peer_public: bytes, i: int, j: int) -> bytes:
-    return _agree(cfg, private, peer_public, "mask", min(i, j), max(i, j))
+def _share_key(cfg: RoundConfig, c_key: X25519PrivateKey, peer_c: bytes, owner: int, holder: int) -> bytes:
+    try:
+        shared = c_key.exchange(X25519PublicKey.from_public_bytes(peer_c))
+    except ValueError:
+        raise ProtocolViolation("an encryption key is a low-order point") from None
+    return hkdf(shared, cfg.context("share", owner, holder))
 
 
 def _self_mask_key(cfg: RoundConfig, seed: bytes, i: int) -> bytes:
     return hkdf(seed, cfg.context("self", i, i))
+
+
+def commitment(cfg: RoundConfig, owner: int, label: int, holder: int, share: bytes) -> bytes:
+    """Hash commitment to one share (shares are uniform 521-bit values: the hash hides them)."""
+    return hashlib.sha256(cfg.context("commit", owner, holder) + struct.pack(">I", label) + share).digest()[
+        :COMMIT_BYTES
+    ]
 
 
 def _check_sender(known: Collection[int], sender: int, what: str) -> None:
@@ -175,230 +261,257 @@ def _check_sender(known: Collection[int], sender: int, what: str) -> None:
         raise ProtocolViolation(f"{what} from unknown or unexpected client {sender!r}")
 
 
-# --- client -----------------------------------------------------------------------------------------
-@dataclass
-class ClientState:
-    cfg: RoundConfig
-    id: int
-    stage: Stage = Stage.ADVERTISE
-    c_key: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate, repr=False)
-    s_key: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate, repr=False)
-    seed: bytes = field(default_factory=lambda: os.urandom(KEY_BYTES), repr=False)  # self-mask seed b_i
-    peer_keys: dict[int, tuple[bytes, bytes]] = field(default_factory=dict, repr=False)
-    held: dict[int, tuple[bytes, bytes]] = field(default_factory=dict, repr=False)  # peer -> (b, s) shares
-    sharers: tuple[int, ...] = ()  # neighbours that shared keys with us (U2 & N(i))
-
-    def __post_init__(self) -> None:
-        _check_sender(self.cfg.neighbours, self.id, "client state")
-
-    def expect(self, stage: Stage) -> None:
-        if self.stage != stage:
-            raise StageError(f"client {self.id} is at stage {self.stage.name}, got a {stage.name} request")
-
-
-def client_advertise(st: ClientState) -> tuple[bytes, bytes]:
-    """Stage 1: the two public keys (c, s)."""
-    st.expect(Stage.ADVERTISE)
-    st.stage = Stage.SHARE
-    return _public(st.c_key), _public(st.s_key)
-
-
-def client_share_keys(st: ClientState, peer_keys: Mapping[int, tuple[bytes, bytes]]) -> dict[int, bytes]:
-    """Stage 2: given neighbours' public keys, Shamir-share b_i and s_i; one AEAD ciphertext per neighbour."""
-    st.expect(Stage.SHARE)
+def _check_peer_keys(cfg: RoundConfig, me: int, peer_keys: Mapping[int, tuple[bytes, bytes]]) -> None:
+    if set(peer_keys) != set(cfg.neighbours[me]):
+        raise ProtocolViolation(f"client {me} needs the public keys of exactly its neighbours")
     for j, (c_pk, s_pk) in peer_keys.items():
-        _check_sender(st.cfg.neighbours[st.id], j, "public keys")
         if len(c_pk) != KEY_BYTES or len(s_pk) != KEY_BYTES:
             raise ProtocolViolation(f"public keys of client {j} must be {KEY_BYTES} bytes each")
-    if len(peer_keys) + 1 < st.cfg.threshold:
-        raise TooFewSurvivors(
-            f"client {st.id}: {len(peer_keys)} neighbours advertised keys, threshold {st.cfg.threshold}"
-        )
-    st.peer_keys = dict(peer_keys)
-    holders = [*sorted(peer_keys), st.id]
-    b_shares = shamir.split(st.seed, holders, st.cfg.threshold)
-    s_shares = shamir.split(private_bytes(st.s_key), holders, st.cfg.threshold)
-    st.held[st.id] = (b_shares[st.id], s_shares[st.id])
-    out = {}
-    for j in sorted(peer_keys):
-        key = _agree(st.cfg, st.c_key, peer_keys[j][0], "share", st.id, j)  # one key per direction
-        nonce = os.urandom(NONCE_BYTES)
-        plain = st.id.to_bytes(4, "big") + j.to_bytes(4, "big") + b_shares[j] + s_shares[j]
-        out[j] = nonce + ChaCha20Poly1305(key).encrypt(nonce, plain, st.cfg.context("share-ad", st.id, j))
-    st.stage = Stage.MASKED
-    return out
 
 
-def client_masked_input(st: ClientState, ciphertexts: Mapping[int, bytes], x: np.ndarray) -> np.ndarray:
-    """Stage 3: decrypt the shares addressed to us, then send y_i = x_i + self mask + pairwise masks."""
-    st.expect(Stage.MASKED)
-    cfg = st.cfg
+# --- client ---------------------------------------------------------------------------------------------------
+@dataclass
+class MaskedInput:
+    y: np.ndarray
+    ciphertexts: dict[int, bytes]  # holder -> its shares of this owner's round secrets (the owner's own included)
+    commitments: bytes  # |H(i)| x |labels| commitments, holders and labels in ``RoundConfig`` order
+
+
+def client_masked_input(
+    keys: NodeKeys, cfg: RoundConfig, peer_keys: Mapping[int, tuple[bytes, bytes]], x: np.ndarray
+) -> MaskedInput:
+    """The train step: mask ``x`` and share this round's secrets; at most once per (session, round)."""
+    i = keys.id
+    if cfg.session != keys.session or i not in cfg.neighbours:
+        raise StageError(f"client {i}: round config of another session, or not naming this client")
+    if cfg.round <= keys.last_round:
+        raise StageError(f"client {i}: round {cfg.round} is not after round {keys.last_round}; masking refused")
+    cfg.check_safe_threshold(i)
+    _check_peer_keys(cfg, i, peer_keys)
     x = np.asarray(x)
     if x.dtype != cfg.dtype or x.shape != (cfg.size,):
         raise ProtocolViolation(f"input must be {cfg.dtype.__name__} of shape ({cfg.size},), got {x.dtype} {x.shape}")
-    for j, ct in ciphertexts.items():
-        if j not in st.peer_keys:
-            raise ProtocolViolation(f"client {st.id} got a share from {j}, which is not a neighbour that advertised")
-        key = _agree(cfg, st.c_key, st.peer_keys[j][0], "share", j, st.id)
-        try:
-            plain = ChaCha20Poly1305(key).decrypt(ct[:NONCE_BYTES], ct[NONCE_BYTES:], cfg.context("share-ad", j, st.id))
-        except (InvalidTag, ValueError):
-            raise ShareAuthError(
-                f"client {st.id}: the share from client {j} failed authentication (tampered, replayed or misaddressed)"
-            ) from None
-        if int.from_bytes(plain[:4], "big") != j or int.from_bytes(plain[4:8], "big") != st.id:
-            raise ShareAuthError(f"client {st.id}: the share from client {j} names another sender or receiver")
-        b = 8 + shamir.SHARE_BYTES
-        st.held[j] = (plain[8:b], plain[b:])
-    st.sharers = tuple(sorted(ciphertexts))
+    seed = os.urandom(KEY_BYTES)
+    pairs = {j: _pair_seed(cfg, keys.s_key, peer_keys[j][1], i, j) for j in sorted(cfg.neighbours[i])}
     y = x.copy()
-    add_keystream(_self_mask_key(cfg, st.seed, st.id), y)  # unsigned arithmetic wraps: exactly mod 2^k
-    for j in st.sharers:
-        add_keystream(_pair_mask_key(cfg, st.s_key, st.peer_keys[j][1], st.id, j), y, subtract=st.id > j)
-    st.stage = Stage.UNMASK
-    return y
+    add_keystream(_self_mask_key(cfg, seed, i), y)  # unsigned arithmetic wraps: exactly mod 2^k
+    for j, p in pairs.items():
+        add_keystream(p, y, subtract=i > j)
+    holders, labels = cfg.holders(i), cfg.labels(i)
+    secrets = {B_LABEL: seed, **pairs}
+    shares = {label: shamir.split(secrets[label], holders, cfg.threshold) for label in labels}
+    peer_c = {**{j: k[0] for j, k in peer_keys.items()}, i: keys.public()[0]}
+    cts, commits = {}, []
+    for h in holders:
+        entries = b"".join(struct.pack(">I", lb) + shares[lb][h] for lb in labels)
+        plain = struct.pack(">III", i, h, len(labels)) + entries
+        nonce = os.urandom(NONCE_BYTES)
+        aead = ChaCha20Poly1305(_share_key(cfg, keys.c_key, peer_c[h], i, h))
+        cts[h] = nonce + aead.encrypt(nonce, plain, cfg.context("share-ad", i, h))
+        commits += [commitment(cfg, i, lb, h, shares[lb][h]) for lb in labels]
+    keys.last_round, keys.open_round = cfg.round, cfg.round
+    return MaskedInput(y, cts, b"".join(commits))
 
 
-def client_unmask(st: ClientState, survivors: Sequence[int]) -> tuple[dict[int, bytes], dict[int, bytes]]:
-    """Stage 4: for each peer whose input arrived reveal its b-share, for each that dropped its s-share."""
-    st.expect(Stage.UNMASK)
+def client_unmask(
+    keys: NodeKeys,
+    cfg: RoundConfig,
+    peer_keys: Mapping[int, tuple[bytes, bytes]],
+    survivors: Sequence[int],
+    ciphertexts: Mapping[int, bytes],
+) -> tuple[dict[tuple[int, int], bytes], list[int]]:
+    """The unmask step, once per round: ({(owner, label): share} for what the survivors' sum needs, the owners
+    whose shares failed authentication). A bad ciphertext costs only its owner's shares from this node."""
+    i = keys.id
+    if keys.open_round != cfg.round or cfg.session != keys.session:
+        raise StageError(f"client {i}: no masked input of round {cfg.round} waiting to be unmasked")
     alive = set(survivors)
-    if len(alive) < st.cfg.threshold:
-        raise TooFewSurvivors(
-            f"client {st.id}: {len(alive)} inputs arrived, threshold {st.cfg.threshold}: refusing to unmask"
-        )
-    if not alive <= set(st.cfg.neighbours):
-        raise ProtocolViolation(f"client {st.id}: survivor list names unknown clients")
-    b_out, s_out = {}, {}
-    for j, (b_share, s_share) in st.held.items():
-        if j in alive:
-            b_out[j] = b_share
-        else:
-            s_out[j] = s_share
-    st.stage = Stage.DONE
-    return b_out, s_out
+    if len(alive) != len(survivors) or not alive <= set(cfg.neighbours):
+        raise ProtocolViolation(f"client {i}: the survivor list names unknown or repeated clients")
+    if i not in alive:
+        raise ProtocolViolation(f"client {i}: the survivor list omits this client; refusing to reveal anything")
+    if len(alive) < cfg.threshold:
+        raise TooFewSurvivors(f"client {i}: {len(alive)} inputs arrived, threshold {cfg.threshold}: refusing")
+    _check_peer_keys(cfg, i, peer_keys)
+    peer_c = {**{j: k[0] for j, k in peer_keys.items()}, i: keys.public()[0]}
+    keys.open_round = None  # one unmask per round, whatever happens next
+    for owner in ciphertexts:
+        if owner not in peer_c or owner not in alive:
+            raise ProtocolViolation(f"client {i}: got shares of client {owner}, not a surviving neighbour or itself")
+        cfg.check_safe_threshold(owner)
+        if len(alive & set(cfg.holders(owner))) < cfg.threshold:
+            raise TooFewSurvivors(f"client {i}: fewer than {cfg.threshold} holders of client {owner} survived")
+    out: dict[tuple[int, int], bytes] = {}
+    bad = []
+    for owner, ct in sorted(ciphertexts.items()):
+        try:
+            shares = _open(cfg, keys, peer_c[owner], owner, ct)
+        except ShareAuthError:
+            bad.append(owner)
+            continue
+        for label, share in shares.items():
+            if label == B_LABEL or label not in alive:  # b of a survivor; a pair seed with a dropped neighbour
+                out[owner, label] = share
+    return out, bad
 
 
-# --- server -----------------------------------------------------------------------------------------
+def _open(cfg: RoundConfig, keys: NodeKeys, owner_c: bytes, owner: int, ct: bytes) -> dict[int, bytes]:
+    i = keys.id
+    if not isinstance(ct, bytes) or len(ct) < NONCE_BYTES + 12:
+        raise ShareAuthError(f"client {i}: the shares of client {owner} are malformed")
+    aead = ChaCha20Poly1305(_share_key(cfg, keys.c_key, owner_c, owner, i))
+    try:
+        plain = aead.decrypt(ct[:NONCE_BYTES], ct[NONCE_BYTES:], cfg.context("share-ad", owner, i))
+    except InvalidTag:
+        raise ShareAuthError(
+            f"client {i}: the shares of client {owner} failed authentication (tampered, replayed or misaddressed)"
+        ) from None
+    labels = cfg.labels(owner)
+    if plain[:12] != struct.pack(">III", owner, i, len(labels)) or len(plain) != 12 + len(labels) * _ENTRY:
+        raise ShareAuthError(f"client {i}: the shares of client {owner} name another sender, receiver or layout")
+    out = {}
+    for n, label in enumerate(labels):
+        entry = plain[12 + n * _ENTRY : 12 + (n + 1) * _ENTRY]
+        if struct.unpack(">I", entry[:4])[0] != label:
+            raise ShareAuthError(f"client {i}: the shares of client {owner} are not of this round's secrets")
+        out[label] = entry[4:]
+    return out
+
+
+# --- server ---------------------------------------------------------------------------------------------------
 @dataclass
-class ServerState:
+class SessionKeys:
+    """The server's view of a session: every node's long-term public keys (checked once, at setup)."""
+
+    session: str
+    keys: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
+
+    def register(self, node: int, c_pk: object, s_pk: object) -> None:
+        """A node's (new) keys; a node that lost its keys registers again and replaces them."""
+        c = check_public_key(c_pk, f"encryption key of client {node}")
+        s = check_public_key(s_pk, f"mask key of client {node}")
+        if c == s:
+            raise ProtocolViolation(f"client {node} advertised the same key twice")
+        taken = {k for other, pair in self.keys.items() if other != node for k in pair}
+        if c in taken or s in taken:
+            raise ProtocolViolation(f"client {node} advertised another client's public key")
+        self.keys[node] = (c, s)
+
+    def forget(self, node: int) -> None:
+        self.keys.pop(node, None)
+
+    def for_client(self, cfg: RoundConfig, i: int) -> dict[int, tuple[bytes, bytes]]:
+        return {j: self.keys[j] for j in cfg.neighbours[i]}
+
+
+@dataclass
+class ServerRound:
     cfg: RoundConfig
-    stage: Stage = Stage.ADVERTISE
-    keys: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # U1
-    routed: dict[int, dict[int, bytes]] = field(default_factory=dict, repr=False)  # receiver -> sender -> ct
-    shared: set[int] = field(default_factory=set)  # U2
     masked_sum: np.ndarray | None = field(default=None, repr=False)  # running sum of masked inputs only
-    inputs: set[int] = field(default_factory=set)  # U3
-    b_shares: dict[int, dict[int, bytes]] = field(default_factory=dict, repr=False)  # owner -> holder -> share
-    s_shares: dict[int, dict[int, bytes]] = field(default_factory=dict, repr=False)
-    unmasked: set[int] = field(default_factory=set)  # U4
-
-    def expect(self, stage: Stage, sender: int, seen: Collection[int]) -> None:
-        if self.stage != stage:
-            raise StageError(f"server is at stage {self.stage.name}; {stage.name} message from {sender} rejected")
-        _check_sender(self.cfg.neighbours, sender, f"{stage.name} message")
-        if sender in seen:
-            raise ProtocolViolation(f"duplicate {stage.name} message from client {sender}")
-
-    def close(self, stage: Stage, count: int) -> None:
-        """End ``stage``; fail loudly below the threshold rather than skip silently."""
-        if self.stage != stage:
-            raise StageError(f"server is at stage {self.stage.name}, cannot close {stage.name}")
-        if count < self.cfg.threshold:
-            raise TooFewSurvivors(f"{stage.name}: {count} clients answered, threshold is {self.cfg.threshold}")
-        self.stage = Stage(stage + 1)
+    inputs: set[int] = field(default_factory=set)  # S
+    routed: dict[int, dict[int, bytes]] = field(default_factory=dict, repr=False)  # holder -> owner -> ciphertext
+    commits: dict[int, bytes] = field(default_factory=dict, repr=False)  # owner -> commitments
+    shares: dict[tuple[int, int], dict[int, bytes]] = field(default_factory=dict, repr=False)  # (owner,label)->h->
+    answered: set[int] = field(default_factory=set)
+    closed: bool = False
+    rejected: list[str] = field(default_factory=list)  # shares that failed their commitment, with the holder
+    complaints: dict[int, set[int]] = field(default_factory=dict)  # owner -> holders that could not open its shares
 
 
-def server_receive_keys(st: ServerState, sender: int, c_pk: bytes, s_pk: bytes) -> None:
-    st.expect(Stage.ADVERTISE, sender, st.keys)
-    if len(c_pk) != KEY_BYTES or len(s_pk) != KEY_BYTES:
-        raise ProtocolViolation(f"public keys from client {sender} must be {KEY_BYTES} bytes each")
-    if c_pk == s_pk:
-        raise ProtocolViolation(f"client {sender} advertised the same key twice")
-    st.keys[sender] = (c_pk, s_pk)
-
-
-def server_keys_for(st: ServerState, client: int) -> dict[int, tuple[bytes, bytes]]:
-    """Stage 2 input for ``client``: public keys of its neighbours that advertised."""
-    return {j: st.keys[j] for j in st.cfg.neighbours[client] if j in st.keys}
-
-
-def server_receive_shares(st: ServerState, sender: int, ciphertexts: Mapping[int, bytes]) -> None:
-    st.expect(Stage.SHARE, sender, st.shared)
-    _check_sender(st.keys, sender, "shares")
-    expected = set(server_keys_for(st, sender))
-    if set(ciphertexts) != expected:
-        raise ProtocolViolation(f"client {sender} sent shares for {sorted(ciphertexts)}, expected {sorted(expected)}")
-    if any(len(ct) != CIPHER_BYTES for ct in ciphertexts.values()):
-        raise ProtocolViolation(f"client {sender} sent an encrypted share of the wrong size")
-    for j, ct in ciphertexts.items():
-        st.routed.setdefault(j, {})[sender] = bytes(ct)
-    st.shared.add(sender)
-
-
-def server_shares_for(st: ServerState, client: int) -> dict[int, bytes]:
-    """Stage 3 input for ``client``: ciphertexts addressed to it by neighbours that completed stage 2."""
-    return {j: ct for j, ct in st.routed.get(client, {}).items() if j in st.shared}
-
-
-def server_receive_masked(st: ServerState, sender: int, y: np.ndarray) -> None:
-    st.expect(Stage.MASKED, sender, st.inputs)
-    _check_sender(st.shared, sender, "masked input")
+def server_receive_masked(st: ServerRound, sender: int, m: MaskedInput) -> None:
+    """A train reply: checked completely before anything is kept, so a malformed one changes nothing."""
     cfg = st.cfg
+    if st.closed:
+        raise StageError(f"masked input from {sender} after the survivors were fixed (late: not counted)")
+    _check_sender(cfg.neighbours, sender, "masked input")
+    if sender in st.inputs:
+        raise ProtocolViolation(f"duplicate masked input from client {sender}")
+    y = m.y
     if not isinstance(y, np.ndarray) or y.dtype != cfg.dtype or y.shape != (cfg.size,):
         got = f"{getattr(y, 'dtype', type(y).__name__)} {getattr(y, 'shape', '')}"
         raise ProtocolViolation(f"masked input from {sender} must be {cfg.dtype.__name__} ({cfg.size},), got {got}")
+    holders, labels = cfg.holders(sender), cfg.labels(sender)
+    size = NONCE_BYTES + 12 + len(labels) * _ENTRY + 16
+    if set(m.ciphertexts) != set(holders) or any(
+        not isinstance(c, bytes) or len(c) != size for c in m.ciphertexts.values()
+    ):
+        raise ProtocolViolation(f"client {sender} must send one {size}-byte ciphertext per holder {list(holders)}")
+    if not isinstance(m.commitments, bytes) or len(m.commitments) != len(holders) * len(labels) * COMMIT_BYTES:
+        raise ProtocolViolation(f"client {sender} sent commitments of the wrong size")
     if st.masked_sum is None:
         st.masked_sum = y.copy()
     else:
         st.masked_sum += y
     st.inputs.add(sender)
+    st.commits[sender] = m.commitments
+    for h, ct in m.ciphertexts.items():
+        st.routed.setdefault(h, {})[sender] = ct
 
 
-def server_survivors(st: ServerState) -> tuple[int, ...]:
-    """Stage 4 input for every client: whose masked input arrived (U3)."""
+def server_close_inputs(st: ServerRound) -> tuple[int, ...]:
+    """Fix S (later inputs are refused); below the threshold the round fails loudly."""
+    if len(st.inputs) < st.cfg.threshold:
+        raise TooFewSurvivors(f"{len(st.inputs)} masked inputs arrived, threshold is {st.cfg.threshold}")
+    st.closed = True
     return tuple(sorted(st.inputs))
 
 
+def server_shares_for(st: ServerRound, holder: int) -> dict[int, bytes]:
+    """The unmask request of ``holder``: ciphertexts addressed to it by survivors."""
+    return {o: ct for o, ct in st.routed.get(holder, {}).items() if o in st.inputs}
+
+
 def server_receive_unmask(
-    st: ServerState, sender: int, b_shares: Mapping[int, bytes], s_shares: Mapping[int, bytes]
+    st: ServerRound, sender: int, reveals: Mapping[tuple[int, int], bytes], bad: Collection[int] = ()
 ) -> None:
-    st.expect(Stage.UNMASK, sender, st.unmasked)
-    _check_sender(st.inputs, sender, "unmask shares")
-    if set(b_shares) & set(s_shares):
-        raise ProtocolViolation(f"client {sender} revealed both shares of the same peer")
-    if not set(b_shares) <= st.inputs or set(s_shares) & st.inputs:
-        raise ProtocolViolation(f"client {sender} revealed shares inconsistent with the survivor list")
-    for owner, share in b_shares.items():
-        st.b_shares.setdefault(owner, {})[sender] = bytes(share)
-    for owner, share in s_shares.items():
-        st.s_shares.setdefault(owner, {})[sender] = bytes(share)
-    st.unmasked.add(sender)
-
-
-def server_sum(st: ServerState) -> np.ndarray:
-    """Stage 5: remove survivors' self masks and dropped clients' pairwise masks from the running sum."""
-    st.close(Stage.UNMASK, len(st.unmasked))
+    """An unmask reply. A share that fails its commitment is dropped and recorded; the rest are kept. ``bad``:
+    owners whose ciphertexts this holder could not open (recorded: an owner that cannot be rebuilt and has
+    complaints is named in the error)."""
     cfg = st.cfg
-    assert st.masked_sum is not None  # close(MASKED) guaranteed >= threshold inputs
+    if not st.closed:
+        raise StageError(f"unmask reply from {sender} before the survivors were fixed")
+    _check_sender(st.inputs, sender, "unmask reply")
+    if sender in st.answered:
+        raise ProtocolViolation(f"duplicate unmask reply from client {sender}")
+    for owner, label in reveals:
+        if owner not in st.inputs or sender not in cfg.holders(owner) or label not in cfg.labels(owner):
+            raise ProtocolViolation(f"client {sender} revealed a share ({owner}, {label}) it cannot hold")
+        if label != B_LABEL and label in st.inputs:
+            raise ProtocolViolation(f"client {sender} revealed the pair seed of two survivors ({owner}, {label})")
+    st.answered.add(sender)
+    for owner in bad:
+        if owner in st.inputs:
+            st.complaints.setdefault(owner, set()).add(sender)
+    for (owner, label), share in reveals.items():
+        pos = cfg.holders(owner).index(sender) * len(cfg.labels(owner)) + cfg.labels(owner).index(label)
+        expected = st.commits[owner][pos * COMMIT_BYTES : (pos + 1) * COMMIT_BYTES]
+        if not isinstance(share, bytes) or commitment(cfg, owner, label, sender, share) != expected:
+            st.rejected.append(f"share ({owner}, {label}) from client {sender} fails its commitment")
+            continue
+        st.shares.setdefault((owner, label), {})[sender] = share
+
+
+def server_sum(st: ServerRound) -> np.ndarray:
+    """The sum over S: survivors' self masks and their pair masks with dropped neighbours removed."""
+    cfg = st.cfg
+    if not st.closed or st.masked_sum is None:
+        raise StageError("the survivors are not fixed yet")
     total = st.masked_sum.copy()
-    for j in sorted(st.inputs):
-        seed = _rebuild(st.b_shares.get(j, {}), cfg.threshold, f"self-mask seed of client {j}")
-        add_keystream(_self_mask_key(cfg, seed, j), total, subtract=True)
-    for j in sorted(st.shared - st.inputs):  # shared keys, then vanished before sending its input
-        raw = _rebuild(st.s_shares.get(j, {}), cfg.threshold, f"mask key of dropped client {j}")
-        s_key = X25519PrivateKey.from_private_bytes(raw)
-        for k in cfg.neighbours[j]:
-            if k in st.inputs:  # k added sign(k, j) PRG(s_kj); take it out
-                add_keystream(_pair_mask_key(cfg, s_key, st.keys[k][1], k, j), total, subtract=k < j)
-    st.stage = Stage.DONE
+    for i in sorted(st.inputs):
+        if len(st.shares.get((i, B_LABEL), {})) < cfg.threshold and st.complaints.get(i):
+            raise BadOwner(i, f"{len(st.complaints[i])} holders could not open the shares of client {i}")
+        seed = _rebuild(st.shares.get((i, B_LABEL), {}), cfg.threshold, f"self-mask seed of client {i}")
+        add_keystream(_self_mask_key(cfg, seed, i), total, subtract=True)
+        for j in sorted(set(cfg.neighbours[i]) - st.inputs):  # i added sign(i, j) PRG(p_ij); take it out
+            p = _rebuild(st.shares.get((i, j), {}), cfg.threshold, f"pair seed of clients {i} and {j}")
+            add_keystream(p, total, subtract=i < j)
     return total
 
 
 def _rebuild(shares: Mapping[int, bytes], threshold: int, what: str) -> bytes:
     if len(shares) < threshold:
-        raise TooFewSurvivors(f"cannot rebuild the {what}: {len(shares)} shares arrived, threshold {threshold}")
+        raise TooFewSurvivors(f"cannot rebuild the {what}: {len(shares)} good shares arrived, threshold {threshold}")
     try:
         return shamir.combine(shares, threshold)
-    except shamir.ShareError as exc:
-        raise ProtocolViolation(f"cannot rebuild the {what}: {exc}") from None
+    except shamir.ShareError as exc:  # commitments matched: the owner itself shared inconsistently
+        raise ProtocolViolation(f"cannot rebuild the {what}: {exc} (its owner shared inconsistent values)") from None

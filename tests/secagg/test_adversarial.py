@@ -1,165 +1,247 @@
-"""Tampering, replay, misaddressing, bad vectors, stage order, and what the server ever holds."""
+"""Tampering, replay, misaddressing, bad keys and vectors, lying servers, and what the server ever holds."""
 
 import itertools
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from securemark.secagg import protocol as P
-from securemark.secagg.driver import run_round
-from securemark.secagg.protocol import Stage
+from securemark.secagg.driver import Session, run_round
 
-IDS = (1, 2, 3, 4)
-
-
-def setup_round(round_no=1, size=5):
-    cfg = P.RoundConfig("adv", round_no, P.complete_graph(IDS), threshold=3, size=size)
-    srv = P.ServerState(cfg)
-    clients = {i: P.ClientState(cfg, i) for i in IDS}
-    for i in IDS:
-        P.server_receive_keys(srv, i, *P.client_advertise(clients[i]))
-    srv.close(Stage.ADVERTISE, len(srv.keys))
-    for i in IDS:
-        P.server_receive_shares(srv, i, P.client_share_keys(clients[i], P.server_keys_for(srv, i)))
-    srv.close(Stage.SHARE, len(srv.shared))
-    return cfg, srv, clients
+IDS = (1, 2, 3, 4, 5)
+LOW_ORDER = [bytes(32), (1).to_bytes(32, "little"), ((1 << 255) - 19 - 1).to_bytes(32, "little")]
 
 
 def x_of(i, size=5):
     return np.full(size, 1000 * i, dtype=np.uint64)
 
 
+def masked_round(round_no=1, session=None, threshold=3):
+    """Every client of IDS masked its input; the server holds the replies, survivors not fixed."""
+    session = session or Session("adv")
+    cfg = P.RoundConfig("adv", round_no, P.complete_graph(IDS), threshold=threshold, size=5)
+    for i in IDS:
+        if i not in session.nodes:
+            session.join(i)
+    srv = P.ServerRound(cfg)
+    replies = {i: P.client_masked_input(session.nodes[i], cfg, session.server.for_client(cfg, i), x_of(i)) for i in IDS}
+    return session, cfg, srv, replies
+
+
+def unmask(session, cfg, srv, i, survivors, cts=None):
+    cts = P.server_shares_for(srv, i) if cts is None else cts
+    return P.client_unmask(session.nodes[i], cfg, session.server.for_client(cfg, i), survivors, cts)
+
+
+def finish(session, cfg, srv, replies, tamper=None):
+    for i, m in replies.items():
+        P.server_receive_masked(srv, i, m)
+    survivors = P.server_close_inputs(srv)
+    for i in survivors:
+        cts = P.server_shares_for(srv, i)
+        if tamper:
+            cts = tamper(i, cts)
+        P.server_receive_unmask(srv, i, *unmask(session, cfg, srv, i, survivors, cts))
+    return P.server_sum(srv)
+
+
 def flip(ct: bytes, pos: int) -> bytes:
     return ct[:pos] + bytes([ct[pos] ^ 0x01]) + ct[pos + 1 :]
 
 
-@pytest.mark.parametrize("pos", [0, 5, P.NONCE_BYTES, P.NONCE_BYTES + 40, P.CIPHER_BYTES - 1])
-def test_flipped_bit_in_an_encrypted_share_is_rejected(pos):
-    _, srv, clients = setup_round()
-    cts = P.server_shares_for(srv, 2)
-    cts[3] = flip(cts[3], pos)
-    with pytest.raises(P.ShareAuthError, match="share from client 3 failed authentication"):
-        P.client_masked_input(clients[2], cts, x_of(2))
+@pytest.mark.parametrize("pos", [0, 5, P.NONCE_BYTES, P.NONCE_BYTES + 40, -1])
+def test_a_flipped_bit_costs_one_holders_shares_not_the_round(pos):
+    session, cfg, srv, replies = masked_round()
+
+    def tamper(holder, cts):
+        return {o: flip(ct, pos) if (holder, o) == (2, 3) else ct for o, ct in cts.items()}
+
+    np.testing.assert_array_equal(finish(session, cfg, srv, replies, tamper), sum(x_of(i) for i in IDS))
+    assert srv.complaints == {3: {2}}
 
 
-def test_share_replayed_from_another_round_is_rejected():
-    _, old_srv, _ = setup_round(round_no=1)
-    _, srv, clients = setup_round(round_no=2)
-    cts = P.server_shares_for(srv, 2)
-    cts[3] = P.server_shares_for(old_srv, 2)[3]
-    with pytest.raises(P.ShareAuthError, match="client 3"):
-        P.client_masked_input(clients[2], cts, x_of(2))
+def test_shares_replayed_from_another_round_or_redirected_are_not_opened():
+    session, cfg1, srv1, replies1 = masked_round(1)
+    _, cfg2, srv2, replies2 = masked_round(2, session)
+    for srv, replies in ((srv1, replies1), (srv2, replies2)):
+        for i, m in replies.items():
+            P.server_receive_masked(srv, i, m)
+    survivors = P.server_close_inputs(srv2)
+    P.server_close_inputs(srv1)
+    cts = P.server_shares_for(srv2, 2)
+    cts[3] = P.server_shares_for(srv1, 2)[3]  # round 1's shares, replayed in round 2
+    cts[4] = P.server_shares_for(srv2, 5)[4]  # 4's shares for 5, redirected to 2
+    reveals, bad = unmask(session, cfg2, srv2, 2, survivors, cts)
+    assert sorted(bad) == [3, 4] and {o for o, _ in reveals} == {1, 2, 5}
 
 
-def test_share_addressed_to_another_client_is_rejected():
-    _, srv, clients = setup_round()
-    cts = P.server_shares_for(srv, 2)
-    cts[3] = P.server_shares_for(srv, 4)[3]  # 3's share for 4, redirected to 2
-    with pytest.raises(P.ShareAuthError, match="client 3"):
-        P.client_masked_input(clients[2], cts, x_of(2))
+def test_an_owner_sending_garbage_ciphertexts_fails_the_round_and_is_named():
+    session, cfg, srv, replies = masked_round()
+    m = replies[4]
+    replies[4] = P.MaskedInput(m.y, {h: bytes(len(ct)) for h, ct in m.ciphertexts.items()}, m.commitments)
+    with pytest.raises(P.BadOwner) as err:
+        finish(session, cfg, srv, replies)
+    assert err.value.client == 4 and "client 4" in str(err.value)
+
+
+def test_a_tampered_revealed_share_is_caught_by_its_commitment_and_costs_one_share():
+    session, cfg, srv, replies = masked_round()
+    for i, m in replies.items():
+        P.server_receive_masked(srv, i, m)
+    survivors = P.server_close_inputs(srv)
+    for i in survivors:
+        reveals, bad = unmask(session, cfg, srv, i, survivors)
+        if i == 2:
+            reveals = {k: flip(v, 30) for k, v in reveals.items()}
+        P.server_receive_unmask(srv, i, reveals, bad)
+    np.testing.assert_array_equal(P.server_sum(srv), sum(x_of(i) for i in IDS))
+    assert len(srv.rejected) == 5 and all("from client 2" in r for r in srv.rejected)
 
 
 @pytest.mark.parametrize(
     "bad",
-    [
-        np.zeros(4, np.uint64),
-        np.zeros(6, np.uint64),
-        np.zeros(5, np.float64),
-        np.zeros(5, np.uint32),
-        np.full(5, np.nan),
-        [0, 0, 0, 0, 0],
-    ],
+    [np.zeros(4, np.uint64), np.zeros(6, np.uint64), np.zeros(5, np.float64), np.zeros(5, np.uint32), [0] * 5],
 )
-def test_bad_masked_vectors_are_rejected_and_the_round_still_completes(bad):
-    _, srv, clients = setup_round()
-    ys = {i: P.client_masked_input(clients[i], P.server_shares_for(srv, i), x_of(i)) for i in IDS}
+def test_bad_masked_vectors_are_rejected_and_nothing_is_kept(bad):
+    session, cfg, srv, replies = masked_round()
+    m = replies[1]
     with pytest.raises(P.ProtocolViolation, match="masked input from 1"):
-        P.server_receive_masked(srv, 1, bad)
-    assert srv.inputs == set() and srv.masked_sum is None  # nothing of the bad message was kept
-    for i in IDS:
-        P.server_receive_masked(srv, i, ys[i])
-    srv.close(Stage.MASKED, len(srv.inputs))
-    for i in IDS:
-        P.server_receive_unmask(srv, i, *P.client_unmask(clients[i], P.server_survivors(srv)))
-    np.testing.assert_array_equal(P.server_sum(srv), sum(x_of(i) for i in IDS))
+        P.server_receive_masked(srv, 1, P.MaskedInput(bad, m.ciphertexts, m.commitments))
+    for broken in (
+        P.MaskedInput(m.y, {**m.ciphertexts, 9: b"x"}, m.commitments),
+        P.MaskedInput(m.y, {h: ct[:-1] for h, ct in m.ciphertexts.items()}, m.commitments),
+        P.MaskedInput(m.y, m.ciphertexts, m.commitments[:-1]),
+        P.MaskedInput(m.y, m.ciphertexts, "not bytes"),
+    ):
+        with pytest.raises(P.ProtocolViolation, match="client 1"):
+            P.server_receive_masked(srv, 1, broken)
+    assert srv.inputs == set() and srv.masked_sum is None and not srv.routed  # nothing of the bad messages kept
+    np.testing.assert_array_equal(finish(session, cfg, srv, replies), sum(x_of(i) for i in IDS))
 
 
-def test_client_rejects_non_finite_or_misshapen_input():
-    _, srv, clients = setup_round()
-    with pytest.raises(P.ProtocolViolation, match="input must be uint64"):
-        P.client_masked_input(clients[1], P.server_shares_for(srv, 1), np.full(5, np.inf))
+@pytest.mark.parametrize("key", LOW_ORDER)
+def test_low_order_duplicate_and_malformed_keys_are_refused_at_setup(key):
+    srv = P.SessionKeys("keys")
+    good = P.NodeKeys("keys", 1).public()
+    with pytest.raises(P.ProtocolViolation, match="low-order"):
+        srv.register(2, key, good[1])
+    with pytest.raises(P.ProtocolViolation, match="low-order"):
+        srv.register(2, good[0], key)
+    srv.register(1, *good)
+    with pytest.raises(P.ProtocolViolation, match="another client"):
+        srv.register(2, good[0], P.NodeKeys("keys", 2).public()[1])
+    with pytest.raises(P.ProtocolViolation, match="same key twice"):
+        srv.register(3, good[0], good[0])
+    for malformed in (b"short", "a string", None, bytes(33)):
+        with pytest.raises(P.ProtocolViolation, match="32 bytes"):
+            srv.register(3, malformed, good[1])
+    assert set(srv.keys) == {1}
 
 
-def test_unknown_duplicate_and_inconsistent_messages():
-    cfg, srv, clients = setup_round()
-    y = P.client_masked_input(clients[1], P.server_shares_for(srv, 1), x_of(1))
+def test_a_client_refuses_an_unsafe_threshold_a_repeated_round_and_a_second_unmask():
+    session = Session("adv")
+    with pytest.raises(P.ProtocolViolation, match="unsafe"):
+        masked_round(1, session, threshold=2)  # 2 of 5 holders: a lying server could rebuild both kinds of seed
+    session, cfg, srv, replies = masked_round(2, session)
+    with pytest.raises(P.StageError, match="not after round 2"):
+        P.client_masked_input(session.nodes[1], cfg, session.server.for_client(cfg, 1), x_of(1))
+    old = P.RoundConfig("adv", 1, cfg.neighbours, 3, 5)
+    with pytest.raises(P.StageError, match="not after"):
+        P.client_masked_input(session.nodes[1], old, session.server.for_client(cfg, 1), x_of(1))
+    for i, m in replies.items():
+        P.server_receive_masked(srv, i, m)
+    survivors = P.server_close_inputs(srv)
+    with pytest.raises(P.ProtocolViolation, match="omits this client"):
+        unmask(session, cfg, srv, 1, (2, 3, 4, 5))
+    with pytest.raises(P.TooFewSurvivors, match="refusing"):
+        unmask(session, cfg, srv, 2, (1, 2))
+    unmask(session, cfg, srv, 3, survivors)
+    with pytest.raises(P.StageError, match="no masked input"):
+        unmask(session, cfg, srv, 3, (3, 4, 5))  # a second list, to collect other shares: refused
+
+
+def test_server_refuses_late_duplicate_and_out_of_order_messages():
+    session, cfg, srv, replies = masked_round()
     with pytest.raises(P.ProtocolViolation, match="unknown"):
-        P.server_receive_masked(srv, 99, y)
-    P.server_receive_masked(srv, 1, y)
+        P.server_receive_masked(srv, 99, replies[1])
+    with pytest.raises(P.StageError, match="before the survivors"):
+        P.server_receive_unmask(srv, 1, {})
+    for i in (1, 2, 3, 4):
+        P.server_receive_masked(srv, i, replies[i])
     with pytest.raises(P.ProtocolViolation, match="duplicate"):
-        P.server_receive_masked(srv, 1, y)
-    other = P.ServerState(cfg)
-    with pytest.raises(P.ProtocolViolation, match="32 bytes"):
-        P.server_receive_keys(other, 1, b"short", bytes(32))
+        P.server_receive_masked(srv, 1, replies[1])
+    survivors = P.server_close_inputs(srv)
+    with pytest.raises(P.StageError, match="late"):
+        P.server_receive_masked(srv, 5, replies[5])
+    reveals, bad = unmask(session, cfg, srv, 1, survivors)
+    with pytest.raises(P.ProtocolViolation, match="pair seed of two survivors"):
+        P.server_receive_unmask(srv, 2, {(1, 3): bytes(66)})
+    P.server_receive_unmask(srv, 1, reveals, bad)
+    with pytest.raises(P.ProtocolViolation, match="duplicate"):
+        P.server_receive_unmask(srv, 1, reveals, bad)
 
 
-def test_client_refuses_to_unmask_below_threshold_and_never_reveals_both_shares():
-    _, srv, clients = setup_round()
-    for i in IDS:
-        P.client_masked_input(clients[i], P.server_shares_for(srv, i), x_of(i))
-    with pytest.raises(P.TooFewSurvivors, match="refusing to unmask"):
-        P.client_unmask(clients[1], (1, 2))
-    b, s = P.client_unmask(clients[2], (1, 2, 3))
-    assert set(b) == {1, 2, 3} and set(s) == {4} and not set(b) & set(s)
+def test_a_late_arrival_stays_masked_by_its_self_mask():
+    """Client 5's input arrives after the survivors are fixed: the server learns every pair seed of 5 with the
+    survivors, but no share of b_5 is ever revealed, so y_5 minus everything revealed is still not x_5."""
+    session, cfg, srv, replies = masked_round()
+    late = replies.pop(5)
+    total = finish(session, cfg, srv, replies)
+    np.testing.assert_array_equal(total, sum(x_of(i) for i in (1, 2, 3, 4)))
+    assert not any(owner == 5 for owner, _ in srv.shares)
+    peeled = late.y.copy()
+    for i in (1, 2, 3, 4):
+        p = P.shamir.combine(srv.shares[i, 5], cfg.threshold)
+        P.add_keystream(p, peeled, subtract=True)  # 5 > i: 5 subtracted PRG(p_i5); undo what the server can
+    assert not np.array_equal(peeled, x_of(5))
 
 
-SERVER_CALLS = {
-    Stage.ADVERTISE: lambda srv, c: P.server_receive_keys(srv, 1, bytes(32), bytes([1]) * 32),
-    Stage.SHARE: lambda srv, c: P.server_receive_shares(srv, 1, {}),
-    Stage.MASKED: lambda srv, c: P.server_receive_masked(srv, 1, np.zeros(5, np.uint64)),
-    Stage.UNMASK: lambda srv, c: P.server_receive_unmask(srv, 1, {}, {}),
-}
+def _reveal_sets(session, cfg, srv, target):
+    """For each holder h and each survivor list a server could tell it, the (owner, label) pairs it reveals."""
+    options = {}
+    for h in IDS:
+        others = [j for j in IDS if j not in (h, target)]
+        lists = [
+            tuple(sorted({h, target, *extra}))
+            for n in range(len(others) + 1)
+            for extra in itertools.combinations(others, n)
+        ]
+        options[h] = []
+        for survivors in lists:
+            session.nodes[h].open_round = cfg.round  # replay the same node in another possible world
+            cts = {o: ct for o, ct in P.server_shares_for(srv, h).items() if o in survivors}
+            try:
+                reveals, _ = unmask(session, cfg, srv, h, survivors, cts)
+            except P.SecAggError:
+                continue
+            options[h].append(set(reveals))
+    return options
 
 
-@pytest.mark.parametrize(("at", "msg"), list(itertools.product(SERVER_CALLS, SERVER_CALLS)))
-def test_server_stage_transition_matrix(at, msg):
-    """Only the message of the current stage gets past the stage check."""
-    cfg = P.RoundConfig("m", 1, P.complete_graph(IDS), 3, 5)
-    srv = P.ServerState(cfg, stage=at)
-    if at == msg:
-        try:
-            SERVER_CALLS[msg](srv, None)
-        except P.StageError:  # pragma: no cover - the assertion below names it
-            pytest.fail("a message of the current stage was refused as out of order")
-        except P.SecAggError:
-            pass  # content checks may still refuse it; the stage check let it through
-    else:
-        with pytest.raises(P.StageError):
-            SERVER_CALLS[msg](srv, None)
-
-
-CLIENT_CALLS = {
-    Stage.ADVERTISE: lambda c: P.client_advertise(c),
-    Stage.SHARE: lambda c: P.client_share_keys(c, {}),
-    Stage.MASKED: lambda c: P.client_masked_input(c, {}, np.zeros(5, np.uint64)),
-    Stage.UNMASK: lambda c: P.client_unmask(c, IDS),
-}
-
-
-@pytest.mark.parametrize(("at", "msg"), list(itertools.product(CLIENT_CALLS, CLIENT_CALLS)))
-def test_client_stage_transition_matrix(at, msg):
-    cfg = P.RoundConfig("m", 1, P.complete_graph(IDS), 3, 5)
-    client = P.ClientState(cfg, 1, stage=at)
-    if at == msg:
-        try:
-            CLIENT_CALLS[msg](client)
-        except P.StageError:  # pragma: no cover
-            pytest.fail("a request of the current stage was refused as out of order")
-        except P.SecAggError:
-            pass
-    else:
-        with pytest.raises(P.StageError):
-            CLIENT_CALLS[msg](client)
+def test_a_server_telling_each_client_a_different_survivor_list_cannot_isolate_an_input():
+    """Complete graph, 5 clients, t = 3: over every combination of survivor lists told to the 5 holders
+    (each list naming the target; a holder refuses lists it must refuse), the server never collects t shares
+    of b_1 and of every pair seed of client 1 (from 1's sharing or its peer's)."""
+    session, cfg, srv, replies = masked_round()
+    for i, m in replies.items():
+        P.server_receive_masked(srv, i, m)
+    P.server_close_inputs(srv)
+    target, t = 1, cfg.threshold
+    options = _reveal_sets(session, cfg, srv, target)
+    assert all(options[h] for h in IDS)
+    combos = 0
+    for choice in itertools.product(*(options[h] for h in IDS)):
+        combos += 1
+        count: dict[tuple[int, int], int] = {}
+        for revealed in choice:
+            for key in revealed:
+                count[key] = count.get(key, 0) + 1
+        if count.get((target, P.B_LABEL), 0) < t:
+            continue
+        isolated = all(max(count.get((target, k), 0), count.get((k, target), 0)) >= t for k in IDS if k != target)
+        assert not isolated, "a lying server collected every mask of one client"
+    assert combos > 1000
 
 
 def _arrays(obj, seen=None):
@@ -180,32 +262,44 @@ def _arrays(obj, seen=None):
         yield from _arrays(vars(obj), seen)
 
 
-def test_server_never_holds_an_individual_unmasked_vector(monkeypatch):
-    """After every server step, nothing in its state equals a client's input or a partial sum of up to three
-    inputs (what peeling masks off one client would give); at the end it holds the sum and nothing finer."""
-    ids = (1, 2, 3, 4, 5)
-    cfg = P.RoundConfig("priv", 1, P.complete_graph(ids), 3, 64)
+def test_server_never_holds_an_individual_unmasked_vector_across_rounds(monkeypatch):
+    """After every server step of three rounds (one with a dropout before masking, one at unmask), nothing in
+    its state equals a client's input or a partial sum of up to three inputs; it ends with the sum only."""
+    session = Session("priv")
     rng = np.random.default_rng(0)
-    x = {i: rng.integers(0, 2**63, 64, dtype=np.uint64) for i in ids}
-    forbidden = [sum(x[i] for i in subset) for r in (1, 2, 3) for subset in itertools.combinations(ids, r)]
-    srv = P.ServerState(cfg)
     checks = []
+    for r, drop in enumerate(({"unmask": {5}}, {"masked": {2}}, {}), start=1):
+        cfg = P.RoundConfig("priv", r, P.complete_graph(IDS), 3, 64)
+        x = {i: rng.integers(0, 2**63, 64, dtype=np.uint64) for i in IDS}
+        sent = [i for i in IDS if i not in drop.get("masked", ())]
+        forbidden = [sum(x[i] for i in subset) for n in (1, 2, 3) for subset in itertools.combinations(sent, n)]
+        srv = P.ServerRound(cfg)
 
-    def scan():
-        for arr in _arrays(srv):
-            assert not any(np.array_equal(arr, f) for f in forbidden), "server held an unmasked vector"
-        checks.append(1)
+        def scan(srv=srv, forbidden=forbidden):
+            for arr in _arrays(srv):
+                assert not any(np.array_equal(arr, f) for f in forbidden), "server held an unmasked vector"
+            checks.append(1)
 
-    for name in [n for n in dir(P) if n.startswith("server_")]:
-        original = getattr(P, name)
+        with monkeypatch.context() as m:
+            for name in [n for n in dir(P) if n.startswith("server_")]:
+                original = getattr(P, name)
 
-        def spied(*args, _original=original, **kwargs):
-            out = _original(*args, **kwargs)
-            scan()
-            return out
+                def spied(*args, _original=original, _scan=scan, **kwargs):
+                    out = _original(*args, **kwargs)
+                    _scan()
+                    return out
 
-        monkeypatch.setattr(P, name, spied)
-    result = run_round(cfg, x, {Stage.UNMASK: {5}}, server=srv)
-    np.testing.assert_array_equal(result.total, sum(x[i] for i in ids))
-    assert len(checks) > 3 * len(ids)  # every server step was inspected
-    assert srv.masked_sum is not None and not np.array_equal(srv.masked_sum, result.total)
+                m.setattr(P, name, spied)
+            result = run_round(session, cfg, x, drop, server=srv)
+        np.testing.assert_array_equal(result.total, sum(x[i] for i in sent))
+        assert srv.masked_sum is not None and not np.array_equal(srv.masked_sum, result.total)
+    assert len(checks) > 3 * 2 * len(IDS)  # every server step of every round was inspected
+
+
+def test_a_node_key_is_never_in_what_it_sends():
+    session, cfg, srv, replies = masked_round()
+    secrets = [P.private_bytes(k) for n in session.nodes.values() for k in (n.c_key, n.s_key)]
+    for m in replies.values():
+        wire = m.y.tobytes() + m.commitments + b"".join(m.ciphertexts.values())
+        assert not any(s in wire for s in secrets)
+    assert isinstance(session.nodes[1].c_key, X25519PrivateKey)

@@ -13,7 +13,7 @@ def test_weighted_mean_hand_worked():
     xs, ws = [-0.5, 0.5, 1.5], [3, 2, 1]  # q = 1, 2, 3 with weights 3, 2, 1: sum n q = 10, sum n = 6
     total = sum(encode(np.array([x]), w, cfg, rng) for x, w in zip(xs, ws, strict=True))
     assert list(total) == [10, 6, 0]
-    dec = decode(total, cfg)
+    dec = decode(total, cfg, 3)
     assert dec.total_weight == 6 and dec.clipped == 0
     assert dec.mean[0] == pytest.approx(10 / 6 * 1.0 - 1.5)  # = (3 * -0.5 + 2 * 0.5 + 1.5) / 6
 
@@ -49,7 +49,7 @@ def test_bad_weight_and_shape():
 def test_stochastic_rounding_is_unbiased():
     cfg = QuantConfig(clip=1.0, bits=4)
     x = np.full(200_000, 0.3)
-    q = decode(encode(x, 1, cfg, np.random.default_rng(1)), cfg).mean  # weight 1: the quantized values
+    q = decode(encode(x, 1, cfg, np.random.default_rng(1)), cfg, 1).mean  # weight 1: the quantized values
     assert abs(q.mean() - 0.3) < 1e-3
     assert set(np.round(np.unique(q), 9)) <= set(np.round(-1 + cfg.step * np.arange(16), 9))
 
@@ -59,5 +59,33 @@ def test_stochastic_rounding_is_unbiased():
 def test_error_within_one_step(values, weight, bits):
     cfg = QuantConfig(clip=2.0, bits=bits, max_weight=64, max_clients=2)
     x = np.array(values)
-    dec = decode(encode(x, weight, cfg, np.random.default_rng(0)), cfg)
+    dec = decode(encode(x, weight, cfg, np.random.default_rng(0)), cfg, 1)
     assert np.all(np.abs(dec.mean - x) <= cfg.step + 1e-12)
+
+
+def test_clipped_slot_counts_in_the_wrap_bound():
+    """bits=1, max_weight=1: the value slots need 1 bit per client, but the clipped slot can reach clients x D."""
+    small = QuantConfig(bits=1, max_weight=1, max_clients=1 << 20, size=1 << 12)
+    assert small.bound == (1 << 20) * (1 << 12) and small.modulus_bits == 64
+    assert QuantConfig(bits=1, max_weight=1, max_clients=4, size=8).modulus_bits == 32
+    with pytest.raises(QuantizationError, match="flat vector"):
+        encode(np.zeros(9), 1, QuantConfig(size=8), np.random.default_rng(0))
+
+
+def test_decode_refuses_sums_no_honest_clients_produce():
+    cfg = QuantConfig(clip=1.0, bits=4, max_weight=10, max_clients=8, size=3)
+    good = sum(encode(np.array([0.1, -0.2, 5.0]), w, cfg, np.random.default_rng(w)) for w in (2, 3))
+    assert decode(good, cfg, 2).total_weight == 5 and decode(good, cfg, 2).clipped == 2
+    for bad_weight in (0, 1, 21):  # below the number of contributors, or above 2 x max_weight
+        total = good.copy()
+        total[-2] = bad_weight
+        with pytest.raises(QuantizationError, match="impossible total weight"):
+            decode(total, cfg, 2)
+    total = good.copy()
+    total[0] = 5 * cfg.levels + 1  # more than weight x levels
+    with pytest.raises(QuantizationError, match="impossible sum"):
+        decode(total, cfg, 2)
+    total = good.copy()
+    total[-1] = 7  # 2 clients x 3 values = 6 at most
+    with pytest.raises(QuantizationError, match="impossible sum"):
+        decode(total, cfg, 2)
