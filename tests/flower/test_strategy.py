@@ -358,3 +358,92 @@ def test_a_malformed_reply_at_any_stage_drops_that_node_and_never_ends_the_run(t
     s, _, log = one_round(tmp_path, app_with(good_reply, mods=[_mangle(stage, how), securemark_mod]), clients=4)
     assert "rejected node 1000" in log
     assert s.rounds[0]["status"] == "completed" and s.rounds[0]["survived"] >= 3
+
+
+def _hostile(stage, change):
+    """A mod outside securemark_mod on node 1000 that rewrites its reply's securemark records at ``stage``."""
+
+    def mod(msg, context, call_next):
+        reply = call_next(msg, context)
+        if context.node_id == 1000 and reply.has_content() and str(msg.content[wire.SM]["stage"]) == stage:
+            change(reply.content)
+        return reply
+
+    return mod
+
+
+def _set(key, field, value):
+    def change(content):
+        content[key][field] = value
+
+    return change
+
+
+def _empty_update(content):
+    content[wire.UPDATE] = ArrayRecord()
+
+
+LOW_ORDER_KEY = (1).to_bytes(32, "little")
+
+
+@pytest.mark.parametrize(
+    ("stage", "change", "why"),
+    [
+        (wire.HELLO, lambda c: c[wire.PAYLOAD].pop("c_pk"), "KeyError"),  # keys without c_pk
+        (wire.HELLO, _set(wire.PAYLOAD, "c_pk", "a string"), "32 bytes"),
+        (wire.HELLO, _set(wire.PAYLOAD, "s_pk", LOW_ORDER_KEY), "low-order"),
+        (wire.HELLO, _set(wire.PAYLOAD, "s_pk", bytes(32)), "low-order"),
+        (wire.TRAIN, _set(wire.PAYLOAD, "values", "a string"), "bytes map"),  # shares as a string
+        (wire.TRAIN, _empty_update, "IndexError"),  # an empty ArrayRecord update
+        (wire.TRAIN, _set(wire.PAYLOAD, "commitments", b"short"), "commitments"),
+        (wire.UNMASK, _set(wire.PAYLOAD, "shares", ["x"]), "count"),
+        (wire.UNMASK, _set(wire.PAYLOAD, "owners", [1, 1, 1, 1, 1]), "count"),
+    ],
+)
+def test_every_malformed_reply_drops_that_client_with_a_reason_and_the_run_goes_on(tmp_path, stage, change, why):
+    cfg = config(clients=4, rounds=2)
+    s = quiet_strategy(cfg, tmp_path, console=recording_console())
+    grid = InProcessGrid(4, app=app_with(good_reply, mods=[_hostile(stage, change), securemark_mod]))
+    s.start(grid, initial(cfg), num_rounds=2, train_config=train_config(cfg))
+    log = s.console.export_text()
+    assert "rejected node 1000" in log and why in log
+    assert [m["status"] for m in s.rounds] == ["completed", "completed"]
+    assert all(m["survived"] >= 3 for m in s.rounds)
+
+
+def test_garbage_shares_fail_one_round_name_the_sender_and_it_is_not_admitted_again(tmp_path):
+    def garbage(content):
+        rec = content[wire.PAYLOAD]
+        rec["values"] = [bytes(len(v)) for v in rec["values"]]
+
+    cfg = config(clients=4, rounds=2)
+    s = quiet_strategy(cfg, tmp_path, console=recording_console())
+    grid = InProcessGrid(4, app=app_with(good_reply, mods=[_hostile(wire.TRAIN, garbage), securemark_mod]))
+    s.start(grid, initial(cfg), num_rounds=2, train_config=train_config(cfg))
+    log = s.console.export_text()
+    assert [m["status"] for m in s.rounds] == ["failed", "completed"]
+    assert "refused node 1000" in log and "cannot open" in log
+    assert 1000 in s.refused and s.rounds[1]["survived"] == 3
+
+
+def test_steady_state_is_two_exchanges_a_round_and_a_node_that_lost_its_keys_is_rekeyed(tmp_path):
+    cfg = config(clients=4, rounds=4)
+    s = quiet_strategy(cfg, tmp_path, console=recording_console())
+    grid = InProcessGrid(4, app=app_with(good_reply))
+    real_push = grid.push_messages
+
+    def push(messages):
+        if any(str(m.content[wire.SM]["stage"]) == wire.TRAIN for m in messages) and s.rounds and len(s.rounds) == 2:
+            grid.contexts[1002].state.pop(wire.KEYS, None)  # node 1002 restarted before round 3: keys lost
+        return real_push(messages)
+
+    grid.push_messages = push
+    s.start(grid, initial(cfg), num_rounds=4, train_config=train_config(cfg))
+    stages = [(m.metadata.group_id, str(m.content[wire.SM]["stage"]), m.metadata.dst_node_id) for m in grid.sent]
+    hellos = [n for _, stage, n in stages if stage == wire.HELLO]
+    assert sorted(hellos) == [1000, 1001, 1002, 1002, 1003]  # once per node; again for the node that lost its keys
+    for r in ("2", "3", "4"):
+        assert {stage for g, stage, _ in stages if g == r} == {wire.TRAIN, wire.UNMASK}
+    assert [m["survived"] for m in s.rounds] == [4, 4, 3, 4]  # round 3 without 1002; round 4 with it, re-keyed
+    assert all(m["status"] == "completed" for m in s.rounds)
+    assert "no keys of this session" in s.console.export_text()

@@ -62,7 +62,7 @@ def test_a_flipped_bit_costs_one_holders_shares_not_the_round(pos):
 
 
 def test_shares_replayed_from_another_round_or_redirected_are_not_opened():
-    session, cfg1, srv1, replies1 = masked_round(1)
+    session, _cfg1, srv1, replies1 = masked_round(1)
     _, cfg2, srv2, replies2 = masked_round(2, session)
     for srv, replies in ((srv1, replies1), (srv2, replies2)):
         for i, m in replies.items():
@@ -297,7 +297,7 @@ def test_server_never_holds_an_individual_unmasked_vector_across_rounds(monkeypa
 
 
 def test_a_node_key_is_never_in_what_it_sends():
-    session, cfg, srv, replies = masked_round()
+    session, _cfg, _srv, replies = masked_round()
     secrets = [P.private_bytes(k) for n in session.nodes.values() for k in (n.c_key, n.s_key)]
     for m in replies.values():
         wire = m.y.tobytes() + m.commitments + b"".join(m.ciphertexts.values())
