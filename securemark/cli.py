@@ -300,9 +300,17 @@ def cmd_simulate(a: argparse.Namespace) -> None:
     from securemark.config import SimConfig
     from securemark.sim import simulate
 
-    cfg = SimConfig.load(a.config, a.set)
-    out = Path(a.out or cfg.output)
-    metrics = simulate(cfg, out)
+    if (a.config is None) == (a.resume is None):
+        raise SystemExit("securemark simulate: give CONFIG, or --resume DIR (a run that stopped early), not both")
+    if a.resume is not None:  # the run's own config, as it wrote it
+        out = Path(a.resume)
+        if not (out / "config.toml").is_file():
+            raise SystemExit(f"securemark simulate: {out} holds no run to resume (no config.toml)")
+        cfg = SimConfig.load(out / "config.toml", a.set)
+    else:
+        cfg = SimConfig.load(a.config, a.set)
+        out = Path(a.out or cfg.output)
+    metrics = simulate(cfg, out, resume=a.resume is not None)
     last = metrics["rounds"][-1]
     print(
         f"done: {len(metrics['rounds'])} rounds, final global accuracy {last['global_accuracy']:.4f}; outputs in {out}"
@@ -388,7 +396,7 @@ def _finite(text: str) -> float:
 def _config_command(parent: Any, name: str, help: str, example: str, unique: bool = False) -> argparse.ArgumentParser:
     """A command run from a config file: CONFIG, --out, --set."""
     cmd = parent.add_parser(name, help=help)
-    cmd.add_argument("config", type=Path)
+    cmd.add_argument("config", type=Path, nargs="?" if name == "simulate" else None)
     made_unique = ", made unique" if unique else ""
     cmd.add_argument("--out", default=None, help=f"output directory (default: the config's output{made_unique})")
     cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=f"override, e.g. {example}")
@@ -507,6 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
     bsim.set_defaults(func=cmd_bench_simulate)
 
     sim = _config_command(sub, "simulate", "federated training on Flower's simulation engine (Ray)", "train.rounds=3")
+    sim.add_argument("--resume", type=Path, default=None, metavar="DIR", help="go on with the run in DIR from its "
+                     "last completed round (same registry, key and strength; its own config.toml)")  # fmt: skip
     sim.set_defaults(func=cmd_simulate)
 
     about = "traitor tracing under attack and collusion: trials, report, plots"

@@ -50,15 +50,21 @@ def run_apps(server_app: Any, client_app: Any, cfg: SimConfig) -> None:
     run_simulation(server_app, client_app, num_supernodes=cfg.train.clients, backend_config=backend_config(cfg))
 
 
-def simulate(cfg: SimConfig, out: Path) -> dict[str, Any]:
-    """Run all rounds; returns metrics.json's content. Raises if the ServerApp did not finish."""
+def simulate(cfg: SimConfig, out: Path, resume: bool = False) -> dict[str, Any]:
+    """Run all rounds (with ``resume``, those after ``out``'s checkpoint); returns metrics.json's content.
+    Raises if the ServerApp did not finish."""
     from securemark.flower.client_app import app as client_app
-    from securemark.flower.server_app import make_server_app
+    from securemark.flower.server_app import make_server_app, resumable
 
     out = Path(out)
-    if (out / "metrics.json").exists():
-        raise FileExistsError(f"{out} already holds a run; choose another --out")
-    run_apps(make_server_app(cfg, out), client_app, cfg)
+    if resume and not resumable(out):
+        raise FileNotFoundError(f"{out} holds no checkpoint of an unfinished run to resume")
+    if resume and json.loads((out / "checkpoint" / "state.json").read_text())["round"] >= cfg.train.rounds:
+        raise FileExistsError(f"{out} holds a finished run of {cfg.train.rounds} rounds; nothing to resume")
+    if not resume and ((out / "metrics.json").exists() or (out / "registry").exists()):
+        raise FileExistsError(f"{out} already holds a run; choose another --out, or --resume it")
+    (out / "report.md").unlink(missing_ok=True)
+    run_apps(make_server_app(cfg, out, resume), client_app, cfg)
     if not (out / "report.md").exists():
         raise RuntimeError(f"the simulation ended without finishing the run; see the log above (output: {out})")
     return json.loads((out / "metrics.json").read_text())

@@ -2,7 +2,8 @@
 
 ``run`` is what ``securemark simulate`` and ``flwr run`` execute: the run's config written to ``out``, the
 rounds (see ``strategy``), then report.md. Global and copy accuracy come from ``evaluate_fn`` on the server's
-held-out split.
+held-out split. A run whose ``out`` holds an unfinished run's checkpoint with the same config resumes it: so a
+restarted ServerApp (``flwr run`` again with the same ``output``) goes on from the last completed round.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from rich.console import Console
 
 from securemark import data, models, training
 from securemark.config import SimConfig
-from securemark.flower.strategy import SecureMark
+from securemark.flower.strategy import CHECKPOINT, SecureMark
 from securemark.report import write_report
 
 
@@ -45,9 +46,21 @@ def strategy_for(cfg: SimConfig, out: Path, max_weight: int, console: Console | 
     )
 
 
-def run(grid: Grid, cfg: SimConfig, out: Path, console: Console | None = None) -> list[dict[str, Any]]:
-    """All rounds of ``cfg`` on ``grid``; returns metrics.json's rounds."""
+def resumable(out: Path) -> bool:
+    return (out / CHECKPOINT / "state.json").is_file()
+
+
+def run(
+    grid: Grid, cfg: SimConfig, out: Path, console: Console | None = None, resume: bool | None = None
+) -> list[dict[str, Any]]:
+    """All rounds of ``cfg`` on ``grid``; returns metrics.json's rounds. ``resume``: go on from ``out``'s
+    checkpoint (None: when there is one)."""
     console = console or Console(stderr=True)
+    resume = resumable(out) if resume is None else resume
+    if resume:
+        saved = out / "config.toml"
+        if not saved.is_file() or saved.read_text() != cfg.to_toml(out):
+            raise ValueError(f"{out} holds a run with another config than this one ({saved}); refusing to resume it")
     train_set, test = data.server_split(cfg.data, cfg.train.seed)
     model = models.build(
         cfg.model.name, tuple(test.x.shape[1:]), test.classes, seed=cfg.train.seed, width=cfg.model.width
@@ -59,7 +72,10 @@ def run(grid: Grid, cfg: SimConfig, out: Path, console: Console | None = None) -
         return MetricRecord({"accuracy": training.accuracy_of(model, arrays.to_torch_state_dict(), test)})
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.toml").write_text(cfg.to_toml(out))
+    if not resume:
+        if (out / "metrics.json").exists() or (out / "registry").exists():  # before config.toml is overwritten
+            raise FileExistsError(f"{out} already holds a run; choose another output directory")
+        (out / "config.toml").write_text(cfg.to_toml(out))
     c = cfg
     console.print(
         f"[bold]securemark[/]: {c.train.clients} clients, {c.train.rounds} rounds, "
@@ -73,19 +89,20 @@ def run(grid: Grid, cfg: SimConfig, out: Path, console: Console | None = None) -
         timeout=c.secagg.timeout,
         train_config=train_config(cfg),
         evaluate_fn=evaluate,
+        resume=resume,
     )
     write_report(out, cfg, strategy.rounds)
     return strategy.rounds
 
 
-def make_server_app(cfg: SimConfig | None = None, out: Path | None = None) -> ServerApp:
+def make_server_app(cfg: SimConfig | None = None, out: Path | None = None, resume: bool | None = None) -> ServerApp:
     """A ServerApp bound to ``cfg`` (simulation), or reading Flower's run config (``flwr run``)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         run_cfg = cfg or SimConfig.from_flat(dict(context.run_config))
-        run(grid, run_cfg, out or Path(run_cfg.output))
+        run(grid, run_cfg, out or Path(run_cfg.output), resume=resume)
 
     return app
 

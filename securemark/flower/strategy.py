@@ -23,6 +23,11 @@ server optimizer (FedAvgM, FedAdam, ...). SecureMark changes what travels. One r
 
 At the end ``out`` holds what ``securemark simulate`` writes: ``registry/`` (with the owner key),
 ``customers/<customer>.safetensors`` (every customer's final copy), ``metrics.json`` and ``global.safetensors``.
+After every round ``out/checkpoint/`` holds the global model, the round, the fingerprint strength, the metrics so
+far, the graph RNG and the inner strategy's optimizer state; ``start(resume=True)`` goes on from there with the
+same registry, key and strength, so copies issued before a crash still trace. A kill at any instant leaves the
+previous checkpoint or the new one (files by round, then ``state.json`` replaced atomically). The masking
+session is not resumed: it is new after a restart, and every node is re-keyed in its first hello.
 
 Inner strategies whose aggregate is not a weighted mean of updates need the individual updates that masking
 hides; they are refused with the reason. Client metrics travel in clear and are averaged without weights:
@@ -41,7 +46,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result, Strategy
 from rich.console import Console
@@ -50,7 +55,7 @@ from securemark import training
 from securemark.config import FingerprintConfig, SecAggSettings
 from securemark.fingerprint.embed import Fingerprinter
 from securemark.flower import wire
-from securemark.modelio import save_state_dict
+from securemark.modelio import load_state_dict, save_state_dict
 from securemark.owner import customer_name, issue_copies
 from securemark.registry import Registry, RegistryParams
 from securemark.secagg import protocol as P
@@ -418,20 +423,25 @@ class SecureMark(Strategy):
         train_config: ConfigRecord | None = None,
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: EvaluateFn | None = None,
+        resume: bool = False,
     ) -> Result:
-        """Run ``num_rounds`` rounds (see the module doc); write ``out``; return Flower's Result."""
-        if (self.out / "metrics.json").exists() or (self.out / "registry").exists():
-            raise FileExistsError(f"{self.out} already holds a run; choose another output directory")
+        """Run ``num_rounds`` rounds (see the module doc); write ``out``; return Flower's Result. With ``resume``,
+        go on from the last checkpoint in ``out`` (``initial_arrays`` then gives only names and dtypes)."""
         self._grid = grid
         self._load(initial_arrays)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self._setup_fingerprint()
+        done = self._restore(num_rounds) if resume else 0
+        if not resume:
+            if (self.out / "metrics.json").exists() or (self.out / "registry").exists():
+                raise FileExistsError(f"{self.out} already holds a run; choose another output directory")
+            self.out.mkdir(parents=True, exist_ok=True)
+            self._setup_fingerprint()
         train_config = train_config if train_config is not None else ConfigRecord()
         evaluate_config = evaluate_config if evaluate_config is not None else ConfigRecord()
-        result, arrays = Result(arrays=initial_arrays), initial_arrays
-        if evaluate_fn is not None and (res := evaluate_fn(0, initial_arrays)) is not None:
+        arrays = ArrayRecord(self.weights) if resume else initial_arrays
+        result = Result(arrays=arrays)
+        if not resume and evaluate_fn is not None and (res := evaluate_fn(0, initial_arrays)) is not None:
             result.evaluate_metrics_serverapp[0] = res
-        for r in range(1, num_rounds + 1):
+        for r in range(done + 1, num_rounds + 1):
             m: dict[str, Any] = {"round": r, "sampled": 0}
             self._round = {}  # a round that fails early leaves no copies of the previous one to score
             start = time.perf_counter()
@@ -461,9 +471,58 @@ class SecureMark(Strategy):
                     m["client_evaluate"] = dict(agg_eval)
             self.rounds.append(m)
             self.console.print(_round_line(m), soft_wrap=True)
-            (self.out / "metrics.json").write_text(json.dumps({"rounds": self.rounds}, indent=2, default=float))
+            _atomic_write(self.out / "metrics.json", json.dumps({"rounds": self.rounds}, indent=2, default=float))
+            self._checkpoint(r)
         self.finish()
         return result
+
+    # --- checkpoints ------------------------------------------------------------------------------------------
+    def _checkpoint(self, r: int) -> None:
+        ck = self.out / CHECKPOINT
+        ck.mkdir(exist_ok=True)
+        weights, inner = ck / f"round-{r}.safetensors", ck / f"round-{r}.inner.npz"
+        save_state_dict(self.weights, weights)
+        np.savez(inner, **_inner_state(self.inner))
+        state = {
+            "round": r,
+            "strength": self.strength,
+            "rounds": self.rounds,
+            "rng": self.rng.bit_generator.state,
+            "files": {f.name: _sha256(f) for f in (weights, inner)},
+        }
+        _atomic_write(ck / "state.json", json.dumps(state, default=float))
+        for old in ck.glob("round-*"):
+            if old.name not in state["files"]:
+                old.unlink()
+
+    def _restore(self, num_rounds: int) -> int:
+        """The run in ``out`` from its checkpoint: the last completed round."""
+        path = self.out / CHECKPOINT / "state.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{self.out} holds no checkpoint to resume (expected {path})")
+        state = json.loads(path.read_text())
+        for name, digest in state["files"].items():
+            if _sha256(path.parent / name) != digest:
+                raise ValueError(f"checkpoint file {name} in {path.parent} is damaged (its SHA-256 differs)")
+        if int(state["round"]) >= num_rounds:
+            raise FileExistsError(f"{self.out} holds a finished run of {state['round']} rounds; nothing to resume")
+        weights = load_state_dict(path.parent / f"round-{state['round']}.safetensors")
+        if {k: tuple(v.shape) for k, v in weights.items()} != {k: tuple(v.shape) for k, v in self.weights.items()}:
+            raise ValueError(f"the checkpoint in {self.out} holds another model than this run's")
+        self.weights = {k: v.to(self.dtypes[k]) for k, v in weights.items()}
+        _restore_inner(self.inner, np.load(path.parent / f"round-{state['round']}.inner.npz"))
+        self.rng.bit_generator.state = state["rng"]
+        self.rounds, self.strength = list(state["rounds"]), float(state["strength"])
+        if self.fingerprint.enabled:
+            self.registry = Registry.open(self.out / "registry")
+            fc, params = self.fingerprint, self.registry.params
+            if (params.code, params.length, params.max_colluders, params.eps) != (
+                fc.code, fc.length, fc.max_colluders, fc.eps
+            ):  # fmt: skip
+                raise ValueError(f"the registry in {self.out} was made with other fingerprint settings than this run's")
+            self.fp = Fingerprinter.create(self.registry.secret, params.carrier, self.weights, params.length)
+        self.console.print(f"[bold]resuming[/] {self.out} after round {state['round']} of {num_rounds}")
+        return int(state["round"])
 
     def _client_evaluation(self, r: int, msgs: list[Message], timeout: float) -> MetricRecord | None:
         try:
@@ -515,6 +574,52 @@ class SecureMark(Strategy):
             for name, copy in issue_copies(self.registry, self.weights, names, note, self.strength).items():
                 save_state_dict(copy, self.out / "customers" / f"{name}.safetensors")
             self.registry.close()
+
+
+CHECKPOINT = "checkpoint"
+_INNER_STATE = ("current_arrays", "momentum_vector", "m_t", "v_t")  # Flower's FedAvgM and FedOpt family
+
+
+def _inner_state(inner: Strategy) -> dict[str, np.ndarray]:
+    """The inner strategy's server-optimizer state as named arrays (``attr::kind::key``)."""
+    out = {}
+    for name in _INNER_STATE:
+        value = getattr(inner, name, None)
+        if isinstance(value, ArrayRecord):
+            out.update({f"{name}::record::{k}": v.numpy() for k, v in value.items()})
+        elif isinstance(value, dict):
+            out.update({f"{name}::dict::{k}": np.asarray(v) for k, v in value.items()})
+        elif isinstance(value, list):
+            out.update({f"{name}::list::{i:06d}": np.asarray(v) for i, v in enumerate(value)})
+    return out
+
+
+def _restore_inner(inner: Strategy, arrays: Any) -> None:
+    found: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+    for key in arrays.files:
+        name, kind, sub = key.split("::", 2)
+        found.setdefault((name, kind), {})[sub] = arrays[key]
+    for (name, kind), values in found.items():
+        if kind == "record":
+            setattr(inner, name, ArrayRecord({k: Array(v) for k, v in values.items()}))
+        elif kind == "dict":
+            setattr(inner, name, values)
+        else:
+            setattr(inner, name, [values[k] for k in sorted(values)])
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` so that a reader (or a crash) sees the old file or the new one, never a half."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _claimed(reply: Message) -> str | None:

@@ -1,0 +1,78 @@
+"""A ServerApp killed mid-run (SIGKILL, Ray and all) and resumed: the same registry, key and strength, the rounds
+already done kept, and a copy issued before the kill still traced to its customer."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from securemark.cli import main
+from securemark.fingerprint.embed import Fingerprinter
+from securemark.modelio import load_state_dict, save_state_dict
+from securemark.registry import Registry
+
+from .processes import BIN, flower_env
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def wait_for_round(state: Path, proc: subprocess.Popen, r: int, timeout: float = 300) -> dict:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if state.is_file() and json.loads(state.read_text())["round"] >= r:
+            return json.loads(state.read_text())
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.2)
+    raise TimeoutError(f"no checkpoint of round {r} after {timeout} s")
+
+
+def test_a_run_killed_mid_round_resumes_with_the_same_registry_and_old_copies_still_trace(tmp_path, capsys):
+    out = tmp_path / "run"
+    cmd = [str(BIN / "securemark"), "simulate", str(ROOT / "configs" / "smoke.toml"), "--out", str(out)]
+    proc = subprocess.Popen(
+        [*cmd, "--set", "train.rounds=4"],
+        env=flower_env(tmp_path / "home"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: Ray's processes die with it
+    )
+    try:
+        state = wait_for_round(out / "checkpoint" / "state.json", proc, 1)
+        time.sleep(1.0)  # into round 2
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    done = state["round"]
+    assert 1 <= done < 4 and not (out / "report.md").exists()
+    key = (out / "registry" / "owner.key").read_bytes()
+
+    # the copy client-001 received for round done + 1, made as the server made it, before the kill
+    registry = Registry.open(out / "registry")
+    weights = load_state_dict(out / "checkpoint" / f"round-{done}.safetensors")
+    fp = Fingerprinter.create(registry.secret, registry.params.carrier, weights, registry.params.length)
+    issued = fp.embed(weights, registry.customer("client-001", create=False).bits, state["strength"])
+    registry.close()
+    save_state_dict(issued, tmp_path / "issued-before-the-kill.safetensors")
+
+    with pytest.raises(SystemExit, match="not both"):
+        main(["simulate", str(ROOT / "configs" / "smoke.toml"), "--resume", str(out)])
+    capsys.readouterr()
+    assert main(["simulate", str(ROOT / "configs" / "smoke.toml"), "--out", str(out), "--set", "train.rounds=4"]) == 2
+    assert "--resume it" in capsys.readouterr().err
+    assert main(["simulate", "--resume", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [m["round"] for m in metrics["rounds"]] == [1, 2, 3, 4]
+    assert all(m["status"] == "completed" for m in metrics["rounds"])
+    assert (out / "registry" / "owner.key").read_bytes() == key and (out / "report.md").is_file()
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["strength"] == state["strength"]
+    capsys.readouterr()
+    main(["trace", str(out / "registry"), str(tmp_path / "issued-before-the-kill.safetensors"), "--json"])
+    assert json.loads(capsys.readouterr().out)["accused"] == ["client-001"]
+    capsys.readouterr()
+    assert main(["simulate", "--resume", str(out)]) == 2
+    assert "finished run" in capsys.readouterr().err
