@@ -277,6 +277,14 @@ def cmd_bench_rounds(a: argparse.Namespace) -> object:
     return _json_or_table(a, result, {k: v for k, v in result.items() if k != "per_round_seconds"})
 
 
+def cmd_bench_deploy(a: argparse.Namespace) -> object:
+    from securemark.flower.bench_deploy import bench_deploy
+
+    result = bench_deploy(a.app, a.nodes, a.rounds, a.grace)
+    runs = [{"run": k, **{f: str(v[f]) for f in ("per_round_seconds", "survived")}} for k, v in result["runs"].items()]
+    return _json_or_table(a, result, {k: v for k, v in result.items() if k != "runs"}, *runs)
+
+
 def cmd_bench_align(a: argparse.Namespace) -> object:
     from securemark.fingerprint.bench_align import bench_align
 
@@ -500,6 +508,16 @@ def build_parser() -> argparse.ArgumentParser:
     br.add_argument("--seed", type=_natural, default=0)
     br.add_argument("--json", action="store_true")
     br.set_defaults(func=cmd_bench_rounds)
+
+    bd = bench.add_parser(
+        "deploy", help="a SuperLink and SuperNodes on loopback: plain vs masked rounds, a node killed"
+    )
+    bd.add_argument("--app", type=Path, default=Path("."), help="the Flower app directory (this repository)")
+    bd.add_argument("--nodes", type=_positive, default=4)
+    bd.add_argument("--rounds", type=_positive, default=3, help="the first is warm-up and not counted")
+    bd.add_argument("--grace", type=_finite, default=10.0, help="secagg.grace: seconds to wait past the threshold")
+    bd.add_argument("--json", action="store_true")
+    bd.set_defaults(func=cmd_bench_deploy)
 
     ba = bench.add_parser("align", help="seconds to align an obfuscated suspect: quickstart CNN, 10^7-param MLP")
     ba.add_argument("--repeats", type=_positive, default=3)

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from securemark.cli import main
-
-from .processes import BIN, Processes, flower_env, free_port, wait_for_port
+from securemark.flower.processes import BIN, Processes, flower_env, free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[2]
 NODES = 3

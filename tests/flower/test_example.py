@@ -18,9 +18,9 @@ from rich.console import Console
 
 from securemark.config import FingerprintConfig, SecAggSettings
 from securemark.flower import SecureMark, securemark_mod, wire
+from securemark.flower.processes import Processes, flower_env, free_port, wait_for_port
 
 from .inprocess import InProcessGrid
-from .processes import Processes, flower_env, free_port, wait_for_port
 from .test_deployment import flwr_run, traced
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "flower-pytorch"

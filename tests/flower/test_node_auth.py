@@ -15,7 +15,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from .processes import BIN, Processes, flower_env, free_port, wait_for_port
+from securemark.flower.processes import BIN, Processes, flower_env, free_port, wait_for_port
+
 from .test_deployment import ROOT, flwr_run, traced
 
 PEM, NONE = serialization.Encoding.PEM, serialization.NoEncryption()

@@ -12,10 +12,9 @@ import pytest
 
 from securemark.cli import main
 from securemark.fingerprint.embed import Fingerprinter
+from securemark.flower.processes import BIN, flower_env
 from securemark.modelio import load_state_dict, save_state_dict
 from securemark.registry import Registry
-
-from .processes import BIN, flower_env
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,4 +1,5 @@
-"""Flower's own processes for tests: each in its own process group, stopped by group id (never by name)."""
+"""Flower's own processes (SuperLink, SuperNodes) for tests and the deployment benchmark: each in its own process
+group, stopped by group id (never by name)."""
 
 from __future__ import annotations
 
