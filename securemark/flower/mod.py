@@ -152,11 +152,13 @@ def _after_train(msg: Message, context: Context, sent: dict[str, np.ndarray], re
     head = msg.content[wire.SM]
     delta, weight, metrics_key, metrics = contract(sent, reply.content, str(head["weight-key"]))
     if wire.SECAGG not in msg.content:
+        if wire.KEYS in context.state:  # this node masks in this run: a plain request is a downgrade
+            raise ContractError("a plain train request to a node that masks its updates in this run: refused")
         records = {wire.SM: ConfigRecord({"weight": weight}), wire.UPDATE: wire.array_record(delta)}
         return _reply(msg, wire.TRAIN, context, **records, **{metrics_key: metrics})
     keys = _keys(context)
-    if weight > int(head["max-weight"]):  # the value itself is not named: this reply is not masked
-        raise ContractError(f"the example count exceeds the server's max-weight {int(head['max-weight'])}")
+    # capped, never refused: a refusal that depends on the count would let a server binary-search it
+    weight = min(weight, int(head["max-weight"]))
     qcfg = QuantConfig(
         float(head["clip"]), int(head["bits"]), int(head["max-weight"]), int(head["max-clients"]), len(delta)
     )

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -121,6 +122,7 @@ class SecureMark(Strategy):
         self.keys = P.SessionKeys(os.urandom(16).hex())  # this run's session: long-term public keys of the nodes
         self.bits: dict[int, np.ndarray] = {}  # node id -> its code row (read from the registry once)
         self.refused: set[int] = set()
+        self.banned: set[str] = set()  # customers refused for misbehaving (kept across a resume)
         self.registry: Registry | None = None
         self.fp: Fingerprinter | None = None
         self.strength = 0.0
@@ -233,7 +235,9 @@ class SecureMark(Strategy):
         taken = set(self.customers.values())
         for node, name in claims.items():
             twins = [m for m, other in claims.items() if other == name and m != node]
-            if name is None or name in taken or twins:
+            if name in self.banned:
+                self._refuse(node, f"customer {name!r} was refused earlier in this run")
+            elif name is None or name in taken or twins:
                 self._refuse(node, "no identity" if name is None else f"identity {name!r} is already taken")
             else:
                 self.customers[node] = name
@@ -326,6 +330,8 @@ class SecureMark(Strategy):
         self._round["info"] = info
         client = _mean_metrics([_metrics_of(got[n]) for n in counted])  # only nodes whose update counted
         new = training.add_flat(self.weights, self.names, mean)
+        if not all(bool(torch.isfinite(v).all()) for v in new.values() if v.is_floating_point()):
+            raise ArithmeticError("the aggregate update overflows the model's dtype; the model is left unchanged")
         synthetic = Message(
             RecordDict(
                 {
@@ -357,7 +363,8 @@ class SecureMark(Strategy):
             raise P.TooFewSurvivors("no client took part in this round's masking")
         srv, ids, node_of, clock = st["srv"], st["ids"], st["node_of"], st["clock"]
         for n, rep in replies.items():
-            _accept(self.console, n, _apply_masked, srv, ids[n], rep.content)
+            if n in ids:  # a reply to a message this round sent
+                _accept(self.console, n, _apply_masked, srv, ids[n], rep.content)
         survivors = P.server_close_inputs(srv)
         clock.lap("train")
         unmask = {
@@ -369,15 +376,19 @@ class SecureMark(Strategy):
             )
             for i in survivors
         }
-        for n, rep in self.send(wire.UNMASK, unmask, r, self.secagg.timeout, need=len(survivors)).items():
-            _accept(self.console, n, _apply_unmask, srv, ids[n], rep.content)
+        for n, rep in self.send(wire.UNMASK, unmask, r, self.secagg.timeout, need=srv.cfg.threshold).items():
+            if n in ids:
+                _accept(self.console, n, _apply_unmask, srv, ids[n], rep.content)
         for why in srv.rejected:
             self.console.print(f"  [yellow]rejected {why}[/]")
         clock.lap("unmask")
         try:
             total = P.server_sum(srv)
         except P.BadOwner as exc:
-            self._refuse(node_of[exc.client], f"it sent shares its holders cannot open ({exc})")
+            node = node_of[exc.client]
+            if node in self.customers:
+                self.banned.add(self.customers[node])
+            self._refuse(node, f"its shares cannot be opened or rebuilt ({exc})")
             raise
         dec = decode(total, st["qcfg"], len(survivors))
         clock.lap("sum")
@@ -483,11 +494,15 @@ class SecureMark(Strategy):
         weights, inner = ck / f"round-{r}.safetensors", ck / f"round-{r}.inner.npz"
         save_state_dict(self.weights, weights)
         np.savez(inner, **_inner_state(self.inner))
+        key = self.out / "registry" / "owner.key"
         state = {
             "round": r,
             "strength": self.strength,
             "rounds": self.rounds,
             "rng": self.rng.bit_generator.state,
+            "banned": sorted(self.banned),
+            "inner": type(self.inner).__name__,
+            "registry": _sha256(key) if key.is_file() else None,  # binds the checkpoint to this owner key
             "files": {f.name: _sha256(f) for f in (weights, inner)},
         }
         _atomic_write(ck / "state.json", json.dumps(state, default=float))
@@ -500,10 +515,19 @@ class SecureMark(Strategy):
         path = self.out / CHECKPOINT / "state.json"
         if not path.is_file():
             raise FileNotFoundError(f"{self.out} holds no checkpoint to resume (expected {path})")
-        state = json.loads(path.read_text())
+        state = _checked_state(path)
         for name, digest in state["files"].items():
             if _sha256(path.parent / name) != digest:
                 raise ValueError(f"checkpoint file {name} in {path.parent} is damaged (its SHA-256 differs)")
+        key = self.out / "registry" / "owner.key"
+        if state["registry"] != (_sha256(key) if key.is_file() else None):
+            raise ValueError(
+                f"the checkpoint in {path.parent} belongs to another registry than {self.out / 'registry'}"
+            )
+        if state["inner"] != type(self.inner).__name__:
+            raise ValueError(
+                f"the checkpoint was made with {state['inner']}, this run wraps {type(self.inner).__name__}"
+            )
         if int(state["round"]) >= num_rounds:
             raise FileExistsError(f"{self.out} holds a finished run of {state['round']} rounds; nothing to resume")
         weights = load_state_dict(path.parent / f"round-{state['round']}.safetensors")
@@ -513,6 +537,7 @@ class SecureMark(Strategy):
         _restore_inner(self.inner, np.load(path.parent / f"round-{state['round']}.inner.npz"))
         self.rng.bit_generator.state = state["rng"]
         self.rounds, self.strength = list(state["rounds"]), float(state["strength"])
+        self.banned = set(state["banned"])
         if self.fingerprint.enabled:
             self.registry = Registry.open(self.out / "registry")
             fc, params = self.fingerprint, self.registry.params
@@ -608,6 +633,31 @@ def _restore_inner(inner: Strategy, arrays: Any) -> None:
             setattr(inner, name, [values[k] for k in sorted(values)])
 
 
+def _checked_state(path: Path) -> dict[str, Any]:
+    """state.json, every field checked: a damaged or edited checkpoint is refused, never half-used."""
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"checkpoint {path} cannot be read: {exc}") from None
+    r = state.get("round") if isinstance(state, dict) else None
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise ValueError(f"checkpoint {path}: 'round' must be a whole number >= 1")
+    strength = state.get("strength")
+    if not isinstance(strength, int | float) or not math.isfinite(strength) or strength < 0:
+        raise ValueError(f"checkpoint {path}: 'strength' must be a finite number >= 0")
+    files = state.get("files")
+    expected = {f"round-{r}.safetensors", f"round-{r}.inner.npz"}
+    if not isinstance(files, dict) or set(files) != expected:
+        raise ValueError(f"checkpoint {path}: 'files' must name exactly {sorted(expected)} with their SHA-256")
+    if not isinstance(state.get("rounds"), list) or len(state["rounds"]) != r:
+        raise ValueError(f"checkpoint {path}: 'rounds' must hold the metrics of all {r} rounds")
+    if not isinstance(state.get("banned"), list) or not isinstance(state.get("rng"), dict):
+        raise ValueError(f"checkpoint {path}: 'banned' and 'rng' are missing or malformed")
+    if "registry" not in state or not isinstance(state.get("inner"), str):
+        raise ValueError(f"checkpoint {path}: 'registry' and 'inner' are missing")
+    return state
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -659,10 +709,21 @@ def _mean_metrics(records: list[dict[str, Any]]) -> dict[str, float]:
     keys = set().union(*records) if records else set()
     out = {}
     for k in sorted(keys):
-        vals = [float(r[k]) for r in records if isinstance(r.get(k), int | float) and not isinstance(r.get(k), bool)]
+        vals = [v for r in records if (v := _finite_float(r.get(k))) is not None]
         if vals:
             out[k] = float(np.mean(vals))
     return out
+
+
+def _finite_float(value: Any) -> float | None:
+    """A metric as a finite float, or None (not a number, a bool, too large for a float, NaN, infinite)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        out = float(value)
+    except OverflowError:
+        return None
+    return out if math.isfinite(out) else None
 
 
 def _accept(console: Console, node: int, parse_and_apply: Callable[..., Any], *args: Any) -> Any:

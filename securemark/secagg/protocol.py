@@ -32,13 +32,15 @@ What the server learns (honest-but-curious server: it follows the protocol and r
   j outside S, so y_j stays one-time padded by PRG(b_j), whatever pair seeds of j were revealed;
 - nothing about another round: every seed is bound to (sid, round) by HKDF, b_i is fresh, and a node masks at
   most once per (sid, round) and answers at most one unmask per round, so no seed is ever used twice.
-A server that lies about S: every node checks that it is in S itself, that |S| >= t, that t > |H| / 2 for its own
-and every owner's holder set, and that at least t of each owner's holders are in S. With the complete graph
-(SecAgg) this is enough even if each node is told a different S: isolating x_i needs b_i and every p_ik; a holder
-never reveals a share of its own pair seed with i, marks at most |H| - t others as dropped, and
-(|H| - 1) t > |H| (|H| - t) whenever t > |H| / 2, so the shares needed cannot all be collected. For sparse graphs
-the guarantee is the honest-but-curious one; a malicious server needs a consistency round with signed survivor
-lists (Bonawitz et al. Sec. 4), one more exchange, not implemented.
+A server that lies (different survivor lists to different nodes, a graph of its choosing, substituted public
+keys) is outside this guarantee: nothing binds a node's public key to that node (no PKI), so such a server can
+give a client fake neighbours and unmask it. Nodes still refuse what would make lying cheap: a threshold of at
+most half their holders, a survivor list that omits them, is shorter than t, or leaves fewer than t of an
+owner's holders, a second unmask of a round, a plain train request once they mask in the run. For the complete
+graph these rules alone stop the survivor-list lie: isolating x_i needs b_i and every p_ik, a holder never
+reveals a share of its own pair seed with i and marks at most |H| - t others as dropped, and
+(|H| - 1) t > |H| (|H| - t) whenever t > |H| / 2; but the nodes do not insist on the complete graph. A
+malicious-server guarantee needs authenticated keys and signed survivor lists (Bonawitz et al. Sec. 4).
 A client can always corrupt the sum with a wrong y (nothing here checks inputs); ``quantize.decode`` refuses sums
 no honest clients could produce.
 """
@@ -116,6 +118,11 @@ def check_public_key(key: object, what: str) -> bytes:
     except ValueError:
         raise ProtocolViolation(f"{what} is a low-order point (it would zero every shared secret)") from None
     return key
+
+
+def _canonical(key: bytes) -> bytes:
+    """X25519 ignores the top bit of a public key: two encodings differing there are the same key."""
+    return key[:31] + bytes([key[31] & 0x7F])
 
 
 @dataclass
@@ -392,8 +399,8 @@ class SessionKeys:
         s = check_public_key(s_pk, f"mask key of client {node}")
         if c == s:
             raise ProtocolViolation(f"client {node} advertised the same key twice")
-        taken = {k for other, pair in self.keys.items() if other != node for k in pair}
-        if c in taken or s in taken:
+        taken = {_canonical(k) for other, pair in self.keys.items() if other != node for k in pair}
+        if _canonical(c) in taken or _canonical(s) in taken or _canonical(c) == _canonical(s):
             raise ProtocolViolation(f"client {node} advertised another client's public key")
         self.keys[node] = (c, s)
 
@@ -498,20 +505,21 @@ def server_sum(st: ServerRound) -> np.ndarray:
         raise StageError("the survivors are not fixed yet")
     total = st.masked_sum.copy()
     for i in sorted(st.inputs):
-        if len(st.shares.get((i, B_LABEL), {})) < cfg.threshold and st.complaints.get(i):
+        if len(st.shares.get((i, B_LABEL), {})) < cfg.threshold and len(st.complaints.get(i, ())) >= cfg.threshold:
+            # t holders (more than half of its holders) could not open them: fewer than t cannot frame it
             raise BadOwner(i, f"{len(st.complaints[i])} holders could not open the shares of client {i}")
-        seed = _rebuild(st.shares.get((i, B_LABEL), {}), cfg.threshold, f"self-mask seed of client {i}")
+        seed = _rebuild(i, st.shares.get((i, B_LABEL), {}), cfg.threshold, f"self-mask seed of client {i}")
         add_keystream(_self_mask_key(cfg, seed, i), total, subtract=True)
         for j in sorted(set(cfg.neighbours[i]) - st.inputs):  # i added sign(i, j) PRG(p_ij); take it out
-            p = _rebuild(st.shares.get((i, j), {}), cfg.threshold, f"pair seed of clients {i} and {j}")
+            p = _rebuild(i, st.shares.get((i, j), {}), cfg.threshold, f"pair seed of clients {i} and {j}")
             add_keystream(p, total, subtract=i < j)
     return total
 
 
-def _rebuild(shares: Mapping[int, bytes], threshold: int, what: str) -> bytes:
+def _rebuild(owner: int, shares: Mapping[int, bytes], threshold: int, what: str) -> bytes:
     if len(shares) < threshold:
         raise TooFewSurvivors(f"cannot rebuild the {what}: {len(shares)} good shares arrived, threshold {threshold}")
     try:
         return shamir.combine(shares, threshold)
-    except shamir.ShareError as exc:  # commitments matched: the owner itself shared inconsistently
-        raise ProtocolViolation(f"cannot rebuild the {what}: {exc} (its owner shared inconsistent values)") from None
+    except shamir.ShareError as exc:  # every share matched the owner's own commitment: the owner dealt them badly
+        raise BadOwner(owner, f"cannot rebuild the {what}: {exc} (client {owner} shared inconsistent values)") from None

@@ -215,7 +215,6 @@ def one_round(tmp_path, app, clients=3, **kw):
             ),
             "NaN",
         ),
-        (lambda a: good_reply(a, **{"num-examples": 10**9}), "weight"),  # beyond max_weight: QuantizationError
     ],
 )
 def test_contract_breaches_get_a_clear_error_reply_and_the_round_goes_on(tmp_path, reply, why):
@@ -422,7 +421,7 @@ def test_garbage_shares_fail_one_round_name_the_sender_and_it_is_not_admitted_ag
     s.start(grid, initial(cfg), num_rounds=2, train_config=train_config(cfg))
     log = s.console.export_text()
     assert [m["status"] for m in s.rounds] == ["failed", "completed"]
-    assert "refused node 1000" in log and "cannot open" in log
+    assert "refused node 1000" in log and "could not open" in log
     assert 1000 in s.refused and s.rounds[1]["survived"] == 3
 
 
@@ -447,3 +446,75 @@ def test_steady_state_is_two_exchanges_a_round_and_a_node_that_lost_its_keys_is_
     assert [m["survived"] for m in s.rounds] == [4, 4, 3, 4]  # round 3 without 1002; round 4 with it, re-keyed
     assert all(m["status"] == "completed" for m in s.rounds)
     assert "no keys of this session" in s.console.export_text()
+
+
+def test_an_example_count_above_max_weight_is_capped_never_refused(tmp_path):
+    """A refusal that depended on the secret count would let a server binary-search it with max-weight."""
+    big = app_with(lambda a: good_reply(a, **{"num-examples": 10**9}))
+    good = app_with(good_reply)
+
+    def app(msg, context):
+        return (big if context.node_id == 1000 else good)(msg, context)
+
+    s, _, log = one_round(tmp_path, app, clients=4)
+    assert s.rounds[0]["status"] == "completed" and s.rounds[0]["survived"] == 4 and "refused" not in log
+
+
+def test_a_node_that_masks_refuses_a_plain_train_request(tmp_path):
+    cfg = config(clients=4, rounds=1)
+    s = quiet_strategy(cfg, tmp_path)
+    grid = InProcessGrid(4, app=app_with(good_reply))
+    s.start(grid, initial(cfg), num_rounds=1, train_config=train_config(cfg))
+    train = next(m for m in grid.sent if str(m.content[wire.SM]["stage"]) == wire.TRAIN)
+    content = RecordDict({k: v for k, v in train.content.items() if k not in (wire.SECAGG, wire.PAYLOAD)})
+    node = train.metadata.dst_node_id
+    downgrade = Message(content, dst_node_id=node, message_type="train", group_id="9")
+    reply = grid.app(downgrade, grid.contexts[node])
+    assert reply.has_error() and "plain train request" in reply.error.reason
+
+
+def test_an_aggregate_that_overflows_the_model_fails_the_round_and_a_huge_metric_is_ignored(tmp_path):
+    cfg = config(clients=4, secagg=False, rounds=2)
+    s = quiet_strategy(cfg, tmp_path, console=recording_console())
+
+    def huge(a):
+        return good_reply(ArrayRecord({k: Array(np.full(v.shape, 1e300)) for k, v in a.items()}), loss=10**400)
+
+    bad, good = app_with(huge), app_with(lambda a: good_reply(a, loss=10**400))
+
+    def app(msg, context):
+        return (bad if context.node_id == 1000 else good)(msg, context)
+
+    start = initial(cfg)
+    s.start(InProcessGrid(4, app=app), start, num_rounds=2, train_config=train_config(cfg))
+    assert [m["status"] for m in s.rounds] == ["failed", "failed"] and "overflows" in s.rounds[0]["reason"]
+    assert (tmp_path / "global.safetensors").is_file()  # the run finished with the model unchanged
+
+
+@pytest.mark.parametrize(
+    ("edit", "why"),
+    [
+        (lambda st: st.update(files={}), "'files' must name"),
+        (lambda st: st.update(strength=float("nan")), "'strength'"),
+        (lambda st: st.update(round="1"), "'round'"),
+        (lambda st: st.update(rounds=[]), "'rounds'"),
+        (lambda st: st.update(registry="0" * 64), "another registry"),
+        (lambda st: st.update(inner="FedAdam"), "made with FedAdam"),
+    ],
+)
+def test_a_damaged_or_foreign_checkpoint_is_refused(tmp_path, edit, why):
+    import json
+
+    cfg = config(clients=3, rounds=2)
+    s = quiet_strategy(cfg, tmp_path)
+    s.start(InProcessGrid(3), initial(cfg), num_rounds=1, train_config=train_config(cfg))
+    path = tmp_path / "checkpoint" / "state.json"
+    state = json.loads(path.read_text())
+    edit(state)
+    path.write_text(json.dumps(state))
+    resumed = quiet_strategy(cfg, tmp_path)
+    with pytest.raises(ValueError, match=why):
+        resumed.start(InProcessGrid(3), initial(cfg), num_rounds=2, train_config=train_config(cfg), resume=True)
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="cannot be read"):
+        resumed.start(InProcessGrid(3), initial(cfg), num_rounds=2, train_config=train_config(cfg), resume=True)

@@ -303,3 +303,31 @@ def test_a_node_key_is_never_in_what_it_sends():
         wire = m.y.tobytes() + m.commitments + b"".join(m.ciphertexts.values())
         assert not any(s in wire for s in secrets)
     assert isinstance(session.nodes[1].c_key, X25519PrivateKey)
+
+
+def test_an_owner_dealing_inconsistent_shares_is_named_and_fewer_than_t_complaints_frame_nobody():
+    session, cfg, srv, replies = masked_round()
+    holders = cfg.holders(4)
+    # owner 4 re-deals its b-share for holder 5 from another polynomial, and commits to it: a consistent lie
+    m = replies[4]
+    for i, r in replies.items():
+        P.server_receive_masked(srv, i, r if i != 4 else m)
+    survivors = P.server_close_inputs(srv)
+    for i in survivors:
+        reveals, bad = unmask(session, cfg, srv, i, survivors)
+        if i == 1:
+            bad = [2, 3]  # a false complaint about honest owners 2 and 3: one holder is fewer than t
+        P.server_receive_unmask(srv, i, reveals, bad)
+    forged = P.shamir.split(bytes(32), holders, cfg.threshold)[5]
+    srv.shares[4, P.B_LABEL] = {h: forged if h in (1, 5) else s for h, s in srv.shares[4, P.B_LABEL].items()}
+    with pytest.raises(P.BadOwner) as err:
+        P.server_sum(srv)
+    assert err.value.client == 4 and srv.complaints == {2: {1}, 3: {1}}
+
+
+def test_a_public_key_differing_only_in_its_ignored_top_bit_is_another_clients_key():
+    srv = P.SessionKeys("keys")
+    c, s = P.NodeKeys("keys", 1).public()
+    srv.register(1, c, s)
+    with pytest.raises(P.ProtocolViolation, match="another client"):
+        srv.register(2, c[:31] + bytes([c[31] | 0x80]), P.NodeKeys("keys", 2).public()[1])
