@@ -25,7 +25,7 @@ def wait_for_round(state: Path, proc: subprocess.Popen, r: int, timeout: float =
         if state.is_file() and json.loads(state.read_text())["round"] >= r:
             return json.loads(state.read_text())
         assert proc.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.2)
+        time.sleep(0.02)
     raise TimeoutError(f"no checkpoint of round {r} after {timeout} s")
 
 
@@ -33,21 +33,20 @@ def test_a_run_killed_mid_round_resumes_with_the_same_registry_and_old_copies_st
     out = tmp_path / "run"
     cmd = [str(BIN / "securemark"), "simulate", str(ROOT / "configs" / "smoke.toml"), "--out", str(out)]
     proc = subprocess.Popen(
-        [*cmd, "--set", "train.rounds=4"],
+        [*cmd, "--set", "train.rounds=8"],
         env=flower_env(tmp_path / "home"),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,  # its own process group: Ray's processes die with it
     )
     try:
-        state = wait_for_round(out / "checkpoint" / "state.json", proc, 1)
-        time.sleep(1.0)  # into round 2
+        wait_for_round(out / "checkpoint" / "state.json", proc, 1)  # killed at once: somewhere in round 2 or 3
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     state = json.loads((out / "checkpoint" / "state.json").read_text())
     done = state["round"]
-    assert 1 <= done < 4 and not (out / "report.md").exists()
+    assert 1 <= done < 8 and not (out / "report.md").exists()
     key = (out / "registry" / "owner.key").read_bytes()
 
     # the copy client-001 received for round done + 1, made as the server made it, before the kill
@@ -61,11 +60,11 @@ def test_a_run_killed_mid_round_resumes_with_the_same_registry_and_old_copies_st
     with pytest.raises(SystemExit, match="not both"):
         main(["simulate", str(ROOT / "configs" / "smoke.toml"), "--resume", str(out)])
     capsys.readouterr()
-    assert main(["simulate", str(ROOT / "configs" / "smoke.toml"), "--out", str(out), "--set", "train.rounds=4"]) == 2
+    assert main(["simulate", str(ROOT / "configs" / "smoke.toml"), "--out", str(out), "--set", "train.rounds=8"]) == 2
     assert "--resume it" in capsys.readouterr().err
     assert main(["simulate", "--resume", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert [m["round"] for m in metrics["rounds"]] == [1, 2, 3, 4]
+    assert [m["round"] for m in metrics["rounds"]] == list(range(1, 9))
     assert all(m["status"] == "completed" for m in metrics["rounds"])
     assert (out / "registry" / "owner.key").read_bytes() == key and (out / "report.md").is_file()
     assert json.loads((out / "checkpoint" / "state.json").read_text())["strength"] == state["strength"]
