@@ -100,6 +100,7 @@ def _hello(msg: Message, context: Context) -> Message:
     keys = P.NodeKeys(session, node_id)
     context.state[wire.KEYS] = wire.keys_record(keys)
     context.state.pop(wire.ROUND, None)
+    context.state.pop(wire.PEERS, None)
     c_pk, s_pk = keys.public()
     return _reply(msg, wire.HELLO, context, **{wire.PAYLOAD: ConfigRecord({"c_pk": c_pk, "s_pk": s_pk})})
 
@@ -108,9 +109,8 @@ def _unmask(msg: Message, context: Context) -> Message:
     keys = _keys(context)
     if wire.ROUND not in context.state:
         raise P.StageError("no masked input of this session waiting to be unmasked on this node")
-    saved = context.state[wire.ROUND]
-    cfg, _ = wire.round_config_from(saved)  # what this node masked for, never what the unmask message says
-    peer_keys = wire.key_map_from(ConfigRecord({k[5:]: v for k, v in saved.items() if k.startswith("peer.")}))
+    cfg, _ = wire.round_config_from(context.state[wire.ROUND])  # what this node masked for, not what unmask says
+    peer_keys = wire.key_map_from(context.state[wire.PEERS])
     payload = msg.content[wire.PAYLOAD]
     survivors = [int(i) for i in payload["survivors"]]
     if int(payload["round"]) != cfg.round:
@@ -119,7 +119,7 @@ def _unmask(msg: Message, context: Context) -> Message:
         reveals, bad = P.client_unmask(keys, cfg, peer_keys, survivors, wire.bytes_map_from(msg.content[wire.SHARES]))
     finally:  # one unmask per round, even a refused one
         context.state[wire.KEYS] = wire.keys_record(keys)
-        del context.state[wire.ROUND]
+        del context.state[wire.ROUND], context.state[wire.PEERS]
     return _reply(msg, wire.UNMASK, context, **{wire.PAYLOAD: wire.reveals_record(reveals, bad)})
 
 
@@ -169,9 +169,8 @@ def _after_train(msg: Message, context: Context, sent: dict[str, np.ndarray], re
     rng = np.random.default_rng(int.from_bytes(os.urandom(16), "little"))  # stochastic rounding
     masked = P.client_masked_input(keys, cfg, peer_keys, encode(delta, weight, qcfg, rng))
     context.state[wire.KEYS] = wire.keys_record(keys)
-    saved = wire.round_config_record(cfg, keys.id)
-    saved.update({f"peer.{k}": v for k, v in msg.content[wire.PAYLOAD].items()})
-    context.state[wire.ROUND] = saved
+    context.state[wire.ROUND] = wire.round_config_record(cfg, keys.id)
+    context.state[wire.PEERS] = ConfigRecord(dict(msg.content[wire.PAYLOAD]))
     records = {
         wire.SM: ConfigRecord({"digest": hashlib.sha256(masked.y.tobytes()).digest()}),
         wire.UPDATE: wire.array_record(masked.y),

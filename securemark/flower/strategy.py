@@ -215,13 +215,13 @@ class SecureMark(Strategy):
         new = [n for n in nodes if n not in self.customers and n not in self.refused]
         ask = new + [n for n in nodes if masked and n in self.customers and self.ids.get(n) not in self.keys.keys]
         replies = self._hello(ask) if ask and (masked or self.identity == "partition-id") else {}
+        registered = self._registered() if self.identity == "node" and (new or replies) else {}  # one request
         if new:
             if self.identity == "node":
-                claims = self._node_identities(new)
+                claims = {n: registered.get(n) for n in new}
             else:
                 claims = {n: _claimed(replies[n]) for n in new if n in replies}
             self._admit(claims)
-        registered = self._registered() if self.identity == "node" and replies else {}
         for node, reply in replies.items():
             if not masked or node not in self.customers:
                 continue
@@ -261,10 +261,6 @@ class SecureMark(Strategy):
     def _registered(self) -> dict[int, str | None]:
         """Node id -> registered identity, as the SuperLink reports it now (one request)."""
         return {info.node_id: _registered_name(info) for info in self.grid.get_nodes()}
-
-    def _node_identities(self, nodes: list[int]) -> dict[int, str | None]:
-        registered = self._registered()
-        return {n: registered.get(n) for n in nodes}
 
     def _claim_holds(self, node: int, reply: Message, registered: dict[int, str | None]) -> bool:
         """A reply from a node whose identity changed since it was identified is dropped; the node is refused."""

@@ -28,7 +28,8 @@ SECAGG = "securemark.secagg"  # ConfigRecord: the round's masking configuration
 PAYLOAD = "securemark.payload"  # ConfigRecord: keys, shares, survivors
 UPDATE = "securemark.update"  # ArrayRecord: the (masked) update of one client
 SHARES = "securemark.shares"  # ConfigRecord: encrypted shares addressed to one node (unmask request)
-KEYS, ROUND = "securemark.keys", "securemark.round"  # in context.state: long-term keys; the open round
+# in context.state: long-term keys; the round masked and not yet unmasked, and its neighbours' public keys
+KEYS, ROUND, PEERS = "securemark.keys", "securemark.round", "securemark.peers"
 
 
 def round_config_record(cfg: P.RoundConfig, client_id: int) -> ConfigRecord:
@@ -116,12 +117,8 @@ def reveals_record(reveals: dict[tuple[int, int], bytes], bad: list[int]) -> Con
 
 
 def reveals_from(rec: ConfigRecord) -> tuple[dict[tuple[int, int], bytes], list[int]]:
-    count = int(rec["count"])
-    owners, labels, shares = list(rec["owners"]), list(rec["labels"]), list(rec["shares"])
-    if not 0 <= count <= len(owners) == len(labels) == len(shares):
-        raise ValueError("the unmask reply's lists disagree with its count")
     out = {}
-    for o, lb, sh in zip(owners[:count], labels[:count], shares[:count], strict=True):
+    for o, lb, sh in zip(*_counted(rec, "owners", "labels", "shares"), strict=True):
         if not isinstance(sh, bytes) or (int(o), int(lb)) in out:
             raise ValueError("the unmask reply holds a non-bytes or repeated share")
         out[int(o), int(lb)] = sh
@@ -134,12 +131,20 @@ def bytes_map(mapping: dict[int, bytes]) -> ConfigRecord:
     return ConfigRecord({"ids": ids or [0], "values": [mapping[i] for i in ids] or [b""], "count": len(ids)})
 
 
-def bytes_map_from(rec: ConfigRecord) -> dict[int, bytes]:
+def _counted(rec: ConfigRecord, *fields: str) -> list[list]:
+    """The parallel lists ``fields`` of a record, cut to its ``count`` (empty lists travel as one filler
+    entry); refused when a list is shorter than the count or the lists differ in length."""
     count = int(rec["count"])
-    ids, values = list(rec["ids"]), list(rec["values"])
-    if not 0 <= count <= len(ids) == len(values) or len(set(ids[:count])) != count:
-        raise ValueError("a bytes map's lists disagree with its count or repeat an id")
-    ids, values = ids[:count], values[:count]
+    lists = [list(rec[f]) for f in fields]
+    if not 0 <= count <= len(lists[0]) or any(len(x) != len(lists[0]) for x in lists):
+        raise ValueError(f"a record's lists {fields} disagree with its count")
+    return [x[:count] for x in lists]
+
+
+def bytes_map_from(rec: ConfigRecord) -> dict[int, bytes]:
+    ids, values = _counted(rec, "ids", "values")
+    if len(set(ids)) != len(ids):
+        raise ValueError("a bytes map repeats an id")
     if not all(isinstance(v, bytes) for v in values):
         raise TypeError("a bytes map holds non-bytes values")
     return {int(i): v for i, v in zip(ids, values, strict=True)}
@@ -159,13 +164,12 @@ def key_map(keys: dict[int, tuple[bytes, bytes]]) -> ConfigRecord:
 
 
 def key_map_from(rec: ConfigRecord) -> dict[int, tuple[bytes, bytes]]:
-    count = int(rec["count"])
-    ids, c_pk, s_pk = list(rec["ids"]), list(rec["c_pk"]), list(rec["s_pk"])
-    if not 0 <= count <= len(ids) == len(c_pk) == len(s_pk) or len(set(ids[:count])) != count:
-        raise ValueError("a key map's lists disagree with its count or repeat an id")
-    if not all(isinstance(k, bytes) for k in c_pk[:count] + s_pk[:count]):
+    ids, c_pk, s_pk = _counted(rec, "ids", "c_pk", "s_pk")
+    if len(set(ids)) != len(ids):
+        raise ValueError("a key map repeats an id")
+    if not all(isinstance(k, bytes) for k in c_pk + s_pk):
         raise TypeError("a key map holds non-bytes keys")
-    return {int(i): (c, s) for i, c, s in zip(ids[:count], c_pk[:count], s_pk[:count], strict=True)}
+    return {int(i): (c, s) for i, c, s in zip(ids, c_pk, s_pk, strict=True)}
 
 
 def array_record(arr: np.ndarray) -> ArrayRecord:

@@ -236,20 +236,21 @@ def neighbour_graph(
     return complete_graph(clients), len(clients) // 2 + 1
 
 
-def _pair_seed(cfg: RoundConfig, s_key: X25519PrivateKey, peer_s: bytes, i: int, j: int) -> bytes:
+def _agree(cfg: RoundConfig, private: X25519PrivateKey, peer: bytes, purpose: str, a: int, b: int) -> bytes:
+    """A 32-byte key from DH(private, peer) bound to this session, round, purpose and pair."""
     try:
-        shared = s_key.exchange(X25519PublicKey.from_public_bytes(peer_s))
+        shared = private.exchange(X25519PublicKey.from_public_bytes(peer))
     except ValueError:
-        raise ProtocolViolation(f"the mask key of client {j} is a low-order point") from None
-    return hkdf(shared, cfg.context("pair", min(i, j), max(i, j)))
+        raise ProtocolViolation(f"a public key for the {purpose} keys of ({a}, {b}) is a low-order point") from None
+    return hkdf(shared, cfg.context(purpose, a, b))
+
+
+def _pair_seed(cfg: RoundConfig, s_key: X25519PrivateKey, peer_s: bytes, i: int, j: int) -> bytes:
+    return _agree(cfg, s_key, peer_s, "pair", min(i, j), max(i, j))
 
 
 def _share_key(cfg: RoundConfig, c_key: X25519PrivateKey, peer_c: bytes, owner: int, holder: int) -> bytes:
-    try:
-        shared = c_key.exchange(X25519PublicKey.from_public_bytes(peer_c))
-    except ValueError:
-        raise ProtocolViolation("an encryption key is a low-order point") from None
-    return hkdf(shared, cfg.context("share", owner, holder))
+    return _agree(cfg, c_key, peer_c, "share", owner, holder)
 
 
 def _self_mask_key(cfg: RoundConfig, seed: bytes, i: int) -> bytes:

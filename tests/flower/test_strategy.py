@@ -119,7 +119,10 @@ def test_the_server_sees_only_masked_updates_and_every_client_its_own_copy(tmp_p
     firsts = {m.metadata.dst_node_id: m.content["arrays"]["net.1.weight"].numpy().sum() for m in train_msgs}
     assert len(set(firsts.values())) == 5  # every client got its own copy
     # long-term keys stay on the node; nothing of the round does
-    assert all(wire.KEYS in ctx.state and wire.ROUND not in ctx.state for ctx in grid.contexts.values())
+    assert all(
+        wire.KEYS in ctx.state and wire.ROUND not in ctx.state and wire.PEERS not in ctx.state
+        for ctx in grid.contexts.values()
+    )
     # run a second round while recording what comes back: only uint vectors and the user's other metrics
     seen = []
     real_pull = grid.pull_messages
@@ -392,7 +395,7 @@ LOW_ORDER_KEY = (1).to_bytes(32, "little")
         (wire.HELLO, _set(wire.PAYLOAD, "c_pk", "a string"), "32 bytes"),
         (wire.HELLO, _set(wire.PAYLOAD, "s_pk", LOW_ORDER_KEY), "low-order"),
         (wire.HELLO, _set(wire.PAYLOAD, "s_pk", bytes(32)), "low-order"),
-        (wire.TRAIN, _set(wire.PAYLOAD, "values", "a string"), "bytes map"),  # shares as a string
+        (wire.TRAIN, _set(wire.PAYLOAD, "values", "a string"), "disagree with its count"),  # shares as a string
         (wire.TRAIN, _empty_update, "IndexError"),  # an empty ArrayRecord update
         (wire.TRAIN, _set(wire.PAYLOAD, "commitments", b"short"), "commitments"),
         (wire.UNMASK, _set(wire.PAYLOAD, "shares", ["x"]), "count"),
