@@ -113,16 +113,13 @@ def check_public_key(key: object, what: str) -> bytes:
     which `cryptography` refuses: checked once here, with a throwaway key, so it never reaches an honest peer."""
     if not isinstance(key, bytes) or len(key) != KEY_BYTES:
         raise ProtocolViolation(f"{what} must be {KEY_BYTES} bytes")
+    if int.from_bytes(key, "little") >= (1 << 255) - 19:  # X25519 would reduce it: one key, many encodings
+        raise ProtocolViolation(f"{what} is not a canonical encoding (top bit set, or not below 2^255 - 19)")
     try:
         X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(key))
     except ValueError:
         raise ProtocolViolation(f"{what} is a low-order point (it would zero every shared secret)") from None
     return key
-
-
-def _canonical(key: bytes) -> bytes:
-    """X25519 ignores the top bit of a public key: two encodings differing there are the same key."""
-    return key[:31] + bytes([key[31] & 0x7F])
 
 
 @dataclass
@@ -400,8 +397,8 @@ class SessionKeys:
         s = check_public_key(s_pk, f"mask key of client {node}")
         if c == s:
             raise ProtocolViolation(f"client {node} advertised the same key twice")
-        taken = {_canonical(k) for other, pair in self.keys.items() if other != node for k in pair}
-        if _canonical(c) in taken or _canonical(s) in taken or _canonical(c) == _canonical(s):
+        taken = {k for other, pair in self.keys.items() if other != node for k in pair}  # keys are canonical
+        if c in taken or s in taken:
             raise ProtocolViolation(f"client {node} advertised another client's public key")
         self.keys[node] = (c, s)
 

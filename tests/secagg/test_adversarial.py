@@ -325,9 +325,11 @@ def test_an_owner_dealing_inconsistent_shares_is_named_and_fewer_than_t_complain
     assert err.value.client == 4 and srv.complaints == {2: {1}, 3: {1}}
 
 
-def test_a_public_key_differing_only_in_its_ignored_top_bit_is_another_clients_key():
+def test_non_canonical_key_encodings_are_refused():
     srv = P.SessionKeys("keys")
     c, s = P.NodeKeys("keys", 1).public()
     srv.register(1, c, s)
-    with pytest.raises(P.ProtocolViolation, match="another client"):
+    with pytest.raises(P.ProtocolViolation, match="canonical"):
         srv.register(2, c[:31] + bytes([c[31] | 0x80]), P.NodeKeys("keys", 2).public()[1])
+    with pytest.raises(P.ProtocolViolation, match="canonical"):
+        srv.register(2, b"\xff" * 32, P.NodeKeys("keys", 2).public()[1])
