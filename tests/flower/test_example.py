@@ -110,9 +110,11 @@ def simulation_link(tmp_path):
 
 def test_flwr_run_in_simulation_with_and_without_securemark(simulation_link, tmp_path, capsys):
     out = tmp_path / "masked"
-    done = flwr_run(simulation_link, EXAMPLE, f'out="{out}" num-server-rounds=2')
+    # the app's default 3 rounds: after 2, accuracy varied from 0.48 to 0.70 between runs (unseeded
+    # initial model and shuffling), too close to the bar below
+    done = flwr_run(simulation_link, EXAMPLE, f'out="{out}"')
     rounds = json.loads((out / "metrics.json").read_text())["rounds"]
-    assert [m["status"] for m in rounds] == ["completed", "completed"], done.stdout
+    assert [m["status"] for m in rounds] == ["completed"] * 3, done.stdout
     assert all(m["survived"] == SUPERNODES and m["max_bit_error"] == 0.0 for m in rounds), (rounds, done.stdout)
     assert rounds[-1]["global_accuracy"] > 0.5
     customers = sorted(p.stem for p in (out / "customers").iterdir())
