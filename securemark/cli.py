@@ -189,7 +189,10 @@ def cmd_trace(a: argparse.Namespace) -> object:
     from rich.table import Table
 
     title = f"{a.suspect}: {report.users} customers, threshold {report.threshold:.2f}, eps {report.eps}"
-    table = Table(title=title, caption=f"alignment {report.alignment['status']}; bound: {report.bound}")
+    caption = f"alignment {report.alignment['status']}; bound: {report.bound}"
+    if "base" in report.alignment:  # a registry with several bases (a federation keeps each round's model)
+        caption += f"; read against the {report.alignment['base']} ({report.alignment['bases_tried']} bases kept)"
+    table = Table(title=title, caption=caption)
     for col in ("customer", "score", "p-value", "accused"):
         table.add_column(col)
     accused = {s.customer for s in report.accused}

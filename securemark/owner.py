@@ -13,11 +13,11 @@ from securemark.registry import Base, Customer, Registry
 
 def fingerprinter(registry: Registry, model: StateDict) -> Fingerprinter:
     """The registry's fingerprinter; once a base is recorded, ``model`` must have its carrier tensors
-    (CarrierMismatch names the first missing or misshapen one)."""
-    base = registry.base()
-    if base is None:
+    (CarrierMismatch names the first missing or misshapen one). Every base has the same layout."""
+    bases = registry.bases()
+    if not bases:
         return Fingerprinter.create(registry.secret, registry.params.carrier, model, registry.params.length)
-    layout = CarrierLayout(registry.params.carrier, base.tensors)
+    layout = CarrierLayout(registry.params.carrier, bases[-1].tensors)
     layout.check(model)
     return Fingerprinter(layout, Projection.derive(registry.secret, layout.size, registry.params.length))
 
@@ -55,6 +55,16 @@ def establish_base(
         registry.save_base_model(base_model)
     registry.set_base(base)  # raises if a different base was recorded before (also by a concurrent issuer)
     return fp, base
+
+
+def add_earlier_base(registry: Registry, fp: Fingerprinter, model: StateDict, strength: float, label: str) -> Base:
+    """Record ``model`` as a base copies are issued from along the way (a training round's global model):
+    its projection, and the model itself for alignment. The current base is left as it is."""
+    check_finite(model)
+    digest = registry.save_base_model(model)
+    base = Base(digest, fp.project(model), strength, fp.layout.tensors, label)
+    registry.add_base(base)
+    return base
 
 
 def make_copy(

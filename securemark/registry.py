@@ -1,6 +1,11 @@
 """The owner's registry: code parameters, the secret bias vector, one code row per customer, the hashes of
 every delivered model, and the embedding parameters. SQLite in WAL mode; every write is one transaction.
 
+Bases: the *current* base (``set_base``, the model copies are issued from now, e.g. a federation's final model)
+and the earlier bases copies were issued from (``add_base``, e.g. each training round's global model). A
+tracer reads a suspect against every one of them, so a copy handed out in round 3 of 50 is read against the
+model it was made from, not through 47 rounds of training drift.
+
 The owner secret lives beside it in ``owner.key`` (mode 0600) and nowhere else: the registry stores what
 is derived from it (bias, code rows) so tracing reads one file, but never the key itself. The database is
 mode 0600 too: whoever reads the code rows and the bias can forge a copy that frames any customer. The base
@@ -20,7 +25,7 @@ import stat
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
@@ -131,6 +136,17 @@ class Base:
     reference: np.ndarray = field(repr=False)
     strength: float
     tensors: tuple[tuple[str, tuple[int, ...]], ...]  # the carrier's tensors: suspects are checked by name
+    label: str = ""  # what the base was, for reports ("round 3"); the current base has none
+
+    def info(self) -> dict[str, object]:
+        return {"digest": self.digest, "strength": self.strength, "tensors": [[n, list(s)] for n, s in self.tensors],
+                "label": self.label}  # fmt: skip
+
+    @classmethod
+    def from_info(cls, info: dict, reference: bytes) -> Base:
+        tensors = tuple((name, tuple(shape)) for name, shape in info["tensors"])
+        label = info.get("label", "")
+        return cls(info["digest"], np.frombuffer(reference, dtype=np.float64).copy(), info["strength"], tensors, label)
 
 
 def _now() -> str:
@@ -383,21 +399,27 @@ class Registry:
     # --- embedding parameters ----------------------------------------------------------------------
     @_db_errors
     def base(self) -> Base | None:
+        """The current base: the one copies are issued from now (None until the first issue)."""
         row = self._conn.execute("SELECT value FROM meta WHERE key = 'base'").fetchone()
-        if row is None:
-            return None
-        info = json.loads(row[0])
-        reference = np.frombuffer(self._array("reference"), dtype=np.float64).copy()
-        tensors = tuple((name, tuple(shape)) for name, shape in info["tensors"])
-        return Base(info["digest"], reference, info["strength"], tensors)
+        return None if row is None else Base.from_info(json.loads(row[0]), self._array("reference"))
+
+    @_db_errors
+    def bases(self) -> list[Base]:
+        """Every base copies were issued from: the earlier ones in the order added, then the current one."""
+        rows = self._conn.execute("SELECT key, value FROM meta WHERE key LIKE 'base/%' ORDER BY rowid").fetchall()
+        earlier = [Base.from_info(json.loads(v), self._array(f"reference/{k[5:]}")) for k, v in rows]
+        current = self.base()
+        if current is None:
+            return earlier
+        return [b for b in earlier if b.digest != current.digest] + [current]
 
     @_db_errors
     def set_base(self, base: Base) -> None:
-        """Record the base model once; copies from another base would need another reference.
+        """Record the current base once; a different one is refused (a new base model needs a new registry,
+        or :meth:`add_base` for a model that copies were issued from along the way).
 
         One transaction that re-reads under the write lock: two first issues at once both get here, and the
         second finds the first's base (same digest: nothing to do; another digest: RegistryError)."""
-        info = {"digest": base.digest, "strength": base.strength, "tensors": [[n, list(s)] for n, s in base.tensors]}
         with self._write() as conn:
             row = conn.execute("SELECT value FROM meta WHERE key = 'base'").fetchone()
             if row is not None:
@@ -408,8 +430,28 @@ class Registry:
                         "differs. Use a new registry for a new base model."
                     )
                 return
-            conn.execute("INSERT INTO meta VALUES ('base', ?)", (json.dumps(info),))
+            self._check_layout(conn, base)
+            conn.execute("INSERT INTO meta VALUES ('base', ?)", (json.dumps(replace(base, label="").info()),))
             conn.execute("INSERT INTO arrays VALUES ('reference', ?)", (base.reference.tobytes(),))
+
+    @_db_errors
+    def add_base(self, base: Base) -> None:
+        """Record an earlier base (a training round's model that copies were issued from); the same digest
+        again is a no-op. Its carrier layout must be every other base's: one projection reads them all."""
+        if not re.fullmatch(r"[0-9a-f]{64}", base.digest):
+            raise RegistryError(f"a base digest is a SHA-256 in hex, got {base.digest!r}")
+        with self._write() as conn:
+            if conn.execute("SELECT 1 FROM meta WHERE key = ?", (f"base/{base.digest}",)).fetchone() is not None:
+                return
+            self._check_layout(conn, base)
+            conn.execute("INSERT INTO meta VALUES (?, ?)", (f"base/{base.digest}", json.dumps(base.info())))
+            conn.execute("INSERT INTO arrays VALUES (?, ?)", (f"reference/{base.digest}", base.reference.tobytes()))
+
+    @staticmethod
+    def _check_layout(conn: sqlite3.Connection, base: Base) -> None:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'base' OR key LIKE 'base/%' LIMIT 1").fetchone()
+        if row is not None and json.loads(row[0])["tensors"] != base.info()["tensors"]:
+            raise RegistryError(f"base {base.digest[:12]} has another carrier layout than this registry's bases")
 
     def save_base_model(self, model: Mapping[str, torch.Tensor]) -> str:
         """Keep ``model`` as ``bases/<state digest>.safetensors`` (mode 0600: it is the owner's unmarked
@@ -423,13 +465,14 @@ class Registry:
         save_atomic(model, folder / f"{digest}.safetensors")
         return digest
 
-    def base_model(self) -> dict[str, torch.Tensor] | None:
-        """The recorded base model, read back and checked against the recorded digest (RegistryError if it
-        was altered or is unreadable). None when no base is recorded yet, or when the registry predates kept
-        base models (no ``bases/`` file): callers then trace without aligning suspects to the base."""
+    def base_model(self, base: Base | None = None) -> dict[str, torch.Tensor] | None:
+        """The model of ``base`` (default: the current one), read back and checked against its recorded
+        digest (RegistryError if it was altered or is unreadable). None when no base is recorded yet, or when
+        the registry predates kept base models (no ``bases/`` file): callers then trace without aligning
+        suspects to the base."""
         from securemark.modelio import ModelFileError, load_state_dict, state_digest
 
-        base = self.base()
+        base = self.base() if base is None else base
         if base is None:
             return None
         path = self.directory / BASES_DIR / f"{base.digest}.safetensors"

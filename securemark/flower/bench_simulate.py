@@ -3,7 +3,8 @@
 Seconds per round (from metrics.json), the peak resident memory of the whole run (this process plus every
 process it starts: Ray's GCS, raylet and worker actors; sampled from /proc, Linux only), the server's masking
 stages summed over rounds, and the outputs checked: every customer's final copy written, recorded, and traced
-back to that customer alone.
+back to that customer alone; and copies made from the first round's model (the most training drift away from
+the final one), traced against every kept round's model and against the final model alone.
 """
 
 from __future__ import annotations
@@ -90,6 +91,39 @@ def _traced(out: Path) -> dict[str, int]:
             "copies_naming_their_customer_alone": alone, "innocents_accused": innocents}  # fmt: skip
 
 
+EARLY_SAMPLE = 50
+
+
+def _early_traced(out: Path) -> dict[str, Any]:
+    """Copies of the first kept base (what round 1's customers received) for up to EARLY_SAMPLE customers, each
+    traced with every kept base and with the final one alone: how many name their customer alone, and the
+    median RMS of the observation (1 for an intact copy read against its own base; drift adds to it)."""
+    from securemark.owner import fingerprinter
+    from securemark.registry import Registry
+    from securemark.tracing.tracer import Tracer
+
+    with Registry.open(out / "registry") as reg:
+        first, names = reg.bases()[0], reg.customers()[:EARLY_SAMPLE]
+        model = reg.base_model(first)
+        if model is None:
+            raise RuntimeError(f"{out}/registry does not keep the model of its first base")
+        fp = fingerprinter(reg, model)
+        tracers = {"every_base": Tracer(reg), "final_base_only": Tracer(reg, every_base=False)}
+        alone, rms = dict.fromkeys(tracers, 0), {how: [] for how in tracers}
+        for name in names:
+            copy = fp.embed(model, reg.customer(name, create=False).bits, first.strength)
+            for how, tracer in tracers.items():
+                report = tracer.trace(copy, top_k=1)
+                alone[how] += [s.customer for s in report.accused] == [name]
+                rms[how].append(report.signal_rms)
+        bases = len(reg.bases())
+    out: dict[str, Any] = {"bases_kept": bases, "first_round_copies": len(names)}
+    for how in tracers:
+        out[f"first_round_copies_alone_{how}"] = alone[how]
+        out[f"first_round_median_signal_rms_{how}"] = round(statistics.median(rms[how]), 3)
+    return out
+
+
 def bench_simulate(cfg: SimConfig, out: Path) -> dict[str, Any]:
     from securemark.sim import simulate
 
@@ -102,7 +136,7 @@ def bench_simulate(cfg: SimConfig, out: Path) -> dict[str, Any]:
     for m in rounds:
         for stage, s in m.get("stage_seconds", {}).items():
             stages[stage] = round(stages.get(stage, 0.0) + s, 3)
-    traced = _traced(out) if cfg.fingerprint.enabled else {}
+    traced = {**_traced(out), **_early_traced(out)} if cfg.fingerprint.enabled else {}
     return {
         "clients": cfg.train.clients,
         "per_round": cfg.train.per_round,

@@ -21,8 +21,10 @@ server optimizer (FedAvgM, FedAdam, ...). SecureMark changes what travels. One r
 5. client evaluation gets fingerprinted copies (never the plain global model); ``evaluate_fn`` scores the
    global model and a few customers' copies.
 
-At the end ``out`` holds what ``securemark simulate`` writes: ``registry/`` (with the owner key),
-``customers/<customer>.safetensors`` (every customer's final copy), ``metrics.json`` and ``global.safetensors``.
+Every model copies are made from (each round's global model) is kept in the registry as a base, so a copy of any
+round traces against the model it was made from. At the end ``out`` holds what ``securemark simulate`` writes:
+``registry/`` (with the owner key), ``customers/<customer>.safetensors`` (every customer's final copy),
+``metrics.json`` and ``global.safetensors``.
 After every round ``out/checkpoint/`` holds the global model, the round, the fingerprint strength, the metrics so
 far, the graph RNG and the inner strategy's optimizer state; ``start(resume=True)`` goes on from there with the
 same registry, key and strength, so copies issued before a crash still trace. A kill at any instant leaves the
@@ -57,7 +59,7 @@ from securemark.config import FingerprintConfig, SecAggSettings
 from securemark.fingerprint.embed import Fingerprinter
 from securemark.flower import wire
 from securemark.modelio import load_state_dict, save_state_dict
-from securemark.owner import customer_name, issue_copies
+from securemark.owner import add_earlier_base, customer_name, issue_copies
 from securemark.registry import Registry, RegistryParams
 from securemark.secagg import protocol as P
 from securemark.secagg.quantize import QuantConfig, decode
@@ -130,6 +132,7 @@ class SecureMark(Strategy):
         self._grid: Grid | None = None
         self._round: dict[str, Any] = {}
         self._loaded: ArrayRecord | None = None
+        self._based: tuple[ArrayRecord | None, np.ndarray] | None = None  # (weights, projection) kept as a base
         self.dtypes: dict[str, torch.dtype] = {}
 
     # --- the global model as a torch state_dict ----------------------------------------------------------------
@@ -144,6 +147,17 @@ class SecureMark(Strategy):
             self.size = sum(sd[n].numel() for n in self.names)
         self.weights = {k: v.to(self.dtypes[k]) for k, v in sd.items()}  # an inner aggregate turns ints into floats
         self._loaded = arrays
+
+    def _record_base(self, after: int) -> np.ndarray | None:
+        """Keep the weights copies are about to be made from in the registry (once per model), so a copy of
+        any round traces against its own base; their projection h = X w, or None without fingerprints."""
+        if self.fp is None or self.registry is None:
+            return None
+        if self._based is None or self._based[0] is not self._loaded:
+            label = f"global model after round {after}"
+            base = add_earlier_base(self.registry, self.fp, self.weights, self.strength, label)
+            self._based = (self._loaded, base.reference)
+        return self._based[1]
 
     def copy_for(self, node: int) -> dict[str, torch.Tensor]:
         if self.fp is None:
@@ -291,7 +305,7 @@ class SecureMark(Strategy):
             contents[n] = _with_arrays(inner_msgs[n].content, ArrayRecord(copies[n]))
             contents[n][wire.SM] = ConfigRecord(head)
         self._round = {"sampled": sampled, "copies": copies, "clock": clock}
-        self._round["reference"] = self.fp.project(self.weights) if self.fp is not None else None
+        self._round["reference"] = self._record_base(server_round - 1)
         if self.secagg.enabled and sampled:
             self._masking_setup(server_round, sampled, contents)
         return [
@@ -408,6 +422,8 @@ class SecureMark(Strategy):
         inner_msgs = {
             m.metadata.dst_node_id: m for m in self.inner.configure_evaluate(server_round, arrays, config, grid)
         }
+        if inner_msgs:
+            self._record_base(server_round)
         return [
             Message(_with_arrays(inner_msgs[n].content, ArrayRecord(self.copy_for(n))), dst_node_id=n,
                     message_type=inner_msgs[n].metadata.message_type, group_id=str(server_round))

@@ -108,17 +108,21 @@ class Tracer:
 
     ``groups`` are explicit unit groups for alignment (residual models); by default they are derived from the
     base when it is a sequential chain. ``aligned=False`` reads suspects in their own coordinates.
+    ``every_base=False`` reads them against the current base only (the registry's earlier bases ignored).
     """
 
-    def __init__(self, registry: Registry, groups: Sequence[UnitGroup] | None = None, aligned: bool = True) -> None:
-        base = registry.base()
-        if base is None:
+    def __init__(
+        self, registry: Registry, groups: Sequence[UnitGroup] | None = None, aligned: bool = True,
+        every_base: bool = True,
+    ) -> None:  # fmt: skip
+        self.bases = registry.bases() if every_base else registry.bases()[-1:]
+        if not self.bases:
             raise RegistryError(f"registry {registry.directory} has issued no copy yet: nothing to trace against")
         self.names, self._packed = registry.codebook()
         if not self.names:
             raise RegistryError(f"registry {registry.directory} has no customers")
         self.params = registry.params
-        self.base = base
+        self.base = self.bases[-1]  # the current base (or the latest kept)
         self._registry = registry
         self._fp: Fingerprinter | None = None
         length = self.params.length
@@ -126,45 +130,56 @@ class Tracer:
         self._bias = registry.bias() if self.params.code != "bibd" else None
         # BIBD rows are public and few (v <= a few hundred): kept unpacked for the soft detector
         self._rows = unpack_bits(self._packed, length) if self.params.code == "bibd" else None
-        self._base_model = registry.base_model() if aligned else None
-        carrier_size = CarrierLayout(self.params.carrier, base.tensors).size
-        self._mark_rms = base.strength * np.sqrt(length / carrier_size)  # RMS(s X^T b) per carrier weight
+        self._models = [registry.base_model(b) if aligned else None for b in self.bases]
+        self._carrier_size = CarrierLayout(self.params.carrier, self.base.tensors).size
         self._groups, self._alignment = self._unit_groups(groups, aligned)
 
     def _unit_groups(self, groups: Sequence[UnitGroup] | None, aligned: bool) -> tuple[list[UnitGroup] | None, str]:
         if not aligned:
             return None, "off: disabled"
-        if self._base_model is None:
+        kept = [m for m in self._models if m is not None]
+        if not kept:
             return None, "off: the registry keeps no base model (made before alignment existed)"
         if groups is not None:
             return list(groups), "explicit unit groups"
         try:
-            return chain_groups(self._base_model), "unit groups derived from the base"
+            return chain_groups(kept[-1]), "unit groups derived from the base"
         except AlignmentError as exc:
             return None, f"off: {exc}"
 
-    def prepare(self, suspect: StateDict) -> tuple[StateDict, dict[str, object]]:
-        """The suspect checked (SuspectError), aligned to the base and its zeros read as erasures, with what
-        alignment did."""
+    def prepare(self, suspect: StateDict, base: int = -1) -> tuple[StateDict, dict[str, object]]:
+        """The suspect checked (SuspectError), aligned to base number ``base`` (default: the current one) and
+        its zeros read as erasures, with what alignment did."""
         check_suspect(suspect)
-        if self._groups is None or self._base_model is None:
-            return suspect, {"status": self._alignment}
-        aligned, rep = align(suspect, self._base_model, self._groups, noise=self._mark_rms)
-        filled, erased = fill_erasures(aligned, self._base_model)
+        return self._prepare_checked(suspect, base)
+
+    def _prepare_checked(self, suspect: StateDict, base: int) -> tuple[StateDict, dict[str, object]]:
+        model = self._models[base]
+        if self._groups is None or model is None:
+            why = self._alignment if model is not None or self._groups is None else "off: this base's model is not kept"
+            return suspect, {"status": why}
+        mark_rms = self.bases[base].strength * np.sqrt(self.params.length / self._carrier_size)  # per weight
+        aligned, rep = align(suspect, model, self._groups, noise=mark_rms)
+        filled, erased = fill_erasures(aligned, model)
         try:
             check_suspect(filled)  # undoing a pirate's scales can overflow an absurd suspect's float32
         except SuspectError as exc:
             raise SuspectError(f"after alignment to the base: {exc}") from None
         return filled, {"status": "aligned: " + self._alignment, **asdict(rep), "erased": erased}
 
-    def extract(self, suspect: StateDict) -> np.ndarray:
-        """The raw soft code y (L,) of an already prepared suspect; CarrierMismatch names a misshapen tensor."""
+    def extract(self, suspect: StateDict, base: int = -1) -> np.ndarray:
+        """The raw soft code y = (X v - h) / s (L,) of a suspect prepared for base number ``base``."""
+        b = self.bases[base]
+        return (self._project(suspect) - b.reference) / b.strength
+
+    def _project(self, suspect: StateDict) -> np.ndarray:
+        """X v(suspect); CarrierMismatch names a misshapen tensor."""
         try:
             fp = self._fingerprinter(suspect)
             fp.layout.check(suspect)
         except CarrierMismatch as exc:
             raise CarrierMismatch(f"{exc} (alignment {self._alignment})") from None
-        return fp.extract(suspect, self.base.reference, self.base.strength)
+        return fp.project(suspect)
 
     def _fingerprinter(self, model: StateDict) -> Fingerprinter:
         if self._fp is None:
@@ -172,9 +187,29 @@ class Tracer:
         return self._fp
 
     def observe(self, suspect: StateDict) -> tuple[Observation, dict[str, object]]:
-        """Check, align, extract and read robustly: the observation the scores are computed from."""
-        prepared, alignment = self.prepare(suspect)
-        return robust_observation(self.extract(prepared)), alignment
+        """Check, align, extract and read robustly: the observation the scores are computed from.
+
+        With several bases (a federation keeps each round's model) the suspect is aligned to each and read
+        against it, and the observation with the least energy is kept: the base a suspect was made from leaves
+        the mark and the pirate's changes, any other adds the training drift between the two. (Aligning to the
+        current base only and reading every base from that one projection is cheaper, and wrong: an early
+        copy aligned to a much-trained model gets units matched wrongly and then fits no base.) The choice
+        depends on the suspect and the bases alone, never on an innocent's code row, so an innocent's row is
+        still independent of the observation and its certified threshold holds unchanged (no multiple-testing
+        correction is needed). Cost: one alignment per base."""
+        check_suspect(suspect)
+        best: tuple[float, Observation, dict[str, object], int] | None = None
+        for i in reversed(range(len(self.bases))):  # the current base first: it wins ties
+            prepared, alignment = self._prepare_checked(suspect, i)
+            obs = robust_observation(self.extract(prepared, i))
+            energy = float(np.dot(obs.y, obs.y))
+            if best is None or energy < best[0]:
+                best = (energy, obs, alignment, i)
+        assert best is not None
+        _, obs, alignment, i = best
+        if len(self.bases) > 1:
+            alignment = {**alignment, "base": self.bases[i].label or "current", "bases_tried": len(self.bases)}
+        return obs, alignment
 
     def accuse(self, y: np.ndarray) -> Verdict:
         """Score every customer for observation ``y`` and accuse.

@@ -14,7 +14,7 @@ from securemark.config import SimConfig
 from securemark.evaluation.config import EvalConfig
 from securemark.evaluation.harness import evaluate, plan
 from securemark.evaluation.outputs import rewrite
-from securemark.flower.bench_simulate import _traced
+from securemark.flower.bench_simulate import _early_traced, _traced
 from securemark.quickstart import leak_and_trace
 from securemark.sim import simulate
 
@@ -41,8 +41,10 @@ def test_smoke_config_runs_on_ray_and_copies_trace_to_their_customer(smoke_run, 
     assert main(["trace", str(out / "registry"), str(out / "customers" / "client-002.safetensors"), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["accused"] == ["client-002"]
-    traced = _traced(out)  # bench simulate's check
+    traced = _traced(out)  # bench simulate's checks
     assert traced["copies_issued"] == traced["copies_naming_their_customer_alone"] == 4
+    early = _early_traced(out)  # round 1's copies, made from the initial model, against every round's model
+    assert early["bases_kept"] == 3 and early["first_round_copies_alone_every_base"] == 4
 
     # the quickstart's second half on this run: a laundered leak (fine-tune, prune, int8) names its customer
     leaker, steps, accuracy, traced = leak_and_trace(SimConfig.load(ROOT / "configs" / "smoke.toml"), out, rng(1))

@@ -9,7 +9,7 @@ from securemark.fingerprint.carrier import CarrierMismatch
 from securemark.models import build
 from securemark.owner import issue_copy
 from securemark.registry import Registry, RegistryError, RegistryParams
-from securemark.tracing.tracer import SuspectError, trace
+from securemark.tracing.tracer import SuspectError, Tracer, trace
 
 
 def test_owner_workflow_small_cnn(tmp_path):
@@ -184,4 +184,68 @@ def test_extreme_but_finite_rescaling_is_undone(tmp_path):
     reg, _, copies = _small(tmp_path, n=20)
     rescaled, _ = rewrite.rescale(copies["c2"], np.random.default_rng(0), 1e-15, 1e15)
     assert [s.customer for s in trace(rescaled, reg).accused] == ["c2"]
+    reg.close()
+
+
+def _drifted(base: dict, scale: float, seed: int) -> dict:
+    """``base`` moved by a training-like drift: every float tensor plus ``scale`` x its std of noise."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + scale * v.std() * torch.randn(v.shape, generator=g) if v.is_floating_point() and v.numel() > 1
+            else v.clone() for k, v in base.items()}  # fmt: skip
+
+
+def test_a_copy_of_an_earlier_round_traces_against_its_own_base(tmp_path):
+    """A federation's registry keeps each round's model: a copy issued in round 1, then laundered, is read
+    against round 1's model (the least-energy observation), not through the drift to the final model."""
+    from securemark.owner import add_earlier_base, establish_base, fingerprinter
+
+    rounds = [{k: v.clone() for k, v in build("cnn", (1, 8, 8), 10, seed=0).state_dict().items()}]
+    for r in range(1, 4):
+        rounds.append(_drifted(rounds[-1], 0.3, r))
+    reg = Registry.init(tmp_path / "r", RegistryParams(length=256, max_colluders=3))
+    fp = fingerprinter(reg, rounds[0])
+    strength = fp.strength_for_budget(rounds[0], reg.params.budget)
+    early = {}
+    for r, model in enumerate(rounds[:-1]):
+        add_earlier_base(reg, fp, model, strength, f"global model after round {r}")
+        early[r] = {f"c{i}": fp.embed(model, reg.customer(f"c{i}").bits, strength) for i in range(6)}
+    establish_base(reg, rounds[-1], strength)
+    assert [b.label for b in reg.bases()] == [f"global model after round {r}" for r in range(3)] + [""]
+
+    leaked, _ = attacks.quantize(attacks.prune(early[1]["c2"], 0.3)[0], 8)
+    report = trace(leaked, reg)
+    assert [s.customer for s in report.accused] == ["c2"]
+    assert report.alignment["base"] == "global model after round 1" and report.alignment["bases_tried"] == 4
+    exact = trace(early[0]["c5"], reg)
+    assert exact.alignment["base"] == "global model after round 0" and exact.bit_agreement_top == 1.0
+    # against the final model alone the same leak reads through two more rounds of drift: several times the energy
+    tracer = Tracer(reg)
+    energy = [float(np.sum(tracer.extract(tracer.prepare(leaked, i)[0], i) ** 2)) for i in range(4)]
+    assert int(np.argmin(energy)) == 1 and energy[3] > 2 * energy[1]
+    assert trace(rounds[-1], reg).accused == []  # an unmarked model of any round accuses nobody
+    assert trace(rounds[2], reg).accused == []
+    reg.close()
+
+
+def test_earlier_bases_need_the_same_layout_and_a_sha256(tmp_path):
+    from securemark.registry import Base
+
+    reg = Registry.init(tmp_path / "r", RegistryParams(length=128))
+    digest = "ab" * 32
+    reg.add_base(Base(digest, np.arange(128.0), 0.5, (("w", (2, 64)),), "round 1"))
+    reg.add_base(Base(digest, np.zeros(128), 0.5, (("w", (2, 64)),), "again"))  # same digest: a no-op
+    assert [(b.digest, b.label) for b in reg.bases()] == [(digest, "round 1")]
+    np.testing.assert_array_equal(reg.bases()[0].reference, np.arange(128.0))
+    assert reg.base() is None  # an earlier base is not the current one
+    with pytest.raises(RegistryError, match="another carrier layout"):
+        reg.add_base(Base("cd" * 32, np.zeros(128), 0.5, (("w", (4, 32)),)))
+    with pytest.raises(RegistryError, match="another carrier layout"):
+        reg.set_base(Base("cd" * 32, np.zeros(128), 0.5, (("v", (2, 64)),)))
+    with pytest.raises(RegistryError, match="SHA-256"):
+        reg.add_base(Base("../../etc", np.zeros(128), 0.5, (("w", (2, 64)),)))
+    reg.set_base(Base(digest, np.ones(128), 0.5, (("w", (2, 64)),)))  # the same model made current
+    assert [(b.digest, b.label) for b in reg.bases()] == [(digest, "")]
+    copy = Registry.from_files(tmp_path / "copy", reg.files())
+    assert [b.digest for b in copy.bases()] == [digest]
+    copy.close()
     reg.close()
