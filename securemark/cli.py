@@ -283,7 +283,7 @@ def cmd_bench_rounds(a: argparse.Namespace) -> object:
 def cmd_bench_deploy(a: argparse.Namespace) -> object:
     from securemark.flower.bench_deploy import bench_deploy
 
-    result = bench_deploy(a.app, a.nodes, a.rounds, a.grace)
+    result = bench_deploy(a.app, a.nodes, a.rounds, a.grace, a.isolation)
     runs = [{"run": k, **{f: str(v[f]) for f in ("per_round_seconds", "survived")}} for k, v in result["runs"].items()]
     return _json_or_table(a, result, {k: v for k, v in result.items() if k != "runs"}, *runs)
 
@@ -519,6 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--nodes", type=_positive, default=4)
     bd.add_argument("--rounds", type=_positive, default=3, help="the first is warm-up and not counted")
     bd.add_argument("--grace", type=_finite, default=10.0, help="secagg.grace: seconds to wait past the threshold")
+    bd.add_argument("--isolation", choices=("subprocess", "process"), default="subprocess",
+                    help="process: a separate flower-superexec beside each SuperNode")  # fmt: skip
     bd.add_argument("--json", action="store_true")
     bd.set_defaults(func=cmd_bench_deploy)
 

@@ -1,9 +1,16 @@
 """``securemark bench deploy``: a real deployment on loopback, plain FedAvg against masked rounds.
 
-One SuperLink and N SuperNodes (``flower-supernode``, the default subprocess isolation: a fresh ClientApp
-process per message) on 127.0.0.1, then three ``flwr run``s of the shipped apps on digits: plain (fingerprint
-and masking off), masked, and masked with one SuperNode killed (SIGKILL, its whole process group) once the
-first round is done. Per-round seconds and the server's per-stage seconds come from each run's metrics.json.
+One SuperLink and N SuperNodes (``flower-supernode``) on 127.0.0.1, then three ``flwr run``s of the shipped
+apps on digits: plain (fingerprint and masking off), masked, and masked with one SuperNode killed (SIGKILL, its
+whole process group) once the first round is done. Per-round seconds and the server's per-stage seconds come
+from each run's metrics.json.
+
+``isolation="subprocess"`` (Flower's default): each SuperNode starts its own ``flower-superexec``, which starts
+a fresh ``flwr-clientapp`` process per message. ``isolation="process"``: the SuperNodes start none, and a
+long-running ``flower-superexec`` is started beside each one, as a deployment would run it in its own container.
+In Flower 1.41 that SuperExec, too, starts one ``flwr-clientapp`` per message (a process holds one execution
+token), so the option measures whether the separate launcher changes anything; ``clientapp_import_seconds`` is
+what each of those processes spends importing the shipped ClientApp (torch included) before it can answer.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import os
 import signal
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,9 +31,16 @@ from securemark.flower.processes import BIN, Processes, flower_env, free_port, w
 RUN_DEADLINE_S = 900
 
 
-def bench_deploy(app: Path, nodes: int = 4, rounds: int = 3, grace: float = 10.0) -> dict[str, Any]:
+ISOLATIONS = ("subprocess", "process")
+
+
+def bench_deploy(
+    app: Path, nodes: int = 4, rounds: int = 3, grace: float = 10.0, isolation: str = "subprocess"
+) -> dict[str, Any]:
     if nodes < 3 or rounds < 2:
         raise ValueError("need nodes >= 3 (a masked round needs a majority) and rounds >= 2")
+    if isolation not in ISOLATIONS:
+        raise ValueError(f"isolation must be one of {ISOLATIONS}, got {isolation!r}")
     if not (Path(app) / "pyproject.toml").is_file():
         raise FileNotFoundError(f"{app} is not a Flower app directory (no pyproject.toml)")
     with tempfile.TemporaryDirectory(prefix="securemark-deploy-") as tmp:
@@ -37,14 +52,19 @@ def bench_deploy(app: Path, nodes: int = 4, rounds: int = 3, grace: float = 10.0
             f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\naddress = "127.0.0.1:{link}"\ninsecure = true\n'
         )
         procs = Processes(flower_env(home), work, work / "logs")
+        previous = signal.signal(signal.SIGTERM, _terminate)  # a bench that is killed still stops what it started
         try:
             procs.start("superlink", "flower-superlink", "--insecure", "--port", str(link))
             wait_for_port(link, 60)
-            node = ("flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}", "--port")
+            node = ("flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}", "--isolation", isolation)
             supernodes = []
             for i in range(nodes):
-                where = f"partition-id={i} num-partitions={nodes}"
-                supernodes.append(procs.start(f"supernode-{i}", *node, str(free_port()), "--node-config", where))
+                where, port = f"partition-id={i} num-partitions={nodes}", free_port()
+                supernodes.append(procs.start(f"supernode-{i}", *node, "--port", str(port), "--node-config", where))
+                if isolation == "process":  # the launcher a deployment runs beside each SuperNode
+                    wait_for_port(port, 60)
+                    procs.start(f"superexec-{i}", "flower-superexec", "--insecure", "--runtime-api-address",
+                                f"127.0.0.1:{port}", "--parent-pid", str(supernodes[-1].pid))  # fmt: skip
             common = (
                 f'data.name="digits" train.rounds={rounds} train.clients={nodes} train.per_round={nodes} '
                 f"fingerprint.length=256 fingerprint.max_colluders=2 secagg.grace={grace}"
@@ -56,12 +76,14 @@ def bench_deploy(app: Path, nodes: int = 4, rounds: int = 3, grace: float = 10.0
             runs["masked_one_killed"] = _run(procs, app, work / "killed", common, kill=supernodes[0])
         finally:
             procs.stop()
+            signal.signal(signal.SIGTERM, previous)
     plain, masked = runs["plain"]["median_seconds"], runs["masked"]["median_seconds"]
     return {
         "nodes": nodes,
         "rounds": rounds,
         "grace_seconds": grace,
-        "isolation": "subprocess (flower-supernode default)",
+        "isolation": isolation,
+        "clientapp_import_seconds": _import_seconds(),
         "plain_seconds": plain,
         "masked_seconds": masked,
         "masked_over_plain": round(masked / plain, 3),
@@ -103,3 +125,18 @@ def _rounds_done(out: Path) -> int:
         return len(json.loads((out / "metrics.json").read_text())["rounds"])
     except (OSError, ValueError, KeyError):
         return 0
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _import_seconds(repeats: int = 3) -> float:
+    """Median wall seconds of a fresh interpreter importing the shipped ClientApp: what every per-message
+    ``flwr-clientapp`` process pays before it can answer."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import securemark.flower.client_app"], check=True)
+        times.append(time.perf_counter() - start)
+    return round(statistics.median(times), 2)

@@ -3,6 +3,9 @@
 The train function is what any Flower app has: it reads ``arrays`` and ``config``, trains on this node's
 partition, and replies with ``arrays`` and ``metrics`` (``num-examples``). ``securemark_mod`` does the rest:
 key exchange, the update relative to the node's own fingerprinted copy, masking, unmasking.
+
+Data, models and training (torch) are imported inside ``train``: a deployed SuperNode starts a fresh process
+for every message, and those answering the mod's hello and unmask stages never need them.
 """
 
 from __future__ import annotations
@@ -10,7 +13,6 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from securemark import data, models, training
 from securemark.config import DataConfig, SimConfig
 from securemark.flower.mod import securemark_mod
 
@@ -32,6 +34,8 @@ def _data_config(cfg: ConfigRecord) -> DataConfig:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train this node's partition from the arrays received; reply with the trained arrays."""
+    from securemark import data, models, training
+
     cfg = msg.content["config"]
     pid, parts = partition(context)
     local = data.client_data(_data_config(cfg), pid, parts, int(cfg["seed"]))

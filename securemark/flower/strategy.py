@@ -43,7 +43,8 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +131,7 @@ class SecureMark(Strategy):
         self.strength = 0.0
         self.rounds: list[dict[str, Any]] = []
         self._grid: Grid | None = None
+        self._timeout = 3600.0  # start's: how long round 1 waits for the nodes the inner strategy asks for
         self._round: dict[str, Any] = {}
         self._loaded: ArrayRecord | None = None
         self._based: tuple[ArrayRecord | None, np.ndarray] | None = None  # (weights, projection) kept as a base
@@ -296,7 +298,10 @@ class SecureMark(Strategy):
         self._grid = grid
         self._load(arrays)
         clock = _StageClock()
-        inner_msgs = {m.metadata.dst_node_id: m for m in self.inner.configure_train(server_round, arrays, config, grid)}
+        with self._enough_nodes(grid, self._timeout if server_round == 1 else self.secagg.grace, "min_train_nodes"):
+            inner_msgs = {
+                m.metadata.dst_node_id: m for m in self.inner.configure_train(server_round, arrays, config, grid)
+            }
         sampled = sorted(self.identify(inner_msgs))
         clock.lap("hello")
         head = {"stage": wire.TRAIN, "weight-key": self.inner.weighted_by_key}
@@ -413,15 +418,45 @@ class SecureMark(Strategy):
         return dec.mean, dec.total_weight, [node_of[i] for i in survivors], info
 
     # --- Strategy: evaluate ---------------------------------------------------------------------------------
+    @contextmanager
+    def _enough_nodes(self, grid: Grid, wait: float, minimum: str) -> Iterator[None]:
+        """Flower's FedAvg family waits forever until ``min_available_nodes`` (and its per-stage minimum) are
+        connected: one SuperNode that dies mid-run would hang every later round. So wait for them at most
+        ``wait`` seconds (round 1's training: the ``start`` timeout, nodes may still be starting; later:
+        ``secagg.grace``), then let the inner strategy sample from the nodes connected (its minimums lowered for
+        this call only), or fail when fewer than 2 are."""
+        names = [n for n in ("min_available_nodes", minimum) if isinstance(getattr(self.inner, n, None), int)]
+        want = max([getattr(self.inner, n) for n in names], default=0)
+        end = time.monotonic() + wait
+        while (have := len(list(grid.get_node_ids()))) < want and time.monotonic() < end:
+            time.sleep(0.5)
+        if have >= want:
+            yield
+            return
+        if have < 2:
+            raise RuntimeError(f"{have} node(s) connected, the strategy asks for {want}")
+        self.console.print(
+            f"  [yellow]{have} of the {want} nodes the strategy asks for are connected: sampling those[/]"
+        )
+        saved = {n: getattr(self.inner, n) for n in names}
+        try:
+            for n in names:
+                setattr(self.inner, n, min(saved[n], have))
+            yield
+        finally:
+            for n, v in saved.items():
+                setattr(self.inner, n, v)
+
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> list[Message]:
         """The inner strategy's evaluate messages, each with its customer's copy instead of the global model."""
         self._grid = grid
         self._load(arrays)
-        inner_msgs = {
-            m.metadata.dst_node_id: m for m in self.inner.configure_evaluate(server_round, arrays, config, grid)
-        }
+        with self._enough_nodes(grid, self.secagg.grace, "min_evaluate_nodes"):
+            inner_msgs = {
+                m.metadata.dst_node_id: m for m in self.inner.configure_evaluate(server_round, arrays, config, grid)
+            }
         if inner_msgs:
             self._record_base(server_round)
         return [
@@ -450,7 +485,7 @@ class SecureMark(Strategy):
     ) -> Result:
         """Run ``num_rounds`` rounds (see the module doc); write ``out``; return Flower's Result. With ``resume``,
         go on from the last checkpoint in ``out`` (``initial_arrays`` then gives only names and dtypes)."""
-        self._grid = grid
+        self._grid, self._timeout = grid, timeout
         self._load(initial_arrays)
         done = self._restore(num_rounds) if resume else 0
         if not resume:
@@ -486,7 +521,11 @@ class SecureMark(Strategy):
             m["seconds"] = round(time.perf_counter() - start, 3)
             self._load(arrays)
             m.update(self._evaluate(r, arrays, evaluate_fn, result))
-            evaluate_msgs = self.configure_evaluate(r, arrays, ConfigRecord(dict(evaluate_config)), grid)
+            try:
+                evaluate_msgs = self.configure_evaluate(r, arrays, ConfigRecord(dict(evaluate_config)), grid)
+            except RuntimeError as exc:  # too few nodes connected: no client evaluation this round
+                self.console.print(f"  [yellow]client evaluation of round {r} skipped: {exc}[/]")
+                evaluate_msgs = []
             if evaluate_msgs:
                 agg_eval = self._client_evaluation(r, evaluate_msgs, timeout)
                 if agg_eval:

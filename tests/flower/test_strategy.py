@@ -3,6 +3,7 @@ sees, the train contract, hostile nodes, refused inner strategies."""
 
 import copy
 import io
+import signal
 
 import numpy as np
 import pytest
@@ -521,3 +522,54 @@ def test_a_damaged_or_foreign_checkpoint_is_refused(tmp_path, edit, why):
     path.write_text("{not json")
     with pytest.raises(ValueError, match="cannot be read"):
         resumed.start(InProcessGrid(3), initial(cfg), num_rounds=2, train_config=train_config(cfg), resume=True)
+
+
+def test_the_shipped_client_app_imports_no_torch_until_it_trains():
+    """A deployed SuperNode starts a process per message; those answering hello and unmask skip torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, securemark.flower.client_app, securemark.flower as f\n"
+        "assert 'torch' not in sys.modules, 'torch imported by the ClientApp module'\n"
+        "f.SecureMark\n"
+        "assert 'torch' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.parametrize("gone", [1, 3])
+def test_nodes_gone_mid_run_cost_a_round_the_grace_and_never_hang_it(tmp_path, gone):
+    """FedAvg waits forever for min_available_nodes (all 4 here); after a node vanishes, each later round
+    waits secagg.grace for it, then samples the nodes left (or fails the round when fewer than 2 are left)."""
+    cfg = SimConfig.from_flat({**config(clients=4).to_flat(), "secagg.grace": 0.3})
+    s = quiet_strategy(cfg, tmp_path, console=recording_console())
+    grid = InProcessGrid(4)
+    real = s._checkpoint
+
+    def checkpoint_then_lose_nodes(r):
+        real(r)
+        if r == 1:
+            for node in list(grid.contexts)[-gone:]:
+                del grid.contexts[node]
+
+    s._checkpoint = checkpoint_then_lose_nodes
+
+    def hung(*_):
+        raise TimeoutError("the run hangs waiting for nodes")
+
+    previous = signal.signal(signal.SIGALRM, hung)  # a regression fails here instead of hanging the suite
+    signal.alarm(120)
+    try:
+        s.start(grid, initial(cfg), num_rounds=3, train_config=train_config(cfg))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    log = s.console.export_text()
+    if gone == 1:
+        assert [m["status"] for m in s.rounds] == ["completed"] * 3
+        assert [m["survived"] for m in s.rounds] == [4, 3, 3] and "3 of the 4 nodes" in log
+    else:
+        assert [m["status"] for m in s.rounds] == ["completed", "failed", "failed"]
+        assert "1 node(s) connected, the strategy asks for 4" in s.rounds[1]["reason"]
+    assert s.inner.min_available_nodes == 4 and s.inner.min_train_nodes == 4  # restored after each call
