@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -116,7 +116,7 @@ def run_trial(
 
 TrialKey = tuple[str, int, int]  # (attack, coalition size, trial index)
 _steps = functools.cache(pipeline.parse)  # a pipeline's text parsed once, not once per trial
-Runner = Callable[[Scheme, list[TrialKey], Callable[[dict[str, Any]], None]], None]
+Done = Callable[[dict[str, Any]], None]
 
 
 def trial(scheme: Scheme, key: TrialKey, s: Setting, cfg: EvalConfig) -> dict[str, Any]:
@@ -131,21 +131,46 @@ def trial(scheme: Scheme, key: TrialKey, s: Setting, cfg: EvalConfig) -> dict[st
     return record
 
 
-@contextmanager
-def _runner(ray_address: str | None, s: Setting, cfg: EvalConfig) -> Iterator[Runner]:
-    """Runs trials and hands each record to ``done`` as it finishes: here, one after another, or as Ray tasks."""
-    if ray_address is not None:
-        from securemark.flower.ray_trials import ray_runner  # imports ray: only when asked for
+class Runner(Protocol):
+    """Runs a scheme's trials and hands each record to ``done`` as it finishes: at once, one after another
+    (serial), or on Ray actors while the caller goes on building the next scheme (``wait`` collects the rest).
+    ``share`` gives it what every trial shares, once, before the first ``submit``."""
 
-        with ray_runner(ray_address, s, cfg) as run:
-            yield run
-        return
+    def share(self, setting: Setting) -> None: ...
 
-    def serial(scheme: Scheme, keys: list[TrialKey], done: Callable[[dict[str, Any]], None]) -> None:
+    def submit(self, scheme: Scheme, keys: list[TrialKey], done: Done) -> None: ...
+
+    def wait(self, done: Done) -> None: ...
+
+
+class SerialRunner:
+    def __init__(self, cfg: EvalConfig) -> None:
+        self.cfg = cfg
+        self.setting: Setting | None = None
+
+    def share(self, setting: Setting) -> None:
+        self.setting = setting
+
+    def submit(self, scheme: Scheme, keys: list[TrialKey], done: Done) -> None:
+        assert self.setting is not None, "share the setting first"
         for key in keys:
-            done(trial(scheme, key, s, cfg))
+            done(trial(scheme, key, self.setting, self.cfg))
 
-    yield serial
+    def wait(self, done: Done) -> None:
+        return None
+
+
+@contextmanager
+def _runner(ray_address: str | None, cfg: EvalConfig) -> Iterator[Runner]:
+    """Trials in this process, or as Ray tasks (the actors start at once: their start, importing torch,
+    overlaps the loading of the source and the building of the first scheme)."""
+    if ray_address is None:
+        yield SerialRunner(cfg)
+        return
+    from securemark.flower.ray_trials import ray_runner  # imports ray: only when asked for
+
+    with ray_runner(ray_address, cfg) as run:
+        yield run
 
 
 def fidelity(scheme: Scheme, s: Setting, copies: int, rng: np.random.Generator) -> dict[str, Any]:
@@ -244,39 +269,21 @@ def evaluate(
     if not to_run:
         raise ValueError("no cell to run: collude pipelines need coalition sizes >= 2, the others sizes 0 or 1")
     start = time.perf_counter()
-    sim, s = load_source(cfg, console)  # before anything is written: a missing source leaves no stray output
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.toml").write_text(cfg.to_toml(out))
-    e, f = cfg.evaluate, cfg.fidelity
-    sweep_scheme = next((n for n in e.schemes if n in ("tardos", "random")), None) if f.budgets else None
-    total = len(to_run) * e.trials + len(f.budgets) * f.copies
-    cells: list[dict[str, Any]] = []
-    fid: dict[str, Any] = {}
-    sweep: list[dict[str, Any]] = []
-    got: dict[TrialKey, dict[str, Any]] = {}
-    log_path = out / "trials.jsonl"
-    with _runner(ray_address, s, cfg) as run, log_path.open("w") as log, _progress(console, total) as (bar, task):
+    # before anything is written: a missing source leaves no stray output; one that must be trained first is
+    # trained before the runner starts (training runs Ray itself, and shuts it down when done)
+    loaded = None
+    if not (Path(cfg.source.run) / "global.safetensors").is_file():
+        if ray_address is not None:
+            from securemark.flower.ray_trials import release_prestarted
 
-        def done(record: dict[str, Any]) -> None:
-            log.write(json.dumps(_finite(record)) + "\n")
-            got[(record["attack"], record["coalition_size"], record["trial"])] = record
-            bar.update(
-                task, advance=1, description=f"{record['scheme']} {record['attack']} c={record['coalition_size']}"
-            )
-
-        for name in e.schemes:
-            bar.update(task, description=f"{name}: issuing {scheme_customers(name, cfg)} customers")
-            scheme = make_scheme(name, cfg, s.base, out / "registries")
-            fid[name] = fidelity(scheme, s, f.copies, np.random.default_rng([e.seed, 20_000]))
-            here = [(attack, size) for n, attack, size in to_run if n == name]
-            got.clear()
-            run(scheme, [(attack, size, t) for attack, size in here for t in range(e.trials)], done)
-            cells += [_cell(name, a, cfg, scheme, [got[(a, c, t)] for t in range(e.trials)]) for a, c in here]
-            if name == sweep_scheme:
-                bar.update(task, description=f"{name}: fidelity sweep")
-                assert isinstance(scheme, SharedScheme)
-                sweep = fidelity_sweep(scheme, cfg, s, lambda: bar.advance(task))
-            scheme.close()
+            release_prestarted()
+        loaded = load_source(cfg, console)
+    with _runner(ray_address, cfg) as run:
+        sim, s = loaded or load_source(cfg, console)
+        run.share(s)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.toml").write_text(cfg.to_toml(out))
+        cells, fid, sweep = _run_schemes(cfg, s, out, run, console)
     results = {
         "source": {"run": shown(cfg.source.run), "data": sim.data.name, "model": sim.model.name},
         "global_accuracy": s.global_accuracy,
@@ -287,6 +294,51 @@ def evaluate(
     }
     write_outputs(out, cfg, _finite(results))
     return results
+
+
+def _run_schemes(
+    cfg: EvalConfig, s: Setting, out: Path, run: Runner, console: Console
+) -> tuple[list[dict[str, Any]], dict[str, Any], list[dict[str, Any]]]:
+    """Every scheme's trials, fidelity and (for the first Tardos or random scheme) the fidelity sweep: the
+    cells, the fidelity per scheme, the sweep. Each trial is logged to ``out/trials.jsonl`` as it ends."""
+    e, f, to_run = cfg.evaluate, cfg.fidelity, plan(cfg)
+    sweep_scheme = next((n for n in e.schemes if n in ("tardos", "random")), None) if f.budgets else None
+    total = len(to_run) * e.trials + len(f.budgets) * f.copies
+    cells: list[dict[str, Any]] = []
+    fid: dict[str, Any] = {}
+    sweep: list[dict[str, Any]] = []
+    got: dict[tuple[str, str, int, int], dict[str, Any]] = {}
+    schemes: list[Scheme] = []
+    with (out / "trials.jsonl").open("w") as log, _progress(console, total) as (bar, task):
+
+        def done(record: dict[str, Any]) -> None:
+            log.write(json.dumps(_finite(record)) + "\n")
+            got[(record["scheme"], record["attack"], record["coalition_size"], record["trial"])] = record
+            bar.update(
+                task, advance=1, description=f"{record['scheme']} {record['attack']} c={record['coalition_size']}"
+            )
+
+        try:
+            for name in e.schemes:  # on Ray, a scheme's trials run while the next scheme is built here
+                bar.update(task, description=f"{name}: issuing {scheme_customers(name, cfg)} customers")
+                scheme = make_scheme(name, cfg, s.base, out / "registries")
+                schemes.append(scheme)
+                fid[name] = fidelity(scheme, s, f.copies, np.random.default_rng([e.seed, 20_000]))
+                here = [(attack, size) for n, attack, size in to_run if n == name]
+                run.submit(scheme, [(attack, size, t) for attack, size in here for t in range(e.trials)], done)
+                if name == sweep_scheme:
+                    bar.update(task, description=f"{name}: fidelity sweep")
+                    assert isinstance(scheme, SharedScheme)
+                    sweep = fidelity_sweep(scheme, cfg, s, lambda: bar.advance(task))
+            run.wait(done)
+            for scheme in schemes:
+                here = [(attack, size) for n, attack, size in to_run if n == scheme.name]
+                cells += [_cell(scheme.name, a, cfg, scheme, [got[(scheme.name, a, c, t)] for t in range(e.trials)])
+                          for a, c in here]  # fmt: skip
+        finally:
+            for scheme in schemes:
+                scheme.close()
+    return cells, fid, sweep
 
 
 def _cell(scheme_name: str, attack: str, cfg: EvalConfig, scheme: Scheme, trials: list[dict]) -> dict[str, Any]:

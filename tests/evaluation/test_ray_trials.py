@@ -41,26 +41,29 @@ def test_ray_actors_reproduce_the_serial_records_and_leave_no_registry_copy(tmp_
     schemes = {name: make_scheme(name, cfg, s.base, tmp_path / "registries") for name in cfg.evaluate.schemes}
     keys = {name: [(a, c, t) for n, a, c in plan(cfg) if n == name for t in range(3)] for name in schemes}
     serial = {name: [trial(schemes[name], k, s, cfg) for k in keys[name]] for name in schemes}
-    with ray_runner("local", s, cfg) as run:
-        for name, scheme in schemes.items():
-            got: list[dict] = []
+    got: list[dict] = []
 
-            def done(record: dict, got: list[dict] = got) -> None:
-                assert _unpacked() == before  # no registry copy on disk while trials run
-                got.append(record)
+    def done(record: dict) -> None:
+        assert _unpacked() == before  # no registry copy on disk while trials run
+        got.append(record)
 
-            run(scheme, keys[name], done)
-            by_key = {(r["attack"], r["coalition_size"], r["trial"]): r for r in got}
-            assert sorted(by_key) == sorted(keys[name])
-            for want in serial[name]:
-                have = by_key[(want["attack"], want["coalition_size"], want["trial"])]
-                for field, value in want.items():  # decisions exactly; scores to float rounding (torch's sums
-                    if field in TIMINGS:  # depend on its thread count: one per actor)
-                        continue
-                    if isinstance(value, float):
-                        assert have[field] == pytest.approx(value, rel=1e-6, nan_ok=True), field
-                    else:
-                        assert have[field] == value, field
+    with ray_runner("local", cfg) as run:
+        run.share(s)
+        for name, scheme in schemes.items():  # both schemes queued before any record is awaited
+            run.submit(scheme, keys[name], done)
+        run.wait(done)
+    by_key = {(r["scheme"], r["attack"], r["coalition_size"], r["trial"]): r for r in got}
+    assert sorted(by_key) == sorted((name, *k) for name in schemes for k in keys[name])
+    for name in schemes:
+        for want in serial[name]:
+            have = by_key[(name, want["attack"], want["coalition_size"], want["trial"])]
+            for field, value in want.items():  # decisions exactly; scores to float rounding (torch's sums
+                if field in TIMINGS:  # depend on its thread count: one per actor)
+                    continue
+                if isinstance(value, float):
+                    assert have[field] == pytest.approx(value, rel=1e-6, nan_ok=True), field
+                else:
+                    assert have[field] == value, field
     assert _unpacked() == before  # every actor deleted its copy of the registry
     assert serial["tardos"][0]["accuracy"] > 0 and np.isnan(serial["tardos"][2]["accuracy"])
     for scheme in schemes.values():

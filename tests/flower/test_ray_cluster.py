@@ -1,6 +1,7 @@
 """A Ray head started beforehand (its own process group, stopped by its id): a federation joins it through
 resources.ray_address, then an evaluation runs its trials on it (--ray ADDRESS)."""
 
+import json
 import os
 import shutil
 import signal
@@ -13,9 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from securemark.cli import main
 from securemark.config import SimConfig
 from securemark.evaluation.config import EvalConfig
 from securemark.evaluation.harness import evaluate
+from securemark.flower import ray_trials
 from securemark.sim import simulate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,13 +71,28 @@ def test_simulation_and_evaluation_join_a_running_ray_cluster(ray_head, tmp_path
     assert metrics["rounds"][0]["status"] == "completed" and metrics["rounds"][0]["survived"] == 4
     assert _drivers(temp) >= 1  # it ran on this head, not on a private instance
 
-    cfg = EvalConfig.load(
-        ROOT / "configs" / "collusion-smoke.toml",
-        [f'source.run="{tmp_path / "run"}"', 'evaluate.schemes=["tardos"]', "evaluate.trials=2",
-         "fidelity.budgets=[]"],
-    )  # fmt: skip
-    results = evaluate(cfg, tmp_path / "eval", ray_address=address)
+    sets = [f'source.run="{tmp_path / "run"}"', 'evaluate.schemes=["tardos"]', "evaluate.trials=2",
+            "fidelity.budgets=[]"]  # fmt: skip
+    results = evaluate(
+        EvalConfig.load(ROOT / "configs" / "collusion-smoke.toml", sets), tmp_path / "eval", ray_address=address
+    )
     assert [c["trials"] for c in results["cells"]] == [2] * len(results["cells"]) and results["cells"]
     launder = next(c for c in results["cells"] if c["attack"] == "launder" and c["coalition_size"] == 1)
     assert launder["catch_rate"] == 1.0 and launder["innocents_accused"] == 0
     assert _drivers(temp) >= 2
+
+    # the CLI starts the actors before it imports torch (prestart), and the run takes them over
+    args = [
+        "evaluate",
+        str(ROOT / "configs" / "collusion-smoke.toml"),
+        "--out",
+        str(tmp_path / "cli"),
+        "--ray",
+        address,
+    ]
+    assert main([*args, *[x for s in sets for x in ("--set", s)]]) == 0
+    cli = json.loads((tmp_path / "cli" / "results.json").read_text())
+    assert [(c["attack"], c["coalition_size"], c["catch_rate"]) for c in cli["cells"]] == [
+        (c["attack"], c["coalition_size"], c["catch_rate"]) for c in results["cells"]
+    ]
+    assert not ray_trials._prestarted  # taken over, nothing left behind
