@@ -61,6 +61,8 @@ def add_earlier_base(registry: Registry, fp: Fingerprinter, model: StateDict, st
     """Record ``model`` as a base copies are issued from along the way (a training round's global model):
     its projection, and the model itself for alignment. The current base is left as it is."""
     check_finite(model)
+    if not 0 < strength < math.inf:  # NaN fails this too
+        raise ValueError(f"embedding strength must be finite and > 0, got {strength}")
     digest = registry.save_base_model(model)
     base = Base(digest, fp.project(model), strength, fp.layout.tensors, label)
     registry.add_base(base)

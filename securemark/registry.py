@@ -46,6 +46,7 @@ DB_NAME = "registry.sqlite"
 KEY_NAME = "owner.key"
 BASES_DIR = "bases"
 _PRIVATE = stat.S_IRWXG | stat.S_IRWXO  # any of these bits on the database or the key is refused
+_FILE_NAMES = re.compile(rf"({re.escape(KEY_NAME)}|{re.escape(DB_NAME)}|{BASES_DIR}/[0-9a-f]{{64}}\.safetensors)")
 
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -249,7 +250,8 @@ class Registry:
         bases = self.directory / BASES_DIR
         paths = [self.directory / KEY_NAME, self.directory / DB_NAME, *sorted(bases.glob("*.safetensors"))]
         real = [p for p in paths if p.is_file() and not p.is_symlink()]
-        return {p.relative_to(self.directory).as_posix(): p.read_bytes() for p in real}
+        files = {p.relative_to(self.directory).as_posix(): p for p in real}
+        return {name: p.read_bytes() for name, p in files.items() if _FILE_NAMES.fullmatch(name)}  # no temp files
 
     @classmethod
     def from_files(cls, directory: str | Path, files: dict[str, bytes]) -> Registry:
@@ -257,8 +259,7 @@ class Registry:
         opened. Names other than the registry's own are refused before anything is written; a failure
         midway removes what was written."""
         directory = Path(directory)
-        allowed = re.compile(rf"({re.escape(KEY_NAME)}|{re.escape(DB_NAME)}|{BASES_DIR}/[0-9a-f]{{64}}\.safetensors)")
-        odd = [name for name in files if not allowed.fullmatch(name)]
+        odd = [name for name in files if not _FILE_NAMES.fullmatch(name)]
         if odd or DB_NAME not in files or KEY_NAME not in files:
             raise RegistryError(f"not a registry's files: unexpected {odd} or {DB_NAME}/{KEY_NAME} missing")
         if directory.exists():
@@ -401,13 +402,13 @@ class Registry:
     def base(self) -> Base | None:
         """The current base: the one copies are issued from now (None until the first issue)."""
         row = self._conn.execute("SELECT value FROM meta WHERE key = 'base'").fetchone()
-        return None if row is None else Base.from_info(json.loads(row[0]), self._array("reference"))
+        return None if row is None else self._checked(Base.from_info(json.loads(row[0]), self._array("reference")))
 
     @_db_errors
     def bases(self) -> list[Base]:
         """Every base copies were issued from: the earlier ones in the order added, then the current one."""
         rows = self._conn.execute("SELECT key, value FROM meta WHERE key LIKE 'base/%' ORDER BY rowid").fetchall()
-        earlier = [Base.from_info(json.loads(v), self._array(f"reference/{k[5:]}")) for k, v in rows]
+        earlier = [self._checked(Base.from_info(json.loads(v), self._array(f"reference/{k[5:]}"))) for k, v in rows]
         current = self.base()
         if current is None:
             return earlier
@@ -420,6 +421,7 @@ class Registry:
 
         One transaction that re-reads under the write lock: two first issues at once both get here, and the
         second finds the first's base (same digest: nothing to do; another digest: RegistryError)."""
+        _check_digest(base.digest)
         with self._write() as conn:
             row = conn.execute("SELECT value FROM meta WHERE key = 'base'").fetchone()
             if row is not None:
@@ -438,14 +440,21 @@ class Registry:
     def add_base(self, base: Base) -> None:
         """Record an earlier base (a training round's model that copies were issued from); the same digest
         again is a no-op. Its carrier layout must be every other base's: one projection reads them all."""
-        if not re.fullmatch(r"[0-9a-f]{64}", base.digest):
-            raise RegistryError(f"a base digest is a SHA-256 in hex, got {base.digest!r}")
+        _check_digest(base.digest)
         with self._write() as conn:
             if conn.execute("SELECT 1 FROM meta WHERE key = ?", (f"base/{base.digest}",)).fetchone() is not None:
                 return
             self._check_layout(conn, base)
             conn.execute("INSERT INTO meta VALUES (?, ?)", (f"base/{base.digest}", json.dumps(base.info())))
             conn.execute("INSERT INTO arrays VALUES (?, ?)", (f"reference/{base.digest}", base.reference.tobytes()))
+
+    def _checked(self, base: Base) -> Base:
+        """A base read back, refused if damaged: SQLite does not checksum rows, and a strength of inf or a
+        short reference would make every reading of a suspect against it empty or misshapen."""
+        ok = isinstance(base.strength, int | float) and 0 < base.strength < math.inf
+        if not (ok and base.reference.shape == (self.params.length,) and np.all(np.isfinite(base.reference))):
+            raise RegistryError(f"registry {self.directory}: the stored base {base.digest[:12]} is corrupt")
+        return base
 
     @staticmethod
     def _check_layout(conn: sqlite3.Connection, base: Base) -> None:
@@ -485,6 +494,12 @@ class Registry:
         if state_digest(model) != base.digest:
             raise RegistryError(f"base model {path} does not match the recorded digest {base.digest[:12]}: altered")
         return model
+
+
+def _check_digest(digest: str) -> None:
+    """A base's digest names its model file: a SHA-256 in hex, nothing else."""
+    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise RegistryError(f"a base digest is a SHA-256 in hex, got {digest!r}")
 
 
 def _bias(secret: OwnerSecret, params: RegistryParams) -> np.ndarray:

@@ -1,3 +1,5 @@
+import json
+import math
 import os
 import sqlite3
 import stat
@@ -19,6 +21,9 @@ def reg(tmp_path):
     r = Registry.init(tmp_path / "reg", RegistryParams(length=128, max_colluders=3))
     yield r
     r.close()
+
+
+D1, D2 = "d1" * 32, "d2" * 32  # base digests are SHA-256s in hex
 
 
 def test_init_writes_secret_0600_and_wal(reg):
@@ -103,14 +108,14 @@ def test_missing_secret_is_reported(reg):
 
 
 def test_base_is_recorded_once(reg):
-    base = Base("d1", np.arange(128.0), 0.5, (("w", (2, 64)),))
+    base = Base(D1, np.arange(128.0), 0.5, (("w", (2, 64)),))
     reg.set_base(base)
     reg.set_base(base)  # same base again is fine
     got = reg.base()
-    assert got is not None and got.digest == "d1" and got.strength == 0.5 and got.tensors == (("w", (2, 64)),)
+    assert got is not None and got.digest == D1 and got.strength == 0.5 and got.tensors == (("w", (2, 64)),)
     np.testing.assert_array_equal(got.reference, np.arange(128.0))
     with pytest.raises(RegistryError, match="differs"):
-        reg.set_base(Base("d2", np.zeros(128), 0.5, (("w", (2, 64)),)))
+        reg.set_base(Base(D2, np.zeros(128), 0.5, (("w", (2, 64)),)))
 
 
 def test_bad_parameters_are_refused():
@@ -246,13 +251,13 @@ def test_two_first_issues_at_once_both_succeed(tmp_path):
 def test_set_base_rereads_under_the_lock(reg, monkeypatch):
     """A base recorded by another process between this one's read and its write: same digest is a no-op,
     another digest is refused (never an IntegrityError)."""
-    base = Base("d1", np.arange(128.0), 0.5, (("w", (2, 64)),))
+    base = Base(D1, np.arange(128.0), 0.5, (("w", (2, 64)),))
     other = Registry.open(reg.directory)
     other.set_base(base)
     monkeypatch.setattr(Registry, "base", lambda self: None)  # a stale read, as if made before the insert
     reg.set_base(base)
     with pytest.raises(RegistryError, match="differs"):
-        reg.set_base(Base("d2", np.zeros(128), 0.5, (("w", (2, 64)),)))
+        reg.set_base(Base(D2, np.zeros(128), 0.5, (("w", (2, 64)),)))
     other.close()
 
 
@@ -329,3 +334,31 @@ def test_safetensors_round_trip_keeps_the_state_digest(reg):
     digest = reg.save_base_model(sd)
     assert digest == state_digest(sd)
     assert state_digest(load_state_dict(reg.directory / "bases" / f"{digest}.safetensors")) == digest
+
+
+def test_damaged_bases_are_refused_and_temp_files_never_travel(reg):
+    """A stored base whose strength or reference was damaged is a RegistryError, never an empty reading; an
+    earlier base needs a finite strength > 0; files() copies only the registry's own names."""
+    from securemark.owner import add_earlier_base, fingerprinter
+
+    model = _cnn()
+    fp = fingerprinter(reg, model)
+    for strength in (0.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="strength"):
+            add_earlier_base(reg, fp, model, strength, "round 0")
+    base = add_earlier_base(reg, fp, model, 0.5, "round 0")
+    (reg.directory / "bases" / f".{base.digest}.tmp1234.safetensors").write_bytes(b"half a write")
+    assert sorted(reg.files()) == ["bases/" + f"{base.digest}.safetensors", "owner.key", "registry.sqlite"]
+    conn = sqlite3.connect(reg.directory / "registry.sqlite")
+    info = json.loads(conn.execute("SELECT value FROM meta WHERE key = ?", (f"base/{base.digest}",)).fetchone()[0])
+    for damage in ({"strength": 1e400}, {"strength": "0.5"}):
+        conn.execute("UPDATE meta SET value = ? WHERE key = ?", (json.dumps({**info, **damage}), f"base/{base.digest}"))
+        conn.commit()
+        with pytest.raises(RegistryError, match="corrupt"):
+            Registry.open(reg.directory).bases()
+    conn.execute("UPDATE meta SET value = ? WHERE key = ?", (json.dumps(info), f"base/{base.digest}"))
+    conn.execute("UPDATE arrays SET data = zeroblob(8) WHERE name = ?", (f"reference/{base.digest}",))
+    conn.commit()
+    conn.close()
+    with pytest.raises(RegistryError, match="corrupt"):
+        Registry.open(reg.directory).bases()

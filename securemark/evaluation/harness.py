@@ -257,10 +257,18 @@ def evaluate(
 
     Trials run in this process, or with ``ray_address`` as Ray tasks (``local``, ``auto``, ``ray://host:port``;
     see securemark.flower.ray_trials): the records are the same either way, trial by trial."""
+    try:
+        return _evaluate(cfg, Path(out), console or Console(stderr=True), ray_address)
+    finally:
+        if ray_address is not None:  # Ray actors started ahead (the CLI) that no runner took over
+            from securemark.flower.ray_trials import release_prestarted
+
+            release_prestarted()
+
+
+def _evaluate(cfg: EvalConfig, out: Path, console: Console, ray_address: str | None) -> dict[str, Any]:
     from securemark.evaluation.outputs import write_outputs  # matplotlib: only once there is something to plot
 
-    console = console or Console(stderr=True)
-    out = Path(out)
     if (out / "results.json").exists():
         raise FileExistsError(f"{out} already holds an evaluation; choose another --out")
     if ray_address not in (None, "local") and not (ray_address and valid_ray_address(ray_address)):
@@ -303,7 +311,8 @@ def _run_schemes(
     cells, the fidelity per scheme, the sweep. Each trial is logged to ``out/trials.jsonl`` as it ends."""
     e, f, to_run = cfg.evaluate, cfg.fidelity, plan(cfg)
     sweep_scheme = next((n for n in e.schemes if n in ("tardos", "random")), None) if f.budgets else None
-    total = len(to_run) * e.trials + len(f.budgets) * f.copies
+    swept = len(f.budgets) * min(f.copies, scheme_customers(sweep_scheme, cfg)) if sweep_scheme else 0
+    total = len(to_run) * e.trials + swept
     cells: list[dict[str, Any]] = []
     fid: dict[str, Any] = {}
     sweep: list[dict[str, Any]] = []

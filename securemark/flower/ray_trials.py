@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import ray
-from ray.exceptions import RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 
 if TYPE_CHECKING:
     from securemark.evaluation.config import EvalConfig
@@ -56,6 +56,7 @@ class TrialActor:
         self.setting: Setting | None = None
         self.cfg: EvalConfig | None = None
         self.schemes: dict[str, Scheme] = {}
+        self.failed: dict[str, str] = {}  # scheme -> why its load failed
 
     def share(self, setting: Setting, cfg: EvalConfig) -> None:
         self.setting, self.cfg = setting, cfg
@@ -68,20 +69,28 @@ class TrialActor:
         from securemark.evaluation.schemes import SharedScheme
         from securemark.registry import Registry
 
+        old = self.schemes.pop(name, None)  # never a stale scheme under this name, should this load fail
+        if old is not None:
+            old.close()
         kind, payload = item
         if kind != "registry":
             self.schemes[name] = payload
             return
-        assert self.setting is not None, "share the setting first"
         folder = Path(tempfile.mkdtemp(prefix="securemark-trials-"))
         try:
+            assert self.setting is not None, "share the setting first"
             self.schemes[name] = SharedScheme(Registry.from_files(folder / "registry", payload), self.setting.base)
+        except Exception as exc:  # nobody waits on a load: its trials report why it failed
+            self.failed[name] = f"{type(exc).__name__}: {exc}"
+            raise
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
     def run(self, name: str, keys: list[TrialKey]) -> list[dict[str, Any]]:
         from securemark.evaluation.harness import trial
 
+        if name not in self.schemes:
+            raise RuntimeError(f"scheme {name} could not be loaded on this actor: {self.failed.get(name, 'not sent')}")
         assert self.setting is not None and self.cfg is not None, "share the setting first"
         return [trial(self.schemes[name], key, self.setting, self.cfg) for key in keys]
 
@@ -181,6 +190,8 @@ class RayRunner:
                 records = ray.get(ref)
             except RayTaskError as exc:  # one line, not Ray's framed remote traceback
                 raise RuntimeError(f"a trial failed on a Ray actor: {exc.cause!r}") from None
+            except RayActorError as exc:
+                raise RuntimeError(f"a Ray actor died running trials: {exc}") from None
             for record in records:
                 done(record)
         self._fill()
@@ -209,8 +220,10 @@ def release_prestarted() -> None:
 
 
 def _start_actors() -> list[Any]:
-    cpus = int(ray.available_resources().get("CPU", 1))  # a shared cluster: what is free now
-    return [TrialActor.remote() for _ in range(max(1, cpus - 1))]  # the driver is the other worker
+    """One actor per free CPU but one: the driver is the other worker. None when at most one CPU is free (an
+    actor that cannot be placed would hold trials forever); the driver then runs every trial itself."""
+    cpus = int(ray.available_resources().get("CPU", 0))  # a shared cluster: what is free now
+    return [TrialActor.remote() for _ in range(max(0, cpus - 1))]
 
 
 @contextmanager
@@ -219,11 +232,11 @@ def ray_runner(address: str, cfg: EvalConfig) -> Iterator[RayRunner]:
     shares the setting, then submits."""
     import torch
 
-    started, actors = _prestarted.pop(address, (False, []))
+    started, actors = _prestarted.pop(address, (None, []))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the driver works beside the actors: torch's spinning intra-op threads would fight them
     try:
-        if not actors:
+        if started is None:
             started = connect(address)
             actors = _start_actors()
         yield RayRunner(actors, cfg)

@@ -41,6 +41,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -90,6 +91,11 @@ def check_inner(strategy: Strategy) -> None:
             raise ValueError(f"SecureMark cannot wrap {type(strategy).__name__}: {REFUSED[cls.__name__]}; {_MEAN_ONLY}")
     if not isinstance(strategy, FedAvg):
         raise ValueError(f"SecureMark cannot wrap {type(strategy).__name__}: {_MEAN_ONLY}")
+    for name in ("fraction_train", "fraction_evaluate", "min_available_nodes", "min_train_nodes", "min_evaluate_nodes"):
+        value = getattr(strategy, name)
+        top = 1 if name.startswith("fraction") else math.inf  # more than all nodes would be waited for forever
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= top:
+            raise ValueError(f"{type(strategy).__name__}.{name} must be a number in [0, {top}], got {value!r}")
 
 
 class SecureMark(Strategy):
@@ -131,7 +137,8 @@ class SecureMark(Strategy):
         self.strength = 0.0
         self.rounds: list[dict[str, Any]] = []
         self._grid: Grid | None = None
-        self._timeout = 3600.0  # start's: how long round 1 waits for the nodes the inner strategy asks for
+        self._timeout = 3600.0  # start's: how long its first round waits for the nodes the inner strategy asks for
+        self._first_round = 1
         self._round: dict[str, Any] = {}
         self._loaded: ArrayRecord | None = None
         self._based: tuple[ArrayRecord | None, np.ndarray] | None = None  # (weights, projection) kept as a base
@@ -298,9 +305,10 @@ class SecureMark(Strategy):
         self._grid = grid
         self._load(arrays)
         clock = _StageClock()
-        with self._enough_nodes(grid, self._timeout if server_round == 1 else self.secagg.grace, "min_train_nodes"):
+        wait = self._timeout if server_round == self._first_round else self.secagg.grace
+        with self._enough_nodes(grid, wait, "min_train_nodes") as nodes:
             inner_msgs = {
-                m.metadata.dst_node_id: m for m in self.inner.configure_train(server_round, arrays, config, grid)
+                m.metadata.dst_node_id: m for m in self.inner.configure_train(server_round, arrays, config, nodes)
             }
         sampled = sorted(self.identify(inner_msgs))
         clock.lap("hello")
@@ -419,30 +427,34 @@ class SecureMark(Strategy):
 
     # --- Strategy: evaluate ---------------------------------------------------------------------------------
     @contextmanager
-    def _enough_nodes(self, grid: Grid, wait: float, minimum: str) -> Iterator[None]:
-        """Flower's FedAvg family waits forever until ``min_available_nodes`` (and its per-stage minimum) are
-        connected: one SuperNode that dies mid-run would hang every later round. So wait for them at most
-        ``wait`` seconds (round 1's training: the ``start`` timeout, nodes may still be starting; later:
-        ``secagg.grace``), then let the inner strategy sample from the nodes connected (its minimums lowered for
-        this call only), or fail when fewer than 2 are."""
-        names = [n for n in ("min_available_nodes", minimum) if isinstance(getattr(self.inner, n, None), int)]
-        want = max([getattr(self.inner, n) for n in names], default=0)
+    def _enough_nodes(self, grid: Grid, wait: float, minimum: str) -> Iterator[Grid]:
+        """The grid as the inner strategy may see it while it samples: the nodes connected now, frozen.
+
+        Flower's FedAvg family waits forever until ``min_available_nodes`` (and its per-stage minimum) are
+        connected: one SuperNode that dies mid-run would hang every later round, and so would a node leaving
+        between a count and the sampling. So wait for them at most ``wait`` seconds (the first round of a run
+        or a resumed run: the ``start`` timeout, nodes may still be starting; later: ``secagg.grace``), then
+        hand the inner strategy a view of the grid whose node list does not change while it samples, with its
+        minimums lowered for this call only when fewer are connected; fail when fewer than 2 are."""
+        names = [n for n in ("min_available_nodes", minimum) if isinstance(getattr(self.inner, n, None), numbers.Real)]
+        want = max([math.ceil(getattr(self.inner, n)) for n in names], default=0)  # finite: check_inner
         end = time.monotonic() + wait
-        while (have := len(list(grid.get_node_ids()))) < want and time.monotonic() < end:
+        while len(nodes := list(grid.get_node_ids())) < want and time.monotonic() < end:
             time.sleep(0.5)
-        if have >= want:
-            yield
+        view = _NodesNow(grid, nodes)
+        if len(nodes) >= want:
+            yield view
             return
-        if have < 2:
-            raise RuntimeError(f"{have} node(s) connected, the strategy asks for {want}")
+        if len(nodes) < 2:
+            raise RuntimeError(f"{len(nodes)} node(s) connected, the strategy asks for {want}")
         self.console.print(
-            f"  [yellow]{have} of the {want} nodes the strategy asks for are connected: sampling those[/]"
+            f"  [yellow]{len(nodes)} of the {want} nodes the strategy asks for are connected: sampling those[/]"
         )
         saved = {n: getattr(self.inner, n) for n in names}
         try:
             for n in names:
-                setattr(self.inner, n, min(saved[n], have))
-            yield
+                setattr(self.inner, n, min(saved[n], len(nodes)))
+            yield view
         finally:
             for n, v in saved.items():
                 setattr(self.inner, n, v)
@@ -453,9 +465,9 @@ class SecureMark(Strategy):
         """The inner strategy's evaluate messages, each with its customer's copy instead of the global model."""
         self._grid = grid
         self._load(arrays)
-        with self._enough_nodes(grid, self.secagg.grace, "min_evaluate_nodes"):
+        with self._enough_nodes(grid, self.secagg.grace, "min_evaluate_nodes") as nodes:
             inner_msgs = {
-                m.metadata.dst_node_id: m for m in self.inner.configure_evaluate(server_round, arrays, config, grid)
+                m.metadata.dst_node_id: m for m in self.inner.configure_evaluate(server_round, arrays, config, nodes)
             }
         if inner_msgs:
             self._record_base(server_round)
@@ -488,6 +500,7 @@ class SecureMark(Strategy):
         self._grid, self._timeout = grid, timeout
         self._load(initial_arrays)
         done = self._restore(num_rounds) if resume else 0
+        self._first_round = done + 1
         if not resume:
             if (self.out / "metrics.json").exists() or (self.out / "registry").exists():
                 raise FileExistsError(f"{self.out} already holds a run; choose another output directory")
@@ -579,7 +592,7 @@ class SecureMark(Strategy):
             raise ValueError(
                 f"the checkpoint was made with {state['inner']}, this run wraps {type(self.inner).__name__}"
             )
-        if int(state["round"]) >= num_rounds:
+        if int(state["round"]) >= num_rounds or (self.out / "global.safetensors").exists():
             raise FileExistsError(f"{self.out} holds a finished run of {state['round']} rounds; nothing to resume")
         weights = load_state_dict(path.parent / f"round-{state['round']}.safetensors")
         if {k: tuple(v.shape) for k, v in weights.items()} != {k: tuple(v.shape) for k, v in self.weights.items()}:
@@ -650,6 +663,20 @@ class SecureMark(Strategy):
             for name, copy in issue_copies(self.registry, self.weights, names, note, self.strength).items():
                 save_state_dict(copy, self.out / "customers" / f"{name}.safetensors")
             self.registry.close()
+
+
+class _NodesNow:
+    """A grid whose node list is frozen at what was connected when it was made (everything else is the grid's):
+    what the inner strategy samples from."""
+
+    def __init__(self, grid: Grid, nodes: list[int]) -> None:
+        self._grid, self._nodes = grid, list(nodes)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._nodes)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
 
 
 CHECKPOINT = "checkpoint"

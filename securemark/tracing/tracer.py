@@ -21,7 +21,7 @@ from securemark.fingerprint.carrier import CarrierLayout, CarrierMismatch, State
 from securemark.fingerprint.embed import Fingerprinter
 from securemark.modelio import first_bad_entry
 from securemark.owner import fingerprinter
-from securemark.registry import Registry, RegistryError
+from securemark.registry import Base, Registry, RegistryError
 from securemark.tracing.bound import Law, Observation, robust_observation
 from securemark.tracing.scores import PackedCodebook, accuse, exact_scores, tardos_scores
 
@@ -123,6 +123,8 @@ class Tracer:
             raise RegistryError(f"registry {registry.directory} has no customers")
         self.params = registry.params
         self.base = self.bases[-1]  # the current base (or the latest kept)
+        current = registry.base()
+        self._current = None if current is None else current.digest
         self._registry = registry
         self._fp: Fingerprinter | None = None
         length = self.params.length
@@ -208,8 +210,13 @@ class Tracer:
         assert best is not None
         _, obs, alignment, i = best
         if len(self.bases) > 1:
-            alignment = {**alignment, "base": self.bases[i].label or "current", "bases_tried": len(self.bases)}
+            alignment = {**alignment, "base": self._label(self.bases[i]), "bases_tried": len(self.bases)}
         return obs, alignment
+
+    def _label(self, base: Base) -> str:
+        if self._current is not None and base.digest == self._current:
+            return "current"
+        return base.label or f"base {base.digest[:12]}"
 
     def accuse(self, y: np.ndarray) -> Verdict:
         """Score every customer for observation ``y`` and accuse.

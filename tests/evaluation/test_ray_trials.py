@@ -26,8 +26,9 @@ def _unpacked() -> set[str]:
     return {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("securemark-trials-")}
 
 
-def test_ray_actors_reproduce_the_serial_records_and_leave_no_registry_copy(tmp_path):
-    from securemark.flower.ray_trials import ray_runner
+def test_ray_actors_reproduce_the_serial_records_and_leave_no_registry_copy(tmp_path, monkeypatch):
+    from securemark.flower import ray_trials
+    from securemark.flower.ray_trials import RayRunner, ray_runner
 
     before = _unpacked()
     cfg = EvalConfig.from_dict({
@@ -52,6 +53,22 @@ def test_ray_actors_reproduce_the_serial_records_and_leave_no_registry_copy(tmp_
         for name, scheme in schemes.items():  # both schemes queued before any record is awaited
             run.submit(scheme, keys[name], done)
         run.wait(done)
+        assert len(run.actors) == 1  # 2 CPUs: one actor and the driver
+
+        # no CPU free for an actor: the driver runs every trial itself, never waiting on an unplaced actor
+        alone: list[dict] = []
+        driver_only = RayRunner([], cfg)
+        driver_only.share(s)
+        driver_only.submit(schemes["tardos"], keys["tardos"][:2], alone.append)
+        driver_only.wait(alone.append)
+        assert [r["accused"] for r in alone] == [r["accused"] for r in serial["tardos"][:2]]
+
+        # a scheme an actor cannot load: its trials report why, not a KeyError
+        broken = RayRunner(run.actors, cfg)
+        monkeypatch.setattr(ray_trials, "_payload", lambda scheme: ("registry", {"registry.sqlite": b"junk"}))
+        broken.submit(schemes["tardos"], keys["tardos"][:1], done)
+        with pytest.raises(RuntimeError, match="could not be loaded on this actor: RegistryError"):
+            broken.wait(done)
     by_key = {(r["scheme"], r["attack"], r["coalition_size"], r["trial"]): r for r in got}
     assert sorted(by_key) == sorted((name, *k) for name in schemes for k in keys[name])
     for name in schemes:

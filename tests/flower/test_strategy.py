@@ -1,9 +1,11 @@
 """SecureMark and securemark_mod through real ClientApps in process: masked sums, dropouts, what the server
 sees, the train contract, hostile nodes, refused inner strategies."""
 
+import contextlib
 import copy
 import io
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -538,6 +540,22 @@ def test_the_shipped_client_app_imports_no_torch_until_it_trains():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
+@contextlib.contextmanager
+def deadline(seconds):
+    """A run that hangs waiting for nodes fails the test instead of hanging the suite."""
+
+    def hung(*_):
+        raise TimeoutError("the run hangs waiting for nodes")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 @pytest.mark.parametrize("gone", [1, 3])
 def test_nodes_gone_mid_run_cost_a_round_the_grace_and_never_hang_it(tmp_path, gone):
     """FedAvg waits forever for min_available_nodes (all 4 here); after a node vanishes, each later round
@@ -555,16 +573,8 @@ def test_nodes_gone_mid_run_cost_a_round_the_grace_and_never_hang_it(tmp_path, g
 
     s._checkpoint = checkpoint_then_lose_nodes
 
-    def hung(*_):
-        raise TimeoutError("the run hangs waiting for nodes")
-
-    previous = signal.signal(signal.SIGALRM, hung)  # a regression fails here instead of hanging the suite
-    signal.alarm(120)
-    try:
+    with deadline(120):
         s.start(grid, initial(cfg), num_rounds=3, train_config=train_config(cfg))
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
     log = s.console.export_text()
     if gone == 1:
         assert [m["status"] for m in s.rounds] == ["completed"] * 3
@@ -573,3 +583,48 @@ def test_nodes_gone_mid_run_cost_a_round_the_grace_and_never_hang_it(tmp_path, g
         assert [m["status"] for m in s.rounds] == ["completed", "failed", "failed"]
         assert "1 node(s) connected, the strategy asks for 4" in s.rounds[1]["reason"]
     assert s.inner.min_available_nodes == 4 and s.inner.min_train_nodes == 4  # restored after each call
+
+
+class FlakyGrid(InProcessGrid):
+    """Node 1003 is listed only on the calls whose number ``listed`` accepts (a node leaving or coming back)."""
+
+    def __init__(self, clients, listed, **kw):
+        super().__init__(clients, **kw)
+        self.calls, self.listed = 0, listed
+
+    def get_node_ids(self):
+        self.calls += 1
+        return [n for n in super().get_node_ids() if n != 1003 or self.listed(self.calls)]
+
+
+def test_the_inner_strategy_samples_a_frozen_node_list_and_a_resumed_run_waits_for_its_nodes(tmp_path):
+    """A node leaving between SecureMark's count and the inner strategy's sampling cannot hang FedAvg; the first
+    round after a resume waits the start timeout for nodes that are still reconnecting, not the grace."""
+    cfg = SimConfig.from_flat({**config(clients=4).to_flat(), "secagg.grace": 0.1})
+    s = quiet_strategy(cfg, tmp_path)
+    grid = FlakyGrid(4, listed=lambda call: call == 1)  # counted once, gone when FedAvg looks
+    real = s._checkpoint
+
+    def killed_after(r):
+        real(r)
+        raise SystemExit("killed after round 1's checkpoint")
+
+    s._checkpoint = killed_after
+    with pytest.raises(SystemExit), deadline(120):
+        s.start(grid, initial(cfg), num_rounds=2, train_config=train_config(cfg))
+    assert s.rounds[0]["status"] == "completed" and s.rounds[0]["sampled"] == 4  # the list FedAvg sampled was frozen
+
+    s = quiet_strategy(cfg, tmp_path)
+    begun = time.monotonic()
+    grid = FlakyGrid(4, listed=lambda call: time.monotonic() > begun + 1.0)  # back after 1 s, 10x the grace
+    s.start(grid, initial(cfg), num_rounds=2, timeout=60, train_config=train_config(cfg), resume=True)
+    assert s.rounds[1]["status"] == "completed" and s.rounds[1]["sampled"] == 4
+    with pytest.raises(FileExistsError, match="finished run"):  # a finished run is not extended by a resume
+        quiet_strategy(cfg, tmp_path).start(grid, initial(cfg), num_rounds=3, resume=True)
+
+
+def test_inner_strategies_whose_sampling_would_wait_forever_are_refused():
+    for bad in ({"fraction_train": 1.5}, {"min_train_nodes": float("nan")}, {"min_available_nodes": -1}):
+        with pytest.raises(ValueError, match="must be a number"):
+            check_inner(FedAvg(**bad))
+    check_inner(FedAvg(min_available_nodes=np.int64(4), min_train_nodes=2.0))  # numbers Flower handles
