@@ -27,11 +27,14 @@ class _HideRunSimulationDeprecation(logging.Filter):
 
 
 def backend_config(cfg: SimConfig) -> dict[str, Any]:
-    """Flower's Ray backend settings: per-client resources, and the cluster to join when one is named."""
+    """Flower's Ray backend settings: per-client resources, and the cluster to join when one is named.
+
+    Without one, ``address="local"``: a private instance. Ray's default (no address) joins whatever RAY_ADDRESS
+    or the last ``ray start`` on this machine names, and a head that was killed rather than stopped leaves that
+    behind: every later run then waited for a dead cluster (seen here)."""
     r = cfg.resources
     init_args: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-    if r.ray_address:
-        init_args["address"] = r.ray_address
+    init_args["address"] = r.ray_address or "local"
     return {"client_resources": {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus}, "init_args": init_args}
 
 

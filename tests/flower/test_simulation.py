@@ -100,3 +100,13 @@ def test_evaluate_without_a_source_says_how_to_make_one(tmp_path, capsys):
     assert main([*args, "--set", 'source.config=""']) == 2
     assert "holds no finished run" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
+
+
+def test_a_run_without_a_cluster_address_starts_a_private_ray_instance():
+    """Ray's default joins what RAY_ADDRESS or the last `ray start` names (a dead head hangs every run)."""
+    from securemark.sim import backend_config
+
+    cfg = SimConfig.load(ROOT / "configs" / "smoke.toml")
+    assert backend_config(cfg)["init_args"]["address"] == "local"
+    joined = SimConfig.load(ROOT / "configs" / "smoke.toml", ['resources.ray_address="127.0.0.1:6379"'])
+    assert backend_config(joined)["init_args"]["address"] == "127.0.0.1:6379"
