@@ -30,6 +30,13 @@ def check_finite(model: StateDict) -> None:
         raise ValueError(f"base model tensor {bad[0]!r} holds NaN or inf values; refusing to issue copies of it")
 
 
+def check_strength(strength: float) -> None:
+    """Refuse a strength that gives unmarked (0) or NaN copies."""
+    if not 0 < strength < math.inf:  # NaN fails this too
+        why = " (the base model's carrier tensors are all zero)" if strength == 0 else ""
+        raise ValueError(f"embedding strength must be finite and > 0, got {strength}{why}; no copy issued")
+
+
 def establish_base(
     registry: Registry, base_model: StateDict, strength: float | None = None
 ) -> tuple[Fingerprinter, Base]:
@@ -47,9 +54,7 @@ def establish_base(
     check_finite(base_model)
     if strength is None:
         strength = fp.strength_for_budget(base_model, registry.params.budget)
-    if not 0 < strength < math.inf:  # NaN fails this too
-        why = " (the base model's carrier tensors are all zero)" if strength == 0 else ""
-        raise ValueError(f"embedding strength must be finite and > 0, got {strength}{why}; no copy issued")
+    check_strength(strength)
     base = Base(digest, fp.project(base_model), strength, fp.layout.tensors)
     if current is None:  # the file first, then the record that points at it; a different base is refused below
         registry.save_base_model(base_model)
@@ -61,8 +66,7 @@ def add_earlier_base(registry: Registry, fp: Fingerprinter, model: StateDict, st
     """Record ``model`` as a base copies are issued from along the way (a training round's global model):
     its projection, and the model itself for alignment. The current base is left as it is."""
     check_finite(model)
-    if not 0 < strength < math.inf:  # NaN fails this too
-        raise ValueError(f"embedding strength must be finite and > 0, got {strength}")
+    check_strength(strength)
     digest = registry.save_base_model(model)
     base = Base(digest, fp.project(model), strength, fp.layout.tensors, label)
     registry.add_base(base)

@@ -249,9 +249,8 @@ class Registry:
             raise RegistryError(f"{self.directory} is being read by another connection; copy it once that is done")
         bases = self.directory / BASES_DIR
         paths = [self.directory / KEY_NAME, self.directory / DB_NAME, *sorted(bases.glob("*.safetensors"))]
-        real = [p for p in paths if p.is_file() and not p.is_symlink()]
-        files = {p.relative_to(self.directory).as_posix(): p for p in real}
-        return {name: p.read_bytes() for name, p in files.items() if _FILE_NAMES.fullmatch(name)}  # no temp files
+        names = {p.relative_to(self.directory).as_posix(): p for p in paths if p.is_file() and not p.is_symlink()}
+        return {name: p.read_bytes() for name, p in names.items() if _FILE_NAMES.fullmatch(name)}  # no temp files
 
     @classmethod
     def from_files(cls, directory: str | Path, files: dict[str, bytes]) -> Registry:
