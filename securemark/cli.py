@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,6 +23,9 @@ COLLUSION_METHODS = ("average", "median", "interleave", "layer-interleave", "ext
 RAY_HELP = "run trials as Ray tasks: local (this machine's cores, the default), auto or ray://host:port (a cluster)"
 # bad input or an unusable environment: one line and exit 2 (OSError covers missing, existing or unwritable
 # paths, a closed pipe and an unreachable cluster; OverflowError a number too large for a float)
+if TYPE_CHECKING:
+    from securemark.tracing.tracer import TraceReport
+
 EXPECTED_ERRORS: tuple[type[Exception], ...] = (ValueError, RuntimeError, OSError, OverflowError)
 
 
@@ -179,17 +182,27 @@ def cmd_trace(a: argparse.Namespace) -> object:
     from securemark.registry import Registry
     from securemark.tracing.tracer import trace
 
-    suspect = load_state_dict(a.suspect)
-    groups = load_groups(a.align_spec) if a.align_spec else None
-    with Registry.open(a.directory) as reg:
-        report = trace(suspect, reg, top_k=a.top, hard=a.hard, groups=groups, aligned=not a.no_align)
+    given = [x for x in (a.suspect, a.endpoint, a.query_model) if x is not None]
+    if len(given) != 1:
+        raise ValueError("trace needs exactly one suspect: a weights FILE, --endpoint URL or --query-model FILE")
+    if a.suspect is not None:
+        suspect = load_state_dict(a.suspect)
+        groups = load_groups(a.align_spec) if a.align_spec else None
+        with Registry.open(a.directory) as reg:
+            report = trace(suspect, reg, top_k=a.top, hard=a.hard, groups=groups, aligned=not a.no_align)
+    else:
+        report = _trace_black_box(a)
     if a.json:
         return report.to_json()
     from rich.console import Console
     from rich.table import Table
 
-    title = f"{a.suspect}: {report.users} customers, threshold {report.threshold:.2f}, eps {report.eps}"
+    title = f"{a.suspect or a.endpoint or a.query_model}: {report.users} customers, threshold {report.threshold:.2f}, "
+    title += f"eps {report.eps}"
     caption = f"alignment {report.alignment['status']}; bound: {report.bound}"
+    if "queries" in report.alignment:
+        al = report.alignment
+        caption = f"black box: {al['queries']} queries, {al['outputs']} read; bound: {report.bound}"
     if "base" in report.alignment:  # a registry with several bases (a federation keeps each round's model)
         caption += f"; read against the {report.alignment['base']} ({report.alignment['bases_tried']} bases kept)"
     table = Table(title=title, caption=caption)
@@ -202,6 +215,21 @@ def cmd_trace(a: argparse.Namespace) -> object:
     Console().print(table)
     print("accused: " + (", ".join(s.customer for s in report.accused) or "nobody"))
     return None
+
+
+def _trace_black_box(a: argparse.Namespace) -> TraceReport:
+    from securemark.registry import Registry
+    from securemark.tracing.blackbox import BlackBoxTracer, load_query_data
+    from securemark.tracing.oracle import HttpV2Oracle, TorchScriptOracle
+
+    data = load_query_data(a.query_data) if a.query_data else None
+    oracle: HttpV2Oracle | TorchScriptOracle
+    if a.endpoint is not None:
+        oracle = HttpV2Oracle(a.endpoint, a.queries, timeout=a.timeout, retries=a.retries)
+    else:
+        oracle = TorchScriptOracle(a.query_model, a.queries)
+    with Registry.open(a.directory) as reg:
+        return BlackBoxTracer(reg, data).trace(oracle, a.queries, a.outputs, a.top)
 
 
 # --- attacks ---------------------------------------------------------------------------------------
@@ -294,6 +322,19 @@ def cmd_bench_align(a: argparse.Namespace) -> object:
     result = bench_align(a.repeats, a.budget, a.seed, large=not a.small)
     models: list[dict[str, object]] = result["models"]  # type: ignore[assignment]
     return _json_or_table(a, result, *models)
+
+
+def cmd_bench_blackbox(a: argparse.Namespace) -> object:
+    from securemark.evaluation.blackbox import main as bench_blackbox
+
+    result = bench_blackbox(
+        customers=a.customers, trials=a.trials, copies=a.copies, colluders=tuple(a.colluders),
+        temperatures=tuple(a.temperatures), hard=not a.no_hard, archs=tuple(a.archs), budget=a.budget,
+        epochs=a.epochs, queries=a.queries, seed=a.seed, base=a.base,
+    )  # fmt: skip
+    cells: list[dict[str, object]] = result["cells"]  # type: ignore[assignment]
+    head = {k: v for k, v in result.items() if k not in ("cells", "fidelity", "innocent_tail")}
+    return _json_or_table(a, result, head, result["fidelity"], result["innocent_tail"], *cells)  # type: ignore[arg-type]
 
 
 def cmd_bench_simulate(a: argparse.Namespace) -> object:
@@ -462,9 +503,16 @@ def build_parser() -> argparse.ArgumentParser:
     iss.add_argument("--out", type=Path, required=True)
     iss.set_defaults(func=cmd_issue)
 
-    tr = sub.add_parser("trace", help="name the customers behind a suspect model")
+    tr = sub.add_parser("trace", help="name the customers behind a suspect model (weights, or outputs only)")
     tr.add_argument("directory", type=Path)
-    tr.add_argument("suspect", type=Path)
+    tr.add_argument("suspect", type=Path, nargs="?", default=None, help="the suspect's weights (white-box)")
+    tr.add_argument("--endpoint", default=None, help="black box: http://host:port/v2/models/NAME (Open Inference V2)")
+    tr.add_argument("--query-model", type=Path, default=None, help="black box: a TorchScript file, outputs only")
+    tr.add_argument("--query-data", type=Path, default=None, help="query inputs (.npz, array x: N,C,H,W)")
+    tr.add_argument("--queries", type=_positive, default=2000, help="black-box query budget")
+    tr.add_argument("--outputs", choices=("auto", "probs", "logits"), default="auto")
+    tr.add_argument("--timeout", type=float, default=30.0, help="seconds per HTTP request")
+    tr.add_argument("--retries", type=int, default=3)
     tr.add_argument("--top", type=_positive, default=10)
     tr.add_argument("--hard", action="store_true", help="score the signs of the extracted code only")
     tr.add_argument("--align-spec", type=Path, default=None, help="unit groups (JSON) for models that are no chain")
@@ -538,6 +586,22 @@ def build_parser() -> argparse.ArgumentParser:
     ba.add_argument("--seed", type=_natural, default=0)
     ba.add_argument("--json", action="store_true")
     ba.set_defaults(func=cmd_bench_align)
+
+    bb = bench.add_parser("blackbox", help="function mark: fidelity, HTTP tracing, distilled students (MNIST-5k CNN)")
+    bb.add_argument("--customers", type=_positive, default=1000)
+    bb.add_argument("--trials", type=_positive, default=2, help="trials per cell")
+    bb.add_argument("--copies", type=_positive, default=10, help="copies measured for fidelity")
+    bb.add_argument("--colluders", type=_positive, nargs="+", default=[1, 2, 4])
+    bb.add_argument("--temperatures", type=_finite, nargs="+", default=[1.0, 4.0])
+    bb.add_argument("--archs", nargs="+", choices=("cnn", "mlp"), default=["cnn", "mlp"])
+    bb.add_argument("--no-hard", action="store_true", help="skip the hard-label students")
+    bb.add_argument("--budget", type=_finite, default=0.03, help="function mark RMS / centred logits RMS")
+    bb.add_argument("--epochs", type=_positive, default=20, help="the pirate's distillation epochs")
+    bb.add_argument("--queries", type=_positive, default=10_000, help="the tracer's queries per student")
+    bb.add_argument("--base", type=Path, default=None, help="a torch.save'd state dict of the quickstart CNN")
+    bb.add_argument("--seed", type=_natural, default=0)
+    bb.add_argument("--json", action="store_true")
+    bb.set_defaults(func=cmd_bench_blackbox)
 
     about = "one federation measured: s/round, peak memory (all processes), tracing"
     bsim = _config_command(bench, "simulate", about, "train.rounds=3", unique=True)

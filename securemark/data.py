@@ -194,3 +194,18 @@ def client_split(
         classes=int(kw.get("classes", 2)),
     )
     return train.subset(parts[partition_id])
+
+
+def heldout_record(d: DataConfig, seed: int) -> dict[str, object]:
+    """Where a run's held-out share comes from, as JSON (kept beside a function mark: tracers query with it)."""
+    return {"name": d.name, "seed": seed, "test_fraction": d.test_fraction, "files": d.files}
+
+
+def heldout(record: dict[str, object]) -> Dataset:
+    """The held-out share named by :func:`heldout_record`."""
+    try:
+        seed, fraction = int(record["seed"]), float(record["test_fraction"])  # type: ignore[call-overload,arg-type]
+        name, files = str(record["name"]), str(record.get("files", ""))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"not a held-out data record: {record} ({exc})") from None
+    return load(name, seed, files).split(fraction, seed)[1]

@@ -100,3 +100,17 @@ def load_weights(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> nn.Module:
         else:
             raise RuntimeError(f"{name!r} is neither a parameter nor a buffer of {type(model).__name__}")
     return model
+
+
+def spec_of(name: str, in_shape: tuple[int, int, int], classes: int, width: int = 0) -> dict[str, object]:
+    """What :func:`build_spec` needs to rebuild a model (kept in the registry beside a function mark)."""
+    return {"name": name, "in_shape": list(in_shape), "classes": classes, "width": width}
+
+
+def build_spec(spec: Mapping[str, object]) -> nn.Module:
+    """A model built from :func:`spec_of`'s record; ValueError for a record that names no model here."""
+    try:
+        c, h, w = (int(v) for v in spec["in_shape"])  # type: ignore[attr-defined]
+        return build(str(spec["name"]), (c, h, w), int(spec["classes"]), width=int(spec.get("width", 0)))  # type: ignore[call-overload]
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"not a model record: {dict(spec)} ({exc})") from None

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
 
 from securemark.fingerprint.carrier import CarrierLayout, StateDict
 from securemark.fingerprint.embed import Fingerprinter, Projection
+from securemark.fingerprint.function import Basis, FunctionMark, last_linear
 from securemark.modelio import first_bad_entry, state_digest
 from securemark.registry import Base, Customer, Registry
 
@@ -73,19 +78,72 @@ def add_earlier_base(registry: Registry, fp: Fingerprinter, model: StateDict, st
     return base
 
 
+# --- the function mark (fingerprint.function): a second mark, in the copy's outputs -------------------------
+@dataclass(frozen=True)
+class FunctionSpec:
+    """How to put a function mark in copies of a base: the model to run it (models.spec_of), the held-out
+    inputs to fit it on and where they came from, and its fidelity budget."""
+
+    model: dict[str, object]
+    heldout: torch.Tensor = field(repr=False)
+    data: dict[str, object]  # load/split arguments of the held-out data, so a tracer can query with it
+    budget: float = 0.03  # top-1 agreement >= 99% beside the white-box mark (bench blackbox)
+    skip: int = 10
+    components: int = 64
+
+
+def establish_function_mark(registry: Registry, base_model: StateDict, spec: FunctionSpec) -> tuple[FunctionMark, str]:
+    """The function mark of ``base_model`` (fitted on ``spec.heldout`` and recorded the first time; read back
+    after) and the name of the layer it edits."""
+    from securemark import models
+
+    digest = state_digest(base_model)
+    if registry.function_mark(digest) is None:
+        module = models.load_weights(models.build_spec(spec.model), base_model)
+        layer, _ = last_linear(module)
+        basis = Basis.fit(module, spec.heldout, spec.skip, spec.components)
+        new = {"layer": layer, "skip": basis.skip, "logit_rms": basis.logit_rms, "classes": basis.classes,
+                "budget": spec.budget, "model": spec.model, "data": spec.data}  # fmt: skip
+        registry.set_function_mark(digest, new, basis.to_array())
+    record = registry.function_mark(digest)
+    assert record is not None
+    info, arr = record
+    basis = Basis.from_array(arr, int(info["skip"]), float(info["logit_rms"]), int(info["classes"]))
+    return FunctionMark.create(registry.secret, basis, registry.bias(), float(info["budget"])), str(info["layer"])
+
+
 def make_copy(
-    registry: Registry, base_model: StateDict, customer: str, strength: float | None = None
+    registry: Registry,
+    base_model: StateDict,
+    customer: str,
+    strength: float | None = None,
+    function: FunctionSpec | None = None,
 ) -> tuple[dict, Customer]:
     """The copy of ``base_model`` for ``customer``, and the customer, WITHOUT recording a delivery: a caller
     that writes the copy to a file calls ``registry.record_delivery`` once the write succeeded, so the
     registry never lists a delivery that does not exist."""
     fp, base = establish_base(registry, base_model, strength)
+    fm = None if function is None else establish_function_mark(registry, base_model, function)
     cust = registry.customer(customer)
-    return fp.embed(base_model, cust.bits, base.strength), cust
+    return mark(fp, base.strength, fm, base_model, cust.bits), cust
+
+
+def mark(
+    fp: Fingerprinter, strength: float, fm: tuple[FunctionMark, str] | None, model: StateDict, bits: np.ndarray
+) -> dict:
+    """A copy carrying code row ``bits``: the function mark first (an edit of the last layer), then the
+    white-box mark (additive): each reads the other as a little noise."""
+    sd = dict(model) if fm is None else fm[0].embed(dict(model), fm[1], bits)
+    return fp.embed(sd, bits, strength)
 
 
 def issue_copies(
-    registry: Registry, base_model: StateDict, customers: Iterable[str], note: str = "", strength: float | None = None
+    registry: Registry,
+    base_model: StateDict,
+    customers: Iterable[str],
+    note: str = "",
+    strength: float | None = None,
+    function: FunctionSpec | None = None,
 ) -> dict[str, dict]:
     """Copies of ``base_model`` for each customer, each recorded in the registry (sha256 of its tensors) as
     it is made: for copies handed over in memory. To write files first, use :func:`make_copy`.
@@ -93,10 +151,11 @@ def issue_copies(
     The base is hashed and the projection derived once for the whole batch, not once per customer.
     """
     fp, base = establish_base(registry, base_model, strength)
+    fm = None if function is None else establish_function_mark(registry, base_model, function)
     copies = {}
     for name in customers:
         cust = registry.customer(name)
-        copies[name] = fp.embed(base_model, cust.bits, base.strength)
+        copies[name] = mark(fp, base.strength, fm, base_model, cust.bits)
         registry.record_delivery(cust, state_digest(copies[name]), note)
     return copies
 

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import numpy as np
 
@@ -460,6 +460,35 @@ class Registry:
         row = conn.execute("SELECT value FROM meta WHERE key = 'base' OR key LIKE 'base/%' LIMIT 1").fetchone()
         if row is not None and json.loads(row[0])["tensors"] != base.info()["tensors"]:
             raise RegistryError(f"base {base.digest[:12]} has another carrier layout than this registry's bases")
+
+    @_db_errors
+    def set_function_mark(self, digest: str, info: dict[str, Any], basis: np.ndarray) -> None:
+        """Record the function mark's parameters for base ``digest`` (fingerprint.function): ``info`` (JSON:
+        the layer it edits, the model to rebuild, the data it was fitted on) and the basis array. Written
+        once per base; the same base again keeps the first record (copies already carry it)."""
+        _check_digest(digest)
+        basis = np.ascontiguousarray(basis, dtype=np.float64)
+        if basis.ndim != 2 or not np.all(np.isfinite(basis)):
+            raise RegistryError(f"a function-mark basis must be a finite matrix, got shape {basis.shape}")
+        with self._write() as conn:
+            if conn.execute("SELECT 1 FROM meta WHERE key = ?", (f"function/{digest}",)).fetchone() is not None:
+                return
+            record = {**info, "basis_shape": list(basis.shape)}
+            conn.execute("INSERT INTO meta VALUES (?, ?)", (f"function/{digest}", json.dumps(record)))
+            conn.execute("INSERT INTO arrays VALUES (?, ?)", (f"function-basis/{digest}", basis.tobytes()))
+
+    @_db_errors
+    def function_mark(self, digest: str) -> tuple[dict[str, Any], np.ndarray] | None:
+        """(info, basis) recorded for base ``digest``, or None when its copies carry no function mark."""
+        row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (f"function/{digest}",)).fetchone()
+        if row is None:
+            return None
+        info = json.loads(row[0])
+        shape = tuple(info.get("basis_shape", ()))
+        flat = np.frombuffer(self._array(f"function-basis/{digest}"), dtype=np.float64)
+        if len(shape) != 2 or flat.size != shape[0] * shape[1]:
+            raise RegistryError(f"registry {self.directory}: the function-mark basis of {digest[:12]} is corrupt")
+        return info, flat.reshape(shape).copy()
 
     def save_base_model(self, model: Mapping[str, torch.Tensor]) -> str:
         """Keep ``model`` as ``bases/<state digest>.safetensors`` (mode 0600: it is the owner's unmarked

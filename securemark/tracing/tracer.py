@@ -118,20 +118,13 @@ class Tracer:
         self.bases = registry.bases() if every_base else registry.bases()[-1:]
         if not self.bases:
             raise RegistryError(f"registry {registry.directory} has issued no copy yet: nothing to trace against")
-        self.names, self._packed = registry.codebook()
-        if not self.names:
-            raise RegistryError(f"registry {registry.directory} has no customers")
-        self.params = registry.params
+        self.scorer = Scorer(registry)
+        self.names, self.params = self.scorer.names, self.scorer.params
         self.base = self.bases[-1]  # the current base (or the latest kept)
         current = registry.base()
         self._current = None if current is None else current.digest
         self._registry = registry
         self._fp: Fingerprinter | None = None
-        length = self.params.length
-        self._book = PackedCodebook.from_packed_rows(self._packed, length)
-        self._bias = registry.bias() if self.params.code != "bibd" else None
-        # BIBD rows are public and few (v <= a few hundred): kept unpacked for the soft detector
-        self._rows = unpack_bits(self._packed, length) if self.params.code == "bibd" else None
         self._models = [registry.base_model(b) if aligned else None for b in self.bases]
         self._carrier_size = CarrierLayout(self.params.carrier, self.base.tensors).size
         self._groups, self._alignment = self._unit_groups(groups, aligned)
@@ -219,6 +212,36 @@ class Tracer:
         return base.label or f"base {base.digest[:12]}"
 
     def accuse(self, y: np.ndarray) -> Verdict:
+        return self.scorer.accuse(y)
+
+    def trace(self, suspect: StateDict, top_k: int = 10, hard: bool = False) -> TraceReport:
+        """Align the suspect, extract its soft code and score every customer.
+
+        ``hard=True`` scores the signs of the soft code only (the classic hard-decision Tardos decoder); the
+        threshold is certified for whichever observation is scored.
+        """
+        start = time.perf_counter()
+        obs, alignment = self.observe(suspect)
+        return self.scorer.report(obs, alignment, start, top_k, hard)
+
+
+class Scorer:
+    """A registry's customers, code and bias, read once: scores an observation and writes the report. The
+    white-box :class:`Tracer` and the black-box tracer (tracing.blackbox) both end here, so both get the
+    same scores and the same certified bound."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.names, self._packed = registry.codebook()
+        if not self.names:
+            raise RegistryError(f"registry {registry.directory} has no customers")
+        self.params = registry.params
+        length = self.params.length
+        self._book = PackedCodebook.from_packed_rows(self._packed, length)
+        self.bias = registry.bias() if self.params.code != "bibd" else None
+        # BIBD rows are public and few (v <= a few hundred): kept unpacked for the soft detector
+        self._rows = unpack_bits(self._packed, length) if self.params.code == "bibd" else None
+
+    def accuse(self, y: np.ndarray) -> Verdict:
         """Score every customer for observation ``y`` and accuse.
 
         Tardos and random codes: soft scores against the threshold certified for this y's exact innocent law
@@ -231,20 +254,16 @@ class Tracer:
             threshold = bibd.soft_threshold(bibd.plane_order_for(p.max_colluders), p.max_colluders)
             order = np.argsort(-scores)
             return Verdict(scores, threshold, order[scores[order] > threshold], None, None)
-        assert self._bias is not None
-        bias = self._bias
+        assert self.bias is not None
+        bias = self.bias
         acc = accuse(tardos_scores(self._book, y, bias), Law.of(y, bias), p.eps,
                      lambda users: exact_scores(self._book, users, y, bias))  # fmt: skip
         return Verdict(acc.normalized, acc.threshold, acc.accused, acc.p_values, acc.innocent_tail)
 
-    def trace(self, suspect: StateDict, top_k: int = 10, hard: bool = False) -> TraceReport:
-        """Align the suspect, extract its soft code and score every customer.
-
-        ``hard=True`` scores the signs of the soft code only (the classic hard-decision Tardos decoder); the
-        threshold is certified for whichever observation is scored.
-        """
-        start = time.perf_counter()
-        obs, alignment = self.observe(suspect)
+    def report(
+        self, obs: Observation, alignment: dict[str, object], start: float, top_k: int = 10, hard: bool = False
+    ) -> TraceReport:
+        """Accuse on ``obs`` (its signs only with ``hard``) and report; ``start``: perf_counter at the start."""
         y = np.sign(obs.y) if hard else obs.y
         v = self.accuse(y)
         order = np.argsort(-v.scores)

@@ -1,0 +1,140 @@
+"""Black-box tracing: query a suspect on natural inputs, read the function mark, score with the white-box
+tracer's scorer (same Tardos score, same certified bound).
+
+The owner picks the inputs: its held-out data (the run's server share, or ``--query-data FILE.npz``), then,
+when the budget asks for more, the same images shifted by up to two pixels. They are ordinary digits, not
+secret out-of-distribution triggers a pirate could learn to spot and refuse. With several bases (a
+federation keeps each round's model) the answers are read against every base that carries a function mark
+and the least-energy reading is kept, by the white-box tracer's rule: the choice depends on the answers
+and the bases, never on an innocent's code row, so the bound holds unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from securemark import models
+from securemark.fingerprint.function import Basis, FunctionMark, FunctionMarkError, features_and_logits
+from securemark.registry import Registry, RegistryError
+from securemark.tracing.bound import robust_observation
+from securemark.tracing.oracle import Oracle, as_log_scores
+from securemark.tracing.tracer import Scorer, TraceReport
+
+SHIFTS = [(dy, dx) for dy in (0, 1, -1, 2, -2) for dx in (0, 1, -1, 2, -2)]  # (0, 0) first: the data itself
+
+
+def query_inputs(x: torch.Tensor | np.ndarray, count: int) -> np.ndarray:
+    """``count`` query inputs from natural images ``x`` (N, C, H, W): x itself, then x shifted by (0, 1),
+    (0, -1), ... up to two pixels each way (24 shifted versions, so at most 25 N inputs)."""
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 4 or len(x) == 0:
+        raise ValueError(f"query data must be a non-empty array (N, C, H, W), got shape {list(x.shape)}")
+    rounds = -(-count // len(x))
+    if rounds > len(SHIFTS):
+        raise ValueError(f"{count} queries need more than {len(SHIFTS)} shifted versions of {len(x)} inputs")
+    out = [np.roll(x, SHIFTS[r], axis=(2, 3)) for r in range(rounds)]
+    return np.concatenate(out)[:count]
+
+
+def load_query_data(path: str | Path) -> np.ndarray:
+    """Inputs from an .npz file: the array ``x`` (or its only array), shaped (N, C, H, W)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            names = list(z.keys())
+            key = "x" if "x" in names else (names[0] if len(names) == 1 else None)
+            if key is None:
+                raise ValueError(f"{path} holds {names}; name the query inputs 'x'")
+            x = np.asarray(z[key], dtype=np.float32)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read query data {path}: {exc}") from None
+    if x.ndim != 4 or not np.all(np.isfinite(x)):
+        raise ValueError(f"query data {path}: expected finite inputs (N, C, H, W), got shape {list(x.shape)}")
+    return x
+
+
+@dataclass(frozen=True)
+class MarkedBase:
+    """A base whose copies carry a function mark: the mark and the base model, runnable."""
+
+    label: str
+    mark: FunctionMark
+    model: nn.Module = field(repr=False)
+    data: dict[str, object]
+
+
+def marked_bases(registry: Registry) -> list[MarkedBase]:
+    """Every base of ``registry`` with a function-mark record (current one last)."""
+    out = []
+    current = registry.base()
+    for base in registry.bases():
+        record = registry.function_mark(base.digest)
+        if record is None:
+            continue
+        info, arr = record
+        try:
+            basis = Basis.from_array(arr, int(info["skip"]), float(info["logit_rms"]), int(info["classes"]))
+            sd = registry.base_model(base)
+            if sd is None:
+                raise RegistryError(f"base {base.digest[:12]}'s model file is missing")
+            model = models.load_weights(models.build_spec(info["model"]), sd).eval()
+        except (KeyError, TypeError, ValueError, FunctionMarkError) as exc:
+            raise RegistryError(f"the function-mark record of base {base.digest[:12]} is unusable: {exc}") from None
+        mark = FunctionMark.create(registry.secret, basis, registry.bias(), float(info["budget"]))
+        label = "current" if current is not None and base.digest == current.digest else base.label or base.digest[:12]
+        out.append(MarkedBase(label, mark, model, dict(info.get("data", {}))))
+    return out
+
+
+class BlackBoxTracer:
+    """A registry read once for many black-box suspects."""
+
+    def __init__(self, registry: Registry, query_data: np.ndarray | None = None) -> None:
+        if registry.params.code == "bibd":
+            raise RegistryError("black-box tracing reads Tardos or random codes; this registry uses BIBD")
+        self.bases = marked_bases(registry)
+        if not self.bases:
+            raise RegistryError(
+                f"no copy issued from {registry.directory} carries a function mark: black-box tracing needs one "
+                "(issue copies with a function budget > 0)"
+            )
+        self.scorer = Scorer(registry)
+        self._data = self._default_data() if query_data is None else query_data
+
+    def _default_data(self) -> np.ndarray:
+        """The held-out share of the data the current base's mark was fitted on."""
+        from securemark.data import heldout
+
+        d = self.bases[-1].data
+        if not d:
+            raise RegistryError("the registry does not say which data its mark was fitted on: pass --query-data")
+        return heldout(d).x.numpy()
+
+    def trace(self, oracle: Oracle, queries: int = 2000, outputs: str = "auto", top_k: int = 10) -> TraceReport:
+        """Query ``oracle`` on ``queries`` inputs, read the mark against each marked base, keep the
+        least-energy reading and accuse."""
+        start = time.perf_counter()
+        x = query_inputs(self._data, queries)
+        answers, kind = as_log_scores(oracle(x), outputs)
+        inputs = torch.from_numpy(x)
+        best = None
+        for mb in reversed(self.bases):  # the current base first: it wins ties
+            h, z = features_and_logits(mb.model, inputs)
+            reading = mb.mark.read(answers, z, h)
+            obs = robust_observation(reading.y)
+            energy = float(np.dot(obs.y, obs.y))
+            if best is None or energy < best[0]:
+                best = (energy, obs, reading, mb.label)
+        assert best is not None
+        _, obs, reading, label = best
+        info: dict[str, object] = {
+            "status": "black box: outputs only", "queries": int(oracle.used), "outputs": kind,
+            "residual_rms": round(reading.residual_rms, 4), "explained_rms": round(reading.explained_rms, 4),
+            "capacity": self.bases[-1].mark.basis.capacity, "base": label, "bases_tried": len(self.bases),
+        }  # fmt: skip
+        return self.scorer.report(obs, info, start, top_k)

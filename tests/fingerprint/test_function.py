@@ -1,0 +1,129 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from securemark import data, models, training
+from securemark.codes import tardos
+from securemark.fingerprint.function import (
+    Basis,
+    FunctionMark,
+    FunctionMarkError,
+    code_matrix,
+    features_and_logits,
+    helmert,
+    last_linear,
+)
+from securemark.fingerprint.keys import OwnerSecret
+
+SHAPE = (1, 8, 8)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    d = data.synthetic(n=1500, seed=3)
+    pool, held = d.split(0.4, 0)
+    model = models.build("cnn", SHAPE, 10, seed=0)
+    training.train(model, pool, epochs=3, generator=torch.Generator().manual_seed(0), device=torch.device("cpu"))
+    model.eval()
+    basis = Basis.fit(model, held.x, skip=4, components=20)
+    rng = np.random.default_rng(0)
+    bias = tardos.arcsine_bias(rng.random(128), 3)
+    mark = FunctionMark.create(OwnerSecret(bytes(range(32))), basis, bias, 0.05)
+    return model, held, mark, bias, rng
+
+
+def marked(model, mark, bits):
+    layer, _ = last_linear(model)
+    sd = mark.embed(dict(model.state_dict()), layer, bits)
+    return models.load_weights(models.build("cnn", SHAPE, 10), sd).eval()
+
+
+def test_helmert_is_an_orthonormal_basis_of_zero_sum_vectors():
+    assert np.allclose(helmert(2), [[1 / math.sqrt(2)], [-1 / math.sqrt(2)]])  # worked by hand
+    u = helmert(10)
+    assert np.allclose(u.T @ u, np.eye(9)) and np.allclose(u.sum(axis=0), 0)
+
+
+@pytest.mark.parametrize(("capacity", "length"), [(40, 16), (16, 40)])
+def test_code_matrix_is_keyed_and_orthonormal(capacity, length):
+    a = code_matrix(OwnerSecret(b"\x01" * 32), capacity, length)
+    assert a.shape == (capacity, length)
+    gram = a.T @ a if length <= capacity else a @ a.T
+    assert np.allclose(gram, np.eye(min(capacity, length)))
+    assert np.array_equal(a, code_matrix(OwnerSecret(b"\x01" * 32), capacity, length))
+    assert not np.allclose(a, code_matrix(OwnerSecret(b"\x02" * 32), capacity, length))
+
+
+def test_intact_copy_reads_back_its_centred_row_exactly(setup):
+    model, held, mark, bias, rng = setup
+    bits = tardos.draw_rows(bias, rng.random(len(bias)))
+    copy = marked(model, mark, bits)
+    h, z = features_and_logits(model, held.x)
+    _, answers = features_and_logits(copy, held.x)
+    reading = mark.read(answers, z, h)
+    d = mark.code
+    expected = d.T @ d @ (bits - bias)  # D has orthonormal rows here (L = 128 > P)
+    gain = float(expected @ reading.y / (expected @ expected))
+    assert np.allclose(reading.y, gain * expected, atol=1e-4 * np.abs(expected).max())
+    assert 0.5 < gain < 2.0  # per-copy normalization: the nominal strength is right to a factor
+    logp = torch.log_softmax(torch.from_numpy(answers), dim=1).numpy()  # probabilities read as logs: the same
+    assert np.allclose(mark.read(logp, z, h).y, reading.y, atol=1e-6)
+
+
+def test_base_reads_zero_and_mark_has_its_budgeted_energy(setup):
+    model, held, mark, bias, rng = setup
+    h, z = features_and_logits(model, held.x)
+    assert np.abs(mark.read(z, z, h).y).max() < 1e-9
+    copy = marked(model, mark, tardos.draw_rows(bias, rng.random(len(bias))))
+    _, zc = features_and_logits(copy, held.x)
+    diff = (zc - zc.mean(1, keepdims=True)) - (z - z.mean(1, keepdims=True))
+    rms = math.sqrt(np.mean(np.sum(diff**2, axis=1)))
+    # whitened on this very data (covariance with N - 1): E||m||^2 = (budget * logit RMS)^2 (N - 1) / N
+    target = mark.budget * mark.basis.logit_rms * math.sqrt((len(held) - 1) / len(held))
+    assert rms == pytest.approx(target, rel=1e-3)
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.integers(0, 2**32 - 1))
+def test_edit_is_linear_in_the_centred_row_up_to_its_norm(seed):
+    d = data.synthetic(n=300, seed=1)
+    model = models.build("mlp", SHAPE, 10, seed=0, width=16).eval()
+    basis = Basis.fit(model, d.x, skip=2, components=8)
+    bias = np.full(64, 0.5)
+    mark = FunctionMark.create(OwnerSecret(b"\x05" * 32), basis, bias, 0.1)
+    bits = np.random.default_rng(seed).integers(0, 2, 64).astype(bool)
+    a = mark.code @ (bits - bias)
+    edit = mark.edit(bits)
+    marked_dirs = basis.directions[:, basis.skip :]
+    expected = helmert(10) @ (a / np.linalg.norm(a) * 0.1 * basis.logit_rms).reshape(9, -1) @ marked_dirs.T
+    assert np.allclose(edit, expected) and np.allclose(edit.sum(axis=0), 0)  # a shift common to classes: none
+    assert np.allclose(mark.edit(~bits), -edit * np.linalg.norm(a) / np.linalg.norm(mark.code @ (~bits - bias)))
+
+
+def test_refusals(setup):
+    model, held, mark, bias, _ = setup
+    h, z = features_and_logits(model, held.x)
+    with pytest.raises(FunctionMarkError, match="too few"):
+        mark.read(z[:10], z[:10], h[:10])
+    bad = z.copy()
+    bad[3, 2] = np.nan
+    with pytest.raises(FunctionMarkError, match="NaN"):
+        mark.read(bad, z, h)
+    with pytest.raises(FunctionMarkError, match="shape"):
+        mark.read(z[:, :5], z, h)
+    with pytest.raises(FunctionMarkError, match="code row"):
+        mark.edit(np.zeros(3, bool))
+    with pytest.raises(FunctionMarkError, match="no linear layer"):
+        mark.embed(dict(model.state_dict()), "features.0", np.zeros(len(bias), bool))
+    with pytest.raises(FunctionMarkError, match=r"no nn\.Linear"):
+        last_linear(torch.nn.Sequential(torch.nn.ReLU()))
+    with pytest.raises(FunctionMarkError, match="budget"):
+        FunctionMark.create(OwnerSecret(b"\x05" * 32), mark.basis, bias, float("nan"))
+    with pytest.raises(FunctionMarkError, match="too few"):
+        Basis.fit(model, held.x[:20])
+    with pytest.raises(FunctionMarkError, match="damaged"):
+        Basis.from_array(np.full((4, 8), np.nan), 2, 1.0, 10)
