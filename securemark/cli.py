@@ -185,6 +185,8 @@ def cmd_trace(a: argparse.Namespace) -> object:
     given = [x for x in (a.suspect, a.endpoint, a.query_model) if x is not None]
     if len(given) != 1:
         raise ValueError("trace needs exactly one suspect: a weights FILE, --endpoint URL or --query-model FILE")
+    if a.suspect is None and (a.hard or a.align_spec or a.no_align):
+        raise ValueError("--hard, --align-spec and --no-align apply to a weights file, not to a black-box suspect")
     if a.suspect is not None:
         suspect = load_state_dict(a.suspect)
         groups = load_groups(a.align_spec) if a.align_spec else None
@@ -511,8 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--query-data", type=Path, default=None, help="query inputs (.npz, array x: N,C,H,W)")
     tr.add_argument("--queries", type=_positive, default=2000, help="black-box query budget")
     tr.add_argument("--outputs", choices=("auto", "probs", "logits"), default="auto")
-    tr.add_argument("--timeout", type=float, default=30.0, help="seconds per HTTP request")
-    tr.add_argument("--retries", type=int, default=3)
+    tr.add_argument("--timeout", type=_finite, default=30.0, help="seconds per HTTP socket operation (> 0)")
+    tr.add_argument("--retries", type=_natural, default=3)
     tr.add_argument("--top", type=_positive, default=10)
     tr.add_argument("--hard", action="store_true", help="score the signs of the extracted code only")
     tr.add_argument("--align-spec", type=Path, default=None, help="unit groups (JSON) for models that are no chain")

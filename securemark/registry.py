@@ -484,6 +484,8 @@ class Registry:
         if row is None:
             return None
         info = json.loads(row[0])
+        if not isinstance(info, dict):
+            raise RegistryError(f"registry {self.directory}: the function-mark record of {digest[:12]} is corrupt")
         shape = tuple(info.get("basis_shape", ()))
         flat = np.frombuffer(self._array(f"function-basis/{digest}"), dtype=np.float64)
         if len(shape) != 2 or flat.size != shape[0] * shape[1]:

@@ -144,10 +144,15 @@ class Basis:
 
     @classmethod
     def from_array(cls, arr: np.ndarray, skip: int, logit_rms: float, classes: int) -> Basis:
+        """A basis read back (from the registry), refused when damaged: wrong types or ranges, non-finite
+        values, a direction that is all zero."""
         arr = np.asarray(arr, dtype=np.float64)
-        if arr.ndim != 2 or arr.shape[1] < skip + 2 or not np.all(np.isfinite(arr)):
-            raise FunctionMarkError(f"a stored function-mark basis of shape {arr.shape} is damaged")
-        return cls(arr[:, 0].copy(), arr[:, 1:].copy(), skip, logit_rms, classes)
+        ok = type(skip) is int and type(classes) is int and isinstance(logit_rms, float | int)
+        ok = ok and skip >= 0 and 2 <= classes <= 100_000 and 0 < logit_rms < math.inf
+        ok = ok and arr.ndim == 2 and arr.shape[1] >= skip + 2 and bool(np.all(np.isfinite(arr)))
+        if not ok or not np.all(np.any(arr[:, 1:] != 0, axis=0)):
+            raise FunctionMarkError(f"a stored function-mark basis (shape {arr.shape}, skip {skip!r}) is damaged")
+        return cls(arr[:, 0].copy(), arr[:, 1:].copy(), skip, float(logit_rms), classes)
 
 
 def code_matrix(secret: OwnerSecret, capacity: int, length: int) -> np.ndarray:
@@ -212,9 +217,18 @@ class FunctionMark:
         out[layer + ".bias"] = (bvec.double() - torch.from_numpy(edit @ self.basis.mean)).to(bvec.dtype)
         return out
 
-    def read(self, answers: np.ndarray, base_logits: np.ndarray, base_features: np.ndarray) -> Reading:
+    def read(
+        self, answers: np.ndarray, base_logits: np.ndarray, base_features: np.ndarray, floor: float | None = None
+    ) -> Reading:
         """The soft code from a suspect's ``answers`` (Q x C log-probabilities or logits) to queries on which
-        the base gave ``base_logits`` (Q x C) from ``base_features`` (Q x F)."""
+        the base gave ``base_logits`` (Q x C) from ``base_features`` (Q x F).
+
+        Two gauges a server may apply to its outputs are undone first, from the answers and the base alone
+        (so an innocent's row stays independent of the reading): censoring, when ``floor`` (a log-probability)
+        is given, by clamping the base's log-probabilities at it too; and a scale (a temperature, log base 10),
+        by dividing the answers' coefficients by tau, their least-squares factor against the base's own
+        coefficients on the skipped components, where no mark is written. An intact copy has tau = 1 exactly
+        (tau is kept within [0.1, 10]; 1 when nothing is skipped)."""
         q, c = base_logits.shape
         answers = np.asarray(answers, dtype=np.float64)
         if answers.shape != (q, c):
@@ -222,16 +236,31 @@ class FunctionMark:
         if not np.all(np.isfinite(answers)):
             raise FunctionMarkError("the suspect's answers hold NaN or inf: no verdict")
         x = self.basis.regressors(base_features)
-        if q < 2 * x.shape[1]:
+        if q < self.min_queries:
             raise FunctionMarkError(f"{q} queries are too few: the reading fits {x.shape[1]} regressors (need 2x)")
-        residual = centred(answers) - centred(base_logits)
-        coef, *_ = np.linalg.lstsq(x, residual, rcond=None)  # (regressors, C)
-        k = self.basis.components
-        a = helmert(c).T @ coef[:k].T  # (C - 1, K)
-        y = self.code.T @ a.reshape(-1) / self.strength
-        fitted = x @ coef
+        base = base_logits if floor is None else np.maximum(base_logits - _logsumexp(base_logits), floor)
+        a, z = centred(answers), centred(base)
+        coef, *_ = np.linalg.lstsq(x, np.hstack([a, z]), rcond=None)  # (regressors, 2C)
+        ca, cz = coef[:, :c], coef[:, c:]
+        k, skip = self.basis.components, self.basis.skip
+        nuisance = float(np.sum(cz[k : k + skip] ** 2))
+        tau = float(np.clip(np.sum(ca[k : k + skip] * cz[k : k + skip]) / nuisance, 0.1, 10.0)) if nuisance else 1.0
+        mark = helmert(c).T @ (ca[:k] / tau - cz[:k]).T  # (C - 1, K)
+        y = self.code.T @ mark.reshape(-1) / self.strength
+        residual = a / tau - z
+        fitted = x @ (ca / tau - cz)
         return Reading(y, q, float(np.sqrt(np.mean(np.sum(residual**2, axis=1)))),
-                       float(np.sqrt(np.mean(np.sum(fitted**2, axis=1)))))  # fmt: skip
+                       float(np.sqrt(np.mean(np.sum(fitted**2, axis=1)))), tau)  # fmt: skip
+
+    @property
+    def min_queries(self) -> int:
+        """Queries a reading needs: twice the regressors (marked and skipped components and a constant)."""
+        return 2 * (self.basis.directions.shape[1] + 1)
+
+
+def _logsumexp(z: np.ndarray) -> np.ndarray:
+    top = z.max(axis=1, keepdims=True)
+    return top + np.log(np.sum(np.exp(z - top), axis=1, keepdims=True))
 
 
 @dataclass(frozen=True)
@@ -240,3 +269,4 @@ class Reading:
     queries: int
     residual_rms: float  # how far the suspect's centred outputs are from the base's (logits, per input)
     explained_rms: float  # the part of that linear in the base's features
+    scale: float  # tau: the suspect's outputs over the base's (1 for a copy served as it is)

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from securemark import models
-from securemark.fingerprint.function import Basis, FunctionMark, FunctionMarkError, features_and_logits
-from securemark.registry import Registry, RegistryError
+from securemark.fingerprint.function import Basis, FunctionMark, features_and_logits, last_linear
+from securemark.registry import Base, Registry, RegistryError
 from securemark.tracing.bound import robust_observation
 from securemark.tracing.oracle import Oracle, as_log_scores
 from securemark.tracing.tracer import Scorer, TraceReport
@@ -43,17 +43,25 @@ def query_inputs(x: torch.Tensor | np.ndarray, count: int) -> np.ndarray:
 
 
 def load_query_data(path: str | Path) -> np.ndarray:
-    """Inputs from an .npz file: the array ``x`` (or its only array), shaped (N, C, H, W)."""
+    """Inputs from an .npz file (the array ``x``, or its only array) or an .npy file, shaped (N, C, H, W);
+    pickled objects are refused."""
     try:
-        with np.load(path, allow_pickle=False) as z:
-            names = list(z.keys())
-            key = "x" if "x" in names else (names[0] if len(names) == 1 else None)
-            if key is None:
-                raise ValueError(f"{path} holds {names}; name the query inputs 'x'")
-            x = np.asarray(z[key], dtype=np.float32)
-    except (OSError, ValueError) as exc:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            x = loaded
+        else:
+            with loaded as z:
+                names = list(z.keys())
+                key = "x" if "x" in names else (names[0] if len(names) == 1 else None)
+                if key is None:
+                    raise ValueError(f"it holds {names}; name the query inputs 'x'")
+                x = z[key]
+    except Exception as exc:  # zip, CRC, pickle and format errors all mean: not query data
         raise ValueError(f"cannot read query data {path}: {exc}") from None
-    if x.ndim != 4 or not np.all(np.isfinite(x)):
+    if x.dtype.kind not in "fiu":
+        raise ValueError(f"query data {path}: expected real numbers, got dtype {x.dtype}")
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 4 or len(x) == 0 or not np.all(np.isfinite(x)):
         raise ValueError(f"query data {path}: expected finite inputs (N, C, H, W), got shape {list(x.shape)}")
     return x
 
@@ -69,26 +77,38 @@ class MarkedBase:
 
 
 def marked_bases(registry: Registry) -> list[MarkedBase]:
-    """Every base of ``registry`` with a function-mark record (current one last)."""
+    """Every base of ``registry`` with a function-mark record (current one last); a damaged record is a
+    RegistryError, never a silent miss."""
     out = []
     current = registry.base()
     for base in registry.bases():
         record = registry.function_mark(base.digest)
         if record is None:
             continue
-        info, arr = record
-        try:
-            basis = Basis.from_array(arr, int(info["skip"]), float(info["logit_rms"]), int(info["classes"]))
-            sd = registry.base_model(base)
-            if sd is None:
-                raise RegistryError(f"base {base.digest[:12]}'s model file is missing")
-            model = models.load_weights(models.build_spec(info["model"]), sd).eval()
-        except (KeyError, TypeError, ValueError, FunctionMarkError) as exc:
-            raise RegistryError(f"the function-mark record of base {base.digest[:12]} is unusable: {exc}") from None
-        mark = FunctionMark.create(registry.secret, basis, registry.bias(), float(info["budget"]))
         label = "current" if current is not None and base.digest == current.digest else base.label or base.digest[:12]
-        out.append(MarkedBase(label, mark, model, dict(info.get("data", {}))))
+        out.append(_marked(registry, base, *record, label))
     return out
+
+
+def _marked(registry: Registry, base: Base, info: object, arr: np.ndarray, label: str) -> MarkedBase:
+    try:
+        if not isinstance(info, dict) or not isinstance(info.get("data", {}), dict):
+            raise TypeError("the record is not a JSON object with a data object")
+        basis = Basis.from_array(arr, info["skip"], info["logit_rms"], info["classes"])
+        budget = info["budget"]
+        if not (isinstance(budget, float | int) and 0 < budget <= 1):
+            raise ValueError(f"budget {budget!r} is outside (0, 1]")
+        sd = registry.base_model(base)
+        if sd is None:
+            raise ValueError("the base's model file is missing")
+        model = models.load_weights(models.build_spec(info["model"]), sd).eval()
+        _, layer = last_linear(model)
+        if layer.out_features != basis.classes or layer.in_features != basis.mean.shape[0]:
+            raise ValueError(f"the model's last layer is {layer.in_features} -> {layer.out_features}, the basis is not")
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+        raise RegistryError(f"the function-mark record of base {base.digest[:12]} is unusable: {exc}") from None
+    mark = FunctionMark.create(registry.secret, basis, registry.bias(), float(budget))
+    return MarkedBase(label, mark, model, dict(info.get("data", {})))
 
 
 class BlackBoxTracer:
@@ -117,15 +137,25 @@ class BlackBoxTracer:
 
     def trace(self, oracle: Oracle, queries: int = 2000, outputs: str = "auto", top_k: int = 10) -> TraceReport:
         """Query ``oracle`` on ``queries`` inputs, read the mark against each marked base, keep the
-        least-energy reading and accuse."""
+        least-energy reading and accuse. Everything that can be checked without the suspect (enough queries,
+        inputs the base accepts) is checked before the first query is spent."""
         start = time.perf_counter()
+        need = max(mb.mark.min_queries for mb in self.bases)
+        if queries < need:
+            raise ValueError(f"{queries} queries are too few for this registry's mark: it needs at least {need}")
         x = query_inputs(self._data, queries)
-        answers, kind = as_log_scores(oracle(x), outputs)
-        inputs = torch.from_numpy(x)
-        best = None
+        inputs = torch.from_numpy(x.copy())  # the owner's copy: nothing the suspect does can touch it
+        base_views = []
         for mb in reversed(self.bases):  # the current base first: it wins ties
-            h, z = features_and_logits(mb.model, inputs)
-            reading = mb.mark.read(answers, z, h)
+            try:
+                base_views.append((mb, *features_and_logits(mb.model, inputs)))
+            except RuntimeError as exc:
+                why = str(exc).splitlines()[0]
+                raise ValueError(f"the query inputs {list(x.shape[1:])} do not fit the base model: {why}") from None
+        answers, kind, floor = as_log_scores(oracle(x), outputs)
+        best = None
+        for mb, h, z in base_views:
+            reading = mb.mark.read(answers, z, h, floor)
             obs = robust_observation(reading.y)
             energy = float(np.dot(obs.y, obs.y))
             if best is None or energy < best[0]:
@@ -134,7 +164,9 @@ class BlackBoxTracer:
         _, obs, reading, label = best
         info: dict[str, object] = {
             "status": "black box: outputs only", "queries": int(oracle.used), "outputs": kind,
-            "residual_rms": round(reading.residual_rms, 4), "explained_rms": round(reading.explained_rms, 4),
-            "capacity": self.bases[-1].mark.basis.capacity, "base": label, "bases_tried": len(self.bases),
+            "censored_below": None if floor is None else round(float(np.exp(floor)), 8),
+            "scale": round(reading.scale, 4), "residual_rms": round(reading.residual_rms, 4),
+            "explained_rms": round(reading.explained_rms, 4), "capacity": self.bases[-1].mark.basis.capacity,
+            "base": label, "bases_tried": len(self.bases),
         }  # fmt: skip
         return self.scorer.report(obs, info, start, top_k)

@@ -44,6 +44,7 @@ from scipy.special import erfcx, expit, log_expit
 
 BERRY_ESSEEN_C0 = 0.5600  # Shevtsova (2010), independent non-identically distributed summands
 CLIP_SIGMAS = 2.0
+MAX_OBSERVATION = 1e100  # squares and tilts of larger values overflow float64; no honest reading comes near
 _MAD_TO_SIGMA = 0.6744897501960817  # median |N(0,1)|
 
 
@@ -62,7 +63,9 @@ class Law:
             raise ValueError(f"observation has shape {y.shape}, bias {bias.shape}")
         if not np.all(np.isfinite(y)):
             raise ValueError("the observation holds non-finite values")
-        keep = y != 0
+        if np.max(np.abs(y), initial=0.0) > MAX_OBSERVATION:
+            raise ValueError(f"the observation holds values beyond {MAX_OBSERVATION:g}: no verdict (absurd input)")
+        keep = (y != 0) if np.max(np.abs(y), initial=0.0) >= 1.0 / MAX_OBSERVATION else np.zeros(y.shape, bool)
         return cls(y[keep] / np.sqrt(bias[keep] * (1.0 - bias[keep])), bias[keep])
 
     @cached_property
@@ -94,6 +97,8 @@ class Law:
         """(lo, hi) around the smallest lam > 0 where ``reached`` turns true (it is monotone in lam): doubling
         from 1 / std, then bisection to 1e-9. None when every tilted bit saturates first (lam max|w| > 1e4)."""
         lo, hi = 0.0, 1.0 / self.std
+        if not 0.0 < hi < math.inf:  # Law.of refuses observations this large or small; never loop on them
+            raise ValueError(f"observation norm {self.std:g} is out of range for the bound")
         while not reached(hi):
             lo, hi = hi, 2.0 * hi
             if hi * float(np.max(np.abs(self.w))) > 1e4:

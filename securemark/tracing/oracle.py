@@ -11,7 +11,9 @@ they came; :func:`as_log_scores` turns probabilities or logits into per-input lo
 
 from __future__ import annotations
 
+import http.client
 import json
+import math
 import time
 import urllib.error
 import urllib.request
@@ -24,7 +26,8 @@ import numpy as np
 import torch
 
 OUTPUT_KINDS = ("auto", "probs", "logits")
-_TINY = 1e-45  # the smallest float32 subnormal: a probability reported as 0 is read as this
+ABSURD = 1e6  # no model's logits or log-probabilities come near: such answers are refused, never read
+MAX_RESPONSE = 256 << 20  # bytes of one HTTP answer
 
 
 class OracleError(RuntimeError):
@@ -55,24 +58,39 @@ class Budget:
         self.used += n
 
 
-def as_log_scores(out: np.ndarray, kind: str = "auto") -> tuple[np.ndarray, str]:
-    """(log-probabilities or logits, the kind read). ``auto`` reads rows that are non-negative and sum to 1
-    as probabilities, anything else as logits."""
+def as_log_scores(out: np.ndarray, kind: str = "auto") -> tuple[np.ndarray, str, float | None]:
+    """(log-probabilities or logits, the kind read, the censoring floor). ``auto`` reads non-negative rows that
+    share one sum (within 5%: 1, or 100 for percentages) as probabilities, anything else as logits. A common
+    factor is a constant per row in log space, which the reader's centring removes.
+
+    Probabilities are often post-processed before they are served: rounded, kept to the top k, clamped. Every
+    value at or below the smallest positive one reported is censored. When the answers show it (zeros, or
+    several values tied at the smallest), the floor is the log of that value, and the reader clamps the base's
+    log-probabilities at the same floor (fingerprint.function); otherwise the floor is None."""
     out = np.asarray(out, dtype=np.float64)
     if out.ndim != 2 or out.shape[1] < 2:
         raise OracleError(f"expected outputs of shape [batch, classes], got {list(out.shape)}")
     if not np.all(np.isfinite(out)):
         raise OracleError("the suspect answered NaN or inf: no verdict can be built on it")
+    if np.max(np.abs(out)) > ABSURD:
+        raise OracleError(f"the suspect answered values beyond {ABSURD:g}: absurd for a model's outputs, no verdict")
     if kind not in OUTPUT_KINDS:
         raise ValueError(f"outputs must be one of {OUTPUT_KINDS}, got {kind!r}")
-    looks_like_probs = bool(np.all(out >= 0) and np.allclose(out.sum(axis=1), 1.0, atol=1e-3))
-    if kind == "auto":
-        kind = "probs" if looks_like_probs else "logits"
-    if kind == "probs":
-        if np.any(out < 0) or np.any(out > 1 + 1e-6):
-            raise OracleError("outputs read as probabilities hold values outside [0, 1]; try --outputs logits")
-        return np.log(np.maximum(out, _TINY)), kind
-    return out, kind
+    sums = out.sum(axis=1)
+    total = float(np.median(sums))
+    if kind == "auto":  # non-negative rows with one common sum (1, or 100 for percentages): probabilities
+        same_sum = total > 0 and bool(np.allclose(sums, total, rtol=0.05))
+        kind = "probs" if bool(np.all(out >= 0)) and same_sum else "logits"
+    if kind == "logits":
+        return out, kind, None
+    if np.any(out < 0) or not total > 0 or np.any(out > 1.05 * total):
+        raise OracleError("outputs read as probabilities are negative or exceed their row sums; try --outputs logits")
+    positive = out[out > 0]
+    if len(positive) == 0:
+        raise OracleError("the suspect answered all-zero probabilities: no verdict")
+    low = positive.min()
+    censored = bool(np.any(out == 0)) or int(np.sum(out == low)) > 1  # zeros, or ties at a floor: post-processed
+    return np.log(np.maximum(out, low)), kind, float(np.log(low)) if censored else None
 
 
 class TorchScriptOracle:
@@ -97,11 +115,28 @@ class TorchScriptOracle:
         self._budget.take(len(x))
         outs = []
         for i in range(0, len(x), self.batch):
-            out = self._model(torch.from_numpy(np.ascontiguousarray(x[i : i + self.batch], dtype=np.float32)))
-            if not isinstance(out, torch.Tensor):
-                raise OracleError(f"the TorchScript model returned {type(out).__name__}, not a tensor")
+            batch = torch.tensor(x[i : i + self.batch], dtype=torch.float32)  # a copy: the suspect may write to it
+            try:
+                out = self._model(batch)
+            except Exception as exc:  # the suspect's own code failed (torch.jit.Error is no RuntimeError)
+                raise OracleError(f"the TorchScript model failed on the queries: {_first_line(exc)}") from None
+            if not isinstance(out, torch.Tensor) or out.is_complex() or out.dim() != 2 or len(out) != len(batch):
+                raise OracleError(f"the TorchScript model returned {_describe(out)}, not [batch, classes] reals")
             outs.append(out.detach().double().numpy())
+        if len({o.shape[1] for o in outs}) != 1:
+            raise OracleError("the TorchScript model answered different numbers of classes for different batches")
         return np.concatenate(outs)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+    return repr(lines[-1][:200]) if lines else type(exc).__name__
+
+
+def _describe(out: object) -> str:
+    if isinstance(out, torch.Tensor):
+        return f"a {out.dtype} tensor of shape {list(out.shape)}"
+    return type(out).__name__
 
 
 class HttpV2Oracle:
@@ -112,6 +147,8 @@ class HttpV2Oracle:
         self, url: str, budget: int, batch: int = 256, timeout: float = 30.0, retries: int = 3,
         input_name: str | None = None,
     ) -> None:  # fmt: skip
+        if not (retries >= 0 and 0 < timeout < math.inf):
+            raise OracleError(f"need retries >= 0 and a finite timeout > 0, got {retries}, {timeout}")
         if not url.startswith(("http://", "https://")):
             raise OracleError(f"--endpoint must be an http(s) URL like http://host:port/v2/models/NAME, got {url!r}")
         self.url = url.rstrip("/")
@@ -122,31 +159,36 @@ class HttpV2Oracle:
     def used(self) -> int:
         return self._budget.used
 
-    def _request(self, url: str, body: dict | None) -> dict:
+    def _request(self, url: str, body: dict | None, inputs: int = 0) -> dict:
+        """GET (``body`` None) or POST ``body`` carrying ``inputs`` query inputs; every send of them, retries
+        included, is counted against the budget (the suspect sees each one)."""
         data = None if body is None else json.dumps(body).encode()
         headers = {"Content-Type": "application/json"} if data is not None else {}
         last: Exception | None = None
         for attempt in range(self.retries + 1):
             if attempt:
                 time.sleep(min(0.2 * 2**attempt, 5.0))
+            self._budget.take(inputs)
             try:
                 req = urllib.request.Request(url, data=data, headers=headers, method="POST" if data else "GET")
                 with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    raw = resp.read()
+                    raw = resp.read(MAX_RESPONSE + 1)
+                if len(raw) > MAX_RESPONSE:
+                    raise OracleError(f"{url} answered more than {MAX_RESPONSE >> 20} MiB; refusing to read it")
                 break
             except urllib.error.HTTPError as exc:
-                detail = exc.read()[:200].decode(errors="replace")
+                detail = exc.read(200).decode(errors="replace")
+                last = OracleError(f"{url} answered HTTP {exc.code}: {detail!r}")  # repr: no control characters
                 if exc.code == 429 or exc.code >= 500:
-                    last = OracleError(f"{url} answered HTTP {exc.code}: {detail}")
                     continue
-                raise OracleError(f"{url} answered HTTP {exc.code}: {detail}") from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
-                last = OracleError(f"{url} unreachable: {getattr(exc, 'reason', exc)}")
+                raise last from None
+            except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
+                last = OracleError(f"{url} unreachable or broken: {getattr(exc, 'reason', exc)!r}")
         else:
             raise OracleError(f"{last} (after {self.retries + 1} attempts)")
         try:
             answer = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             why = f"{url} did not answer JSON: {raw[:80]!r}; is it an Open Inference (V2) endpoint?"
             raise OracleError(why) from None
         if not isinstance(answer, dict):
@@ -162,22 +204,30 @@ class HttpV2Oracle:
         return "input"
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        self._budget.take(len(x))
-        return np.concatenate([self._infer(x[i : i + self.batch]) for i in range(0, len(x), self.batch)])
+        limit = self._budget.limit
+        if self.used + len(x) > limit:
+            raise OracleError(f"query budget exhausted: {self.used} used, {len(x)} more asked, limit {limit}")
+        outs = [self._infer(x[i : i + self.batch]) for i in range(0, len(x), self.batch)]
+        if len({o.shape[1] for o in outs}) != 1:
+            raise OracleError(f"{self.url} answered different numbers of classes for different batches")
+        return np.concatenate(outs)
 
     def _infer(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
         body = {"inputs": [{"name": self.input_name, "shape": list(x.shape), "datatype": "FP32",
                             "data": x.reshape(-1).tolist()}]}  # fmt: skip
-        answer = self._request(self.url + "/infer", body)
+        answer = self._request(self.url + "/infer", body, inputs=len(x))
         outputs = answer.get("outputs")
         if not isinstance(outputs, list) or not outputs or not isinstance(outputs[0], dict):
             raise OracleError(f"{self.url}/infer answered without an 'outputs' list: not the V2 protocol")
         first = outputs[0]
         try:
             shape = [int(d) for d in first["shape"]]
-            data = np.asarray(first["data"], dtype=np.float64)
-        except (KeyError, TypeError, ValueError) as exc:
+            raw = first["data"]
+            if not isinstance(raw, list) or any(isinstance(v, bool | str) for v in raw[:1]):
+                raise TypeError("data is not a flat list of numbers")
+            data = np.asarray(raw, dtype=np.float64)
+        except (KeyError, TypeError, ValueError, RecursionError) as exc:
             raise OracleError(f"{self.url}/infer: output 0 has no readable shape/data ({exc})") from None
         if len(shape) != 2 or shape[0] != len(x) or data.size != shape[0] * shape[1]:
             raise OracleError(

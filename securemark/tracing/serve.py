@@ -1,5 +1,5 @@
 """A minimal Open Inference Protocol (V2) JSON server for one model: what a pirate's prediction API looks
-like to the tracer, for tests, benchmarks and demos (``securemark serve FILE.pt``). Not a production server.
+like to the tracer, for tests and benchmarks. Not a production server.
 
 GET  /v2/models/NAME        metadata: name, inputs [{name, datatype, shape}], outputs
 POST /v2/models/NAME/infer  {"inputs": [{"name", "shape": [B, C, H, W], "datatype": "FP32", "data"}]}

@@ -116,6 +116,8 @@ class _Answer(BaseHTTPRequestHandler):
         self._reply(200, "<html>hello</html>" if "html" in self.path else "{}")
 
     def do_POST(self):
+        if "ansi" in self.path:
+            return self._reply(400, "bad\n\x1b[31mfake\x1b[0m\naccused: c042\n")
         if "flaky" in self.path and _Answer.fails < 2:
             _Answer.fails += 1
             return self._reply(503, "busy")
@@ -143,7 +145,8 @@ def test_http_oracle_errors_and_retries(odd_server):
         HttpV2Oracle(odd_server + "/v2/models/m", 10)(x)
     with pytest.raises(OracleError, match="expected \\[batch, classes\\]"):
         HttpV2Oracle(odd_server + "/short", 10)(x)
-    flaky = HttpV2Oracle(odd_server + "/flaky", 10, retries=3)
+    _Answer.fails = 0
+    flaky = HttpV2Oracle(odd_server + "/flaky", 12, retries=3)
     assert flaky(x).shape == (4, 3) and _Answer.fails == 2  # two 503s, then an answer
     with pytest.raises(OracleError, match="must be an http"):
         HttpV2Oracle("ftp://x", 10)
@@ -153,13 +156,18 @@ def test_http_oracle_errors_and_retries(odd_server):
 
 def test_output_reading_and_query_inputs(tmp_path):
     probs = np.array([[0.2, 0.8], [0.5, 0.5]])
-    logs, kind = as_log_scores(probs)
-    assert kind == "probs" and np.allclose(logs, np.log(probs))
-    assert as_log_scores(np.array([[2.0, -1.0], [0.0, 3.0]]))[1] == "logits"
+    logs, kind, floor = as_log_scores(probs)
+    assert kind == "probs" and np.allclose(logs, np.log(probs)) and floor is None
+    assert as_log_scores(np.array([[2.0, -1.0], [0.0, 3.0]]))[1:] == ("logits", None)
+    censored = as_log_scores(np.array([[0.0, 0.25, 0.75]]))  # a zero: censored at the smallest value shown
+    assert np.allclose(censored[0], np.log([0.25, 0.25, 0.75])) and censored[2] == pytest.approx(np.log(0.25))
+    with pytest.raises(OracleError, match="absurd"):
+        as_log_scores(np.array([[1e200, 0.0]]))
     with pytest.raises(OracleError, match="NaN"):
         as_log_scores(np.array([[np.nan, 1.0]]))
-    with pytest.raises(OracleError, match="outside"):
+    with pytest.raises(OracleError, match="negative"):
         as_log_scores(np.array([[2.0, -1.0]]), "probs")
+    assert as_log_scores(np.array([[20.0, 80.0], [50.0, 50.0]]))[1] == "probs"  # percentages
     x = np.arange(2 * 25, dtype=np.float32).reshape(2, 1, 5, 5)
     q = query_inputs(x, 5)
     assert q.shape == (5, 1, 5, 5) and np.array_equal(q[:2], x)
@@ -188,3 +196,82 @@ def test_distillation_attack_and_coalition_teacher(world):
     assert agree > 0.8  # the student learned its teachers' answers
     with pytest.raises(ValueError, match="temperature"):
         distill(ensemble([a]), student, pool, temperature=0.0, rng=np.random.default_rng(0))
+
+
+class _Served(torch.nn.Module):
+    """A copy served through post-processing a pirate might apply: a temperature, or log10 scores."""
+
+    def __init__(self, inner, kind):
+        super().__init__()
+        self.inner, self.kind = inner, kind
+
+    def forward(self, x):
+        z = self.inner(x)
+        if self.kind == "temperature":
+            return torch.softmax(z / 2.0, dim=1)
+        if self.kind == "log10":
+            return torch.log_softmax(z, dim=1) / 2.302585092994046
+        if self.kind == "scaled-probs":
+            return torch.softmax(z, dim=1) * 0.99
+        x.mul_(-1.0)  # "tamper": writes into the owner's query inputs after answering
+        return z
+
+
+@pytest.mark.parametrize("kind", ["temperature", "log10", "scaled-probs", "tamper"])
+def test_served_transforms_and_tampering_do_not_hide_the_leaker(world, tmp_path, kind):
+    directory, _, copies, _ = world
+    path = tmp_path / "served.pt"
+    torch.jit.save(torch.jit.script(_Served(module(copies["c004"]), kind)), str(path))
+    with Registry.open(directory) as reg:
+        report = BlackBoxTracer(reg).trace(TorchScriptOracle(path, 800), 800)
+    assert [s.customer for s in report.accused] == ["c004"]
+
+
+def test_refusals_before_any_query_and_damaged_records(world, tmp_path):
+    directory, _, copies, _ = world
+    path = tmp_path / "leak.pt"
+    torch.jit.save(torch.jit.script(module(copies["c000"])), str(path))
+    oracle = TorchScriptOracle(path, 10_000)
+    with Registry.open(directory) as reg:
+        with pytest.raises(ValueError, match="too few for this registry's mark"):
+            BlackBoxTracer(reg).trace(oracle, queries=20)
+        with pytest.raises(ValueError, match="do not fit the base model"):
+            BlackBoxTracer(reg, np.zeros((100, 3, 8, 8), np.float32)).trace(oracle, queries=100)
+    assert oracle.used == 0
+    copy_dir = tmp_path / "damaged"
+    with Registry.open(directory) as reg:
+        files = reg.files()
+    damaged = Registry.from_files(copy_dir, files)
+    digest = damaged.base().digest
+    for change in ({"skip": -1}, {"logit_rms": float("inf")}, {"budget": 1e308}, {"model": {"name": "mlp"}}, None):
+        info = None if change is None else {**damaged.function_mark(digest)[0], **change}
+        damaged._conn.execute("UPDATE meta SET value = ? WHERE key = ?", (json.dumps(info), f"function/{digest}"))
+        with pytest.raises(RegistryError, match=r"function-mark (record|basis)"):
+            BlackBoxTracer(damaged)
+        damaged._conn.execute(
+            "UPDATE meta SET value = ? WHERE key = ?",
+            (json.dumps(Registry.open(directory).function_mark(digest)[0]), f"function/{digest}"),
+        )
+
+
+def test_http_error_bodies_are_quoted_and_retries_are_counted(odd_server):
+    x = np.zeros((4, *SHAPE), np.float32)
+    _Answer.fails = 0
+    flaky = HttpV2Oracle(odd_server + "/flaky", 100, retries=3)
+    flaky(x)
+    assert flaky.used == 12  # three sends of 4 inputs: the suspect saw all of them
+    with pytest.raises(OracleError) as err:
+        HttpV2Oracle(odd_server + "/ansi", 100, input_name="input")(x)
+    assert "\x1b" not in str(err.value) and "\n" not in str(err.value)
+
+
+def test_query_data_files(tmp_path):
+    x = np.ones((3, 1, 8, 8), np.float32)
+    np.save(tmp_path / "x.npy", x)
+    assert np.array_equal(load_query_data(tmp_path / "x.npy"), x)
+    (tmp_path / "bad.npz").write_bytes(b"PK\x03\x04garbage")
+    with pytest.raises(ValueError, match="cannot read query data"):
+        load_query_data(tmp_path / "bad.npz")
+    np.savez(tmp_path / "c.npz", x=x.astype(np.complex64))
+    with pytest.raises(ValueError, match="real numbers"):
+        load_query_data(tmp_path / "c.npz")

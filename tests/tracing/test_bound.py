@@ -137,3 +137,11 @@ def test_accuse_orders_by_score_and_handles_zero_observation():
     assert acc.p_values(np.array([0]))[0] == 1.0 and acc.p_values(np.array([3]))[0] < 1e-6
     none = accuse(scores, Law.of(np.zeros(64), bias), eps=1e-3)
     assert len(none.accused) == 0
+
+
+def test_absurd_observations_are_refused_and_vanishing_ones_accuse_nobody():
+    p = np.full(64, 0.3)
+    with pytest.raises(ValueError, match="absurd"):
+        Law.of(np.linspace(-1, 1, 64) * 1e153, p)  # its norm overflows: the search for lambda would never end
+    tiny = np.linspace(-1, 1, 64) * 1e-160  # its norm underflows to 0
+    assert Law.of(tiny, p).certify(1e-6) == (0.0, 0.0) and Law.of(tiny, p).std == 0.0
