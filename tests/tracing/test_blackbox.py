@@ -213,11 +213,13 @@ class _Served(torch.nn.Module):
             return torch.log_softmax(z, dim=1) / 2.302585092994046
         if self.kind == "scaled-probs":
             return torch.softmax(z, dim=1) * 0.99
+        if self.kind == "rounded":  # three decimals: most small probabilities become 0 or 0.001
+            return torch.round(torch.softmax(z, dim=1) * 1000.0) / 1000.0
         x.mul_(-1.0)  # "tamper": writes into the owner's query inputs after answering
         return z
 
 
-@pytest.mark.parametrize("kind", ["temperature", "log10", "scaled-probs", "tamper"])
+@pytest.mark.parametrize("kind", ["temperature", "log10", "scaled-probs", "rounded", "tamper"])
 def test_served_transforms_and_tampering_do_not_hide_the_leaker(world, tmp_path, kind):
     directory, _, copies, _ = world
     path = tmp_path / "served.pt"
