@@ -66,6 +66,7 @@ class FingerprintConfig:
     max_colluders: int = 3
     eps: float = 1e-3
     budget: float = 0.05  # perturbation RMS / carrier RMS
+    function_budget: float = 0.03  # black-box mark: its RMS / the centred logits' RMS (0: copies carry none)
     eval_copies: int = 3  # fingerprinted copies evaluated per round
     identity: str = "partition-id"  # who a customer is: claimed partition-id | node (registered SuperNode key)
 
@@ -175,6 +176,8 @@ class SimConfig(TomlConfig):
         _check(1 <= f.max_colluders <= 1000, "fingerprint.max_colluders", f.max_colluders)
         _check(_finite(f.eps) and 0 < f.eps < 1, "fingerprint.eps", f.eps)
         _check(_finite(f.budget) and f.budget > 0, "fingerprint.budget", f.budget)
+        _check(_finite(f.function_budget) and 0 <= f.function_budget <= 1, "fingerprint.function_budget (0..1)",
+               f.function_budget)  # fmt: skip
         _check(0 <= f.eval_copies <= t.clients, "fingerprint.eval_copies (0..train.clients)", f.eval_copies)
         _check(f.identity in ("partition-id", "node"), "fingerprint.identity (partition-id | node)", f.identity)
         _check(s.graph in ("complete", "sparse"), "secagg.graph", s.graph)

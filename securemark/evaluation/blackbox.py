@@ -20,7 +20,7 @@ import torch
 from rich.progress import Progress
 
 from securemark import data, models, training
-from securemark.attacks.distill import distill, ensemble
+from securemark.attacks.distillation import distill, ensemble
 from securemark.fingerprint.function import FunctionMark
 from securemark.owner import FunctionSpec, establish_base, establish_function_mark, mark
 from securemark.registry import Registry, RegistryParams
@@ -87,9 +87,10 @@ def run(
     base_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     base_acc = training.accuracy(model, held, torch.device("cpu"))
     work = Path(tempfile.mkdtemp(prefix="securemark-bb-"))
-    reg = Registry.init(work / "registry", RegistryParams(code="tardos", length=1024, max_colluders=4, eps=1e-3))
     spec = FunctionSpec(models.spec_of("cnn", SHAPE, 10), held.x,
                         {"name": "mnist5k", "seed": seed, "test_fraction": 0.2, "files": ""}, budget)  # fmt: skip
+    params = RegistryParams(code="tardos", length=1024, max_colluders=4, eps=1e-3, exclude=spec.carrier_exclude())
+    reg = Registry.init(work / "registry", params)
     fp, wb = establish_base(reg, base_sd)
     fm: tuple[FunctionMark, str] = establish_function_mark(reg, base_sd, spec)
     names = [f"customer-{i:04d}" for i in range(customers)]

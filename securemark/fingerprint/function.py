@@ -252,6 +252,18 @@ class FunctionMark:
         return Reading(y, q, float(np.sqrt(np.mean(np.sum(residual**2, axis=1)))),
                        float(np.sqrt(np.mean(np.sum(fitted**2, axis=1)))), tau)  # fmt: skip
 
+    def expected(self, bits: np.ndarray) -> np.ndarray:
+        """What an intact copy of code row ``bits`` reads as, up to its per-copy gain: D^T D (x - p)."""
+        return self.code.T @ (self.code @ (np.asarray(bits, dtype=np.float64) - self.bias))
+
+    def health(self, base: nn.Module, copy: nn.Module, bits: np.ndarray, x: torch.Tensor) -> float:
+        """Cosine between ``copy``'s reading on inputs ``x`` and its row's expected reading: 1 for a copy
+        carrying only this mark, a little less beside the white-box mark (which perturbs the features)."""
+        h, z = features_and_logits(base, x)
+        _, answers = features_and_logits(copy, x)
+        y, e = self.read(answers, z, h).y, self.expected(bits)
+        return float(y @ e / max(float(np.linalg.norm(y) * np.linalg.norm(e)), 1e-300))
+
     @property
     def min_queries(self) -> int:
         """Queries a reading needs: twice the regressors (marked and skipped components and a constant)."""

@@ -19,6 +19,7 @@ from rich.console import Console
 from securemark import data, models, training
 from securemark.config import SimConfig
 from securemark.flower.strategy import CHECKPOINT, SecureMark
+from securemark.owner import FunctionSpec
 from securemark.report import write_report
 
 
@@ -31,7 +32,20 @@ def train_config(cfg: SimConfig) -> ConfigRecord:
     )
 
 
-def strategy_for(cfg: SimConfig, out: Path, max_weight: int, console: Console | None = None) -> SecureMark:
+def function_spec(cfg: SimConfig, test: data.Dataset) -> FunctionSpec | None:
+    """The black-box mark the shipped apps put in copies (fingerprint.function_budget > 0): fitted on the
+    server's held-out share, which is also what a tracer queries with by default."""
+    f = cfg.fingerprint
+    if not (f.enabled and f.function_budget > 0):
+        return None
+    shape = tuple(int(d) for d in test.x.shape[1:])
+    spec = models.spec_of(cfg.model.name, shape, test.classes, cfg.model.width)  # type: ignore[arg-type]
+    return FunctionSpec(spec, test.x, data.heldout_record(cfg.data, cfg.train.seed), f.function_budget)
+
+
+def strategy_for(
+    cfg: SimConfig, out: Path, max_weight: int, console: Console | None = None, function: FunctionSpec | None = None
+) -> SecureMark:
     t = cfg.train
     inner = FedAvg(fraction_train=t.per_round / t.clients, min_train_nodes=t.per_round, min_available_nodes=t.clients)
     inner.fraction_evaluate, inner.min_evaluate_nodes = 0.0, 0  # evaluation runs on the server (evaluate_fn)
@@ -43,6 +57,7 @@ def strategy_for(cfg: SimConfig, out: Path, max_weight: int, console: Console | 
         identity=cfg.fingerprint.identity,
         max_weight=max_weight,
         console=console,
+        function=function,
     )
 
 
@@ -66,7 +81,7 @@ def run(
         cfg.model.name, tuple(test.x.shape[1:]), test.classes, seed=cfg.train.seed, width=cfg.model.width
     )
     # no client can hold more examples than the training share
-    strategy = strategy_for(cfg, out, max_weight=len(train_set), console=console)
+    strategy = strategy_for(cfg, out, len(train_set), console, function_spec(cfg, test))
 
     def evaluate(_round: int, arrays: ArrayRecord) -> MetricRecord:
         return MetricRecord({"accuracy": training.accuracy_of(model, arrays.to_torch_state_dict(), test)})

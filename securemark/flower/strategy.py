@@ -56,12 +56,20 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result, Strategy
 from rich.console import Console
 
-from securemark import training
+from securemark import models, training
 from securemark.config import FingerprintConfig, SecAggSettings
 from securemark.fingerprint.embed import Fingerprinter
+from securemark.fingerprint.function import FunctionMark
 from securemark.flower import wire
 from securemark.modelio import load_state_dict, save_state_dict
-from securemark.owner import add_earlier_base, customer_name, issue_copies
+from securemark.owner import (
+    FunctionSpec,
+    add_earlier_base,
+    customer_name,
+    establish_function_mark,
+    issue_copies,
+    mark,
+)
 from securemark.registry import Registry, RegistryParams
 from securemark.secagg import protocol as P
 from securemark.secagg.quantize import QuantConfig, decode
@@ -111,6 +119,7 @@ class SecureMark(Strategy):
         identity: str = "partition-id",
         max_weight: int = 1 << 16,
         console: Console | None = None,
+        function: FunctionSpec | None = None,
     ) -> None:
         check_inner(strategy)
         if identity not in IDENTITIES:
@@ -124,6 +133,7 @@ class SecureMark(Strategy):
         self.fingerprint = fingerprint if fingerprint is not None else FingerprintConfig()
         self.secagg = secagg if secagg is not None else SecAggSettings()
         self.identity, self.max_weight = identity, max_weight
+        self.function = function  # copies also carry the black-box mark (fingerprint.function) when given
         self.console = console or Console(stderr=True)
         self.rng = np.random.default_rng()  # neighbour graphs and simulated losses: nothing secret
         self.customers: dict[int, str] = {}  # node id -> customer
@@ -142,6 +152,7 @@ class SecureMark(Strategy):
         self._round: dict[str, Any] = {}
         self._loaded: ArrayRecord | None = None
         self._based: tuple[ArrayRecord | None, np.ndarray] | None = None  # (weights, projection) kept as a base
+        self._fm: tuple[ArrayRecord | None, tuple[FunctionMark, str]] | None = None  # (weights, their function mark)
         self.dtypes: dict[str, torch.dtype] = {}
 
     # --- the global model as a torch state_dict ----------------------------------------------------------------
@@ -168,12 +179,20 @@ class SecureMark(Strategy):
             self._based = (self._loaded, base.reference)
         return self._based[1]
 
+    def _function_mark(self) -> tuple[FunctionMark, str] | None:
+        """The function mark of the current weights (fitted and recorded once per model), or None."""
+        if self.function is None or self.registry is None:
+            return None
+        if self._fm is None or self._fm[0] is not self._loaded:
+            self._fm = (self._loaded, establish_function_mark(self.registry, self.weights, self.function))
+        return self._fm[1]
+
     def copy_for(self, node: int) -> dict[str, torch.Tensor]:
         if self.fp is None:
             return self.weights
         if node not in self.bits:
             self.bits[node] = self.registry.customer(self.customers[node]).bits  # type: ignore[union-attr]
-        return self.fp.embed(self.weights, self.bits[node], self.strength)
+        return mark(self.fp, self.strength, self._function_mark(), self.weights, self.bits[node])
 
     # --- messaging ------------------------------------------------------------------------------------------
     @property
@@ -319,6 +338,7 @@ class SecureMark(Strategy):
             contents[n][wire.SM] = ConfigRecord(head)
         self._round = {"sampled": sampled, "copies": copies, "clock": clock}
         self._round["reference"] = self._record_base(server_round - 1)
+        self._round["function"] = (self._function_mark(), self.weights)  # what the copies' black-box mark is read by
         if self.secagg.enabled and sampled:
             self._masking_setup(server_round, sampled, contents)
         return [
@@ -624,9 +644,11 @@ class SecureMark(Strategy):
         fc = self.fingerprint
         if not fc.enabled:
             return
+        exclude = () if self.function is None else self.function.carrier_exclude()
         params = RegistryParams(
-            code=fc.code, length=fc.length, max_colluders=fc.max_colluders, eps=fc.eps, budget=fc.budget
-        )
+            code=fc.code, length=fc.length, max_colluders=fc.max_colluders, eps=fc.eps, budget=fc.budget,
+            exclude=exclude,
+        )  # fmt: skip
         self.registry = Registry.init(self.out / "registry", params)
         self.fp = Fingerprinter.create(self.registry.secret, params.carrier, self.weights, params.length)
         self.strength = self.fp.strength_for_budget(self.weights, fc.budget)  # fixed for the whole run
@@ -653,6 +675,17 @@ class SecureMark(Strategy):
                 float(np.mean((self.fp.extract(copy, reference, self.strength) > 0) != self.bits[n]))
                 for n, copy in issued.items()
             )
+        fm, made_from = self._round.get("function", (None, None))
+        if fm is not None and self.function is not None and issued:
+            spec = self.function.model
+
+            def module(sd: dict[str, torch.Tensor]) -> torch.nn.Module:
+                return models.load_weights(models.build_spec(spec), sd)
+
+            base = module(made_from)
+            out["min_function_cosine"] = min(
+                fm[0].health(base, module(copy), self.bits[n], self.function.heldout) for n, copy in issued.items()
+            )
         return out
 
     def finish(self) -> None:
@@ -660,7 +693,8 @@ class SecureMark(Strategy):
         if self.registry is not None:
             names = sorted(self.customers.values())
             note = f"final copy, {len(self.rounds)} rounds"
-            for name, copy in issue_copies(self.registry, self.weights, names, note, self.strength).items():
+            copies = issue_copies(self.registry, self.weights, names, note, self.strength, self.function)
+            for name, copy in copies.items():
                 save_state_dict(copy, self.out / "customers" / f"{name}.safetensors")
             self.registry.close()
 
@@ -859,6 +893,8 @@ def _round_line(m: dict[str, Any]) -> str:
         parts.append(f"copies {m['copies_mean_accuracy']:.3f} (min {m['copies_min_accuracy']:.3f})")
     if "max_bit_error" in m:
         parts.append(f"bit error {m['max_bit_error']:.3f}")
+    if "min_function_cosine" in m:
+        parts.append(f"function mark cosine {m['min_function_cosine']:.3f}")
     if "survived" in m:
         parts.append(f"survived {m['survived']}/{m['sampled']}")
     parts.append(f"{m['seconds']:.1f} s")

@@ -3,22 +3,34 @@ laundered leak, and configs/collusion-smoke.toml's evaluation, all on that run's
 
 import csv
 import json
+import warnings
 from pathlib import Path
 
 import matplotlib.image
 import pytest
+import torch
 from numpy.random import default_rng as rng
 
+from securemark import models
 from securemark.cli import main
 from securemark.config import SimConfig
 from securemark.evaluation.config import EvalConfig
 from securemark.evaluation.harness import evaluate, plan
 from securemark.evaluation.outputs import rewrite
 from securemark.flower.bench_simulate import _early_traced, _traced
+from securemark.modelio import load_state_dict
 from securemark.quickstart import leak_and_trace
+from securemark.registry import Registry
 from securemark.sim import simulate
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def _function_record(out: Path) -> dict:
+    with Registry.open(out / "registry") as reg:
+        record = reg.function_mark(reg.base().digest)
+    assert record is not None
+    return record[0]
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +53,16 @@ def test_smoke_config_runs_on_ray_and_copies_trace_to_their_customer(smoke_run, 
     assert main(["trace", str(out / "registry"), str(out / "customers" / "client-002.safetensors"), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["accused"] == ["client-002"]
+    # the copies carry the black-box mark too: read from each round's issued copies, and through outputs only
+    assert all(m["min_function_cosine"] > 0.9 for m in rounds)
+    module = models.build_spec(_function_record(out)["model"])
+    models.load_weights(module, load_state_dict(out / "customers" / "client-002.safetensors"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.script(module.eval()), str(out / "client-002.torchscript.pt"))
+    argv = ["trace", str(out / "registry"), "--query-model", str(out / "client-002.torchscript.pt"), "--json"]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["accused"] == ["client-002"]
     traced = _traced(out)  # bench simulate's checks
     assert traced["copies_issued"] == traced["copies_naming_their_customer_alone"] == 4
     early = _early_traced(out)  # round 1's copies, made from the initial model, against every round's model

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from securemark import data, models, training
-from securemark.attacks.distill import distill, ensemble, labels_of
+from securemark.attacks.distillation import distill, ensemble, labels_of
 from securemark.cli import main
 from securemark.owner import FunctionSpec, issue_copies
 from securemark.registry import Registry, RegistryError, RegistryParams
