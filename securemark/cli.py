@@ -332,11 +332,13 @@ def cmd_bench_blackbox(a: argparse.Namespace) -> object:
     result = bench_blackbox(
         customers=a.customers, trials=a.trials, copies=a.copies, colluders=tuple(a.colluders),
         temperatures=tuple(a.temperatures), hard=not a.no_hard, archs=tuple(a.archs), budget=a.budget,
-        epochs=a.epochs, queries=a.queries, seed=a.seed, base=a.base,
+        epochs=a.epochs, queries=a.queries, seed=a.seed, base=a.base, triggers=a.triggers,
     )  # fmt: skip
     cells: list[dict[str, object]] = result["cells"]  # type: ignore[assignment]
-    head = {k: v for k, v in result.items() if k not in ("cells", "fidelity", "innocent_tail")}
-    return _json_or_table(a, result, head, result["fidelity"], result["innocent_tail"], *cells)  # type: ignore[arg-type]
+    baseline: list[dict[str, object]] = result.get("trigger_baseline", [])  # type: ignore[assignment]
+    head = {k: v for k, v in result.items() if k not in ("cells", "fidelity", "innocent_tail", "trigger_baseline")}
+    tables = [head, result["fidelity"], result["innocent_tail"], *cells, *baseline]
+    return _json_or_table(a, result, *tables)  # type: ignore[arg-type]
 
 
 def cmd_bench_simulate(a: argparse.Namespace) -> object:
@@ -601,6 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("--epochs", type=_positive, default=20, help="the pirate's distillation epochs")
     bb.add_argument("--queries", type=_positive, default=10_000, help="the tracer's queries per student")
     bb.add_argument("--base", type=Path, default=None, help="a torch.save'd state dict of the quickstart CNN")
+    bb.add_argument("--triggers", type=_natural, default=10, help="trigger-set baseline: keys per customer (0: skip)")
     bb.add_argument("--seed", type=_natural, default=0)
     bb.add_argument("--json", action="store_true")
     bb.set_defaults(func=cmd_bench_blackbox)

@@ -21,6 +21,7 @@ from rich.progress import Progress
 
 from securemark import data, models, training
 from securemark.attacks.distillation import distill, ensemble
+from securemark.fingerprint import triggers
 from securemark.fingerprint.function import FunctionMark
 from securemark.owner import FunctionSpec, establish_base, establish_function_mark, mark
 from securemark.registry import Registry, RegistryParams
@@ -60,6 +61,31 @@ class Cell:
         return out
 
 
+@dataclass
+class TriggerCell:
+    name: str
+    queries: int
+    trials: int = 0
+    caught_binomial: int = 0  # trials where the binomial test (bound eps) accused a pirate
+    innocents_accused: int = 0
+    argmax_names_a_pirate: int = 0  # trials where the best match is a pirate (no bound: someone is named)
+    suspect_accuracy: list[float] = field(default_factory=list)
+
+    def add(self, v: triggers.TriggerVerdict, pirates: list[int], accuracy: float | None) -> None:
+        accused = set(v.accused.tolist())
+        self.trials += 1
+        self.caught_binomial += bool(accused & set(pirates))
+        self.innocents_accused += len(accused - set(pirates))
+        self.argmax_names_a_pirate += v.argmax in pirates
+        if accuracy is not None:
+            self.suspect_accuracy.append(accuracy)
+
+    def row(self) -> dict[str, object]:
+        out = asdict(self)
+        out["suspect_accuracy"] = float(np.mean(self.suspect_accuracy)) if self.suspect_accuracy else None
+        return out
+
+
 def train_base(pool: data.Dataset, seed: int, epochs: int = 8) -> torch.nn.Module:
     model = models.build("cnn", SHAPE, pool.classes, seed=seed)
     gen = torch.Generator().manual_seed(seed)
@@ -80,6 +106,7 @@ def run(
     *, customers: int = 1000, trials: int = 2, copies: int = 10, colluders: tuple[int, ...] = (1, 2, 4),
     temperatures: tuple[float, ...] = (1.0, 4.0), hard: bool = True, archs: tuple[str, ...] = ("cnn", "mlp"),
     budget: float = 0.03, epochs: int = 20, queries: int = 10_000, seed: int = 0, base: Path | None = None,
+    triggers: int = 10,
 ) -> dict[str, object]:  # fmt: skip
     rng = np.random.default_rng(seed)
     pool, held = data.load("mnist5k", seed).split(0.2, seed)
@@ -118,6 +145,7 @@ def run(
 
     students = [(a, t, False) for a in archs for t in temperatures] + ([(a, 1.0, True) for a in archs] if hard else [])
     total = copies + trials + len(students) * trials * (len(colluders) + 1)
+    total += (trials + len(students) * trials * (len(colluders) + 1)) if triggers else 0
     with Progress(transient=True) as bar:
         task = bar.add_task("black-box bench", total=total)
         accs, agrees = [], []
@@ -155,9 +183,59 @@ def run(
                     cell = f"{arch} student, {label}, " + (f"c={c}" if c else "control (unmarked teacher)")
                     record(cell, report, pirates, acc)
                     bar.advance(task)
+        if triggers:
+            out["trigger_baseline"] = _trigger_baseline(
+                reg, base_sd, model, pool, held, names, students, colluders, trials, triggers, epochs, rng, work, bar
+            )
     out["cells"] = [cells[k].row() for k in cells]
     out["innocent_tail"] = {**innocent, "eps_per_customer": 1e-3 / customers}
     return out
+
+
+def _trigger_baseline(
+    reg: Registry, base_sd: dict, model: torch.nn.Module, pool: data.Dataset, held: data.Dataset, names: list[str],
+    students: list[tuple[str, float, bool]], colluders: tuple[int, ...], trials: int, m: int, epochs: int,
+    rng: np.random.Generator, work: Path, bar: Progress,
+) -> list[dict[str, object]]:  # fmt: skip
+    """The seeds' baseline in the same cells: copies fine-tuned on their customer's trigger set, students
+    distilled from them, every customer's keys queried (n * m queries), binomial and argmax verdicts."""
+    keys = [triggers.keys(reg.secret, i, m, SHAPE, 10) for i in range(len(names))]
+    kx = np.concatenate([k[0] for k in keys])
+    labels = np.stack([k[1] for k in keys])
+    eps = reg.params.eps
+    task = bar.task_ids[0]
+    rows: dict[str, TriggerCell] = {}
+
+    def marked(i: int) -> torch.nn.Module:
+        sd = triggers.embed(_module(base_sd).train(), keys[i], pool, rng=rng)
+        return _module(sd)
+
+    def trace(suspect: torch.nn.Module, pirates: list[int], cell: str, student_acc: float | None) -> None:
+        path = work / "trigger-suspect.pt"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.jit.save(torch.jit.script(suspect.eval()), str(path))
+        oracle = TorchScriptOracle(path, len(kx))
+        answers = oracle(kx).argmax(axis=1).reshape(labels.shape)
+        v = triggers.verdict(answers, labels, 10, eps)
+        rows.setdefault(cell, TriggerCell(cell, queries=len(kx))).add(v, pirates, student_acc)
+        bar.advance(task)
+
+    for _ in range(trials):
+        leaker = int(rng.integers(len(names)))
+        copy = marked(leaker)
+        trace(copy, [leaker], "trigger-set: intact copy", training.accuracy(copy, held, torch.device("cpu")))
+    for arch, temp, is_hard in students:
+        label = "hard labels" if is_hard else f"soft T={temp:g}"
+        for c in (0, *colluders):
+            for _ in range(trials):
+                pirates = sorted(rng.choice(len(names), size=c, replace=False).tolist()) if c else []
+                teacher = ensemble([marked(p) for p in pirates] if c else [model])
+                student = models.build(arch, SHAPE, 10, seed=int(rng.integers(2**31)))
+                distill(teacher, student, pool, temperature=temp, hard=is_hard, epochs=epochs, rng=rng)
+                cell = f"trigger-set: {arch} student, {label}, " + (f"c={c}" if c else "control")
+                trace(student, pirates, cell, training.accuracy(student, held, torch.device("cpu")))
+    return [row.row() for row in rows.values()]
 
 
 def main(**kw: object) -> dict[str, object]:
