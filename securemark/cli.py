@@ -375,11 +375,10 @@ def cmd_simulate(a: argparse.Namespace) -> None:
 
 def cmd_evaluate(a: argparse.Namespace) -> None:
     if a.ray is not None:  # the actors start importing torch while this process does the same
-        from securemark.config import valid_ray_address
+        from securemark.config import check_ray_option
         from securemark.flower.ray_trials import prestart
 
-        if a.ray != "local" and not valid_ray_address(a.ray):
-            raise ValueError(f"--ray {a.ray!r}: expected local, auto, host:port or ray://host:port")
+        check_ray_option(a.ray)
         prestart(a.ray)
     from securemark.evaluation.config import EvalConfig
     from securemark.evaluation.harness import evaluate

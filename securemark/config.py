@@ -237,6 +237,12 @@ def _path_ok(path: str) -> bool:
     return bool(path.strip()) and not any(ord(c) < 32 or c == "\x7f" for c in path)
 
 
+def check_ray_option(address: str) -> None:
+    """``--ray``'s value: "local" or a cluster address (ValueError otherwise)."""
+    if address != "local" and not (address and valid_ray_address(address)):
+        raise ValueError(f"--ray {address!r}: expected local, auto, host:port or ray://host:port")
+
+
 def valid_ray_address(address: str) -> bool:
     """ "" (a private instance), "auto", "host:port" or "ray://host:port" (port 1..65535)."""
     if address in ("", "auto"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,7 +14,7 @@ from securemark.fingerprint.carrier import CarrierLayout, StateDict
 from securemark.fingerprint.embed import Fingerprinter, Projection
 from securemark.fingerprint.function import Basis, FunctionMark, last_linear
 from securemark.modelio import first_bad_entry, state_digest
-from securemark.registry import Base, Customer, Registry
+from securemark.registry import Base, Customer, Registry, RegistryError
 
 
 def fingerprinter(registry: Registry, model: StateDict) -> Fingerprinter:
@@ -115,11 +116,30 @@ def establish_function_mark(registry: Registry, base_model: StateDict, spec: Fun
         new = {"layer": layer, "skip": basis.skip, "logit_rms": basis.logit_rms, "classes": basis.classes,
                 "budget": spec.budget, "model": spec.model, "data": spec.data}  # fmt: skip
         registry.set_function_mark(digest, new, basis.to_array())
+    recorded = function_mark_of(registry, digest)
+    assert recorded is not None
+    return recorded[0], recorded[1]
+
+
+def function_mark_of(registry: Registry, digest: str) -> tuple[FunctionMark, str, dict[str, Any]] | None:
+    """The function mark recorded for base ``digest``, the layer it edits and its record; None when that
+    base's copies carry none. A damaged record is a RegistryError (SQLite does not checksum rows, and a
+    skip of -1 or a budget of 1e308 would read every suspect as unmarked, never a silent miss)."""
     record = registry.function_mark(digest)
-    assert record is not None
+    if record is None:
+        return None
     info, arr = record
-    basis = Basis.from_array(arr, int(info["skip"]), float(info["logit_rms"]), int(info["classes"]))
-    return FunctionMark.create(registry.secret, basis, registry.bias(), float(info["budget"])), str(info["layer"])
+    try:
+        if not isinstance(info.get("data", {}), dict) or not isinstance(info["layer"], str):
+            raise TypeError("the record's data is not an object or its layer not a name")
+        basis = Basis.from_array(arr, info["skip"], info["logit_rms"], info["classes"])
+        budget = info["budget"]
+        if isinstance(budget, bool) or not isinstance(budget, float | int) or not 0 < budget <= 1:
+            raise ValueError(f"budget {budget!r} is outside (0, 1]")
+        mark = FunctionMark.create(registry.secret, basis, registry.bias(), float(budget))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RegistryError(f"the function-mark record of base {digest[:12]} is unusable: {exc}") from None
+    return mark, info["layer"], info
 
 
 def make_copy(

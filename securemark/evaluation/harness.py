@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from securemark import data, models, training
 from securemark.attacks import pipeline
-from securemark.config import SimConfig, shown, valid_ray_address
+from securemark.config import SimConfig, check_ray_option, shown
 from securemark.data import Dataset
 from securemark.evaluation.config import EvalConfig
 from securemark.evaluation.schemes import Scheme, SharedScheme, make_scheme, scheme_customers
@@ -271,8 +271,8 @@ def _evaluate(cfg: EvalConfig, out: Path, console: Console, ray_address: str | N
 
     if (out / "results.json").exists():
         raise FileExistsError(f"{out} already holds an evaluation; choose another --out")
-    if ray_address not in (None, "local") and not (ray_address and valid_ray_address(ray_address)):
-        raise ValueError(f"--ray {ray_address!r}: expected local, auto, host:port or ray://host:port")
+    if ray_address is not None:
+        check_ray_option(ray_address)
     to_run = plan(cfg)
     if not to_run:
         raise ValueError("no cell to run: collude pipelines need coalition sizes >= 2, the others sizes 0 or 1")
@@ -317,7 +317,7 @@ def _run_schemes(
     fid: dict[str, Any] = {}
     sweep: list[dict[str, Any]] = []
     got: dict[tuple[str, str, int, int], dict[str, Any]] = {}
-    schemes: list[Scheme] = []
+    schemes: list[tuple[Scheme, list[tuple[str, int]]]] = []  # each with its (attack, coalition size) cells
     with (out / "trials.jsonl").open("w") as log, _progress(console, total) as (bar, task):
 
         def done(record: dict[str, Any]) -> None:
@@ -331,21 +331,20 @@ def _run_schemes(
             for name in e.schemes:  # on Ray, a scheme's trials run while the next scheme is built here
                 bar.update(task, description=f"{name}: issuing {scheme_customers(name, cfg)} customers")
                 scheme = make_scheme(name, cfg, s.base, out / "registries")
-                schemes.append(scheme)
-                fid[name] = fidelity(scheme, s, f.copies, np.random.default_rng([e.seed, 20_000]))
                 here = [(attack, size) for n, attack, size in to_run if n == name]
+                schemes.append((scheme, here))
+                fid[name] = fidelity(scheme, s, f.copies, np.random.default_rng([e.seed, 20_000]))
                 run.submit(scheme, [(attack, size, t) for attack, size in here for t in range(e.trials)], done)
                 if name == sweep_scheme:
                     bar.update(task, description=f"{name}: fidelity sweep")
                     assert isinstance(scheme, SharedScheme)
                     sweep = fidelity_sweep(scheme, cfg, s, lambda: bar.advance(task))
             run.wait(done)
-            for scheme in schemes:
-                here = [(attack, size) for n, attack, size in to_run if n == scheme.name]
+            for scheme, here in schemes:
                 cells += [_cell(scheme.name, a, cfg, scheme, [got[(scheme.name, a, c, t)] for t in range(e.trials)])
                           for a, c in here]  # fmt: skip
         finally:
-            for scheme in schemes:
+            for scheme, _ in schemes:
                 scheme.close()
     return cells, fid, sweep
 

@@ -257,10 +257,13 @@ class FunctionMark:
         """What an intact copy of code row ``bits`` reads as, up to its per-copy gain: D^T D (x - p)."""
         return self.code.T @ (self.code @ (np.asarray(bits, dtype=np.float64) - self.bias))
 
-    def health(self, base: nn.Module, copy: nn.Module, bits: np.ndarray, x: torch.Tensor) -> float:
-        """Cosine between ``copy``'s reading on inputs ``x`` and its row's expected reading: 1 for a copy
-        carrying only this mark, a little less beside the white-box mark (which perturbs the features)."""
-        h, z = features_and_logits(base, x)
+    def health(
+        self, base_view: tuple[np.ndarray, np.ndarray], copy: nn.Module, bits: np.ndarray, x: torch.Tensor
+    ) -> float:
+        """Cosine between ``copy``'s reading on inputs ``x`` and its row's expected reading, given the base's
+        ``features_and_logits`` on the same x: 1 for a copy carrying only this mark, a little less beside the
+        white-box mark (which perturbs the features)."""
+        h, z = base_view
         _, answers = features_and_logits(copy, x)
         y, e = self.read(answers, z, h).y, self.expected(bits)
         return float(y @ e / max(float(np.linalg.norm(y) * np.linalg.norm(e)), 1e-300))

@@ -59,7 +59,7 @@ from rich.console import Console
 from securemark import models, training
 from securemark.config import FingerprintConfig, SecAggSettings
 from securemark.fingerprint.embed import Fingerprinter
-from securemark.fingerprint.function import FunctionMark
+from securemark.fingerprint.function import FunctionMark, features_and_logits
 from securemark.flower import wire
 from securemark.modelio import load_state_dict, save_state_dict
 from securemark.owner import (
@@ -682,9 +682,10 @@ class SecureMark(Strategy):
             def module(sd: dict[str, torch.Tensor]) -> torch.nn.Module:
                 return models.load_weights(models.build_spec(spec), sd)
 
-            base = module(made_from)
+            x = self.function.heldout
+            view = features_and_logits(module(made_from), x)  # the base's side, once for every copy
             out["min_function_cosine"] = min(
-                fm[0].health(base, module(copy), self.bits[n], self.function.heldout) for n, copy in issued.items()
+                fm[0].health(view, module(copy), self.bits[n], x) for n, copy in issued.items()
             )
         return out
 

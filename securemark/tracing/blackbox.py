@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from securemark import models
-from securemark.fingerprint.function import Basis, FunctionMark, features_and_logits, last_linear
+from securemark.fingerprint.function import FunctionMark, features_and_logits, last_linear
+from securemark.owner import function_mark_of
 from securemark.registry import Base, Registry, RegistryError
 from securemark.tracing.bound import robust_observation
 from securemark.tracing.oracle import Oracle, as_log_scores
@@ -77,38 +78,35 @@ class MarkedBase:
 
 
 def marked_bases(registry: Registry) -> list[MarkedBase]:
-    """Every base of ``registry`` with a function-mark record (current one last); a damaged record is a
-    RegistryError, never a silent miss."""
+    """Every base of ``registry`` with a function-mark record (current one last), with its model rebuilt; a
+    damaged record or a model that does not fit it is a RegistryError, never a silent miss."""
     out = []
     current = registry.base()
     for base in registry.bases():
-        record = registry.function_mark(base.digest)
-        if record is None:
+        recorded = function_mark_of(registry, base.digest)
+        if recorded is None:
             continue
+        mark, layer_name, info = recorded
         label = "current" if current is not None and base.digest == current.digest else base.label or base.digest[:12]
-        out.append(_marked(registry, base, *record, label))
+        out.append(MarkedBase(label, mark, _model(registry, base, mark, layer_name, info), dict(info.get("data", {}))))
     return out
 
 
-def _marked(registry: Registry, base: Base, info: object, arr: np.ndarray, label: str) -> MarkedBase:
+def _model(registry: Registry, base: Base, mark: FunctionMark, layer_name: str, info: dict) -> nn.Module:
+    """The base model, runnable, checked against the mark's record."""
     try:
-        if not isinstance(info, dict) or not isinstance(info.get("data", {}), dict):
-            raise TypeError("the record is not a JSON object with a data object")
-        basis = Basis.from_array(arr, info["skip"], info["logit_rms"], info["classes"])
-        budget = info["budget"]
-        if not (isinstance(budget, float | int) and 0 < budget <= 1):
-            raise ValueError(f"budget {budget!r} is outside (0, 1]")
         sd = registry.base_model(base)
         if sd is None:
             raise ValueError("the base's model file is missing")
         model = models.load_weights(models.build_spec(info["model"]), sd).eval()
-        _, layer = last_linear(model)
-        if layer.out_features != basis.classes or layer.in_features != basis.mean.shape[0]:
-            raise ValueError(f"the model's last layer is {layer.in_features} -> {layer.out_features}, the basis is not")
+        name, layer = last_linear(model)
+        basis = mark.basis
+        if name != layer_name or layer.out_features != basis.classes or layer.in_features != basis.mean.shape[0]:
+            raise ValueError(f"the model's last layer {name} ({layer.in_features} -> {layer.out_features}) is not "
+                             f"the recorded {layer_name}")  # fmt: skip
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
         raise RegistryError(f"the function-mark record of base {base.digest[:12]} is unusable: {exc}") from None
-    mark = FunctionMark.create(registry.secret, basis, registry.bias(), float(budget))
-    return MarkedBase(label, mark, model, dict(info.get("data", {})))
+    return model
 
 
 class BlackBoxTracer:

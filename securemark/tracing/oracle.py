@@ -52,9 +52,12 @@ class Budget:
     limit: int
     used: int = 0
 
-    def take(self, n: int) -> None:
+    def check(self, n: int) -> None:
         if self.used + n > self.limit:
             raise OracleError(f"query budget exhausted: {self.used} used, {n} more asked, limit {self.limit}")
+
+    def take(self, n: int) -> None:
+        self.check(n)
         self.used += n
 
 
@@ -204,9 +207,7 @@ class HttpV2Oracle:
         return "input"
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        limit = self._budget.limit
-        if self.used + len(x) > limit:
-            raise OracleError(f"query budget exhausted: {self.used} used, {len(x)} more asked, limit {limit}")
+        self._budget.check(len(x))  # the whole call first; every send (retries too) is taken as it goes
         outs = [self._infer(x[i : i + self.batch]) for i in range(0, len(x), self.batch)]
         if len({o.shape[1] for o in outs}) != 1:
             raise OracleError(f"{self.url} answered different numbers of classes for different batches")

@@ -245,7 +245,9 @@ def test_refusals_before_any_query_and_damaged_records(world, tmp_path):
         files = reg.files()
     damaged = Registry.from_files(copy_dir, files)
     digest = damaged.base().digest
-    for change in ({"skip": -1}, {"logit_rms": float("inf")}, {"budget": 1e308}, {"model": {"name": "mlp"}}, None):
+    damages = ({"skip": -1}, {"skip": 4.7}, {"logit_rms": float("inf")}, {"budget": 1e308}, {"budget": True},
+               {"layer": "head.1"}, {"model": {"name": "mlp"}}, None)  # fmt: skip
+    for change in damages:
         info = None if change is None else {**damaged.function_mark(digest)[0], **change}
         damaged._conn.execute("UPDATE meta SET value = ? WHERE key = ?", (json.dumps(info), f"function/{digest}"))
         with pytest.raises(RegistryError, match=r"function-mark (record|basis)"):
