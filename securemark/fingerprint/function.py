@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from securemark.fingerprint.keys import OwnerSecret
@@ -224,12 +225,14 @@ class FunctionMark:
         """The soft code from a suspect's ``answers`` (Q x C log-probabilities or logits) to queries on which
         the base gave ``base_logits`` (Q x C) from ``base_features`` (Q x F).
 
-        Two gauges a server may apply to its outputs are undone first, from the answers and the base alone
-        (so an innocent's row stays independent of the reading): censoring, when ``floor`` (a log-probability)
-        is given, by clamping the base's log-probabilities at it too; and a scale (a temperature, log base 10),
-        by dividing the answers' coefficients by tau, their least-squares factor against the base's own
-        coefficients on the skipped components, where no mark is written. An intact copy has tau = 1 exactly
-        (tau is kept within [0.1, 10]; 1 when nothing is skipped)."""
+        Three gauges a server may apply to its outputs are undone first, from the answers and the base alone
+        (so an innocent's row stays independent of the reading): a class order (the answers' columns matched
+        to the base's classes by the assignment that maximizes top-1 agreement); censoring, when ``floor`` (a
+        log-probability) is given, by clamping the base's log-probabilities at it too; and a scale (a
+        temperature, log base 10, logits multiplied up), by dividing the answers' coefficients by tau, their
+        least-squares factor against the base's own coefficients on the skipped components, where no mark is
+        written. An intact copy has the identity order and tau = 1 exactly (tau is kept within [1e-6, 1e6];
+        1 when nothing is skipped)."""
         q, c = base_logits.shape
         answers = np.asarray(answers, dtype=np.float64)
         if answers.shape != (q, c):
@@ -239,13 +242,14 @@ class FunctionMark:
         x = self.basis.regressors(base_features)
         if q < self.min_queries:
             raise FunctionMarkError(f"{q} queries are too few: the reading fits {x.shape[1]} regressors (need 2x)")
+        answers = answers[:, class_order(answers, base_logits)]
         base = base_logits if floor is None else np.maximum(base_logits - _logsumexp(base_logits), floor)
         a, z = centred(answers), centred(base)
         coef, *_ = np.linalg.lstsq(x, np.hstack([a, z]), rcond=None)  # (regressors, 2C)
         ca, cz = coef[:, :c], coef[:, c:]
         k, skip = self.basis.components, self.basis.skip
         nuisance = float(np.sum(cz[k : k + skip] ** 2))
-        tau = float(np.clip(np.sum(ca[k : k + skip] * cz[k : k + skip]) / nuisance, 0.1, 10.0)) if nuisance else 1.0
+        tau = float(np.clip(np.sum(ca[k : k + skip] * cz[k : k + skip]) / nuisance, 1e-6, 1e6)) if nuisance else 1.0
         mark = helmert(c).T @ (ca[:k] / tau - cz[:k]).T  # (C - 1, K)
         y = self.code.T @ mark.reshape(-1) / self.strength
         residual = a / tau - z
@@ -272,6 +276,17 @@ class FunctionMark:
     def min_queries(self) -> int:
         """Queries a reading needs: twice the regressors (marked and skipped components and a constant)."""
         return 2 * (self.basis.directions.shape[1] + 1)
+
+
+def class_order(answers: np.ndarray, base_logits: np.ndarray) -> np.ndarray:
+    """The column order of ``answers`` that matches the base's classes: the assignment that maximizes how
+    often the suspect's top class is the base's (the identity for any copy; a pirate who serves the classes
+    permuted is undone). Ties keep the identity."""
+    c = base_logits.shape[1]
+    agree = np.zeros((c, c))  # agree[i, j]: queries where the base says i and the suspect's column j is top
+    np.add.at(agree, (base_logits.argmax(axis=1), answers.argmax(axis=1)), 1.0)
+    rows, cols = linear_sum_assignment(agree + 1e-9 * np.eye(c), maximize=True)
+    return cols[np.argsort(rows)]
 
 
 def _logsumexp(z: np.ndarray) -> np.ndarray:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 OUTPUT_KINDS = ("auto", "probs", "logits")
-ABSURD = 1e6  # no model's logits or log-probabilities come near: such answers are refused, never read
+ABSURD = 1e12  # no model's logits or log-probabilities come near: such answers are refused, never read
 MAX_RESPONSE = 256 << 20  # bytes of one HTTP answer
 
 

@@ -12,6 +12,7 @@ from securemark.fingerprint.function import (
     Basis,
     FunctionMark,
     FunctionMarkError,
+    class_order,
     code_matrix,
     features_and_logits,
     helmert,
@@ -127,3 +128,11 @@ def test_refusals(setup):
         Basis.fit(model, held.x[:20])
     with pytest.raises(FunctionMarkError, match="damaged"):
         Basis.from_array(np.full((4, 8), np.nan), 2, 1.0, 10)
+
+
+def test_class_order_is_the_identity_for_a_copy_and_undoes_a_permutation():
+    z = np.random.default_rng(0).standard_normal((200, 6))
+    assert np.array_equal(class_order(z, z), np.arange(6))
+    perm = np.array([2, 0, 1, 5, 3, 4])
+    served = z[:, perm]  # column j of what is served is the base's class perm[j]
+    assert np.array_equal(served[:, class_order(served, z)], z)

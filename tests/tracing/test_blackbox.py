@@ -199,7 +199,8 @@ def test_distillation_attack_and_coalition_teacher(world):
 
 
 class _Served(torch.nn.Module):
-    """A copy served through post-processing a pirate might apply: a temperature, or log10 scores."""
+    """A copy served through post-processing a pirate might apply: a temperature, log10 scores, scaled
+    probabilities or logits, rounding, its classes in another order; or one that writes into its inputs."""
 
     def __init__(self, inner, kind):
         super().__init__()
@@ -213,13 +214,19 @@ class _Served(torch.nn.Module):
             return torch.log_softmax(z, dim=1) / 2.302585092994046
         if self.kind == "scaled-probs":
             return torch.softmax(z, dim=1) * 0.99
+        if self.kind == "permuted":  # the classes served in another order
+            return z[:, [3, 4, 5, 6, 7, 8, 9, 0, 1, 2]]
+        if self.kind == "scaled-logits":
+            return z * 1000.0
         if self.kind == "rounded":  # three decimals: most small probabilities become 0 or 0.001
             return torch.round(torch.softmax(z, dim=1) * 1000.0) / 1000.0
         x.mul_(-1.0)  # "tamper": writes into the owner's query inputs after answering
         return z
 
 
-@pytest.mark.parametrize("kind", ["temperature", "log10", "scaled-probs", "rounded", "tamper"])
+@pytest.mark.parametrize(
+    "kind", ["temperature", "log10", "scaled-probs", "rounded", "permuted", "scaled-logits", "tamper"]
+)
 def test_served_transforms_and_tampering_do_not_hide_the_leaker(world, tmp_path, kind):
     directory, _, copies, _ = world
     path = tmp_path / "served.pt"
