@@ -120,7 +120,13 @@ def cmd_registry_init(a: argparse.Namespace) -> None:
     from securemark.registry import Registry, RegistryParams
 
     params = RegistryParams(
-        code=a.code, length=a.length, max_colluders=a.max_colluders, eps=a.eps, budget=a.budget, carrier_mode=a.carrier
+        code=a.code,
+        length=a.length,
+        max_colluders=a.max_colluders,
+        eps=a.eps,
+        budget=a.budget,
+        carrier_mode=a.carrier,
+        exclude=tuple(a.exclude),
     )
     if params.code == "bibd":
         print(
@@ -169,8 +175,18 @@ def cmd_issue(a: argparse.Namespace) -> None:
     if out.suffix not in modelio.MODEL_SUFFIXES:
         raise modelio.ModelFileError(f"{out}: unknown model format; use one of {', '.join(modelio.MODEL_SUFFIXES)}")
     base = modelio.load_state_dict(a.model)
+    function = None
+    if a.config is not None:  # the function mark as a run of this config makes it (its held-out share)
+        from securemark import data
+        from securemark.config import SimConfig
+        from securemark.owner import function_spec
+
+        cfg = SimConfig.load(a.config)
+        function = function_spec(cfg, data.server_split(cfg.data, cfg.train.seed)[1])
+        if function is None:
+            raise ValueError(f"{a.config} puts no function mark in copies (fingerprint.function_budget = 0)")
     with Registry.open(a.directory) as reg:
-        copy, customer = make_copy(reg, base, a.customer)
+        copy, customer = make_copy(reg, base, a.customer, function=function)
         modelio.save_atomic(copy, out)
         reg.record_delivery(customer, modelio.state_digest(copy), note=str(out))
     print(f"issued {out} to {a.customer!r} (sha256 {modelio.file_sha256(out)[:16]}...)")
@@ -328,11 +344,12 @@ def cmd_bench_align(a: argparse.Namespace) -> object:
 
 def cmd_bench_blackbox(a: argparse.Namespace) -> object:
     from securemark.evaluation.blackbox import main as bench_blackbox
+    from securemark.evaluation.blackbox import students_of
 
     result = bench_blackbox(
         customers=a.customers, trials=a.trials, copies=a.copies, colluders=tuple(a.colluders),
-        temperatures=tuple(a.temperatures), hard=not a.no_hard, archs=tuple(a.archs), budget=a.budget,
-        epochs=a.epochs, queries=a.queries, seed=a.seed, base=a.base, triggers=a.triggers,
+        students=students_of(tuple(a.archs), tuple(a.temperatures), not a.no_hard), budget=a.budget,
+        epochs=a.epochs, queries=a.queries, seed=a.seed, base=a.base, triggers=a.triggers, tail=a.tail,
     )  # fmt: skip
     cells: list[dict[str, object]] = result["cells"]  # type: ignore[assignment]
     baseline: list[dict[str, object]] = result.get("trigger_baseline", [])  # type: ignore[assignment]
@@ -494,6 +511,9 @@ def build_parser() -> argparse.ArgumentParser:
     ini.add_argument("--eps", type=_finite, default=1e-3)
     ini.add_argument("--budget", type=_finite, default=0.05, help="perturbation RMS / carrier RMS")
     ini.add_argument("--carrier", choices=("weights", "filter-mean"), default="weights")
+    ini.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                     help="tensors the white-box mark leaves alone (fnmatch, repeatable), e.g. 'head.3.*' for a "
+                     "function mark")  # fmt: skip
     ini.set_defaults(func=cmd_registry_init)
     show = reg.add_parser("show", help="print a registry's parameters, customers and deliveries as JSON")
     show.add_argument("directory", type=Path)
@@ -504,6 +524,9 @@ def build_parser() -> argparse.ArgumentParser:
     iss.add_argument("--model", type=Path, required=True)
     iss.add_argument("--customer", required=True)
     iss.add_argument("--out", type=Path, required=True)
+    iss.add_argument("--config", type=Path, default=None,
+                     help="a simulate config: the copy also carries the function (black-box) mark its runs make, "
+                     "fitted on its held-out share (a base that has one recorded always carries it)")  # fmt: skip
     iss.set_defaults(func=cmd_issue)
 
     tr = sub.add_parser("trace", help="name the customers behind a suspect model (weights, or outputs only)")
@@ -603,6 +626,9 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("--queries", type=_positive, default=10_000, help="the tracer's queries per student")
     bb.add_argument("--base", type=Path, default=None, help="a torch.save'd state dict of the quickstart CNN")
     bb.add_argument("--triggers", type=_natural, default=10, help="trigger-set baseline: keys per customer (0: skip)")
+    bb.add_argument("--tail", type=_natural, default=0,
+                    help="innocent tail: this many independently trained models, intact copies and students of "
+                    "single copies, each traced against every customer")  # fmt: skip
     bb.add_argument("--seed", type=_natural, default=0)
     bb.add_argument("--json", action="store_true")
     bb.set_defaults(func=cmd_bench_blackbox)

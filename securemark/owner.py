@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -15,6 +15,10 @@ from securemark.fingerprint.embed import Fingerprinter, Projection
 from securemark.fingerprint.function import Basis, FunctionMark, last_linear
 from securemark.modelio import first_bad_entry, state_digest
 from securemark.registry import Base, Customer, Registry, RegistryError
+
+if TYPE_CHECKING:
+    from securemark.config import SimConfig
+    from securemark.data import Dataset
 
 
 def fingerprinter(registry: Registry, model: StateDict) -> Fingerprinter:
@@ -142,6 +146,50 @@ def function_mark_of(registry: Registry, digest: str) -> tuple[FunctionMark, str
     return mark, info["layer"], info
 
 
+def function_mark_for(
+    registry: Registry, base_model: StateDict, function: FunctionSpec | None = None
+) -> tuple[FunctionMark, str] | None:
+    """The function mark copies of ``base_model`` carry, and the layer it edits: the one ``function`` fits
+    (recorded the first time), else the one already recorded for this base (every copy of a base carries the
+    marks recorded for it, whoever issues it), else None."""
+    if function is not None:
+        from securemark import models
+
+        _check_carrier(registry, base_model, last_linear(models.build_spec(function.model))[0])
+        return establish_function_mark(registry, base_model, function)
+    recorded = function_mark_of(registry, state_digest(base_model))
+    if recorded is None:
+        return None
+    _check_carrier(registry, base_model, recorded[1])
+    return recorded[0], recorded[1]
+
+
+def _check_carrier(registry: Registry, base_model: StateDict, layer: str) -> None:
+    """Refused, before anything is recorded, when the registry's white-box carrier covers the layer the
+    function mark edits: the whitened edit moves its weights far more than its outputs, and white-box
+    tracing would read that as noise."""
+    covered = [name for name, _ in registry.params.carrier.select(base_model) if name.startswith(layer + ".")]
+    if covered:
+        raise RegistryError(
+            f"this registry's white-box carrier includes {', '.join(covered)}, which the function mark edits; "
+            f"create the registry with --exclude '{layer}.*' (FunctionSpec.carrier_exclude)"
+        )
+
+
+def function_spec(cfg: SimConfig, test: Dataset) -> FunctionSpec | None:
+    """The function mark a run of ``cfg`` puts in its copies (fingerprint.function_budget > 0; None when 0
+    or fingerprinting is off): fitted on the server's held-out share ``test``, which is also what a tracer
+    queries with by default."""
+    from securemark import data, models
+
+    f = cfg.fingerprint
+    if not (f.enabled and f.function_budget > 0):
+        return None
+    shape = tuple(int(d) for d in test.x.shape[1:])
+    spec = models.spec_of(cfg.model.name, shape, test.classes, cfg.model.width)  # type: ignore[arg-type]
+    return FunctionSpec(spec, test.x, data.heldout_record(cfg.data, cfg.train.seed), f.function_budget)
+
+
 def make_copy(
     registry: Registry,
     base_model: StateDict,
@@ -153,7 +201,7 @@ def make_copy(
     that writes the copy to a file calls ``registry.record_delivery`` once the write succeeded, so the
     registry never lists a delivery that does not exist."""
     fp, base = establish_base(registry, base_model, strength)
-    fm = None if function is None else establish_function_mark(registry, base_model, function)
+    fm = function_mark_for(registry, base_model, function)
     cust = registry.customer(customer)
     return mark(fp, base.strength, fm, base_model, cust.bits), cust
 
@@ -181,7 +229,7 @@ def issue_copies(
     The base is hashed and the projection derived once for the whole batch, not once per customer.
     """
     fp, base = establish_base(registry, base_model, strength)
-    fm = None if function is None else establish_function_mark(registry, base_model, function)
+    fm = function_mark_for(registry, base_model, function)
     copies = {}
     for name in customers:
         cust = registry.customer(name)

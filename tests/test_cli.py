@@ -356,3 +356,44 @@ def test_refusals_before_any_work_exit_2_with_one_line(tmp_path, capsys):
     assert "--ray 'bogus'" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "new").exists()
     assert main(["evaluate", str(tmp_path)]) == 2  # a folder, not a config
     assert "securemark: error:" in capsys.readouterr().err
+
+
+def test_issue_with_a_function_mark_and_its_black_box_trace(tmp_path, capsys):
+    """--config fits the function mark a run of that config makes; a base with one recorded carries it in
+    every later copy; a registry whose white-box carrier covers the edited layer is refused."""
+    import torch
+
+    from securemark.fingerprint.function import last_linear
+
+    model = build("cnn", (1, 8, 8), 10, seed=3)
+    save_state_dict(model.state_dict(), tmp_path / "base.pt")
+    layer, _ = last_linear(model)
+    config = str(ROOT / "configs" / "smoke.toml")
+
+    def issue(reg, name, *extra):
+        argv = ["issue", str(reg), "--model", str(tmp_path / "base.pt"), "--customer", name]
+        return run(capsys, *argv, "--out", str(tmp_path / f"{name}.pt"), *extra)
+
+    plain = tmp_path / "plain"
+    assert run(capsys, "registry", "init", str(plain), "--length", "256", "--max-colluders", "3")[0] == 0
+    code, _, err = issue(plain, "eve", "--config", config)
+    assert code == 2 and f"--exclude '{layer}.*'" in err and len(err.splitlines()) == 1
+    assert _registry_state(plain)[:2] == ([], [])
+    reg = tmp_path / "reg"
+    init = ["registry", "init", str(reg), "--length", "256", "--max-colluders", "3", "--exclude", f"{layer}.*"]
+    assert run(capsys, *init)[0] == 0
+    assert issue(reg, "ann", "--config", config)[0] == 0
+    assert issue(reg, "bob")[0] == 0  # no --config: the mark recorded for this base
+    for name in ("ann", "bob"):
+        scripted = tmp_path / f"{name}.ts"
+        copy = build("cnn", (1, 8, 8), 10)
+        copy.load_state_dict(load_state_dict(tmp_path / f"{name}.pt"))
+        torch.jit.save(torch.jit.script(copy.eval()), str(scripted))
+        code, out, _ = run(capsys, "trace", str(reg), "--query-model", str(scripted), "--queries", "800", "--json")
+        assert code == 0 and json.loads(out)["accused"] == [name]
+        code, out, _ = run(capsys, "trace", str(reg), str(tmp_path / f"{name}.pt"), "--json")
+        assert code == 0 and json.loads(out)["accused"] == [name]  # the white-box mark is intact beside it
+    nobody = tmp_path / "base.ts"
+    torch.jit.save(torch.jit.script(model.eval()), str(nobody))
+    code, out, _ = run(capsys, "trace", str(reg), "--query-model", str(nobody), "--queries", "800", "--json")
+    assert code == 0 and json.loads(out)["accused"] == []

@@ -19,7 +19,7 @@ from rich.console import Console
 from securemark import data, models, training
 from securemark.config import SimConfig
 from securemark.flower.strategy import CHECKPOINT, SecureMark
-from securemark.owner import FunctionSpec
+from securemark.owner import FunctionSpec, function_spec
 from securemark.report import write_report
 
 
@@ -30,17 +30,6 @@ def train_config(cfg: SimConfig) -> ConfigRecord:
     return ConfigRecord(
         {**flat, "seed": t.seed, "local_epochs": t.local_epochs, "lr": t.lr, "batch_size": t.batch_size}
     )
-
-
-def function_spec(cfg: SimConfig, test: data.Dataset) -> FunctionSpec | None:
-    """The black-box mark the shipped apps put in copies (fingerprint.function_budget > 0): fitted on the
-    server's held-out share, which is also what a tracer queries with by default."""
-    f = cfg.fingerprint
-    if not (f.enabled and f.function_budget > 0):
-        return None
-    shape = tuple(int(d) for d in test.x.shape[1:])
-    spec = models.spec_of(cfg.model.name, shape, test.classes, cfg.model.width)  # type: ignore[arg-type]
-    return FunctionSpec(spec, test.x, data.heldout_record(cfg.data, cfg.train.seed), f.function_budget)
 
 
 def strategy_for(

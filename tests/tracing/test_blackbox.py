@@ -31,8 +31,9 @@ def world(tmp_path_factory):
     training.train(model, pool, epochs=3, generator=torch.Generator().manual_seed(0), device=torch.device("cpu"))
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
     directory = tmp_path_factory.mktemp("bb") / "registry"
-    reg = Registry.init(directory, RegistryParams(code="tardos", length=512, max_colluders=3, eps=1e-3))
     spec = FunctionSpec(models.spec_of("cnn", SHAPE, 10), held.x, RECORD, budget=0.05, skip=4)
+    params = RegistryParams(code="tardos", length=512, max_colluders=3, eps=1e-3, exclude=spec.carrier_exclude())
+    reg = Registry.init(directory, params)
     copies = issue_copies(reg, base, [f"c{i:03d}" for i in range(5)], function=spec)
     for i in range(5, 300):
         reg.customer(f"c{i:03d}")
