@@ -1,10 +1,13 @@
-"""``securemark bench blackbox``: the function mark measured end to end on the MNIST-5k quickstart model.
+"""Black-box cells: the function mark measured end to end, for ``securemark bench blackbox`` (the MNIST-5k
+quickstart CNN trained centrally) and ``securemark evaluate`` (a finished run's global model).
 
-One registry of n customers (Tardos, the quickstart's code), copies carrying both marks, then:
-fidelity of the copies; intact copies traced through a real HTTP V2 endpoint; students distilled from one
-leaker or from a coalition's averaged outputs (soft labels at each temperature, hard labels; the same CNN
-and an MLP), traced through TorchScript files; students of the unmarked model as controls. Every innocent
-score of every trial is kept against the threshold certified for its observation: the empirical innocent tail.
+One registry of n customers (Tardos), copies carrying both marks, then: fidelity of the copies; intact copies
+traced through a real HTTP V2 endpoint; students distilled from one leaker or from a coalition's averaged
+outputs (soft labels at each temperature, hard labels; the same CNN and an MLP), traced through TorchScript
+files; students of the unmarked model as controls. Every innocent score of every trial is kept against the
+threshold certified for its observation: the empirical innocent tail, which the ``tail`` stage extends with
+suspects that are innocent of everyone but one (independently trained models, other customers' intact copies,
+students of other customers' copies).
 """
 
 from __future__ import annotations
@@ -86,15 +89,60 @@ class TriggerCell:
         return out
 
 
-def train_base(pool: data.Dataset, seed: int, epochs: int = 8) -> torch.nn.Module:
-    model = models.build("cnn", SHAPE, pool.classes, seed=seed)
+Student = tuple[str, float, bool]  # (architecture, temperature, hard labels)
+
+
+def students_of(archs: tuple[str, ...], temperatures: tuple[float, ...], hard: bool) -> list[Student]:
+    return [(a, t, False) for a in archs for t in temperatures] + ([(a, 1.0, True) for a in archs] if hard else [])
+
+
+@dataclass
+class Setup:
+    """What the cells share: the unmarked model, its spec (models.spec_of), the pirate's unlabeled pool (its
+    labels are used only to train the tail's independent models), the owner's held-out data and its record."""
+
+    model: torch.nn.Module
+    spec: dict[str, object]
+    pool: data.Dataset
+    held: data.Dataset
+    record: dict[str, object]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        c, h, w = (int(d) for d in self.held.x.shape[1:])
+        return c, h, w
+
+    def module(self, sd: dict) -> torch.nn.Module:
+        return models.load_weights(models.build_spec(self.spec), sd).eval()
+
+    def fresh(self, arch: str, seed: int) -> torch.nn.Module:
+        return models.build(arch, self.shape, self.held.classes, seed=seed)
+
+
+@dataclass
+class Tail:
+    """Innocent scores against their certified thresholds, by kind of suspect."""
+
+    scores: int = 0
+    over_threshold: int = 0
+    max_over_threshold: float = 0.0
+    by_suspect: dict[str, list[int]] = field(default_factory=dict)  # kind -> [suspects, innocent scores]
+
+    def add(self, kind: str, scores: np.ndarray, threshold: float, innocent: np.ndarray) -> None:
+        ratio = scores[innocent] / threshold
+        self.scores += int(innocent.sum())
+        self.over_threshold += int(np.sum(ratio > 1))
+        self.max_over_threshold = max(self.max_over_threshold, float(ratio.max()))
+        counts = self.by_suspect.setdefault(kind, [0, 0])
+        counts[0] += 1
+        counts[1] += int(innocent.sum())
+
+
+def train_base(pool: data.Dataset, seed: int, epochs: int = 8, arch: str = "cnn") -> torch.nn.Module:
+    model = models.build(arch, tuple(pool.x.shape[1:]), pool.classes, seed=seed)  # type: ignore[arg-type]
     gen = torch.Generator().manual_seed(seed)
     training.train(model, pool, epochs=epochs, lr=0.05, generator=gen, device=torch.device("cpu"))
     return model.eval()
-
-
-def _module(sd: dict) -> torch.nn.Module:
-    return models.load_weights(models.build("cnn", SHAPE, 10), sd).eval()
 
 
 def _agreement(a: torch.nn.Module, b: torch.nn.Module, x: torch.Tensor) -> float:
@@ -102,21 +150,29 @@ def _agreement(a: torch.nn.Module, b: torch.nn.Module, x: torch.Tensor) -> float
         return float((a(x).argmax(1) == b(x).argmax(1)).float().mean())
 
 
+def _scripted(model: torch.nn.Module, path: Path) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.script(model.eval()), str(path))
+    return path
+
+
 def run(
-    *, customers: int = 1000, trials: int = 2, copies: int = 10, colluders: tuple[int, ...] = (1, 2, 4),
-    temperatures: tuple[float, ...] = (1.0, 4.0), hard: bool = True, archs: tuple[str, ...] = ("cnn", "mlp"),
-    budget: float = 0.03, epochs: int = 20, queries: int = 10_000, seed: int = 0, base: Path | None = None,
-    triggers: int = 10,
+    setup: Setup, *, customers: int = 1000, trials: int = 2, copies: int = 10, colluders: tuple[int, ...] = (1, 2, 4),
+    students: list[Student] | None = None, budget: float = 0.03, epochs: int = 20, queries: int = 10_000,
+    seed: int = 0, triggers: int = 10, tail: int = 0, length: int = 1024, max_colluders: int = 4, eps: float = 1e-3,
 ) -> dict[str, object]:  # fmt: skip
+    """Every cell on ``setup``; ``tail`` adds that many suspects of each innocent kind to the tail."""
+    students = students_of(("cnn", "mlp"), (1.0, 4.0), True) if students is None else students
     rng = np.random.default_rng(seed)
-    pool, held = data.load("mnist5k", seed).split(0.2, seed)
-    model = _module(torch.load(base, weights_only=True)) if base else train_base(pool, seed)
+    model, pool, held = setup.model, setup.pool, setup.held
     base_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    base_acc = training.accuracy(model, held, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    base_acc = training.accuracy(model, held, cpu)
     work = Path(tempfile.mkdtemp(prefix="securemark-bb-"))
-    spec = FunctionSpec(models.spec_of("cnn", SHAPE, 10), held.x,
-                        {"name": "mnist5k", "seed": seed, "test_fraction": 0.2, "files": ""}, budget)  # fmt: skip
-    params = RegistryParams(code="tardos", length=1024, max_colluders=4, eps=1e-3, exclude=spec.carrier_exclude())
+    spec = FunctionSpec(setup.spec, held.x, setup.record, budget)
+    params = RegistryParams(code="tardos", length=length, max_colluders=max_colluders, eps=eps,
+                            exclude=spec.carrier_exclude())  # fmt: skip
     reg = Registry.init(work / "registry", params)
     fp, wb = establish_base(reg, base_sd)
     fm: tuple[FunctionMark, str] = establish_function_mark(reg, base_sd, spec)
@@ -124,34 +180,38 @@ def run(
     rows = {n: reg.customer(n).bits for n in names}
 
     def copy(name: str) -> torch.nn.Module:
-        return _module(mark(fp, wb.strength, fm, base_sd, rows[name]))
+        return setup.module(mark(fp, wb.strength, fm, base_sd, rows[name]))
 
     tracer = BlackBoxTracer(reg)
-    out: dict[str, object] = {"customers": customers, "code_length": 1024, "capacity": fm[0].basis.capacity,
+    out: dict[str, object] = {"customers": customers, "code_length": length, "capacity": fm[0].basis.capacity,
                               "budget": budget, "base_accuracy": base_acc, "queries": queries}  # fmt: skip
     cells: dict[str, Cell] = {}
-    innocent = {"scores": 0, "over_threshold": 0, "max_over_threshold": 0.0}
+    innocent = Tail()
 
-    def record(cell: str, report: TraceReport, pirates: list[str], acc: float | None) -> None:
+    def record(cell: str, report: TraceReport, pirates: list[str], acc: float | None, kind: str) -> None:
         v = tracer.scorer.accuse(report.soft_code)
         mask = np.ones(len(v.scores), bool)
         mask[[names.index(p) for p in pirates]] = False
         best = float(np.max(v.scores[~mask])) if pirates else float("nan")
         cells.setdefault(cell, Cell(cell)).add(report, pirates, acc, best)
-        innocent["scores"] += int(mask.sum())
-        innocent["over_threshold"] += int(np.sum(v.scores[mask] > v.threshold))
-        worst = float(np.max(v.scores[mask]) / v.threshold)
-        innocent["max_over_threshold"] = max(float(innocent["max_over_threshold"]), worst)
+        innocent.add(kind, v.scores, v.threshold, mask)
 
-    students = [(a, t, False) for a in archs for t in temperatures] + ([(a, 1.0, True) for a in archs] if hard else [])
-    total = copies + trials + len(students) * trials * (len(colluders) + 1)
+    def student_of(teacher_models: list[torch.nn.Module], arch: str, temp: float, is_hard: bool) -> torch.nn.Module:
+        student = setup.fresh(arch, int(rng.integers(2**31)))
+        distill(ensemble(teacher_models), student, pool, temperature=temp, hard=is_hard, epochs=epochs, rng=rng)
+        return student
+
+    def trace_file(suspect: torch.nn.Module) -> TraceReport:
+        return tracer.trace(TorchScriptOracle(_scripted(suspect, work / "suspect.pt"), queries), queries)
+
+    total = copies + trials + len(students) * trials * (len(colluders) + 1) + 3 * tail
     total += (trials + len(students) * trials * (len(colluders) + 1)) if triggers else 0
     with Progress(transient=True) as bar:
-        task = bar.add_task("black-box bench", total=total)
+        task = bar.add_task("black-box cells", total=total)
         accs, agrees = [], []
         for name in names[:copies]:  # fidelity: both marks
             issued = copy(name)
-            accs.append(training.accuracy(issued, held, torch.device("cpu")))
+            accs.append(training.accuracy(issued, held, cpu))
             agrees.append(_agreement(issued, model, held.x))
             bar.advance(task)
         out["fidelity"] = {"copies": copies, "accuracy_drop_max": base_acc - min(accs),
@@ -159,87 +219,100 @@ def run(
                            "agreement_mean": float(np.mean(agrees))}  # fmt: skip
         for _ in range(trials):  # intact copies through a real HTTP endpoint, 2,000 queries
             leaker = str(rng.choice(names))
-            server, url = start("leak", copy(leaker), SHAPE)
+            server, url = start("leak", copy(leaker), setup.shape)
             try:
-                oracle = HttpV2Oracle(url, 2000)
-                record("intact, HTTP, 2000 queries", tracer.trace(oracle, 2000), [leaker], None)
+                report = tracer.trace(HttpV2Oracle(url, 2000), 2000)
             finally:
                 server.shutdown()
+            record("intact, HTTP, 2000 queries", report, [leaker], None, "another customer's copy")
             bar.advance(task)
         for arch, temp, is_hard in students:
             label = "hard labels" if is_hard else f"soft T={temp:g}"
             for c in (0, *colluders):  # 0: a student of the unmarked model (control)
                 for _ in range(trials):
                     pirates = sorted(rng.choice(names, size=c, replace=False).tolist()) if c else []
-                    teacher = ensemble([copy(p) for p in pirates] if c else [model])
-                    student = models.build(arch, SHAPE, 10, seed=int(rng.integers(2**31)))
-                    distill(teacher, student, pool, temperature=temp, hard=is_hard, epochs=epochs, rng=rng)
-                    path = work / "student.pt"
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore", DeprecationWarning)
-                        torch.jit.save(torch.jit.script(student.eval()), str(path))
-                    report = tracer.trace(TorchScriptOracle(path, queries), queries)
-                    acc = training.accuracy(student, held, torch.device("cpu"))
+                    student = student_of([copy(p) for p in pirates] if c else [model], arch, temp, is_hard)
+                    acc = training.accuracy(student, held, cpu)
                     cell = f"{arch} student, {label}, " + (f"c={c}" if c else "control (unmarked teacher)")
-                    record(cell, report, pirates, acc)
+                    kind = "student of other customers' copies" if c else "student of the unmarked model"
+                    record(cell, trace_file(student), pirates, acc, kind)
                     bar.advance(task)
+        for t in range(tail):  # suspects innocent of all but (at most) one customer
+            arch = ("cnn", "mlp")[t % 2]
+            own = setup.fresh(arch, int(rng.integers(2**31)))
+            training.train(own, pool, epochs=4, lr=0.05, generator=torch.Generator().manual_seed(t), device=cpu)
+            record("tail: independently trained model", trace_file(own), [], None, "independently trained model")
+            leaker = str(rng.choice(names))
+            record("tail: intact copy", trace_file(copy(leaker)), [leaker], None, "another customer's copy")
+            leaker = str(rng.choice(names))
+            temp = float(rng.uniform(1.0, 4.0))
+            cell = f"tail: {arch} student of one copy, soft T in [1, 4]"
+            record(cell, trace_file(student_of([copy(leaker)], arch, temp, False)), [leaker], None,
+                   "student of other customers' copies")  # fmt: skip
+            bar.advance(task, 3)
         if triggers:
             out["trigger_baseline"] = _trigger_baseline(
-                reg, base_sd, model, pool, held, names, students, colluders, trials, triggers, epochs, rng, work, bar
+                reg, base_sd, setup, names, students, colluders, trials, triggers, epochs, rng, work, bar
             )
+    reg.close()
     out["cells"] = [cells[k].row() for k in cells]
-    out["innocent_tail"] = {**innocent, "eps_per_customer": 1e-3 / customers}
+    out["innocent_tail"] = {**asdict(innocent), "eps_per_customer": eps / customers}
     return out
 
 
 def _trigger_baseline(
-    reg: Registry, base_sd: dict, model: torch.nn.Module, pool: data.Dataset, held: data.Dataset, names: list[str],
-    students: list[tuple[str, float, bool]], colluders: tuple[int, ...], trials: int, m: int, epochs: int,
-    rng: np.random.Generator, work: Path, bar: Progress,
+    reg: Registry, base_sd: dict, setup: Setup, names: list[str], students: list[Student], colluders: tuple[int, ...],
+    trials: int, m: int, epochs: int, rng: np.random.Generator, work: Path, bar: Progress,
 ) -> list[dict[str, object]]:  # fmt: skip
     """The seeds' baseline in the same cells: copies fine-tuned on their customer's trigger set, students
     distilled from them, every customer's keys queried (n * m queries), binomial and argmax verdicts."""
-    keys = [triggers.keys(reg.secret, i, m, SHAPE, 10) for i in range(len(names))]
+    classes = setup.held.classes
+    keys = [triggers.keys(reg.secret, i, m, setup.shape, classes) for i in range(len(names))]
     kx = np.concatenate([k[0] for k in keys])
     labels = np.stack([k[1] for k in keys])
     eps = reg.params.eps
     task = bar.task_ids[0]
     rows: dict[str, TriggerCell] = {}
+    cpu = torch.device("cpu")
 
     def marked(i: int) -> torch.nn.Module:
-        sd = triggers.embed(_module(base_sd).train(), keys[i], pool, rng=rng)
-        return _module(sd)
+        return setup.module(triggers.embed(setup.module(base_sd).train(), keys[i], setup.pool, rng=rng))
 
     def trace(suspect: torch.nn.Module, pirates: list[int], cell: str, student_acc: float | None) -> None:
-        path = work / "trigger-suspect.pt"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            torch.jit.save(torch.jit.script(suspect.eval()), str(path))
-        oracle = TorchScriptOracle(path, len(kx))
+        oracle = TorchScriptOracle(_scripted(suspect, work / "trigger-suspect.pt"), len(kx))
         answers = oracle(kx).argmax(axis=1).reshape(labels.shape)
-        v = triggers.verdict(answers, labels, 10, eps)
+        v = triggers.verdict(answers, labels, classes, eps)
         rows.setdefault(cell, TriggerCell(cell, queries=len(kx))).add(v, pirates, student_acc)
         bar.advance(task)
 
     for _ in range(trials):
         leaker = int(rng.integers(len(names)))
         copy = marked(leaker)
-        trace(copy, [leaker], "trigger-set: intact copy", training.accuracy(copy, held, torch.device("cpu")))
+        trace(copy, [leaker], "trigger-set: intact copy", training.accuracy(copy, setup.held, cpu))
     for arch, temp, is_hard in students:
         label = "hard labels" if is_hard else f"soft T={temp:g}"
         for c in (0, *colluders):
             for _ in range(trials):
                 pirates = sorted(rng.choice(len(names), size=c, replace=False).tolist()) if c else []
-                teacher = ensemble([marked(p) for p in pirates] if c else [model])
-                student = models.build(arch, SHAPE, 10, seed=int(rng.integers(2**31)))
-                distill(teacher, student, pool, temperature=temp, hard=is_hard, epochs=epochs, rng=rng)
+                teacher = ensemble([marked(p) for p in pirates] if c else [setup.model])
+                student = setup.fresh(arch, int(rng.integers(2**31)))
+                distill(teacher, student, setup.pool, temperature=temp, hard=is_hard, epochs=epochs, rng=rng)
                 cell = f"trigger-set: {arch} student, {label}, " + (f"c={c}" if c else "control")
-                trace(student, pirates, cell, training.accuracy(student, held, torch.device("cpu")))
+                trace(student, pirates, cell, training.accuracy(student, setup.held, cpu))
     return [row.row() for row in rows.values()]
 
 
-def main(**kw: object) -> dict[str, object]:
+def main(base: Path | None = None, seed: int = 0, **kw: object) -> dict[str, object]:
+    """``securemark bench blackbox``: the MNIST-5k quickstart CNN, trained centrally on 80% (or loaded from
+    ``base``, a torch.save'd state dict), the other 20% held out."""
     start_time = time.perf_counter()
-    result = run(**kw)  # type: ignore[arg-type]
+    pool, held = data.load("mnist5k", seed).split(0.2, seed)
+    spec = models.spec_of("cnn", SHAPE, 10)
+    if base is None:
+        model = train_base(pool, seed)
+    else:
+        model = models.load_weights(models.build_spec(spec), torch.load(base, weights_only=True)).eval()
+    record = {"name": "mnist5k", "seed": seed, "test_fraction": 0.2, "files": ""}
+    result = run(Setup(model, spec, pool, held, record), seed=seed, **kw)  # type: ignore[arg-type]
     result["seconds"] = round(time.perf_counter() - start_time, 1)
     return result

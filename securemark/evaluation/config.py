@@ -52,6 +52,42 @@ class FidelitySettings:
 
 
 @dataclass(frozen=True)
+class BlackBoxSettings:
+    """Black-box cells (evaluation.blackbox): copies carrying the function mark, students distilled from them,
+    traced through their outputs alone. They run in this process after the white-box cells."""
+
+    trials: int = 0  # per cell; 0: no black-box cells
+    students: tuple[str, ...] = ("cnn:4", "mlp:4", "cnn:1", "mlp:1", "cnn:hard", "mlp:hard")  # arch:T or arch:hard
+    coalition_sizes: tuple[int, ...] = (1, 2, 4)  # a control (a student of the unmarked model) is always added
+    budget: float = 0.03  # function mark RMS / centred logits RMS
+    queries: int = 10_000  # the tracer's queries per suspect
+    epochs: int = 20  # the pirate's distillation epochs
+    copies: int = 10  # copies measured for fidelity
+    triggers: int = 0  # trigger-set baseline: keys per customer (0: none)
+    tail: int = 0  # innocent tail: this many independent models, intact copies and students of single copies
+
+    def student_cells(self) -> list[tuple[str, float, bool]]:
+        """(architecture, temperature, hard labels) per entry of ``students``."""
+        out = []
+        for entry in self.students:
+            arch, _, how = entry.partition(":")
+            out.append((arch, 1.0, True) if how == "hard" else (arch, float(how), False))
+        return out
+
+
+def _student_ok(entry: str) -> bool:
+    arch, sep, how = entry.partition(":")
+    if arch not in ("cnn", "mlp") or not sep:
+        return False
+    if how == "hard":
+        return True
+    try:
+        return _finite(float(how)) and 0 < float(how) <= 100
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
 class EvalConfig(TomlConfig):
     PATHS: ClassVar[tuple[str, ...]] = ("output", "source.run", "source.config")
     source: SourceConfig = field(default_factory=SourceConfig)
@@ -59,6 +95,7 @@ class EvalConfig(TomlConfig):
     evaluate: TrialSettings = field(default_factory=TrialSettings)
     attacks: dict[str, str] = field(default_factory=lambda: {"average": "collude:average"})  # name -> pipeline
     fidelity: FidelitySettings = field(default_factory=FidelitySettings)
+    blackbox: BlackBoxSettings = field(default_factory=BlackBoxSettings)
     output: str = "runs/evaluate"
 
     def __post_init__(self) -> None:
@@ -80,7 +117,18 @@ class EvalConfig(TomlConfig):
         _check(1 <= e.trials <= 10_000_000, "evaluate.trials", e.trials)
         _check(0 <= e.seed < 1 << 63, "evaluate.seed", e.seed)
         _check(e.accuracy_trials >= 0, "evaluate.accuracy_trials", e.accuracy_trials)
-        _check(bool(self.attacks), "attacks (at least one)", self.attacks)
+        b = self.blackbox
+        _check(bool(self.attacks) or b.trials > 0, "attacks (at least one, or black-box cells)", self.attacks)
+        _check(0 <= b.trials <= 1_000_000, "blackbox.trials", b.trials)
+        _check(bool(b.students) and all(_student_ok(x) for x in b.students), "blackbox.students (cnn|mlp:T or "
+               "cnn|mlp:hard)", b.students)  # fmt: skip
+        _check(all(1 <= k <= e.customers for k in b.coalition_sizes), "blackbox.coalition_sizes", b.coalition_sizes)
+        _check(_finite(b.budget) and 0 < b.budget <= 1, "blackbox.budget (0..1]", b.budget)
+        _check(1 <= b.queries <= 1_000_000, "blackbox.queries", b.queries)
+        _check(1 <= b.epochs <= 10_000 and 1 <= b.copies <= e.customers, "blackbox.epochs, blackbox.copies",
+               (b.epochs, b.copies))  # fmt: skip
+        _check(0 <= b.triggers <= 1000 and 0 <= b.tail <= 100_000, "blackbox.triggers, blackbox.tail",
+               (b.triggers, b.tail))  # fmt: skip
         specs = [(f"attacks.{name}", spec) for name, spec in self.attacks.items()]
         for key, spec in specs + ([("fidelity.attack", f.attack)] if f.attack else []):
             try:

@@ -274,7 +274,7 @@ def _evaluate(cfg: EvalConfig, out: Path, console: Console, ray_address: str | N
     if ray_address is not None:
         check_ray_option(ray_address)
     to_run = plan(cfg)
-    if not to_run:
+    if not to_run and not cfg.blackbox.trials:
         raise ValueError("no cell to run: collude pipelines need coalition sizes >= 2, the others sizes 0 or 1")
     start = time.perf_counter()
     # before anything is written: a missing source leaves no stray output; one that must be trained first is
@@ -291,15 +291,17 @@ def _evaluate(cfg: EvalConfig, out: Path, console: Console, ray_address: str | N
         run.share(s)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.toml").write_text(cfg.to_toml(out))
-        cells, fid, sweep = _run_schemes(cfg, s, out, run, console)
-    results = {
+        cells, fid, sweep = _run_schemes(cfg, s, out, run, console) if to_run else ([], {}, [])
+    results: dict[str, Any] = {
         "source": {"run": shown(cfg.source.run), "data": sim.data.name, "model": sim.model.name},
         "global_accuracy": s.global_accuracy,
         "fidelity": fid,
         "fidelity_sweep": sweep,
         "cells": cells,
-        "seconds": round(time.perf_counter() - start, 1),
     }
+    if cfg.blackbox.trials:
+        results["blackbox"] = black_box_cells(cfg, sim, s, console)
+    results["seconds"] = round(time.perf_counter() - start, 1)
     write_outputs(out, cfg, _finite(results))
     return results
 
@@ -347,6 +349,24 @@ def _run_schemes(
             for scheme, _ in schemes:
                 scheme.close()
     return cells, fid, sweep
+
+
+def black_box_cells(cfg: EvalConfig, sim: SimConfig, s: Setting, console: Console) -> dict[str, Any]:
+    """The black-box cells on the run's global model (evaluation.blackbox), in this process: the pirates
+    distill on the training pool, the tracer queries the server's held-out share."""
+    from securemark.evaluation import blackbox
+
+    b, e, c = cfg.blackbox, cfg.evaluate, cfg.code
+    shape = tuple(int(d) for d in s.test.x.shape[1:])
+    spec = models.spec_of(sim.model.name, shape, s.test.classes, sim.model.width)  # type: ignore[arg-type]
+    model = models.load_weights(models.build_spec(spec), s.base).eval()
+    setup = blackbox.Setup(model, spec, s.pool, s.test, data.heldout_record(sim.data, sim.train.seed))
+    console.print(f"black-box cells: {len(b.students)} students x {len(b.coalition_sizes) + 1} sizes x {b.trials}")
+    return blackbox.run(
+        setup, customers=e.customers, trials=b.trials, copies=b.copies, colluders=b.coalition_sizes,
+        students=b.student_cells(), budget=b.budget, epochs=b.epochs, queries=b.queries, seed=e.seed,
+        triggers=b.triggers, tail=b.tail, length=c.length, max_colluders=c.max_colluders, eps=c.eps,
+    )  # fmt: skip
 
 
 def _cell(scheme_name: str, attack: str, cfg: EvalConfig, scheme: Scheme, trials: list[dict]) -> dict[str, Any]:

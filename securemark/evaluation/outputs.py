@@ -36,7 +36,10 @@ def write_outputs(out: Path, cfg: EvalConfig, results: dict[str, Any]) -> None:
         writer = csv.DictWriter(fh, CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(results["cells"])
-    plots = [plot_catch(results["cells"], out / "catch.png"), plot_survival(out / "trials.jsonl", out / "survival.png")]
+    plots: list[str | None] = []
+    if results["cells"]:  # none when the evaluation holds black-box cells only
+        plots += [plot_catch(results["cells"], out / "catch.png")]
+        plots += [plot_survival(out / "trials.jsonl", out / "survival.png")]
     if results["fidelity_sweep"]:
         plots.append(plot_fidelity(results["fidelity_sweep"], results["global_accuracy"], out / "fidelity.png"))
     (out / "report.md").write_text(report(cfg, results, [p for p in plots if p]))
@@ -189,7 +192,9 @@ def report(cfg: EvalConfig, results: dict[str, Any], plots: list[str]) -> str:
         f"- {c['scheme']} / {c['attack']} / c = {c['coalition_size']}: catch {_pct(c['catch_rate'])}, "
         f"{c['innocents_accused']} innocent accusations in {c['trials']} trials"
         for c in missing
-    ] or ["Every cell meets it."]
+    ] or (["Every cell meets it."] if results["cells"] else ["No white-box cell was run."])
+    if "blackbox" in results:
+        lines += black_box_section(cfg, results["blackbox"])
     if results["fidelity_sweep"]:
         lines += ["", "## Fidelity against strength", "",
                   "| budget | strength | copies mean acc | min | drop (pp) | traitor score | bit error | caught |",
@@ -202,3 +207,36 @@ def report(cfg: EvalConfig, results: dict[str, Any], plots: list[str]) -> str:
             )
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def black_box_section(cfg: EvalConfig, bb: dict[str, Any]) -> list[str]:
+    """The black-box cells: fidelity of copies carrying both marks, each cell, the innocent tail."""
+    b, f, tail = cfg.blackbox, bb["fidelity"], bb["innocent_tail"]
+    lines = [
+        "", "## Black-box cells", "",
+        f"Copies carry both marks (function mark budget {b.budget}, capacity {bb['capacity']} directions). Suspects "
+        f"are traced through their outputs alone: {b.queries} queries (intact copies over HTTP: 2000), the "
+        f"owner's held-out data and its shifts. Students distill for {b.epochs} epochs on the training pool; "
+        "a control is a student of the unmarked model. leader/threshold: the best pirate's score over the "
+        "certified threshold (median over trials; >= 1 is caught).", "",
+        f"Fidelity ({f['copies']} copies): accuracy drop {100 * f['accuracy_drop_mean']:+.2f} pp mean, "
+        f"{100 * f['accuracy_drop_max']:+.2f} pp worst; top-1 agreement with the global model "
+        f"{f['agreement_mean']:.4f} mean, {f['agreement_min']:.4f} worst.", "",
+        "| cell | trials | catch | innocents accused | student accuracy | leader/threshold |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]  # fmt: skip
+    for c in bb["cells"]:
+        lines.append(f"| {c['name']} | {c['trials']} | {_pct(c['catch'])} | {c['innocents_accused']} "
+                     f"| {_pct(c['student_accuracy'])} | {_pct(c['leader_over_threshold'])} |")  # fmt: skip
+    for t in bb.get("trigger_baseline", []):
+        caught = t["caught_binomial"] / t["trials"]
+        lines.append(f"| {t['name']} ({t['queries']} queries) | {t['trials']} | {caught:.3f}"
+                     f" (argmax names a pirate {t['argmax_names_a_pirate']}) | {t['innocents_accused']} "
+                     f"| {_pct(t['suspect_accuracy'])} | |")  # fmt: skip
+    lines += [
+        "", f"Innocent tail: {tail['scores']} innocent scores, {tail['over_threshold']} above their certified "
+        f"threshold (the bound allows eps/n = {tail['eps_per_customer']:.1e} each); the largest is "
+        f"{tail['max_over_threshold']:.3f} of its threshold. By suspect: "
+        + "; ".join(f"{k}: {v[0]} suspects, {v[1]} scores" for k, v in tail["by_suspect"].items()) + ".",
+    ]  # fmt: skip
+    return lines

@@ -116,6 +116,30 @@ def test_collusion_smoke_evaluation_writes_results_report_and_plots(smoke_run, t
     assert (out / "report.md").read_text() == report and (out / "catch.png").is_file()
 
 
+def test_black_box_cells_alone_on_the_run(smoke_run, tmp_path):
+    """An evaluation of black-box cells only (attacks = {}), on the run's global model and held-out share."""
+    run, _ = smoke_run
+    config = tmp_path / "bb.toml"
+    config.write_text(
+        f'output = "{tmp_path / "unused"}"\nattacks = {{}}\n[source]\nrun = "{run}"\n[code]\nlength = 256\n'
+        'max_colluders = 3\n[evaluate]\ncustomers = 40\n[blackbox]\ntrials = 1\nstudents = ["mlp:4"]\n'
+        "coalition_sizes = [2]\nepochs = 1\nqueries = 600\ncopies = 2\n"
+    )
+    cfg = EvalConfig.load(config)
+    assert plan(cfg) == []
+    results = evaluate(cfg, tmp_path / "eval")
+    assert results["cells"] == [] and results["fidelity"] == {}
+    cells = {c["name"]: c for c in results["blackbox"]["cells"]}
+    assert list(cells) == ["intact, HTTP, 2000 queries", "mlp student, soft T=4, control (unmarked teacher)",
+                           "mlp student, soft T=4, c=2"]  # fmt: skip
+    assert cells["intact, HTTP, 2000 queries"]["catch"] == 1.0
+    assert sum(c["innocents_accused"] for c in cells.values()) == 0
+    assert results["blackbox"]["innocent_tail"]["scores"] == 39 + 40 + 38
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "## Black-box cells" in report and "No white-box cell was run." in report
+    assert not (tmp_path / "eval" / "catch.png").exists()
+
+
 def test_evaluate_without_a_source_says_how_to_make_one(tmp_path, capsys):
     config = str(ROOT / "configs" / "collusion-smoke.toml")
     args = ["evaluate", config, "--out", str(tmp_path / "e"), "--set", f"source.run={tmp_path / 'none'}"]
