@@ -18,7 +18,8 @@ from securemark.evaluation.harness import evaluate
 from securemark.evaluation.outputs import rewrite
 
 HERE = Path(__file__).resolve().parent
-ORDER = ("collusion", "adversarial", "rewrite-launder", "spikes", "comparison", "robustness", "fidelity", "uchida")
+ORDER = ("collusion", "adversarial", "rewrite-launder", "spikes", "comparison", "robustness", "fidelity", "uchida",
+         "blackbox")  # fmt: skip
 
 
 def main() -> None:
@@ -43,7 +44,8 @@ def main() -> None:
             shutil.rmtree(out)
         start = time.perf_counter()
         results = evaluate(cfg, out, ray_address=args.ray)
-        print(f"{name}: {len(results['cells'])} cells in {time.perf_counter() - start:.0f} s -> {out / 'report.md'}")
+        cells = len(results["cells"]) + len(results.get("blackbox", {}).get("cells", []))
+        print(f"{name}: {cells} cells in {time.perf_counter() - start:.0f} s -> {out / 'report.md'}")
 
 
 if __name__ == "__main__":

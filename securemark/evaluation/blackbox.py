@@ -169,7 +169,8 @@ def run(
     base_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     cpu = torch.device("cpu")
     base_acc = training.accuracy(model, held, cpu)
-    work = Path(tempfile.mkdtemp(prefix="securemark-bb-"))
+    scratch = tempfile.TemporaryDirectory(prefix="securemark-bb-")  # the throwaway registry and its owner key:
+    work = Path(scratch.name)  # removed at the end, or when an exception drops this frame (weakref finalizer)
     spec = FunctionSpec(setup.spec, held.x, setup.record, budget)
     params = RegistryParams(code="tardos", length=length, max_colluders=max_colluders, eps=eps,
                             exclude=spec.carrier_exclude())  # fmt: skip
@@ -255,6 +256,7 @@ def run(
                 reg, base_sd, setup, names, students, colluders, trials, triggers, epochs, rng, work, bar
             )
     reg.close()
+    scratch.cleanup()
     out["cells"] = [cells[k].row() for k in cells]
     out["innocent_tail"] = {**asdict(innocent), "eps_per_customer": eps / customers}
     return out

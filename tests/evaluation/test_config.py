@@ -19,7 +19,7 @@ def test_shipped_evaluation_configs_load_round_trip_and_plan_cells(path, tmp_pat
     cfg = EvalConfig.load(path)
     (tmp_path / "c.toml").write_text(cfg.to_toml())
     assert EvalConfig.load(tmp_path / "c.toml") == cfg
-    assert plan(cfg)
+    assert plan(cfg) or cfg.blackbox.trials > 0
 
 
 def test_plan_runs_collusions_on_coalitions_and_laundering_on_single_copies():
@@ -71,8 +71,23 @@ def test_bad_evaluation_configs_name_the_key(raw, message):
         ({"fidelity": {"copies": 0}}, "fidelity.copies"),
         ({"fidelity": {"budgets": [float("nan")]}}, "fidelity.budgets"),
         ({"source": {"run": ""}}, "source.run"),
+        ({"blackbox": {"students": ["cnn:0"]}}, "blackbox.students"),
+        ({"blackbox": {"students": ["rnn:4"]}}, "blackbox.students"),
+        ({"blackbox": {"students": ["cnn:nan"]}}, "blackbox.students"),
+        ({"blackbox": {"students": ["mlp"]}}, "blackbox.students"),
+        ({"blackbox": {"students": []}}, "blackbox.students"),
+        ({"blackbox": {"coalition_sizes": [0]}}, "blackbox.coalition_sizes"),
+        ({"blackbox": {"coalition_sizes": [1001]}}, "blackbox.coalition_sizes"),
+        ({"blackbox": {"budget": 0.0}}, "blackbox.budget"),
+        ({"blackbox": {"tail": -1}}, "blackbox.triggers, blackbox.tail"),
+        ({"blackbox": {"copies": 0}}, "blackbox.epochs, blackbox.copies"),
     ],
 )
 def test_evaluation_values_are_range_checked(raw, key):
     with pytest.raises(ConfigError, match="invalid value for " + re.escape(key)):
         EvalConfig.from_dict(raw)
+
+
+def test_black_box_students_parse_and_allow_an_evaluation_without_attacks():
+    cfg = EvalConfig.from_dict({"attacks": {}, "blackbox": {"trials": 2, "students": ["cnn:2.5", "mlp:hard"]}})
+    assert plan(cfg) == [] and cfg.blackbox.student_cells() == [("cnn", 2.5, False), ("mlp", 1.0, True)]
