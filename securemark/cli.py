@@ -174,6 +174,7 @@ def cmd_issue(a: argparse.Namespace) -> None:
     out: Path = a.out
     if out.suffix not in modelio.MODEL_SUFFIXES:
         raise modelio.ModelFileError(f"{out}: unknown model format; use one of {', '.join(modelio.MODEL_SUFFIXES)}")
+    _check_writable(out)
     base = modelio.load_state_dict(a.model)
     function = None
     if a.config is not None:  # the function mark as a run of this config makes it (its held-out share)
@@ -184,12 +185,27 @@ def cmd_issue(a: argparse.Namespace) -> None:
         cfg = SimConfig.load(a.config)
         function = function_spec(cfg, data.server_split(cfg.data, cfg.train.seed)[1])
         if function is None:
-            raise ValueError(f"{a.config} puts no function mark in copies (fingerprint.function_budget = 0)")
+            raise ValueError(f"{a.config} puts no function mark in copies (fingerprint off, or function_budget 0)")
     with Registry.open(a.directory) as reg:
         copy, customer = make_copy(reg, base, a.customer, function=function)
         modelio.save_atomic(copy, out)
         reg.record_delivery(customer, modelio.state_digest(copy), note=str(out))
     print(f"issued {out} to {a.customer!r} (sha256 {modelio.file_sha256(out)[:16]}...)")
+
+
+def _check_writable(out: Path) -> None:
+    """Refuse an --out that cannot be written (a directory, a read-only folder) by writing a scratch file
+    where it would go: permission bits say nothing to root, and /proc takes no files."""
+    import tempfile
+
+    if out.is_dir():
+        raise OSError(f"{out} is a directory")
+    folder = next(p for p in (out.parent, *out.parent.parents) if p.exists())  # missing folders are made later
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{out.stem}.", suffix=".probe"):
+            pass
+    except OSError as exc:
+        raise OSError(f"{out}: cannot write there ({exc.strerror or exc})") from None
 
 
 def cmd_trace(a: argparse.Namespace) -> object:
@@ -666,6 +682,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _print_json(payload)
             sys.stdout.flush()
     except EXPECTED_ERRORS as exc:  # bad input gets one clear line, not a traceback
+        if isinstance(exc, UnicodeDecodeError):  # never quote the file's bytes (it may be a key)
+            exc = ValueError("a file given as text is not UTF-8 text")
         print(f"securemark: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: what the command started (a Ray instance, actors) is already stopped

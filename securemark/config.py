@@ -119,6 +119,8 @@ class TomlConfig:
             raise ConfigError(f"configuration file {path} does not exist") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: {exc}") from None
+        except UnicodeDecodeError:  # the decoder's message would quote a byte of the file (a key, say)
+            raise ConfigError(f"{path} is not a UTF-8 text file (a TOML config is)") from None
         _resolve_paths(raw, cls.PATHS, Path(path).resolve().parent)
         for item in overrides or []:
             key, sep, value = item.partition("=")

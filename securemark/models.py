@@ -92,7 +92,10 @@ def load_weights(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> nn.Module:
         pass
     for name, t in sd.items():
         prefix, _, leaf = name.rpartition(".")
-        module = model.get_submodule(prefix) if prefix else model
+        try:
+            module = model.get_submodule(prefix) if prefix else model
+        except AttributeError:
+            raise RuntimeError(f"{name!r} names no module of {type(model).__name__}") from None
         if leaf in module._parameters:
             module._parameters[leaf] = nn.Parameter(t.detach().clone())
         elif leaf in module._buffers:

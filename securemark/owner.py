@@ -12,7 +12,7 @@ import torch
 
 from securemark.fingerprint.carrier import CarrierLayout, StateDict
 from securemark.fingerprint.embed import Fingerprinter, Projection
-from securemark.fingerprint.function import Basis, FunctionMark, last_linear
+from securemark.fingerprint.function import Basis, FunctionMark, FunctionMarkError, last_linear
 from securemark.modelio import first_bad_entry, state_digest
 from securemark.registry import Base, Customer, Registry, RegistryError
 
@@ -110,16 +110,57 @@ class FunctionSpec:
 def establish_function_mark(registry: Registry, base_model: StateDict, spec: FunctionSpec) -> tuple[FunctionMark, str]:
     """The function mark of ``base_model`` (fitted on ``spec.heldout`` and recorded the first time; read back
     after) and the name of the layer it edits."""
+    return record_function_mark(registry, base_model, prepare_function_mark(registry, base_model, spec))
+
+
+# (mark, layer, the record to write: None when it is recorded already)
+PreparedMark = tuple[FunctionMark, str, tuple[dict[str, Any], np.ndarray] | None]
+
+
+def prepare_function_mark(registry: Registry, base_model: StateDict, spec: FunctionSpec) -> PreparedMark:
+    """Everything about the function mark ``spec`` asks for, checked before anything is recorded: a code
+    black-box tracing reads, the base loading strictly into the model ``spec`` names, a carrier that leaves
+    the edited layer alone, the basis fitted, an edit that fits the layer; and, when this base has a mark
+    recorded already, that it is the one ``spec`` asks for (a later --config never silently loses)."""
     from securemark import models
 
+    if registry.params.code == "bibd":
+        raise RegistryError("the function mark is read as a Tardos or random code; this registry uses BIBD")
+    if not (isinstance(spec.budget, float | int) and 0 < spec.budget <= 1):
+        raise FunctionMarkError(f"function-mark budget must be in (0, 1], got {spec.budget!r}")
+    module = models.build_spec(spec.model)
+    try:
+        module.load_state_dict(dict(base_model))
+    except (RuntimeError, AttributeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        name = spec.model.get("name")
+        raise FunctionMarkError(f"the base is not the {name} model the config names: {first}") from None
+    layer, _ = last_linear(module)
+    _check_carrier(registry, base_model, layer)
+    recorded = function_mark_of(registry, state_digest(base_model))
+    if recorded is not None:
+        info = recorded[2]
+        asked = {"budget": float(spec.budget), "skip": spec.skip, "model": spec.model, "data": spec.data}
+        differ = {k: (info.get(k), v) for k, v in asked.items() if info.get(k) != v}
+        if differ:
+            what = "; ".join(f"{k}: recorded {a!r}, asked {b!r}" for k, (a, b) in differ.items())
+            raise RegistryError(f"this base's function mark is recorded already, differently ({what})")
+        return recorded[0], recorded[1], None
+    basis = Basis.fit(module, spec.heldout, spec.skip, spec.components)
+    fm = FunctionMark.create(registry.secret, basis, registry.bias(), float(spec.budget))
+    fm.embed(dict(base_model), layer, np.zeros(fm.length, dtype=np.uint8))  # the edit fits the layer
+    info = {"layer": layer, "skip": basis.skip, "logit_rms": basis.logit_rms, "classes": basis.classes,
+            "budget": float(spec.budget), "model": spec.model, "data": spec.data}  # fmt: skip
+    return fm, layer, (info, basis.to_array())
+
+
+def record_function_mark(registry: Registry, base_model: StateDict, prepared: PreparedMark) -> tuple[FunctionMark, str]:
+    """Write a prepared mark's record (first writer wins) and read it back, as a tracer will."""
+    fm, layer, new = prepared
+    if new is None:
+        return fm, layer
     digest = state_digest(base_model)
-    if registry.function_mark(digest) is None:
-        module = models.load_weights(models.build_spec(spec.model), base_model)
-        layer, _ = last_linear(module)
-        basis = Basis.fit(module, spec.heldout, spec.skip, spec.components)
-        new = {"layer": layer, "skip": basis.skip, "logit_rms": basis.logit_rms, "classes": basis.classes,
-                "budget": spec.budget, "model": spec.model, "data": spec.data}  # fmt: skip
-        registry.set_function_mark(digest, new, basis.to_array())
+    registry.set_function_mark(digest, *new)
     recorded = function_mark_of(registry, digest)
     assert recorded is not None
     return recorded[0], recorded[1]
@@ -148,20 +189,17 @@ def function_mark_of(registry: Registry, digest: str) -> tuple[FunctionMark, str
 
 def function_mark_for(
     registry: Registry, base_model: StateDict, function: FunctionSpec | None = None
-) -> tuple[FunctionMark, str] | None:
-    """The function mark copies of ``base_model`` carry, and the layer it edits: the one ``function`` fits
-    (recorded the first time), else the one already recorded for this base (every copy of a base carries the
-    marks recorded for it, whoever issues it), else None."""
+) -> PreparedMark | None:
+    """The function mark copies of ``base_model`` carry, checked and not yet recorded: the one ``function``
+    asks for, else the one already recorded for this base (every copy of a base carries the marks recorded
+    for it, whoever issues it), else None."""
     if function is not None:
-        from securemark import models
-
-        _check_carrier(registry, base_model, last_linear(models.build_spec(function.model))[0])
-        return establish_function_mark(registry, base_model, function)
+        return prepare_function_mark(registry, base_model, function)
     recorded = function_mark_of(registry, state_digest(base_model))
     if recorded is None:
         return None
     _check_carrier(registry, base_model, recorded[1])
-    return recorded[0], recorded[1]
+    return recorded[0], recorded[1], None
 
 
 def _check_carrier(registry: Registry, base_model: StateDict, layer: str) -> None:
@@ -200,8 +238,10 @@ def make_copy(
     """The copy of ``base_model`` for ``customer``, and the customer, WITHOUT recording a delivery: a caller
     that writes the copy to a file calls ``registry.record_delivery`` once the write succeeded, so the
     registry never lists a delivery that does not exist."""
+    Registry.check_customer_name(customer)
+    prepared = function_mark_for(registry, base_model, function)  # checked before anything is recorded
     fp, base = establish_base(registry, base_model, strength)
-    fm = function_mark_for(registry, base_model, function)
+    fm = None if prepared is None else record_function_mark(registry, base_model, prepared)
     cust = registry.customer(customer)
     return mark(fp, base.strength, fm, base_model, cust.bits), cust
 
@@ -228,8 +268,12 @@ def issue_copies(
 
     The base is hashed and the projection derived once for the whole batch, not once per customer.
     """
+    customers = list(customers)
+    for name in customers:
+        Registry.check_customer_name(name)
+    prepared = function_mark_for(registry, base_model, function)  # checked before anything is recorded
     fp, base = establish_base(registry, base_model, strength)
-    fm = function_mark_for(registry, base_model, function)
+    fm = None if prepared is None else record_function_mark(registry, base_model, prepared)
     copies = {}
     for name in customers:
         cust = registry.customer(name)

@@ -332,11 +332,15 @@ class Registry:
         return bytes(row[0])
 
     # --- customers ---------------------------------------------------------------------------------
+    @staticmethod
+    def check_customer_name(name: str) -> None:
+        if not isinstance(name, str) or not name or name != name.strip():
+            raise RegistryError(f"customer name {name!r} must be non-empty without surrounding spaces")
+
     @_db_errors
     def customer(self, name: str, *, create: bool = True) -> Customer:
         """The customer called ``name``; a new one gets the next code row (never one already issued)."""
-        if not name or name != name.strip():
-            raise RegistryError(f"customer name {name!r} must be non-empty without surrounding spaces")
+        self.check_customer_name(name)
         row = self._conn.execute("SELECT id FROM customers WHERE name = ?", (name,)).fetchone()
         if row is None and not create:
             raise RegistryError(f"no customer named {name!r} in {self.directory}")

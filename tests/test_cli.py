@@ -397,3 +397,59 @@ def test_issue_with_a_function_mark_and_its_black_box_trace(tmp_path, capsys):
     torch.jit.save(torch.jit.script(model.eval()), str(nobody))
     code, out, _ = run(capsys, "trace", str(reg), "--query-model", str(nobody), "--queries", "800", "--json")
     assert code == 0 and json.loads(out)["accused"] == []
+
+
+def test_a_refused_issue_records_nothing(tmp_path, capsys):
+    """Every check runs before the registry is written: the wrong model for the config, a model with other
+    classes, a bad name, an --out that cannot be written, a BIBD code, a second --config that asks for
+    another mark than the one recorded."""
+    import tomllib
+
+    from securemark.fingerprint.function import last_linear
+
+    config = ROOT / "configs" / "smoke.toml"
+    layer, _ = last_linear(build("cnn", (1, 8, 8), 10))
+    save_state_dict(build("cnn", (1, 8, 8), 10, seed=1).state_dict(), tmp_path / "base.pt")
+    save_state_dict(build("mlp", (1, 8, 8), 10).state_dict(), tmp_path / "mlp.pt")
+    save_state_dict(build("cnn", (1, 8, 8), 3).state_dict(), tmp_path / "three.pt")
+    raw = tomllib.loads(config.read_text())
+    other = tmp_path / "other.toml"
+    other.write_text(config.read_text().replace("budget = 0.05", "budget = 0.05\nfunction_budget = 0.5"))
+    assert (
+        tomllib.loads(other.read_text())["fingerprint"]["function_budget"]
+        == 0.5
+        != raw["fingerprint"].get("function_budget", 0.03)
+    )
+    (tmp_path / "adir.pt").mkdir()
+    reg, bibd = tmp_path / "reg", tmp_path / "bibd"
+    exclude = ["--exclude", f"{layer}.*"]
+    assert run(capsys, "registry", "init", str(reg), "--length", "256", "--max-colluders", "3", *exclude)[0] == 0
+    assert run(capsys, "registry", "init", str(bibd), "--code", "bibd", "--max-colluders", "3", *exclude)[0] == 0
+    cases = [
+        (reg, "mlp.pt", "alice", "alice.pt", "is not the cnn model the config names"),
+        (reg, "three.pt", "alice", "alice.pt", "is not the cnn model the config names"),
+        (reg, "base.pt", " alice", "alice.pt", "surrounding spaces"),
+        (reg, "base.pt", "alice", "adir.pt", "is a directory"),
+        (reg, "base.pt", "alice", "base.pt/alice.pt", "cannot write there"),
+        (bibd, "base.pt", "alice", "alice.pt", "this registry uses BIBD"),
+    ]
+    for directory, model, name, out, message in cases:
+        argv = ["issue", str(directory), "--model", str(tmp_path / model), "--customer", name]
+        code, _, err = run(capsys, *argv, "--out", str(tmp_path / out), "--config", str(config))
+        assert code == 2 and message in err and len(err.splitlines()) == 1, (model, name, out, err)
+        assert _registry_state(directory) == ([], [], None), (model, name, out)
+        assert not (tmp_path / "alice.pt").exists()
+    argv = ["issue", str(reg), "--model", str(tmp_path / "base.pt"), "--customer", "ann", "--out"]
+    assert run(capsys, *argv, str(tmp_path / "ann.pt"), "--config", str(config))[0] == 0
+    argv[5] = "bob"
+    code, _, err = run(capsys, *argv, str(tmp_path / "bob.pt"), "--config", str(other))
+    assert code == 2 and "recorded already, differently (budget: recorded 0.03, asked 0.5)" in err
+    assert _registry_state(reg)[0] == ["ann"] and not (tmp_path / "bob.pt").exists()
+
+
+def test_a_binary_file_given_as_a_config_is_not_quoted(tmp_path, capsys):
+    key = tmp_path / "owner.key"
+    key.write_bytes(bytes([0x04, 0x2C, 0xCD, 0xFF]) * 8)
+    for argv in (["evaluate", str(key)], ["simulate", str(key)]):
+        code, out, err = run(capsys, *argv)
+        assert code == 2 and "not a UTF-8 text file" in err and "0xcd" not in err + out and "0xff" not in err + out

@@ -17,6 +17,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,9 +46,12 @@ class Cell:
     student_accuracy: list[float] = field(default_factory=list)
     leader_over_threshold: list[float] = field(default_factory=list)  # best pirate's score / threshold
 
+    guilty_trials: int = 0  # trials with a pirate to catch (0 for controls)
+
     def add(self, report: TraceReport, pirates: list[str], accuracy: float | None, best: float) -> None:
         accused = {s.customer for s in report.accused}
         self.trials += 1
+        self.guilty_trials += bool(pirates)
         self.caught += bool(accused & set(pirates))
         self.innocents_accused += len(accused - set(pirates))
         if accuracy is not None:
@@ -57,7 +61,7 @@ class Cell:
 
     def row(self) -> dict[str, object]:
         out = asdict(self)
-        out["catch"] = self.caught / self.trials if self.trials else None
+        out["catch"] = self.caught / self.guilty_trials if self.guilty_trials else None
         out["student_accuracy"] = float(np.mean(self.student_accuracy)) if self.student_accuracy else None
         lot = [v for v in self.leader_over_threshold if np.isfinite(v)]
         out["leader_over_threshold"] = float(np.median(lot)) if lot else None
@@ -161,8 +165,10 @@ def run(
     setup: Setup, *, customers: int = 1000, trials: int = 2, copies: int = 10, colluders: tuple[int, ...] = (1, 2, 4),
     students: list[Student] | None = None, budget: float = 0.03, epochs: int = 20, queries: int = 10_000,
     seed: int = 0, triggers: int = 10, tail: int = 0, length: int = 1024, max_colluders: int = 4, eps: float = 1e-3,
+    white_box: dict[str, Any] | None = None,
 ) -> dict[str, object]:  # fmt: skip
-    """Every cell on ``setup``; ``tail`` adds that many suspects of each innocent kind to the tail."""
+    """Every cell on ``setup``; ``tail`` adds that many suspects of each innocent kind to the tail;
+    ``white_box``: the white-box mark's registry parameters (budget, carrier_mode, include)."""
     students = students_of(("cnn", "mlp"), (1.0, 4.0), True) if students is None else students
     rng = np.random.default_rng(seed)
     model, pool, held = setup.model, setup.pool, setup.held
@@ -173,7 +179,7 @@ def run(
     work = Path(scratch.name)  # removed at the end, or when an exception drops this frame (weakref finalizer)
     spec = FunctionSpec(setup.spec, held.x, setup.record, budget)
     params = RegistryParams(code="tardos", length=length, max_colluders=max_colluders, eps=eps,
-                            exclude=spec.carrier_exclude())  # fmt: skip
+                            exclude=spec.carrier_exclude(), **(white_box or {}))  # fmt: skip
     reg = Registry.init(work / "registry", params)
     fp, wb = establish_base(reg, base_sd)
     fm: tuple[FunctionMark, str] = establish_function_mark(reg, base_sd, spec)

@@ -82,7 +82,7 @@ def _student_ok(entry: str) -> bool:
     if how == "hard":
         return True
     try:
-        return _finite(float(how)) and 0 < float(how) <= 100
+        return _finite(float(how)) and 0.1 <= float(how) <= 100
     except ValueError:
         return False
 
@@ -118,11 +118,17 @@ class EvalConfig(TomlConfig):
         _check(0 <= e.seed < 1 << 63, "evaluate.seed", e.seed)
         _check(e.accuracy_trials >= 0, "evaluate.accuracy_trials", e.accuracy_trials)
         b = self.blackbox
-        _check(bool(self.attacks) or b.trials > 0, "attacks (at least one, or black-box cells)", self.attacks)
         _check(0 <= b.trials <= 1_000_000, "blackbox.trials", b.trials)
-        _check(bool(b.students) and all(_student_ok(x) for x in b.students), "blackbox.students (cnn|mlp:T or "
-               "cnn|mlp:hard)", b.students)  # fmt: skip
-        _check(all(1 <= k <= e.customers for k in b.coalition_sizes), "blackbox.coalition_sizes", b.coalition_sizes)
+        _check(bool(self.attacks) or b.trials > 0, "attacks (at least one, or black-box cells)", self.attacks)
+        _check(bool(self.attacks) or not (f.budgets or f.attack), "fidelity (a sweep needs white-box cells)",
+               f.budgets)  # fmt: skip
+        _check(b.trials > 0 or (b.tail == 0 and b.triggers == 0), "blackbox.trials (tail and triggers need "
+               "black-box cells)", b.trials)  # fmt: skip
+        _check(bool(b.students) and all(_student_ok(x) for x in b.students), "blackbox.students (cnn|mlp:T, "
+               "T in [0.1, 100], or cnn|mlp:hard)", b.students)  # fmt: skip
+        sizes_ok = bool(b.coalition_sizes) and len(set(b.coalition_sizes)) == len(b.coalition_sizes)
+        _check(sizes_ok and all(1 <= k <= e.customers for k in b.coalition_sizes), "blackbox.coalition_sizes",
+               b.coalition_sizes)  # fmt: skip
         _check(_finite(b.budget) and 0 < b.budget <= 1, "blackbox.budget (0..1]", b.budget)
         _check(1 <= b.queries <= 1_000_000, "blackbox.queries", b.queries)
         _check(1 <= b.epochs <= 10_000 and 1 <= b.copies <= e.customers, "blackbox.epochs, blackbox.copies",

@@ -288,6 +288,7 @@ def _evaluate(cfg: EvalConfig, out: Path, console: Console, ray_address: str | N
         loaded = load_source(cfg, console)
     with _runner(ray_address, cfg) as run:
         sim, s = loaded or load_source(cfg, console)
+        setup = black_box_setup(cfg, sim, s) if cfg.blackbox.trials else None  # checked before any cell runs
         run.share(s)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.toml").write_text(cfg.to_toml(out))
@@ -299,8 +300,10 @@ def _evaluate(cfg: EvalConfig, out: Path, console: Console, ray_address: str | N
         "fidelity_sweep": sweep,
         "cells": cells,
     }
-    if cfg.blackbox.trials:
-        results["blackbox"] = black_box_cells(cfg, sim, s, console)
+    if setup is not None:
+        results["seconds"] = round(time.perf_counter() - start, 1)
+        write_outputs(out, cfg, _finite(results))  # the white-box cells are kept if the black-box ones fail
+        results["blackbox"] = black_box_cells(cfg, setup, console)
     results["seconds"] = round(time.perf_counter() - start, 1)
     write_outputs(out, cfg, _finite(results))
     return results
@@ -351,21 +354,38 @@ def _run_schemes(
     return cells, fid, sweep
 
 
-def black_box_cells(cfg: EvalConfig, sim: SimConfig, s: Setting, console: Console) -> dict[str, Any]:
-    """The black-box cells on the run's global model (evaluation.blackbox), in this process: the pirates
-    distill on the training pool, the tracer queries the server's held-out share."""
+def black_box_setup(cfg: EvalConfig, sim: SimConfig, s: Setting) -> Any:
+    """What the black-box cells run on (evaluation.blackbox.Setup): the run's global model, the training pool
+    (the pirates' data) and the server's held-out share (the tracer's queries), checked against
+    ``blackbox.queries`` before any cell runs."""
     from securemark.evaluation import blackbox
+    from securemark.fingerprint.function import Basis
+    from securemark.tracing.blackbox import SHIFTS
 
-    b, e, c = cfg.blackbox, cfg.evaluate, cfg.code
+    b = cfg.blackbox
     shape = tuple(int(d) for d in s.test.x.shape[1:])
     spec = models.spec_of(sim.model.name, shape, s.test.classes, sim.model.width)  # type: ignore[arg-type]
     model = models.load_weights(models.build_spec(spec), s.base).eval()
-    setup = blackbox.Setup(model, spec, s.pool, s.test, data.heldout_record(sim.data, sim.train.seed))
+    most = len(SHIFTS) * len(s.test)
+    least = 2 * (Basis.fit(model, s.test.x).directions.shape[1] + 1)  # FunctionMark.min_queries
+    if not least <= b.queries <= most:
+        raise ValueError(f"blackbox.queries = {b.queries}: this run's held-out share ({len(s.test)} inputs) "
+                         f"serves {least}..{most} queries")  # fmt: skip
+    return blackbox.Setup(model, spec, s.pool, s.test, data.heldout_record(sim.data, sim.train.seed))
+
+
+def black_box_cells(cfg: EvalConfig, setup: Any, console: Console) -> dict[str, Any]:
+    """The black-box cells (evaluation.blackbox), in this process, with the config's code and carrier."""
+    from securemark.evaluation import blackbox
+
+    b, e, c = cfg.blackbox, cfg.evaluate, cfg.code
     console.print(f"black-box cells: {len(b.students)} students x {len(b.coalition_sizes) + 1} sizes x {b.trials}")
+    white_box = {"budget": c.budget, "carrier_mode": c.carrier_mode, "include": c.include}
     return blackbox.run(
         setup, customers=e.customers, trials=b.trials, copies=b.copies, colluders=b.coalition_sizes,
         students=b.student_cells(), budget=b.budget, epochs=b.epochs, queries=b.queries, seed=e.seed,
         triggers=b.triggers, tail=b.tail, length=c.length, max_colluders=c.max_colluders, eps=c.eps,
+        white_box=white_box,
     )  # fmt: skip
 
 

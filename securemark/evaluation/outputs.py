@@ -145,10 +145,11 @@ def report(cfg: EvalConfig, results: dict[str, Any], plots: list[str]) -> str:
         "# securemark evaluation",
         "",
         f"Base model: `{results['source']['run']}` ({results['source']['model']} on {results['source']['data']}), "
-        f"global accuracy {results['global_accuracy']:.4f}. {e.trials} trials per cell, seed {e.seed}; "
-        f"{results['seconds']:.0f} s in all.",
+        f"global accuracy {results['global_accuracy']:.4f}. "
+        + (f"{e.trials} trials per white-box cell" if results["cells"] else "Black-box cells only")
+        + f", seed {e.seed}; {results['seconds']:.0f} s in all.",
         f"Code: L = {cfg.code.length}, c_max = {cfg.code.max_colluders}, eps = {cfg.code.eps}, "
-        f"budget = {cfg.code.budget}, carrier {cfg.code.carrier_mode}.",
+        f"white-box budget = {cfg.code.budget}, carrier {cfg.code.carrier_mode}.",
         "",
         "caught: at least one colluder accused. Intervals are Wilson 95%. c = 0 is a control: the unmarked base "
         "model under the attack, where every accusation is false. bit agreement: the share of the positions where "

@@ -242,6 +242,9 @@ class FunctionMark:
         x = self.basis.regressors(base_features)
         if q < self.min_queries:
             raise FunctionMarkError(f"{q} queries are too few: the reading fits {x.shape[1]} regressors (need 2x)")
+        if np.linalg.matrix_rank(x) < x.shape[1]:  # e.g. every query the same image: nothing can be read
+            raise FunctionMarkError("the queries do not vary the base's features enough to read the mark; "
+                                    "query natural, varied inputs")  # fmt: skip
         answers = answers[:, class_order(answers, base_logits)]
         base = base_logits if floor is None else np.maximum(base_logits - _logsumexp(base_logits), floor)
         a, z = centred(answers), centred(base)

@@ -16,6 +16,7 @@ import json
 import math
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
 from dataclasses import dataclass
@@ -154,6 +155,8 @@ class HttpV2Oracle:
             raise OracleError(f"need retries >= 0 and a finite timeout > 0, got {retries}, {timeout}")
         if not url.startswith(("http://", "https://")):
             raise OracleError(f"--endpoint must be an http(s) URL like http://host:port/v2/models/NAME, got {url!r}")
+        if "@" in urllib.parse.urlsplit(url).netloc:  # urllib would not send them, and errors would echo them
+            raise OracleError("--endpoint must not carry credentials (user:password@host)")
         self.url = url.rstrip("/")
         self._budget, self.batch, self.timeout, self.retries = Budget(budget), batch, timeout, retries
         self.input_name = input_name or self._input_name()

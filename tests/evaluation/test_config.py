@@ -79,8 +79,14 @@ def test_bad_evaluation_configs_name_the_key(raw, message):
         ({"blackbox": {"coalition_sizes": [0]}}, "blackbox.coalition_sizes"),
         ({"blackbox": {"coalition_sizes": [1001]}}, "blackbox.coalition_sizes"),
         ({"blackbox": {"budget": 0.0}}, "blackbox.budget"),
-        ({"blackbox": {"tail": -1}}, "blackbox.triggers, blackbox.tail"),
+        ({"blackbox": {"trials": 1, "tail": -1}}, "blackbox.triggers, blackbox.tail"),
         ({"blackbox": {"copies": 0}}, "blackbox.epochs, blackbox.copies"),
+        ({"blackbox": {"students": ["cnn:0.05"]}}, "blackbox.students"),
+        ({"blackbox": {"coalition_sizes": [1, 1]}}, "blackbox.coalition_sizes"),
+        ({"blackbox": {"coalition_sizes": []}}, "blackbox.coalition_sizes"),
+        ({"blackbox": {"tail": 5}}, "blackbox.trials"),
+        ({"blackbox": {"trials": -1}}, "blackbox.trials"),
+        ({"attacks": {}, "blackbox": {"trials": 1}, "fidelity": {"budgets": [0.1]}}, "fidelity"),
     ],
 )
 def test_evaluation_values_are_range_checked(raw, key):

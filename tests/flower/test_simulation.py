@@ -127,6 +127,9 @@ def test_black_box_cells_alone_on_the_run(smoke_run, tmp_path):
     )
     cfg = EvalConfig.load(config)
     assert plan(cfg) == []
+    with pytest.raises(ValueError, match="serves"):  # refused before any cell runs
+        evaluate(EvalConfig.load(config, ["blackbox.queries=100000"]), tmp_path / "refused")
+    assert not (tmp_path / "refused" / "results.json").exists()
     results = evaluate(cfg, tmp_path / "eval")
     assert results["cells"] == [] and results["fidelity"] == {}
     cells = {c["name"]: c for c in results["blackbox"]["cells"]}

@@ -83,6 +83,9 @@ def test_cli_black_box_trace_and_its_refusals(world, tmp_path, capsys):
                  "--queries", "300", "--json"])  # fmt: skip
     assert code == 0 and json.loads(capsys.readouterr().out)["accused"] == ["c002"]
     assert main(["trace", str(directory)]) == 2 and "exactly one suspect" in capsys.readouterr().err
+    np.savez(tmp_path / "zeros.npz", x=np.zeros_like(held[:300]))  # one image 300 times: no reading at all
+    argv = ["trace", str(directory), "--query-model", str(path), "--query-data", str(tmp_path / "zeros.npz")]
+    assert main([*argv, "--queries", "300"]) == 2 and "do not vary" in capsys.readouterr().err
     assert main(["trace", str(directory), "--query-model", str(tmp_path / "q.npz")]) == 2
     assert "not a loadable TorchScript" in capsys.readouterr().err
 
@@ -151,6 +154,9 @@ def test_http_oracle_errors_and_retries(odd_server):
     assert flaky(x).shape == (4, 3) and _Answer.fails == 2  # two 503s, then an answer
     with pytest.raises(OracleError, match="must be an http"):
         HttpV2Oracle("ftp://x", 10)
+    with pytest.raises(OracleError, match="credentials") as caught:
+        HttpV2Oracle("http://user:hunter2@127.0.0.1:9/v2/models/m", 10)
+    assert "hunter2" not in str(caught.value)
     with pytest.raises(OracleError, match="unreachable"):
         HttpV2Oracle("http://127.0.0.1:9/v2/models/m", 10, retries=0, timeout=2)
 
