@@ -228,7 +228,9 @@ class FunctionMark:
         Three gauges a server may apply to its outputs are undone first, from the answers and the base alone
         (so an innocent's row stays independent of the reading): a class order (the answers' columns matched
         to the base's classes by the assignment that maximizes top-1 agreement); censoring, when ``floor`` (a
-        log-probability) is given, by clamping the base's log-probabilities at it too; and a scale (a
+        log-probability) is given: a top-k answer (the same k < C entries above the floor in every row,
+        renormalized or not) is read from those entries alone (masked_fit), any other censoring (rounding,
+        float16, clamps) by clamping the base's log-probabilities at the floor too; and a scale (a
         temperature, log base 10, logits multiplied up), by dividing the answers' coefficients by tau, their
         least-squares factor against the base's own coefficients on the skipped components, where no mark is
         written. An intact copy has the identity order and tau = 1 exactly (tau is kept within [1e-6, 1e6];
@@ -246,16 +248,27 @@ class FunctionMark:
             raise FunctionMarkError("the queries do not vary the base's features enough to read the mark; "
                                     "query natural, varied inputs")  # fmt: skip
         answers = answers[:, class_order(answers, base_logits)]
-        base = base_logits if floor is None else np.maximum(base_logits - _logsumexp(base_logits), floor)
-        a, z = centred(answers), centred(base)
-        coef, *_ = np.linalg.lstsq(x, np.hstack([a, z]), rcond=None)  # (regressors, 2C)
-        ca, cz = coef[:, :c], coef[:, c:]
+        observed = None if floor is None else answers > floor
+        kept = None if observed is None else observed.sum(axis=1)
+        if kept is not None and np.ptp(kept) <= 1 and np.max(kept) < c:  # the same k < C entries in every row
+            ca, cz = masked_fit(x, answers, observed), masked_fit(x, base_logits, observed)  # type: ignore[arg-type]
+        else:
+            base = base_logits if floor is None else np.maximum(base_logits - _logsumexp(base_logits), floor)
+            a, z = centred(answers), centred(base)
+            coef, *_ = np.linalg.lstsq(x, np.hstack([a, z]), rcond=None)  # (regressors, 2C)
+            ca, cz = coef[:, :c], coef[:, c:]
+            observed = None
         k, skip = self.basis.components, self.basis.skip
         nuisance = float(np.sum(cz[k : k + skip] ** 2))
         tau = float(np.clip(np.sum(ca[k : k + skip] * cz[k : k + skip]) / nuisance, 1e-6, 1e6)) if nuisance else 1.0
         mark = helmert(c).T @ (ca[:k] / tau - cz[:k]).T  # (C - 1, K)
         y = self.code.T @ mark.reshape(-1) / self.strength
-        residual = a / tau - z
+        if observed is None:
+            residual = a / tau - z
+        else:  # over the observed entries, around each query's own mean
+            d = np.where(observed, answers / tau - base_logits, 0.0)
+            n = np.maximum(observed.sum(axis=1, keepdims=True), 1)
+            residual = np.where(observed, d - d.sum(axis=1, keepdims=True) / n, 0.0)
         fitted = x @ (ca / tau - cz)
         return Reading(y, q, float(np.sqrt(np.mean(np.sum(residual**2, axis=1)))),
                        float(np.sqrt(np.mean(np.sum(fitted**2, axis=1)))), tau)  # fmt: skip
@@ -279,6 +292,29 @@ class FunctionMark:
     def min_queries(self) -> int:
         """Queries a reading needs: twice the regressors (marked and skipped components and a constant)."""
         return 2 * (self.basis.directions.shape[1] + 1)
+
+
+def masked_fit(x: np.ndarray, y: np.ndarray, observed: np.ndarray) -> np.ndarray:
+    """Coefficients B (R x C, class-centred) of y_q = B^T x_q + c_q (a free constant per query) fitted on the
+    ``observed`` entries of y (Q x C) only: the least-squares fit of each query's observed entries around
+    their own mean. With every entry observed it is the plain regression of the centred rows of y on x; a
+    query with fewer than two observed entries says nothing (a top-1-only answer carries no mark)."""
+    q, r = x.shape
+    c = y.shape[1]
+    o = observed.astype(np.float64)
+    n = o.sum(axis=1, keepdims=True)
+    inv = np.where(n > 0, 1.0 / np.maximum(n, 1.0), 0.0)
+    normal = np.zeros((r, c, r, c))
+    for k in range(c):  # sum_q x_q x_q^T (x) diag(o_q)
+        normal[:, k, :, k] = (x * o[:, k : k + 1]).T @ x
+    z = (x[:, :, None] * (o * np.sqrt(inv))[:, None, :]).reshape(q, r * c)  # minus sum_q x_q x_q^T (x) o o^T / n
+    normal = normal.reshape(r * c, r * c) - z.T @ z
+    yo = np.where(observed, y, 0.0)
+    rhs = x.T @ (yo - o * (yo.sum(axis=1, keepdims=True) * inv))  # sum_q x_q (x) Pi_q y_q
+    # min norm, so class-centred; directions the mask leaves (nearly) unseen are dropped, not amplified
+    beta, *_ = np.linalg.lstsq(normal, rhs.reshape(-1), rcond=1e-8)
+    coef = beta.reshape(r, c)
+    return coef - coef.mean(axis=1, keepdims=True)
 
 
 def class_order(answers: np.ndarray, base_logits: np.ndarray) -> np.ndarray:

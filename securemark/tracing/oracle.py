@@ -69,8 +69,8 @@ def as_log_scores(out: np.ndarray, kind: str = "auto") -> tuple[np.ndarray, str,
 
     Probabilities are often post-processed before they are served: rounded, kept to the top k, clamped. Every
     value at or below the smallest positive one reported is censored. When the answers show it (zeros, or
-    several values tied at the smallest), the floor is the log of that value, and the reader clamps the base's
-    log-probabilities at the same floor (fingerprint.function); otherwise the floor is None."""
+    several values tied at the smallest), the floor is the log of that value, and the reader leaves every
+    entry at the floor out of its fit (fingerprint.function.masked_fit); otherwise the floor is None."""
     out = np.asarray(out, dtype=np.float64)
     if out.ndim != 2 or out.shape[1] < 2:
         raise OracleError(f"expected outputs of shape [batch, classes], got {list(out.shape)}")
@@ -81,10 +81,12 @@ def as_log_scores(out: np.ndarray, kind: str = "auto") -> tuple[np.ndarray, str,
     if kind not in OUTPUT_KINDS:
         raise ValueError(f"outputs must be one of {OUTPUT_KINDS}, got {kind!r}")
     sums = out.sum(axis=1)
-    total = float(np.median(sums))
-    if kind == "auto":  # non-negative rows with one common sum (1, or 100 for percentages): probabilities
+    total = float(np.max(sums))
+    if kind == "auto":  # non-negative rows with one common sum (1, or 100 for percentages): probabilities,
+        # also when zeros show entries left out and no row sums above that total (a top-k answer, unnormalized)
         same_sum = total > 0 and bool(np.allclose(sums, total, rtol=0.05))
-        kind = "probs" if bool(np.all(out >= 0)) and same_sum else "logits"
+        cut = bool(np.any(out == 0)) and bool(np.all(sums > 0)) and bool(np.all(sums <= total))
+        kind = "probs" if bool(np.all(out >= 0)) and (same_sum or cut) else "logits"
     if kind == "logits":
         return out, kind, None
     if np.any(out < 0) or not total > 0 or np.any(out > 1.05 * total):

@@ -17,6 +17,7 @@ from securemark.fingerprint.function import (
     features_and_logits,
     helmert,
     last_linear,
+    masked_fit,
 )
 from securemark.fingerprint.keys import OwnerSecret
 
@@ -136,3 +137,30 @@ def test_class_order_is_the_identity_for_a_copy_and_undoes_a_permutation():
     perm = np.array([2, 0, 1, 5, 3, 4])
     served = z[:, perm]  # column j of what is served is the base's class perm[j]
     assert np.array_equal(served[:, class_order(served, z)], z)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), keep=st.floats(0.3, 1.0))
+def test_masked_fit_recovers_the_coefficients_from_the_observed_entries_alone(seed, keep):
+    """y_q = B^T x_q + c_q on the entries a mask keeps (at least two per query): B comes back exactly,
+    class-centred, whatever the per-query constants and whatever sits in the entries left out."""
+    rng = np.random.default_rng(seed)
+    q, r, c = 120, 5, 6
+    x = rng.standard_normal((q, r))
+    b = rng.standard_normal((r, c))
+    y = x @ b + rng.standard_normal((q, 1)) * 10
+    observed = rng.random((q, c)) < keep
+    observed[:, :2] = True
+    y_seen = np.where(observed, y, rng.standard_normal((q, c)) * 1e6)  # garbage where censored
+    assert np.allclose(masked_fit(x, y_seen, observed), b - b.mean(axis=1, keepdims=True), atol=1e-8)
+
+
+def test_masked_fit_with_every_entry_observed_is_the_centred_regression():
+    """The fast path (lstsq of the centred rows) and the masked fit agree when nothing is censored."""
+    rng = np.random.default_rng(3)
+    x, y = rng.standard_normal((200, 7)), rng.standard_normal((200, 5))
+    plain, *_ = np.linalg.lstsq(x, y - y.mean(axis=1, keepdims=True), rcond=None)
+    assert np.allclose(masked_fit(x, y, np.ones_like(y, bool)), plain, atol=1e-10)
+    one = np.zeros_like(y, bool)
+    one[:, 0] = True  # one entry per query (a top-1 answer): nothing to fit
+    assert np.allclose(masked_fit(x, y, one), 0.0)

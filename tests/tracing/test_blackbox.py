@@ -207,7 +207,8 @@ def test_distillation_attack_and_coalition_teacher(world):
 
 class _Served(torch.nn.Module):
     """A copy served through post-processing a pirate might apply: a temperature, log10 scores, scaled
-    probabilities or logits, rounding, its classes in another order; or one that writes into its inputs."""
+    probabilities or logits, rounding, the top 3 only, its classes in another order; or one that writes into
+    its inputs."""
 
     def __init__(self, inner, kind):
         super().__init__()
@@ -227,13 +228,18 @@ class _Served(torch.nn.Module):
             return z * 1000.0
         if self.kind == "rounded":  # three decimals: most small probabilities become 0 or 0.001
             return torch.round(torch.softmax(z, dim=1) * 1000.0) / 1000.0
+        if self.kind in ("top3", "top3-renormalized"):  # only the three largest probabilities, the rest 0
+            p = torch.softmax(z, dim=1)
+            kept = torch.zeros_like(p).scatter(1, p.topk(3, dim=1).indices, 1.0) * p
+            return kept / kept.sum(dim=1, keepdim=True) if self.kind == "top3-renormalized" else kept
         x.mul_(-1.0)  # "tamper": writes into the owner's query inputs after answering
         return z
 
 
-@pytest.mark.parametrize(
-    "kind", ["temperature", "log10", "scaled-probs", "rounded", "permuted", "scaled-logits", "tamper"]
-)
+SERVED = ["temperature", "log10", "scaled-probs", "rounded", "top3", "top3-renormalized", "permuted", "scaled-logits"]
+
+
+@pytest.mark.parametrize("kind", [*SERVED, "tamper"])
 def test_served_transforms_and_tampering_do_not_hide_the_leaker(world, tmp_path, kind):
     directory, _, copies, _ = world
     path = tmp_path / "served.pt"
