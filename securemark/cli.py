@@ -174,6 +174,8 @@ def cmd_issue(a: argparse.Namespace) -> None:
     out: Path = a.out
     if out.suffix not in modelio.MODEL_SUFFIXES:
         raise modelio.ModelFileError(f"{out}: unknown model format; use one of {', '.join(modelio.MODEL_SUFFIXES)}")
+    if out.resolve() == Path(a.model).resolve() or Path(a.directory).resolve() in out.resolve().parents:
+        raise ValueError(f"{out}: a copy is never written over the base model or inside the registry")
     _check_writable(out)
     base = modelio.load_state_dict(a.model)
     function = None
@@ -364,7 +366,8 @@ def cmd_bench_blackbox(a: argparse.Namespace) -> object:
 
     result = bench_blackbox(
         customers=a.customers, trials=a.trials, copies=a.copies, colluders=tuple(a.colluders),
-        students=students_of(tuple(a.archs), tuple(a.temperatures), not a.no_hard), budget=a.budget,
+        students=[] if a.no_students else students_of(tuple(a.archs), tuple(a.temperatures), not a.no_hard),
+        budget=a.budget,
         epochs=a.epochs, queries=a.queries, seed=a.seed, base=a.base, triggers=a.triggers, tail=a.tail,
     )  # fmt: skip
     cells: list[dict[str, object]] = result["cells"]  # type: ignore[assignment]
@@ -422,7 +425,11 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
     results = evaluate(cfg, out, ray_address=a.ray)
     cells = results["cells"]
     below = sum(not meets_target(c) for c in cells)
-    print(f"done: {len(cells)} cells, {below} below target (catch >= 0.99, no innocent); report: {out / 'report.md'}")
+    done = f"done: {len(cells)} white-box cells, {below} below target (catch >= 0.99, no innocent)"
+    if "blackbox" in results:
+        bb = [c for c in results["blackbox"]["cells"] if c["catch"] is not None]
+        done += f"; {len(results['blackbox']['cells'])} black-box cells, {sum(c['catch'] < 0.99 for c in bb)} below"
+    print(f"{done}; report: {out / 'report.md'}")
 
 
 def cmd_demo(a: argparse.Namespace) -> None:
@@ -637,6 +644,7 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("--temperatures", type=_finite, nargs="+", default=[1.0, 4.0])
     bb.add_argument("--archs", nargs="+", choices=("cnn", "mlp"), default=["cnn", "mlp"])
     bb.add_argument("--no-hard", action="store_true", help="skip the hard-label students")
+    bb.add_argument("--no-students", action="store_true", help="no distilled students: fidelity, intact copies")
     bb.add_argument("--budget", type=_finite, default=0.03, help="function mark RMS / centred logits RMS")
     bb.add_argument("--epochs", type=_positive, default=20, help="the pirate's distillation epochs")
     bb.add_argument("--queries", type=_positive, default=10_000, help="the tracer's queries per student")

@@ -146,6 +146,10 @@ def prepare_function_mark(registry: Registry, base_model: StateDict, spec: Funct
             what = "; ".join(f"{k}: recorded {a!r}, asked {b!r}" for k, (a, b) in differ.items())
             raise RegistryError(f"this base's function mark is recorded already, differently ({what})")
         return recorded[0], recorded[1], None
+    current = registry.base()
+    if current is not None and current.digest == state_digest(base_model) and registry.deliveries():
+        raise RegistryError("copies of this base were issued without a function mark; recording one now would "
+                            "leave them without it (use a new registry, or issue without --config)")  # fmt: skip
     basis = Basis.fit(module, spec.heldout, spec.skip, spec.components)
     fm = FunctionMark.create(registry.secret, basis, registry.bias(), float(spec.budget))
     fm.embed(dict(base_model), layer, np.zeros(fm.length, dtype=np.uint8))  # the edit fits the layer
@@ -268,9 +272,13 @@ def issue_copies(
 
     The base is hashed and the projection derived once for the whole batch, not once per customer.
     """
+    if isinstance(customers, str):
+        raise TypeError(f"customers must be a collection of names, not the string {customers!r}")
     customers = list(customers)
     for name in customers:
         Registry.check_customer_name(name)
+    if len(set(customers)) != len(customers):
+        raise RegistryError("a customer is named twice in one batch")
     prepared = function_mark_for(registry, base_model, function)  # checked before anything is recorded
     fp, base = establish_base(registry, base_model, strength)
     fm = None if prepared is None else record_function_mark(registry, base_model, prepared)

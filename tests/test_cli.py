@@ -431,6 +431,8 @@ def test_a_refused_issue_records_nothing(tmp_path, capsys):
         (reg, "base.pt", " alice", "alice.pt", "surrounding spaces"),
         (reg, "base.pt", "alice", "adir.pt", "is a directory"),
         (reg, "base.pt", "alice", "base.pt/alice.pt", "cannot write there"),
+        (reg, "base.pt", "alice", "base.pt", "never written over the base model or inside the registry"),
+        (reg, "base.pt", "alice", "reg/alice.pt", "never written over the base model or inside the registry"),
         (bibd, "base.pt", "alice", "alice.pt", "this registry uses BIBD"),
     ]
     for directory, model, name, out, message in cases:
@@ -445,6 +447,14 @@ def test_a_refused_issue_records_nothing(tmp_path, capsys):
     code, _, err = run(capsys, *argv, str(tmp_path / "bob.pt"), "--config", str(other))
     assert code == 2 and "recorded already, differently (budget: recorded 0.03, asked 0.5)" in err
     assert _registry_state(reg)[0] == ["ann"] and not (tmp_path / "bob.pt").exists()
+    # a base whose copies went out without a function mark never gets one later (they would lack it)
+    late = tmp_path / "late"
+    assert run(capsys, "registry", "init", str(late), "--length", "256", "--max-colluders", "3", *exclude)[0] == 0
+    argv = ["issue", str(late), "--model", str(tmp_path / "base.pt"), "--customer", "cy", "--out"]
+    assert run(capsys, *argv, str(tmp_path / "cy.pt"))[0] == 0
+    argv[5] = "di"
+    code, _, err = run(capsys, *argv, str(tmp_path / "di.pt"), "--config", str(config))
+    assert code == 2 and "issued without a function mark" in err and _registry_state(late)[0] == ["cy"]
 
 
 def test_a_binary_file_given_as_a_config_is_not_quoted(tmp_path, capsys):

@@ -362,3 +362,16 @@ def test_damaged_bases_are_refused_and_temp_files_never_travel(reg):
     conn.close()
     with pytest.raises(RegistryError, match="corrupt"):
         Registry.open(reg.directory).bases()
+
+
+def test_issue_copies_refuses_a_bare_string_and_a_name_twice_before_recording(tmp_path):
+    from securemark.models import build
+    from securemark.owner import issue_copies
+
+    reg = Registry.init(tmp_path / "r", RegistryParams(code="tardos", length=64, max_colluders=2))
+    base = build("cnn", (1, 8, 8), 10).state_dict()
+    with pytest.raises(TypeError, match="not the string 'alice'"):
+        issue_copies(reg, base, "alice")
+    with pytest.raises(RegistryError, match="named twice"):
+        issue_copies(reg, base, ["a", "b", "a"])
+    assert reg.customers() == [] and reg.base() is None

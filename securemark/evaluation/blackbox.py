@@ -27,6 +27,7 @@ from securemark import data, models, training
 from securemark.attacks.distillation import distill, ensemble
 from securemark.fingerprint import triggers
 from securemark.fingerprint.function import FunctionMark
+from securemark.modelio import load_state_dict
 from securemark.owner import FunctionSpec, establish_base, establish_function_mark, mark
 from securemark.registry import Registry, RegistryParams
 from securemark.tracing.blackbox import BlackBoxTracer
@@ -89,6 +90,9 @@ class TriggerCell:
 
     def row(self) -> dict[str, object]:
         out = asdict(self)
+        control = self.name.endswith("control")
+        out["catch"] = None if control or not self.trials else self.caught_binomial / self.trials
+        out["argmax_names_a_pirate"] = None if control else self.argmax_names_a_pirate
         out["suspect_accuracy"] = float(np.mean(self.suspect_accuracy)) if self.suspect_accuracy else None
         return out
 
@@ -319,7 +323,7 @@ def main(base: Path | None = None, seed: int = 0, **kw: object) -> dict[str, obj
     if base is None:
         model = train_base(pool, seed)
     else:
-        model = models.load_weights(models.build_spec(spec), torch.load(base, weights_only=True)).eval()
+        model = models.load_weights(models.build_spec(spec), load_state_dict(base)).eval()
     record = {"name": "mnist5k", "seed": seed, "test_fraction": 0.2, "files": ""}
     result = run(Setup(model, spec, pool, held, record), seed=seed, **kw)  # type: ignore[arg-type]
     result["seconds"] = round(time.perf_counter() - start_time, 1)

@@ -126,6 +126,7 @@ class EvalConfig(TomlConfig):
                "black-box cells)", b.trials)  # fmt: skip
         _check(bool(b.students) and all(_student_ok(x) for x in b.students), "blackbox.students (cnn|mlp:T, "
                "T in [0.1, 100], or cnn|mlp:hard)", b.students)  # fmt: skip
+        _check(len(set(b.student_cells())) == len(b.students), "blackbox.students (repeated)", b.students)
         sizes_ok = bool(b.coalition_sizes) and len(set(b.coalition_sizes)) == len(b.coalition_sizes)
         _check(sizes_ok and all(1 <= k <= e.customers for k in b.coalition_sizes), "blackbox.coalition_sizes",
                b.coalition_sizes)  # fmt: skip

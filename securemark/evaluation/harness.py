@@ -301,8 +301,9 @@ def _evaluate(cfg: EvalConfig, out: Path, console: Console, ray_address: str | N
         "cells": cells,
     }
     if setup is not None:
-        results["seconds"] = round(time.perf_counter() - start, 1)
-        write_outputs(out, cfg, _finite(results))  # the white-box cells are kept if the black-box ones fail
+        if cells:  # kept if the black-box cells fail
+            results["seconds"] = round(time.perf_counter() - start, 1)
+            write_outputs(out, cfg, _finite(results))
         results["blackbox"] = black_box_cells(cfg, setup, console)
     results["seconds"] = round(time.perf_counter() - start, 1)
     write_outputs(out, cfg, _finite(results))

@@ -139,7 +139,7 @@ def test_black_box_cells_alone_on_the_run(smoke_run, tmp_path):
     assert sum(c["innocents_accused"] for c in cells.values()) == 0
     assert results["blackbox"]["innocent_tail"]["scores"] == 39 + 40 + 38
     report = (tmp_path / "eval" / "report.md").read_text()
-    assert "## Black-box cells" in report and "No white-box cell was run." in report
+    assert "## Black-box cells" in report and "Black-box cells only" in report and "## Cells" not in report
     assert not (tmp_path / "eval" / "catch.png").exists()
 
 
