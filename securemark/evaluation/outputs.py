@@ -229,8 +229,8 @@ def black_box_section(cfg: EvalConfig, bb: dict[str, Any]) -> list[str]:
         f"owner's held-out data and its shifts. Students distill for {b.epochs} epochs on the training pool; "
         "a control is a student of the unmarked model. leader/threshold: the best pirate's score over the "
         "certified threshold (median over trials; >= 1 is caught).", "",
-        f"Fidelity ({f['copies']} copies): accuracy drop {100 * f['accuracy_drop_mean']:+.2f} pp mean, "
-        f"{100 * f['accuracy_drop_max']:+.2f} pp worst; top-1 agreement with the global model "
+        f"Fidelity ({f['copies']} copies): accuracy against the global model's {-100 * f['accuracy_drop_mean']:+.2f} "
+        f"pp mean, {-100 * f['accuracy_drop_max']:+.2f} pp worst; top-1 agreement with the global model "
         f"{f['agreement_mean']:.4f} mean, {f['agreement_min']:.4f} worst.", "",
         "| cell | trials | catch | innocents accused | student accuracy | leader/threshold |",
         "| --- | --- | --- | --- | --- | --- |",
