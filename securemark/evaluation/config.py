@@ -113,7 +113,8 @@ class EvalConfig(TomlConfig):
         _check(bool(e.schemes) and all(s in SCHEMES for s in e.schemes), f"evaluate.schemes (of {SCHEMES})", e.schemes)
         _check(len(set(e.schemes)) == len(e.schemes), "evaluate.schemes (repeated)", e.schemes)
         sizes = e.coalition_sizes
-        _check(bool(sizes) and all(0 <= k <= e.customers for k in sizes), "evaluate.coalition_sizes", sizes)
+        sizes_fit = bool(sizes) and all(0 <= k <= e.customers for k in sizes)
+        _check(sizes_fit or not self.attacks, "evaluate.coalition_sizes", sizes)  # unused without white-box cells
         _check(1 <= e.trials <= 10_000_000, "evaluate.trials", e.trials)
         _check(0 <= e.seed < 1 << 63, "evaluate.seed", e.seed)
         _check(e.accuracy_trials >= 0, "evaluate.accuracy_trials", e.accuracy_trials)
@@ -132,7 +133,8 @@ class EvalConfig(TomlConfig):
                b.coalition_sizes)  # fmt: skip
         _check(_finite(b.budget) and 0 < b.budget <= 1, "blackbox.budget (0..1]", b.budget)
         _check(1 <= b.queries <= 1_000_000, "blackbox.queries", b.queries)
-        _check(1 <= b.epochs <= 10_000 and 1 <= b.copies <= e.customers, "blackbox.epochs, blackbox.copies",
+        copies_fit = b.copies >= 1 and (b.trials == 0 or b.copies <= e.customers)  # default 10: for the cells only
+        _check(1 <= b.epochs <= 10_000 and copies_fit, "blackbox.epochs, blackbox.copies",
                (b.epochs, b.copies))  # fmt: skip
         _check(0 <= b.triggers <= 1000 and 0 <= b.tail <= 100_000, "blackbox.triggers, blackbox.tail",
                (b.triggers, b.tail))  # fmt: skip

@@ -94,6 +94,15 @@ def test_evaluation_values_are_range_checked(raw, key):
         EvalConfig.from_dict(raw)
 
 
+def test_black_box_defaults_bind_only_when_the_cells_run():
+    """A small white-box evaluation is not refused for the black-box defaults (10 copies), nor a black-box
+    one for the white-box coalition sizes it does not use."""
+    assert EvalConfig.from_dict({"evaluate": {"customers": 5, "coalition_sizes": [0, 1, 2]}}).blackbox.copies == 10
+    cfg = EvalConfig.from_dict({"attacks": {}, "evaluate": {"customers": 5},
+                                "blackbox": {"trials": 1, "copies": 5, "coalition_sizes": [1, 2]}})  # fmt: skip
+    assert cfg.evaluate.coalition_sizes == (1, 2, 4, 8) and plan(cfg) == []
+
+
 def test_black_box_students_parse_and_allow_an_evaluation_without_attacks():
     cfg = EvalConfig.from_dict({"attacks": {}, "blackbox": {"trials": 2, "students": ["cnn:2.5", "mlp:hard"]}})
     assert plan(cfg) == [] and cfg.blackbox.student_cells() == [("cnn", 2.5, False), ("mlp", 1.0, True)]
