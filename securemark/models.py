@@ -105,6 +105,11 @@ def load_weights(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> nn.Module:
     return model
 
 
+def from_spec(spec: Mapping[str, object], sd: Mapping[str, torch.Tensor]) -> nn.Module:
+    """The model :func:`build_spec` names, carrying the weights ``sd`` (:func:`load_weights`), in eval mode."""
+    return load_weights(build_spec(spec), sd).eval()
+
+
 def spec_of(name: str, in_shape: tuple[int, int, int], classes: int, width: int = 0) -> dict[str, object]:
     """What :func:`build_spec` needs to rebuild a model (kept in the registry beside a function mark)."""
     return {"name": name, "in_shape": list(in_shape), "classes": classes, "width": width}

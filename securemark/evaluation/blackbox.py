@@ -79,9 +79,12 @@ class TriggerCell:
     argmax_names_a_pirate: int = 0  # trials where the best match is a pirate (no bound: someone is named)
     suspect_accuracy: list[float] = field(default_factory=list)
 
+    guilty_trials: int = 0  # trials with a pirate to catch (0 for controls)
+
     def add(self, v: triggers.TriggerVerdict, pirates: list[int], accuracy: float | None) -> None:
         accused = set(v.accused.tolist())
         self.trials += 1
+        self.guilty_trials += bool(pirates)
         self.caught_binomial += bool(accused & set(pirates))
         self.innocents_accused += len(accused - set(pirates))
         self.argmax_names_a_pirate += v.argmax in pirates
@@ -90,9 +93,9 @@ class TriggerCell:
 
     def row(self) -> dict[str, object]:
         out = asdict(self)
-        control = self.name.endswith("control")
-        out["catch"] = None if control or not self.trials else self.caught_binomial / self.trials
-        out["argmax_names_a_pirate"] = None if control else self.argmax_names_a_pirate
+        guilty = self.guilty_trials
+        out["catch"] = self.caught_binomial / guilty if guilty else None
+        out["argmax_names_a_pirate"] = self.argmax_names_a_pirate if guilty else None
         out["suspect_accuracy"] = float(np.mean(self.suspect_accuracy)) if self.suspect_accuracy else None
         return out
 
@@ -121,7 +124,7 @@ class Setup:
         return c, h, w
 
     def module(self, sd: dict) -> torch.nn.Module:
-        return models.load_weights(models.build_spec(self.spec), sd).eval()
+        return models.from_spec(self.spec, sd)
 
     def fresh(self, arch: str, seed: int) -> torch.nn.Module:
         return models.build(arch, self.shape, self.held.classes, seed=seed)
@@ -323,7 +326,7 @@ def main(base: Path | None = None, seed: int = 0, **kw: object) -> dict[str, obj
     if base is None:
         model = train_base(pool, seed)
     else:
-        model = models.load_weights(models.build_spec(spec), load_state_dict(base)).eval()
+        model = models.from_spec(spec, load_state_dict(base))
     record = {"name": "mnist5k", "seed": seed, "test_fraction": 0.2, "files": ""}
     result = run(Setup(model, spec, pool, held, record), seed=seed, **kw)  # type: ignore[arg-type]
     result["seconds"] = round(time.perf_counter() - start_time, 1)

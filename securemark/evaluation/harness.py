@@ -366,7 +366,7 @@ def black_box_setup(cfg: EvalConfig, sim: SimConfig, s: Setting) -> Any:
     b = cfg.blackbox
     shape = tuple(int(d) for d in s.test.x.shape[1:])
     spec = models.spec_of(sim.model.name, shape, s.test.classes, sim.model.width)  # type: ignore[arg-type]
-    model = models.load_weights(models.build_spec(spec), s.base).eval()
+    model = models.from_spec(spec, s.base)
     most = len(SHIFTS) * len(s.test)
     least = 2 * (Basis.fit(model, s.test.x).directions.shape[1] + 1)  # FunctionMark.min_queries
     if not least <= b.queries <= most:

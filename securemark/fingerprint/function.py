@@ -248,27 +248,21 @@ class FunctionMark:
             raise FunctionMarkError("the queries do not vary the base's features enough to read the mark; "
                                     "query natural, varied inputs")  # fmt: skip
         answers = answers[:, class_order(answers, base_logits)]
-        observed = None if floor is None else answers > floor
-        kept = None if observed is None else observed.sum(axis=1)
-        if kept is not None and np.ptp(kept) <= 1 and np.max(kept) < c:  # the same k < C entries in every row
-            ca, cz = masked_fit(x, answers, observed), masked_fit(x, base_logits, observed)  # type: ignore[arg-type]
-        else:
+        observed = _top_k(answers, floor)
+        if observed is not None:  # a top-k answer: its k entries alone, the base's with them
+            a, z = centred_on(answers, observed), centred_on(base_logits, observed)
+            ca, cz = masked_fit(x, a, observed), masked_fit(x, z, observed)
+        else:  # other censoring: the base clamped at the same floor
             base = base_logits if floor is None else np.maximum(base_logits - _logsumexp(base_logits), floor)
             a, z = centred(answers), centred(base)
             coef, *_ = np.linalg.lstsq(x, np.hstack([a, z]), rcond=None)  # (regressors, 2C)
             ca, cz = coef[:, :c], coef[:, c:]
-            observed = None
         k, skip = self.basis.components, self.basis.skip
         nuisance = float(np.sum(cz[k : k + skip] ** 2))
         tau = float(np.clip(np.sum(ca[k : k + skip] * cz[k : k + skip]) / nuisance, 1e-6, 1e6)) if nuisance else 1.0
         mark = helmert(c).T @ (ca[:k] / tau - cz[:k]).T  # (C - 1, K)
         y = self.code.T @ mark.reshape(-1) / self.strength
-        if observed is None:
-            residual = a / tau - z
-        else:  # over the observed entries, around each query's own mean
-            d = np.where(observed, answers / tau - base_logits, 0.0)
-            n = np.maximum(observed.sum(axis=1, keepdims=True), 1)
-            residual = np.where(observed, d - d.sum(axis=1, keepdims=True) / n, 0.0)
+        residual = a / tau - z
         fitted = x @ (ca / tau - cz)
         return Reading(y, q, float(np.sqrt(np.mean(np.sum(residual**2, axis=1)))),
                        float(np.sqrt(np.mean(np.sum(fitted**2, axis=1)))), tau)  # fmt: skip
@@ -294,6 +288,23 @@ class FunctionMark:
         return 2 * (self.basis.directions.shape[1] + 1)
 
 
+def centred_on(y: np.ndarray, observed: np.ndarray) -> np.ndarray:
+    """Each row's ``observed`` entries minus their own mean, 0 elsewhere (``centred`` when all are observed)."""
+    yo = np.where(observed, y, 0.0)
+    n = observed.sum(axis=1, keepdims=True)
+    return np.where(observed, yo - yo.sum(axis=1, keepdims=True) / np.maximum(n, 1), 0.0)
+
+
+def _top_k(answers: np.ndarray, floor: float | None) -> np.ndarray | None:
+    """The entries above ``floor`` when every row shows the same k < C of them (ties at the floor allowed):
+    a top-k answer, renormalized or not. None otherwise."""
+    if floor is None:
+        return None
+    observed = answers > floor
+    kept = observed.sum(axis=1)
+    return observed if np.ptp(kept) <= 1 and np.max(kept) < answers.shape[1] else None
+
+
 def masked_fit(x: np.ndarray, y: np.ndarray, observed: np.ndarray) -> np.ndarray:
     """Coefficients B (R x C, class-centred) of y_q = B^T x_q + c_q (a free constant per query) fitted on the
     ``observed`` entries of y (Q x C) only: the least-squares fit of each query's observed entries around
@@ -302,15 +313,13 @@ def masked_fit(x: np.ndarray, y: np.ndarray, observed: np.ndarray) -> np.ndarray
     q, r = x.shape
     c = y.shape[1]
     o = observed.astype(np.float64)
-    n = o.sum(axis=1, keepdims=True)
-    inv = np.where(n > 0, 1.0 / np.maximum(n, 1.0), 0.0)
+    inv = 1.0 / np.maximum(o.sum(axis=1, keepdims=True), 1.0)
     normal = np.zeros((r, c, r, c))
     for k in range(c):  # sum_q x_q x_q^T (x) diag(o_q)
         normal[:, k, :, k] = (x * o[:, k : k + 1]).T @ x
     z = (x[:, :, None] * (o * np.sqrt(inv))[:, None, :]).reshape(q, r * c)  # minus sum_q x_q x_q^T (x) o o^T / n
     normal = normal.reshape(r * c, r * c) - z.T @ z
-    yo = np.where(observed, y, 0.0)
-    rhs = x.T @ (yo - o * (yo.sum(axis=1, keepdims=True) * inv))  # sum_q x_q (x) Pi_q y_q
+    rhs = x.T @ centred_on(y, observed)  # sum_q x_q (x) Pi_q y_q
     # min norm, so class-centred; directions the mask leaves (nearly) unseen are dropped, not amplified
     beta, *_ = np.linalg.lstsq(normal, rhs.reshape(-1), rcond=1e-8)
     coef = beta.reshape(r, c)

@@ -677,15 +677,10 @@ class SecureMark(Strategy):
             )
         fm, made_from = self._round.get("function", (None, None))
         if fm is not None and self.function is not None and issued:
-            spec = self.function.model
-
-            def module(sd: dict[str, torch.Tensor]) -> torch.nn.Module:
-                return models.load_weights(models.build_spec(spec), sd)
-
-            x = self.function.heldout
-            view = features_and_logits(module(made_from), x)  # the base's side, once for every copy
+            spec, x = self.function.model, self.function.heldout
+            view = features_and_logits(models.from_spec(spec, made_from), x)  # the base's side, once for every copy
             out["min_function_cosine"] = min(
-                fm[0].health(view, module(copy), self.bits[n], x) for n, copy in issued.items()
+                fm[0].health(view, models.from_spec(spec, copy), self.bits[n], x) for n, copy in issued.items()
             )
         return out
 

@@ -98,7 +98,7 @@ def _model(registry: Registry, base: Base, mark: FunctionMark, layer_name: str, 
         sd = registry.base_model(base)
         if sd is None:
             raise ValueError("the base's model file is missing")
-        model = models.load_weights(models.build_spec(info["model"]), sd).eval()
+        model = models.from_spec(info["model"], sd)
         name, layer = last_linear(model)
         basis = mark.basis
         if name != layer_name or layer.out_features != basis.classes or layer.in_features != basis.mean.shape[0]:

@@ -63,9 +63,10 @@ class Law:
             raise ValueError(f"observation has shape {y.shape}, bias {bias.shape}")
         if not np.all(np.isfinite(y)):
             raise ValueError("the observation holds non-finite values")
-        if np.max(np.abs(y), initial=0.0) > MAX_OBSERVATION:
+        top = float(np.max(np.abs(y), initial=0.0))
+        if top > MAX_OBSERVATION:
             raise ValueError(f"the observation holds values beyond {MAX_OBSERVATION:g}: no verdict (absurd input)")
-        keep = (y != 0) if np.max(np.abs(y), initial=0.0) >= 1.0 / MAX_OBSERVATION else np.zeros(y.shape, bool)
+        keep = (y != 0) if top >= 1.0 / MAX_OBSERVATION else np.zeros(y.shape, bool)
         return cls(y[keep] / np.sqrt(bias[keep] * (1.0 - bias[keep])), bias[keep])
 
     @cached_property

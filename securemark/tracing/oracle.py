@@ -83,9 +83,9 @@ def as_log_scores(out: np.ndarray, kind: str = "auto") -> tuple[np.ndarray, str,
     sums = out.sum(axis=1)
     total = float(np.max(sums))
     if kind == "auto":  # non-negative rows with one common sum (1, or 100 for percentages): probabilities,
-        # also when zeros show entries left out and no row sums above that total (a top-k answer, unnormalized)
+        # also when zeros show entries left out of rows that are all positive (a top-k answer, unnormalized)
         same_sum = total > 0 and bool(np.allclose(sums, total, rtol=0.05))
-        cut = bool(np.any(out == 0)) and bool(np.all(sums > 0)) and bool(np.all(sums <= total))
+        cut = bool(np.any(out == 0)) and bool(np.all(sums > 0))
         kind = "probs" if bool(np.all(out >= 0)) and (same_sum or cut) else "logits"
     if kind == "logits":
         return out, kind, None
