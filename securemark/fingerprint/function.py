@@ -228,9 +228,9 @@ class FunctionMark:
         Three gauges a server may apply to its outputs are undone first, from the answers and the base alone
         (so an innocent's row stays independent of the reading): a class order (the answers' columns matched
         to the base's classes by the assignment that maximizes top-1 agreement); censoring, when ``floor`` (a
-        log-probability) is given: a top-k answer (the same k < C entries above the floor in every row,
-        renormalized or not) is read from those entries alone (masked_fit), any other censoring (rounding,
-        float16, clamps) by clamping the base's log-probabilities at the floor too; and a scale (a
+        log-probability) is given (rounding, float16, clamps, a top-k answer renormalized or not, k even
+        varying by row), by reading each query's entries above the floor alone, around their own mean, the
+        base's same entries with them (masked_fit); and a scale (a
         temperature, log base 10, logits multiplied up), by dividing the answers' coefficients by tau, their
         least-squares factor against the base's own coefficients on the skipped components, where no mark is
         written. An intact copy has the identity order and tau = 1 exactly (tau is kept within [1e-6, 1e6];
@@ -248,13 +248,12 @@ class FunctionMark:
             raise FunctionMarkError("the queries do not vary the base's features enough to read the mark; "
                                     "query natural, varied inputs")  # fmt: skip
         answers = answers[:, class_order(answers, base_logits)]
-        observed = _top_k(answers, floor)
-        if observed is not None:  # a top-k answer: its k entries alone, the base's with them
+        if floor is not None:  # censored answers: the entries above the floor alone, the base's with them
+            observed = answers > floor
             a, z = centred_on(answers, observed), centred_on(base_logits, observed)
             ca, cz = masked_fit(x, a, observed), masked_fit(x, z, observed)
-        else:  # other censoring: the base clamped at the same floor
-            base = base_logits if floor is None else np.maximum(base_logits - _logsumexp(base_logits), floor)
-            a, z = centred(answers), centred(base)
+        else:
+            a, z = centred(answers), centred(base_logits)
             coef, *_ = np.linalg.lstsq(x, np.hstack([a, z]), rcond=None)  # (regressors, 2C)
             ca, cz = coef[:, :c], coef[:, c:]
         k, skip = self.basis.components, self.basis.skip
@@ -295,16 +294,6 @@ def centred_on(y: np.ndarray, observed: np.ndarray) -> np.ndarray:
     return np.where(observed, yo - yo.sum(axis=1, keepdims=True) / np.maximum(n, 1), 0.0)
 
 
-def _top_k(answers: np.ndarray, floor: float | None) -> np.ndarray | None:
-    """The entries above ``floor`` when every row shows the same k < C of them (ties at the floor allowed):
-    a top-k answer, renormalized or not. None otherwise."""
-    if floor is None:
-        return None
-    observed = answers > floor
-    kept = observed.sum(axis=1)
-    return observed if np.ptp(kept) <= 1 and np.max(kept) < answers.shape[1] else None
-
-
 def masked_fit(x: np.ndarray, y: np.ndarray, observed: np.ndarray) -> np.ndarray:
     """Coefficients B (R x C, class-centred) of y_q = B^T x_q + c_q (a free constant per query) fitted on the
     ``observed`` entries of y (Q x C) only: the least-squares fit of each query's observed entries around
@@ -335,11 +324,6 @@ def class_order(answers: np.ndarray, base_logits: np.ndarray) -> np.ndarray:
     np.add.at(agree, (base_logits.argmax(axis=1), answers.argmax(axis=1)), 1.0)
     rows, cols = linear_sum_assignment(agree + 1e-9 * np.eye(c), maximize=True)
     return cols[np.argsort(rows)]
-
-
-def _logsumexp(z: np.ndarray) -> np.ndarray:
-    top = z.max(axis=1, keepdims=True)
-    return top + np.log(np.sum(np.exp(z - top), axis=1, keepdims=True))
 
 
 @dataclass(frozen=True)

@@ -232,11 +232,17 @@ class _Served(torch.nn.Module):
             p = torch.softmax(z, dim=1)
             kept = torch.zeros_like(p).scatter(1, p.topk(3, dim=1).indices, 1.0) * p
             return kept / kept.sum(dim=1, keepdim=True) if self.kind == "top3-renormalized" else kept
+        if self.kind == "top-k varying":  # k = 2, 3, 4, 5 by row: no common number of entries
+            p = torch.softmax(z, dim=1)
+            k = 2 + torch.arange(len(p)) % 4
+            rank = p.argsort(dim=1, descending=True).argsort(dim=1)
+            return torch.where(rank < k[:, None], p, torch.zeros_like(p))
         x.mul_(-1.0)  # "tamper": writes into the owner's query inputs after answering
         return z
 
 
-SERVED = ["temperature", "log10", "scaled-probs", "rounded", "top3", "top3-renormalized", "permuted", "scaled-logits"]
+SERVED = ["temperature", "log10", "scaled-probs", "rounded", "top3", "top3-renormalized", "top-k varying", "permuted",
+          "scaled-logits"]  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", [*SERVED, "tamper"])
