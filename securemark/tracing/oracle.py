@@ -65,7 +65,8 @@ class Budget:
 def as_log_scores(out: np.ndarray, kind: str = "auto") -> tuple[np.ndarray, str, float | None]:
     """(log-probabilities or logits, the kind read, the censoring floor). ``auto`` reads non-negative rows that
     share one sum (within 5%: 1, or 100 for percentages) as probabilities, anything else as logits. A common
-    factor is a constant per row in log space, which the reader's centring removes.
+    factor is a constant per row in log space, which the reader's centring removes; a common offset (a
+    constant added to every probability, even one that makes them negative) is undone first (_undo_offset).
 
     Probabilities are often post-processed before they are served: rounded, kept to the top k, clamped. Every
     value at or below the smallest positive one reported is censored. When the answers show it (zeros, or
@@ -80,6 +81,9 @@ def as_log_scores(out: np.ndarray, kind: str = "auto") -> tuple[np.ndarray, str,
         raise OracleError(f"the suspect answered values beyond {ABSURD:g}: absurd for a model's outputs, no verdict")
     if kind not in OUTPUT_KINDS:
         raise ValueError(f"outputs must be one of {OUTPUT_KINDS}, got {kind!r}")
+    if kind != "logits":
+        out, shifted = _undo_offset(out)
+        kind = "probs" if shifted else kind
     sums = out.sum(axis=1)
     total = float(np.max(sums))
     if kind == "auto":  # non-negative rows with one common sum (1, or 100 for percentages): probabilities,
@@ -97,6 +101,25 @@ def as_log_scores(out: np.ndarray, kind: str = "auto") -> tuple[np.ndarray, str,
     low = positive.min()
     censored = bool(np.any(out == 0)) or int(np.sum(out == low)) > 1  # zeros, or ties at a floor: post-processed
     return np.log(np.maximum(out, low)), kind, float(np.log(low)) if censored else None
+
+
+def _undo_offset(out: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Probabilities served with a constant added (a p + c, c of either sign: negative "probabilities", or a
+    floor lifted off zero), back to a p. Such rows share one sum and almost all of them bottom out at the
+    same value, c (a confident model's smallest probability is ~0); logits do neither. The entries at c, and
+    those within the offset's own rounding of it, become 0: censored like any other post-processed
+    probability. Returns (answers, whether shifted)."""
+    lo, span = float(out.min()), float(out.max() - out.min())
+    sums = out.sum(axis=1)
+    if len(out) < 8 or not span > 0 or np.max(np.abs(sums - np.median(sums))) > 0.05 * span:  # 8: evidence
+        return out, False
+    bottoms = np.mean(out.min(axis=1) - lo <= 0.01 * span)
+    scale = float(np.median(sums)) - out.shape[1] * lo  # a, when the rows are a p + c
+    if bottoms < 0.9 or not scale > 0 or abs(lo) <= 1e-6 * scale:
+        return out, False
+    out = out - lo
+    out[out <= 1e-6 * abs(lo)] = 0.0  # below the precision the offset left (float32: 6e-8 of it): censored
+    return out, True
 
 
 class TorchScriptOracle:

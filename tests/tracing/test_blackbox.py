@@ -175,6 +175,16 @@ def test_output_reading_and_query_inputs(tmp_path):
     with pytest.raises(OracleError, match="negative"):
         as_log_scores(np.array([[2.0, -1.0]]), "probs")
     assert as_log_scores(np.array([[20.0, 80.0], [50.0, 50.0]]))[1] == "probs"  # percentages
+    many = np.random.default_rng(0).dirichlet(np.full(4, 0.3), size=40)
+    many[:, 0] = np.minimum(many[:, 0], 1e-9)  # every row has a (near) zero probability, as a confident model's
+    many /= many.sum(axis=1, keepdims=True)
+    for offset in (-0.01, 0.02):  # a constant added to every probability is undone; entries at it are censored
+        logs, kind, floor = as_log_scores(0.5 * many + offset)
+        kept = many > 1e-4  # the offset is read off the smallest entries (~1e-9): exact well above them
+        assert kind == "probs" and floor is not None and np.allclose(logs[kept], np.log(0.5 * many[kept]), atol=1e-4)
+    z = np.random.default_rng(1).normal(size=(40, 4)) * 5
+    for logits in (z, z - z.mean(axis=1, keepdims=True)):  # logits, centred or not, are left as they are
+        assert as_log_scores(logits)[1:] == ("logits", None)
     x = np.arange(2 * 25, dtype=np.float32).reshape(2, 1, 5, 5)
     q = query_inputs(x, 5)
     assert q.shape == (5, 1, 5, 5) and np.array_equal(q[:2], x)
@@ -207,8 +217,8 @@ def test_distillation_attack_and_coalition_teacher(world):
 
 class _Served(torch.nn.Module):
     """A copy served through post-processing a pirate might apply: a temperature, log10 scores, scaled
-    probabilities or logits, rounding, the top 3 only, its classes in another order; or one that writes into
-    its inputs."""
+    probabilities or logits, probabilities with a constant added, rounding, the top 3 only, its classes in
+    another order; or one that writes into its inputs."""
 
     def __init__(self, inner, kind):
         super().__init__()
@@ -222,6 +232,10 @@ class _Served(torch.nn.Module):
             return torch.log_softmax(z, dim=1) / 2.302585092994046
         if self.kind == "scaled-probs":
             return torch.softmax(z, dim=1) * 0.99
+        if self.kind == "probs-minus-0.01":  # negative "probabilities": they once read as logits, and hid c004
+            return torch.softmax(z, dim=1) - 0.01
+        if self.kind == "probs-lifted":  # a floor lifted off zero, and a factor: this also hid c004
+            return torch.softmax(z, dim=1) * 0.5 + 0.02
         if self.kind == "permuted":  # the classes served in another order
             return z[:, [3, 4, 5, 6, 7, 8, 9, 0, 1, 2]]
         if self.kind == "scaled-logits":
@@ -241,8 +255,8 @@ class _Served(torch.nn.Module):
         return z
 
 
-SERVED = ["temperature", "log10", "scaled-probs", "rounded", "top3", "top3-renormalized", "top-k varying", "permuted",
-          "scaled-logits"]  # fmt: skip
+SERVED = ["temperature", "log10", "scaled-probs", "probs-minus-0.01", "probs-lifted", "rounded", "top3",
+          "top3-renormalized", "top-k varying", "permuted", "scaled-logits"]  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", [*SERVED, "tamper"])
