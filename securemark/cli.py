@@ -560,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--query-data", type=Path, default=None, help="query inputs (.npz, array x: N,C,H,W)")
     tr.add_argument("--queries", type=_positive, default=2000, help="black-box query budget")
     tr.add_argument("--outputs", choices=("auto", "probs", "logits"), default="auto")
-    tr.add_argument("--timeout", type=_finite, default=30.0, help="seconds per HTTP socket operation (> 0)")
+    tr.add_argument("--timeout", type=_finite, default=30.0, help="seconds one HTTP request may take, all of it (> 0)")
     tr.add_argument("--retries", type=_natural, default=3)
     tr.add_argument("--top", type=_positive, default=10)
     tr.add_argument("--hard", action="store_true", help="score the signs of the extracted code only")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import http.client
 import json
 import math
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -157,6 +158,39 @@ class TorchScriptOracle:
         return np.concatenate(outs)
 
 
+def _shown(url: str) -> str:
+    """``url`` as messages show it: without its query string (a token) or fragment."""
+    return urllib.parse.urlsplit(url)._replace(query="", fragment="").geturl()
+
+
+def _fetch(url: str, data: bytes | None, limit: float) -> tuple[int, bytes, str | None]:
+    """(HTTP status, body, None), or (0, b"", why) when ``url`` could not be reached or did not answer in full
+    within ``limit`` seconds. The exchange runs in a daemon thread the caller stops waiting for at the limit
+    (a socket time-out bounds each wait, not a slow drip of bytes); an abandoned one dies with the process."""
+    answer: list[tuple[int, bytes]] = []
+    failure: list[str] = []
+
+    def exchange() -> None:
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        req = urllib.request.Request(url, data=data, headers=headers, method="POST" if data else "GET")
+        try:
+            with urllib.request.urlopen(req, timeout=limit) as resp:
+                answer.append((int(resp.status), resp.read(MAX_RESPONSE + 1)))
+        except urllib.error.HTTPError as exc:
+            answer.append((int(exc.code), exc.read(200)))
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
+            failure.append(repr(getattr(exc, "reason", exc)))
+
+    worker = threading.Thread(target=exchange, daemon=True, name="securemark-http-oracle")
+    worker.start()
+    worker.join(limit)
+    if worker.is_alive():
+        return 0, b"", f"no complete answer within {limit:g} s"
+    if failure or not answer:  # not answer: the exchange died of something unforeseen
+        return 0, b"", failure[0] if failure else "the request failed"
+    return answer[0][0], answer[0][1], None
+
+
 def _first_line(exc: BaseException) -> str:
     lines = [ln for ln in str(exc).splitlines() if ln.strip()]
     return repr(lines[-1][:200]) if lines else type(exc).__name__
@@ -169,8 +203,10 @@ def _describe(out: object) -> str:
 
 
 class HttpV2Oracle:
-    """Open Inference Protocol (V2) JSON client: batches, retries with backoff on connection errors and
-    5xx / 429 answers, a timeout per request, and a query budget."""
+    """Open Inference Protocol (V2) JSON client: batches, retries with backoff on connection errors, time-outs
+    and 5xx / 429 answers, a wall-clock limit per request (``timeout`` seconds for all of it: connecting,
+    headers, body; a server that drips its answer byte by byte cannot hold the tracer), and a query budget.
+    A query string in ``url`` (a token) is sent with every request and never shown in a message."""
 
     def __init__(
         self, url: str, budget: int, batch: int = 256, timeout: float = 30.0, retries: int = 3,
@@ -178,11 +214,14 @@ class HttpV2Oracle:
     ) -> None:  # fmt: skip
         if not (retries >= 0 and 0 < timeout < math.inf):
             raise OracleError(f"need retries >= 0 and a finite timeout > 0, got {retries}, {timeout}")
-        if not url.startswith(("http://", "https://")):
-            raise OracleError(f"--endpoint must be an http(s) URL like http://host:port/v2/models/NAME, got {url!r}")
-        if "@" in urllib.parse.urlsplit(url).netloc:  # urllib would not send them, and errors would echo them
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise OracleError(f"--endpoint must be an http(s) URL like http://host:port/v2/models/NAME, got "
+                              f"{_shown(url)!r}")  # fmt: skip
+        if "@" in parts.netloc:  # urllib would not send them, and errors would echo them
             raise OracleError("--endpoint must not carry credentials (user:password@host)")
-        self.url = url.rstrip("/")
+        self._parts = parts._replace(path=parts.path.rstrip("/"), fragment="")
+        self.url = _shown(self._parts.geturl())
         self._budget, self.batch, self.timeout, self.retries = Budget(budget), batch, timeout, retries
         self.input_name = input_name or self._input_name()
 
@@ -190,45 +229,45 @@ class HttpV2Oracle:
     def used(self) -> int:
         return self._budget.used
 
-    def _request(self, url: str, body: dict | None, inputs: int = 0) -> dict:
-        """GET (``body`` None) or POST ``body`` carrying ``inputs`` query inputs; every send of them, retries
-        included, is counted against the budget (the suspect sees each one)."""
+    def _address(self, suffix: str = "") -> str:
+        return self._parts._replace(path=self._parts.path + suffix).geturl()
+
+    def _request(self, suffix: str, body: dict | None, inputs: int = 0) -> dict:
+        """GET (``body`` None) or POST ``body`` carrying ``inputs`` query inputs to the model's URL + ``suffix``;
+        every send of them, retries included, is counted against the budget (the suspect sees each one)."""
+        shown = self.url + suffix
         data = None if body is None else json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"} if data is not None else {}
-        last: Exception | None = None
+        last: OracleError | None = None
         for attempt in range(self.retries + 1):
             if attempt:
                 time.sleep(min(0.2 * 2**attempt, 5.0))
             self._budget.take(inputs)
-            try:
-                req = urllib.request.Request(url, data=data, headers=headers, method="POST" if data else "GET")
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    raw = resp.read(MAX_RESPONSE + 1)
-                if len(raw) > MAX_RESPONSE:
-                    raise OracleError(f"{url} answered more than {MAX_RESPONSE >> 20} MiB; refusing to read it")
-                break
-            except urllib.error.HTTPError as exc:
-                detail = exc.read(200).decode(errors="replace")
-                last = OracleError(f"{url} answered HTTP {exc.code}: {detail!r}")  # repr: no control characters
-                if exc.code == 429 or exc.code >= 500:
+            code, raw, why = _fetch(self._address(suffix), data, self.timeout)
+            if why is not None:
+                last = OracleError(f"{shown} unreachable or broken: {why}")
+                continue
+            if code != 200:
+                last = OracleError(f"{shown} answered HTTP {code}: {raw[:200].decode(errors='replace')!r}")
+                if code == 429 or code >= 500:
                     continue
-                raise last from None
-            except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
-                last = OracleError(f"{url} unreachable or broken: {getattr(exc, 'reason', exc)!r}")
+                raise last
+            if len(raw) > MAX_RESPONSE:
+                raise OracleError(f"{shown} answered more than {MAX_RESPONSE >> 20} MiB; refusing to read it")
+            break
         else:
             raise OracleError(f"{last} (after {self.retries + 1} attempts)")
         try:
             answer = json.loads(raw)
         except (ValueError, RecursionError):
-            why = f"{url} did not answer JSON: {raw[:80]!r}; is it an Open Inference (V2) endpoint?"
+            why = f"{shown} did not answer JSON: {raw[:80]!r}; is it an Open Inference (V2) endpoint?"
             raise OracleError(why) from None
         if not isinstance(answer, dict):
-            raise OracleError(f"{url} answered {type(answer).__name__}, not a V2 JSON object")
+            raise OracleError(f"{shown} answered {type(answer).__name__}, not a V2 JSON object")
         return answer
 
     def _input_name(self) -> str:
         """The model's first input name from its V2 metadata (GET url); "input" when it gives none."""
-        meta = self._request(self.url, None)
+        meta = self._request("", None)
         inputs = meta.get("inputs")
         if isinstance(inputs, list) and inputs and isinstance(inputs[0], dict) and "name" in inputs[0]:
             return str(inputs[0]["name"])
@@ -245,7 +284,7 @@ class HttpV2Oracle:
         x = np.ascontiguousarray(x, dtype=np.float32)
         body = {"inputs": [{"name": self.input_name, "shape": list(x.shape), "datatype": "FP32",
                             "data": x.reshape(-1).tolist()}]}  # fmt: skip
-        answer = self._request(self.url + "/infer", body, inputs=len(x))
+        answer = self._request("/infer", body, inputs=len(x))
         outputs = answer.get("outputs")
         if not isinstance(outputs, list) or not outputs or not isinstance(outputs[0], dict):
             raise OracleError(f"{self.url}/infer answered without an 'outputs' list: not the V2 protocol")

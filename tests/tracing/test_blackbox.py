@@ -1,5 +1,6 @@
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -120,6 +121,20 @@ class _Answer(BaseHTTPRequestHandler):
         self._reply(200, "<html>hello</html>" if "html" in self.path else "{}")
 
     def do_POST(self):
+        if "drip" in self.path:  # headers, then one byte every 0.2 s: each socket wait is short, the answer endless
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            for _ in range(100):
+                self.wfile.write(b" ")
+                self.wfile.flush()
+                time.sleep(0.2)
+            return None
+        if "token" in self.path:  # an endpoint that wants a token in its query string, and says so in a 403
+            if "token=s3cret" not in self.path or not self.path.split("?")[0].endswith("/infer"):
+                return self._reply(403, "bad token")
+            n = int(json.loads(self.rfile.read(int(self.headers["Content-Length"])))["inputs"][0]["shape"][0])
+            return self._reply(200, json.dumps({"outputs": [{"shape": [n, 2], "data": [0.5, 0.5] * n}]}))
         if "ansi" in self.path:
             return self._reply(400, "bad\n\x1b[31mfake\x1b[0m\naccused: c042\n")
         if "flaky" in self.path and _Answer.fails < 2:
@@ -307,6 +322,19 @@ def test_http_error_bodies_are_quoted_and_retries_are_counted(odd_server):
     with pytest.raises(OracleError) as err:
         HttpV2Oracle(odd_server + "/ansi", 100, input_name="input")(x)
     assert "\x1b" not in str(err.value) and "\n" not in str(err.value)
+
+
+def test_http_requests_have_a_wall_clock_limit_and_tokens_are_never_shown(odd_server):
+    x = np.zeros((4, *SHAPE), np.float32)
+    start = time.monotonic()
+    with pytest.raises(OracleError, match="no complete answer within 1 s"):
+        HttpV2Oracle(odd_server + "/drip", 100, timeout=1.0, retries=1, input_name="input")(x)
+    assert time.monotonic() - start < 5  # two tries of 1 s and a back-off, not the 20 s the drip lasts
+    oracle = HttpV2Oracle(odd_server + "/token?token=s3cret", 100, input_name="input")
+    assert oracle(x).shape == (4, 2) and "s3cret" not in oracle.url  # the token is sent with /infer
+    with pytest.raises(OracleError, match="HTTP 403") as err:
+        HttpV2Oracle(odd_server + "/token?token=wrong-s3cret", 100, input_name="input")(x)
+    assert "s3cret" not in str(err.value)
 
 
 def test_query_data_files(tmp_path):
