@@ -263,9 +263,13 @@ def _trace_black_box(a: argparse.Namespace) -> TraceReport:
     if a.endpoint is not None:
         oracle = HttpV2Oracle(a.endpoint, a.queries, timeout=a.timeout, retries=a.retries)
     else:
-        oracle = TorchScriptOracle(a.query_model, a.queries)
-    with Registry.open(a.directory) as reg:
-        return BlackBoxTracer(reg, data).trace(oracle, a.queries, a.outputs, a.top)
+        oracle = TorchScriptOracle(a.query_model, a.queries, timeout=a.timeout)  # in a child process
+    try:
+        with Registry.open(a.directory) as reg:
+            return BlackBoxTracer(reg, data).trace(oracle, a.queries, a.outputs, a.top)
+    finally:
+        if isinstance(oracle, TorchScriptOracle):
+            oracle.close()
 
 
 # --- attacks ---------------------------------------------------------------------------------------
@@ -560,7 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--query-data", type=Path, default=None, help="query inputs (.npz, array x: N,C,H,W)")
     tr.add_argument("--queries", type=_positive, default=2000, help="black-box query budget")
     tr.add_argument("--outputs", choices=("auto", "probs", "logits"), default="auto")
-    tr.add_argument("--timeout", type=_finite, default=30.0, help="seconds one HTTP request may take, all of it (> 0)")
+    tr.add_argument("--timeout", type=_finite, default=30.0,
+                    help="seconds one HTTP request, or one batch of a --query-model, may take (> 0)")  # fmt: skip
     tr.add_argument("--retries", type=_natural, default=3)
     tr.add_argument("--top", type=_positive, default=10)
     tr.add_argument("--hard", action="store_true", help="score the signs of the extracted code only")

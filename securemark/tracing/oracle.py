@@ -11,9 +11,12 @@ they came; :func:`as_log_scores` turns probabilities or logits into per-input lo
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import http.client
 import json
 import math
+import multiprocessing
 import threading
 import time
 import urllib.error
@@ -21,8 +24,9 @@ import urllib.parse
 import urllib.request
 import warnings
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 import numpy as np
 import torch
@@ -124,38 +128,129 @@ def _undo_offset(out: np.ndarray) -> tuple[np.ndarray, bool]:
 
 
 class TorchScriptOracle:
-    """A TorchScript file as a black box: loaded on CPU, called in batches without gradients."""
+    """A TorchScript file as a black box: loaded on CPU, called in batches without gradients.
 
-    def __init__(self, path: str | Path, budget: int, batch: int = 512) -> None:
-        try:
-            with warnings.catch_warnings():  # TorchScript is deprecated in torch 2.13, still the format asked for
-                warnings.simplefilter("ignore", DeprecationWarning)
-                self._model = torch.jit.load(str(path), map_location="cpu")
-        except (RuntimeError, ValueError, OSError) as exc:
-            raise OracleError(f"{path} is not a loadable TorchScript file: {str(exc).splitlines()[0]}") from None
-        self._model.eval()
-        self._budget, self.batch = Budget(budget), batch
+    With ``timeout`` (seconds a batch may take) the file runs in a child process of its own, so that a hostile
+    or broken one cannot hold or kill the tracer: one that loops forever is stopped at the limit, one that
+    crashes its interpreter is reported, and either way the tracer says so in one line. Without it (the
+    owner's own models, in the benches) it runs in this process."""
+
+    def __init__(self, path: str | Path, budget: int, batch: int = 512, timeout: float | None = None) -> None:
+        if timeout is not None and not 0 < timeout < math.inf:
+            raise OracleError(f"need a finite timeout > 0, got {timeout}")
+        self._budget, self.batch, self.timeout = Budget(budget), batch, timeout
+        self._child: _Child | None = None
+        if timeout is None:
+            self._model = _load_script(path)
+        else:
+            self._child = _Child(path, timeout)
 
     @property
     def used(self) -> int:
         return self._budget.used
 
-    @torch.no_grad()
     def __call__(self, x: np.ndarray) -> np.ndarray:
         self._budget.take(len(x))
-        outs = []
-        for i in range(0, len(x), self.batch):
-            batch = torch.tensor(x[i : i + self.batch], dtype=torch.float32)  # a copy: the suspect may write to it
-            try:
-                out = self._model(batch)
-            except Exception as exc:  # the suspect's own code failed (torch.jit.Error is no RuntimeError)
-                raise OracleError(f"the TorchScript model failed on the queries: {_first_line(exc)}") from None
-            if not isinstance(out, torch.Tensor) or out.is_complex() or out.dim() != 2 or len(out) != len(batch):
-                raise OracleError(f"the TorchScript model returned {_describe(out)}, not [batch, classes] reals")
-            outs.append(out.detach().double().numpy())
+        run = self._child.run if self._child is not None else functools.partial(_run_script, self._model)
+        batches = (np.ascontiguousarray(x[i : i + self.batch], dtype=np.float32) for i in range(0, len(x), self.batch))
+        outs = [run(b) for b in batches]
         if len({o.shape[1] for o in outs}) != 1:
             raise OracleError("the TorchScript model answered different numbers of classes for different batches")
         return np.concatenate(outs)
+
+    def close(self) -> None:
+        if self._child is not None:
+            self._child.stop()
+
+
+def _load_script(path: str | Path) -> torch.jit.ScriptModule:
+    try:
+        with warnings.catch_warnings():  # TorchScript is deprecated in torch 2.13, still the format asked for
+            warnings.simplefilter("ignore", DeprecationWarning)
+            model = torch.jit.load(str(path), map_location="cpu")
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise OracleError(f"{path} is not a loadable TorchScript file: {str(exc).splitlines()[0]}") from None
+    return model.eval()
+
+
+@torch.no_grad()
+def _run_script(model: torch.jit.ScriptModule, batch: np.ndarray) -> np.ndarray:
+    x = torch.tensor(batch, dtype=torch.float32)  # a copy: the suspect may write to it
+    try:
+        out = model(x)
+    except Exception as exc:  # the suspect's own code failed (torch.jit.Error is no RuntimeError)
+        raise OracleError(f"the TorchScript model failed on the queries: {_first_line(exc)}") from None
+    if not isinstance(out, torch.Tensor) or out.is_complex() or out.dim() != 2 or len(out) != len(x):
+        raise OracleError(f"the TorchScript model returned {_describe(out)}, not [batch, classes] reals")
+    return out.detach().double().numpy()
+
+
+def _serve_script(conn: Connection, path: str) -> None:
+    """The child's loop: load ``path``, then answer each batch received with ("ok", outputs) or ("error",
+    message), until None arrives or the parent goes away."""
+    try:
+        model = _load_script(path)
+        conn.send(("ok", None))
+        while (batch := conn.recv()) is not None:
+            try:
+                conn.send(("ok", _run_script(model, batch)))
+            except OracleError as exc:
+                conn.send(("error", str(exc)))
+    except OracleError as exc:
+        conn.send(("error", str(exc)))
+    except (EOFError, BrokenPipeError, KeyboardInterrupt):
+        pass
+
+
+class _Child:
+    """A spawned process running one TorchScript file, with a limit on every answer (loading: 60 s more)."""
+
+    def __init__(self, path: str | Path, timeout: float) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve_script, args=(child, str(path)), daemon=True)
+        self._proc.start()
+        child.close()
+        self.timeout = timeout
+        self._answer(timeout + 60.0, "load")
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        try:
+            self._conn.send(batch)
+        except (BrokenPipeError, OSError):
+            self._dead("run")
+        out = self._answer(self.timeout, "answer a batch of queries")
+        assert isinstance(out, np.ndarray)
+        return out
+
+    def _answer(self, limit: float, what: str) -> np.ndarray | None:
+        if not self._conn.poll(limit):
+            self.stop()
+            raise OracleError(f"the TorchScript model did not {what} within {limit:g} s; stopped (--timeout)")
+        try:
+            status, value = self._conn.recv()
+        except (EOFError, OSError):
+            self._dead(what)
+        if status == "error":
+            self.stop()
+            raise OracleError(value)
+        return value
+
+    def _dead(self, what: str) -> NoReturn:
+        self._proc.join(5)
+        code = self._proc.exitcode
+        self.stop()
+        raise OracleError(f"the TorchScript model crashed the process running it (exit code {code}) on {what}")
+
+    def stop(self) -> None:
+        if self._proc.is_alive():
+            with contextlib.suppress(BrokenPipeError, OSError):
+                self._conn.send(None)
+            self._proc.join(1)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join()
+        self._conn.close()
 
 
 def _shown(url: str) -> str:

@@ -91,6 +91,42 @@ def test_cli_black_box_trace_and_its_refusals(world, tmp_path, capsys):
     assert "not a loadable TorchScript" in capsys.readouterr().err
 
 
+class _Endless(torch.nn.Module):
+    def forward(self, x):
+        while bool(x.sum() > -1e30):  # never false
+            x = x + 1.0
+        return x
+
+
+class _Failing(torch.nn.Module):
+    def forward(self, x):
+        if bool(x.sum() != 12345.0):
+            raise RuntimeError("refusing to answer")
+        return x.flatten(1)
+
+
+def test_a_hostile_torchscript_file_runs_apart_and_is_stopped(world, tmp_path, capsys):
+    directory, _, copies, _ = world
+    endless, failing, leak = tmp_path / "endless.pt", tmp_path / "failing.pt", tmp_path / "leak.pt"
+    for model, path in ((_Endless(), endless), (_Failing(), failing), (module(copies["c001"]), leak)):
+        torch.jit.save(torch.jit.script(model), str(path))
+    start = time.monotonic()
+    assert main(["trace", str(directory), "--query-model", str(endless), "--timeout", "2", "--queries", "600"]) == 2
+    assert "did not answer a batch of queries within 2 s" in capsys.readouterr().err
+    assert time.monotonic() - start < 60  # stopped, not waited for
+    assert main(["trace", str(directory), "--query-model", str(failing), "--timeout", "20"]) == 2
+    assert "failed on the queries: 'builtins.RuntimeError: refusing to answer'" in capsys.readouterr().err
+    x = np.zeros((4, *SHAPE), np.float32)
+    oracle = TorchScriptOracle(leak, 100, timeout=20.0)
+    try:
+        assert np.allclose(oracle(x), module(copies["c001"])(torch.from_numpy(x)).detach().numpy(), atol=1e-5)
+        oracle._child._proc.kill()  # the interpreter running the suspect dies (as a segfault would end it)
+        with pytest.raises(OracleError, match="crashed the process running it"):
+            oracle(x)
+    finally:
+        oracle.close()
+
+
 def test_a_registry_without_function_mark_is_refused(tmp_path):
     reg = Registry.init(tmp_path / "r", RegistryParams(code="tardos", length=64, max_colluders=2))
     issue_copies(reg, module_state(), ["a"])
