@@ -6,7 +6,9 @@ import argparse
 import ctypes
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -686,8 +688,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the command is, so that it unwinds as after Ctrl-C: temporary registries and
+    their owner keys removed, child processes and Ray stopped."""
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise _Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    in_main = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
     try:
         with _stdout_reserved(getattr(args, "json", False)):  # --json: stdout carries the JSON alone
             payload = args.func(args)
@@ -699,9 +712,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             exc = ValueError("a file given as text is not UTF-8 text")
         print(f"securemark: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C: what the command started (a Ray instance, actors) is already stopped
-        print("securemark: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # what the command started (a Ray instance, actors) is already stopped
+        terminated = isinstance(exc, _Terminated)
+        print(f"securemark: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
+    finally:
+        if in_main:  # None: a handler set outside Python, which cannot be put back; the default then
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     return 0
 
 

@@ -463,3 +463,52 @@ def test_a_binary_file_given_as_a_config_is_not_quoted(tmp_path, capsys):
     for argv in (["evaluate", str(key)], ["simulate", str(key)]):
         code, out, err = run(capsys, *argv)
         assert code == 2 and "not a UTF-8 text file" in err and "0xcd" not in err + out and "0xff" not in err + out
+
+
+def test_sigterm_unwinds_a_bench_like_ctrl_c_and_removes_its_throwaway_registry(tmp_path):
+    """A bench's registry (with its owner key) lives in a temporary directory; SIGTERM used to leave it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    base = tmp_path / "base.pt"
+    torch.save(build("cnn", (1, 28, 28), 10, seed=0).state_dict(), base)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    argv = [
+        sys.executable,
+        "-m",
+        "securemark.cli",
+        "bench",
+        "blackbox",
+        "--base",
+        str(base),
+        "--customers",
+        "50",
+        "--trials",
+        "50",
+        "--archs",
+        "cnn",
+        "--temperatures",
+        "4",
+        "--colluders",
+        "1",
+        "--triggers",
+        "0",
+    ]
+    proc = subprocess.Popen(argv, env={**os.environ, "TMPDIR": str(scratch)}, stderr=subprocess.PIPE, text=True)
+    try:
+        end = time.monotonic() + 120
+        while not list(scratch.glob("securemark-bb-*/registry")) and time.monotonic() < end:
+            time.sleep(0.2)
+        assert list(scratch.glob("securemark-bb-*/registry")), "the bench made no registry"
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143 and "securemark: terminated" in err
+    assert not list(scratch.glob("securemark-bb-*")), "the throwaway registry and its owner key are left behind"
