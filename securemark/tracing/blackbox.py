@@ -131,7 +131,11 @@ class BlackBoxTracer:
         d = self.bases[-1].data
         if not d:
             raise RegistryError("the registry does not say which data its mark was fitted on: pass --query-data")
-        return heldout(d).x.numpy()
+        try:
+            return heldout(d).x.numpy()
+        except (OSError, ValueError) as exc:  # e.g. local data files moved since the mark was fitted
+            why = f"the held-out data the mark was fitted on cannot be loaded ({exc}): pass --query-data FILE.npz"
+            raise RegistryError(why + " (the same share, or other natural inputs)") from None
 
     def trace(self, oracle: Oracle, queries: int = 2000, outputs: str = "auto", top_k: int = 10) -> TraceReport:
         """Query ``oracle`` on ``queries`` inputs, read the mark against each marked base, keep the

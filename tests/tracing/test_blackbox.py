@@ -383,3 +383,17 @@ def test_query_data_files(tmp_path):
     np.savez(tmp_path / "c.npz", x=x.astype(np.complex64))
     with pytest.raises(ValueError, match="real numbers"):
         load_query_data(tmp_path / "c.npz")
+
+
+def test_held_out_data_that_cannot_be_loaded_asks_for_query_data(world, tmp_path):
+    """A mark fitted on local data files (a hub set's parquet) that have since moved: one clear refusal."""
+    _, base, _, _ = world
+    held = data.load("synthetic", 0).split(0.3, 0)[1]
+    moved = {"name": "mnist", "seed": 0, "test_fraction": 0.2, "files": str(tmp_path / "gone" / "train.parquet")}
+    spec = FunctionSpec(models.spec_of("cnn", SHAPE, 10), held.x, moved, budget=0.05, skip=4)
+    params = RegistryParams(code="tardos", length=128, max_colluders=2, exclude=spec.carrier_exclude())
+    with Registry.init(tmp_path / "r", params) as reg:
+        issue_copies(reg, base, ["ann"], function=spec)
+        with pytest.raises(RegistryError, match=r"cannot be loaded .*gone.*pass --query-data"):
+            BlackBoxTracer(reg)
+        assert len(BlackBoxTracer(reg, held.x.numpy()).bases) == 1  # with query data it works
