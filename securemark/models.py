@@ -73,9 +73,9 @@ def build(name: str, in_shape: tuple[int, int, int], classes: int, seed: int = 0
     if width < 0:
         raise ValueError(f"model width must be >= 0, got {width}")
     if name == "mlp":
-        return MLP(in_shape, classes, hidden=width or 128)
+        return MLP(in_shape, classes, hidden=width or DEFAULT_WIDTH["mlp"])
     if name == "cnn":
-        return SmallCNN(in_shape, classes, width=width or 16)
+        return SmallCNN(in_shape, classes, width=width or DEFAULT_WIDTH["cnn"])
     if name == "cifar-cnn":
         return CifarCNN(in_shape, classes)
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
@@ -110,9 +110,23 @@ def from_spec(spec: Mapping[str, object], sd: Mapping[str, torch.Tensor]) -> nn.
     return load_weights(build_spec(spec), sd).eval()
 
 
+DEFAULT_WIDTH = {"cnn": 16, "mlp": 128}  # what width 0 builds
+
+
 def spec_of(name: str, in_shape: tuple[int, int, int], classes: int, width: int = 0) -> dict[str, object]:
     """What :func:`build_spec` needs to rebuild a model (kept in the registry beside a function mark)."""
     return {"name": name, "in_shape": list(in_shape), "classes": classes, "width": width}
+
+
+def same_spec(a: object, b: object) -> bool:
+    """Whether two :func:`spec_of` records build the same model: width 0 and the default width are one."""
+
+    def canonical(spec: object) -> object:
+        if not isinstance(spec, Mapping) or spec.get("width") != 0:
+            return spec
+        return {**spec, "width": DEFAULT_WIDTH.get(str(spec.get("name")), 0)}
+
+    return canonical(a) == canonical(b)
 
 
 def build_spec(spec: Mapping[str, object]) -> nn.Module:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -141,7 +142,8 @@ def prepare_function_mark(registry: Registry, base_model: StateDict, spec: Funct
     if recorded is not None:
         info = recorded[2]
         asked = {"budget": float(spec.budget), "skip": spec.skip, "model": spec.model, "data": spec.data}
-        differ = {k: (info.get(k), v) for k, v in asked.items() if info.get(k) != v}
+        same = {"model": models.same_spec}  # width 0 is the default width
+        differ = {k: (info.get(k), v) for k, v in asked.items() if not same.get(k, operator.eq)(info.get(k), v)}
         if differ:
             what = "; ".join(f"{k}: recorded {a!r}, asked {b!r}" for k, (a, b) in differ.items())
             raise RegistryError(f"this base's function mark is recorded already, differently ({what})")

@@ -447,6 +447,11 @@ def test_a_refused_issue_records_nothing(tmp_path, capsys):
     code, _, err = run(capsys, *argv, str(tmp_path / "bob.pt"), "--config", str(other))
     assert code == 2 and "recorded already, differently (budget: recorded 0.03, asked 0.5)" in err
     assert _registry_state(reg)[0] == ["ann"] and not (tmp_path / "bob.pt").exists()
+    wide = tmp_path / "wide.toml"  # the default width spelled out is the same model: not "differently"
+    wide.write_text(config.read_text().replace('[model]\nname = "cnn"', '[model]\nname = "cnn"\nwidth = 16'))
+    assert tomllib.loads(wide.read_text())["model"]["width"] == 16
+    argv[5] = "cy"
+    assert run(capsys, *argv, str(tmp_path / "cy.pt"), "--config", str(wide))[0] == 0
     # a base whose copies went out without a function mark never gets one later (they would lack it)
     late = tmp_path / "late"
     assert run(capsys, "registry", "init", str(late), "--length", "256", "--max-colluders", "3", *exclude)[0] == 0
