@@ -263,8 +263,9 @@ class FunctionMark:
         y = self.code.T @ mark.reshape(-1) / self.strength
         residual = a / tau - z
         fitted = x @ (ca / tau - cz)
+        misfit = float(np.sum(residual**2) / max(float(np.sum(z**2)), 1e-300))
         return Reading(y, q, float(np.sqrt(np.mean(np.sum(residual**2, axis=1)))),
-                       float(np.sqrt(np.mean(np.sum(fitted**2, axis=1)))), tau)  # fmt: skip
+                       float(np.sqrt(np.mean(np.sum(fitted**2, axis=1)))), tau, misfit)  # fmt: skip
 
     def expected(self, bits: np.ndarray) -> np.ndarray:
         """What an intact copy of code row ``bits`` reads as, up to its per-copy gain: D^T D (x - p)."""
@@ -333,3 +334,4 @@ class Reading:
     residual_rms: float  # how far the suspect's centred outputs are from the base's (logits, per input)
     explained_rms: float  # the part of that linear in the base's features
     scale: float  # tau: the suspect's outputs over the base's (1 for a copy served as it is)
+    misfit: float  # the residual's energy over the base's, on the entries read: how well this reading fits

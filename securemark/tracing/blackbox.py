@@ -24,7 +24,7 @@ from securemark.fingerprint.function import FunctionMark, features_and_logits, l
 from securemark.owner import function_mark_of
 from securemark.registry import Base, Registry, RegistryError
 from securemark.tracing.bound import robust_observation
-from securemark.tracing.oracle import Oracle, as_log_scores
+from securemark.tracing.oracle import Oracle, gauges
 from securemark.tracing.tracer import Scorer, TraceReport
 
 SHIFTS = [(dy, dx) for dy in (0, 1, -1, 2, -2) for dx in (0, 1, -1, 2, -2)]  # (0, 0) first: the data itself
@@ -154,19 +154,20 @@ class BlackBoxTracer:
             except RuntimeError as exc:
                 why = str(exc).splitlines()[0]
                 raise ValueError(f"the query inputs {list(x.shape[1:])} do not fit the base model: {why}") from None
-        answers, kind, floor = as_log_scores(oracle(x), outputs)
+        readings = gauges(oracle(x), outputs)
         best = None
-        for mb, h, z in base_views:
-            reading = mb.mark.read(answers, z, h, floor)
+        for mb, h, z in base_views:  # per base, the way of reading the answers that fits them best
+            reading, gauge = min(((mb.mark.read(g.scores, z, h, g.floor), g) for g in readings),
+                                 key=lambda rg: rg[0].misfit)  # fmt: skip
             obs = robust_observation(reading.y)
             energy = float(np.dot(obs.y, obs.y))
             if best is None or energy < best[0]:
-                best = (energy, obs, reading, mb.label)
+                best = (energy, obs, reading, gauge, mb.label)
         assert best is not None
-        _, obs, reading, label = best
+        _, obs, reading, gauge, label = best
         info: dict[str, object] = {
-            "status": "black box: outputs only", "queries": int(oracle.used), "outputs": kind,
-            "censored_below": None if floor is None else round(float(np.exp(floor)), 8),
+            "status": "black box: outputs only", "queries": int(oracle.used), "outputs": gauge.kind,
+            "censored_below": None if gauge.floor is None else round(float(np.exp(gauge.floor)), 8),
             "scale": round(reading.scale, 4), "residual_rms": round(reading.residual_rms, 4),
             "explained_rms": round(reading.explained_rms, 4), "capacity": self.bases[-1].mark.basis.capacity,
             "base": label, "bases_tried": len(self.bases),

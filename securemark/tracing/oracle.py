@@ -67,16 +67,28 @@ class Budget:
         self.used += n
 
 
-def as_log_scores(out: np.ndarray, kind: str = "auto") -> tuple[np.ndarray, str, float | None]:
-    """(log-probabilities or logits, the kind read, the censoring floor). ``auto`` reads non-negative rows that
-    share one sum (within 5%: 1, or 100 for percentages) as probabilities, anything else as logits. A common
-    factor is a constant per row in log space, which the reader's centring removes; a common offset (a
-    constant added to every probability, even one that makes them negative) is undone first (_undo_offset).
+@dataclass(frozen=True)
+class Gauge:
+    """One way to read a suspect's answers: log-scores (Q x C), what the answers were read as, and the
+    censoring floor (a log-score; None when nothing is censored)."""
 
-    Probabilities are often post-processed before they are served: rounded, kept to the top k, clamped. Every
-    value at or below the smallest positive one reported is censored. When the answers show it (zeros, or
-    several values tied at the smallest), the floor is the log of that value, and the reader leaves every
-    entry at the floor out of its fit (fingerprint.function.masked_fit); otherwise the floor is None."""
+    scores: np.ndarray
+    kind: str
+    floor: float | None
+
+
+def gauges(out: np.ndarray, kind: str = "auto") -> list[Gauge]:
+    """Every way ``out`` can be read under ``kind``: "logits" (as they are), "probs" (their logs), and for
+    probabilities served with a constant added, to every answer or per query (p - 0.01, a floor lifted off
+    zero, label smoothing), "probs minus a constant" and "probs minus a constant per query". ``auto`` offers
+    all that apply. The tracer keeps the one under which the answers are closest to the base's (a choice
+    made from the answers and the owner's model alone, so the bound holds whichever is kept). A factor,
+    common or per query, is a constant per row in log space, which the reader's centring removes.
+
+    Probabilities are often post-processed before they are served: rounded, kept to the top k, clamped, or
+    shifted. Every value at or below the smallest positive one reported is censored: when the answers show
+    it (zeros, or several values tied at the smallest), the floor is the log of that value, and the reader
+    leaves every entry at the floor out of its fit (fingerprint.function.masked_fit)."""
     out = np.asarray(out, dtype=np.float64)
     if out.ndim != 2 or out.shape[1] < 2:
         raise OracleError(f"expected outputs of shape [batch, classes], got {list(out.shape)}")
@@ -86,45 +98,33 @@ def as_log_scores(out: np.ndarray, kind: str = "auto") -> tuple[np.ndarray, str,
         raise OracleError(f"the suspect answered values beyond {ABSURD:g}: absurd for a model's outputs, no verdict")
     if kind not in OUTPUT_KINDS:
         raise ValueError(f"outputs must be one of {OUTPUT_KINDS}, got {kind!r}")
-    if kind != "logits":
-        out, shifted = _undo_offset(out)
-        kind = "probs" if shifted else kind
-    sums = out.sum(axis=1)
-    total = float(np.max(sums))
-    if kind == "auto":  # non-negative rows with one common sum (1, or 100 for percentages): probabilities,
-        # also when zeros show entries left out of rows that are all positive (a top-k answer, unnormalized)
-        same_sum = total > 0 and bool(np.allclose(sums, total, rtol=0.05))
-        cut = bool(np.any(out == 0)) and bool(np.all(sums > 0))
-        kind = "probs" if bool(np.all(out >= 0)) and (same_sum or cut) else "logits"
+    found = [Gauge(out, "logits", None)] if kind != "probs" else []
     if kind == "logits":
-        return out, kind, None
-    if np.any(out < 0) or not total > 0 or np.any(out > 1.05 * total):
-        raise OracleError("outputs read as probabilities are negative or exceed their row sums; try --outputs logits")
+        return found
+    lo, row_lo = float(out.min()), out.min(axis=1, keepdims=True)
+    candidates = [(out, "probs")] if lo >= 0 else []
+    if lo != 0:
+        candidates.append((_shifted(out, lo), "probs minus a constant"))
+    if np.ptp(row_lo) > 0:
+        candidates.append((_shifted(out, row_lo), "probs minus a constant per query"))
+    found += [_probabilities(p, k) for p, k in candidates if np.any(p > 0)]
+    if not found:
+        raise OracleError("the suspect's answers hold no positive probability however read: no verdict")
+    return found
+
+
+def _shifted(out: np.ndarray, offset: float | np.ndarray) -> np.ndarray:
+    """``out - offset``, the entries within the offset's own rounding of it (float32: 6e-8) set to 0."""
+    shifted = out - offset
+    shifted[shifted <= 1e-6 * np.abs(offset)] = 0.0
+    return shifted
+
+
+def _probabilities(out: np.ndarray, kind: str) -> Gauge:
     positive = out[out > 0]
-    if len(positive) == 0:
-        raise OracleError("the suspect answered all-zero probabilities: no verdict")
     low = positive.min()
     censored = bool(np.any(out == 0)) or int(np.sum(out == low)) > 1  # zeros, or ties at a floor: post-processed
-    return np.log(np.maximum(out, low)), kind, float(np.log(low)) if censored else None
-
-
-def _undo_offset(out: np.ndarray) -> tuple[np.ndarray, bool]:
-    """Probabilities served with a constant added (a p + c, c of either sign: negative "probabilities", or a
-    floor lifted off zero), back to a p. Such rows share one sum and almost all of them bottom out at the
-    same value, c (a confident model's smallest probability is ~0); logits do neither. The entries at c, and
-    those within the offset's own rounding of it, become 0: censored like any other post-processed
-    probability. Returns (answers, whether shifted)."""
-    lo, span = float(out.min()), float(out.max() - out.min())
-    sums = out.sum(axis=1)
-    if len(out) < 8 or not span > 0 or np.max(np.abs(sums - np.median(sums))) > 0.05 * span:  # 8: evidence
-        return out, False
-    bottoms = np.mean(out.min(axis=1) - lo <= 0.01 * span)
-    scale = float(np.median(sums)) - out.shape[1] * lo  # a, when the rows are a p + c
-    if bottoms < 0.9 or not scale > 0 or abs(lo) <= 1e-6 * scale:
-        return out, False
-    out = out - lo
-    out[out <= 1e-6 * abs(lo)] = 0.0  # below the precision the offset left (float32: 6e-8 of it): censored
-    return out, True
+    return Gauge(np.log(np.maximum(out, low)), kind, float(np.log(low)) if censored else None)
 
 
 class TorchScriptOracle:

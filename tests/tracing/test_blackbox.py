@@ -13,7 +13,7 @@ from securemark.cli import main
 from securemark.owner import FunctionSpec, issue_copies
 from securemark.registry import Registry, RegistryError, RegistryParams
 from securemark.tracing.blackbox import BlackBoxTracer, load_query_data, query_inputs
-from securemark.tracing.oracle import HttpV2Oracle, OracleError, TorchScriptOracle, as_log_scores
+from securemark.tracing.oracle import HttpV2Oracle, OracleError, TorchScriptOracle, gauges
 from securemark.tracing.serve import start
 
 SHAPE = (1, 8, 8)
@@ -213,29 +213,36 @@ def test_http_oracle_errors_and_retries(odd_server):
 
 
 def test_output_reading_and_query_inputs(tmp_path):
+    def read(out, kind="auto"):
+        return {g.kind: g for g in gauges(np.asarray(out, dtype=np.float64), kind)}
+
     probs = np.array([[0.2, 0.8], [0.5, 0.5]])
-    logs, kind, floor = as_log_scores(probs)
-    assert kind == "probs" and np.allclose(logs, np.log(probs)) and floor is None
-    assert as_log_scores(np.array([[2.0, -1.0], [0.0, 3.0]]))[1:] == ("logits", None)
-    censored = as_log_scores(np.array([[0.0, 0.25, 0.75]]))  # a zero: censored at the smallest value shown
-    assert np.allclose(censored[0], np.log([0.25, 0.25, 0.75])) and censored[2] == pytest.approx(np.log(0.25))
+    found = read(probs)
+    assert list(found) == ["logits", "probs", "probs minus a constant", "probs minus a constant per query"]
+    assert np.allclose(found["probs"].scores, np.log(probs)) and found["probs"].floor is None
+    assert np.array_equal(found["logits"].scores, probs) and found["logits"].floor is None
+    assert list(read([[2.0, -1.0], [0.0, 3.0]], "logits")) == ["logits"]  # as told: nothing else tried
+    assert "probs" not in read([[2.0, -1.0], [0.0, 3.0]])  # negative: never read as probabilities as they are
+    censored = read([[0.0, 0.25, 0.75]])["probs"]  # a zero: censored at the smallest value shown
+    assert np.allclose(censored.scores, np.log([0.25, 0.25, 0.75])) and censored.floor == pytest.approx(np.log(0.25))
     with pytest.raises(OracleError, match="absurd"):
-        as_log_scores(np.array([[1e200, 0.0]]))
+        gauges(np.array([[1e200, 0.0]]))
     with pytest.raises(OracleError, match="NaN"):
-        as_log_scores(np.array([[np.nan, 1.0]]))
-    with pytest.raises(OracleError, match="negative"):
-        as_log_scores(np.array([[2.0, -1.0]]), "probs")
-    assert as_log_scores(np.array([[20.0, 80.0], [50.0, 50.0]]))[1] == "probs"  # percentages
+        gauges(np.array([[np.nan, 1.0]]))
+    with pytest.raises(OracleError, match="no positive probability"):
+        gauges(np.zeros((3, 4)), "probs")
     many = np.random.default_rng(0).dirichlet(np.full(4, 0.3), size=40)
     many[:, 0] = np.minimum(many[:, 0], 1e-9)  # every row has a (near) zero probability, as a confident model's
     many /= many.sum(axis=1, keepdims=True)
+    kept = many > 1e-4  # the offset is read off the smallest entries (~1e-9): exact well above them
     for offset in (-0.01, 0.02):  # a constant added to every probability is undone; entries at it are censored
-        logs, kind, floor = as_log_scores(0.5 * many + offset)
-        kept = many > 1e-4  # the offset is read off the smallest entries (~1e-9): exact well above them
-        assert kind == "probs" and floor is not None and np.allclose(logs[kept], np.log(0.5 * many[kept]), atol=1e-4)
-    z = np.random.default_rng(1).normal(size=(40, 4)) * 5
-    for logits in (z, z - z.mean(axis=1, keepdims=True)):  # logits, centred or not, are left as they are
-        assert as_log_scores(logits)[1:] == ("logits", None)
+        g = read(0.5 * many + offset)["probs minus a constant"]
+        assert g.floor is not None and np.allclose(g.scores[kept], np.log(0.5 * many[kept]), atol=1e-4)
+    per_query = np.linspace(-0.05, 0.05, 40)[:, None]  # one constant per query, and a factor per query
+    g = read((0.5 * many + per_query) * np.linspace(1, 3, 40)[:, None])["probs minus a constant per query"]
+    diff = np.where(kept, g.scores - np.log(many), np.nan)  # log(many) up to a constant per query
+    assert np.all((np.nanmax(diff, axis=1) - np.nanmin(diff, axis=1))[kept.sum(axis=1) > 1] < 1e-3)
+    assert np.allclose(read(100 * many)["probs"].scores, np.log(many) + np.log(100))  # percentages
     x = np.arange(2 * 25, dtype=np.float32).reshape(2, 1, 5, 5)
     q = query_inputs(x, 5)
     assert q.shape == (5, 1, 5, 5) and np.array_equal(q[:2], x)
@@ -287,6 +294,15 @@ class _Served(torch.nn.Module):
             return torch.softmax(z, dim=1) - 0.01
         if self.kind == "probs-lifted":  # a floor lifted off zero, and a factor: this also hid c004
             return torch.softmax(z, dim=1) * 0.5 + 0.02
+        if self.kind == "tempered-minus-0.01":  # a temperature, then an offset
+            return torch.softmax(z / 4.0, dim=1) - 0.01
+        if self.kind == "tempered-lifted":
+            return torch.softmax(z / 4.0, dim=1) * 0.5 + 0.02
+        if self.kind == "factor-per-query":  # every answer multiplied by its own factor: no common row sum
+            return torch.softmax(z, dim=1) * (0.5 + (torch.arange(len(z)) % 4).double().unsqueeze(1) / 2)
+        if self.kind == "offset-per-query":  # and a constant of its own added
+            f = (torch.arange(len(z)) % 4).double().unsqueeze(1)
+            return (torch.softmax(z, dim=1) + 0.01 * (1 + f)) * (0.5 + f / 2)
         if self.kind == "permuted":  # the classes served in another order
             return z[:, [3, 4, 5, 6, 7, 8, 9, 0, 1, 2]]
         if self.kind == "scaled-logits":
@@ -306,8 +322,9 @@ class _Served(torch.nn.Module):
         return z
 
 
-SERVED = ["temperature", "log10", "scaled-probs", "probs-minus-0.01", "probs-lifted", "rounded", "top3",
-          "top3-renormalized", "top-k varying", "permuted", "scaled-logits"]  # fmt: skip
+SERVED = ["temperature", "log10", "scaled-probs", "probs-minus-0.01", "probs-lifted", "tempered-minus-0.01",
+          "tempered-lifted", "factor-per-query", "offset-per-query", "rounded", "top3", "top3-renormalized",
+          "top-k varying", "permuted", "scaled-logits"]  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", [*SERVED, "tamper"])
