@@ -261,17 +261,13 @@ def _trace_black_box(a: argparse.Namespace) -> TraceReport:
     from securemark.tracing.oracle import HttpV2Oracle, TorchScriptOracle
 
     data = load_query_data(a.query_data) if a.query_data else None
-    oracle: HttpV2Oracle | TorchScriptOracle
-    if a.endpoint is not None:
-        oracle = HttpV2Oracle(a.endpoint, a.queries, timeout=a.timeout, retries=a.retries)
-    else:
-        oracle = TorchScriptOracle(a.query_model, a.queries, timeout=a.timeout)  # in a child process
-    try:
-        with Registry.open(a.directory) as reg:
-            return BlackBoxTracer(reg, data).trace(oracle, a.queries, a.outputs, a.top)
-    finally:
-        if isinstance(oracle, TorchScriptOracle):
-            oracle.close()
+    with Registry.open(a.directory) as reg:
+        tracer = BlackBoxTracer(reg, data)  # the registry checked before the suspect is touched
+        if a.endpoint is not None:
+            oracle = HttpV2Oracle(a.endpoint, a.queries, timeout=a.timeout, retries=a.retries)
+            return tracer.trace(oracle, a.queries, a.outputs, a.top)
+        with TorchScriptOracle(a.query_model, a.queries, timeout=a.timeout) as script:  # in a child process
+            return tracer.trace(script, a.queries, a.outputs, a.top)
 
 
 # --- attacks ---------------------------------------------------------------------------------------

@@ -159,8 +159,19 @@ class TorchScriptOracle:
         return np.concatenate(outs)
 
     def close(self) -> None:
+        """Stops the child process, if any (also on leaving a ``with`` block, or when garbage-collected)."""
         if self._child is not None:
             self._child.stop()
+
+    def __enter__(self) -> TorchScriptOracle:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
 
 
 def _load_script(path: str | Path) -> torch.jit.ScriptModule:
@@ -203,7 +214,8 @@ def _serve_script(conn: Connection, path: str) -> None:
 
 
 class _Child:
-    """A spawned process running one TorchScript file, with a limit on every answer (loading: 60 s more)."""
+    """A spawned process running one TorchScript file, with a limit on every answer (loading: 60 s more).
+    Once stopped (closed, or after an error) it refuses further batches, saying why."""
 
     def __init__(self, path: str | Path, timeout: float) -> None:
         ctx = multiprocessing.get_context("spawn")
@@ -212,9 +224,12 @@ class _Child:
         self._proc.start()
         child.close()
         self.timeout = timeout
+        self.stopped: str | None = None  # why, once stopped
         self._answer(timeout + 60.0, "load")
 
     def run(self, batch: np.ndarray) -> np.ndarray:
+        if self.stopped is not None:
+            raise OracleError(f"this TorchScript oracle is stopped ({self.stopped}): no more queries")
         try:
             self._conn.send(batch)
         except (BrokenPipeError, OSError):
@@ -225,24 +240,30 @@ class _Child:
 
     def _answer(self, limit: float, what: str) -> np.ndarray | None:
         if not self._conn.poll(limit):
-            self.stop()
+            self.stop(f"no answer within {limit:g} s")
             raise OracleError(f"the TorchScript model did not {what} within {limit:g} s; stopped (--timeout)")
         try:
             status, value = self._conn.recv()
         except (EOFError, OSError):
             self._dead(what)
         if status == "error":
-            self.stop()
+            self.stop("the model failed")
             raise OracleError(value)
         return value
 
     def _dead(self, what: str) -> NoReturn:
         self._proc.join(5)
         code = self._proc.exitcode
-        self.stop()
-        raise OracleError(f"the TorchScript model crashed the process running it (exit code {code}) on {what}")
+        self.stop(f"its process ended with exit code {code}")
+        hint = ""
+        if what == "load" and code == 1:  # the usual cause: the caller's script re-ran itself in the child
+            hint = "; a script that makes this oracle needs an `if __name__ == '__main__':` guard (spawn)"
+        raise OracleError(f"the process running the TorchScript model ended (exit code {code}) on {what}{hint}")
 
-    def stop(self) -> None:
+    def stop(self, why: str = "closed") -> None:
+        if self.stopped is not None:
+            return
+        self.stopped = why
         if self._proc.is_alive():
             with contextlib.suppress(BrokenPipeError, OSError):
                 self._conn.send(None)
@@ -251,6 +272,7 @@ class _Child:
             self._proc.kill()
             self._proc.join()
         self._conn.close()
+        self._proc.close()
 
 
 def _shown(url: str) -> str:
@@ -260,17 +282,23 @@ def _shown(url: str) -> str:
 
 def _fetch(url: str, data: bytes | None, limit: float) -> tuple[int, bytes, str | None]:
     """(HTTP status, body, None), or (0, b"", why) when ``url`` could not be reached or did not answer in full
-    within ``limit`` seconds. The exchange runs in a daemon thread the caller stops waiting for at the limit
-    (a socket time-out bounds each wait, not a slow drip of bytes); an abandoned one dies with the process."""
+    within ``limit`` seconds. The exchange runs in a daemon thread that the caller stops waiting for at the
+    limit (a socket time-out bounds each wait, not a slow drip of bytes); the thread reads in chunks and
+    gives up at the limit too, so an abandoned one ends within one more socket wait."""
     answer: list[tuple[int, bytes]] = []
     failure: list[str] = []
+    deadline = time.monotonic() + limit
 
     def exchange() -> None:
         headers = {"Content-Type": "application/json"} if data is not None else {}
-        req = urllib.request.Request(url, data=data, headers=headers, method="POST" if data else "GET")
         try:
+            req = urllib.request.Request(url, data=data, headers=headers, method="POST" if data else "GET")
             with urllib.request.urlopen(req, timeout=limit) as resp:
-                answer.append((int(resp.status), resp.read(MAX_RESPONSE + 1)))
+                chunks, size = [], 0
+                while size <= MAX_RESPONSE and time.monotonic() < deadline and (chunk := resp.read1(1 << 16)):
+                    chunks.append(chunk)
+                    size += len(chunk)
+                answer.append((int(resp.status), b"".join(chunks)))
         except urllib.error.HTTPError as exc:
             answer.append((int(exc.code), exc.read(200)))
         except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
@@ -279,7 +307,7 @@ def _fetch(url: str, data: bytes | None, limit: float) -> tuple[int, bytes, str 
     worker = threading.Thread(target=exchange, daemon=True, name="securemark-http-oracle")
     worker.start()
     worker.join(limit)
-    if worker.is_alive():
+    if worker.is_alive() or time.monotonic() > deadline:
         return 0, b"", f"no complete answer within {limit:g} s"
     if failure or not answer:  # not answer: the exchange died of something unforeseen
         return 0, b"", failure[0] if failure else "the request failed"
@@ -324,6 +352,15 @@ class HttpV2Oracle:
     def used(self) -> int:
         return self._budget.used
 
+    def _scrub(self, text: str) -> str:
+        """``text`` (an error, a server's echo) with the URL's query string (a token) masked, in any spelling."""
+        query = self._parts.query
+        for spelling in sorted(
+            {query, urllib.parse.quote(query, safe="=&"), urllib.parse.unquote(query)}, key=len, reverse=True
+        ):
+            text = text.replace(spelling, "...") if spelling else text
+        return text
+
     def _address(self, suffix: str = "") -> str:
         return self._parts._replace(path=self._parts.path + suffix).geturl()
 
@@ -339,10 +376,11 @@ class HttpV2Oracle:
             self._budget.take(inputs)
             code, raw, why = _fetch(self._address(suffix), data, self.timeout)
             if why is not None:
-                last = OracleError(f"{shown} unreachable or broken: {why}")
+                last = OracleError(f"{shown} unreachable or broken: {self._scrub(why)}")
                 continue
             if code != 200:
-                last = OracleError(f"{shown} answered HTTP {code}: {raw[:200].decode(errors='replace')!r}")
+                detail = self._scrub(raw[:200].decode(errors="replace"))
+                last = OracleError(f"{shown} answered HTTP {code}: {detail!r}")
                 if code == 429 or code >= 500:
                     continue
                 raise last
@@ -390,7 +428,7 @@ class HttpV2Oracle:
             if not isinstance(raw, list) or any(isinstance(v, bool | str) for v in raw[:1]):
                 raise TypeError("data is not a flat list of numbers")
             data = np.asarray(raw, dtype=np.float64)
-        except (KeyError, TypeError, ValueError, RecursionError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError, RecursionError) as exc:
             raise OracleError(f"{self.url}/infer: output 0 has no readable shape/data ({exc})") from None
         if len(shape) != 2 or shape[0] != len(x) or data.size != shape[0] * shape[1]:
             raise OracleError(

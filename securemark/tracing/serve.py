@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
+import urllib.parse
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -35,15 +36,17 @@ def make_handler(name: str, predict: Predict, in_shape: tuple[int, ...], outputs
             self.wfile.write(raw)
 
         def do_GET(self) -> None:
-            if self.path.rstrip("/") != f"/v2/models/{name}":
-                return self._send(404, {"error": f"unknown model path {self.path}"})
+            path = urllib.parse.urlsplit(self.path).path  # a query string (a token) is no part of the path
+            if path.rstrip("/") != f"/v2/models/{name}":
+                return self._send(404, {"error": f"unknown model path {path}"})
             self._send(200, {"name": name, "platform": "securemark",
                              "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, *in_shape]}],
                              "outputs": [{"name": outputs, "datatype": "FP32", "shape": [-1, -1]}]})  # fmt: skip
 
         def do_POST(self) -> None:
-            if self.path.rstrip("/") != f"/v2/models/{name}/infer":
-                return self._send(404, {"error": f"unknown model path {self.path}"})
+            path = urllib.parse.urlsplit(self.path).path
+            if path.rstrip("/") != f"/v2/models/{name}/infer":
+                return self._send(404, {"error": f"unknown model path {path}"})
             try:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
                 first = body["inputs"][0]

@@ -121,10 +121,20 @@ def test_a_hostile_torchscript_file_runs_apart_and_is_stopped(world, tmp_path, c
     try:
         assert np.allclose(oracle(x), module(copies["c001"])(torch.from_numpy(x)).detach().numpy(), atol=1e-5)
         oracle._child._proc.kill()  # the interpreter running the suspect dies (as a segfault would end it)
-        with pytest.raises(OracleError, match="crashed the process running it"):
+        with pytest.raises(OracleError, match=r"the process running the TorchScript model ended \(exit code -9\)"):
+            oracle(x)
+        with pytest.raises(OracleError, match=r"stopped .*exit code -9.*: no more queries"):
             oracle(x)
     finally:
         oracle.close()
+    with TorchScriptOracle(leak, 100, timeout=20.0) as oracle:
+        child = oracle._child._proc
+    assert oracle._child.stopped == "closed" and child._closed  # the process reaped, its handles released
+    with pytest.raises(OracleError, match=r"stopped \(closed\)"):
+        oracle(x)
+    (tmp_path / "garbage.pt").write_bytes(b"not torchscript")
+    assert main(["trace", str(tmp_path / "no-registry"), "--query-model", str(tmp_path / "garbage.pt")]) == 2
+    assert "not a loadable" not in capsys.readouterr().err  # the registry is refused before the suspect is loaded
 
 
 def test_a_registry_without_function_mark_is_refused(tmp_path):
@@ -179,6 +189,8 @@ class _Answer(BaseHTTPRequestHandler):
         if "flaky" in self.path:
             n = int(json.loads(self.rfile.read(int(self.headers["Content-Length"])))["inputs"][0]["shape"][0])
             return self._reply(200, json.dumps({"outputs": [{"shape": [n, 3], "data": [0.2, 0.3, 0.5] * n}]}))
+        if "huge" in self.path:  # an integer no float holds
+            return self._reply(200, '{"outputs": [{"shape": [1, 2], "data": [1' + "0" * 400 + ", 1]}]}")
         if "short" in self.path:
             return self._reply(200, json.dumps({"outputs": [{"shape": [1, 3], "data": [0.2, 0.3, 0.5]}]}))
         self._reply(200, json.dumps({"predictions": [1, 2]}))
@@ -200,6 +212,8 @@ def test_http_oracle_errors_and_retries(odd_server):
         HttpV2Oracle(odd_server + "/v2/models/m", 10)(x)
     with pytest.raises(OracleError, match="expected \\[batch, classes\\]"):
         HttpV2Oracle(odd_server + "/short", 10)(x)
+    with pytest.raises(OracleError, match="no readable shape/data"):
+        HttpV2Oracle(odd_server + "/huge", 10)(x[:1])
     _Answer.fails = 0
     flaky = HttpV2Oracle(odd_server + "/flaky", 12, retries=3)
     assert flaky(x).shape == (4, 3) and _Answer.fails == 2  # two 503s, then an answer
@@ -379,15 +393,28 @@ def test_http_error_bodies_are_quoted_and_retries_are_counted(odd_server):
 
 def test_http_requests_have_a_wall_clock_limit_and_tokens_are_never_shown(odd_server):
     x = np.zeros((4, *SHAPE), np.float32)
-    start = time.monotonic()
+    began = time.monotonic()
     with pytest.raises(OracleError, match="no complete answer within 1 s"):
         HttpV2Oracle(odd_server + "/drip", 100, timeout=1.0, retries=1, input_name="input")(x)
-    assert time.monotonic() - start < 5  # two tries of 1 s and a back-off, not the 20 s the drip lasts
+    assert time.monotonic() - began < 5  # two tries of 1 s and a back-off, not the 20 s the drip lasts
+    time.sleep(1.5)  # the abandoned exchanges give up too (one more socket wait at most), not read on
+    assert not [t for t in threading.enumerate() if t.name == "securemark-http-oracle"]
     oracle = HttpV2Oracle(odd_server + "/token?token=s3cret", 100, input_name="input")
     assert oracle(x).shape == (4, 2) and "s3cret" not in oracle.url  # the token is sent with /infer
     with pytest.raises(OracleError, match="HTTP 403") as err:
         HttpV2Oracle(odd_server + "/token?token=wrong-s3cret", 100, input_name="input")(x)
     assert "s3cret" not in str(err.value)
+    with pytest.raises(OracleError) as err:  # urllib refuses the space, quoting the URL: masked
+        HttpV2Oracle(odd_server + "/token?token=s3cret token", 100, input_name="input", retries=0)(x)
+    assert "s3cret" not in str(err.value)
+    server, url = start("leak", module(module_state()), SHAPE)  # the project's own server: the path alone
+    try:  # is matched, and a 404 that echoes the path never echoes the token
+        assert HttpV2Oracle(url + "?token=s3cret", 100)(x).shape == (4, 10)
+        with pytest.raises(OracleError, match="HTTP 404") as err:
+            HttpV2Oracle(url + "x?token=s3cret", 100, input_name="input")(x)
+        assert "s3cret" not in str(err.value)
+    finally:
+        server.shutdown()
 
 
 def test_query_data_files(tmp_path):
