@@ -3,10 +3,12 @@
 * :class:`HttpV2Oracle`: a model served with the Open Inference Protocol (KServe / Triton / MLServer "V2",
   JSON over HTTP). ``url`` is the model's base, ``http://host:port/v2/models/NAME``; inputs are POSTed to
   ``url/infer`` and the first output, ``[B, classes]``, is read.
-* :class:`TorchScriptOracle`: a ``torch.jit.save`` file, run as a black box (its outputs, nothing else).
+* :class:`TorchScriptOracle`: a ``torch.jit.save`` file, run as a black box (its outputs, nothing else), in
+  a child process with a time limit when the file is a suspect's.
 
 Both count every input they send against a query budget and refuse to go past it. Outputs are returned as
-they came; :func:`as_log_scores` turns probabilities or logits into per-input log-scores.
+they came; :func:`gauges` lists the ways they can be read (logits, probabilities, shifted probabilities) as
+per-input log-scores.
 """
 
 from __future__ import annotations
@@ -354,11 +356,10 @@ class HttpV2Oracle:
 
     def _scrub(self, text: str) -> str:
         """``text`` (an error, a server's echo) with the URL's query string (a token) masked, in any spelling."""
-        query = self._parts.query
-        for spelling in sorted(
-            {query, urllib.parse.quote(query, safe="=&"), urllib.parse.unquote(query)}, key=len, reverse=True
-        ):
-            text = text.replace(spelling, "...") if spelling else text
+        q = self._parts.query
+        spellings = {q, urllib.parse.quote(q, safe="=&"), urllib.parse.unquote(q)} - {""}
+        for spelling in sorted(spellings, key=len, reverse=True):  # the longest first: one may hold another
+            text = text.replace(spelling, "...")
         return text
 
     def _address(self, suffix: str = "") -> str:
@@ -392,7 +393,7 @@ class HttpV2Oracle:
         try:
             answer = json.loads(raw)
         except (ValueError, RecursionError):
-            why = f"{shown} did not answer JSON: {raw[:80]!r}; is it an Open Inference (V2) endpoint?"
+            why = f"{shown} did not answer JSON: {self._scrub(repr(raw[:80]))}; is it an Open Inference (V2) endpoint?"
             raise OracleError(why) from None
         if not isinstance(answer, dict):
             raise OracleError(f"{shown} answered {type(answer).__name__}, not a V2 JSON object")
