@@ -138,9 +138,11 @@ class BlackBoxTracer:
             raise RegistryError(why + " (the same share, or other natural inputs)") from None
 
     def trace(self, oracle: Oracle, queries: int = 2000, outputs: str = "auto", top_k: int = 10) -> TraceReport:
-        """Query ``oracle`` on ``queries`` inputs, read the mark against each marked base, keep the
-        least-energy reading and accuse. Everything that can be checked without the suspect (enough queries,
-        inputs the base accepts) is checked before the first query is spent."""
+        """Query ``oracle`` on ``queries`` inputs, read the mark against each marked base (under the way of
+        reading the answers, oracle.gauges, that fits that base best), keep the least-energy reading and
+        accuse. Both choices use the answers and the owner's models, never a code row: the bound holds.
+        Everything that can be checked without the suspect (enough queries, inputs the base accepts) is
+        checked before the first query is spent."""
         start = time.perf_counter()
         need = max(mb.mark.min_queries for mb in self.bases)
         if queries < need:
