@@ -19,7 +19,7 @@ from securemark.evaluation.outputs import rewrite
 
 HERE = Path(__file__).resolve().parent
 ORDER = ("collusion", "adversarial", "rewrite-launder", "spikes", "comparison", "robustness", "fidelity", "uchida",
-         "blackbox")  # fmt: skip
+         "blackbox", "blackbox-single")  # fmt: skip
 
 
 def main() -> None:
