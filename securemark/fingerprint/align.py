@@ -285,9 +285,9 @@ def _directions(rows: np.ndarray) -> np.ndarray:
     """Unit-norm rows, with every entry beyond 5x the row's k-th largest magnitude dropped first (k = 5% of
     the row, at least 2), so that neither a spiked weight in a short row (a 3x3 kernel) nor a row mostly
     pruned to zeros turns a unit away from its base unit. Why dropping rather than capping: a spike capped
-    at 5 robust standard deviations still outweighs the other 8 entries of a 3x3 kernel. Measured with a
-    capped spike: the unit's cosine to its own base unit fell to -0.02, so the matcher paired it with an
-    added dummy unit instead. Dropped, the spike leaves the unit matched to its base unit.
+    at 5 robust standard deviations still outweighs the other 8 entries of a 3x3 kernel (measured: the
+    unit's cosine to its own base unit fell to -0.02 and the matcher paired it with an added dummy unit),
+    whereas with the spike dropped the unit stays matched to its own base unit.
 
     Limit: fewer than k spikes per row are dropped. With k = 2 for rows up to 40 entries, two spikes in the
     same short row stay (README, "Alignment", known gaps).

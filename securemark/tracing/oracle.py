@@ -140,7 +140,7 @@ class TorchScriptOracle:
     def __init__(self, path: str | Path, budget: int, batch: int = 512, timeout: float | None = None) -> None:
         if timeout is not None and not 0 < timeout < math.inf:
             raise OracleError(f"need a finite timeout > 0, got {timeout}")
-        self._budget, self.batch, self.timeout = Budget(budget), batch, timeout
+        self._budget, self.batch = Budget(budget), batch
         self._child: _Child | None = None
         if timeout is None:
             self._model = _load_script(path)
