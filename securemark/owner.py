@@ -139,14 +139,9 @@ def prepare_function_mark(registry: Registry, base_model: StateDict, spec: Funct
     layer, _ = last_linear(module)
     _check_carrier(registry, base_model, layer)
     recorded = function_mark_of(registry, state_digest(base_model))
+    asked = {"budget": float(spec.budget), "skip": spec.skip, "model": spec.model, "data": spec.data}
     if recorded is not None:
-        info = recorded[2]
-        asked = {"budget": float(spec.budget), "skip": spec.skip, "model": spec.model, "data": spec.data}
-        same = {"model": models.same_spec}  # width 0 is the default width
-        differ = {k: (info.get(k), v) for k, v in asked.items() if not same.get(k, operator.eq)(info.get(k), v)}
-        if differ:
-            what = "; ".join(f"{k}: recorded {a!r}, asked {b!r}" for k, (a, b) in differ.items())
-            raise RegistryError(f"this base's function mark is recorded already, differently ({what})")
+        _check_same(recorded[2], asked, "is recorded already")
         return recorded[0], recorded[1], None
     current = registry.base()
     if current is not None and current.digest == state_digest(base_model) and registry.deliveries():
@@ -169,7 +164,21 @@ def record_function_mark(registry: Registry, base_model: StateDict, prepared: Pr
     registry.set_function_mark(digest, *new)
     recorded = function_mark_of(registry, digest)
     assert recorded is not None
+    # another issuer may have recorded this base's mark between prepare and here: its copies and ours must
+    # carry the same one, so a different one is refused, before any copy is made
+    _check_same(recorded[2], {k: new[0][k] for k in ("budget", "skip", "model", "data")}, "was recorded first")
     return recorded[0], recorded[1]
+
+
+def _check_same(info: dict[str, Any], asked: dict[str, Any], how: str) -> None:
+    """Refused (RegistryError) when a recorded function mark's ``info`` is not the one ``asked`` for."""
+    from securemark import models
+
+    same = {"model": models.same_spec}  # width 0 is the default width
+    differ = {k: (info.get(k), v) for k, v in asked.items() if not same.get(k, operator.eq)(info.get(k), v)}
+    if differ:
+        what = "; ".join(f"{k}: recorded {a!r}, asked {b!r}" for k, (a, b) in differ.items())
+        raise RegistryError(f"this base's function mark {how}, differently ({what})")
 
 
 def function_mark_of(registry: Registry, digest: str) -> tuple[FunctionMark, str, dict[str, Any]] | None:

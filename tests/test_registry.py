@@ -375,3 +375,28 @@ def test_issue_copies_refuses_a_bare_string_and_a_name_twice_before_recording(tm
     with pytest.raises(RegistryError, match="named twice"):
         issue_copies(reg, base, ["a", "b", "a"])
     assert reg.customers() == [] and reg.base() is None
+
+
+def test_two_issuers_racing_to_record_a_function_mark_cannot_disagree(tmp_path):
+    """Both prepare a mark for a fresh base before either records it (two `issue --config` at once): the one
+    recorded first stands, and the other is refused before it makes a copy unless it asked for the same."""
+    from securemark import data, models
+    from securemark.owner import FunctionSpec, prepare_function_mark, record_function_mark
+
+    held = data.synthetic(n=300, seed=0)
+    model = models.build("cnn", (1, 8, 8), 10, seed=0)
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    record = {"name": "synthetic", "seed": 0, "test_fraction": 0.3, "files": ""}
+    spec = FunctionSpec(models.spec_of("cnn", (1, 8, 8), 10), held.x, record, budget=0.03, skip=4, components=8)
+    params = RegistryParams(length=256, max_colluders=3, exclude=spec.carrier_exclude())
+    with Registry.init(tmp_path / "reg", params) as reg:
+        first = prepare_function_mark(reg, base, spec)
+        same = prepare_function_mark(reg, base, spec)
+        other = prepare_function_mark(reg, base, FunctionSpec(**{**spec.__dict__, "budget": 0.5}))
+        assert first[2] is not None and other[2] is not None  # neither saw a record
+        record_function_mark(reg, base, first)
+        assert record_function_mark(reg, base, same)[1] == first[1]  # the same mark asked for: it stands
+        why = r"was recorded first, differently \(budget: recorded 0.03, asked 0.5\)"
+        with pytest.raises(RegistryError, match=why):
+            record_function_mark(reg, base, other)
+        assert reg.deliveries() == []
