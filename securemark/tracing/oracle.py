@@ -8,7 +8,7 @@
 
 Both count every input they send against a query budget and refuse to go past it. Outputs are returned as
 they came; :func:`gauges` lists the ways they can be read (logits, probabilities, shifted probabilities) as
-per-input log-scores.
+per-input log-scores, and :func:`remapped` each of them bent back to a base's logits by rank.
 """
 
 from __future__ import annotations
@@ -113,6 +113,35 @@ def gauges(out: np.ndarray, kind: str = "auto") -> list[Gauge]:
     if not found:
         raise OracleError("the suspect's answers hold no positive probability however read: no verdict")
     return found
+
+
+def remapped(gauge: Gauge, base_logits: np.ndarray) -> list[Gauge]:
+    """``gauge`` read through a monotone map of its values, fitted so that the answers' values are spread as
+    the base's logits are: each score replaced by the base's value of the same rank, pooled over all answers
+    (ties share their mean). A server that bends its outputs by any increasing function, common to every
+    entry (``z**3``, a calibration curve), keeps every top-1 and hides a mark a linear reading looks for;
+    matching the values back to the base's undoes the bend up to the mark itself, which moves the spread by
+    (3% of its RMS)**2. Two targets: the base's logits as they are, and minus each row's top (for a bend of
+    ``z - max z``). A censored gauge is left as it is (its floor is one value many ranks share).
+
+    The map is fitted on the answers and the base alone, so an innocent's row stays independent of it."""
+    if gauge.floor is not None:
+        return []
+    z = np.asarray(base_logits, dtype=np.float64)
+    return [Gauge(_rank_matched(gauge.scores, t), f"{gauge.kind}, bent back to the base's {name}", None)
+            for t, name in ((z, "logits"), (z - z.max(axis=1, keepdims=True), "logits below each top"))]  # fmt: skip
+
+
+def _rank_matched(scores: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Each entry of ``scores`` replaced by the entry of ``target`` (same size) of the same pooled rank; a run
+    of tied scores gets the mean of the targets its ranks span."""
+    order = np.argsort(scores, axis=None, kind="stable")
+    ranked, values = scores.ravel()[order], np.sort(target, axis=None)
+    starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])
+    counts = np.diff(np.r_[starts, ranked.size])
+    out = np.empty(scores.size)
+    out[order] = np.repeat(np.add.reduceat(values, starts) / counts, counts)
+    return out.reshape(scores.shape)
 
 
 def _shifted(out: np.ndarray, offset: float | np.ndarray) -> np.ndarray:

@@ -6,6 +6,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from securemark import data, models, training
 from securemark.attacks.distillation import distill, ensemble, labels_of
@@ -13,7 +15,7 @@ from securemark.cli import main
 from securemark.owner import FunctionSpec, issue_copies
 from securemark.registry import Registry, RegistryError, RegistryParams
 from securemark.tracing.blackbox import BlackBoxTracer, load_query_data, query_inputs
-from securemark.tracing.oracle import HttpV2Oracle, OracleError, TorchScriptOracle, gauges
+from securemark.tracing.oracle import Gauge, HttpV2Oracle, OracleError, TorchScriptOracle, gauges, remapped
 from securemark.tracing.serve import start
 
 SHAPE = (1, 8, 8)
@@ -332,13 +334,19 @@ class _Served(torch.nn.Module):
             k = 2 + torch.arange(len(p)) % 4
             rank = p.argsort(dim=1, descending=True).argsort(dim=1)
             return torch.where(rank < k[:, None], p, torch.zeros_like(p))
+        if self.kind == "cubed":  # bent by an increasing function: every top-1 kept; a linear reading lost c004
+            return z**3
+        if self.kind == "cubed-below-top":  # bent below each row's top
+            return -((z.max(dim=1, keepdim=True).values - z) ** 3)
+        if self.kind == "mildly-bent":  # a bend of a few percent (it halved a leaker's score in an attack)
+            return z + 0.05 * z * z.abs()
         x.mul_(-1.0)  # "tamper": writes into the owner's query inputs after answering
         return z
 
 
 SERVED = ["temperature", "log10", "scaled-probs", "probs-minus-0.01", "probs-lifted", "tempered-minus-0.01",
           "tempered-lifted", "factor-per-query", "offset-per-query", "rounded", "top3", "top3-renormalized",
-          "top-k varying", "permuted", "scaled-logits"]  # fmt: skip
+          "top-k varying", "permuted", "scaled-logits", "cubed", "cubed-below-top", "mildly-bent"]  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", [*SERVED, "tamper"])
@@ -349,6 +357,37 @@ def test_served_transforms_and_tampering_do_not_hide_the_leaker(world, tmp_path,
     with Registry.open(directory) as reg:
         report = BlackBoxTracer(reg).trace(TorchScriptOracle(path, 800), 800)
     assert [s.customer for s in report.accused] == ["c004"]
+
+
+def test_the_unmarked_base_bent_accuses_nobody(world, tmp_path):
+    directory, base, _, _ = world
+    path = tmp_path / "served.pt"
+    torch.jit.save(torch.jit.script(_Served(module(base), "cubed")), str(path))
+    with Registry.open(directory) as reg:
+        report = BlackBoxTracer(reg).trace(TorchScriptOracle(path, 800), 800)
+    assert report.accused == [] and report.alignment["outputs"] == "logits, bent back to the base's logits"
+
+
+def test_bent_answers_are_matched_back_to_the_base_by_rank():
+    z = np.array([[10.0, 20.0], [30.0, 40.0]])
+    (pooled, below_top) = remapped(Gauge(np.array([[3.0, 1.0], [2.0, 2.0]]), "logits", None), z)
+    assert np.array_equal(pooled.scores, [[40.0, 10.0], [25.0, 25.0]])  # worked by hand: the tie shares 20 and 30
+    assert np.array_equal(below_top.scores, [[0.0, -10.0], [-5.0, -5.0]])  # targets -10, -10, 0, 0
+    assert pooled.kind == "logits, bent back to the base's logits" and pooled.floor is None
+    assert remapped(Gauge(np.zeros((2, 2)), "probs", -3.0), z) == []  # censored: its floor is one value, left be
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.sampled_from(["cube", "exp", "atan", "affine"]))
+def test_any_increasing_bend_reads_as_the_answers_themselves(seed, bend):
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(30, 5)) * 4
+    a = z + rng.normal(size=z.shape) * 0.1  # a marked copy's answers: no ties
+    f = {"cube": lambda v: v**3, "exp": np.exp, "atan": np.arctan, "affine": lambda v: 3 * v - 7}[bend]
+    plain = [g.scores for g in remapped(Gauge(a, "logits", None), z)]
+    bent = [g.scores for g in remapped(Gauge(f(a), "logits", None), z)]
+    assert all(np.array_equal(p, b) for p, b in zip(plain, bent, strict=True))  # ranks are all the map sees
+    assert np.array_equal(remapped(Gauge(z, "logits", None), z)[0].scores, z)  # the base itself maps to itself
 
 
 def test_refusals_before_any_query_and_damaged_records(world, tmp_path):
