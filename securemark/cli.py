@@ -371,6 +371,7 @@ def cmd_bench_blackbox(a: argparse.Namespace) -> object:
         students=[] if a.no_students else students_of(tuple(a.archs), tuple(a.temperatures), not a.no_hard),
         budget=a.budget,
         epochs=a.epochs, queries=a.queries, seed=a.seed, base=a.base, triggers=a.triggers, tail=a.tail,
+        noise=tuple(a.noise),
     )  # fmt: skip
     cells: list[dict[str, object]] = result["cells"]  # type: ignore[assignment]
     baseline: list[dict[str, object]] = result.get("trigger_baseline", [])  # type: ignore[assignment]
@@ -483,6 +484,13 @@ def _int_at_least(text: str, low: int) -> int:
         value = low - 1
     if value < low:
         raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
+    return value
+
+
+def _nonnegative(text: str) -> float:
+    value = _finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
     return value
 
 
@@ -656,6 +664,9 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("--tail", type=_natural, default=0,
                     help="innocent tail: this many independently trained models, intact copies and students of "
                     "single copies, each traced against every customer")  # fmt: skip
+    bb.add_argument("--noise", type=_nonnegative, nargs="+", default=[], metavar="STD",
+                    help="also serve intact copies with Gaussian noise of these standard deviations on every logit: "
+                    "catch against the served accuracy")  # fmt: skip
     bb.add_argument("--seed", type=_natural, default=0)
     bb.add_argument("--json", action="store_true")
     bb.set_defaults(func=cmd_bench_blackbox)

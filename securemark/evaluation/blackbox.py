@@ -149,6 +149,18 @@ class Tail:
         counts[1] += int(innocent.sum())
 
 
+class Noisy(torch.nn.Module):
+    """A model whose every answer carries fresh Gaussian noise of standard deviation ``sigma`` on its logits."""
+
+    def __init__(self, inner: torch.nn.Module, sigma: float) -> None:
+        super().__init__()
+        self.inner, self.sigma = inner, float(sigma)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.inner(x)
+        return z + self.sigma * torch.randn_like(z)
+
+
 def train_base(pool: data.Dataset, seed: int, epochs: int = 8, arch: str = "cnn") -> torch.nn.Module:
     model = models.build(arch, tuple(pool.x.shape[1:]), pool.classes, seed=seed)  # type: ignore[arg-type]
     gen = torch.Generator().manual_seed(seed)
@@ -172,10 +184,12 @@ def run(
     setup: Setup, *, customers: int = 1000, trials: int = 2, copies: int = 10, colluders: tuple[int, ...] = (1, 2, 4),
     students: list[Student] | None = None, budget: float = 0.03, epochs: int = 20, queries: int = 10_000,
     seed: int = 0, triggers: int = 10, tail: int = 0, length: int = 1024, max_colluders: int = 4, eps: float = 1e-3,
-    white_box: dict[str, Any] | None = None,
+    white_box: dict[str, Any] | None = None, noise: tuple[float, ...] = (),
 ) -> dict[str, object]:  # fmt: skip
     """Every cell on ``setup``; ``tail`` adds that many suspects of each innocent kind to the tail;
-    ``white_box``: the white-box mark's registry parameters (budget, carrier_mode, include)."""
+    ``white_box``: the white-box mark's registry parameters (budget, carrier_mode, include); ``noise``: for
+    each standard deviation, intact copies served with fresh Gaussian noise on every logit (the cell's
+    student_accuracy is then what the pirate's users get: top-1 of the noisy answers)."""
     students = students_of(("cnn", "mlp"), (1.0, 4.0), True) if students is None else students
     rng = np.random.default_rng(seed)
     model, pool, held = setup.model, setup.pool, setup.held
@@ -218,7 +232,7 @@ def run(
     def trace_file(suspect: torch.nn.Module) -> TraceReport:
         return tracer.trace(TorchScriptOracle(_scripted(suspect, work / "suspect.pt"), queries), queries)
 
-    total = copies + trials + len(students) * trials * (len(colluders) + 1) + 3 * tail
+    total = copies + trials * (1 + len(noise)) + len(students) * trials * (len(colluders) + 1) + 3 * tail
     total += (trials + len(students) * trials * (len(colluders) + 1)) if triggers else 0
     with Progress(transient=True) as bar:
         task = bar.add_task("black-box cells", total=total)
@@ -240,6 +254,14 @@ def run(
                 server.shutdown()
             record("intact, HTTP, 2000 queries", report, [leaker], None, "another customer's copy")
             bar.advance(task)
+        for sigma in noise:  # the cheapest laundering: noise on the answers, paid for in the users' accuracy
+            for _ in range(trials):
+                leaker = str(rng.choice(names))
+                served = Noisy(copy(leaker), sigma)
+                acc = training.accuracy(served, held, cpu)
+                record(f"intact + logit noise, std {sigma:g}", trace_file(served), [leaker], acc,
+                       "another customer's copy")  # fmt: skip
+                bar.advance(task)
         for arch, temp, is_hard in students:
             label = "hard labels" if is_hard else f"soft T={temp:g}"
             for c in (0, *colluders):  # 0: a student of the unmarked model (control)
