@@ -190,7 +190,7 @@ def cmd_issue(a: argparse.Namespace) -> None:
         function = function_spec(cfg, data.server_split(cfg.data, cfg.train.seed)[1])
         if function is None:
             raise ValueError(f"{a.config} puts no function mark in copies (fingerprint off, or function_budget 0)")
-    with Registry.open(a.directory) as reg:
+    with Registry.open(a.directory) as reg, reg.issuing():
         copy, customer = make_copy(reg, base, a.customer, function=function)
         modelio.save_atomic(copy, out)
         reg.record_delivery(customer, modelio.state_digest(copy), note=str(out))

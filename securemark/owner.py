@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import operator
 from collections.abc import Iterable
@@ -139,7 +140,8 @@ def prepare_function_mark(registry: Registry, base_model: StateDict, spec: Funct
     layer, _ = last_linear(module)
     _check_carrier(registry, base_model, layer)
     recorded = function_mark_of(registry, state_digest(base_model))
-    asked = {"budget": float(spec.budget), "skip": spec.skip, "model": spec.model, "data": spec.data}
+    asked = {"budget": float(spec.budget), "skip": spec.skip, "components": spec.components, "model": spec.model,
+             "data": spec.data}  # fmt: skip
     if recorded is not None:
         _check_same(recorded[2], asked, "is recorded already")
         return recorded[0], recorded[1], None
@@ -151,7 +153,8 @@ def prepare_function_mark(registry: Registry, base_model: StateDict, spec: Funct
     fm = FunctionMark.create(registry.secret, basis, registry.bias(), float(spec.budget))
     fm.embed(dict(base_model), layer, np.zeros(fm.length, dtype=np.uint8))  # the edit fits the layer
     info = {"layer": layer, "skip": basis.skip, "logit_rms": basis.logit_rms, "classes": basis.classes,
-            "budget": float(spec.budget), "model": spec.model, "data": spec.data}  # fmt: skip
+            "budget": float(spec.budget), "components": spec.components, "model": spec.model,
+            "data": spec.data}  # fmt: skip
     return fm, layer, (info, basis.to_array())
 
 
@@ -164,9 +167,10 @@ def record_function_mark(registry: Registry, base_model: StateDict, prepared: Pr
     registry.set_function_mark(digest, *new)
     recorded = function_mark_of(registry, digest)
     assert recorded is not None
-    # another issuer may have recorded this base's mark between prepare and here: its copies and ours must
-    # carry the same one, so a different one is refused, before any copy is made
-    _check_same(recorded[2], {k: new[0][k] for k in ("budget", "skip", "model", "data")}, "was recorded first")
+    # an issuer outside registry.issuing() may have recorded this base's mark between prepare and here: its
+    # copies and ours must carry the same one, so a different one is refused, before any copy is made
+    asked = {k: new[0][k] for k in ("budget", "skip", "components", "model", "data")}
+    _check_same(recorded[2], asked, "was recorded first")
     return recorded[0], recorded[1]
 
 
@@ -175,6 +179,9 @@ def _check_same(info: dict[str, Any], asked: dict[str, Any], how: str) -> None:
     from securemark import models
 
     same = {"model": models.same_spec}  # width 0 is the default width
+    asked = json.loads(json.dumps(asked))  # as it would be recorded: a shape given as a tuple is a list there
+    if "components" not in info:  # recorded before the number of components was: not compared
+        asked.pop("components", None)
     differ = {k: (info.get(k), v) for k, v in asked.items() if not same.get(k, operator.eq)(info.get(k), v)}
     if differ:
         what = "; ".join(f"{k}: recorded {a!r}, asked {b!r}" for k, (a, b) in differ.items())
@@ -252,7 +259,7 @@ def make_copy(
 ) -> tuple[dict, Customer]:
     """The copy of ``base_model`` for ``customer``, and the customer, WITHOUT recording a delivery: a caller
     that writes the copy to a file calls ``registry.record_delivery`` once the write succeeded, so the
-    registry never lists a delivery that does not exist."""
+    registry never lists a delivery that does not exist; it holds ``registry.issuing()`` around both."""
     Registry.check_customer_name(customer)
     prepared = function_mark_for(registry, base_model, function)  # checked before anything is recorded
     fp, base = establish_base(registry, base_model, strength)
@@ -290,15 +297,16 @@ def issue_copies(
         Registry.check_customer_name(name)
     if len(set(customers)) != len(customers):
         raise RegistryError("a customer is named twice in one batch")
-    prepared = function_mark_for(registry, base_model, function)  # checked before anything is recorded
-    fp, base = establish_base(registry, base_model, strength)
-    fm = None if prepared is None else record_function_mark(registry, base_model, prepared)
-    copies = {}
-    for name in customers:
-        cust = registry.customer(name)
-        copies[name] = mark(fp, base.strength, fm, base_model, cust.bits)
-        registry.record_delivery(cust, state_digest(copies[name]), note)
-    return copies
+    with registry.issuing():
+        prepared = function_mark_for(registry, base_model, function)  # checked before anything is recorded
+        fp, base = establish_base(registry, base_model, strength)
+        fm = None if prepared is None else record_function_mark(registry, base_model, prepared)
+        copies = {}
+        for name in customers:
+            cust = registry.customer(name)
+            copies[name] = mark(fp, base.strength, fm, base_model, cust.bits)
+            registry.record_delivery(cust, state_digest(copies[name]), note)
+        return copies
 
 
 def issue_copy(registry: Registry, base_model: StateDict, customer: str, note: str = "") -> dict:

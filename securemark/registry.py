@@ -14,6 +14,7 @@ model itself is kept in ``bases/<digest>.safetensors`` (0600), so a tracer can a
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import json
 import math
@@ -45,6 +46,7 @@ FORMAT = 1
 DB_NAME = "registry.sqlite"
 KEY_NAME = "owner.key"
 BASES_DIR = "bases"
+ISSUE_LOCK = ".issuing"  # flock'd by whoever issues copies (Registry.issuing); never part of the registry's files
 _PRIVATE = stat.S_IRWXG | stat.S_IRWXO  # any of these bits on the database or the key is refused
 _FILE_NAMES = re.compile(rf"({re.escape(KEY_NAME)}|{re.escape(DB_NAME)}|{BASES_DIR}/[0-9a-f]{{64}}\.safetensors)")
 
@@ -293,6 +295,20 @@ class Registry:
                 self._conn.execute("ROLLBACK")
             raise
         self._conn.execute("COMMIT")
+
+    @contextmanager
+    def issuing(self) -> Iterator[None]:
+        """Held by an issuer from its first check to its last delivery recorded (an exclusive lock on a file
+        in the registry's folder): two issuers at once, such as two `securemark issue` with different
+        --config, run one after the other, so each one's checks see all the other wrote. Without it, one
+        could record a function mark between another's check and its copy, and copies of one base would
+        carry different marks. Released when the block ends, or when the process dies."""
+        with open(self.directory / ISSUE_LOCK, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     @_db_errors
     def close(self) -> None:

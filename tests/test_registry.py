@@ -400,3 +400,39 @@ def test_two_issuers_racing_to_record_a_function_mark_cannot_disagree(tmp_path):
         with pytest.raises(RegistryError, match=why):
             record_function_mark(reg, base, other)
         assert reg.deliveries() == []
+
+
+def test_issuers_take_turns_and_a_spec_given_with_tuples_or_other_components_is_compared_as_recorded(tmp_path):
+    """registry.issuing() lets one issuer at a time through (a second waits until the first is done), so a
+    copy without a function mark cannot slip past one being recorded; a model spec given with a tuple shape
+    matches its JSON record, and another number of components is refused."""
+    from securemark import data, models
+    from securemark.owner import FunctionSpec, issue_copies
+
+    held = data.synthetic(n=300, seed=0)
+    model = models.build("cnn", (1, 8, 8), 10, seed=0)
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    record = {"name": "synthetic", "seed": 0, "test_fraction": 0.3, "files": ""}
+    spec_model = {"name": "cnn", "in_shape": (1, 8, 8), "classes": 10, "width": 0}  # a tuple, as a user may write
+    spec = FunctionSpec(spec_model, held.x, record, budget=0.03, skip=4, components=8)
+    params = RegistryParams(length=256, max_colluders=3, exclude=spec.carrier_exclude())
+    order = []
+
+    def second(other: Registry) -> None:
+        with other.issuing():
+            order.append("second")
+
+    with Registry.init(tmp_path / "reg", params) as reg, Registry.open(tmp_path / "reg") as other:
+        with reg.issuing():
+            waiting = threading.Thread(target=second, args=(other,))
+            waiting.start()
+            waiting.join(0.5)
+            assert waiting.is_alive()  # blocked while the first holds it
+            order.append("first")
+        waiting.join(5)
+        assert order == ["first", "second"]
+        issue_copies(reg, base, ["ann"], function=spec)  # recorded with lists; compared equal to the tuple
+        issue_copies(reg, base, ["bob"], function=spec)
+        with pytest.raises(RegistryError, match="recorded already, differently \\(components: recorded 8, asked 16"):
+            issue_copies(reg, base, ["cy"], function=FunctionSpec(**{**spec.__dict__, "components": 16}))
+        assert [d["customer"] for d in reg.deliveries()] == ["ann", "bob"]
