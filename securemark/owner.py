@@ -169,17 +169,21 @@ def record_function_mark(registry: Registry, base_model: StateDict, prepared: Pr
     assert recorded is not None
     # an issuer outside registry.issuing() may have recorded this base's mark between prepare and here: its
     # copies and ours must carry the same one, so a different one is refused, before any copy is made
-    asked = {k: new[0][k] for k in ("budget", "skip", "components", "model", "data")}
-    _check_same(recorded[2], asked, "was recorded first")
+    _check_same(recorded[2], new[0], "was recorded first")
     return recorded[0], recorded[1]
 
 
+_CHOSEN = ("budget", "skip", "components", "model", "data")  # what an issuer chooses of a function mark
+
+
 def _check_same(info: dict[str, Any], asked: dict[str, Any], how: str) -> None:
-    """Refused (RegistryError) when a recorded function mark's ``info`` is not the one ``asked`` for."""
+    """Refused (RegistryError) when a recorded function mark's ``info`` is not the one ``asked`` for, on
+    what an issuer chooses (_CHOSEN; the rest of a record is fitted)."""
     from securemark import models
 
     same = {"model": models.same_spec}  # width 0 is the default width
-    asked = json.loads(json.dumps(asked))  # as it would be recorded: a shape given as a tuple is a list there
+    # as it would be recorded: a shape given as a tuple is a list there
+    asked = json.loads(json.dumps({k: asked[k] for k in _CHOSEN}))
     if "components" not in info:  # recorded before the number of components was: not compared
         asked.pop("components", None)
     differ = {k: (info.get(k), v) for k, v in asked.items() if not same.get(k, operator.eq)(info.get(k), v)}

@@ -284,13 +284,16 @@ def _unit_matrices(
 def _directions(rows: np.ndarray) -> np.ndarray:
     """Unit-norm rows, with every entry beyond 5x the row's k-th largest magnitude dropped first (k = 5% of
     the row, at least 2), so that neither a spiked weight in a short row (a 3x3 kernel) nor a row mostly
-    pruned to zeros turns a unit away from its base unit. Why dropping rather than capping: a spike capped
-    at 5 robust standard deviations still outweighs the other 8 entries of a 3x3 kernel (measured: the
-    unit's cosine to its own base unit fell to -0.02 and the matcher paired it with an added dummy unit),
-    whereas with the spike dropped the unit stays matched to its own base unit.
+    pruned to zeros turns a unit away from its base unit.
 
-    Limit: fewer than k spikes per row are dropped. With k = 2 for rows up to 40 entries, two spikes in the
-    same short row stay (README, "Alignment", known gaps).
+    Why dropping rather than capping: a spike capped at 5 robust standard deviations still outweighs the
+    other 8 entries of a 3x3 kernel. Measured with a capped spike, the unit's cosine to its own base unit
+    fell to -0.02 and the matcher paired it with an added dummy unit. With the spike dropped, the unit stays
+    matched to its own base unit.
+
+    Limit: a row's spikes are dropped only while there are fewer than k of them (k spikes make the k-th
+    largest a spike). With k = 2 for rows up to 40 entries, two spikes in the same short row stay: a known
+    gap, stated in the README ("Alignment", known gaps).
 
     Scale-free: a rescaled copy drops the same entries as the base."""
     mags = np.abs(rows)

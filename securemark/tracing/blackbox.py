@@ -116,10 +116,9 @@ def _model(registry: Registry, base: Base, mark: FunctionMark, layer_name: str, 
 BENT = 0.5
 
 
-def _best(mark: FunctionMark, ways: list[Gauge], z: np.ndarray, h: np.ndarray) -> tuple[Reading, Gauge] | None:
-    """The reading of the answers, among ``ways``, closest to the base's logits ``z`` (None if there are none)."""
-    read = [(mark.read(g.scores, z, h, g.floor), g) for g in ways]
-    return min(read, key=lambda rg: rg[0].misfit) if read else None
+def _best(mark: FunctionMark, ways: list[Gauge], z: np.ndarray, h: np.ndarray) -> tuple[Reading, Gauge]:
+    """The reading of the answers, among ``ways`` (at least one), closest to the base's logits ``z``."""
+    return min(((mark.read(g.scores, z, h, g.floor), g) for g in ways), key=lambda rg: rg[0].misfit)
 
 
 class BlackBoxTracer:
@@ -172,12 +171,11 @@ class BlackBoxTracer:
         readings = gauges(oracle(x), outputs)
         best = None
         for mb, h, z in base_views:  # per base, the way of reading the answers that fits them best
-            plain = _best(mb.mark, readings, z, h)
-            assert plain is not None  # gauges() returns at least one way or raises
-            reading, gauge = plain
-            bent = _best(mb.mark, [r for g in readings for r in remapped(g, z)], z, h)
-            if bent is not None and bent[0].misfit < BENT * reading.misfit:
-                reading, gauge = bent
+            reading, gauge = _best(mb.mark, readings, z, h)  # gauges() returns at least one way or raises
+            if bent_ways := [r for g in readings for r in remapped(g, z)]:
+                bent = _best(mb.mark, bent_ways, z, h)
+                if bent[0].misfit < BENT * reading.misfit:
+                    reading, gauge = bent
             obs = robust_observation(reading.y)
             energy = float(np.dot(obs.y, obs.y))
             if best is None or energy < best[0]:

@@ -25,6 +25,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -128,20 +129,25 @@ def remapped(gauge: Gauge, base_logits: np.ndarray) -> list[Gauge]:
     if gauge.floor is not None:
         return []
     z = np.asarray(base_logits, dtype=np.float64)
-    return [Gauge(_rank_matched(gauge.scores, t), f"{gauge.kind}, bent back to the base's {name}", None)
+    match = _rank_matcher(gauge.scores)
+    return [Gauge(match(t), f"{gauge.kind}, bent back to the base's {name}", None)
             for t, name in ((z, "logits"), (z - z.max(axis=1, keepdims=True), "logits below each top"))]  # fmt: skip
 
 
-def _rank_matched(scores: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Each entry of ``scores`` replaced by the entry of ``target`` (same size) of the same pooled rank; a run
-    of tied scores gets the mean of the targets its ranks span."""
+def _rank_matcher(scores: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """``scores`` ranked once; the function returned replaces each entry by the entry of a ``target`` (same
+    size) of the same pooled rank, a run of tied scores getting the mean of the targets its ranks span."""
     order = np.argsort(scores, axis=None, kind="stable")
-    ranked, values = scores.ravel()[order], np.sort(target, axis=None)
+    ranked = scores.ravel()[order]
     starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])
     counts = np.diff(np.r_[starts, ranked.size])
-    out = np.empty(scores.size)
-    out[order] = np.repeat(np.add.reduceat(values, starts) / counts, counts)
-    return out.reshape(scores.shape)
+
+    def match(target: np.ndarray) -> np.ndarray:
+        out = np.empty(scores.size)
+        out[order] = np.repeat(np.add.reduceat(np.sort(target, axis=None), starts) / counts, counts)
+        return out.reshape(scores.shape)
+
+    return match
 
 
 def _shifted(out: np.ndarray, offset: float | np.ndarray) -> np.ndarray:
