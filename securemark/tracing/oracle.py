@@ -92,6 +92,8 @@ def gauges(out: np.ndarray, kind: str = "auto") -> list[Gauge]:
     shifted. Every value at or below the smallest positive one reported is censored: when the answers show
     it (zeros, or several values tied at the smallest), the floor is the log of that value, and the reader
     leaves every entry at the floor out of its fit (fingerprint.function.masked_fit)."""
+    if np.iscomplexobj(out):  # a cast to float would drop the imaginary part without a word
+        raise OracleError("the suspect answered complex numbers: not a prediction")
     out = np.asarray(out, dtype=np.float64)
     if out.ndim != 2 or out.shape[1] < 2:
         raise OracleError(f"expected outputs of shape [batch, classes], got {list(out.shape)}")

@@ -245,6 +245,8 @@ def test_output_reading_and_query_inputs(tmp_path):
         gauges(np.array([[1e200, 0.0]]))
     with pytest.raises(OracleError, match="NaN"):
         gauges(np.array([[np.nan, 1.0]]))
+    with pytest.raises(OracleError, match="complex"):
+        gauges(np.array([[1.0 + 2j, 1.0]]))
     with pytest.raises(OracleError, match="no positive probability"):
         gauges(np.zeros((3, 4)), "probs")
     many = np.random.default_rng(0).dirichlet(np.full(4, 0.3), size=40)
