@@ -18,6 +18,7 @@ from securemark.fingerprint.function import (
     helmert,
     last_linear,
     masked_fit,
+    principal,
 )
 from securemark.fingerprint.keys import OwnerSecret
 
@@ -106,6 +107,36 @@ def test_edit_is_linear_in_the_centred_row_up_to_its_norm(seed):
     assert np.allclose(mark.edit(~bits), -edit * np.linalg.norm(a) / np.linalg.norm(mark.code @ (~bits - bias)))
 
 
+@pytest.mark.parametrize(("rows", "features"), [(60, 12), (12, 60)])
+def test_principal_components_either_way_match_the_full_eigendecomposition(rows, features):
+    """The fast path (top n of the covariance, or of the Gram matrix when features outnumber rows) against
+    numpy's full eigendecomposition of the covariance: the same eigenvalues, eigenvectors up to sign."""
+    rng = np.random.default_rng(7)
+    hc = rng.standard_normal((rows, features)) * np.linspace(3, 0.5, features)
+    hc -= hc.mean(axis=0)
+    lam_all, vec_all = np.linalg.eigh(np.cov(hc, rowvar=False))
+    lam, vec = principal(hc, 5)
+    assert np.allclose(lam, lam_all[::-1][:5])
+    assert np.allclose(np.abs(np.sum(vec * vec_all[:, ::-1][:, :5], axis=0)), 1.0)  # unit and aligned
+
+
+def test_a_penultimate_layer_wider_than_the_held_out_set_is_marked_and_read():
+    """An MLP of 400 hidden units and 300 held-out inputs (the old rule wanted 800): the top components the
+    inputs estimate carry the mark, K = 300 // 2 - skip - 1, and an intact copy reads back its row."""
+    held = data.synthetic(n=300, seed=2)
+    model = models.build("mlp", SHAPE, 10, seed=0, width=400).eval()
+    basis = Basis.fit(model, held.x, skip=4, components=400)
+    assert basis.components == 300 // 2 - 4 - 1
+    bias = tardos.arcsine_bias(np.random.default_rng(1).random(256), 3)
+    mark = FunctionMark.create(OwnerSecret(b"\x09" * 32), basis, bias, 0.05)
+    bits = tardos.draw_rows(bias, np.random.default_rng(2).random(len(bias)))
+    sd = mark.embed(dict(model.state_dict()), last_linear(model)[0], bits)
+    copy = models.load_weights(models.build("mlp", SHAPE, 10, width=400), sd).eval()
+    assert mark.health(features_and_logits(model, held.x), copy, bits, held.x) > 0.999
+    with pytest.raises(FunctionMarkError, match="too few to fit a mark"):
+        Basis.fit(model, held.x[:20], skip=10)  # 20 // 2 - 10 - 1 < 1: no component left
+
+
 def test_refusals(setup):
     model, held, mark, bias, _ = setup
     h, z = features_and_logits(model, held.x)
@@ -153,6 +184,28 @@ def test_masked_fit_recovers_the_coefficients_from_the_observed_entries_alone(se
     observed[:, :2] = True
     y_seen = np.where(observed, y, rng.standard_normal((q, c)) * 1e6)  # garbage where censored
     assert np.allclose(masked_fit(x, y_seen, observed), b - b.mean(axis=1, keepdims=True), atol=1e-8)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_masked_fit_drops_a_nearly_unseen_direction_instead_of_amplifying_its_noise(seed):
+    """A confident model's censored answers show a class beside the others in a few queries whose features
+    barely vary, and its entries near the floor are the noisiest: that noise, divided by the tiny variation,
+    once swamped the reading. Here class 5 is seen in two queries at 1e-2 of the usual feature scale, with
+    noise 1 against 0.01 elsewhere. Over 40 seeds the largest coefficient stayed within 0.55-1.29 x the true
+    largest once that direction is dropped, and reached 2.4-82 x when it was kept (rcond 1e-8): bound 2."""
+    rng = np.random.default_rng(seed)
+    q, r, c = 400, 5, 6
+    x = rng.standard_normal((q, r))
+    x[:2] *= 1e-2
+    b = rng.standard_normal((r, c))
+    observed = np.ones((q, c), bool)
+    observed[2:, 5] = False  # class 5 is seen in the first two queries only
+    noise = rng.standard_normal((q, c)) * 0.01
+    noise[:, 5] *= 100
+    coef = masked_fit(x, x @ b + rng.standard_normal((q, 1)) * 10 + noise, observed)
+    assert np.max(np.abs(coef)) < 2 * np.max(np.abs(b))
+    seen = b[:, :5] - b[:, :5].mean(axis=1, keepdims=True)  # the well-seen classes come back within the noise
+    assert np.allclose(coef[:, :5] - coef[:, :5].mean(axis=1, keepdims=True), seen, atol=0.01)
 
 
 def test_masked_fit_with_every_entry_observed_is_the_centred_regression():
