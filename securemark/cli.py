@@ -22,6 +22,8 @@ from securemark.codes.channel import ATTACKS
 
 # the CLI parses without importing torch: a test checks this equals securemark.attacks.COLLUSION_METHODS
 COLLUSION_METHODS = ("average", "median", "interleave", "layer-interleave", "extreme", "extrapolate", "convex")
+# ... and CENSORED equals securemark.evaluation.censored.CENSORS
+CENSORED = ("rounded", "rounded-2", "float16", "clamp", "top3", "top3-renormalized", "top-k varying")
 RAY_HELP = "run trials as Ray tasks: local (this machine's cores, the default), auto or ray://host:port (a cluster)"
 # bad input or an unusable environment: one line and exit 2 (OSError covers missing, existing or unwritable
 # paths, a closed pipe and an unreachable cluster; OverflowError a number too large for a float)
@@ -380,6 +382,14 @@ def cmd_bench_blackbox(a: argparse.Namespace) -> object:
     return _json_or_table(a, result, *tables)  # type: ignore[arg-type]
 
 
+def cmd_bench_censored(a: argparse.Namespace) -> object:
+    from securemark.evaluation.censored import bench_censored
+
+    result = bench_censored(tuple(a.archs), a.seeds, tuple(a.served), a.queries)
+    cells: list[dict[str, object]] = result["cells"]
+    return _json_or_table(a, result, {k: v for k, v in result.items() if k != "cells"}, *cells)
+
+
 def cmd_bench_simulate(a: argparse.Namespace) -> object:
     from securemark.config import SimConfig
     from securemark.flower.bench_simulate import bench_simulate
@@ -670,6 +680,16 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("--seed", type=_natural, default=0)
     bb.add_argument("--json", action="store_true")
     bb.set_defaults(func=cmd_bench_blackbox)
+
+    about = "black-box catch rate when a server censors its answers, over many trained models"
+    bc = bench.add_parser("censored", help=about)
+    bc.add_argument("--seeds", type=_positive, default=20, help="trained models per architecture (default 20)")
+    bc.add_argument("--archs", nargs="+", choices=("cnn", "mlp"), default=["cnn", "mlp"])
+    bc.add_argument("--served", nargs="+", choices=CENSORED, default=list(CENSORED), metavar="KIND",
+                    help=f"censorings to serve (default all: {', '.join(CENSORED)})")  # fmt: skip
+    bc.add_argument("--queries", type=_positive, default=800, help="the tracer's queries per suspect (default 800)")
+    bc.add_argument("--json", action="store_true")
+    bc.set_defaults(func=cmd_bench_censored)
 
     about = "one federation measured: s/round, peak memory (all processes), tracing"
     bsim = _config_command(bench, "simulate", about, "train.rounds=3", unique=True)

@@ -149,6 +149,13 @@ def test_bench_secagg_small(capsys, graph):
         assert key in r
 
 
+def test_cli_censoring_choices_match_the_bench():
+    from securemark.cli import CENSORED
+    from securemark.evaluation.censored import CENSORS
+
+    assert tuple(CENSORS) == CENSORED
+
+
 def test_cli_collusion_choices_match_the_attacks():
     from securemark import attacks, cli
 

@@ -12,6 +12,7 @@ so Ray start-up and warm-up do not count.
 from __future__ import annotations
 
 import dataclasses
+import json
 import statistics
 import tempfile
 import time
@@ -32,6 +33,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from securemark import data, models, training
 from securemark.config import SimConfig
+from securemark.fingerprint.function import features_and_logits
+from securemark.modelio import load_state_dict
 
 VARIANTS = ("plain", "securemark", "flower_secaggplus")
 
@@ -133,6 +136,38 @@ def run_variant(cfg: SimConfig, variant: str, workdir: Path) -> list[float]:
     return [float(m["seconds"]) for m in rounds]
 
 
+def function_marks(out: Path) -> dict[str, Any]:
+    """The function mark in the copies of a run in ``out``: the rounds whose copies carried it (metrics.json's
+    min_function_cosine, measured on every copy a round issued) and the final copies, read back as a tracer
+    reads them: for each, the cosine between its reading on the held-out data and its code row's expected
+    reading (FunctionMark.health: 1 for the mark alone, 0.8-0.97 beside the white-box mark, ~0 without it)."""
+    from securemark.owner import function_mark_of
+    from securemark.registry import Registry
+
+    rounds = json.loads((out / "metrics.json").read_text())["rounds"]
+    health = [m["min_function_cosine"] for m in rounds if "min_function_cosine" in m]
+    seen = {"rounds": len(rounds), "rounds_marked": len(health), "rounds_min_cosine": min(health, default=None)}
+    with Registry.open(out / "registry") as reg:
+        base = reg.base()
+        recorded = None if base is None else function_mark_of(reg, base.digest)
+        names = sorted(p.stem for p in (out / "customers").glob("*.safetensors"))
+        if recorded is None or base is None:
+            return {**seen, "final_copies": len(names), "final_marked": 0, "final_min_cosine": None}
+        fm, _, info = recorded
+        x = data.heldout(info["data"]).x
+        view = features_and_logits(models.from_spec(info["model"], reg.base_model(base) or {}), x)
+        cosines = [
+            fm.health(view, models.from_spec(info["model"], load_state_dict(out / "customers" / f"{n}.safetensors")),
+                      reg.customer(n, create=False).bits, x)
+            for n in names
+        ]  # fmt: skip
+    marked = sum(c > MARKED for c in cosines)
+    return {**seen, "final_copies": len(names), "final_marked": marked, "final_min_cosine": round(min(cosines), 4)}
+
+
+MARKED = 0.7  # a health above this: the copy carries its function mark (the smoke test's bound, and why)
+
+
 def bench_rounds(clients: int, params: int, rounds: int, seed: int = 0) -> dict[str, Any]:
     if rounds < 2:
         raise ValueError("bench rounds needs >= 2 rounds: the first (warm-up) is not counted")
@@ -141,6 +176,7 @@ def bench_rounds(clients: int, params: int, rounds: int, seed: int = 0) -> dict[
     with tempfile.TemporaryDirectory(prefix="securemark-bench-") as tmp:
         for variant in VARIANTS:
             per_round[variant] = run_variant(cfg, variant, Path(tmp))
+        marks = function_marks(Path(tmp) / "securemark")
     med = {v: statistics.median(s[1:]) for v, s in per_round.items()}
     n_params = sum(p.numel() for p in models.build("mlp", (1, 28, 28), 10, width=cfg.model.width).parameters())
     return {
@@ -153,5 +189,6 @@ def bench_rounds(clients: int, params: int, rounds: int, seed: int = 0) -> dict[
         "securemark_over_plain": med["securemark"] / med["plain"],
         "flower_secaggplus_over_plain": med["flower_secaggplus"] / med["plain"],
         "securemark_over_flower_secaggplus": med["securemark"] / med["flower_secaggplus"],
+        "function_mark": {"features": cfg.model.width, **marks},
         "per_round_seconds": per_round,
     }

@@ -59,7 +59,7 @@ from rich.console import Console
 from securemark import models, training
 from securemark.config import FingerprintConfig, SecAggSettings
 from securemark.fingerprint.embed import Fingerprinter
-from securemark.fingerprint.function import FunctionMark, features_and_logits
+from securemark.fingerprint.function import FunctionMark, FunctionMarkError, features_and_logits
 from securemark.flower import wire
 from securemark.modelio import load_state_dict, save_state_dict
 from securemark.owner import (
@@ -152,7 +152,8 @@ class SecureMark(Strategy):
         self._round: dict[str, Any] = {}
         self._loaded: ArrayRecord | None = None
         self._based: tuple[ArrayRecord | None, np.ndarray] | None = None  # (weights, projection) kept as a base
-        self._fm: tuple[ArrayRecord | None, tuple[FunctionMark, str]] | None = None  # (weights, their function mark)
+        self._fm: tuple[ArrayRecord | None, tuple[FunctionMark, str] | None] | None = None  # (weights, their mark)
+        self._fm_refused = ""  # why the last model could not carry a function mark (said once per reason)
         self.dtypes: dict[str, torch.dtype] = {}
 
     # --- the global model as a torch state_dict ----------------------------------------------------------------
@@ -180,11 +181,21 @@ class SecureMark(Strategy):
         return self._based[1]
 
     def _function_mark(self) -> tuple[FunctionMark, str] | None:
-        """The function mark of the current weights (fitted and recorded once per model), or None."""
+        """The function mark of the current weights (fitted and recorded once per model), or None. A model the
+        mark cannot be fitted to (FunctionMarkError: no linear head, features NaN on the held-out data, too few
+        held-out inputs) gets copies with the white-box mark alone and one logged line, never a failed round."""
         if self.function is None or self.registry is None:
             return None
         if self._fm is None or self._fm[0] is not self._loaded:
-            self._fm = (self._loaded, establish_function_mark(self.registry, self.weights, self.function))
+            try:
+                self._fm = (self._loaded, establish_function_mark(self.registry, self.weights, self.function))
+            except FunctionMarkError as exc:
+                self._fm = (self._loaded, None)
+                if str(exc) != self._fm_refused:
+                    self._fm_refused = str(exc)
+                    self.console.print(f"  [yellow]copies of this model carry no function mark: {exc}; black-box "
+                                       "tracing cannot read them (set fingerprint.function_budget = 0 to silence "
+                                       "this, or give the server more held-out data)[/]")  # fmt: skip
         return self._fm[1]
 
     def copy_for(self, node: int) -> dict[str, torch.Tensor]:
@@ -689,7 +700,8 @@ class SecureMark(Strategy):
         if self.registry is not None:
             names = sorted(self.customers.values())
             note = f"final copy, {len(self.rounds)} rounds"
-            copies = issue_copies(self.registry, self.weights, names, note, self.strength, self.function)
+            function = self.function if self._function_mark() is not None else None  # said once when refused
+            copies = issue_copies(self.registry, self.weights, names, note, self.strength, function)
             for name, copy in copies.items():
                 save_state_dict(copy, self.out / "customers" / f"{name}.safetensors")
             self.registry.close()

@@ -628,3 +628,28 @@ def test_inner_strategies_whose_sampling_would_wait_forever_are_refused():
         with pytest.raises(ValueError, match="must be a number"):
             check_inner(FedAvg(**bad))
     check_inner(FedAvg(min_available_nodes=np.int64(4), min_train_nodes=2.0))  # numbers Flower handles
+
+
+@pytest.mark.parametrize("held", [20, 360])
+def test_a_model_the_function_mark_cannot_fit_gets_copies_without_it_never_a_failed_round(tmp_path, held):
+    """20 held-out inputs are too few to fit any component after skipping 10: the rounds complete, the copies
+    carry the white-box mark alone, and one line says why (once, not every round). With 360 every round's
+    copies carry it."""
+    from securemark import data
+    from securemark.models import spec_of
+    from securemark.owner import FunctionSpec
+
+    cfg = config(rounds=2, clients=3)
+    test = data.server_split(cfg.data, cfg.train.seed)[1]
+    spec = FunctionSpec(spec_of("mlp", (1, 8, 8), 10), test.x[:held], data.heldout_record(cfg.data, 1))
+    console = recording_console()
+    s = strategy_for(cfg, tmp_path, 2000, console, spec)
+    s.start(InProcessGrid(3), initial(cfg), num_rounds=2, train_config=train_config(cfg))
+    log = console.export_text()
+    assert [m["status"] for m in s.rounds] == ["completed", "completed"]
+    assert all(m["max_bit_error"] == 0.0 for m in s.rounds)
+    if held == 20:
+        assert log.count("carry no function mark: 20 held-out inputs are too few") == 1
+        assert not any("min_function_cosine" in m for m in s.rounds)
+    else:
+        assert "no function mark" not in log and all(m["min_function_cosine"] > 0.7 for m in s.rounds)
