@@ -684,7 +684,13 @@ def build_parser() -> argparse.ArgumentParser:
     about = "black-box catch rate when a server censors its answers, over many trained models"
     bc = bench.add_parser("censored", help=about)
     bc.add_argument("--seeds", type=_positive, default=20, help="trained models per architecture (default 20)")
-    bc.add_argument("--archs", nargs="+", choices=("cnn", "mlp"), default=["cnn", "mlp"])
+    bc.add_argument(
+        "--archs",
+        nargs="+",
+        choices=("cnn", "mlp", "quickstart"),
+        default=["cnn", "mlp"],
+        help="cnn, mlp: 8x8 synthetic data, as in the tests; quickstart: the MNIST-5k CNN (default cnn mlp)",
+    )
     bc.add_argument("--served", nargs="+", choices=CENSORED, default=list(CENSORED), metavar="KIND",
                     help=f"censorings to serve (default all: {', '.join(CENSORED)})")  # fmt: skip
     bc.add_argument("--queries", type=_positive, default=800, help="the tracer's queries per suspect (default 800)")

@@ -14,7 +14,7 @@ import torch
 
 from securemark.fingerprint.carrier import CarrierLayout, StateDict
 from securemark.fingerprint.embed import Fingerprinter, Projection
-from securemark.fingerprint.function import Basis, FunctionMark, FunctionMarkError, last_linear
+from securemark.fingerprint.function import Basis, FunctionMark, FunctionMarkError, check_readable, last_linear
 from securemark.modelio import first_bad_entry, state_digest
 from securemark.registry import Base, Customer, Registry, RegistryError
 
@@ -119,24 +119,34 @@ def establish_function_mark(registry: Registry, base_model: StateDict, spec: Fun
 PreparedMark = tuple[FunctionMark, str, tuple[dict[str, Any], np.ndarray] | None]
 
 
-def prepare_function_mark(registry: Registry, base_model: StateDict, spec: FunctionSpec) -> PreparedMark:
-    """Everything about the function mark ``spec`` asks for, checked before anything is recorded: a code
-    black-box tracing reads, the base loading strictly into the model ``spec`` names, a carrier that leaves
-    the edited layer alone, the basis fitted, an edit that fits the layer; and, when this base has a mark
-    recorded already, that it is the one ``spec`` asks for (a later --config never silently loses)."""
+def spec_module(spec: FunctionSpec, base_model: StateDict) -> torch.nn.Module:
+    """The model ``spec`` names, carrying ``base_model``. A budget outside (0, 1] or weights that are not that
+    model's are the caller's mistakes (FunctionMarkError, not FunctionMarkUnfit): found before anything is
+    recorded, and before a run's first round."""
     from securemark import models
 
-    if registry.params.code == "bibd":
-        raise RegistryError("the function mark is read as a Tardos or random code; this registry uses BIBD")
     if not (isinstance(spec.budget, float | int) and 0 < spec.budget <= 1):
         raise FunctionMarkError(f"function-mark budget must be in (0, 1], got {spec.budget!r}")
     module = models.build_spec(spec.model)
     try:
         module.load_state_dict(dict(base_model))
     except (RuntimeError, AttributeError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        first = " ".join(lines[:2])[:300] if lines else type(exc).__name__  # the heading and its first cause
         name = spec.model.get("name")
         raise FunctionMarkError(f"the base is not the {name} model the config names: {first}") from None
+    return module
+
+
+def prepare_function_mark(registry: Registry, base_model: StateDict, spec: FunctionSpec) -> PreparedMark:
+    """Everything about the function mark ``spec`` asks for, checked before anything is recorded: a code
+    black-box tracing reads, the base loading strictly into the model ``spec`` names, a carrier that leaves
+    the edited layer alone, the basis fitted, an edit that fits the layer; and, when this base has a mark
+    recorded already, that it is the one ``spec`` asks for (a later --config never silently loses)."""
+
+    if registry.params.code == "bibd":
+        raise RegistryError("the function mark is read as a Tardos or random code; this registry uses BIBD")
+    module = spec_module(spec, base_model)
     layer, _ = last_linear(module)
     _check_carrier(registry, base_model, layer)
     recorded = function_mark_of(registry, state_digest(base_model))
@@ -150,6 +160,7 @@ def prepare_function_mark(registry: Registry, base_model: StateDict, spec: Funct
         raise RegistryError("copies of this base were issued without a function mark; recording one now would "
                             "leave them without it (use a new registry, or issue without --config)")  # fmt: skip
     basis = Basis.fit(module, spec.heldout, spec.skip, spec.components)
+    check_readable(basis, registry.params.length, registry.params.eps, len(registry.customers()))
     fm = FunctionMark.create(registry.secret, basis, registry.bias(), float(spec.budget))
     fm.embed(dict(base_model), layer, np.zeros(fm.length, dtype=np.uint8))  # the edit fits the layer
     info = {"layer": layer, "skip": basis.skip, "logit_rms": basis.logit_rms, "classes": basis.classes,

@@ -101,8 +101,11 @@ def test_commands_run_elsewhere_are_run_there(entry):
     path, _, name = entry["covered_by"].partition("::")
     source = (ROOT / path).read_text()
     assert re.search(rf"^def {name}\(", source, re.M), f"{entry['covered_by']} does not exist"
-    words = [w for w in entry["shown"][0].split()[1:3] if w in COMMAND_WORDS and w not in ("demo",)]
-    assert all(f'"{w}"' in source for w in words), f"{entry['covered_by']} runs no {' '.join(words)}"
+    for shown in entry["shown"]:
+        tokens = shown.split()
+        after = tokens[next(i for i, t in enumerate(tokens) if t.endswith("securemark")) + 1 :]
+        words = [w for w in after[:2] if w in COMMAND_WORDS]
+        assert words and all(f'"{w}"' in source for w in words), f"{entry['covered_by']} runs no {shown}"
 
 
 @pytest.fixture(scope="module")

@@ -3,16 +3,18 @@
 
 One trained model says little: which model a machine trains from the same seeds depends on its floating-point
 paths, and a reading that held for one model and missed for another once passed CI on one machine and failed
-on the next. So each (model, seed) cell trains its own base on the 8x8 synthetic data the test suite uses,
-issues copies with both marks to 5 of 300 customers, serves customer c004's copy through each transform in
-this process, and traces it. Per transform: the catch rate, the leaker's score over the certified threshold
-(min and median), and every innocent accused.
+on the next. So each (model, seed) cell trains its own base (``cnn`` and ``mlp``: on the 8x8 synthetic data
+the test suite uses, function budget 0.05, 4 components skipped; ``quickstart``: the quickstart CNN on
+MNIST-5k, 2 epochs, the apps' defaults 0.03 and 10), issues copies with both marks to 5 of 300 customers,
+serves customer c004's copy through each transform in this process, and traces it. Per transform: the catch
+rate, the leaker's score over the certified threshold (min and median), and every innocent accused.
 """
 
 from __future__ import annotations
 
 import statistics
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,8 +44,7 @@ CENSORS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "top3-renormalized": lambda p: (q := _top_k(p, torch.tensor(3))) / q.sum(dim=1, keepdim=True),
     "top-k varying": lambda p: _top_k(p, (2 + torch.arange(len(p)) % 4)[:, None]),  # k = 2..5 by query
 }
-SHAPE = (1, 8, 8)
-RECORD = {"name": "synthetic", "seed": 0, "test_fraction": 0.3, "files": ""}
+ARCHS = ("cnn", "mlp", "quickstart")
 
 
 class Served:
@@ -59,24 +60,30 @@ class Served:
 
 
 def leak(arch: str, seed: int, directory: Path, customers: int = 300) -> tuple[Registry, torch.nn.Module]:
-    """A base of ``arch`` trained from ``seed``, its registry in ``directory`` and customer c004's copy."""
-    pool, held = data.load("synthetic", 0).split(0.3, 0)
-    model = models.build(arch, SHAPE, 10, seed=seed)
-    training.train(model, pool, epochs=3, generator=torch.Generator().manual_seed(seed), device=torch.device("cpu"))
-    spec = FunctionSpec(models.spec_of(arch, SHAPE, 10), held.x, RECORD, budget=0.05, skip=4)
+    """A base of ``arch`` (ARCHS) trained from ``seed``, its registry in ``directory`` and customer c004's copy."""
+    quickstart = ("mnist5k", 2, 0.2, 0.03, 10)  # data, epochs, held-out share, function budget, skip
+    name, epochs, fraction, budget, skip = quickstart if arch == "quickstart" else ("synthetic", 3, 0.3, 0.05, 4)
+    kind = "cnn" if arch == "quickstart" else arch
+    pool, held = data.load(name, 0).split(fraction, 0)
+    shape = tuple(held.x.shape[1:])
+    model = models.build(kind, shape, 10, seed=seed)  # type: ignore[arg-type]
+    gen = torch.Generator().manual_seed(seed)
+    training.train(model, pool, epochs=epochs, generator=gen, device=torch.device("cpu"))
+    record = {"name": name, "seed": 0, "test_fraction": fraction, "files": ""}
+    spec = FunctionSpec(models.spec_of(kind, shape, 10), held.x, record, budget=budget, skip=skip)  # type: ignore[arg-type]
     params = RegistryParams(code="tardos", length=512, max_colluders=3, eps=1e-3, exclude=spec.carrier_exclude())
     reg = Registry.init(directory, params)
     copy = issue_copies(reg, dict(model.state_dict()), [f"c{i:03d}" for i in range(5)], function=spec)["c004"]
     for i in range(5, customers):
         reg.customer(f"c{i:03d}")
-    return reg, models.load_weights(models.build(arch, SHAPE, 10), copy).eval()
+    return reg, models.from_spec(spec.model, copy)
 
 
 def bench_censored(archs: tuple[str, ...], seeds: int, kinds: tuple[str, ...], queries: int = 800) -> dict[str, Any]:
-    unknown = sorted(set(kinds) - set(CENSORS))
+    unknown = sorted(set(kinds) - set(CENSORS)) + sorted(set(archs) - set(ARCHS))
     if unknown:
-        raise ValueError(f"unknown censoring {unknown}; choose from {', '.join(CENSORS)}")
-    rows = []
+        raise ValueError(f"unknown {unknown}: censorings are {', '.join(CENSORS)}; models {', '.join(ARCHS)}")
+    rows, start = [], time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="securemark-censored-") as tmp, Progress(transient=True) as bar:
         task = bar.add_task("trained models", total=len(archs) * seeds)
         for arch in archs:
@@ -93,7 +100,8 @@ def bench_censored(archs: tuple[str, ...], seeds: int, kinds: tuple[str, ...], q
                 reg.close()
                 bar.advance(task)
     cells = [_cell(rows, a, k) for a in archs for k in kinds]
-    return {"queries": queries, "customers": 300, "length": 512, "cells": cells}
+    seconds = round(time.perf_counter() - start, 1)
+    return {"queries": queries, "customers": 300, "length": 512, "seconds": seconds, "cells": cells}
 
 
 def _cell(rows: list[dict[str, Any]], arch: str, kind: str) -> dict[str, Any]:

@@ -44,8 +44,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from scipy.linalg import eigh
+from scipy.linalg import eigh, lstsq
 from scipy.optimize import linear_sum_assignment
+from scipy.special import ndtri
 from torch import nn
 
 from securemark.fingerprint.keys import OwnerSecret
@@ -59,11 +60,17 @@ class FunctionMarkError(ValueError):
     """A model, a basis or a suspect's answers the function mark cannot work with."""
 
 
+class FunctionMarkUnfit(FunctionMarkError):
+    """The base model cannot carry a function mark a tracer could read (no linear head, NaN features, too few
+    held-out inputs or components): its copies can carry the white-box mark alone. Unlike other
+    FunctionMarkErrors (a spec that names another model, a bad budget), this is no mistake of the caller's."""
+
+
 def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
     """The model's last nn.Linear (by registration order): the layer the mark edits and whose input is h."""
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not found:
-        raise FunctionMarkError(f"{type(model).__name__} has no nn.Linear layer: the function mark edits one")
+        raise FunctionMarkUnfit(f"{type(model).__name__} has no nn.Linear layer: the function mark edits one")
     return found[-1]
 
 
@@ -71,6 +78,7 @@ def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
 def features_and_logits(model: nn.Module, x: torch.Tensor, batch: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """(h(x), z(x)) in float64: the input of the last linear layer and the model's outputs."""
     _, layer = last_linear(model)
+    x = x.to(layer.weight.dtype)  # inputs of another float type (float64 held-out data) run as the model does
     seen: list[torch.Tensor] = []
     hook = layer.register_forward_hook(lambda _m, inp, _out: seen.append(inp[0].detach()))
     model.eval()
@@ -83,15 +91,19 @@ def features_and_logits(model: nn.Module, x: torch.Tensor, batch: int = 1024) ->
 
 
 def principal(hc: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``n`` largest eigenvalues (descending) of the covariance of centred rows ``hc`` (Q x F) and their
-    unit eigenvectors (F x n). With more features than rows it works on the Q x Q Gram matrix instead, whose
-    eigenvectors map to the covariance's: the cost is that of the smaller side either way."""
+    """The ``n`` largest eigenvalues (descending, 1 <= n <= min(Q, F)) of the covariance of centred rows ``hc``
+    (Q x F) and their unit eigenvectors (F x n). With more features than rows it works on the Q x Q Gram
+    matrix instead, whose eigenvectors map to the covariance's: the cost is that of the smaller side either
+    way. There, an eigenvalue that is 0 (to rounding) has no eigenvector it could map to: its column is 0."""
     q, f = hc.shape
+    if not 1 <= n <= min(q, f):
+        raise ValueError(f"asked for {n} principal components of {q} rows of {f} features")
     if f <= q:
         lam, vec = eigh(hc.T @ hc / max(q - 1, 1), subset_by_index=[f - n, f - 1])
     else:
         lam, u = eigh(hc @ hc.T / max(q - 1, 1), subset_by_index=[q - n, q - 1])
-        vec = hc.T @ u / np.sqrt(np.maximum(lam, 1e-300) * max(q - 1, 1))
+        seen = lam > 1e-12 * max(float(lam[-1]), 1e-300)
+        vec = np.where(seen, hc.T @ u / np.sqrt(np.where(seen, lam, 1.0) * max(q - 1, 1)), 0.0)
     return np.maximum(lam[::-1], 0.0), vec[:, ::-1]
 
 
@@ -139,17 +151,17 @@ class Basis:
         an MLP: thousands) is marked in the top components the inputs estimate."""
         h, z = features_and_logits(model, x)
         if not (np.all(np.isfinite(h)) and np.all(np.isfinite(z))):
-            raise FunctionMarkError("the base model's features or outputs hold NaN or inf on the held-out data")
+            raise FunctionMarkUnfit("the base model's features or outputs hold NaN or inf on the held-out data")
         room = len(x) // 2 - skip - 1
         if room < 1:
-            raise FunctionMarkError(f"{len(x)} held-out inputs are too few to fit a mark after skipping {skip} "
+            raise FunctionMarkUnfit(f"{len(x)} held-out inputs are too few to fit a mark after skipping {skip} "
                                     f"components (need at least {2 * (skip + 2)})")  # fmt: skip
         mean = h.mean(axis=0)
         lam, vec = principal(h - mean, min(skip + min(components, room), h.shape[1]))
         usable = int(np.sum(lam > VARIANCE_FLOOR * max(lam[0], 1e-300)))
         k = min(components, room, usable - skip)
         if k < 1:
-            raise FunctionMarkError(
+            raise FunctionMarkUnfit(
                 f"the base's features have {usable} components with variance, none left after skipping {skip}"
             )
         directions = vec[:, : skip + k] / np.sqrt(lam[: skip + k])
@@ -175,6 +187,31 @@ class Basis:
         if not ok or not np.all(np.any(arr[:, 1:] != 0, axis=0)):
             raise FunctionMarkError(f"a stored function-mark basis (shape {arr.shape}, skip {skip!r}) is damaged")
         return cls(arr[:, 0].copy(), arr[:, 1:].copy(), skip, float(logit_rms), classes)
+
+
+READABLE = 1.5  # an intact copy must read at this multiple of the threshold's floor, or the mark is refused
+
+
+def check_readable(basis: Basis, length: int, eps: float, customers: int) -> None:
+    """Refused (FunctionMarkUnfit) when even an intact copy could not be accused. An intact copy reads the
+    projection of its centred row on the mark's min(P, L) directions, so its normalized score is about
+    sqrt(min(P, L)) (measured on a 2,000-unit MLP: P = 9, 18, 135, 405 read at 3.0, 4.3, 11.6, 18.4); the
+    certified threshold for n customers is at least the Gaussian z = Phi^-1(1 - eps / n). A mark whose
+    intact copies read below READABLE x z (n taken as at least 1,000) is one whose copies would be traced to
+    nobody after the least laundering: refused with what would make it readable."""
+    z = float(-ndtri(eps / max(customers, 1000)))
+    need = (READABLE * z) ** 2  # directions
+    if min(basis.capacity, length) >= need:
+        return
+    if length < need:
+        cure = f"a code of at least {math.ceil(need)} positions"
+    else:
+        k = math.ceil(need / (basis.classes - 1))
+        cure = f"at least {2 * (basis.skip + k + 1)} held-out inputs (for {k} components)"
+    raise FunctionMarkUnfit(
+        f"the mark would have {min(basis.capacity, length)} directions: an intact leaked copy would score about "
+        f"{math.sqrt(min(basis.capacity, length)):.1f} against a threshold of at least {z:.1f}; it needs {cure}"
+    )
 
 
 def code_matrix(secret: OwnerSecret, capacity: int, length: int) -> np.ndarray:
@@ -274,7 +311,7 @@ class FunctionMark:
             ca, cz = masked_fit(x, a, observed), masked_fit(x, z, observed)
         else:
             a, z = centred(answers), centred(base_logits)
-            coef, *_ = np.linalg.lstsq(x, np.hstack([a, z]), rcond=None)  # (regressors, 2C)
+            coef = _lstsq(x, np.hstack([a, z]))  # (regressors, 2C)
             ca, cz = coef[:, :c], coef[:, c:]
         k, skip = self.basis.components, self.basis.skip
         nuisance = float(np.sum(cz[k : k + skip] ** 2))
@@ -308,6 +345,15 @@ class FunctionMark:
         return 2 * (self.basis.directions.shape[1] + 1)
 
 
+def _lstsq(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least squares by numpy's SVD solver (gelsd), and by the plain SVD one (gelss) on the rare matrix whose
+    divide-and-conquer SVD does not converge."""
+    try:
+        return np.linalg.lstsq(x, y, rcond=None)[0]
+    except np.linalg.LinAlgError:
+        return lstsq(x, y, lapack_driver="gelss")[0]
+
+
 def centred_on(y: np.ndarray, observed: np.ndarray) -> np.ndarray:
     """Each row's ``observed`` entries minus their own mean, 0 elsewhere (``centred`` when all are observed)."""
     yo = np.where(observed, y, 0.0)
@@ -339,8 +385,12 @@ def masked_fit(x: np.ndarray, y: np.ndarray, observed: np.ndarray) -> np.ndarray
     z = (x[:, :, None] * (o * np.sqrt(inv))[:, None, :]).reshape(q, r * c)  # minus sum_q x_q x_q^T (x) o o^T / n
     normal = normal.reshape(r * c, r * c) - z.T @ z
     rhs = x.T @ centred_on(y, observed)  # sum_q x_q (x) Pi_q y_q
-    # min norm, so class-centred; directions the mask leaves (nearly) unseen are dropped, not amplified
-    beta, *_ = np.linalg.lstsq(normal, rhs.reshape(-1), rcond=UNSEEN)
+    # min norm, so class-centred; directions the mask leaves (nearly) unseen are dropped, not amplified. The
+    # normal matrix is symmetric: its eigendecomposition is the pseudo-inverse's (LAPACK's SVD least squares,
+    # gelsd, failed to converge on one such matrix of a trained quickstart CNN's rounded answers)
+    lam, vec = np.linalg.eigh((normal + normal.T) / 2)
+    seen = lam > UNSEEN * max(float(lam[-1]), 1e-300)
+    beta = vec[:, seen] @ ((vec[:, seen].T @ rhs.reshape(-1)) / lam[seen])
     coef = beta.reshape(r, c)
     return coef - coef.mean(axis=1, keepdims=True)
 

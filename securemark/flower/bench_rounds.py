@@ -151,7 +151,7 @@ def function_marks(out: Path) -> dict[str, Any]:
         base = reg.base()
         recorded = None if base is None else function_mark_of(reg, base.digest)
         names = sorted(p.stem for p in (out / "customers").glob("*.safetensors"))
-        if recorded is None or base is None:
+        if recorded is None or base is None or not names:
             return {**seen, "final_copies": len(names), "final_marked": 0, "final_min_cosine": None}
         fm, _, info = recorded
         x = data.heldout(info["data"]).x

@@ -59,7 +59,7 @@ from rich.console import Console
 from securemark import models, training
 from securemark.config import FingerprintConfig, SecAggSettings
 from securemark.fingerprint.embed import Fingerprinter
-from securemark.fingerprint.function import FunctionMark, FunctionMarkError, features_and_logits
+from securemark.fingerprint.function import FunctionMark, FunctionMarkUnfit, features_and_logits
 from securemark.flower import wire
 from securemark.modelio import load_state_dict, save_state_dict
 from securemark.owner import (
@@ -69,6 +69,7 @@ from securemark.owner import (
     establish_function_mark,
     issue_copies,
     mark,
+    spec_module,
 )
 from securemark.registry import Registry, RegistryParams
 from securemark.secagg import protocol as P
@@ -182,20 +183,21 @@ class SecureMark(Strategy):
 
     def _function_mark(self) -> tuple[FunctionMark, str] | None:
         """The function mark of the current weights (fitted and recorded once per model), or None. A model the
-        mark cannot be fitted to (FunctionMarkError: no linear head, features NaN on the held-out data, too few
-        held-out inputs) gets copies with the white-box mark alone and one logged line, never a failed round."""
+        mark cannot be fitted to (FunctionMarkUnfit: no linear head, features NaN on the held-out data, too few
+        held-out inputs to read it) gets copies with the white-box mark alone and one logged line, never a
+        failed round; a spec that does not fit the model fails the round loudly, as a config mistake."""
         if self.function is None or self.registry is None:
             return None
         if self._fm is None or self._fm[0] is not self._loaded:
             try:
                 self._fm = (self._loaded, establish_function_mark(self.registry, self.weights, self.function))
-            except FunctionMarkError as exc:
+            except FunctionMarkUnfit as exc:  # a mistake of the caller's (another model, a bad budget) stays loud
                 self._fm = (self._loaded, None)
                 if str(exc) != self._fm_refused:
                     self._fm_refused = str(exc)
-                    self.console.print(f"  [yellow]copies of this model carry no function mark: {exc}; black-box "
-                                       "tracing cannot read them (set fingerprint.function_budget = 0 to silence "
-                                       "this, or give the server more held-out data)[/]")  # fmt: skip
+                    self.console.print(f"  [yellow]copies of this model carry no function mark: {exc}. Black-box "
+                                       "tracing cannot read them; white-box tracing can (fingerprint.function_budget"
+                                       " = 0 turns the function mark off)[/]")  # fmt: skip
         return self._fm[1]
 
     def copy_for(self, node: int) -> dict[str, torch.Tensor]:
@@ -532,6 +534,8 @@ class SecureMark(Strategy):
         self._load(initial_arrays)
         done = self._restore(num_rounds) if resume else 0
         self._first_round = done + 1
+        if self.function is not None:
+            spec_module(self.function, self.weights)  # a spec that names another model stops the run here
         if not resume:
             if (self.out / "metrics.json").exists() or (self.out / "registry").exists():
                 raise FileExistsError(f"{self.out} already holds a run; choose another output directory")

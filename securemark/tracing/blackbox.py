@@ -24,7 +24,7 @@ from securemark.fingerprint.function import FunctionMark, Reading, features_and_
 from securemark.owner import function_mark_of
 from securemark.registry import Base, Registry, RegistryError
 from securemark.tracing.bound import robust_observation
-from securemark.tracing.oracle import Gauge, Oracle, gauges, remapped
+from securemark.tracing.oracle import Gauge, Oracle, OracleError, gauges, remapped
 from securemark.tracing.tracer import Scorer, TraceReport
 
 SHIFTS = [(dy, dx) for dy in (0, 1, -1, 2, -2) for dx in (0, 1, -1, 2, -2)]  # (0, 0) first: the data itself
@@ -116,6 +116,28 @@ def _model(registry: Registry, base: Base, mark: FunctionMark, layer_name: str, 
 BENT = 0.5
 
 
+NO_VERDICT = "the answers show each query's top class alone and carry no readable mark: no black-box verdict"
+
+
+def _beyond_top(out: np.ndarray) -> np.ndarray:
+    """``out``, refused (OracleError) when with 3 or more classes every row holds one value and C - 1 copies of
+    another (the top class and a filler: a top-1 answer, or a one-hot label): no output mark survives that,
+    and "nobody accused" would read as a finding of innocence."""
+    rows = np.sort(np.asarray(out, dtype=np.float64), axis=1)
+    if rows.ndim == 2 and rows.shape[1] >= 3 and len(rows):
+        low_filler = np.all(rows[:, :-1] == rows[:, :1], axis=1)  # filler below the top
+        high_filler = np.all(rows[:, 1:] == rows[:, -1:], axis=1)  # or above the bottom (negated scores)
+        if np.all(low_filler | high_filler):
+            raise OracleError(NO_VERDICT)
+    return out
+
+
+def _readable(g: Gauge) -> bool:
+    """Whether reading ``g`` sees some query beyond its top class: a censored reading with at most one entry
+    above its floor in every row sees nothing (its misfit is 0 of 0, and would win the choice below)."""
+    return g.floor is None or bool(np.any(np.sum(g.scores > g.floor, axis=1) >= 2))
+
+
 def _best(mark: FunctionMark, ways: list[Gauge], z: np.ndarray, h: np.ndarray) -> tuple[Reading, Gauge]:
     """The reading of the answers, among ``ways`` (at least one), closest to the base's logits ``z``."""
     return min(((mark.read(g.scores, z, h, g.floor), g) for g in ways), key=lambda rg: rg[0].misfit)
@@ -168,7 +190,9 @@ class BlackBoxTracer:
             except RuntimeError as exc:
                 why = str(exc).splitlines()[0]
                 raise ValueError(f"the query inputs {list(x.shape[1:])} do not fit the base model: {why}") from None
-        readings = gauges(oracle(x), outputs)
+        readings = [g for g in gauges(_beyond_top(oracle(x)), outputs) if _readable(g)]
+        if not readings:  # e.g. a two-class model's top-1 answer read as censored probabilities
+            raise OracleError(f"{NO_VERDICT}: read as censored, no query shows two entries above the floor")
         best = None
         for mb, h, z in base_views:  # per base, the way of reading the answers that fits them best
             reading, gauge = _best(mb.mark, readings, z, h)  # gauges() returns at least one way or raises

@@ -12,6 +12,8 @@ from securemark.fingerprint.function import (
     Basis,
     FunctionMark,
     FunctionMarkError,
+    FunctionMarkUnfit,
+    check_readable,
     class_order,
     code_matrix,
     features_and_logits,
@@ -217,3 +219,18 @@ def test_masked_fit_with_every_entry_observed_is_the_centred_regression():
     one = np.zeros_like(y, bool)
     one[:, 0] = True  # one entry per query (a top-1 answer): nothing to fit
     assert np.allclose(masked_fit(x, y, one), 0.0)
+
+
+def test_a_mark_too_small_to_ever_accuse_is_refused_with_what_would_fix_it():
+    """An intact copy reads at about sqrt(min(P, L)); below 1.5 x the Gaussian floor of the threshold (4.75 at
+    eps 1e-3 and 1,000 customers, so P >= 51) the mark is refused, naming the held-out inputs it would need."""
+    held = data.synthetic(n=300, seed=2)
+    model = models.build("mlp", SHAPE, 10, seed=0, width=400).eval()
+    small = Basis.fit(model, held.x[:24], skip=4, components=64)  # K = 24 // 2 - 5 = 7: P = 63 >= 51
+    check_readable(small, 512, 1e-3, 300)
+    tiny = Basis.fit(model, held.x[:20], skip=4, components=64)  # K = 5: P = 45 < 51
+    with pytest.raises(FunctionMarkUnfit, match=r"45 directions: .* score about 6.7 .* at least 4.8; it needs at "
+                                                r"least 22 held-out inputs \(for 6 components\)"):  # fmt: skip
+        check_readable(tiny, 512, 1e-3, 300)
+    with pytest.raises(FunctionMarkUnfit, match="a code of at least 51 positions"):
+        check_readable(small, 32, 1e-3, 300)

@@ -653,3 +653,21 @@ def test_a_model_the_function_mark_cannot_fit_gets_copies_without_it_never_a_fai
         assert not any("min_function_cosine" in m for m in s.rounds)
     else:
         assert "no function mark" not in log and all(m["min_function_cosine"] > 0.7 for m in s.rounds)
+
+
+def test_a_function_spec_that_names_another_model_stops_the_run_before_its_first_round(tmp_path):
+    """A caller's mistake (a spec for a 64-unit MLP beside a 128-unit one) is no model that cannot carry the
+    mark: the run stops before it makes anything, and says why; no copy goes out unmarked."""
+    from securemark import data
+    from securemark.fingerprint.function import FunctionMarkError
+    from securemark.models import spec_of
+    from securemark.owner import FunctionSpec
+
+    cfg = config(rounds=1, clients=3)
+    test = data.server_split(cfg.data, cfg.train.seed)[1]
+    spec = FunctionSpec(spec_of("mlp", (1, 8, 8), 10, width=64), test.x, data.heldout_record(cfg.data, 1))
+    s = strategy_for(cfg, tmp_path / "run", 2000, Console(quiet=True), spec)
+    grid = InProcessGrid(3)
+    with pytest.raises(FunctionMarkError, match=r"not the mlp model the config names: .* size mismatch"):
+        s.start(grid, initial(cfg), num_rounds=1, train_config=train_config(cfg))
+    assert grid.sent == [] and not (tmp_path / "run").exists()
