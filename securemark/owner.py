@@ -143,7 +143,6 @@ def prepare_function_mark(registry: Registry, base_model: StateDict, spec: Funct
     black-box tracing reads, the base loading strictly into the model ``spec`` names, a carrier that leaves
     the edited layer alone, the basis fitted, an edit that fits the layer; and, when this base has a mark
     recorded already, that it is the one ``spec`` asks for (a later --config never silently loses)."""
-
     if registry.params.code == "bibd":
         raise RegistryError("the function mark is read as a Tardos or random code; this registry uses BIBD")
     module = spec_module(spec, base_model)

@@ -185,7 +185,7 @@ class SecureMark(Strategy):
         """The function mark of the current weights (fitted and recorded once per model), or None. A model the
         mark cannot be fitted to (FunctionMarkUnfit: no linear head, features NaN on the held-out data, too few
         held-out inputs to read it) gets copies with the white-box mark alone and one logged line, never a
-        failed round; a spec that does not fit the model fails the round loudly, as a config mistake."""
+        failed round. A spec that names another model is the caller's mistake: :meth:`start` stops on it."""
         if self.function is None or self.registry is None:
             return None
         if self._fm is None or self._fm[0] is not self._loaded:

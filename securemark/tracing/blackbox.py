@@ -119,17 +119,16 @@ BENT = 0.5
 NO_VERDICT = "the answers show each query's top class alone and carry no readable mark: no black-box verdict"
 
 
-def _beyond_top(out: np.ndarray) -> np.ndarray:
-    """``out``, refused (OracleError) when with 3 or more classes every row holds one value and C - 1 copies of
-    another (the top class and a filler: a top-1 answer, or a one-hot label): no output mark survives that,
-    and "nobody accused" would read as a finding of innocence."""
+def _refuse_top_alone(out: np.ndarray) -> None:
+    """OracleError when, with 3 or more classes, every row of answers ``out`` (checked by gauges: real, finite,
+    [Q, C]) holds one value and C - 1 copies of another (the top class and a filler: a top-1 answer, or a
+    one-hot label): no output mark survives that, and "nobody accused" would read as a finding of innocence."""
     rows = np.sort(np.asarray(out, dtype=np.float64), axis=1)
-    if rows.ndim == 2 and rows.shape[1] >= 3 and len(rows):
+    if rows.shape[1] >= 3:
         low_filler = np.all(rows[:, :-1] == rows[:, :1], axis=1)  # filler below the top
         high_filler = np.all(rows[:, 1:] == rows[:, -1:], axis=1)  # or above the bottom (negated scores)
         if np.all(low_filler | high_filler):
             raise OracleError(NO_VERDICT)
-    return out
 
 
 def _readable(g: Gauge) -> bool:
@@ -190,7 +189,9 @@ class BlackBoxTracer:
             except RuntimeError as exc:
                 why = str(exc).splitlines()[0]
                 raise ValueError(f"the query inputs {list(x.shape[1:])} do not fit the base model: {why}") from None
-        readings = [g for g in gauges(_beyond_top(oracle(x)), outputs) if _readable(g)]
+        out = oracle(x)
+        readings = [g for g in gauges(out, outputs) if _readable(g)]  # gauges() refuses what is no prediction
+        _refuse_top_alone(out)
         if not readings:  # e.g. a two-class model's top-1 answer read as censored probabilities
             raise OracleError(f"{NO_VERDICT}: read as censored, no query shows two entries above the floor")
         best = None
