@@ -77,10 +77,16 @@ def test_smoke_config_runs_on_ray_and_copies_trace_to_their_customer(smoke_run, 
     assert (out / "leaked.safetensors").is_file() and accuracy["leaked"] > 0.3
 
 
-def test_collusion_smoke_evaluation_writes_results_report_and_plots(smoke_run, tmp_path):
+def test_collusion_smoke_evaluation_writes_results_report_and_plots(smoke_run, tmp_path, monkeypatch):
+    """`securemark evaluate configs/collusion-smoke.toml --out DIR`, from another working directory (a config's
+    relative paths are read from its own folder), on the smoke run."""
     run, _ = smoke_run
-    cfg = EvalConfig.load(ROOT / "configs" / "collusion-smoke.toml", [f'source.run="{run}"'])
-    results = evaluate(cfg, tmp_path / "eval")
+    overrides = [f'source.run="{run}"']
+    cfg = EvalConfig.load(ROOT / "configs" / "collusion-smoke.toml", overrides)
+    monkeypatch.chdir(tmp_path)
+    argv = ["evaluate", str(ROOT / "configs" / "collusion-smoke.toml"), "--out", str(tmp_path / "eval")]
+    assert main([*argv, "--set", overrides[0]]) == 0
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
     cells = {(c["scheme"], c["attack"], c["coalition_size"]): c for c in results["cells"]}
     assert list(cells) == plan(cfg) and all(c["trials"] == 4 for c in cells.values())
 
