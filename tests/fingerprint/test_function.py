@@ -8,19 +8,16 @@ from hypothesis import strategies as st
 
 from securemark import data, models, training
 from securemark.codes import tardos
+from securemark.fingerprint.fitting import class_order, helmert, masked_fit, principal
 from securemark.fingerprint.function import (
     Basis,
     FunctionMark,
     FunctionMarkError,
     FunctionMarkUnfit,
     check_readable,
-    class_order,
     code_matrix,
     features_and_logits,
-    helmert,
     last_linear,
-    masked_fit,
-    principal,
 )
 from securemark.fingerprint.keys import OwnerSecret
 
