@@ -116,15 +116,16 @@ class Basis:
 
         The inputs bound the number of marked components K, not the width of the features: a reading fits
         skip + K + 1 regressors and needs twice that many queries, and the held-out set is what a tracer queries
-        first, so K <= len(x) // 2 - skip - 1. A penultimate layer wider than the held-out set (ResNet-18: 512,
-        an MLP: thousands) is marked in the top components the inputs estimate."""
+        first, so K <= (distinct inputs) // 2 - skip - 1. A penultimate layer wider than the held-out set
+        (ResNet-18: 512, an MLP: thousands) is marked in the top components the inputs estimate."""
         h, z = features_and_logits(model, x)
         if not (np.all(np.isfinite(h)) and np.all(np.isfinite(z))):
             raise FunctionMarkUnfit("the base model's features or outputs hold NaN or inf on the held-out data")
-        room = len(x) // 2 - skip - 1
+        distinct = len(np.unique(x.reshape(len(x), -1).cpu().numpy(), axis=0))  # a repeated input adds nothing
+        room = distinct // 2 - skip - 1
         if room < 1:
-            raise FunctionMarkUnfit(f"{len(x)} held-out inputs are too few to fit a mark after skipping {skip} "
-                                    f"components (need at least {2 * (skip + 2)})")  # fmt: skip
+            raise FunctionMarkUnfit(f"{distinct} distinct held-out inputs are too few to fit a mark after skipping "
+                                    f"{skip} components (need at least {2 * (skip + 2)})")  # fmt: skip
         mean = h.mean(axis=0)
         lam, vec = principal(h - mean, min(skip + min(components, room), h.shape[1]))
         usable = int(np.sum(lam > VARIANCE_FLOOR * max(lam[0], 1e-300)))

@@ -231,3 +231,13 @@ def test_a_mark_too_small_to_ever_accuse_is_refused_with_what_would_fix_it():
         check_readable(tiny, 512, 1e-3, 300)
     with pytest.raises(FunctionMarkUnfit, match="a code of at least 51 positions"):
         check_readable(small, 32, 1e-3, 300)
+
+
+def test_repeated_held_out_inputs_count_once():
+    """60 images repeated 5 times bound the mark as 60 do (K = 60 // 2 - 4 - 1 = 25), not as 300 would."""
+    held = data.synthetic(n=300, seed=2)
+    model = models.build("mlp", SHAPE, 10, seed=0, width=400).eval()
+    basis = Basis.fit(model, held.x[:60].repeat(5, 1, 1, 1), skip=4, components=400)
+    assert basis.components == 25
+    with pytest.raises(FunctionMarkUnfit, match="10 distinct held-out inputs are too few"):
+        Basis.fit(model, held.x[:10].repeat(30, 1, 1, 1), skip=4)

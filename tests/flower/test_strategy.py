@@ -649,7 +649,7 @@ def test_a_model_the_function_mark_cannot_fit_gets_copies_without_it_never_a_fai
     assert [m["status"] for m in s.rounds] == ["completed", "completed"]
     assert all(m["max_bit_error"] == 0.0 for m in s.rounds)
     if held == 20:
-        assert log.count("carry no function mark: 20 held-out inputs are too few") == 1
+        assert log.count("carry no function mark: 20 distinct held-out inputs are too few") == 1
         assert not any("min_function_cosine" in m for m in s.rounds)
     else:
         assert "no function mark" not in log and all(m["min_function_cosine"] > 0.7 for m in s.rounds)
