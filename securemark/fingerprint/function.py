@@ -118,6 +118,8 @@ class Basis:
         skip + K + 1 regressors and needs twice that many queries, and the held-out set is what a tracer queries
         first, so K <= (distinct inputs) // 2 - skip - 1. A penultimate layer wider than the held-out set
         (ResNet-18: 512, an MLP: thousands) is marked in the top components the inputs estimate."""
+        if len(x) == 0:
+            raise FunctionMarkUnfit("no held-out inputs to fit a function mark on")
         h, z = features_and_logits(model, x)
         if not (np.all(np.isfinite(h)) and np.all(np.isfinite(z))):
             raise FunctionMarkUnfit("the base model's features or outputs hold NaN or inf on the held-out data")
