@@ -34,6 +34,10 @@ session is not resumed: it is new after a restart, and every node is re-keyed in
 Inner strategies whose aggregate is not a weighted mean of updates need the individual updates that masking
 hides; they are refused with the reason. Client metrics travel in clear and are averaged without weights:
 the example counts are secret.
+
+Over 400 lines and several jobs (identity, exchange with deadlines, the masked round, checkpoints, metrics):
+its split into parts behind a thin wrapper is its own piece of work (the docs-and-structure issue), landed
+before the other open issues edit it, never beside them.
 """
 
 from __future__ import annotations
