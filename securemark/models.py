@@ -68,10 +68,16 @@ def mlp_width_for(params: int, in_shape: tuple[int, int, int], classes: int) -> 
 
 def build(name: str, in_shape: tuple[int, int, int], classes: int, seed: int = 0, width: int = 0) -> nn.Module:
     """A freshly initialized model; ``seed`` makes the initialization reproducible. ``width`` sets the MLP's
-    hidden units or the small CNN's base channels (0: the default); the CIFAR CNN has a fixed width."""
-    torch.manual_seed(seed)
+    hidden units or the small CNN's base channels (0: the default); the CIFAR CNN has a fixed width. The
+    caller's global torch random state is left as it was (building a model must not reseed a training loop)."""
     if width < 0:
         raise ValueError(f"model width must be >= 0, got {width}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _build(name, in_shape, classes, width)
+
+
+def _build(name: str, in_shape: tuple[int, int, int], classes: int, width: int) -> nn.Module:
     if name == "mlp":
         return MLP(in_shape, classes, hidden=width or DEFAULT_WIDTH["mlp"])
     if name == "cnn":

@@ -97,5 +97,6 @@ class CarrierLayout:
             offset += width
             t = sd[name]
             d = d.reshape(shape[1:]) if self.spec.mode == "filter-mean" else d.reshape(shape)
-            out[name] = (t.detach().to(torch.float64) + d.to(t.device)).to(t.dtype)  # broadcasts over filters
+            work = torch.promote_types(t.dtype, d.dtype)  # float32 + float32 adds in place of a float64 detour
+            out[name] = (t.detach().to(work) + d.to(t.device, work)).to(t.dtype)  # broadcasts over filters
         return out

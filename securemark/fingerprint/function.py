@@ -48,7 +48,16 @@ import torch
 from scipy.special import ndtri
 from torch import nn
 
-from securemark.fingerprint.fitting import centred, centred_on, class_order, helmert, lstsq, masked_fit, principal
+from securemark.fingerprint.fitting import (
+    centred,
+    centred_on,
+    class_order,
+    distinct_rows,
+    helmert,
+    lstsq,
+    masked_fit,
+    principal,
+)
 from securemark.fingerprint.keys import OwnerSecret
 from securemark.prg import uniforms
 
@@ -123,7 +132,7 @@ class Basis:
         h, z = features_and_logits(model, x)
         if not (np.all(np.isfinite(h)) and np.all(np.isfinite(z))):
             raise FunctionMarkUnfit("the base model's features or outputs hold NaN or inf on the held-out data")
-        distinct = len(np.unique(x.reshape(len(x), -1).cpu().numpy(), axis=0))  # a repeated input adds nothing
+        distinct = distinct_rows(x.reshape(len(x), -1).cpu().numpy())  # a repeated input adds nothing
         room = distinct // 2 - skip - 1
         if room < 1:
             raise FunctionMarkUnfit(f"{distinct} distinct held-out inputs are too few to fit a mark after skipping "

@@ -145,7 +145,7 @@ def bench_simulate(cfg: SimConfig, out: Path) -> dict[str, Any]:
         "seconds_total": round(seconds, 1),
         "seconds_per_round_median": statistics.median(m["seconds"] for m in rounds),
         "peak_rss_gib": round(mem.peak / 2**30, 2),
-        "masking_stage_seconds": stages,  # summed over rounds; "sum" is the server's unmasking arithmetic
+        "masking_stage_seconds": stages,  # each stage of a round summed over rounds; "sum": the aggregation
         "final_accuracy": rounds[-1]["global_accuracy"],
         **traced,
         "out": str(out),

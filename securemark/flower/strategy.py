@@ -228,7 +228,9 @@ class SecureMark(Strategy):
             msgs.append(Message(content, dst_node_id=node, message_type=wire.MESSAGE_TYPE, group_id=str(round_no)))
         return self.receive(stage, msgs, timeout, need)
 
-    def receive(self, stage: str, msgs: list[Message], timeout: float, need: int | None = None) -> dict[int, Message]:
+    def receive(
+        self, stage: str, msgs: Iterable[Message], timeout: float, need: int | None = None
+    ) -> dict[int, Message]:
         """Replies without error whose sender's identity still holds; ``secagg.dropout`` simulates losses. A node
         that fails a masked stage is re-keyed before it takes part again (it may have lost its keys)."""
         replies: dict[int, Message] = {}
@@ -246,11 +248,15 @@ class SecureMark(Strategy):
                 replies[node] = reply
         return replies
 
-    def exchange(self, msgs: list[Message], timeout: float, need: int | None = None) -> list[Message]:
+    def exchange(self, msgs: Iterable[Message], timeout: float, need: int | None = None) -> list[Message]:
         """Grid.send_and_receive with deadlines: every reply, or once ``need`` good replies are in at most
         ``secagg.grace`` seconds more (a dead node costs the grace, not the timeout), and never past ``timeout``.
-        Polls from 2 ms up to 0.25 s instead of a fixed 0.1 s (simulation) or 3 s (deployment)."""
-        pending = set(self.grid.push_messages(msgs)) if msgs else set()
+        Polls from 2 ms, 1.25x longer each time, at most every 50 ms, instead of a fixed 0.1 s (simulation) or
+        3 s (deployment): a reply is seen at most 25% of the wait or 50 ms after it came (a 0.25 s cap let a
+        1 s round see its replies up to 0.25 s late), at 20 pulls a second while waiting long."""
+        pending: set[str] = set()
+        for msg in msgs:  # one at a time: a message made while the first ones are on their way goes out when made
+            pending.update(self.grid.push_messages([msg]))
         replies: list[Message] = []
         end, wait, good = time.monotonic() + timeout, 0.002, 0
         while pending and time.monotonic() < end:
@@ -262,7 +268,7 @@ class SecureMark(Strategy):
                 end = min(end, time.monotonic() + self.secagg.grace)
             if pending:
                 time.sleep(wait)
-                wait = min(wait * 1.5, 0.25)
+                wait = min(wait * 1.25, 0.05)
         return replies
 
     # --- customers ------------------------------------------------------------------------------------------
@@ -335,9 +341,13 @@ class SecureMark(Strategy):
     # --- Strategy: train ------------------------------------------------------------------------------------
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> list[Message]:
+    ) -> Iterator[Message]:
         """The inner strategy's train messages, each carrying its customer's copy; under masking with the round's
-        configuration and the node's neighbours' public keys (new nodes are identified and keyed first)."""
+        configuration and the node's neighbours' public keys (new nodes are identified and keyed first).
+
+        Nodes are identified, the base recorded and the masking set up here; each copy is made as its message is
+        taken from the returned iterator, so :meth:`exchange` sends the first copies while the rest are made (10
+        copies of a 1M-parameter model took 0.15-0.25 s that the nodes spent waiting)."""
         self._grid = grid
         self._load(arrays)
         clock = _StageClock()
@@ -348,35 +358,46 @@ class SecureMark(Strategy):
             }
         sampled = sorted(self.identify(inner_msgs))
         clock.lap("hello")
-        head = {"stage": wire.TRAIN, "weight-key": self.inner.weighted_by_key}
-        copies, contents = {n: self.copy_for(n) for n in sampled}, {}
-        for n in sampled:
-            contents[n] = _with_arrays(inner_msgs[n].content, ArrayRecord(copies[n]))
-            contents[n][wire.SM] = ConfigRecord(head)
-        self._round = {"sampled": sampled, "copies": copies, "clock": clock}
+        self._round = {"sampled": sampled, "copies": {}, "clock": clock}
         self._round["reference"] = self._record_base(server_round - 1)
         self._round["function"] = (self._function_mark(), self.weights)  # what the copies' black-box mark is read by
-        if self.secagg.enabled and sampled:
-            self._masking_setup(server_round, sampled, contents)
-        return [
-            Message(c, dst_node_id=n, message_type=wire.MESSAGE_TYPE, group_id=str(server_round))
-            for n, c in contents.items()
-        ]
+        head = {"stage": wire.TRAIN, "weight-key": self.inner.weighted_by_key}
+        masking = self._masking_setup(server_round, sampled) if self.secagg.enabled and sampled else {}
+        clock.lap("setup")
+        return self._train_messages(server_round, inner_msgs, head, masking)
 
-    def _masking_setup(self, r: int, sampled: list[int], contents: dict[int, RecordDict]) -> None:
+    def _train_messages(
+        self, r: int, inner_msgs: dict[int, Message], head: dict[str, Any], masking: dict[int, dict[str, Any]]
+    ) -> Iterator[Message]:
+        for n in self._round["sampled"]:
+            copy = self._round["copies"][n] = self.copy_for(n)
+            content = _with_arrays(inner_msgs[n].content, ArrayRecord(copy))
+            extra = masking.get(n, {})
+            content[wire.SM] = ConfigRecord({**head, **extra.pop(wire.SM, {})})
+            for key, record in extra.items():
+                content[key] = record
+            yield Message(content, dst_node_id=n, message_type=wire.MESSAGE_TYPE, group_id=str(r))
+
+    def _masking_setup(self, r: int, sampled: list[int]) -> dict[int, dict[str, Any]]:
+        """The round's masking state, and for each node the records its train message adds: the quantization
+        (in its SM record), the round's configuration and its neighbours' public keys."""
         sc = self.secagg
         ids = {n: self.ids[n] for n in sampled}
         graph, threshold = P.neighbour_graph(tuple(sorted(ids.values())), sc.graph, self.rng)
         qcfg = QuantConfig(sc.clip, sc.bits, self.max_weight, len(sampled), self.size)
         cfg = P.RoundConfig(self.keys.session, r, graph, threshold, self.size + 2, qcfg.modulus_bits)
         quant = {"clip": sc.clip, "bits": sc.bits, "max-weight": self.max_weight, "max-clients": len(sampled)}
-        for n in sampled:
-            contents[n][wire.SM] = ConfigRecord({**contents[n][wire.SM], **quant})
-            contents[n][wire.SECAGG] = wire.round_config_record(cfg, ids[n])
-            contents[n][wire.PAYLOAD] = wire.key_map(self.keys.for_client(cfg, ids[n]))
         self._round.update(
             ids=ids, node_of={i: n for n, i in ids.items()}, srv=P.ServerRound(cfg), qcfg=qcfg, threshold=threshold
         )
+        return {
+            n: {
+                wire.SM: quant,
+                wire.SECAGG: wire.round_config_record(cfg, ids[n]),
+                wire.PAYLOAD: wire.key_map(self.keys.for_client(cfg, ids[n])),
+            }
+            for n in sampled
+        }
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -405,6 +426,8 @@ class SecureMark(Strategy):
         return self.inner.aggregate_train(server_round, [synthetic])
 
     def _plain_mean(self, replies: dict[int, Message]) -> tuple[np.ndarray, int, list[int], dict[str, Any]]:
+        clock = self._round["clock"]
+        clock.lap("train")
         parsed: dict[int, tuple[int, np.ndarray]] = {}
         for n, rep in replies.items():
             got = _accept(self.console, n, _plain_update, rep.content, self.size, self.max_weight)
@@ -414,8 +437,10 @@ class SecureMark(Strategy):
             raise RuntimeError("no client returned a valid update")
         total = sum(w for w, _ in parsed.values())
         mean = sum(w * u for w, u in parsed.values()) / total
+        clock.lap("sum")
         sampled = len(self._round["sampled"])
-        return mean, total, list(parsed), {"survived": len(parsed), "dropped": sampled - len(parsed)}
+        info = {"survived": len(parsed), "dropped": sampled - len(parsed), "stage_seconds": clock.laps}
+        return mean, total, list(parsed), info
 
     def _unmask(self, r: int, replies: dict[int, Message]) -> tuple[np.ndarray, int, list[int], dict[str, Any]]:
         st = self._round
@@ -558,7 +583,7 @@ class SecureMark(Strategy):
             try:
                 msgs = self.configure_train(r, arrays, ConfigRecord(dict(train_config)), grid)
                 m["sampled"] = len(self._round["sampled"])
-                need = self._round.get("threshold", len(msgs) // 2 + 1)
+                need = self._round.get("threshold", len(self._round["sampled"]) // 2 + 1)
                 agg, metrics = self.aggregate_train(r, self.receive(wire.TRAIN, msgs, timeout, need).values())
                 if agg is None:
                     raise RuntimeError("the inner strategy aggregated nothing")
@@ -870,9 +895,9 @@ def _apply_keys(keys: P.SessionKeys, i: int, content: RecordDict) -> bool:
 
 
 def _apply_masked(srv: P.ServerRound, i: int, content: RecordDict) -> None:
-    """The masked vector of a train reply, checked against the digest securemark_mod attached."""
-    y, digest = wire.array_from(content[wire.UPDATE]), content[wire.SM]["digest"]
-    if not isinstance(digest, bytes) or hashlib.sha256(y.tobytes()).digest() != digest:
+    """The masked vector of a train reply, checked against the checksum securemark_mod attached."""
+    y, crc = wire.array_from(content[wire.UPDATE]), content[wire.SM]["crc32"]
+    if isinstance(crc, bool) or not isinstance(crc, int) or wire.checksum(y) != crc:
         raise P.ProtocolViolation("masked update changed after securemark_mod (must be the first mod)")
     P.server_receive_masked(srv, i, wire.masked_from(y, content[wire.PAYLOAD]))
 

@@ -6,6 +6,8 @@ between messages (a node's messages may be served by different processes), never
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from flwr.app import ArrayRecord, ConfigRecord
@@ -30,6 +32,13 @@ UPDATE = "securemark.update"  # ArrayRecord: the (masked) update of one client
 SHARES = "securemark.shares"  # ConfigRecord: encrypted shares addressed to one node (unmask request)
 # in context.state: long-term keys; the round masked and not yet unmasked, and its neighbours' public keys
 KEYS, ROUND, PEERS = "securemark.keys", "securemark.round", "securemark.peers"
+
+
+def checksum(y: np.ndarray) -> int:
+    """CRC-32 of a masked vector's bytes: securemark_mod attaches it, the server checks it, so a mod placed
+    after securemark_mod that changes the update is named instead of read as a wrong sum. A check against
+    mistakes, not a MAC (whoever changes the vector can recompute it): 0.6 ms for 4 MB against SHA-256's 2.2."""
+    return zlib.crc32(memoryview(np.ascontiguousarray(y)).cast("B"))
 
 
 def round_config_record(cfg: P.RoundConfig, client_id: int) -> ConfigRecord:

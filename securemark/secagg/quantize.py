@@ -74,12 +74,17 @@ def encode(x: np.ndarray, weight: int, cfg: QuantConfig, rng: np.random.Generato
         raise QuantizationError(f"update has {bad} non-finite values (NaN or infinity); refusing to send it")
     if not 1 <= weight <= cfg.max_weight:
         raise QuantizationError(f"weight {weight} must lie in [1, {cfg.max_weight}]")
-    clipped = int((np.abs(x) > cfg.clip).sum())
-    scaled = (np.clip(x, -cfg.clip, cfg.clip) + cfg.clip) * (1.0 / cfg.step)  # in [0, levels]
+    s = np.clip(x, -cfg.clip, cfg.clip)  # one working array, changed in place (half the time of fresh ones)
+    clipped = len(x) - int(np.count_nonzero(s == x))
+    s += cfg.clip
+    s *= 1.0 / cfg.step  # in [0, levels]
     # stochastic rounding: floor(s + u), u ~ U[0, 1), rounds up with probability frac(s), so E[q] = s
-    q = np.floor(scaled + rng.random(x.shape, dtype=np.float32))
+    s += rng.random(x.shape, dtype=np.float32)
+    np.floor(s, out=s)
+    np.minimum(s, cfg.levels, out=s)
     out = np.empty(len(x) + EXTRA_SLOTS, dtype=cfg.dtype)
-    np.multiply(np.minimum(q, cfg.levels).astype(cfg.dtype), cfg.dtype(weight), out=out[: len(x)])
+    out[: len(x)] = s
+    out[: len(x)] *= cfg.dtype(weight)  # in the integers: exact for every weight the modulus allows
     out[-2:] = (weight, clipped)
     return out
 

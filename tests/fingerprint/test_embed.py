@@ -26,6 +26,17 @@ def test_projection_rows_are_orthonormal():
     np.testing.assert_allclose(proj.apply(np.eye(50)[3]), x[:, 3])  # apply agrees with the same X
 
 
+@settings(max_examples=30, deadline=None)
+@given(st.integers(8, 400), st.integers(1, 8), st.integers(0, 2**32 - 1))
+def test_the_float32_adjoint_is_the_float64_one_rounded(size, length, seed):
+    """The copy-making path (float32, one gather) against the reference adjoint: float32 rounding apart."""
+    proj = Projection.derive(SECRET, size, length)
+    y = np.random.default_rng(seed).standard_normal(length) * 10.0 ** np.random.default_rng(seed).integers(-3, 4)
+    fast = proj.adjoint32(y)
+    assert fast.dtype == np.float32 and fast.shape == (size,)
+    np.testing.assert_allclose(fast, proj.adjoint(y), rtol=2e-7, atol=0)
+
+
 def test_projection_depends_on_the_secret_only_through_hkdf():
     a = Projection.derive(SECRET, 1000, 64)
     b = Projection.derive(SECRET, 1000, 64)

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from securemark import data, models, training
 from securemark.codes import tardos
-from securemark.fingerprint.fitting import class_order, helmert, masked_fit, principal
+from securemark.fingerprint.fitting import class_order, distinct_rows, helmert, masked_fit, principal
 from securemark.fingerprint.function import (
     Basis,
     FunctionMark,
@@ -117,6 +117,15 @@ def test_principal_components_either_way_match_the_full_eigendecomposition(rows,
     lam, vec = principal(hc, 5)
     assert np.allclose(lam, lam_all[::-1][:5])
     assert np.allclose(np.abs(np.sum(vec * vec_all[:, ::-1][:, :5], axis=0)), 1.0)  # unit and aligned
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.sampled_from([0.0, -0.0, 1.0, 0.5]), min_size=3, max_size=3), min_size=1, max_size=12))
+def test_distinct_rows_counts_as_numpy_unique_does(rows):
+    """The row hashing against numpy's sorting reference; -0.0 and 0.0 are one value for both."""
+    a = np.array(rows)
+    assert distinct_rows(a) == len(np.unique(a, axis=0))
+    assert distinct_rows(np.repeat(a, 3, axis=0).reshape(-1, 1, 3)) == len(np.unique(a, axis=0))  # any shape
 
 
 def test_a_penultimate_layer_wider_than_the_held_out_set_is_marked_and_read():

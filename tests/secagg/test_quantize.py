@@ -63,6 +63,32 @@ def test_error_within_one_step(values, weight, bits):
     assert np.all(np.abs(dec.mean - x) <= cfg.step + 1e-12)
 
 
+def _encode_reference(x, weight, cfg, rng):
+    """The encoding as the module doc writes it, one fresh array per step, products in Python integers."""
+    x = np.asarray(x, dtype=np.float64)
+    u = rng.random(x.shape, dtype=np.float32)
+    q = np.minimum(np.floor((np.clip(x, -cfg.clip, cfg.clip) + cfg.clip) * (1.0 / cfg.step) + u), cfg.levels)
+    values = [int(v) * weight % (1 << cfg.modulus_bits) for v in q]
+    return np.array([*values, weight, int(np.sum(np.abs(x) > cfg.clip))], dtype=cfg.dtype)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.floats(-3, 3) | st.sampled_from([-1.0, 1.0, -0.0, 2.0]), min_size=1, max_size=30),
+    st.integers(1, 1 << 20),
+    st.sampled_from([2, 16, 30]),
+    st.integers(0, 2**32),
+)
+def test_encode_matches_the_step_by_step_reference(values, weight, bits, seed):
+    """The in-place encoding against the reference, bit for bit, on both moduli (30 bits and a weight near
+    2^20 take the 64-bit one, where a float product would lose the low bits)."""
+    cfg = QuantConfig(clip=1.0, bits=bits, max_weight=1 << 20, max_clients=4, size=64)
+    x = np.array(values)
+    got = encode(x, weight, cfg, np.random.default_rng(seed))
+    assert got.dtype == cfg.dtype
+    assert np.array_equal(got, _encode_reference(x, weight, cfg, np.random.default_rng(seed)))
+
+
 def test_clipped_slot_counts_in_the_wrap_bound():
     """bits=1, max_weight=1: the value slots need 1 bit per client, but the clipped slot can reach clients x D."""
     small = QuantConfig(bits=1, max_weight=1, max_clients=1 << 20, size=1 << 12)
