@@ -201,7 +201,7 @@ def contract(
     if isinstance(weight, bool) or not whole or weight < 1:
         raise ContractError(f"{weight_key!r} must be a whole number >= 1")  # its value is secret
     names = wire.float_keys(before)
-    delta = wire.flatten(after, names) - wire.flatten(before, names)
+    delta = wire.difference(after, before, names)
     others = MetricRecord({k: v for k, v in record.items() if k != weight_key})
     return delta, int(weight), metrics_key, others
 

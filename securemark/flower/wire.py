@@ -208,3 +208,15 @@ def flatten(arrays: dict[str, np.ndarray], names: list[str]) -> np.ndarray:
     if not names:
         return np.zeros(0)
     return np.concatenate([np.asarray(arrays[n], dtype=np.float64).reshape(-1) for n in names])
+
+
+def difference(after: dict[str, np.ndarray], before: dict[str, np.ndarray], names: list[str]) -> np.ndarray:
+    """``flatten(after, names) - flatten(before, names)`` written straight into one float64 vector: one 8 MB
+    array per 1M weights instead of five (the mod runs it on every update)."""
+    out = np.empty(sum(int(np.size(before[n])) for n in names), dtype=np.float64)
+    pos = 0
+    for n in names:
+        size = int(np.size(before[n]))
+        np.subtract(np.ravel(after[n]), np.ravel(before[n]), out=out[pos : pos + size], dtype=np.float64)
+        pos += size
+    return out
