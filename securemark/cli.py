@@ -349,7 +349,9 @@ def cmd_bench_rounds(a: argparse.Namespace) -> object:
     from securemark.flower.bench_rounds import bench_rounds
 
     result = bench_rounds(a.clients, a.params, a.rounds, a.seed)
-    return _json_or_table(a, result, {k: v for k, v in result.items() if k != "per_round_seconds"})
+    shown = {k: v for k, v in result.items() if k not in ("per_round_seconds", "stage_seconds")}
+    stages = {f"{v}_{s}_seconds": t for v, by in result["stage_seconds"].items() for s, t in by.items()}
+    return _json_or_table(a, result, shown | stages)
 
 
 def cmd_bench_deploy(a: argparse.Namespace) -> object:

@@ -119,8 +119,9 @@ def secaggplus_apps(cfg: SimConfig, round_seconds: list[float]) -> tuple[ServerA
 
 
 # --- the benchmark ---------------------------------------------------------------------------------
-def run_variant(cfg: SimConfig, variant: str, workdir: Path) -> list[float]:
-    """Per-round seconds of one variant (a fresh simulation)."""
+def run_variant(cfg: SimConfig, variant: str, workdir: Path) -> tuple[list[float], list[dict[str, float]]]:
+    """Per-round seconds of one variant (a fresh simulation), and per round the seconds of each stage
+    (securemark's ServerApp only: metrics.json's stage_seconds)."""
     from securemark.sim import run_apps, simulate
 
     if variant == "flower_secaggplus":
@@ -128,12 +129,20 @@ def run_variant(cfg: SimConfig, variant: str, workdir: Path) -> list[float]:
         run_apps(*secaggplus_apps(cfg, seconds), cfg)
         if len(seconds) != cfg.train.rounds:
             raise RuntimeError(f"Flower's SecAgg+ finished {len(seconds)} of {cfg.train.rounds} rounds")
-        return seconds
+        return seconds, []
     rounds = simulate(variant_config(cfg, variant), workdir / variant)["rounds"]
     failed = [m["round"] for m in rounds if m["status"] != "completed"]
     if failed:
         raise RuntimeError(f"{variant}: rounds {failed} failed")
-    return [float(m["seconds"]) for m in rounds]
+    return [float(m["seconds"]) for m in rounds], [m["stage_seconds"] for m in rounds]
+
+
+def median_stages(rounds: list[dict[str, float]]) -> dict[str, float]:
+    """Each stage's median over the rounds given (hello: identities; setup: the base recorded, masking set
+    up; train: copies made and sent, local training, replies in; unmask: the second exchange; sum: the
+    aggregate)."""
+    stages = [s for s in rounds[0]] if rounds else []
+    return {s: round(statistics.median(r.get(s, 0.0) for r in rounds), 4) for s in stages}
 
 
 def function_marks(out: Path) -> dict[str, Any]:
@@ -173,9 +182,12 @@ def bench_rounds(clients: int, params: int, rounds: int, seed: int = 0) -> dict[
         raise ValueError("bench rounds needs >= 2 rounds: the first (warm-up) is not counted")
     cfg = bench_config(clients, params, rounds, seed)
     per_round: dict[str, list[float]] = {}
+    stages: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="securemark-bench-") as tmp:
         for variant in VARIANTS:
-            per_round[variant] = run_variant(cfg, variant, Path(tmp))
+            per_round[variant], by_round = run_variant(cfg, variant, Path(tmp))
+            if by_round:
+                stages[variant] = median_stages(by_round[1:])
         marks = function_marks(Path(tmp) / "securemark")
     med = {v: statistics.median(s[1:]) for v, s in per_round.items()}
     n_params = sum(p.numel() for p in models.build("mlp", (1, 28, 28), 10, width=cfg.model.width).parameters())
@@ -190,5 +202,6 @@ def bench_rounds(clients: int, params: int, rounds: int, seed: int = 0) -> dict[
         "flower_secaggplus_over_plain": med["flower_secaggplus"] / med["plain"],
         "securemark_over_flower_secaggplus": med["securemark"] / med["flower_secaggplus"],
         "function_mark": {"features": cfg.model.width, **marks},
+        "stage_seconds": stages,  # the median of each stage over the rounds counted
         "per_round_seconds": per_round,
     }
