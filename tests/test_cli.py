@@ -323,6 +323,7 @@ def test_trace_of_a_nan_suspect_is_exit_2_and_json_is_strict(tmp_path, capsys):
 NOISY_COMMAND = """
 import ctypes, logging, os, sys
 from securemark import cli
+from securemark.cli import bench
 
 cached = sys.stdout  # a library that kept the stream object before the command started
 
@@ -335,7 +336,7 @@ def noisy(a):
     logging.getLogger("some.lib").warning("a log line")
     return {"ok": float("nan"), "n": 3}
 
-cli.cmd_bench_trace = noisy
+bench.cmd_bench_trace = noisy
 raise SystemExit(cli.main(["bench", "trace", "--json"]))
 """
 

@@ -18,7 +18,8 @@ from rich.console import Console
 
 from securemark import data, models, training
 from securemark.config import SimConfig
-from securemark.flower.strategy import CHECKPOINT, SecureMark
+from securemark.flower.checkpoint import CHECKPOINT
+from securemark.flower.strategy import SecureMark
 from securemark.owner import FunctionSpec, function_spec
 from securemark.report import write_report
 

@@ -10,7 +10,7 @@ import zlib
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from securemark.secagg import protocol as P
 
@@ -32,6 +32,18 @@ UPDATE = "securemark.update"  # ArrayRecord: the (masked) update of one client
 SHARES = "securemark.shares"  # ConfigRecord: encrypted shares addressed to one node (unmask request)
 # in context.state: long-term keys; the round masked and not yet unmasked, and its neighbours' public keys
 KEYS, ROUND, PEERS = "securemark.keys", "securemark.round", "securemark.peers"
+
+
+def with_arrays(content: RecordDict, arrays: ArrayRecord) -> RecordDict:
+    """A fresh copy of an inner strategy's message content (FedAvg shares one object across messages) with its
+    ArrayRecord replaced: how a customer's copy takes the global model's place."""
+    out = RecordDict()
+    for key, rec in content.items():
+        if isinstance(rec, ArrayRecord):
+            out[key] = arrays
+        else:
+            out[key] = type(rec)(dict(rec))
+    return out
 
 
 def checksum(y: np.ndarray) -> int:

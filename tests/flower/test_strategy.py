@@ -17,11 +17,12 @@ from rich.console import Console
 from securemark import training
 from securemark.config import SimConfig
 from securemark.flower import wire
+from securemark.flower.aggregate import check_inner
 from securemark.flower.client_app import train as shipped_train
 from securemark.flower.mod import securemark_mod
 from securemark.flower.server_app import run as run_app
 from securemark.flower.server_app import strategy_for, train_config
-from securemark.flower.strategy import SecureMark, check_inner
+from securemark.flower.strategy import SecureMark
 from securemark.models import build
 
 from .inprocess import InProcessGrid
@@ -47,7 +48,7 @@ def initial(cfg):
 def quiet_strategy(cfg, tmp_path, **kw):
     s = strategy_for(cfg, tmp_path, max_weight=2000, console=Console(quiet=True))
     for k, v in kw.items():
-        setattr(s, k, v)
+        setattr(s.nodes if k == "identity" else s, k, v)  # who is who: the strategy's nodes part
     return s
 
 
@@ -57,12 +58,12 @@ def recording_console():
 
 def lose(monkeypatch, strategy, lost):
     """Clients vanish: their replies at the given stages never reach the server."""
-    real = strategy.receive
+    real = strategy.nodes.receive
 
     def lossy(stage, msgs, timeout, need=None):
         return {n: r for n, r in real(stage, msgs, timeout, need).items() if n not in lost.get(stage, ())}
 
-    monkeypatch.setattr(strategy, "receive", lossy)
+    monkeypatch.setattr(strategy.nodes, "receive", lossy)
 
 
 def user_update(grid, node):
@@ -266,7 +267,7 @@ def test_a_duplicated_partition_id_is_refused_and_gets_no_copy(tmp_path):
     assert "refused node 1001" in log and "refused node 1002" in log and "already taken" in log
     got_copy = {m.metadata.dst_node_id for m in grid.sent if str(m.content[wire.SM]["stage"]) == wire.TRAIN}
     assert got_copy == {1000, 1003}
-    assert sorted(s.customers.values()) == ["client-000", "client-002"]
+    assert sorted(s.nodes.customers.values()) == ["client-000", "client-002"]
 
 
 def test_a_node_whose_identity_changes_between_rounds_is_refused(tmp_path):
@@ -286,7 +287,7 @@ def test_a_node_whose_identity_changes_between_rounds_is_refused(tmp_path):
     s.start(grid, initial(cfg), num_rounds=2, train_config=train_config(cfg))
     log = s.console.export_text()
     assert "refused node 1002: identity changed from 'client-002' to 'client-000'" in log
-    assert 1002 in s.refused and s.rounds[1]["status"] == "completed"
+    assert 1002 in s.nodes.refused and s.rounds[1]["status"] == "completed"
 
 
 def test_identity_by_registered_node_key(tmp_path):
@@ -296,7 +297,8 @@ def test_identity_by_registered_node_key(tmp_path):
     s.console = recording_console()
     grid = InProcessGrid(3, app=app_with(good_reply), keys=keys)
     s.start(grid, initial(cfg), num_rounds=1, train_config=train_config(cfg))
-    assert s.customers[1000] == "alice" and s.customers[1001].startswith("node-") and 1002 in s.refused
+    customers = s.nodes.customers
+    assert customers[1000] == "alice" and customers[1001].startswith("node-") and 1002 in s.nodes.refused
     assert "refused node 1002: no identity" in s.console.export_text()
 
 
@@ -428,7 +430,7 @@ def test_garbage_shares_fail_one_round_name_the_sender_and_it_is_not_admitted_ag
     log = s.console.export_text()
     assert [m["status"] for m in s.rounds] == ["failed", "completed"]
     assert "refused node 1000" in log and "could not open" in log
-    assert 1000 in s.refused and s.rounds[1]["survived"] == 3
+    assert 1000 in s.nodes.refused and s.rounds[1]["survived"] == 3
 
 
 def test_steady_state_is_two_exchanges_a_round_and_a_node_that_lost_its_keys_is_rekeyed(tmp_path):

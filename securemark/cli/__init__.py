@@ -1,0 +1,71 @@
+"""securemark command line: codes | registry | issue | trace | attack | bench | simulate | evaluate | demo.
+
+One command runs per call. Under --json its result is printed as strict JSON and stdout carries nothing else;
+an expected error (bad input, an unusable environment) ends in one line on stderr and exit 2, Ctrl-C in exit
+130, SIGTERM (unwound as Ctrl-C is) in exit 143."""
+
+# One module per command group adds its commands to the parser and runs them: codes, owner (registry, issue,
+# trace, attack), bench, run (simulate, evaluate, demo); output.py prints, args.py checks arguments. Heavy
+# imports (torch, Flower, Ray) wait inside the command functions: parsing stays torch-free.
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+
+from securemark.cli import bench, codes, owner, run
+from securemark.cli.bench import CENSORED
+from securemark.cli.output import _print_json, _stdout_reserved
+from securemark.cli.owner import COLLUSION_METHODS
+from securemark.cli.run import RAY_HELP
+
+__all__ = ["CENSORED", "COLLUSION_METHODS", "EXPECTED_ERRORS", "RAY_HELP", "build_parser", "main"]
+
+# bad input or an unusable environment: one line and exit 2 (OSError covers missing, existing or unwritable
+# paths, a closed pipe and an unreachable cluster; OverflowError a number too large for a float)
+EXPECTED_ERRORS: tuple[type[Exception], ...] = (ValueError, RuntimeError, OSError, OverflowError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="securemark", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    for group in (codes, owner, bench, run):  # in the order --help lists the commands
+        group.add_commands(sub)
+    return p
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the command is, so that it unwinds as after Ctrl-C: temporary registries and
+    their owner keys removed, child processes and Ray stopped."""
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise _Terminated
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    in_main = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
+    try:
+        with _stdout_reserved(getattr(args, "json", False)):  # --json: stdout carries the JSON alone
+            payload = args.func(args)
+        if payload is not None:
+            _print_json(payload)
+            sys.stdout.flush()
+    except EXPECTED_ERRORS as exc:  # bad input gets one clear line, not a traceback
+        if isinstance(exc, UnicodeDecodeError):  # never quote the file's bytes (it may be a key)
+            exc = ValueError("a file given as text is not UTF-8 text")
+        print(f"securemark: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:  # what the command started (a Ray instance, actors) is already stopped
+        terminated = isinstance(exc, _Terminated)
+        print(f"securemark: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
+    finally:
+        if in_main:  # None: a handler set outside Python, which cannot be put back; the default then
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+    return 0

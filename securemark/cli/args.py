@@ -1,0 +1,55 @@
+"""The checks the parser makes of an argument, so that a bad value exits 2 with argparse's one line before
+any work: integers with a floor, finite numbers; and the options every command run from a config shares."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _positive(text: str) -> int:
+    return _int_at_least(text, 1)
+
+
+def _natural(text: str) -> int:
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = low - 1
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
+    return value
+
+
+def _nonnegative(text: str) -> float:
+    value = _finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not np.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def _config_command(parent: Any, name: str, help: str, example: str, unique: bool = False) -> argparse.ArgumentParser:
+    """A command run from a config file: CONFIG, --out, --set."""
+    cmd = parent.add_parser(name, help=help)
+    cmd.add_argument("config", type=Path, nargs="?" if name == "simulate" else None)
+    made_unique = ", made unique" if unique else ""
+    cmd.add_argument("--out", default=None, help=f"output directory (default: the config's output{made_unique})")
+    cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=f"override, e.g. {example}")
+    return cmd

@@ -1,0 +1,249 @@
+"""securemark bench: the benchmarks that print figures (tracing, masked aggregation, rounds, a deployment,
+alignment, the black-box mark, censored servers, a whole federation), as tables or --json."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+from securemark.cli.args import _config_command, _finite, _natural, _nonnegative, _positive
+from securemark.cli.output import _json_or_table
+from securemark.cli.run import _fresh_dir
+
+# the CLI parses without importing torch: a test checks this equals securemark.evaluation.censored.CENSORS
+CENSORED = ("rounded", "rounded-2", "float16", "clamp", "top3", "top3-renormalized", "top-k varying")
+
+
+def cmd_bench_trace(a: argparse.Namespace) -> object:
+    from securemark.codes import pack_bits, tardos
+    from securemark.tracing.bound import Law
+    from securemark.tracing.scores import PackedCodebook, accuse, tardos_scores
+
+    rng = np.random.default_rng(a.seed)
+    t0 = time.perf_counter()
+    bias = tardos.arcsine_bias(rng.random(a.length), a.max_colluders)
+    packed = np.empty((a.users, (a.length + 7) // 8), dtype=np.uint8)
+    for s in range(0, a.users, 50_000):  # genuine Tardos rows, generated in blocks
+        u = rng.random((min(50_000, a.users - s), a.length), dtype=np.float32)
+        packed[s : s + len(u)] = pack_bits(tardos.draw_rows(bias.astype(np.float32), u))
+    t1 = time.perf_counter()
+    book = PackedCodebook.from_packed_rows(packed, a.length)
+    t2 = time.perf_counter()
+    coalition = rng.choice(a.users, size=a.max_colluders, replace=False)
+    rows = np.unpackbits(packed[coalition], axis=1, count=a.length).astype(np.float64)
+    y = (2 * rows - 1).mean(0)
+    times = []
+    for _ in range(a.repeats):
+        s0 = time.perf_counter()
+        acc = accuse(tardos_scores(book, y, bias), Law.of(y, bias), 1e-3)
+        times.append(time.perf_counter() - s0)
+    result = {
+        "users": a.users,
+        "length": a.length,
+        "generate_seconds": round(t1 - t0, 3),
+        "layout_seconds": round(t2 - t1, 3),
+        "score_seconds_median": round(float(np.median(times)), 4),
+        "score_seconds_min": round(min(times), 4),
+        "repeats": a.repeats,
+        "accused_colluders": int(np.isin(acc.accused, coalition).sum()),
+        "accused_innocents": int((~np.isin(acc.accused, coalition)).sum()),
+        "codebook_mib": round(book.columns.nbytes / 2**20, 1),
+    }
+    return _json_or_table(a, result)
+
+
+def cmd_bench_secagg(a: argparse.Namespace) -> object:
+    from securemark.secagg.bench import bench_secagg
+
+    result = bench_secagg(a.clients, a.params, a.dropout, a.graph, a.seed)
+    shown = {
+        k: v for k, v in result.items() if k not in ("stage_seconds", "prg_bytes_per_second", "mask_bytes_per_second")
+    }
+    shown["prg_MB_per_second"] = result["prg_bytes_per_second"] / 1e6
+    shown["mask_MB_per_second"] = result["mask_bytes_per_second"] / 1e6
+    return _json_or_table(a, result, shown | result["stage_seconds"])
+
+
+def cmd_bench_rounds(a: argparse.Namespace) -> object:
+    from securemark.flower.bench_rounds import bench_rounds
+
+    result = bench_rounds(a.clients, a.params, a.rounds, a.seed)
+    shown = {k: v for k, v in result.items() if k not in ("per_round_seconds", "stage_seconds")}
+    stages = {f"{v}_{s}_seconds": t for v, by in result["stage_seconds"].items() for s, t in by.items()}
+    return _json_or_table(a, result, shown | stages)
+
+
+def cmd_bench_deploy(a: argparse.Namespace) -> object:
+    from securemark.flower.bench_deploy import bench_deploy
+
+    result = bench_deploy(a.app, a.nodes, a.rounds, a.grace, a.isolation)
+    runs = [{"run": k, **{f: str(v[f]) for f in ("per_round_seconds", "survived")}} for k, v in result["runs"].items()]
+    return _json_or_table(a, result, {k: v for k, v in result.items() if k != "runs"}, *runs)
+
+
+def cmd_bench_align(a: argparse.Namespace) -> object:
+    from securemark.fingerprint.bench_align import bench_align
+
+    result = bench_align(a.repeats, a.budget, a.seed, large=not a.small)
+    models: list[dict[str, object]] = result["models"]  # type: ignore[assignment]
+    return _json_or_table(a, result, *models)
+
+
+def cmd_bench_blackbox(a: argparse.Namespace) -> object:
+    from securemark.evaluation.blackbox import main as bench_blackbox
+    from securemark.evaluation.blackbox import students_of
+
+    result = bench_blackbox(
+        customers=a.customers, trials=a.trials, copies=a.copies, colluders=tuple(a.colluders),
+        students=[] if a.no_students else students_of(tuple(a.archs), tuple(a.temperatures), not a.no_hard),
+        budget=a.budget,
+        epochs=a.epochs, queries=a.queries, seed=a.seed, base=a.base, triggers=a.triggers, tail=a.tail,
+        noise=tuple(a.noise),
+    )  # fmt: skip
+    cells: list[dict[str, object]] = result["cells"]  # type: ignore[assignment]
+    baseline: list[dict[str, object]] = result.get("trigger_baseline", [])  # type: ignore[assignment]
+    head = {k: v for k, v in result.items() if k not in ("cells", "fidelity", "innocent_tail", "trigger_baseline")}
+    tables = [head, result["fidelity"], result["innocent_tail"], *cells, *baseline]
+    return _json_or_table(a, result, *tables)  # type: ignore[arg-type]
+
+
+def cmd_bench_censored(a: argparse.Namespace) -> object:
+    from securemark.evaluation.censored import bench_censored
+
+    result = bench_censored(tuple(a.archs), a.seeds, tuple(a.served), a.queries)
+    cells: list[dict[str, object]] = result["cells"]
+    return _json_or_table(a, result, {k: v for k, v in result.items() if k != "cells"}, *cells)
+
+
+def cmd_bench_simulate(a: argparse.Namespace) -> object:
+    from securemark.config import SimConfig
+    from securemark.flower.bench_simulate import bench_simulate
+
+    cfg = SimConfig.load(a.config, a.set)
+    out = Path(a.out) if a.out else _fresh_dir(Path(cfg.output))
+    result = {"config": str(a.config), **bench_simulate(cfg, out)}
+    stages = result["masking_stage_seconds"]
+    return _json_or_table(a, result, {k: v for k, v in result.items() if k != "masking_stage_seconds"} | stages)
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """bench and its benchmarks, in the order --help lists them."""
+    bench = sub.add_parser("bench", help="benchmarks that print figures").add_subparsers(dest="sub", required=True)
+    _add_trace(bench)
+    _add_secagg(bench)
+    _add_rounds(bench)
+    _add_deploy(bench)
+    _add_align(bench)
+    _add_blackbox(bench)
+    _add_censored(bench)
+    _add_simulate(bench)
+
+
+def _add_trace(bench: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    bt = bench.add_parser("trace", help="seconds to score one suspect against N customers")
+    bt.add_argument("--users", type=_positive, default=1_000_000)
+    bt.add_argument("--length", type=_positive, default=2048)
+    bt.add_argument("--max-colluders", type=_positive, default=5)
+    bt.add_argument("--repeats", type=_positive, default=5)
+    bt.add_argument("--seed", type=_natural, default=0)
+    bt.add_argument("--json", action="store_true")
+    bt.set_defaults(func=cmd_bench_trace)
+
+
+def _add_secagg(bench: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    bs = bench.add_parser("secagg", help="one masked-aggregation round against a plain sum")
+    bs.add_argument("--clients", type=_positive, default=10)
+    bs.add_argument("--params", type=_positive, default=1_000_000)
+    bs.add_argument("--dropout", type=_finite, default=0.0, help="share of clients vanishing before masked input")
+    bs.add_argument("--graph", choices=("complete", "sparse"), default="complete")
+    bs.add_argument("--seed", type=_natural, default=0)
+    bs.add_argument("--json", action="store_true")
+    bs.set_defaults(func=cmd_bench_secagg)
+
+
+def _add_rounds(bench: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    br = bench.add_parser("rounds", help="seconds per round: plain FedAvg, securemark, Flower's SecAgg+")
+    br.add_argument("--clients", type=_positive, default=10)
+    br.add_argument("--params", type=_positive, default=1_000_000, help="MLP sized to about this many parameters")
+    br.add_argument("--rounds", type=_positive, default=3, help="the first is warm-up and not counted")
+    br.add_argument("--seed", type=_natural, default=0)
+    br.add_argument("--json", action="store_true")
+    br.set_defaults(func=cmd_bench_rounds)
+
+
+def _add_deploy(bench: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    bd = bench.add_parser(
+        "deploy", help="a SuperLink and SuperNodes on loopback: plain vs masked rounds, a node killed"
+    )
+    bd.add_argument("--app", type=Path, default=Path("."), help="the Flower app directory (this repository)")
+    bd.add_argument("--nodes", type=_positive, default=4)
+    bd.add_argument("--rounds", type=_positive, default=3, help="the first is warm-up and not counted")
+    bd.add_argument("--grace", type=_finite, default=10.0, help="secagg.grace: seconds to wait past the threshold")
+    bd.add_argument("--isolation", choices=("subprocess", "process"), default="subprocess",
+                    help="process: a separate flower-superexec beside each SuperNode")  # fmt: skip
+    bd.add_argument("--json", action="store_true")
+    bd.set_defaults(func=cmd_bench_deploy)
+
+
+def _add_align(bench: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    ba = bench.add_parser("align", help="seconds to align an obfuscated suspect: quickstart CNN, 10^7-param MLP")
+    ba.add_argument("--repeats", type=_positive, default=3)
+    ba.add_argument("--budget", type=_finite, default=0.05, help="the stand-in mark's RMS relative to the weights'")
+    ba.add_argument("--small", action="store_true", help="the quickstart CNN only")
+    ba.add_argument("--seed", type=_natural, default=0)
+    ba.add_argument("--json", action="store_true")
+    ba.set_defaults(func=cmd_bench_align)
+
+
+def _add_blackbox(bench: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    bb = bench.add_parser("blackbox", help="function mark: fidelity, HTTP tracing, distilled students (MNIST-5k CNN)")
+    bb.add_argument("--customers", type=_positive, default=1000)
+    bb.add_argument("--trials", type=_positive, default=2, help="trials per cell")
+    bb.add_argument("--copies", type=_positive, default=10, help="copies measured for fidelity")
+    bb.add_argument("--colluders", type=_positive, nargs="+", default=[1, 2, 4])
+    bb.add_argument("--temperatures", type=_finite, nargs="+", default=[1.0, 4.0])
+    bb.add_argument("--archs", nargs="+", choices=("cnn", "mlp"), default=["cnn", "mlp"])
+    bb.add_argument("--no-hard", action="store_true", help="skip the hard-label students")
+    bb.add_argument("--no-students", action="store_true", help="no distilled students: fidelity, intact copies")
+    bb.add_argument("--budget", type=_finite, default=0.03, help="function mark RMS / centred logits RMS")
+    bb.add_argument("--epochs", type=_positive, default=20, help="the pirate's distillation epochs")
+    bb.add_argument("--queries", type=_positive, default=10_000, help="the tracer's queries per student")
+    bb.add_argument("--base", type=Path, default=None, help="a torch.save'd state dict of the quickstart CNN")
+    bb.add_argument("--triggers", type=_natural, default=10, help="trigger-set baseline: keys per customer (0: skip)")
+    bb.add_argument("--tail", type=_natural, default=0,
+                    help="innocent tail: this many independently trained models, intact copies and students of "
+                    "single copies, each traced against every customer")  # fmt: skip
+    bb.add_argument("--noise", type=_nonnegative, nargs="+", default=[], metavar="STD",
+                    help="also serve intact copies with Gaussian noise of these standard deviations on every logit: "
+                    "catch against the served accuracy")  # fmt: skip
+    bb.add_argument("--seed", type=_natural, default=0)
+    bb.add_argument("--json", action="store_true")
+    bb.set_defaults(func=cmd_bench_blackbox)
+
+
+def _add_censored(bench: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    about = "black-box catch rate when a server censors its answers, over many trained models"
+    bc = bench.add_parser("censored", help=about)
+    bc.add_argument("--seeds", type=_positive, default=20, help="trained models per architecture (default 20)")
+    bc.add_argument(
+        "--archs",
+        nargs="+",
+        choices=("cnn", "mlp", "quickstart"),
+        default=["cnn", "mlp"],
+        help="cnn, mlp: 8x8 synthetic data, as in the tests; quickstart: the MNIST-5k CNN (default cnn mlp)",
+    )
+    bc.add_argument("--served", nargs="+", choices=CENSORED, default=list(CENSORED), metavar="KIND",
+                    help=f"censorings to serve (default all: {', '.join(CENSORED)})")  # fmt: skip
+    bc.add_argument("--queries", type=_positive, default=800, help="the tracer's queries per suspect (default 800)")
+    bc.add_argument("--json", action="store_true")
+    bc.set_defaults(func=cmd_bench_censored)
+
+
+def _add_simulate(bench: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    about = "one federation measured: s/round, peak memory (all processes), tracing"
+    bsim = _config_command(bench, "simulate", about, "train.rounds=3", unique=True)
+    bsim.add_argument("--json", action="store_true")
+    bsim.set_defaults(func=cmd_bench_simulate)

@@ -1,0 +1,272 @@
+"""The owner's commands: registry init and show, issue (a fingerprinted copy to a customer), trace (the
+customers behind a suspect model) and attack (collusion, pruning, quantization, noise on model files)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from securemark.cli.args import _finite, _natural, _positive
+from securemark.cli.output import _print_json
+from securemark.codes.base import CODE_KINDS
+
+if TYPE_CHECKING:
+    from securemark.tracing.tracer import TraceReport
+
+# the CLI parses without importing torch: a test checks this equals securemark.attacks.COLLUSION_METHODS
+COLLUSION_METHODS = ("average", "median", "interleave", "layer-interleave", "extreme", "extrapolate", "convex")
+
+
+def cmd_registry_init(a: argparse.Namespace) -> None:
+    from securemark.registry import Registry, RegistryParams
+
+    params = RegistryParams(
+        code=a.code,
+        length=a.length,
+        max_colluders=a.max_colluders,
+        eps=a.eps,
+        budget=a.budget,
+        carrier_mode=a.carrier,
+        exclude=tuple(a.exclude),
+    )
+    if params.code == "bibd":
+        print(
+            "warning: BIBD (DeepMarks) detectors have no false-accusation bound: a laundered model that carries no"
+            " mark can implicate innocent customers. Tardos codes bound it by eps.",
+            file=sys.stderr,
+        )
+    with Registry.init(a.directory, params) as reg:
+        print(
+            f"registry created at {reg.directory} ({params.code}, L={params.length}, c_max={params.max_colluders},"
+            f" eps={params.eps}); the owner secret is in {reg.directory / 'owner.key'} (mode 0600): back it up"
+        )
+
+
+def cmd_registry_show(a: argparse.Namespace) -> None:
+    from dataclasses import asdict
+
+    from securemark.registry import Registry
+
+    with Registry.open(a.directory) as reg:
+        base = reg.base()
+        _print_json(
+            {
+                "params": asdict(reg.params),
+                "customers": reg.customers(),
+                "base": None
+                if base is None
+                else {
+                    "digest": base.digest,
+                    "strength": base.strength,
+                    "carrier_tensors": [n for n, _ in base.tensors],
+                },
+                "deliveries": reg.deliveries(),
+            }
+        )
+
+
+def cmd_issue(a: argparse.Namespace) -> None:
+    """The delivery is recorded only once the copy's file is whole on disk (written beside it, then renamed);
+    an --out the CLI cannot write is refused before any customer or delivery is recorded."""
+    from securemark import modelio
+    from securemark.owner import make_copy
+    from securemark.registry import Registry
+
+    out: Path = a.out
+    if out.suffix not in modelio.MODEL_SUFFIXES:
+        raise modelio.ModelFileError(f"{out}: unknown model format; use one of {', '.join(modelio.MODEL_SUFFIXES)}")
+    if out.resolve() == Path(a.model).resolve() or Path(a.directory).resolve() in out.resolve().parents:
+        raise ValueError(f"{out}: a copy is never written over the base model or inside the registry")
+    _check_writable(out)
+    base = modelio.load_state_dict(a.model)
+    function = None
+    if a.config is not None:  # the function mark as a run of this config makes it (its held-out share)
+        from securemark import data
+        from securemark.config import SimConfig
+        from securemark.owner import function_spec
+
+        cfg = SimConfig.load(a.config)
+        function = function_spec(cfg, data.server_split(cfg.data, cfg.train.seed)[1])
+        if function is None:
+            raise ValueError(f"{a.config} puts no function mark in copies (fingerprint off, or function_budget 0)")
+    with Registry.open(a.directory) as reg, reg.issuing():
+        copy, customer = make_copy(reg, base, a.customer, function=function)
+        modelio.save_atomic(copy, out)
+        reg.record_delivery(customer, modelio.state_digest(copy), note=str(out))
+    print(f"issued {out} to {a.customer!r} (sha256 {modelio.file_sha256(out)[:16]}...)")
+
+
+def _check_writable(out: Path) -> None:
+    """Refuse an --out that cannot be written (a directory, a read-only folder) by writing a scratch file
+    where it would go: permission bits say nothing to root, and /proc takes no files."""
+    import tempfile
+
+    if out.is_dir():
+        raise OSError(f"{out} is a directory")
+    folder = next(p for p in (out.parent, *out.parent.parents) if p.exists())  # missing folders are made later
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{out.stem}.", suffix=".probe"):
+            pass
+    except OSError as exc:
+        raise OSError(f"{out}: cannot write there ({exc.strerror or exc})") from None
+
+
+def cmd_trace(a: argparse.Namespace) -> object:
+    from securemark.fingerprint.align import load_groups
+    from securemark.modelio import load_state_dict
+    from securemark.registry import Registry
+    from securemark.tracing.tracer import trace
+
+    given = [x for x in (a.suspect, a.endpoint, a.query_model) if x is not None]
+    if len(given) != 1:
+        raise ValueError("trace needs exactly one suspect: a weights FILE, --endpoint URL or --query-model FILE")
+    if a.suspect is None and (a.hard or a.align_spec or a.no_align):
+        raise ValueError("--hard, --align-spec and --no-align apply to a weights file, not to a black-box suspect")
+    if a.suspect is not None:
+        suspect = load_state_dict(a.suspect)
+        groups = load_groups(a.align_spec) if a.align_spec else None
+        with Registry.open(a.directory) as reg:
+            report = trace(suspect, reg, top_k=a.top, hard=a.hard, groups=groups, aligned=not a.no_align)
+    else:
+        report = _trace_black_box(a)
+    if a.json:
+        return report.to_json()
+    from rich.console import Console
+    from rich.table import Table
+
+    title = f"{a.suspect or a.endpoint or a.query_model}: {report.users} customers, threshold {report.threshold:.2f}, "
+    title += f"eps {report.eps}"
+    caption = f"alignment {report.alignment['status']}; bound: {report.bound}"
+    if "queries" in report.alignment:
+        al = report.alignment
+        caption = f"black box: {al['queries']} queries, {al['outputs']} read; bound: {report.bound}"
+    if "base" in report.alignment:  # a registry with several bases (a federation keeps each round's model)
+        caption += f"; read against the {report.alignment['base']} ({report.alignment['bases_tried']} bases kept)"
+    table = Table(title=title, caption=caption)
+    for col in ("customer", "score", "p-value", "accused"):
+        table.add_column(col)
+    accused = {s.customer for s in report.accused}
+    for s in report.scores_top:
+        pv = "" if s.p_value is None else f"{s.p_value:.2e}"
+        table.add_row(s.customer, f"{s.score:.3f}", pv, "ACCUSED" if s.customer in accused else "")
+    Console().print(table)
+    print("accused: " + (", ".join(s.customer for s in report.accused) or "nobody"))
+    return None
+
+
+def _trace_black_box(a: argparse.Namespace) -> TraceReport:
+    from securemark.registry import Registry
+    from securemark.tracing.blackbox import BlackBoxTracer, load_query_data
+    from securemark.tracing.oracle import HttpV2Oracle, TorchScriptOracle
+
+    data = load_query_data(a.query_data) if a.query_data else None
+    with Registry.open(a.directory) as reg:
+        tracer = BlackBoxTracer(reg, data)  # the registry checked before the suspect is touched
+        if a.endpoint is not None:
+            oracle = HttpV2Oracle(a.endpoint, a.queries, timeout=a.timeout, retries=a.retries)
+            return tracer.trace(oracle, a.queries, a.outputs, a.top)
+        with TorchScriptOracle(a.query_model, a.queries, timeout=a.timeout) as script:  # in a child process
+            return tracer.trace(script, a.queries, a.outputs, a.top)
+
+
+def cmd_attack(a: argparse.Namespace) -> None:
+    from securemark import attacks
+    from securemark.modelio import load_state_dict, save_state_dict
+
+    rng = np.random.default_rng(a.seed)
+    if a.attack == "collude":
+        out, record = attacks.collude([load_state_dict(f) for f in a.files], a.method, rng, a.alpha)
+    elif a.attack == "prune":
+        out, record = attacks.prune(load_state_dict(a.file), a.ratio, a.scope)
+    elif a.attack == "quantize":
+        out, record = attacks.quantize(load_state_dict(a.file), a.bits)
+    else:
+        out, record = attacks.add_noise(load_state_dict(a.file), a.std, rng)
+    save_state_dict(out, a.out)
+    print(json.dumps({**record, "out": str(a.out)}))
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """registry, issue, trace and attack, in the order --help lists them."""
+    _add_registry(sub)
+    _add_issue(sub)
+    _add_trace(sub)
+    _add_attack(sub)
+
+
+def _add_registry(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    reg = sub.add_parser("registry", help="the owner's registry").add_subparsers(dest="sub", required=True)
+    ini = reg.add_parser("init", help="create a registry and a fresh owner secret")
+    ini.add_argument("directory", type=Path)
+    ini.add_argument("--code", choices=CODE_KINDS, default="tardos")
+    ini.add_argument("--length", type=_positive, default=2048)
+    ini.add_argument("--max-colluders", type=_positive, default=5)
+    ini.add_argument("--eps", type=_finite, default=1e-3)
+    ini.add_argument("--budget", type=_finite, default=0.05, help="perturbation RMS / carrier RMS")
+    ini.add_argument("--carrier", choices=("weights", "filter-mean"), default="weights")
+    ini.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                     help="tensors the white-box mark leaves alone (fnmatch, repeatable), e.g. 'head.3.*' for a "
+                     "function mark")  # fmt: skip
+    ini.set_defaults(func=cmd_registry_init)
+    show = reg.add_parser("show", help="print a registry's parameters, customers and deliveries as JSON")
+    show.add_argument("directory", type=Path)
+    show.set_defaults(func=cmd_registry_show)
+
+
+def _add_issue(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    iss = sub.add_parser("issue", help="issue a fingerprinted copy of a model to a customer")
+    iss.add_argument("directory", type=Path)
+    iss.add_argument("--model", type=Path, required=True)
+    iss.add_argument("--customer", required=True)
+    iss.add_argument("--out", type=Path, required=True)
+    iss.add_argument("--config", type=Path, default=None,
+                     help="a simulate config: the copy also carries the function (black-box) mark its runs make, "
+                     "fitted on its held-out share (a base that has one recorded always carries it)")  # fmt: skip
+    iss.set_defaults(func=cmd_issue)
+
+
+def _add_trace(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    tr = sub.add_parser("trace", help="name the customers behind a suspect model (weights, or outputs only)")
+    tr.add_argument("directory", type=Path)
+    tr.add_argument("suspect", type=Path, nargs="?", default=None, help="the suspect's weights (white-box)")
+    tr.add_argument("--endpoint", default=None, help="black box: http://host:port/v2/models/NAME (Open Inference V2)")
+    tr.add_argument("--query-model", type=Path, default=None, help="black box: a TorchScript file, outputs only")
+    tr.add_argument("--query-data", type=Path, default=None, help="query inputs (.npz, array x: N,C,H,W)")
+    tr.add_argument("--queries", type=_positive, default=2000, help="black-box query budget")
+    tr.add_argument("--outputs", choices=("auto", "probs", "logits"), default="auto")
+    tr.add_argument("--timeout", type=_finite, default=30.0,
+                    help="seconds one HTTP request, or one batch of a --query-model, may take (> 0)")  # fmt: skip
+    tr.add_argument("--retries", type=_natural, default=3)
+    tr.add_argument("--top", type=_positive, default=10)
+    tr.add_argument("--hard", action="store_true", help="score the signs of the extracted code only")
+    tr.add_argument("--align-spec", type=Path, default=None, help="unit groups (JSON) for models that are no chain")
+    tr.add_argument("--no-align", action="store_true", help="read the suspect in its own coordinates")
+    tr.add_argument("--json", action="store_true")
+    tr.set_defaults(func=cmd_trace)
+
+
+def _add_attack(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    att = sub.add_parser("attack", help="attacks on model files").add_subparsers(dest="attack", required=True)
+    col = att.add_parser("collude", help="merge copies")
+    col.add_argument("files", type=Path, nargs="+")
+    col.add_argument("--method", choices=COLLUSION_METHODS, default="average")
+    col.add_argument("--alpha", type=_finite, default=0.5, help="extrapolate: w_a + alpha (w_a - w_b)")
+    pr = att.add_parser("prune", help="magnitude pruning")
+    pr.add_argument("file", type=Path)
+    pr.add_argument("--ratio", type=_finite, required=True)
+    pr.add_argument("--scope", choices=("global", "layer"), default="global")
+    qu = att.add_parser("quantize", help="integer (4, 8) or float16 (16) round trip")
+    qu.add_argument("file", type=Path)
+    qu.add_argument("--bits", type=int, choices=(4, 8, 16), default=8)
+    no = att.add_parser("noise", help="add Gaussian noise of absolute std S to every weight")
+    no.add_argument("file", type=Path)
+    no.add_argument("--std", type=_finite, required=True)
+    for sp in (col, pr, qu, no):
+        sp.add_argument("--out", type=Path, required=True)
+        sp.add_argument("--seed", type=_natural, default=0)
+        sp.set_defaults(func=cmd_attack)

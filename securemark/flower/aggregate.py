@@ -1,0 +1,215 @@
+"""A round's sum of updates, two interchangeable ways: in clear (:class:`PlainSum`, the baseline) or masked
+(:class:`MaskedSum`, ``secagg.protocol``: the server learns only the weighted sum). Both give the weighted mean
+of the updates that counted, their total weight and who they came from; the strategy needs nothing else.
+
+A round with either: ``setup`` gives the records each sampled node's train message carries, ``need`` the
+number of good replies after which the exchange waits only the grace period, ``collect`` the mean from the
+replies (a masked sum runs its second exchange, the unmask, there).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp.strategy import FedAvg, Strategy
+from rich.console import Console
+
+from securemark.config import SecAggSettings
+from securemark.flower import wire
+from securemark.flower.exchange import StageClock, accept
+from securemark.flower.nodes import Nodes
+from securemark.secagg import protocol as P
+from securemark.secagg.quantize import QuantConfig, decode
+
+_MEAN_ONLY = (
+    "masked aggregation reveals only the weighted sum of the updates; SecureMark wraps strategies whose aggregate "
+    "is a weighted mean (FedAvg, FedProx, FedAvgM, FedAdam, FedYogi, FedAdagrad)"
+)
+REFUSED = {
+    "FedMedian": "its aggregate is a coordinate-wise median of individual models",
+    "FedTrimmedAvg": "it trims individual clients' values",
+    "MultiKrum": "it selects models by distances between individual updates",
+    "Bulyan": "it selects and trims individual updates",
+    "QFedAvg": "it weights each update by that client's loss",
+    "FedXgbBagging": "it merges tree ensembles, not arrays",
+    "FedXgbCyclic": "it passes one client's model on, unaveraged",
+}
+
+
+def check_inner(strategy: Strategy) -> None:
+    """Refuse (ValueError) an inner strategy whose aggregate masked aggregation cannot compute."""
+    for cls in type(strategy).__mro__:
+        if cls.__name__ in REFUSED:
+            raise ValueError(f"SecureMark cannot wrap {type(strategy).__name__}: {REFUSED[cls.__name__]}; {_MEAN_ONLY}")
+    if not isinstance(strategy, FedAvg):
+        raise ValueError(f"SecureMark cannot wrap {type(strategy).__name__}: {_MEAN_ONLY}")
+    for name in ("fraction_train", "fraction_evaluate", "min_available_nodes", "min_train_nodes", "min_evaluate_nodes"):
+        value = getattr(strategy, name)
+        top = 1 if name.startswith("fraction") else math.inf  # more than all nodes would be waited for forever
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= top:
+            raise ValueError(f"{type(strategy).__name__}.{name} must be a number in [0, {top}], got {value!r}")
+
+
+@dataclass
+class Aggregate:
+    mean: np.ndarray  # the weighted mean of the updates that counted
+    weight: int  # their total weight (example count)
+    counted: list[int]  # the nodes whose update counted
+    info: dict[str, Any]  # what metrics.json records of the round (survived, dropped, stage seconds, ...)
+
+
+class Sum(Protocol):
+    def setup(self, r: int, sampled: list[int], size: int) -> dict[int, dict[str, Any]]: ...
+
+    def need(self) -> int: ...
+
+    def collect(self, r: int, replies: dict[int, Message], clock: StageClock) -> Aggregate: ...
+
+
+class PlainSum:
+    """Updates in clear with their weights: what a round costs without masking."""
+
+    def __init__(self, max_weight: int, console: Console) -> None:
+        self.max_weight, self.console = max_weight, console
+        self.sampled: list[int] = []
+        self.size = 0
+
+    def setup(self, r: int, sampled: list[int], size: int) -> dict[int, dict[str, Any]]:
+        self.sampled, self.size = sampled, size
+        return {}
+
+    def need(self) -> int:
+        return len(self.sampled) // 2 + 1
+
+    def collect(self, r: int, replies: dict[int, Message], clock: StageClock) -> Aggregate:
+        clock.lap("train")
+        parsed: dict[int, tuple[int, np.ndarray]] = {}
+        for n, rep in replies.items():
+            got = accept(self.console, n, _plain_update, rep.content, self.size, self.max_weight)
+            if got is not None:
+                parsed[n] = got
+        if not parsed:
+            raise RuntimeError("no client returned a valid update")
+        total = sum(w for w, _ in parsed.values())
+        mean = np.zeros(self.size)
+        for w, u in parsed.values():  # in place (each u is this call's own copy): no temporary per client
+            u *= w / total
+            mean += u
+        clock.lap("sum")
+        info = {"survived": len(parsed), "dropped": len(self.sampled) - len(parsed), "stage_seconds": clock.laps}
+        return Aggregate(mean, total, list(parsed), info)
+
+
+@dataclass
+class _MaskedRound:
+    ids: dict[int, int]  # node -> its id in the masking session
+    srv: P.ServerRound
+    qcfg: QuantConfig
+    sampled: int
+
+    @property
+    def node_of(self) -> dict[int, int]:
+        return {i: n for n, i in self.ids.items()}
+
+
+class MaskedSum:
+    """Masked updates, their unmask exchange and the sum (``secagg.protocol``); a node whose shares cannot be
+    opened or rebuilt fails the round and is banned."""
+
+    def __init__(
+        self, nodes: Nodes, secagg: SecAggSettings, max_weight: int, console: Console, rng: np.random.Generator
+    ) -> None:
+        self.nodes, self.secagg, self.max_weight, self.console, self.rng = nodes, secagg, max_weight, console, rng
+        self.round: _MaskedRound | None = None
+
+    def setup(self, r: int, sampled: list[int], size: int) -> dict[int, dict[str, Any]]:
+        """The round's masking state, and for each node the records its train message adds: the quantization
+        (in its SM record), the round's configuration and its neighbours' public keys."""
+        self.round = None
+        if not sampled:
+            return {}
+        sc, keys = self.secagg, self.nodes.keys
+        ids = {n: self.nodes.ids[n] for n in sampled}
+        graph, threshold = P.neighbour_graph(tuple(sorted(ids.values())), sc.graph, self.rng)
+        qcfg = QuantConfig(sc.clip, sc.bits, self.max_weight, len(sampled), size)
+        cfg = P.RoundConfig(keys.session, r, graph, threshold, size + 2, qcfg.modulus_bits)
+        quant = {"clip": sc.clip, "bits": sc.bits, "max-weight": self.max_weight, "max-clients": len(sampled)}
+        self.round = _MaskedRound(ids, P.ServerRound(cfg), qcfg, len(sampled))
+        return {
+            n: {
+                wire.SM: quant,
+                wire.SECAGG: wire.round_config_record(cfg, ids[n]),
+                wire.PAYLOAD: wire.key_map(keys.for_client(cfg, ids[n])),
+            }
+            for n in sampled
+        }
+
+    def need(self) -> int:
+        return 1 if self.round is None else self.round.srv.cfg.threshold
+
+    def collect(self, r: int, replies: dict[int, Message], clock: StageClock) -> Aggregate:
+        st = self.round
+        if st is None:
+            raise P.TooFewSurvivors("no client took part in this round's masking")
+        srv, ids, node_of = st.srv, st.ids, st.node_of
+        for n, rep in replies.items():
+            if n in ids:  # a reply to a message this round sent
+                accept(self.console, n, _apply_masked, srv, ids[n], rep.content)
+        survivors = P.server_close_inputs(srv)
+        clock.lap("train")
+        unmask = {
+            node_of[i]: RecordDict(
+                {
+                    wire.PAYLOAD: ConfigRecord({"survivors": list(survivors), "round": r}),
+                    wire.SHARES: wire.bytes_map(P.server_shares_for(srv, i)),
+                }
+            )
+            for i in survivors
+        }
+        for n, rep in self.nodes.send(wire.UNMASK, unmask, r, self.secagg.timeout, need=srv.cfg.threshold).items():
+            if n in ids:
+                accept(self.console, n, _apply_unmask, srv, ids[n], rep.content)
+        for why in srv.rejected:
+            self.console.print(f"  [yellow]rejected {why}[/]")
+        clock.lap("unmask")
+        try:
+            total = P.server_sum(srv)
+        except P.BadOwner as exc:
+            self.nodes.ban(node_of[exc.client], f"its shares cannot be opened or rebuilt ({exc})")
+            raise
+        dec = decode(total, st.qcfg, len(survivors))
+        clock.lap("sum")
+        info = {
+            "survived": len(survivors),
+            "dropped": st.sampled - len(survivors),
+            "clipped": dec.clipped,
+            "threshold": srv.cfg.threshold,
+            "stage_seconds": clock.laps,
+        }
+        return Aggregate(dec.mean, dec.total_weight, [node_of[i] for i in survivors], info)
+
+
+def _apply_masked(srv: P.ServerRound, i: int, content: RecordDict) -> None:
+    """The masked vector of a train reply, checked against the checksum securemark_mod attached."""
+    y, crc = wire.array_from(content[wire.UPDATE]), content[wire.SM]["crc32"]
+    if isinstance(crc, bool) or not isinstance(crc, int) or wire.checksum(y) != crc:
+        raise P.ProtocolViolation("masked update changed after securemark_mod (must be the first mod)")
+    P.server_receive_masked(srv, i, wire.masked_from(y, content[wire.PAYLOAD]))
+
+
+def _apply_unmask(srv: P.ServerRound, i: int, content: RecordDict) -> None:
+    P.server_receive_unmask(srv, i, *wire.reveals_from(content[wire.PAYLOAD]))
+
+
+def _plain_update(content: RecordDict, size: int, max_weight: int) -> tuple[int, np.ndarray]:
+    weight, update = content[wire.SM]["weight"], wire.array_from(content[wire.UPDATE]).astype(np.float64)
+    if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= max_weight:
+        raise ValueError(f"weight must be a whole number in [1, {max_weight}]")
+    if update.shape != (size,) or not np.isfinite(update).all():
+        raise ValueError(f"update must be {size} finite values")
+    return weight, update

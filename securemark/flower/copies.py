@@ -1,0 +1,142 @@
+"""The fingerprinting side of a run: the registry, every customer's copy of each global model, the bases.
+
+Every model copies are made from (each round's global model) is kept in the registry as a base, so a copy of
+any round traces against the model it was made from. A copy carries the white-box mark and, when the run has
+a :class:`FunctionSpec`, the function mark (fitted once per model); a model the function mark cannot be fitted
+to gets copies with the white-box mark alone and one logged line, never a failed round.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from securemark import models
+from securemark.config import FingerprintConfig
+from securemark.fingerprint.embed import Fingerprinter
+from securemark.fingerprint.function import FunctionMark, FunctionMarkUnfit, features_and_logits
+from securemark.modelio import save_state_dict
+from securemark.owner import FunctionSpec, add_earlier_base, establish_function_mark, issue_copies, mark
+from securemark.registry import Registry, RegistryParams
+
+Weights = dict[str, torch.Tensor]
+
+
+class Copies:
+    """Copies for the customers of one run, made from the weights the strategy holds now. ``token`` names
+    those weights (the ArrayRecord they were decoded from): what was fitted or recorded for one token is
+    kept until the weights change."""
+
+    def __init__(self, fingerprint: FingerprintConfig, function: FunctionSpec | None, console: Console) -> None:
+        self.fingerprint, self.function, self.console = fingerprint, function, console
+        self.registry: Registry | None = None
+        self.fp: Fingerprinter | None = None
+        self.strength = 0.0
+        self.bits: dict[str, np.ndarray] = {}  # customer -> its code row (read from the registry once)
+        self._based: tuple[object, np.ndarray] | None = None  # (token, projection) kept as a base
+        self._fm: tuple[object, tuple[FunctionMark, str] | None] | None = None  # (token, its mark)
+        self._fm_refused = ""  # why the last model could not carry a function mark (said once per reason)
+
+    @property
+    def enabled(self) -> bool:
+        return self.fp is not None
+
+    def create(self, out: Path, weights: Weights) -> None:
+        """A new registry in ``out/registry`` and the strength, fixed for the whole run."""
+        fc = self.fingerprint
+        if not fc.enabled:
+            return
+        exclude = () if self.function is None else self.function.carrier_exclude()
+        params = RegistryParams(
+            code=fc.code, length=fc.length, max_colluders=fc.max_colluders, eps=fc.eps, budget=fc.budget,
+            exclude=exclude,
+        )  # fmt: skip
+        self.registry = Registry.init(out / "registry", params)
+        self.fp = Fingerprinter.create(self.registry.secret, params.carrier, weights, params.length)
+        self.strength = self.fp.strength_for_budget(weights, fc.budget)
+
+    def reopen(self, out: Path, weights: Weights, strength: float) -> None:
+        """The registry of the run in ``out``, resumed: refused when made with other fingerprint settings."""
+        self.strength = strength
+        if not self.fingerprint.enabled:
+            return
+        self.registry = Registry.open(out / "registry")
+        fc, params = self.fingerprint, self.registry.params
+        if (params.code, params.length, params.max_colluders, params.eps) != (
+            fc.code, fc.length, fc.max_colluders, fc.eps
+        ):  # fmt: skip
+            raise ValueError(f"the registry in {out} was made with other fingerprint settings than this run's")
+        self.fp = Fingerprinter.create(self.registry.secret, params.carrier, weights, params.length)
+
+    def record_base(self, token: object, weights: Weights, after: int) -> np.ndarray | None:
+        """Keep ``weights`` in the registry as a base (once per model), so a copy of any round traces against
+        its own base; their projection h = X w, or None without fingerprints."""
+        if self.fp is None or self.registry is None:
+            return None
+        if self._based is None or self._based[0] is not token:
+            label = f"global model after round {after}"
+            base = add_earlier_base(self.registry, self.fp, weights, self.strength, label)
+            self._based = (token, base.reference)
+        return self._based[1]
+
+    def function_mark(self, token: object, weights: Weights) -> tuple[FunctionMark, str] | None:
+        """The function mark of ``weights`` (fitted and recorded once per model), or None. A model the mark
+        cannot be fitted to (FunctionMarkUnfit: no linear head, features NaN on the held-out data, too few
+        held-out inputs to read it) gets copies with the white-box mark alone and one logged line, never a
+        failed round. A spec that names another model is the caller's mistake: the run stops on it first."""
+        if self.function is None or self.registry is None:
+            return None
+        if self._fm is None or self._fm[0] is not token:
+            try:
+                self._fm = (token, establish_function_mark(self.registry, weights, self.function))
+            except FunctionMarkUnfit as exc:  # a mistake of the caller's (another model, a bad budget) stays loud
+                self._fm = (token, None)
+                if str(exc) != self._fm_refused:
+                    self._fm_refused = str(exc)
+                    self.console.print(f"  [yellow]copies of this model carry no function mark: {exc}. Black-box "
+                                       "tracing cannot read them; white-box tracing can (fingerprint.function_budget"
+                                       " = 0 turns the function mark off)[/]")  # fmt: skip
+        return self._fm[1]
+
+    def copy_for(self, customer: str, token: object, weights: Weights) -> Weights:
+        """``customer``'s copy of ``weights`` (``weights`` themselves without fingerprints)."""
+        if self.fp is None or self.registry is None:
+            return weights
+        if customer not in self.bits:
+            self.bits[customer] = self.registry.customer(customer).bits
+        return mark(self.fp, self.strength, self.function_mark(token, weights), weights, self.bits[customer])
+
+    def score(
+        self, issued: dict[str, Weights], reference: np.ndarray | None, function: tuple[Any, Weights | None]
+    ) -> dict[str, float]:
+        """What the copies issued in a round read back as: the largest bit error of the white-box mark against
+        the weights they were made from (projection ``reference``), and the smallest function-mark cosine."""
+        out: dict[str, float] = {}
+        if self.fp is not None and reference is not None and issued:
+            out["max_bit_error"] = max(
+                float(np.mean((self.fp.extract(copy, reference, self.strength) > 0) != self.bits[c]))
+                for c, copy in issued.items()
+            )
+        fm, made_from = function
+        if fm is not None and self.function is not None and made_from is not None and issued:
+            spec, x = self.function.model, self.function.heldout
+            view = features_and_logits(models.from_spec(spec, made_from), x)  # the base's side, once for every copy
+            out["min_function_cosine"] = min(
+                fm[0].health(view, models.from_spec(spec, copy), self.bits[c], x) for c, copy in issued.items()
+            )
+        return out
+
+    def final(self, out: Path, token: object, weights: Weights, customers: list[str], rounds: int) -> None:
+        """Every customer's copy of the final model, recorded in the registry and written to ``out/customers``."""
+        if self.registry is None:
+            return
+        note = f"final copy, {rounds} rounds"
+        function = self.function if self.function_mark(token, weights) is not None else None  # said once if refused
+        copies = issue_copies(self.registry, weights, sorted(customers), note, self.strength, function)
+        for name, copy in copies.items():
+            save_state_dict(copy, out / "customers" / f"{name}.safetensors")
+        self.registry.close()

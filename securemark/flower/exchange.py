@@ -1,0 +1,117 @@
+"""Talking to nodes through a Flower Grid with deadlines: push messages as they are made, poll for replies,
+stop at the deadline or a grace period after enough good replies; a frozen view of the connected nodes for an
+inner strategy to sample from; a clock for a round's stages.
+
+Nothing here knows about customers, keys or fingerprints: :mod:`securemark.flower.nodes` filters the replies.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from rich.console import Console
+
+
+def exchange(
+    grid: Grid, msgs: Iterable[Message], timeout: float, grace: float, need: int | None = None
+) -> list[Message]:
+    """Grid.send_and_receive with deadlines: every reply, or once ``need`` good replies are in at most ``grace``
+    seconds more (a dead node costs the grace, not the timeout), and never past ``timeout``.
+
+    Messages are pushed one at a time as ``msgs`` yields them: a message made while the first ones are on their
+    way goes out when made. Polls from 2 ms, 1.25x longer each time, at most every 50 ms, instead of a fixed
+    0.1 s (simulation) or 3 s (deployment): a reply is seen at most 25% of the wait or 50 ms after it came (a
+    0.25 s cap let a 1 s round see its replies up to 0.25 s late), at 20 pulls a second while waiting long."""
+    pending: set[str] = set()
+    for msg in msgs:
+        pending.update(grid.push_messages([msg]))
+    replies: list[Message] = []
+    end, wait, good = time.monotonic() + timeout, 0.002, 0
+    while pending and time.monotonic() < end:
+        got = list(grid.pull_messages(pending))
+        replies += got
+        pending -= {m.metadata.reply_to_message_id for m in got}
+        good += sum(not m.has_error() for m in got)
+        if need is not None and good >= need:
+            end = min(end, time.monotonic() + grace)
+        if pending:
+            time.sleep(wait)
+            wait = min(wait * 1.25, 0.05)
+    return replies
+
+
+def accept(console: Console, node: int, parse_and_apply: Callable[..., Any], *args: Any) -> Any:
+    """Parse and apply one node's reply; anything malformed (a protocol violation, a missing record, a wrong
+    type) rejects that reply (None), the node counts as dropped, and the run goes on."""
+    try:
+        return parse_and_apply(*args)
+    except Exception as exc:  # a hostile or buggy node must never end the run
+        console.print(f"  [yellow]rejected node {node}: {type(exc).__name__}: {exc}[/]")
+        return None
+
+
+@contextmanager
+def enough_nodes(inner: Strategy, grid: Grid, wait: float, minimum: str, console: Console) -> Iterator[Grid]:
+    """The grid as the inner strategy may see it while it samples: the nodes connected now, frozen.
+
+    Flower's FedAvg family waits forever until ``min_available_nodes`` (and its per-stage minimum) are
+    connected: one SuperNode that dies mid-run would hang every later round, and so would a node leaving
+    between a count and the sampling. So wait for them at most ``wait`` seconds (the first round of a run
+    or a resumed run: the ``start`` timeout, nodes may still be starting; later: ``secagg.grace``), then
+    hand the inner strategy a view of the grid whose node list does not change while it samples, with its
+    minimums lowered for this call only when fewer are connected; fail when fewer than 2 are."""
+    names = [n for n in ("min_available_nodes", minimum) if isinstance(getattr(inner, n, None), numbers.Real)]
+    want = max([math.ceil(getattr(inner, n)) for n in names], default=0)  # finite: check_inner
+    end = time.monotonic() + wait
+    while len(nodes := list(grid.get_node_ids())) < want and time.monotonic() < end:
+        time.sleep(0.5)
+    view = NodesNow(grid, nodes)
+    if len(nodes) >= want:
+        yield view  # type: ignore[misc]
+        return
+    if len(nodes) < 2:
+        raise RuntimeError(f"{len(nodes)} node(s) connected, the strategy asks for {want}")
+    console.print(f"  [yellow]{len(nodes)} of the {want} nodes the strategy asks for are connected: sampling those[/]")
+    saved = {n: getattr(inner, n) for n in names}
+    try:
+        for n in names:
+            setattr(inner, n, min(saved[n], len(nodes)))
+        yield view  # type: ignore[misc]
+    finally:
+        for n, v in saved.items():
+            setattr(inner, n, v)
+
+
+class NodesNow:
+    """A grid whose node list is frozen at what was connected when it was made (everything else is the grid's):
+    what the inner strategy samples from."""
+
+    def __init__(self, grid: Grid, nodes: list[int]) -> None:
+        self._grid, self._nodes = grid, list(nodes)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._nodes)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+class StageClock:
+    """Seconds per stage of a round (metrics.json's ``stage_seconds``)."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.laps[stage] = round(now - self._last, 4)
+        self._last = now

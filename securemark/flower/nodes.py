@@ -1,0 +1,173 @@
+"""Which node is which customer, and what the server hears from them.
+
+A node is identified once, as the customer its hello claims (its partition-id) or, on a SuperLink with
+SuperNode authentication, as its registered key. A node claiming an identity already taken, or whose identity
+changes later, is refused and gets nothing; a customer refused for misbehaving is banned for the run. Under
+masking the hello also sets up the node's long-term keys for this run's session. Every reply a round reads
+comes through :meth:`Nodes.receive`: errors logged, identities re-checked, simulated losses applied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+from rich.console import Console
+
+from securemark.config import SecAggSettings
+from securemark.flower import wire
+from securemark.flower.exchange import accept, exchange
+from securemark.owner import customer_name
+from securemark.secagg import protocol as P
+
+IDENTITIES = ("partition-id", "node")
+
+
+class Nodes:
+    """The run's customers by node, their masking-session ids and keys, and the refused ones."""
+
+    def __init__(self, secagg: SecAggSettings, identity: str, console: Console, rng: np.random.Generator) -> None:
+        if identity not in IDENTITIES:
+            raise ValueError(f"identity must be one of {IDENTITIES}, got {identity!r}")
+        self.secagg, self.identity, self.console, self.rng = secagg, identity, console, rng
+        self.customers: dict[int, str] = {}  # node id -> customer
+        self.ids: dict[int, int] = {}  # node id -> its id in the masking session (a Shamir x-coordinate)
+        self.keys = P.SessionKeys(os.urandom(16).hex())  # this run's session: long-term public keys of the nodes
+        self.refused: set[int] = set()
+        self.banned: set[str] = set()  # customers refused for misbehaving (kept across a resume)
+        self.grid: Grid | None = None
+
+    # --- messaging ------------------------------------------------------------------------------------------
+    def send(
+        self, stage: str, contents: dict[int, RecordDict], round_no: int, timeout: float, need: int | None = None
+    ) -> dict[int, Message]:
+        """One message per node, the stage named in its SM record; see :meth:`receive`."""
+        msgs = []
+        for node, content in contents.items():
+            content[wire.SM] = ConfigRecord({**content.get(wire.SM, {}), "stage": stage})
+            msgs.append(Message(content, dst_node_id=node, message_type=wire.MESSAGE_TYPE, group_id=str(round_no)))
+        return self.receive(stage, msgs, timeout, need)
+
+    def receive(
+        self, stage: str, msgs: Iterable[Message], timeout: float, need: int | None = None
+    ) -> dict[int, Message]:
+        """Replies without error whose sender's identity still holds; ``secagg.dropout`` simulates losses. A node
+        that fails a masked stage is re-keyed before it takes part again (it may have lost its keys)."""
+        replies: dict[int, Message] = {}
+        got = exchange(self._grid(), msgs, timeout, self.secagg.grace, need)
+        registered = self.registered() if self.identity == "node" and stage != wire.HELLO else {}
+        for reply in got:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                self.console.print(f"  [yellow]node {node} failed at {stage}: {reply.error.reason}[/]")
+                if stage != wire.HELLO:
+                    self.keys.forget(self.ids.get(node, 0))
+            elif stage != wire.HELLO and not self._claim_holds(node, reply, registered):
+                continue
+            elif self.rng.random() >= self.secagg.dropout:
+                replies[node] = reply
+        return replies
+
+    def _grid(self) -> Grid:
+        if self.grid is None:
+            raise RuntimeError("SecureMark talks to nodes only inside start(grid=...)")
+        return self.grid
+
+    # --- identities -----------------------------------------------------------------------------------------
+    def identify(self, nodes: Iterable[int]) -> list[int]:
+        """The nodes that may take part: new ones are identified (a hello, or their registered key); under
+        masking, a hello also sets up the node's long-term keys (new nodes, and nodes that lost theirs)."""
+        nodes = list(nodes)
+        masked = self.secagg.enabled
+        new = [n for n in nodes if n not in self.customers and n not in self.refused]
+        ask = new + [n for n in nodes if masked and n in self.customers and self.ids.get(n) not in self.keys.keys]
+        replies = self._hello(ask) if ask and (masked or self.identity == "partition-id") else {}
+        registered = self.registered() if self.identity == "node" and (new or replies) else {}  # one request
+        if new:
+            if self.identity == "node":
+                claims = {n: registered.get(n) for n in new}
+            else:
+                claims = {n: _claimed(replies[n]) for n in new if n in replies}
+            self._admit(claims)
+        for node, reply in replies.items():
+            if not masked or node not in self.customers:
+                continue
+            if node not in new and not self._claim_holds(node, reply, registered):
+                continue
+            if accept(self.console, node, _apply_keys, self.keys, self.ids[node], reply.content) is None:
+                self.refuse(node, "its keys were refused")
+        return [n for n in nodes if n in self.customers and (not masked or self.ids.get(n) in self.keys.keys)]
+
+    def _admit(self, claims: dict[int, str | None]) -> None:
+        taken = set(self.customers.values())
+        for node, name in claims.items():
+            twins = [m for m, other in claims.items() if other == name and m != node]
+            if name in self.banned:
+                self.refuse(node, f"customer {name!r} was refused earlier in this run")
+            elif name is None or name in taken or twins:
+                self.refuse(node, "no identity" if name is None else f"identity {name!r} is already taken")
+            else:
+                self.customers[node] = name
+
+    def refuse(self, node: int, why: str) -> None:
+        self.console.print(f"  [red]refused node {node}: {why}; it gets no copy[/]")
+        self.customers.pop(node, None)
+        self.keys.forget(self.ids.get(node, 0))
+        self.refused.add(node)
+
+    def ban(self, node: int, why: str) -> None:
+        """Refuse ``node`` and its customer for the rest of the run (it misbehaved in the protocol)."""
+        if node in self.customers:
+            self.banned.add(self.customers[node])
+        self.refuse(node, why)
+
+    def _hello(self, nodes: list[int]) -> dict[int, Message]:
+        """Identity claims; under masking, each node's long-term keys for this session (under its session id)."""
+        contents = {}
+        for n in nodes:
+            contents[n] = RecordDict()
+            if self.secagg.enabled:
+                self.ids.setdefault(n, len(self.ids) + 1)
+                contents[n][wire.SESSION] = ConfigRecord({"session": self.keys.session, "client_id": self.ids[n]})
+        return self.send(wire.HELLO, contents, 0, self.secagg.timeout)
+
+    def registered(self) -> dict[int, str | None]:
+        """Node id -> registered identity, as the SuperLink reports it now (one request)."""
+        return {info.node_id: _registered_name(info) for info in self._grid().get_nodes()}
+
+    def _claim_holds(self, node: int, reply: Message, registered: dict[int, str | None]) -> bool:
+        """A reply from a node whose identity changed since it was identified is dropped; the node is refused."""
+        if self.identity == "node":
+            now = registered.get(node)
+        else:
+            now = _claimed(reply)
+        if now == self.customers.get(node):
+            return True
+        self.refuse(node, f"identity changed from {self.customers.get(node)!r} to {now!r}")
+        return False
+
+
+def _claimed(reply: Message) -> str | None:
+    """The customer a reply's partition-id claim names, or None for a missing or malformed claim."""
+    head = reply.content.config_records.get(wire.SM)
+    pid = head.get("partition-id") if head is not None else None
+    return customer_name(pid) if isinstance(pid, int) and not isinstance(pid, bool) and pid >= 0 else None
+
+
+def _registered_name(info: Any) -> str | None:
+    """A registered node's customer: its registered name, else a digest of its public key. None for a node
+    without a key (simulation, or a SuperLink without SuperNode authentication)."""
+    if info is None or not getattr(info, "public_key", b""):
+        return None
+    name = getattr(info, "name", "")
+    return name or "node-" + hashlib.sha256(info.public_key).hexdigest()[:16]
+
+
+def _apply_keys(keys: P.SessionKeys, i: int, content: RecordDict) -> bool:
+    keys.register(i, content[wire.PAYLOAD]["c_pk"], content[wire.PAYLOAD]["s_pk"])
+    return True
