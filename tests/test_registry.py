@@ -262,12 +262,13 @@ def test_set_base_rereads_under_the_lock(reg, monkeypatch):
 
 
 def test_failed_init_removes_what_it_created_and_only_that(tmp_path, monkeypatch):
-    import securemark.registry as registry_module
+    import securemark.registry.store as store_module
+    from securemark.codes import drawn
 
     def boom(*_):
         raise RuntimeError("simulated failure")
 
-    monkeypatch.setattr(registry_module, "_bias", boom)
+    monkeypatch.setattr(drawn, "bias", boom)
     with pytest.raises(RuntimeError, match="simulated"):
         Registry.init(tmp_path / "new" / "deeper" / "reg", RegistryParams(length=128))
     assert list(tmp_path.iterdir()) == []
@@ -278,7 +279,7 @@ def test_failed_init_removes_what_it_created_and_only_that(tmp_path, monkeypatch
         Registry.init(existing, RegistryParams(length=128))
     assert [p.name for p in existing.iterdir()] == ["notes.txt"]
     monkeypatch.undo()
-    monkeypatch.setattr(registry_module, "_SCHEMA", registry_module._SCHEMA + "; CREATE TABLE meta (x)")
+    monkeypatch.setattr(store_module, "_SCHEMA", store_module._SCHEMA + "; CREATE TABLE meta (x)")
     with pytest.raises(RegistryError, match="could not create the registry"):
         Registry.init(existing, RegistryParams(length=128))
     assert [p.name for p in existing.iterdir()] == ["notes.txt"]
