@@ -1,7 +1,8 @@
 """securemark: traitor-traceable federated learning.
 
-Folders follow the protocol: codes -> fingerprint -> secagg -> flower -> tracing -> attacks.
-Only ``securemark.flower`` and ``securemark.sim`` import flwr or ray.
+Packages in layers (docs/layout.md): codes and secagg, fingerprint, registry, tracing and attacks, evaluation,
+flower, then the entry points (bench, cli).
+Only ``securemark.flower`` imports flwr or ray (tests/test_layout.py checks it).
 """
 
 __version__ = "0.1.0"

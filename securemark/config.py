@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Any, ClassVar, get_args, get_origin, get_type_hints
 
 from securemark.codes.base import CODE_KINDS
+from securemark.errors import SecureMarkError
 
 DATASET_NAMES = ("digits", "mnist5k", "synthetic", "mnist", "fashion-mnist", "cifar10")  # see securemark.data
 MAX_CLIENTS = 100_000  # one customer, one code row and one key pair per client; beyond this, shard the run
 
 
-class ConfigError(ValueError):
+class ConfigError(SecureMarkError, ValueError):
     """A configuration key is unknown, of the wrong type, or out of range."""
 
 
@@ -240,9 +241,9 @@ def _path_ok(path: str) -> bool:
 
 
 def check_ray_option(address: str) -> None:
-    """``--ray``'s value: "local" or a cluster address (ValueError otherwise)."""
+    """``--ray``'s value: "local" or a cluster address (ConfigError otherwise)."""
     if address != "local" and not (address and valid_ray_address(address)):
-        raise ValueError(f"--ray {address!r}: expected local, auto, host:port or ray://host:port")
+        raise ConfigError(f"--ray {address!r}: expected local, auto, host:port or ray://host:port")
 
 
 def valid_ray_address(address: str) -> bool:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from securemark.config import DATASET_NAMES, DataConfig
+from securemark.errors import InputError, MissingDependency
 
 # name -> (Hugging Face dataset, image column); loaded through flwr-datasets
 HUB_DATASETS = {
@@ -90,7 +91,7 @@ def load_hub(name: str, seed: int = 0, files: str = "") -> Dataset:
     try:
         from flwr_datasets import FederatedDataset
     except ImportError:
-        raise RuntimeError(f"dataset {name!r} needs flwr-datasets: pip install 'securemark[hub]'") from None
+        raise MissingDependency(f"dataset {name!r} needs flwr-datasets: pip install 'securemark[hub]'") from None
     repo, column = HUB_DATASETS[name]
     source: dict[str, object] = {"dataset": repo}
     if files:
@@ -98,7 +99,7 @@ def load_hub(name: str, seed: int = 0, files: str = "") -> Dataset:
     fds = FederatedDataset(partitioners={"train": 1}, shuffle=False, **source)
     table = fds.load_split("train").with_format("numpy")
     if column not in table.column_names or "label" not in table.column_names:
-        raise ValueError(f"{files or repo}: expected columns {column!r} and 'label', found {table.column_names}")
+        raise InputError(f"{files or repo}: expected columns {column!r} and 'label', found {table.column_names}")
     x = np.stack(list(table[column])).astype(np.float32) / 255.0
     x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)  # (N, C, H, W)
     y = np.asarray(table["label"])
@@ -117,7 +118,7 @@ def load(name: str, seed: int = 0, files: str = "") -> Dataset:
         return load_mnist5k(seed)
     if name == "synthetic":
         return synthetic(seed=seed)
-    raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    raise InputError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
 
 
 # --- partitions: which examples each client (customer) holds -------------------------------------------
@@ -207,5 +208,5 @@ def heldout(record: dict[str, object]) -> Dataset:
         seed, fraction = int(record["seed"]), float(record["test_fraction"])  # type: ignore[call-overload,arg-type]
         name, files = str(record["name"]), str(record.get("files", ""))
     except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"not a held-out data record: {record} ({exc})") from None
+        raise InputError(f"not a held-out data record: {record} ({exc})") from None
     return load(name, seed, files).split(fraction, seed)[1]

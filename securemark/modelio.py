@@ -11,10 +11,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from securemark.errors import SecureMarkError
+
 MODEL_SUFFIXES = (".safetensors", ".pt", ".pth")
 
 
-class ModelFileError(ValueError):
+class ModelFileError(SecureMarkError, ValueError):
     """A model file is missing, of an unknown format, or not a flat mapping of names to tensors."""
 
 

@@ -72,8 +72,8 @@ def build(name: str, in_shape: tuple[int, int, int], classes: int, seed: int = 0
     caller's global torch random state is left as it was (building a model must not reseed a training loop)."""
     if width < 0:
         raise ValueError(f"model width must be >= 0, got {width}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # the CPU generator, put back after; GPU generators never touched
+        torch.random.default_generator.manual_seed(seed)  # torch.manual_seed would reseed every GPU's too
         return _build(name, in_shape, classes, width)
 
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from securemark.errors import InputError
 from securemark.fingerprint.carrier import CarrierLayout, StateDict
 from securemark.fingerprint.embed import Fingerprinter, Projection
 from securemark.fingerprint.function import Basis, FunctionMark, FunctionMarkError, check_readable, last_linear
@@ -39,14 +40,14 @@ def check_finite(model: StateDict) -> None:
     the strength computed from it would be NaN (copies that hold no readable mark)."""
     bad = first_bad_entry(model)
     if bad is not None:
-        raise ValueError(f"base model tensor {bad[0]!r} holds NaN or inf values; refusing to issue copies of it")
+        raise InputError(f"base model tensor {bad[0]!r} holds NaN or inf values; refusing to issue copies of it")
 
 
 def check_strength(strength: float) -> None:
     """Refuse a strength that gives unmarked (0) or NaN copies."""
     if not 0 < strength < math.inf:  # NaN fails this too
         why = " (the base model's carrier tensors are all zero)" if strength == 0 else ""
-        raise ValueError(f"embedding strength must be finite and > 0, got {strength}{why}; no copy issued")
+        raise InputError(f"embedding strength must be finite and > 0, got {strength}{why}; no copy issued")
 
 
 def establish_base(
@@ -55,7 +56,7 @@ def establish_base(
     """Record ``base_model`` as the registry's base (once): its projection, the embedding strength, and the
     model itself (``registry.save_base_model``: a tracer aligns suspects to it).
 
-    Refuses (ValueError) a base that would give unmarked or NaN copies: NaN/inf in a floating tensor, or a
+    Refuses (InputError) a base that would give unmarked or NaN copies: NaN/inf in a floating tensor, or a
     strength that is 0 (an all-zero carrier) or not finite. Checked here so that the CLI, the Flower server
     and the evaluation all get it."""
     fp = fingerprinter(registry, base_model)
@@ -337,5 +338,5 @@ def partition_of(customer: str) -> int:
     """The partition-id of a federated customer named by :func:`customer_name`."""
     prefix, _, number = customer.rpartition("-")
     if prefix != "client" or not number.isdigit():
-        raise ValueError(f"{customer!r} is not a federated customer name (client-<partition-id>)")
+        raise InputError(f"{customer!r} is not a federated customer name (client-<partition-id>)")
     return int(number)

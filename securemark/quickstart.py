@@ -15,7 +15,7 @@ from rich.table import Table
 
 from securemark import data, models, training
 from securemark.attacks import pipeline
-from securemark.config import SimConfig
+from securemark.config import ConfigError, SimConfig
 from securemark.modelio import load_state_dict, save_state_dict
 from securemark.owner import partition_of
 from securemark.registry import Registry
@@ -65,7 +65,7 @@ def run_quickstart(cfg: SimConfig, out: Path, seed: int = 0, console: Console | 
 
     console = console or Console()
     if not cfg.fingerprint.enabled:
-        raise ValueError("the quickstart traces a leaked copy: fingerprint.enabled must be true")
+        raise ConfigError("the quickstart traces a leaked copy: fingerprint.enabled must be true")
     console.print(f"[bold]1.[/] federated training ({cfg.train.clients} clients, {cfg.train.rounds} rounds) -> {out}")
     metrics = simulate(cfg, out)
     console.print("[bold]2.[/] a customer leaks its copy after fine-tuning it on its own data, pruning, int8")

@@ -105,6 +105,8 @@ def test_owner_workflow_through_the_cli(tmp_path, capsys):
         (["registry", "show", "{tmp}/none"], "no registry at"),
         (["registry", "init", "{tmp}/r", "--eps", "2"], "0 < eps < 1"),
         (["codes", "eval", "--users", "5", "--colluders", "9"], "colluders <= users"),
+        (["codes", "eval", "--eps", "2"], "eps must lie in (0, 1)"),
+        (["trace", "{tmp}/none"], "trace needs exactly one suspect"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, message):
@@ -150,8 +152,8 @@ def test_bench_secagg_small(capsys, graph):
 
 
 def test_cli_censoring_choices_match_the_bench():
+    from securemark.bench.censored import CENSORS
     from securemark.cli import CENSORED
-    from securemark.evaluation.censored import CENSORS
 
     assert tuple(CENSORS) == CENSORED
 
@@ -226,6 +228,37 @@ def test_issue_refuses_a_nan_or_all_zero_base(tmp_path, capsys):
         assert code == 2 and message in err and len(err.splitlines()) == 1
         assert not out.exists()
     assert _registry_state(reg) == ([], [], None)
+
+
+def test_attacks_issue_and_demo_refuse_bad_values_in_one_line(tmp_path, capsys):
+    """Values a command's library functions refuse (InputError, ConfigError) end in one line and exit 2."""
+    import torch
+
+    _owner_setup(tmp_path, capsys, customers=("ann",))
+    ann, out = str(tmp_path / "ann.safetensors"), str(tmp_path / "out.pt")
+    save_state_dict(build("mlp", (1, 8, 8), 10).state_dict(), tmp_path / "mlp.pt")
+    save_state_dict({"w": torch.randn(3, 3)}, tmp_path / "tiny.pt")
+    save_state_dict({"bias": torch.randn(3), "step": torch.tensor([7])}, tmp_path / "flat.pt")
+    (tmp_path / "unmarked.toml").write_text("[fingerprint]\nenabled = false\n")
+    big = tmp_path / "big"
+    assert run(capsys, "registry", "init", str(big))[0] == 0
+    cases = [
+        (["attack", "collude", ann, "--out", out], "collusion needs at least 2 copies, got 1"),
+        (["attack", "collude", ann, str(tmp_path / "mlp.pt"), "--out", out], "does not have the same tensors"),
+        (["attack", "prune", ann, "--ratio", "1.5", "--out", out], "prune ratio must lie in [0, 1), got 1.5"),
+        (["attack", "noise", ann, "--std", "-1", "--out", out], "noise std must be >= 0"),
+        (["issue", str(big), "--model", str(tmp_path / "tiny.pt"), "--customer", "eve", "--out", out],
+         "the carrier has 9 coordinates, fewer than the code length 2048"),
+        (["demo", "--config", str(tmp_path / "unmarked.toml"), "--out", str(tmp_path / "demo")],
+         "fingerprint.enabled must be true"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and message in err and len(err.splitlines()) == 1, (argv, err)
+    assert not (tmp_path / "out.pt").exists() and not (tmp_path / "demo").exists()
+    # a model without weight matrices is left as it is, by prune as by quantize and noise
+    assert run(capsys, "attack", "prune", str(tmp_path / "flat.pt"), "--ratio", "0.5", "--out", out)[0] == 0
+    assert torch.equal(load_state_dict(out)["bias"], load_state_dict(tmp_path / "flat.pt")["bias"])
 
 
 @pytest.mark.parametrize("flag", [("--budget", "-1"), ("--eps", "2")])

@@ -27,7 +27,9 @@ from securemark.fingerprint.align import chain_groups
 from securemark.modelio import load_state_dict, save_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "README.md"]  # the docs pages whose commands are listed in commands.toml
+# the docs pages whose commands are listed in commands.toml: the README, the site's pages and the evaluation
+# tables the site includes (docs/experiments/collusion.md includes simulations/README.md at build time)
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")), ROOT / "simulations" / "README.md"]
 CATALOGUE = tomllib.loads((ROOT / "tests" / "commands.toml").read_text())["command"]
 PREFIX = r"(?:\$\s+)?(?:[A-Z_][A-Z0-9_]*=\S*\s+)*(?:python3? -m |\S*/)?"  # a prompt, VAR=1, python -m, a path
 COMMAND = re.compile(rf"{PREFIX}securemark\s+\S.*")

@@ -5,13 +5,19 @@ from securemark import models
 
 
 @pytest.mark.parametrize("name", models.MODELS)
-def test_build_is_reproducible_and_leaves_the_global_random_state_alone(name):
+def test_build_is_reproducible_and_leaves_the_global_random_state_alone(name, monkeypatch):
     """The same seed gives the same weights, another seed others; the caller's torch RNG goes on as if no
     model had been built (a build used to reseed it to 0: every caller then drew the same "random" numbers)."""
     shape = (3, 32, 32) if name == "cifar-cnn" else (1, 28, 28)
-    torch.manual_seed(1234)
+
+    def reseeded(*_):
+        raise AssertionError("models.build reseeded a GPU generator")
+
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", reseeded)  # what torch.manual_seed calls on every device
+    monkeypatch.setattr(torch.mps, "manual_seed", reseeded)
+    torch.random.default_generator.manual_seed(1234)
     expected = torch.rand(5)
-    torch.manual_seed(1234)
+    torch.random.default_generator.manual_seed(1234)
     a = models.build(name, shape, 10, seed=3)
     assert torch.equal(torch.rand(5), expected)
     b, c = models.build(name, shape, 10, seed=3), models.build(name, shape, 10, seed=4)

@@ -7,6 +7,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
+from securemark.errors import InputError
+
 COLLUSION_METHODS = ("average", "median", "interleave", "layer-interleave", "extreme", "extrapolate", "convex")
 StateDict = Mapping[str, torch.Tensor]
 
@@ -23,13 +25,13 @@ def collude(
     Non-float tensors (counters) are taken from the first copy.
     """
     if method not in COLLUSION_METHODS:
-        raise ValueError(f"unknown collusion method {method!r}; choose one of {', '.join(COLLUSION_METHODS)}")
+        raise InputError(f"unknown collusion method {method!r}; choose one of {', '.join(COLLUSION_METHODS)}")
     if len(copies) < 2:
-        raise ValueError(f"collusion needs at least 2 copies, got {len(copies)}")
+        raise InputError(f"collusion needs at least 2 copies, got {len(copies)}")
     names = list(copies[0])
     for i, sd in enumerate(copies[1:], start=1):
         if list(sd) != names or any(sd[n].shape != copies[0][n].shape for n in names):
-            raise ValueError(f"copy {i} does not have the same tensors as copy 0")
+            raise InputError(f"copy {i} does not have the same tensors as copy 0")
     gen = torch.Generator().manual_seed(int(rng.integers(2**63)))
     mix = torch.from_numpy(rng.dirichlet(np.ones(len(copies))))  # convex weights, one draw for all tensors
     record: dict = {"attack": "collude", "method": method, "copies": len(copies)}

@@ -9,6 +9,7 @@ import torch
 
 from securemark import models, training
 from securemark.data import Dataset
+from securemark.errors import InputError
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -21,13 +22,14 @@ def _weights(sd: StateDict) -> list[str]:
 def prune(sd: StateDict, ratio: float, scope: str = "global") -> tuple[dict, dict]:
     """Zero the ``ratio`` share of weights with the smallest magnitude, over all layers or per layer."""
     if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"prune ratio must lie in [0, 1), got {ratio}")
+        raise InputError(f"prune ratio must lie in [0, 1), got {ratio}")
     if scope not in ("global", "layer"):
-        raise ValueError(f"prune scope must be 'global' or 'layer', got {scope!r}")
+        raise InputError(f"prune scope must be 'global' or 'layer', got {scope!r}")
     out = dict(sd)
     names = _weights(sd)
-    if scope == "global":
-        mags = torch.cat([sd[n].detach().abs().reshape(-1).to(torch.float64) for n in names])
+    if scope == "global":  # a model without such weights is left as it is, as in every scope and attack here
+        flat = [sd[n].detach().abs().reshape(-1).to(torch.float64) for n in names]
+        mags = torch.cat(flat) if flat else torch.zeros(0, dtype=torch.float64)
         k = int(ratio * mags.numel())
         cut = mags.kthvalue(k).values if k > 0 else torch.tensor(-1.0, dtype=torch.float64)
         cuts = dict.fromkeys(names, cut)
@@ -49,7 +51,7 @@ def prune(sd: StateDict, ratio: float, scope: str = "global") -> tuple[dict, dic
 def quantize(sd: StateDict, bits: int = 8) -> tuple[dict, dict]:
     """Round trip through symmetric per-tensor integers of ``bits`` bits (8 or 4), or float16 for bits=16."""
     if bits not in (4, 8, 16):
-        raise ValueError(f"quantize supports 4, 8 (integer) and 16 (float16) bits, got {bits}")
+        raise InputError(f"quantize supports 4, 8 (integer) and 16 (float16) bits, got {bits}")
     out = dict(sd)
     for n in _weights(sd):
         t = sd[n].detach()
@@ -65,7 +67,7 @@ def quantize(sd: StateDict, bits: int = 8) -> tuple[dict, dict]:
 def add_noise(sd: StateDict, std: float, rng: np.random.Generator) -> tuple[dict, dict]:
     """Add N(0, std^2) to every weight (absolute std, in the weights' own units)."""
     if std < 0:
-        raise ValueError(f"noise std must be >= 0, got {std}")
+        raise InputError(f"noise std must be >= 0, got {std}")
     gen = torch.Generator().manual_seed(int(rng.integers(2**63)))
     out = dict(sd)
     for n in _weights(sd):

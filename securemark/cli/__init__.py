@@ -11,6 +11,7 @@ an expected error (bad input, an unusable environment) ends in one line on stder
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 import threading
@@ -21,12 +22,22 @@ from securemark.cli.bench import CENSORED
 from securemark.cli.output import _print_json, _stdout_reserved
 from securemark.cli.owner import COLLUSION_METHODS
 from securemark.cli.run import RAY_HELP
+from securemark.errors import SecureMarkError
 
 __all__ = ["CENSORED", "COLLUSION_METHODS", "EXPECTED_ERRORS", "RAY_HELP", "build_parser", "main"]
 
-# bad input or an unusable environment: one line and exit 2 (OSError covers missing, existing or unwritable
-# paths, a closed pipe and an unreachable cluster; OverflowError a number too large for a float)
-EXPECTED_ERRORS: tuple[type[Exception], ...] = (ValueError, RuntimeError, OSError, OverflowError)
+# bad input or an unusable environment: one line and exit 2. SecureMarkError is every refusal securemark makes;
+# OSError covers missing, existing or unwritable paths, a closed pipe and an unreachable cluster; OverflowError a
+# number too large for a float; JSONDecodeError a JSON file someone else wrote or damaged (securemark writes its
+# own with json.dumps); UnicodeDecodeError a file given as text that is not UTF-8. Anything else is a bug, and
+# ends in its traceback.
+EXPECTED_ERRORS: tuple[type[Exception], ...] = (
+    SecureMarkError,
+    OSError,
+    OverflowError,
+    json.JSONDecodeError,
+    UnicodeDecodeError,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,9 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             _print_json(payload)
             sys.stdout.flush()
     except EXPECTED_ERRORS as exc:  # bad input gets one clear line, not a traceback
-        if isinstance(exc, UnicodeDecodeError):  # never quote the file's bytes (it may be a key)
-            exc = ValueError("a file given as text is not UTF-8 text")
-        print(f"securemark: error: {exc}", file=sys.stderr)
+        # never quote the file's bytes (it may be a key)
+        why = "a file given as text is not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else exc
+        print(f"securemark: error: {why}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:  # what the command started (a Ray instance, actors) is already stopped
         terminated = isinstance(exc, _Terminated)

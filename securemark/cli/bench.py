@@ -4,59 +4,25 @@ alignment, the black-box mark, censored servers, a whole federation), as tables 
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
-
-import numpy as np
 
 from securemark.cli.args import _config_command, _finite, _natural, _nonnegative, _positive
 from securemark.cli.output import _json_or_table
 from securemark.cli.run import _fresh_dir
 
-# the CLI parses without importing torch: a test checks this equals securemark.evaluation.censored.CENSORS
+# the CLI parses without importing torch: a test checks this equals securemark.bench.censored.CENSORS
 CENSORED = ("rounded", "rounded-2", "float16", "clamp", "top3", "top3-renormalized", "top-k varying")
 
 
 def cmd_bench_trace(a: argparse.Namespace) -> object:
-    from securemark.codes import pack_bits, tardos
-    from securemark.tracing.bound import Law
-    from securemark.tracing.scores import PackedCodebook, accuse, tardos_scores
+    from securemark.bench.trace import bench_trace
 
-    rng = np.random.default_rng(a.seed)
-    t0 = time.perf_counter()
-    bias = tardos.arcsine_bias(rng.random(a.length), a.max_colluders)
-    packed = np.empty((a.users, (a.length + 7) // 8), dtype=np.uint8)
-    for s in range(0, a.users, 50_000):  # genuine Tardos rows, generated in blocks
-        u = rng.random((min(50_000, a.users - s), a.length), dtype=np.float32)
-        packed[s : s + len(u)] = pack_bits(tardos.draw_rows(bias.astype(np.float32), u))
-    t1 = time.perf_counter()
-    book = PackedCodebook.from_packed_rows(packed, a.length)
-    t2 = time.perf_counter()
-    coalition = rng.choice(a.users, size=a.max_colluders, replace=False)
-    rows = np.unpackbits(packed[coalition], axis=1, count=a.length).astype(np.float64)
-    y = (2 * rows - 1).mean(0)
-    times = []
-    for _ in range(a.repeats):
-        s0 = time.perf_counter()
-        acc = accuse(tardos_scores(book, y, bias), Law.of(y, bias), 1e-3)
-        times.append(time.perf_counter() - s0)
-    result = {
-        "users": a.users,
-        "length": a.length,
-        "generate_seconds": round(t1 - t0, 3),
-        "layout_seconds": round(t2 - t1, 3),
-        "score_seconds_median": round(float(np.median(times)), 4),
-        "score_seconds_min": round(min(times), 4),
-        "repeats": a.repeats,
-        "accused_colluders": int(np.isin(acc.accused, coalition).sum()),
-        "accused_innocents": int((~np.isin(acc.accused, coalition)).sum()),
-        "codebook_mib": round(book.columns.nbytes / 2**20, 1),
-    }
+    result = bench_trace(a.users, a.length, a.max_colluders, a.repeats, a.seed)
     return _json_or_table(a, result)
 
 
 def cmd_bench_secagg(a: argparse.Namespace) -> object:
-    from securemark.secagg.bench import bench_secagg
+    from securemark.bench.secagg import bench_secagg
 
     result = bench_secagg(a.clients, a.params, a.dropout, a.graph, a.seed)
     shown = {
@@ -68,7 +34,7 @@ def cmd_bench_secagg(a: argparse.Namespace) -> object:
 
 
 def cmd_bench_rounds(a: argparse.Namespace) -> object:
-    from securemark.flower.bench_rounds import bench_rounds
+    from securemark.bench.rounds import bench_rounds
 
     result = bench_rounds(a.clients, a.params, a.rounds, a.seed)
     shown = {k: v for k, v in result.items() if k not in ("per_round_seconds", "stage_seconds")}
@@ -77,7 +43,7 @@ def cmd_bench_rounds(a: argparse.Namespace) -> object:
 
 
 def cmd_bench_deploy(a: argparse.Namespace) -> object:
-    from securemark.flower.bench_deploy import bench_deploy
+    from securemark.bench.deploy import bench_deploy
 
     result = bench_deploy(a.app, a.nodes, a.rounds, a.grace, a.isolation)
     runs = [{"run": k, **{f: str(v[f]) for f in ("per_round_seconds", "survived")}} for k, v in result["runs"].items()]
@@ -85,7 +51,7 @@ def cmd_bench_deploy(a: argparse.Namespace) -> object:
 
 
 def cmd_bench_align(a: argparse.Namespace) -> object:
-    from securemark.fingerprint.bench_align import bench_align
+    from securemark.bench.align import bench_align
 
     result = bench_align(a.repeats, a.budget, a.seed, large=not a.small)
     models: list[dict[str, object]] = result["models"]  # type: ignore[assignment]
@@ -93,7 +59,7 @@ def cmd_bench_align(a: argparse.Namespace) -> object:
 
 
 def cmd_bench_blackbox(a: argparse.Namespace) -> object:
-    from securemark.evaluation.blackbox import main as bench_blackbox
+    from securemark.bench.blackbox import bench_blackbox
     from securemark.evaluation.blackbox import students_of
 
     result = bench_blackbox(
@@ -111,7 +77,7 @@ def cmd_bench_blackbox(a: argparse.Namespace) -> object:
 
 
 def cmd_bench_censored(a: argparse.Namespace) -> object:
-    from securemark.evaluation.censored import bench_censored
+    from securemark.bench.censored import bench_censored
 
     result = bench_censored(tuple(a.archs), a.seeds, tuple(a.served), a.queries)
     cells: list[dict[str, object]] = result["cells"]
@@ -119,8 +85,8 @@ def cmd_bench_censored(a: argparse.Namespace) -> object:
 
 
 def cmd_bench_simulate(a: argparse.Namespace) -> object:
+    from securemark.bench.simulate import bench_simulate
     from securemark.config import SimConfig
-    from securemark.flower.bench_simulate import bench_simulate
 
     cfg = SimConfig.load(a.config, a.set)
     out = Path(a.out) if a.out else _fresh_dir(Path(cfg.output))

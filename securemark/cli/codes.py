@@ -12,7 +12,7 @@ from securemark.codes.channel import ATTACKS
 
 
 def cmd_codes_eval(a: argparse.Namespace) -> object:
-    from securemark.codes.evaluate import CodeTrialSpec, evaluate_code
+    from securemark.evaluation.codes import CodeTrialSpec, evaluate_code
 
     spec = CodeTrialSpec(
         a.code, a.users, a.colluders, a.length, a.attack, a.noise, a.trials, a.eps, a.seed, a.max_colluders, a.detector

@@ -14,6 +14,7 @@ import numpy as np
 from securemark.cli.args import _finite, _natural, _positive
 from securemark.cli.output import _print_json
 from securemark.codes.base import CODE_KINDS
+from securemark.errors import InputError
 
 if TYPE_CHECKING:
     from securemark.tracing.tracer import TraceReport
@@ -81,7 +82,7 @@ def cmd_issue(a: argparse.Namespace) -> None:
     if out.suffix not in modelio.MODEL_SUFFIXES:
         raise modelio.ModelFileError(f"{out}: unknown model format; use one of {', '.join(modelio.MODEL_SUFFIXES)}")
     if out.resolve() == Path(a.model).resolve() or Path(a.directory).resolve() in out.resolve().parents:
-        raise ValueError(f"{out}: a copy is never written over the base model or inside the registry")
+        raise InputError(f"{out}: a copy is never written over the base model or inside the registry")
     _check_writable(out)
     base = modelio.load_state_dict(a.model)
     function = None
@@ -93,7 +94,7 @@ def cmd_issue(a: argparse.Namespace) -> None:
         cfg = SimConfig.load(a.config)
         function = function_spec(cfg, data.server_split(cfg.data, cfg.train.seed)[1])
         if function is None:
-            raise ValueError(f"{a.config} puts no function mark in copies (fingerprint off, or function_budget 0)")
+            raise InputError(f"{a.config} puts no function mark in copies (fingerprint off, or function_budget 0)")
     with Registry.open(a.directory) as reg, reg.issuing():
         copy, customer = make_copy(reg, base, a.customer, function=function)
         modelio.save_atomic(copy, out)
@@ -124,9 +125,9 @@ def cmd_trace(a: argparse.Namespace) -> object:
 
     given = [x for x in (a.suspect, a.endpoint, a.query_model) if x is not None]
     if len(given) != 1:
-        raise ValueError("trace needs exactly one suspect: a weights FILE, --endpoint URL or --query-model FILE")
+        raise InputError("trace needs exactly one suspect: a weights FILE, --endpoint URL or --query-model FILE")
     if a.suspect is None and (a.hard or a.align_spec or a.no_align):
-        raise ValueError("--hard, --align-spec and --no-align apply to a weights file, not to a black-box suspect")
+        raise InputError("--hard, --align-spec and --no-align apply to a weights file, not to a black-box suspect")
     if a.suspect is not None:
         suspect = load_state_dict(a.suspect)
         groups = load_groups(a.align_spec) if a.align_spec else None

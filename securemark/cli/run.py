@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from securemark.cli.args import _config_command, _natural
+from securemark.errors import InputError
 
 RAY_HELP = "run trials as Ray tasks: local (this machine's cores, the default), auto or ray://host:port (a cluster)"
 
@@ -16,11 +17,11 @@ def cmd_simulate(a: argparse.Namespace) -> None:
     from securemark.sim import simulate
 
     if (a.config is None) == (a.resume is None):
-        raise SystemExit("securemark simulate: give CONFIG, or --resume DIR (a run that stopped early), not both")
+        raise InputError("give CONFIG, or --resume DIR (a run that stopped early), not both")
     if a.resume is not None:  # the run's own config, as it wrote it
         out = Path(a.resume)
         if not (out / "config.toml").is_file():
-            raise SystemExit(f"securemark simulate: {out} holds no run to resume (no config.toml)")
+            raise InputError(f"{out} holds no run to resume (no config.toml)")
         cfg = SimConfig.load(out / "config.toml", a.set)
     else:
         cfg = SimConfig.load(a.config, a.set)

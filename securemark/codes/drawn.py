@@ -8,7 +8,7 @@ return is the registry's job.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
@@ -16,8 +16,12 @@ from securemark.codes import bibd, tardos
 from securemark.codes.random import uniform_bias
 from securemark.prg import uniforms
 
-if TYPE_CHECKING:
-    from securemark.fingerprint.keys import OwnerSecret
+
+class OwnerSecret(Protocol):
+    """What the code needs of the owner secret (securemark.fingerprint.keys.OwnerSecret): a key per purpose.
+    Named here as a protocol so that codes/ does not depend on fingerprint/."""
+
+    def derive(self, purpose: str) -> bytes: ...
 
 
 def bias(secret: OwnerSecret, code: str, length: int, max_colluders: int) -> np.ndarray:

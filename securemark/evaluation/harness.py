@@ -8,46 +8,26 @@ fine-tuning batches. Owner secrets come from ``os.urandom`` as always (Registry.
 
 from __future__ import annotations
 
-import functools
 import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from securemark import data, models, training
+from securemark import data, models
 from securemark.attacks import pipeline
-from securemark.config import SimConfig, check_ray_option, shown
-from securemark.data import Dataset
+from securemark.config import ConfigError, SimConfig, check_ray_option, shown
 from securemark.evaluation.config import EvalConfig
 from securemark.evaluation.schemes import Scheme, SharedScheme, make_scheme, scheme_customers
 from securemark.evaluation.stats import summarize
-from securemark.fingerprint.carrier import StateDict
+from securemark.evaluation.trials import Runner, SerialRunner, Setting
 from securemark.modelio import load_state_dict
-
-
-@dataclass
-class Setting:
-    """What every trial shares: the base model, the pirate's data pool, the test set, a model to evaluate."""
-
-    base: StateDict
-    pool: Dataset  # the pirate's own data is drawn from here (fine-tuning fraction, distillation inputs)
-    test: Dataset
-    fresh: Callable[[], torch.nn.Module]
-
-    def __post_init__(self) -> None:
-        self._model = self.fresh()  # reused for every evaluation: weights are loaded, never trained
-        self.global_accuracy = self.accuracy(self.base)
-
-    def accuracy(self, sd: StateDict) -> float:
-        return training.accuracy_of(self._model, sd, self.test)
 
 
 def load_source(cfg: EvalConfig, console: Console) -> tuple[SimConfig, Setting]:
@@ -71,93 +51,6 @@ def load_source(cfg: EvalConfig, console: Console) -> tuple[SimConfig, Setting]:
         return models.build(sim.model.name, shape, test.classes, width=sim.model.width)  # type: ignore[arg-type]
 
     return sim, Setting(load_state_dict(run / "global.safetensors"), pool, test, fresh)
-
-
-def run_trial(
-    scheme: Scheme,
-    steps: list[pipeline.Step],
-    size: int,
-    rng: np.random.Generator,
-    s: Setting,
-    cfg: EvalConfig,
-    with_accuracy: bool = True,
-) -> dict[str, Any]:
-    """One coalition of ``size`` customers attacks its copies with ``steps``; the scheme traces the result
-    (and the attacked model's accuracy is measured when ``with_accuracy``, else NaN)."""
-    coalition = np.sort(rng.choice(scheme.customers, size=size, replace=False))
-    copies: list[StateDict] = [scheme.copy(int(j)) for j in coalition] or [s.base]  # size 0: the unmarked base
-    attacker = pipeline.Attacker(s.fresh, s.pool, rng, length=cfg.code.length, budget=cfg.code.budget)
-    t0 = time.perf_counter()
-    pirate, _ = pipeline.run(copies, steps, attacker)
-    t1 = time.perf_counter()
-    outcome = scheme.trace(pirate)
-    t2 = time.perf_counter()
-    guilty = np.isin(outcome.accused, coalition)
-    innocent = np.ones(scheme.customers, dtype=bool)
-    innocent[coalition] = False
-    bit_agreement, survival = scheme.survival(outcome, coalition)
-    return {
-        "coalition_size": size,
-        "coalition": coalition.tolist(),
-        "accused": outcome.accused.tolist(),
-        "caught": bool(guilty.any()),
-        "colluders_accused": int(guilty.sum()),
-        "innocents_accused": int((~guilty).sum()),
-        "accuracy": s.accuracy(pirate) if with_accuracy else float("nan"),
-        "bit_agreement": bit_agreement,
-        "survival": survival,
-        "top_colluder_score": float(outcome.scores[coalition].max()) if size else float("nan"),
-        "top_innocent_score": float(outcome.scores[innocent].max()),
-        "threshold": outcome.threshold,
-        "attack_seconds": t1 - t0,
-        "tracing_seconds": t2 - t1,
-    }
-
-
-TrialKey = tuple[str, int, int]  # (attack, coalition size, trial index)
-_steps = functools.cache(pipeline.parse)  # a pipeline's text parsed once, not once per trial
-Done = Callable[[dict[str, Any]], None]
-
-
-def trial(scheme: Scheme, key: TrialKey, s: Setting, cfg: EvalConfig) -> dict[str, Any]:
-    """Trial t of cell (attack, c), its randomness drawn from ``default_rng([seed, attack's index, c, t])``:
-    the same record whichever process runs it."""
-    attack, size, t = key
-    e = cfg.evaluate
-    rng = np.random.default_rng([e.seed, list(cfg.attacks).index(attack), size, t])
-    with_accuracy = not e.accuracy_trials or t < e.accuracy_trials
-    record = run_trial(scheme, _steps(cfg.attacks[attack]), size, rng, s, cfg, with_accuracy)
-    record.update(scheme=scheme.name, attack=attack, trial=t)
-    return record
-
-
-class Runner(Protocol):
-    """Runs a scheme's trials and hands each record to ``done`` as it finishes: at once, one after another
-    (serial), or on Ray actors while the caller goes on building the next scheme (``wait`` collects the rest).
-    ``share`` gives it what every trial shares, once, before the first ``submit``."""
-
-    def share(self, setting: Setting) -> None: ...
-
-    def submit(self, scheme: Scheme, keys: list[TrialKey], done: Done) -> None: ...
-
-    def wait(self, done: Done) -> None: ...
-
-
-class SerialRunner:
-    def __init__(self, cfg: EvalConfig) -> None:
-        self.cfg = cfg
-        self.setting: Setting | None = None
-
-    def share(self, setting: Setting) -> None:
-        self.setting = setting
-
-    def submit(self, scheme: Scheme, keys: list[TrialKey], done: Done) -> None:
-        assert self.setting is not None, "share the setting first"
-        for key in keys:
-            done(trial(scheme, key, self.setting, self.cfg))
-
-    def wait(self, done: Done) -> None:
-        return None
 
 
 @contextmanager
@@ -275,7 +168,7 @@ def _evaluate(cfg: EvalConfig, out: Path, console: Console, ray_address: str | N
         check_ray_option(ray_address)
     to_run = plan(cfg)
     if not to_run and not cfg.blackbox.trials:
-        raise ValueError("no cell to run: collude pipelines need coalition sizes >= 2, the others sizes 0 or 1")
+        raise ConfigError("no cell to run: collude pipelines need coalition sizes >= 2, the others sizes 0 or 1")
     start = time.perf_counter()
     # before anything is written: a missing source leaves no stray output; one that must be trained first is
     # trained before the runner starts (training runs Ray itself, and shuts it down when done)
@@ -370,7 +263,7 @@ def black_box_setup(cfg: EvalConfig, sim: SimConfig, s: Setting) -> Any:
     most = len(SHIFTS) * len(s.test)
     least = 2 * (Basis.fit(model, s.test.x).directions.shape[1] + 1)  # FunctionMark.min_queries
     if not least <= b.queries <= most:
-        raise ValueError(f"blackbox.queries = {b.queries}: this run's held-out share ({len(s.test)} inputs) "
+        raise ConfigError(f"blackbox.queries = {b.queries}: this run's held-out share ({len(s.test)} inputs) "
                          f"serves {least}..{most} queries")  # fmt: skip
     return blackbox.Setup(model, spec, s.pool, s.test, data.heldout_record(sim.data, sim.train.seed))
 

@@ -26,7 +26,7 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def summarize(trials: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """One cell's figures from its trial records (see harness.run_trial for the fields)."""
+    """One cell's figures from its trial records (see trials.run_trial for the fields)."""
     n = len(trials)
     if n == 0:
         raise ValueError("a cell needs at least one trial")

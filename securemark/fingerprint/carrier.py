@@ -14,11 +14,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from securemark.errors import SecureMarkError
+
 StateDict = Mapping[str, torch.Tensor]
 CARRIER_MODES = ("weights", "filter-mean")
 
 
-class CarrierMismatch(ValueError):
+class CarrierMismatch(SecureMarkError, ValueError):
     """A model does not have the tensors (names, shapes) the carrier was laid out for."""
 
 

@@ -24,7 +24,9 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
+from securemark.errors import InputError
 from securemark.fingerprint.carrier import CarrierLayout, CarrierSpec, StateDict
 from securemark.fingerprint.keys import OwnerSecret
 from securemark.prg import keystream
@@ -45,7 +47,7 @@ class Projection:
     @classmethod
     def derive(cls, secret: OwnerSecret, size: int, length: int) -> Projection:
         if size < length:
-            raise ValueError(
+            raise InputError(
                 f"the carrier has {size} coordinates, fewer than the code length {length}: choose a shorter "
                 "code or a larger carrier"
             )
@@ -70,7 +72,8 @@ class Projection:
         return (self.signs * self.scale[self.groups]).astype(np.float32)
 
     def adjoint32(self, y: np.ndarray) -> np.ndarray:
-        """X^T y in float32, one gather and one product: what a copy's weights (float32) receive. Against
+        """X^T y in float32, one gather and one product: what a copy's float32 (or narrower) weights receive
+        (a float64 model gets :meth:`adjoint`). Against
         :meth:`adjoint` it writes 8 MB instead of 40 MB per 1M coordinates (1.2 ms instead of 2.4 for a whole
         copy), and differs from it by float32 rounding only."""
         out = np.asarray(y, dtype=np.float32)[self.groups]
@@ -112,7 +115,8 @@ class Fingerprinter:
         if bits.shape != (self.length,):
             raise ValueError(f"code row has shape {bits.shape}, expected ({self.length},)")
         b = strength * (2.0 * bits.astype(np.float64) - 1.0)
-        return self.layout.add(base, self.projection.adjoint32(b))
+        wide = any(base[name].dtype == torch.float64 for name, _ in self.layout.tensors if name in base)
+        return self.layout.add(base, self.projection.adjoint(b) if wide else self.projection.adjoint32(b))
 
     def extract(self, sd: StateDict, reference: np.ndarray, strength: float) -> np.ndarray:
         """Soft code y = (X v(sd) - h) / s; an intact copy gives its +-1 row exactly."""

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from securemark.errors import InputError
 from securemark.fingerprint.carrier import CarrierLayout, CarrierSpec, StateDict
 from securemark.fingerprint.embed import Fingerprinter, Projection
 from securemark.fingerprint.keys import OwnerSecret
@@ -42,7 +43,7 @@ class PerCustomerFingerprints:
         cls, secret: OwnerSecret, spec: CarrierSpec, base: StateDict, customers: int, length: int, budget: float
     ) -> PerCustomerFingerprints:
         if length > 65_535:
-            raise ValueError(f"code length {length} exceeds the uint16 groups this baseline stores")
+            raise InputError(f"code length {length} exceeds the uint16 groups this baseline stores")
         layout = spec.layout(base)
         size = layout.size
         groups = np.empty((customers, size), dtype=np.uint16)

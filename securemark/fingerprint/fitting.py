@@ -31,10 +31,13 @@ def principal(hc: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def distinct_rows(a: np.ndarray) -> int:
-    """How many different rows ``a`` (N x D) holds, -0.0 counted as 0.0. By hashing each row's bytes: numpy's
-    unique(axis=0) sorts structured rows, 0.19 s against 2 ms on 1,000 MNIST images."""
-    rows = np.ascontiguousarray(np.asarray(a).reshape(len(a), -1) + 0.0)  # + 0.0 turns -0.0 into 0.0
-    return len({row.tobytes() for row in rows})
+    """How many different rows ``a`` (N x D) holds: rows equal bit for bit count once, -0.0 read as 0.0 (so
+    two equal rows holding NaN count once, where numpy's unique counts them apart). By hashing each row's
+    bytes: numpy's unique(axis=0) sorts structured rows, 0.19 s against 2 ms on 1,000 MNIST images."""
+    rows = np.asarray(a).reshape(len(a), -1)
+    if np.issubdtype(rows.dtype, np.floating):
+        rows = rows + 0.0  # turns -0.0 into 0.0; integers stay as they are (2^53 + 1 is not 2^53)
+    return len({row.tobytes() for row in np.ascontiguousarray(rows)})
 
 
 def helmert(classes: int) -> np.ndarray:

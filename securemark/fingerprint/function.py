@@ -48,6 +48,7 @@ import torch
 from scipy.special import ndtri
 from torch import nn
 
+from securemark.errors import SecureMarkError
 from securemark.fingerprint.fitting import (
     centred,
     centred_on,
@@ -65,7 +66,7 @@ StateDict = dict[str, torch.Tensor]
 VARIANCE_FLOOR = 1e-4  # components with less variance than this share of the top one are not used
 
 
-class FunctionMarkError(ValueError):
+class FunctionMarkError(SecureMarkError, ValueError):
     """A model, a basis or a suspect's answers the function mark cannot work with."""
 
 

@@ -16,11 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from securemark.errors import SecureMarkError
+
 StateDict = Mapping[str, torch.Tensor]
 ROLES = ("rows", "bias", "cols", "mean", "var", "affine")
 
 
-class AlignmentError(ValueError):
+class AlignmentError(SecureMarkError, ValueError):
     """The suspect (or the base) has a shape alignment cannot map; the message says why."""
 
 

@@ -8,12 +8,13 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from securemark.errors import SecureMarkError
 from securemark.prg import KEY_BYTES, hkdf
 
 _LABEL = b"securemark/v1/"
 
 
-class SecretFileError(RuntimeError):
+class SecretFileError(SecureMarkError, RuntimeError):
     """The owner secret file is missing, malformed or readable by others."""
 
 

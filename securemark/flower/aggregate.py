@@ -20,6 +20,7 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 from rich.console import Console
 
 from securemark.config import SecAggSettings
+from securemark.errors import RoundFailed
 from securemark.flower import wire
 from securemark.flower.exchange import StageClock, accept
 from securemark.flower.nodes import Nodes
@@ -94,7 +95,7 @@ class PlainSum:
             if got is not None:
                 parsed[n] = got
         if not parsed:
-            raise RuntimeError("no client returned a valid update")
+            raise RoundFailed("no client returned a valid update")
         total = sum(w for w, _ in parsed.values())
         mean = np.zeros(self.size)
         for w, u in parsed.values():  # in place (each u is this call's own copy): no temporary per client
@@ -129,10 +130,11 @@ class MaskedSum:
 
     def setup(self, r: int, sampled: list[int], size: int) -> dict[int, dict[str, Any]]:
         """The round's masking state, and for each node the records its train message adds: the quantization
-        (in its SM record), the round's configuration and its neighbours' public keys."""
+        (in its SM record), the round's configuration and its neighbours' public keys. Fewer than 2 nodes fail
+        the round: a lone update would be its own sum, and the protocol's threshold needs 2 holders."""
         self.round = None
-        if not sampled:
-            return {}
+        if len(sampled) < 2:
+            raise RoundFailed(f"{len(sampled)} node(s) can take part in this round's masking; it needs at least 2")
         sc, keys = self.secagg, self.nodes.keys
         ids = {n: self.nodes.ids[n] for n in sampled}
         graph, threshold = P.neighbour_graph(tuple(sorted(ids.values())), sc.graph, self.rng)
@@ -155,7 +157,7 @@ class MaskedSum:
     def collect(self, r: int, replies: dict[int, Message], clock: StageClock) -> Aggregate:
         st = self.round
         if st is None:
-            raise P.TooFewSurvivors("no client took part in this round's masking")
+            raise RuntimeError("MaskedSum.collect before a setup that succeeded")
         srv, ids, node_of = st.srv, st.ids, st.node_of
         for n, rep in replies.items():
             if n in ids:  # a reply to a message this round sent

@@ -21,6 +21,7 @@ import torch
 from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import Strategy
 
+from securemark.errors import InputError
 from securemark.modelio import load_state_dict, save_state_dict
 
 CHECKPOINT = "checkpoint"
@@ -51,11 +52,11 @@ def load(out: Path, num_rounds: int, inner: Strategy) -> tuple[dict[str, Any], d
     state = checked_state(path)
     for name, digest in state["files"].items():
         if sha256(path.parent / name) != digest:
-            raise ValueError(f"checkpoint file {name} in {path.parent} is damaged (its SHA-256 differs)")
+            raise InputError(f"checkpoint file {name} in {path.parent} is damaged (its SHA-256 differs)")
     if state["registry"] != _owner_key(out):
-        raise ValueError(f"the checkpoint in {path.parent} belongs to another registry than {out / 'registry'}")
+        raise InputError(f"the checkpoint in {path.parent} belongs to another registry than {out / 'registry'}")
     if state["inner"] != type(inner).__name__:
-        raise ValueError(f"the checkpoint was made with {state['inner']}, this run wraps {type(inner).__name__}")
+        raise InputError(f"the checkpoint was made with {state['inner']}, this run wraps {type(inner).__name__}")
     if int(state["round"]) >= num_rounds or (out / "global.safetensors").exists():
         raise FileExistsError(f"{out} holds a finished run of {state['round']} rounds; nothing to resume")
     weights = load_state_dict(path.parent / f"round-{state['round']}.safetensors")
@@ -102,23 +103,23 @@ def checked_state(path: Path) -> dict[str, Any]:
     try:
         state = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise ValueError(f"checkpoint {path} cannot be read: {exc}") from None
+        raise InputError(f"checkpoint {path} cannot be read: {exc}") from None
     r = state.get("round") if isinstance(state, dict) else None
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-        raise ValueError(f"checkpoint {path}: 'round' must be a whole number >= 1")
+        raise InputError(f"checkpoint {path}: 'round' must be a whole number >= 1")
     strength = state.get("strength")
     if not isinstance(strength, int | float) or not math.isfinite(strength) or strength < 0:
-        raise ValueError(f"checkpoint {path}: 'strength' must be a finite number >= 0")
+        raise InputError(f"checkpoint {path}: 'strength' must be a finite number >= 0")
     files = state.get("files")
     expected = {f"round-{r}.safetensors", f"round-{r}.inner.npz"}
     if not isinstance(files, dict) or set(files) != expected:
-        raise ValueError(f"checkpoint {path}: 'files' must name exactly {sorted(expected)} with their SHA-256")
+        raise InputError(f"checkpoint {path}: 'files' must name exactly {sorted(expected)} with their SHA-256")
     if not isinstance(state.get("rounds"), list) or len(state["rounds"]) != r:
-        raise ValueError(f"checkpoint {path}: 'rounds' must hold the metrics of all {r} rounds")
+        raise InputError(f"checkpoint {path}: 'rounds' must hold the metrics of all {r} rounds")
     if not isinstance(state.get("banned"), list) or not isinstance(state.get("rng"), dict):
-        raise ValueError(f"checkpoint {path}: 'banned' and 'rng' are missing or malformed")
+        raise InputError(f"checkpoint {path}: 'banned' and 'rng' are missing or malformed")
     if "registry" not in state or not isinstance(state.get("inner"), str):
-        raise ValueError(f"checkpoint {path}: 'registry' and 'inner' are missing")
+        raise InputError(f"checkpoint {path}: 'registry' and 'inner' are missing")
     return state
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from securemark.config import DataConfig, SimConfig
+from securemark.config import ConfigError, DataConfig, SimConfig
 from securemark.flower.mod import securemark_mod
 
 app = ClientApp(mods=[securemark_mod])
@@ -22,7 +22,7 @@ app = ClientApp(mods=[securemark_mod])
 def partition(context: Context) -> tuple[int, int]:
     cfg = context.node_config
     if "partition-id" not in cfg or "num-partitions" not in cfg:
-        raise ValueError("node config needs partition-id and num-partitions (flower-supernode --node-config)")
+        raise ConfigError("node config needs partition-id and num-partitions (flower-supernode --node-config)")
     return int(cfg["partition-id"]), int(cfg["num-partitions"])
 
 

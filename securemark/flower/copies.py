@@ -17,6 +17,7 @@ from rich.console import Console
 
 from securemark import models
 from securemark.config import FingerprintConfig
+from securemark.errors import InputError
 from securemark.fingerprint.embed import Fingerprinter
 from securemark.fingerprint.function import FunctionMark, FunctionMarkUnfit, features_and_logits
 from securemark.modelio import save_state_dict
@@ -69,7 +70,7 @@ class Copies:
         if (params.code, params.length, params.max_colluders, params.eps) != (
             fc.code, fc.length, fc.max_colluders, fc.eps
         ):  # fmt: skip
-            raise ValueError(f"the registry in {out} was made with other fingerprint settings than this run's")
+            raise InputError(f"the registry in {out} was made with other fingerprint settings than this run's")
         self.fp = Fingerprinter.create(self.registry.secret, params.carrier, weights, params.length)
 
     def record_base(self, token: object, weights: Weights, after: int) -> np.ndarray | None:

@@ -19,6 +19,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from rich.console import Console
 
+from securemark.errors import RoundFailed
+
 
 def exchange(
     grid: Grid, msgs: Iterable[Message], timeout: float, grace: float, need: int | None = None
@@ -67,7 +69,8 @@ def enough_nodes(inner: Strategy, grid: Grid, wait: float, minimum: str, console
     between a count and the sampling. So wait for them at most ``wait`` seconds (the first round of a run
     or a resumed run: the ``start`` timeout, nodes may still be starting; later: ``secagg.grace``), then
     hand the inner strategy a view of the grid whose node list does not change while it samples, with its
-    minimums lowered for this call only when fewer are connected; fail when fewer than 2 are."""
+    minimums lowered for this call only when fewer are connected; fail the round (RoundFailed) when fewer than
+    2 are."""
     names = [n for n in ("min_available_nodes", minimum) if isinstance(getattr(inner, n, None), numbers.Real)]
     want = max([math.ceil(getattr(inner, n)) for n in names], default=0)  # finite: check_inner
     end = time.monotonic() + wait
@@ -78,7 +81,7 @@ def enough_nodes(inner: Strategy, grid: Grid, wait: float, minimum: str, console
         yield view  # type: ignore[misc]
         return
     if len(nodes) < 2:
-        raise RuntimeError(f"{len(nodes)} node(s) connected, the strategy asks for {want}")
+        raise RoundFailed(f"{len(nodes)} node(s) connected, the strategy asks for {want}")
     console.print(f"  [yellow]{len(nodes)} of the {want} nodes the strategy asks for are connected: sampling those[/]")
     saved = {n: getattr(inner, n) for n in names}
     try:

@@ -12,7 +12,7 @@ user's other metrics: never the plain update, never the example count in clear. 
 ``securemark`` record (a plain Flower server, evaluate and query messages) pass through untouched.
 
 Why first: a mod listed before it would see (and could change) the masked reply; ``fixedclipping_mod`` or
-``localdp_mod`` there would corrupt the sum. The reply carries the SHA-256 of the masked vector (a hash of a
+``localdp_mod`` there would corrupt the sum. The reply carries the CRC-32 of the masked vector (a checksum of a
 one-time-padded vector: it tells the server nothing new), so the server names a reply changed after this mod.
 """
 
@@ -27,6 +27,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
 
+from securemark.errors import SecureMarkError
 from securemark.flower import wire
 from securemark.secagg import protocol as P
 from securemark.secagg.quantize import EXTRA_SLOTS, QuantConfig, QuantizationError, encode
@@ -34,7 +35,7 @@ from securemark.secagg.quantize import EXTRA_SLOTS, QuantConfig, QuantizationErr
 Next = Callable[[Message, Context], Message]
 
 
-class ContractError(ValueError):
+class ContractError(SecureMarkError, ValueError):
     """The train function's reply breaks FedAvg's contract (one ArrayRecord with the keys sent, a MetricRecord
     with the example count), or a securemark message is malformed."""
 

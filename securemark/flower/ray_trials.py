@@ -7,7 +7,7 @@ trial keys (attack, coalition size, index), a few at a time (an actor runs its c
 built before its trials start). Submitting returns at once: the driver builds the next scheme, measures
 fidelity and runs the fidelity sweep while the actors run trials; then it runs queued trials itself and
 collects the records as they come. A trial's randomness is seeded by its key
-(:func:`securemark.evaluation.harness.trial`), so the records are those of the serial run, trial by trial: the
+(:func:`securemark.evaluation.trials.trial`), so the records are those of the serial run, trial by trial: the
 same coalitions, attacks and verdicts, scores equal to float rounding (torch sums in an order that depends on
 its thread count).
 
@@ -36,10 +36,12 @@ from typing import TYPE_CHECKING, Any
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
+from securemark.errors import RunFailed
+
 if TYPE_CHECKING:
     from securemark.evaluation.config import EvalConfig
-    from securemark.evaluation.harness import Done, Setting, TrialKey
     from securemark.evaluation.schemes import Scheme
+    from securemark.evaluation.trials import Done, Setting, TrialKey
 
 TRIALS_PER_TASK = 4  # a trial takes 0.1-1 s here: enough to hide a call's overhead, small enough to balance
 DEPTH = 2  # chunks queued on an actor at once: it has the next while the driver is busy elsewhere
@@ -50,7 +52,7 @@ class TrialActor:
     def __init__(self) -> None:
         import torch
 
-        import securemark.evaluation.harness  # noqa: F401  (imported now, while the driver is busy)
+        import securemark.evaluation.trials  # noqa: F401  (imported now, while the driver is busy)
 
         torch.set_num_threads(1)  # one actor per core: intra-op threads would only contend
         self.setting: Setting | None = None
@@ -87,10 +89,10 @@ class TrialActor:
             shutil.rmtree(folder, ignore_errors=True)
 
     def run(self, name: str, keys: list[TrialKey]) -> list[dict[str, Any]]:
-        from securemark.evaluation.harness import trial
+        from securemark.evaluation.trials import trial
 
         if name not in self.schemes:
-            raise RuntimeError(f"scheme {name} could not be loaded on this actor: {self.failed.get(name, 'not sent')}")
+            raise RunFailed(f"scheme {name} could not be loaded on this actor: {self.failed.get(name, 'not sent')}")
         assert self.setting is not None and self.cfg is not None, "share the setting first"
         return [trial(self.schemes[name], key, self.setting, self.cfg) for key in keys]
 
@@ -130,7 +132,7 @@ def check_reachable(address: str, timeout: float = 10.0) -> None:
 
 
 class RayRunner:
-    """:class:`securemark.evaluation.harness.Runner` on ``actors`` and the driver itself.
+    """:class:`securemark.evaluation.trials.Runner` on ``actors`` and the driver itself.
 
     ``submit`` queues a scheme's trials in chunks and returns; each actor holds at most ``DEPTH`` chunks, so it
     always has the next one while the driver is busy building a scheme. Once every scheme is submitted,
@@ -161,7 +163,7 @@ class RayRunner:
         self._collect(done, block=False)
 
     def wait(self, done: Done) -> None:
-        from securemark.evaluation.harness import trial
+        from securemark.evaluation.trials import trial
 
         while self.queue or self.running:
             self._collect(done, block=not self.queue)
@@ -189,9 +191,9 @@ class RayRunner:
             try:
                 records = ray.get(ref)
             except RayTaskError as exc:  # one line, not Ray's framed remote traceback
-                raise RuntimeError(f"a trial failed on a Ray actor: {exc.cause!r}") from None
+                raise RunFailed(f"a trial failed on a Ray actor: {exc.cause!r}") from None
             except RayActorError as exc:
-                raise RuntimeError(f"a Ray actor died running trials: {exc}") from None
+                raise RunFailed(f"a Ray actor died running trials: {exc}") from None
             for record in records:
                 done(record)
         self._fill()

@@ -17,7 +17,7 @@ from flwr.serverapp.strategy import FedAvg
 from rich.console import Console
 
 from securemark import data, models, training
-from securemark.config import SimConfig
+from securemark.config import ConfigError, SimConfig
 from securemark.flower.checkpoint import CHECKPOINT
 from securemark.flower.strategy import SecureMark
 from securemark.owner import FunctionSpec, function_spec
@@ -65,7 +65,7 @@ def run(
     if resume:
         saved = out / "config.toml"
         if not saved.is_file() or saved.read_text() != cfg.to_toml(out):
-            raise ValueError(f"{out} holds a run with another config than this one ({saved}); refusing to resume it")
+            raise ConfigError(f"{out} holds a run with another config than this one ({saved}); refusing to resume it")
     train_set, test = data.server_split(cfg.data, cfg.train.seed)
     model = models.build(
         cfg.model.name, tuple(test.x.shape[1:]), test.classes, seed=cfg.train.seed, width=cfg.model.width

@@ -59,6 +59,7 @@ from rich.console import Console
 
 from securemark import training
 from securemark.config import FingerprintConfig, SecAggSettings
+from securemark.errors import InputError, RoundFailed, SecureMarkError
 from securemark.flower import checkpoint, wire
 from securemark.flower.aggregate import MaskedSum, PlainSum, Sum, check_inner
 from securemark.flower.checkpoint import CHECKPOINT
@@ -68,7 +69,6 @@ from securemark.flower.metrics import mean_metrics, metrics_of, round_line
 from securemark.flower.nodes import IDENTITIES, Nodes
 from securemark.modelio import save_state_dict
 from securemark.owner import FunctionSpec, spec_module
-from securemark.secagg import protocol as P
 
 __all__ = ["CHECKPOINT", "IDENTITIES", "EvaluateFn", "SecureMark"]
 
@@ -163,12 +163,12 @@ class SecureMark(Strategy):
         """The inner strategy's train messages, each carrying its customer's copy; under masking with the round's
         configuration and the node's neighbours' public keys (new nodes are identified and keyed first).
 
-        Nodes are identified and the sum set up here; each copy is made as its message is taken from the
-        returned iterator, so the exchange sends the first copies while the rest are made (10 copies of a
-        1M-parameter model took 0.15-0.25 s that the nodes spent waiting), and the weights they were made from
-        are recorded as a base once the last is out, while the nodes train (the file and its SQLite record took
-        15-70 ms). A server that dies in between resumes from the previous checkpoint: the same weights, the
-        same base, recorded then."""
+        Nodes are identified, the weights recorded as a base and the sum set up here, before any copy leaves:
+        a copy out in the world always has its base in the registry (recording it after the last copy was out
+        saved 15-70 ms a round and left copies of a server that died in between untraceable to their round's
+        model). Each copy is made as its message is taken from the returned iterator, so the exchange sends the
+        first copies while the rest are made (10 copies of a 1M-parameter model took 0.15-0.25 s that the nodes
+        spent waiting)."""
         self.nodes.grid = grid
         self._load(arrays)
         clock = StageClock()
@@ -181,6 +181,7 @@ class SecureMark(Strategy):
         clock.lap("hello")
         function = (self.copies.function_mark(self._loaded, self.weights), self.weights)  # what reads the copies
         self._round = _Round(sampled, clock, function=function)
+        self._round.reference = self.copies.record_base(self._loaded, self.weights, server_round - 1)
         records = self.sum.setup(server_round, sampled, self.size)
         clock.lap("setup")
         return self._train_messages(server_round, inner_msgs, records)
@@ -197,7 +198,6 @@ class SecureMark(Strategy):
             for key, record in extra.items():
                 content[key] = record
             yield Message(content, dst_node_id=n, message_type=wire.MESSAGE_TYPE, group_id=str(r))
-        self._round.reference = self.copies.record_base(self._loaded, self.weights, r - 1)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -209,7 +209,7 @@ class SecureMark(Strategy):
         client = mean_metrics([metrics_of(got[n]) for n in agg.counted])  # only nodes whose update counted
         new = training.add_flat(self.weights, self.names, agg.mean)
         if not all(bool(torch.isfinite(v).all()) for v in new.values() if v.is_floating_point()):
-            raise ArithmeticError("the aggregate update overflows the model's dtype; the model is left unchanged")
+            raise RoundFailed("the aggregate update overflows the model's dtype; the model is left unchanged")
         synthetic = Message(
             RecordDict(
                 {
@@ -304,13 +304,13 @@ class SecureMark(Strategy):
             replies = self.nodes.receive(wire.TRAIN, msgs, timeout, self.sum.need())
             agg, metrics = self.aggregate_train(r, replies.values())
             if agg is None:
-                raise RuntimeError("the inner strategy aggregated nothing")
+                raise RoundFailed("the inner strategy aggregated nothing")
             arrays = result.arrays = agg
             if metrics is not None:
                 result.train_metrics_clientapp[r] = metrics
                 m["client_train"] = dict(metrics)
             m.update(self._round.info, status="completed")
-        except (P.SecAggError, RuntimeError, ValueError, ArithmeticError) as exc:  # the round fails, not the run
+        except SecureMarkError as exc:  # the round fails, not the run; a bug raises anything else and ends the run
             m.update(status="failed", reason=str(exc))
             self.console.print(f"  [red]round {r} failed, model unchanged: {exc}[/]")
         m["seconds"] = round(time.perf_counter() - start, 3)
@@ -348,7 +348,7 @@ class SecureMark(Strategy):
         """The inner strategy's client evaluation of round ``r``, on customers' copies; its metrics into ``m``."""
         try:
             msgs = self.configure_evaluate(r, arrays, ConfigRecord(dict(config)), grid)
-        except RuntimeError as exc:  # too few nodes connected: no client evaluation this round
+        except SecureMarkError as exc:  # too few nodes connected, a bad base: no client evaluation this round
             self.console.print(f"  [yellow]client evaluation of round {r} skipped: {exc}[/]")
             return
         if not msgs:
@@ -392,7 +392,7 @@ class SecureMark(Strategy):
         """The run in ``out`` from its checkpoint: the last completed round."""
         state, weights = checkpoint.load(self.out, num_rounds, self.inner)
         if {k: tuple(v.shape) for k, v in weights.items()} != {k: tuple(v.shape) for k, v in self.weights.items()}:
-            raise ValueError(f"the checkpoint in {self.out} holds another model than this run's")
+            raise InputError(f"the checkpoint in {self.out} holds another model than this run's")
         self.weights = {k: v.to(self.dtypes[k]) for k, v in weights.items()}
         self.load_state_dict(state)
         self.console.print(f"[bold]resuming[/] {self.out} after round {state['round']} of {num_rounds}")

@@ -8,10 +8,11 @@ from dataclasses import dataclass
 
 from securemark.codes import bibd
 from securemark.codes.base import CODE_KINDS
+from securemark.errors import SecureMarkError
 from securemark.fingerprint.carrier import CARRIER_MODES, CarrierSpec
 
 
-class RegistryError(RuntimeError):
+class RegistryError(SecureMarkError, RuntimeError):
     """The registry is missing, corrupt, or asked for something it cannot give."""
 
 

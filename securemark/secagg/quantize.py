@@ -19,10 +19,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from securemark.errors import SecureMarkError
+
 EXTRA_SLOTS = 2  # weight, clipped count
 
 
-class QuantizationError(ValueError):
+class QuantizationError(SecureMarkError, ValueError):
     """An update cannot be encoded: non-finite values, a weight out of range, a wrong size."""
 
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 import secrets
 from collections.abc import Mapping, Sequence
 
+from securemark.errors import SecureMarkError
+
 PRIME = 2**521 - 1  # a Mersenne prime
 SECRET_BYTES = 32
 SHARE_BYTES = 66  # ceil(521 / 8)
 
 
-class ShareError(ValueError):
+class ShareError(SecureMarkError, ValueError):
     """Shares are too few, malformed, or inconsistent with each other."""
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from securemark import models
+from securemark.errors import InputError
 from securemark.fingerprint.function import FunctionMark, Reading, features_and_logits, last_linear
 from securemark.owner import function_mark_of
 from securemark.registry import Base, Registry, RegistryError
@@ -35,10 +36,10 @@ def query_inputs(x: torch.Tensor | np.ndarray, count: int) -> np.ndarray:
     (0, -1), ... up to two pixels each way (24 shifted versions, so at most 25 N inputs)."""
     x = np.asarray(x, dtype=np.float32)
     if x.ndim != 4 or len(x) == 0:
-        raise ValueError(f"query data must be a non-empty array (N, C, H, W), got shape {list(x.shape)}")
+        raise InputError(f"query data must be a non-empty array (N, C, H, W), got shape {list(x.shape)}")
     rounds = -(-count // len(x))
     if rounds > len(SHIFTS):
-        raise ValueError(f"{count} queries need more than {len(SHIFTS)} shifted versions of {len(x)} inputs")
+        raise InputError(f"{count} queries need more than {len(SHIFTS)} shifted versions of {len(x)} inputs")
     out = [np.roll(x, SHIFTS[r], axis=(2, 3)) for r in range(rounds)]
     return np.concatenate(out)[:count]
 
@@ -58,12 +59,12 @@ def load_query_data(path: str | Path) -> np.ndarray:
                     raise ValueError(f"it holds {names}; name the query inputs 'x'")
                 x = z[key]
     except Exception as exc:  # zip, CRC, pickle and format errors all mean: not query data
-        raise ValueError(f"cannot read query data {path}: {exc}") from None
+        raise InputError(f"cannot read query data {path}: {exc}") from None
     if x.dtype.kind not in "fiu":
-        raise ValueError(f"query data {path}: expected real numbers, got dtype {x.dtype}")
+        raise InputError(f"query data {path}: expected real numbers, got dtype {x.dtype}")
     x = np.asarray(x, dtype=np.float32)
     if x.ndim != 4 or len(x) == 0 or not np.all(np.isfinite(x)):
-        raise ValueError(f"query data {path}: expected finite inputs (N, C, H, W), got shape {list(x.shape)}")
+        raise InputError(f"query data {path}: expected finite inputs (N, C, H, W), got shape {list(x.shape)}")
     return x
 
 
@@ -179,7 +180,7 @@ class BlackBoxTracer:
         start = time.perf_counter()
         need = max(mb.mark.min_queries for mb in self.bases)
         if queries < need:
-            raise ValueError(f"{queries} queries are too few for this registry's mark: it needs at least {need}")
+            raise InputError(f"{queries} queries are too few for this registry's mark: it needs at least {need}")
         x = query_inputs(self._data, queries)
         inputs = torch.from_numpy(x.copy())  # the owner's copy: nothing the suspect does can touch it
         base_views = []
@@ -188,7 +189,7 @@ class BlackBoxTracer:
                 base_views.append((mb, *features_and_logits(mb.model, inputs)))
             except RuntimeError as exc:
                 why = str(exc).splitlines()[0]
-                raise ValueError(f"the query inputs {list(x.shape[1:])} do not fit the base model: {why}") from None
+                raise InputError(f"the query inputs {list(x.shape[1:])} do not fit the base model: {why}") from None
         out = oracle(x)
         readings = [g for g in gauges(out, outputs) if _readable(g)]  # gauges() refuses what is no prediction
         _refuse_top_alone(out)

@@ -4,6 +4,8 @@ prediction. It sits apart so that the transports (tracing.oracle) and the readin
 
 from __future__ import annotations
 
+from securemark.errors import SecureMarkError
 
-class OracleError(RuntimeError):
+
+class OracleError(SecureMarkError, RuntimeError):
     """The suspect could not be queried, or answered something that is not a prediction."""

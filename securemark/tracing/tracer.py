@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from securemark.codes import bibd, unpack_bits
+from securemark.errors import SecureMarkError
 from securemark.fingerprint.align import AlignmentError, UnitGroup, align, chain_groups
 from securemark.fingerprint.carrier import CarrierLayout, CarrierMismatch, StateDict
 from securemark.fingerprint.embed import Fingerprinter
@@ -50,7 +51,7 @@ def fill_erasures(suspect: StateDict, base: StateDict) -> tuple[dict, int]:
     return out, count
 
 
-class SuspectError(ValueError):
+class SuspectError(SecureMarkError, ValueError):
     """The suspect holds values no verdict can be built on (NaN, inf, absurd magnitudes)."""
 
 

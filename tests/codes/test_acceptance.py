@@ -5,7 +5,7 @@ import pytest
 
 from securemark.codes import accusation_threshold, tardos
 from securemark.codes.channel import collude
-from securemark.codes.evaluate import CodeTrialSpec, evaluate_code
+from securemark.evaluation.codes import CodeTrialSpec, evaluate_code
 
 pytestmark = pytest.mark.slow
 

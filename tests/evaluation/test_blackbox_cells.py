@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from securemark import data, models
-from securemark.evaluation.blackbox import Setup, Tail, run, students_of, train_base
+from securemark.bench.blackbox import train_base
+from securemark.evaluation.blackbox import Setup, Tail, run, students_of
 
 
 @pytest.fixture(scope="module")

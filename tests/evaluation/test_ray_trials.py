@@ -9,8 +9,9 @@ import torch
 
 from securemark import data, models
 from securemark.evaluation.config import EvalConfig
-from securemark.evaluation.harness import Setting, plan, trial
+from securemark.evaluation.harness import plan
 from securemark.evaluation.schemes import make_scheme
+from securemark.evaluation.trials import Setting, trial
 from securemark.registry import Registry, RegistryError
 
 TIMINGS = {"attack_seconds", "tracing_seconds"}

@@ -63,6 +63,19 @@ def test_embed_then_extract_is_exact(mode):
     assert all(copy[k] is base[k] for k in base if base[k].dim() < 2)  # biases untouched
 
 
+def test_a_float64_model_is_marked_in_float64():
+    """A float64 model keeps its dtype and extracts its row to float64 rounding, also at tiny scales (a
+    float32 change would round to nothing on weights of 1e-40)."""
+    for scale in (1.0, 1e-40):
+        base = {k: v.double() * scale for k, v in cnn_state().items()}
+        fp = Fingerprinter.create(SECRET, CarrierSpec(), base, 256)
+        s = fp.strength_for_budget(base, 0.05)
+        bits = rows(1, 256)[0]
+        copy = fp.embed(base, bits, s)
+        assert all(copy[k].dtype == torch.float64 for k in base)
+        np.testing.assert_allclose(fp.extract(copy, fp.project(base), s), 2.0 * bits - 1.0, atol=1e-9)
+
+
 def test_average_of_copies_extracts_mean_of_rows():
     base = cnn_state()
     fp = Fingerprinter.create(SECRET, CarrierSpec(), base, 512)

@@ -128,6 +128,13 @@ def test_distinct_rows_counts_as_numpy_unique_does(rows):
     assert distinct_rows(np.repeat(a, 3, axis=0).reshape(-1, 1, 3)) == len(np.unique(a, axis=0))  # any shape
 
 
+def test_distinct_rows_compares_integers_exactly_and_reads_equal_nan_rows_as_one():
+    big = np.array([[2**53], [2**53 + 1]], dtype=np.int64)
+    assert distinct_rows(big) == 2  # a float64 cast would make them one
+    assert distinct_rows(np.array([[2**64 - 1], [2**64 - 2]], dtype=np.uint64)) == 2
+    assert distinct_rows(np.array([[np.nan, 1.0], [np.nan, 1.0], [np.nan, 2.0]])) == 2
+
+
 def test_a_penultimate_layer_wider_than_the_held_out_set_is_marked_and_read():
     """An MLP of 400 hidden units and 300 held-out inputs (the old rule wanted 800): the top components the
     inputs estimate carry the mark, K = 300 // 2 - skip - 1, and an intact copy reads back its row."""

@@ -2,7 +2,7 @@ import os
 import subprocess
 import sys
 
-from securemark.flower.bench_simulate import PeakMemory, tree_rss
+from securemark.bench.simulate import PeakMemory, tree_rss
 
 
 def test_peak_memory_counts_the_processes_a_run_starts():

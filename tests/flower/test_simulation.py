@@ -12,12 +12,12 @@ import torch
 from numpy.random import default_rng as rng
 
 from securemark import models
+from securemark.bench.simulate import _early_traced, _traced
 from securemark.cli import main
 from securemark.config import SimConfig
 from securemark.evaluation.config import EvalConfig
 from securemark.evaluation.harness import evaluate, plan
 from securemark.evaluation.outputs import rewrite
-from securemark.flower.bench_simulate import _early_traced, _traced
 from securemark.modelio import load_state_dict
 from securemark.quickstart import leak_and_trace
 from securemark.registry import Registry
@@ -161,7 +161,7 @@ def test_evaluate_without_a_source_says_how_to_make_one(tmp_path, capsys):
 
 def test_a_run_without_a_cluster_address_starts_a_private_ray_instance():
     """Ray's default joins what RAY_ADDRESS or the last `ray start` names (a dead head hangs every run)."""
-    from securemark.sim import backend_config
+    from securemark.flower.simulation import backend_config
 
     cfg = SimConfig.load(ROOT / "configs" / "smoke.toml")
     assert backend_config(cfg)["init_args"]["address"] == "local"

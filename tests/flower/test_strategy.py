@@ -147,6 +147,29 @@ def test_the_server_sees_only_masked_updates_and_every_client_its_own_copy(tmp_p
         assert dict(r.content["metrics"]).keys() == {"train_loss"}  # never num-examples in clear
 
 
+def test_no_copy_leaves_before_its_base_is_in_the_registry(tmp_path):
+    """A base that cannot be recorded (a full disk, a locked registry) fails the round before any copy is
+    made or sent: a copy out in the world always traces against the model it was made from."""
+    from securemark.registry import RegistryError
+
+    cfg = config(clients=3, rounds=2)
+    s, grid = quiet_strategy(cfg, tmp_path), InProcessGrid(3)
+    recorded = s.copies.record_base
+    calls = []
+
+    def full_disk_in_round_1(token, weights, after):
+        calls.append(after)
+        if after == 0:
+            raise RegistryError("database or disk is full")
+        return recorded(token, weights, after)
+
+    s.copies.record_base = full_disk_in_round_1
+    s.start(grid, initial(cfg), num_rounds=2, train_config=train_config(cfg))
+    assert [m["status"] for m in s.rounds] == ["failed", "completed"] and calls[:2] == [0, 1]
+    staged = [str(m.content[wire.SM]["stage"]) for m in grid.sent if wire.SM in m.content]
+    assert staged.count(wire.TRAIN) == 3  # round 2's copies only
+
+
 def test_plain_rounds_and_outputs_of_a_full_run(tmp_path):
     cfg = config(fingerprint=False, secagg=False, clients=3)
     rounds = run_app(InProcessGrid(3), cfg, tmp_path, Console(quiet=True))

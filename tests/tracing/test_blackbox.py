@@ -354,7 +354,7 @@ SERVED = ["temperature", "log10", "scaled-probs", "probs-minus-0.01", "probs-lif
 @pytest.mark.parametrize("kind", [*SERVED, "tamper"])
 def test_served_transforms_and_tampering_do_not_hide_the_leaker(world, tmp_path, kind):
     """Through TorchScript, on this module's one trained model. Its margin does not rest on that model: served
-    in process from 4 training seeds x 2 models (evaluation.censored.leak), every kind here named the leaker
+    in process from 4 training seeds x 2 models (bench.censored.leak), every kind here named the leaker
     alone at >= 2.39 x the certified threshold (the censored ones over more models: test_censored.py)."""
     directory, _, copies, _ = world
     path = tmp_path / "served.pt"

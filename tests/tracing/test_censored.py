@@ -9,7 +9,7 @@ tests ask for 1.5 x on 3 other seeds x 2 models, and that nobody else is accused
 import pytest
 import torch
 
-from securemark.evaluation.censored import CENSORS, Served, leak
+from securemark.bench.censored import CENSORS, Served, leak
 from securemark.tracing.blackbox import BlackBoxTracer
 from securemark.tracing.oracle import OracleError
 

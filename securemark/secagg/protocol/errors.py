@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from securemark.errors import SecureMarkError
 
-class SecAggError(RuntimeError):
+
+class SecAggError(SecureMarkError, RuntimeError):
     """Base of every protocol error; the message says what was rejected and why."""
 
 

@@ -12,6 +12,7 @@ from securemark.codes import bibd, tardos
 from securemark.codes.base import CODE_KINDS
 from securemark.codes.channel import ATTACKS, collude
 from securemark.codes.random import uniform_bias
+from securemark.errors import InputError
 from securemark.tracing.bound import Law, robust_observation
 from securemark.tracing.scores import accuse
 
@@ -32,15 +33,17 @@ class CodeTrialSpec:
 
     def validate(self) -> None:
         if self.code not in CODE_KINDS:
-            raise ValueError(f"code must be one of {CODE_KINDS}, got {self.code!r}")
+            raise InputError(f"code must be one of {CODE_KINDS}, got {self.code!r}")
         if self.attack not in ATTACKS:
-            raise ValueError(f"attack must be one of {ATTACKS}, got {self.attack!r}")
+            raise InputError(f"attack must be one of {ATTACKS}, got {self.attack!r}")
         if not 1 <= self.colluders <= self.users:
-            raise ValueError(f"need 1 <= colluders <= users, got {self.colluders} and {self.users}")
+            raise InputError(f"need 1 <= colluders <= users, got {self.colluders} and {self.users}")
         if self.trials < 1 or self.length < 1 or self.noise < 0:
-            raise ValueError("trials and length must be >= 1 and noise >= 0")
+            raise InputError("trials and length must be >= 1 and noise >= 0")
         if self.detector not in ("and", "soft"):
-            raise ValueError(f"detector must be 'and' or 'soft', got {self.detector!r}")
+            raise InputError(f"detector must be 'and' or 'soft', got {self.detector!r}")
+        if not 0 < self.eps < 1:  # NaN fails this too
+            raise InputError(f"eps must lie in (0, 1), got {self.eps}")
 
 
 def _accuse_scored(spec: CodeTrialSpec, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, float]:
@@ -83,7 +86,7 @@ def evaluate_code(spec: CodeTrialSpec, progress: bool = False) -> dict[str, obje
         q = bibd.plane_order_for(spec.max_colluders or spec.colluders)
         rows = bibd.code_rows(q)
         if spec.users > len(rows):
-            raise ValueError(f"PG(2,{q}) serves at most {len(rows)} users; asked for {spec.users}")
+            raise InputError(f"PG(2,{q}) serves at most {len(rows)} users; asked for {spec.users}")
         c_max = spec.max_colluders or spec.colluders
         # the detector's own cut: AND reads a position as 1 above 1 - 1/c_max; soft compares line means
         threshold = 1.0 - 1.0 / c_max if spec.detector == "and" else bibd.soft_threshold(q, c_max)

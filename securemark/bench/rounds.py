@@ -2,7 +2,8 @@
 
 - plain: securemark's ServerApp with fingerprinting and masking off (FedAvg of plain updates);
 - securemark: fingerprinted copies and masked aggregation (SecAgg over `cryptography`);
-- flower_secaggplus: Flower's own SecAgg+ (SecAggPlusWorkflow around a legacy FedAvg, secaggplus_mod).
+- flower_secaggplus: Flower's own SecAgg+ (SecAggPlusWorkflow around a legacy FedAvg, secaggplus_mod; the apps
+  are in securemark.flower.secaggplus).
 
 A round is timed on the server from sampling to the updated global model (evaluation excluded, as in
 metrics.json). Each variant is a fresh simulation; the figure is the median over rounds after the first,
@@ -15,24 +16,12 @@ import dataclasses
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-from flwr.app import Context
-from flwr.client import NumPyClient
-from flwr.client.mod import secaggplus_mod
-from flwr.clientapp import ClientApp
-from flwr.common import ndarrays_to_parameters
-from flwr.server import LegacyContext, ServerConfig
-from flwr.server.strategy import FedAvg
-from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
-from flwr.serverapp import Grid, ServerApp
-
-from securemark import data, models, training
+from securemark import data, models
 from securemark.config import SimConfig
+from securemark.errors import InputError, RunFailed
 from securemark.fingerprint.function import features_and_logits
 from securemark.modelio import load_state_dict
 
@@ -61,79 +50,24 @@ def variant_config(cfg: SimConfig, variant: str) -> SimConfig:
     )
 
 
-# --- Flower's SecAgg+ on the same model and data ---------------------------------------------------
-class _TrainClient(NumPyClient):
-    def __init__(self, cfg: SimConfig, pid: int) -> None:
-        self.cfg = cfg
-        self.pid = pid
-        self.local = data.client_data(cfg.data, pid, cfg.train.clients, cfg.train.seed)
-        shape = tuple(self.local.x.shape[1:])
-        self.model = models.build(cfg.model.name, shape, self.local.classes, width=cfg.model.width)  # type: ignore[arg-type]
-
-    def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[list[np.ndarray], int, dict]:
-        names = list(self.model.state_dict())
-        self.model.load_state_dict({n: torch.from_numpy(np.asarray(p)) for n, p in zip(names, parameters, strict=True)})
-        t = self.cfg.train
-        gen = training.client_generator(t.seed, int(config["round"]), self.pid)
-        loss = training.train(
-            self.model, self.local, epochs=t.local_epochs, lr=t.lr, batch_size=t.batch_size, generator=gen
-        )
-        weights = [v.detach().cpu().numpy() for v in self.model.state_dict().values()]
-        return weights, len(self.local), {"train_loss": loss}
-
-
-def secaggplus_apps(cfg: SimConfig, round_seconds: list[float]) -> tuple[ServerApp, ClientApp]:
-    """Flower's SecAgg+ apps; each fit round's duration is appended to ``round_seconds``."""
-
-    def client_fn(context: Context) -> Any:
-        return _TrainClient(cfg, int(context.node_config["partition-id"])).to_client()
-
-    server = ServerApp()
-
-    @server.main()
-    def main(grid: Grid, context: Context) -> None:
-        t = cfg.train
-        _, test = data.server_split(cfg.data, t.seed)
-        shape = tuple(test.x.shape[1:])
-        model = models.build(cfg.model.name, shape, test.classes, seed=t.seed, width=cfg.model.width)  # type: ignore[arg-type]
-        strategy = FedAvg(
-            fraction_fit=t.per_round / t.clients,
-            fraction_evaluate=0.0,
-            min_fit_clients=t.per_round,
-            min_available_clients=t.clients,
-            initial_parameters=ndarrays_to_parameters([v.numpy() for v in model.state_dict().values()]),
-            on_fit_config_fn=lambda r: {"round": r},
-        )
-        shares = t.per_round if t.per_round % 2 else t.per_round - 1  # odd, as SecAgg+ wants below all clients
-        secagg = SecAggPlusWorkflow(num_shares=shares, reconstruction_threshold=shares // 2 + 1, max_weight=5000)
-
-        def timed_fit(g: Grid, ctx: Context) -> None:
-            start = time.perf_counter()
-            secagg(g, ctx)
-            round_seconds.append(time.perf_counter() - start)
-
-        legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=t.rounds), strategy=strategy)
-        DefaultWorkflow(fit_workflow=timed_fit)(grid, legacy)
-
-    return server, ClientApp(client_fn=client_fn, mods=[secaggplus_mod])
-
-
 # --- the benchmark ---------------------------------------------------------------------------------
 def run_variant(cfg: SimConfig, variant: str, workdir: Path) -> tuple[list[float], list[dict[str, float]]]:
     """Per-round seconds of one variant (a fresh simulation), and per round the seconds of each stage
     (securemark's ServerApp only: metrics.json's stage_seconds)."""
-    from securemark.sim import run_apps, simulate
+    from securemark.flower.secaggplus import secaggplus_apps
+    from securemark.flower.simulation import run_apps
+    from securemark.sim import simulate
 
     if variant == "flower_secaggplus":
         seconds: list[float] = []
         run_apps(*secaggplus_apps(cfg, seconds), cfg)
         if len(seconds) != cfg.train.rounds:
-            raise RuntimeError(f"Flower's SecAgg+ finished {len(seconds)} of {cfg.train.rounds} rounds")
+            raise RunFailed(f"Flower's SecAgg+ finished {len(seconds)} of {cfg.train.rounds} rounds")
         return seconds, []
     rounds = simulate(variant_config(cfg, variant), workdir / variant)["rounds"]
     failed = [m["round"] for m in rounds if m["status"] != "completed"]
     if failed:
-        raise RuntimeError(f"{variant}: rounds {failed} failed")
+        raise RunFailed(f"{variant}: rounds {failed} failed")
     return [float(m["seconds"]) for m in rounds], [m["stage_seconds"] for m in rounds]
 
 
@@ -179,7 +113,7 @@ MARKED = 0.7  # a health above this: the copy carries its function mark (the smo
 
 def bench_rounds(clients: int, params: int, rounds: int, seed: int = 0) -> dict[str, Any]:
     if rounds < 2:
-        raise ValueError("bench rounds needs >= 2 rounds: the first (warm-up) is not counted")
+        raise InputError("bench rounds needs >= 2 rounds: the first (warm-up) is not counted")
     cfg = bench_config(clients, params, rounds, seed)
     per_round: dict[str, list[float]] = {}
     stages: dict[str, dict[str, float]] = {}

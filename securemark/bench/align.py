@@ -18,6 +18,7 @@ from torch import nn
 
 from securemark import models
 from securemark.attacks.rewrite import obfuscate
+from securemark.errors import InputError
 from securemark.fingerprint.align import align
 
 StateDict = dict[str, torch.Tensor]
@@ -82,7 +83,7 @@ def bench_model(name: str, model: nn.Module, budget: float, repeats: int, seed: 
 def bench_align(repeats: int = 3, budget: float = 0.05, seed: int = 0, large: bool = True) -> dict[str, object]:
     """The quickstart CNN (28x28, width 16) and, with ``large``, the 10^7-parameter MLP."""
     if repeats < 1 or not budget > 0:
-        raise ValueError("need repeats >= 1 and budget > 0")
+        raise InputError("need repeats >= 1 and budget > 0")
     rows = [bench_model("quickstart-cnn", models.build("cnn", (1, 28, 28), 10), budget, repeats, seed)]
     if large:
         rows.append(bench_model("mlp-10M", mlp_10m(), budget, repeats, seed))

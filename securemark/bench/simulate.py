@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from securemark.config import SimConfig
+from securemark.errors import RunFailed
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -61,7 +62,7 @@ class PeakMemory:
 
     def __enter__(self) -> PeakMemory:
         if not Path("/proc/self/statm").exists():
-            raise RuntimeError("bench simulate reads memory from /proc: Linux only")
+            raise RunFailed("bench simulate reads memory from /proc: Linux only")
         self._thread.start()
         return self
 
@@ -106,10 +107,11 @@ def _early_traced(out: Path) -> dict[str, Any]:
         first, names = reg.bases()[0], reg.customers()[:EARLY_SAMPLE]
         model = reg.base_model(first)
         if model is None:
-            raise RuntimeError(f"{out}/registry does not keep the model of its first base")
+            raise RunFailed(f"{out}/registry does not keep the model of its first base")
         fp = fingerprinter(reg, model)
         tracers = {"every_base": Tracer(reg), "final_base_only": Tracer(reg, every_base=False)}
-        alone, rms = dict.fromkeys(tracers, 0), {how: [] for how in tracers}
+        alone = dict.fromkeys(tracers, 0)
+        rms: dict[str, list[float]] = {how: [] for how in tracers}
         for name in names:
             copy = fp.embed(model, reg.customer(name, create=False).bits, first.strength)
             for how, tracer in tracers.items():
@@ -117,11 +119,11 @@ def _early_traced(out: Path) -> dict[str, Any]:
                 alone[how] += [s.customer for s in report.accused] == [name]
                 rms[how].append(report.signal_rms)
         bases = len(reg.bases())
-    out: dict[str, Any] = {"bases_kept": bases, "first_round_copies": len(names)}
+    figures: dict[str, Any] = {"bases_kept": bases, "first_round_copies": len(names)}
     for how in tracers:
-        out[f"first_round_copies_alone_{how}"] = alone[how]
-        out[f"first_round_median_signal_rms_{how}"] = round(statistics.median(rms[how]), 3)
-    return out
+        figures[f"first_round_copies_alone_{how}"] = alone[how]
+        figures[f"first_round_median_signal_rms_{how}"] = round(statistics.median(rms[how]), 3)
+    return figures
 
 
 def bench_simulate(cfg: SimConfig, out: Path) -> dict[str, Any]:

@@ -24,6 +24,7 @@ import torch
 from rich.progress import Progress
 
 from securemark import data, models, training
+from securemark.errors import InputError
 from securemark.owner import FunctionSpec, issue_copies
 from securemark.registry import Registry, RegistryParams
 from securemark.tracing.blackbox import BlackBoxTracer
@@ -82,7 +83,7 @@ def leak(arch: str, seed: int, directory: Path, customers: int = 300) -> tuple[R
 def bench_censored(archs: tuple[str, ...], seeds: int, kinds: tuple[str, ...], queries: int = 800) -> dict[str, Any]:
     unknown = sorted(set(kinds) - set(CENSORS)) + sorted(set(archs) - set(ARCHS))
     if unknown:
-        raise ValueError(f"unknown {unknown}: censorings are {', '.join(CENSORS)}; models {', '.join(ARCHS)}")
+        raise InputError(f"unknown {unknown}: censorings are {', '.join(CENSORS)}; models {', '.join(ARCHS)}")
     rows, start = [], time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="securemark-censored-") as tmp, Progress(transient=True) as bar:
         task = bar.add_task("trained models", total=len(archs) * seeds)

@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 
+from securemark.errors import InputError
 from securemark.prg import add_keystream, keystream_into
 from securemark.secagg import protocol as P
 from securemark.secagg.driver import Session, run_round
@@ -33,7 +34,7 @@ def masking_rates(size: int, dtype: type[np.unsignedinteger], repeats: int = 5) 
 
 def bench_secagg(clients: int, params: int, dropout: float = 0.0, graph: str = "complete", seed: int = 0) -> dict:
     if clients < 3 or params < 1 or not 0 <= dropout < 1:
-        raise ValueError("need clients >= 3, params >= 1 and 0 <= dropout < 1")
+        raise InputError("need clients >= 3, params >= 1 and 0 <= dropout < 1")
     rng = np.random.default_rng(seed)
     ids = tuple(range(1, clients + 1))
     updates = {i: 0.05 * rng.standard_normal(params) for i in ids}

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from securemark.errors import InputError, RunFailed
 from securemark.flower.processes import BIN, Processes, flower_env, free_port, wait_for_port
 
 RUN_DEADLINE_S = 900
@@ -38,9 +39,9 @@ def bench_deploy(
     app: Path, nodes: int = 4, rounds: int = 3, grace: float = 10.0, isolation: str = "subprocess"
 ) -> dict[str, Any]:
     if nodes < 3 or rounds < 2:
-        raise ValueError("need nodes >= 3 (a masked round needs a majority) and rounds >= 2")
+        raise InputError("need nodes >= 3 (a masked round needs a majority) and rounds >= 2")
     if isolation not in ISOLATIONS:
-        raise ValueError(f"isolation must be one of {ISOLATIONS}, got {isolation!r}")
+        raise InputError(f"isolation must be one of {ISOLATIONS}, got {isolation!r}")
     if not (Path(app) / "pyproject.toml").is_file():
         raise FileNotFoundError(f"{app} is not a Flower app directory (no pyproject.toml)")
     with tempfile.TemporaryDirectory(prefix="securemark-deploy-") as tmp:
@@ -108,7 +109,7 @@ def _run(procs: Processes, app: Path, out: Path, overrides: str, kill: subproces
         raise TimeoutError(f"flwr run did not finish in {RUN_DEADLINE_S} s; log: {log.name}")
     rounds = json.loads((out / "metrics.json").read_text())["rounds"] if (out / "metrics.json").is_file() else []
     if proc.returncode != 0 or not rounds:
-        raise RuntimeError(f"flwr run failed (exit {proc.returncode}):\n{(procs.logs / log.name).read_text()[-3000:]}")
+        raise RunFailed(f"flwr run failed (exit {proc.returncode}):\n{(procs.logs / log.name).read_text()[-3000:]}")
     seconds = [m["seconds"] for m in rounds]
     return {
         "per_round_seconds": seconds,
