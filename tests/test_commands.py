@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # the docs pages whose commands are listed in commands.toml: the README, the site's pages and the evaluation
 # tables the site includes (docs/experiments/collusion.md includes simulations/README.md at build time)
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")), ROOT / "simulations" / "README.md"]
-CATALOGUE = tomllib.loads((ROOT / "tests" / "commands.toml").read_text())["command"]
+LISTS = tomllib.loads((ROOT / "tests" / "commands.toml").read_text())
+CATALOGUE, OTHER = LISTS["command"], LISTS["other"]  # securemark commands; the docs' other shell lines
 PREFIX = r"(?:\$\s+)?(?:[A-Z_][A-Z0-9_]*=\S*\s+)*(?:python3? -m |\S*/)?"  # a prompt, VAR=1, python -m, a path
 COMMAND = re.compile(rf"{PREFIX}securemark\s+\S.*")
 IN_BLOCK = re.compile(rf"^\s*((?:bash scripts/setup && )?{PREFIX}securemark\s+\S.*)")
@@ -118,6 +119,42 @@ def test_every_command_the_docs_show_has_a_small_version_and_nothing_stale():
     assert sorted(shown - set(listed)) == [], "shown in the docs, missing from tests/commands.toml"
     assert sorted(set(listed) - shown) == [], "listed in tests/commands.toml, no longer in the docs"
     assert sum(len(e["shown"]) for e in CATALOGUE) == len(listed), "a spelling listed by two entries"
+
+
+SHELL = ("bash", "sh", "shell", "console")
+
+
+def shell_lines() -> dict[str, list[str]]:
+    """The lines of the docs' shell blocks that are not securemark commands, and the pages that show them."""
+    found: dict[str, list[str]] = {}
+    for page in DOCS:
+        for m in FENCE.finditer(page.read_text()):
+            if m.group(0).split("\n", 1)[0].strip().lstrip("`~").split()[:1] not in [[s] for s in SHELL]:
+                continue
+            for line in re.sub(r"\\\n", "\\ ", m.group(2)).splitlines():
+                line = fold(re.sub(r"\s#\s.*$", "", line))
+                if line and not line.startswith("#") and not IN_BLOCK.search(line):
+                    found.setdefault(line, []).append(page.name)
+    return found
+
+
+def test_every_other_shell_line_is_run_elsewhere_or_skipped_with_its_reason():
+    listed = {fold(s): e for e in OTHER for s in e["shown"]}
+    shown = shell_lines()
+    assert sorted(set(shown) - set(listed)) == [], "shell lines in the docs missing from tests/commands.toml"
+    assert sorted(set(listed) - set(shown)) == [], "listed in tests/commands.toml, no longer in the docs"
+    for entry in OTHER:
+        assert ("covered_by" in entry) != ("skip" in entry), f"{entry['shown'][0]}: covered_by or skip"
+
+
+@pytest.mark.parametrize("entry", OTHER, ids=lambda e: e["shown"][0][:60])
+def test_other_shell_lines_run_in_the_test_named(entry):
+    """A line run by another test names one that exists; a skipped one is reported as skipped, reason given."""
+    if "skip" in entry:
+        pytest.skip(entry["skip"])
+    path, _, name = entry["covered_by"].partition("::")
+    tree = ast.parse((ROOT / path).read_text())
+    assert any(isinstance(f, ast.FunctionDef) and f.name == name for f in ast.walk(tree)), entry["covered_by"]
 
 
 def test_no_mention_of_a_command_escapes_the_extraction():
