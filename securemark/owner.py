@@ -13,26 +13,16 @@ import numpy as np
 import torch
 
 from securemark.errors import InputError
-from securemark.fingerprint.carrier import CarrierLayout, StateDict
-from securemark.fingerprint.embed import Fingerprinter, Projection
+from securemark.fingerprint.carrier import StateDict
+from securemark.fingerprint.embed import Fingerprinter
 from securemark.fingerprint.function import Basis, FunctionMark, FunctionMarkError, check_readable, last_linear
 from securemark.modelio import first_bad_entry, state_digest
 from securemark.registry import Base, Customer, Registry, RegistryError
+from securemark.registry.marks import fingerprinter, function_mark_of
 
 if TYPE_CHECKING:
     from securemark.config import SimConfig
     from securemark.data import Dataset
-
-
-def fingerprinter(registry: Registry, model: StateDict) -> Fingerprinter:
-    """The registry's fingerprinter; once a base is recorded, ``model`` must have its carrier tensors
-    (CarrierMismatch names the first missing or misshapen one). Every base has the same layout."""
-    bases = registry.bases()
-    if not bases:
-        return Fingerprinter.create(registry.secret, registry.params.carrier, model, registry.params.length)
-    layout = CarrierLayout(registry.params.carrier, bases[-1].tensors)
-    layout.check(model)
-    return Fingerprinter(layout, Projection.derive(registry.secret, layout.size, registry.params.length))
 
 
 def check_finite(model: StateDict) -> None:
@@ -201,27 +191,6 @@ def _check_same(info: dict[str, Any], asked: dict[str, Any], how: str) -> None:
     if differ:
         what = "; ".join(f"{k}: recorded {a!r}, asked {b!r}" for k, (a, b) in differ.items())
         raise RegistryError(f"this base's function mark {how}, differently ({what})")
-
-
-def function_mark_of(registry: Registry, digest: str) -> tuple[FunctionMark, str, dict[str, Any]] | None:
-    """The function mark recorded for base ``digest``, the layer it edits and its record; None when that
-    base's copies carry none. A damaged record is a RegistryError (SQLite does not checksum rows, and a
-    skip of -1 or a budget of 1e308 would read every suspect as unmarked, never a silent miss)."""
-    record = registry.function_mark(digest)
-    if record is None:
-        return None
-    info, arr = record
-    try:
-        if not isinstance(info.get("data", {}), dict) or not isinstance(info["layer"], str):
-            raise TypeError("the record's data is not an object or its layer not a name")
-        basis = Basis.from_array(arr, info["skip"], info["logit_rms"], info["classes"])
-        budget = info["budget"]
-        if isinstance(budget, bool) or not isinstance(budget, float | int) or not 0 < budget <= 1:
-            raise ValueError(f"budget {budget!r} is outside (0, 1]")
-        mark = FunctionMark.create(registry.secret, basis, registry.bias(), float(budget))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise RegistryError(f"the function-mark record of base {digest[:12]} is unusable: {exc}") from None
-    return mark, info["layer"], info
 
 
 def function_mark_for(

@@ -340,7 +340,8 @@ def test_safetensors_round_trip_keeps_the_state_digest(reg):
 def test_damaged_bases_are_refused_and_temp_files_never_travel(reg):
     """A stored base whose strength or reference was damaged is a RegistryError, never an empty reading; an
     earlier base needs a finite strength > 0; files() copies only the registry's own names."""
-    from securemark.owner import add_earlier_base, fingerprinter
+    from securemark.owner import add_earlier_base
+    from securemark.registry.marks import fingerprinter
 
     model = _cnn()
     fp = fingerprinter(reg, model)

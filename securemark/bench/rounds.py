@@ -84,8 +84,8 @@ def function_marks(out: Path) -> dict[str, Any]:
     min_function_cosine, measured on every copy a round issued) and the final copies, read back as a tracer
     reads them: for each, the cosine between its reading on the held-out data and its code row's expected
     reading (FunctionMark.health: 1 for the mark alone, 0.8-0.97 beside the white-box mark, ~0 without it)."""
-    from securemark.owner import function_mark_of
     from securemark.registry import Registry
+    from securemark.registry.marks import function_mark_of
 
     rounds = json.loads((out / "metrics.json").read_text())["rounds"]
     health = [m["min_function_cosine"] for m in rounds if "min_function_cosine" in m]

@@ -99,8 +99,8 @@ def _early_traced(out: Path) -> dict[str, Any]:
     """Copies of the first kept base (what round 1's customers received) for up to EARLY_SAMPLE customers, each
     traced with every kept base and with the final one alone: how many name their customer alone, and the
     median RMS of the observation (1 for an intact copy read against its own base; drift adds to it)."""
-    from securemark.owner import fingerprinter
     from securemark.registry import Registry
+    from securemark.registry.marks import fingerprinter
     from securemark.tracing.tracer import Tracer
 
     with Registry.open(out / "registry") as reg:

@@ -22,8 +22,8 @@ from torch import nn
 from securemark import models
 from securemark.errors import InputError
 from securemark.fingerprint.function import FunctionMark, Reading, features_and_logits, last_linear
-from securemark.owner import function_mark_of
 from securemark.registry import Base, Registry, RegistryError
+from securemark.registry.marks import function_mark_of
 from securemark.tracing.bound import robust_observation
 from securemark.tracing.oracle import Gauge, Oracle, OracleError, gauges, remapped
 from securemark.tracing.tracer import Scorer, TraceReport

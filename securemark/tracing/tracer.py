@@ -21,8 +21,8 @@ from securemark.fingerprint.align import AlignmentError, UnitGroup, align, chain
 from securemark.fingerprint.carrier import CarrierLayout, CarrierMismatch, StateDict
 from securemark.fingerprint.embed import Fingerprinter
 from securemark.modelio import first_bad_entry
-from securemark.owner import fingerprinter
 from securemark.registry import Base, Registry, RegistryError
+from securemark.registry.marks import fingerprinter
 from securemark.tracing.bound import Law, Observation, robust_observation
 from securemark.tracing.scores import PackedCodebook, accuse, exact_scores, tardos_scores
 

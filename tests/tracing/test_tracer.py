@@ -197,7 +197,8 @@ def _drifted(base: dict, scale: float, seed: int) -> dict:
 def test_a_copy_of_an_earlier_round_traces_against_its_own_base(tmp_path):
     """A federation's registry keeps each round's model: a copy issued in round 1, then laundered, is read
     against round 1's model (the least-energy observation), not through the drift to the final model."""
-    from securemark.owner import add_earlier_base, establish_base, fingerprinter
+    from securemark.owner import add_earlier_base, establish_base
+    from securemark.registry.marks import fingerprinter
 
     rounds = [{k: v.clone() for k, v in build("cnn", (1, 8, 8), 10, seed=0).state_dict().items()}]
     for r in range(1, 4):
