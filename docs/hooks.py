@@ -78,9 +78,28 @@ def config_reference(root: type) -> str:
     for f in dataclasses.fields(root):
         section = _type_of(f)
         if dataclasses.is_dataclass(section):
-            out += [f"## [{f.name}]", "", (inspect.getdoc(section) or "").split("\n\n")[0], ""]
+            out += [f"## [{f.name}]", "", _summary(section), ""]
             out += _table(section, f"{f.name}.", dataclasses.fields(section))
     return "\n".join(out)
+
+
+def _summary(cls: type) -> str:
+    """The first paragraph of the class's own docstring; nothing for the signature dataclass writes in its place."""
+    doc = inspect.getdoc(cls) or ""
+    return "" if doc.startswith(cls.__name__ + "(") else doc.split("\n\n")[0]
+
+
+def _toml(value: Any) -> str:
+    """A default as a TOML file writes it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}" if value else "{}"
+    return repr(value)
 
 
 def _type_of(f: dataclasses.Field) -> Any:
@@ -101,17 +120,23 @@ def _table(cls: type, prefix: str, fields: Any) -> list[str]:
             default = f.default_factory()  # type: ignore[misc]
         else:
             default = "(required)"
-        shown = f"`{default!r}`".replace("|", "\\|") if default != "(required)" else default
+        shown = f"`{_toml(default)}`".replace("|", "\\|") if default != "(required)" else default
         note = notes.get(f.name, "").replace("|", "\\|")
         rows.append(f"| `{prefix}{f.name}` | {shown} | {note} |")
     return [*rows, ""]
 
 
 def _comments(cls: type) -> dict[str, str]:
-    """The comment beside each field in the class's source (``name: type = default  # comment``)."""
-    found = {}
+    """The comment beside each field in the class's source (``name: type = default  # comment``), or the comment
+    lines right above it."""
+    found, above = {}, []
     for line in inspect.getsource(cls).splitlines():
-        m = re.match(r"\s+(\w+): [^#]*?#\s*(.*)$", line)
-        if m:
-            found[m.group(1)] = m.group(2)
+        if m := re.match(r"\s+#\s*(.*)$", line):
+            above.append(m.group(1))
+            continue
+        if m := re.match(r"\s+(\w+): [^#]*?(?:#\s*(.*))?$", line):
+            note = m.group(2) or " ".join(above)
+            if note:
+                found[m.group(1)] = note
+        above = []
     return found

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from securemark.errors import InputError
+
 MODELS = ("mlp", "cnn", "cifar-cnn")
 
 
@@ -101,13 +103,13 @@ def load_weights(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> nn.Module:
         try:
             module = model.get_submodule(prefix) if prefix else model
         except AttributeError:
-            raise RuntimeError(f"{name!r} names no module of {type(model).__name__}") from None
+            raise InputError(f"{name!r} names no module of {type(model).__name__}") from None
         if leaf in module._parameters:
             module._parameters[leaf] = nn.Parameter(t.detach().clone())
         elif leaf in module._buffers:
             module._buffers[leaf] = t.detach().clone()
         else:
-            raise RuntimeError(f"{name!r} is neither a parameter nor a buffer of {type(model).__name__}")
+            raise InputError(f"{name!r} is neither a parameter nor a buffer of {type(model).__name__}")
     return model
 
 

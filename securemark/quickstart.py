@@ -1,5 +1,6 @@
-"""The README demo: a fingerprinted, masked federation on real MNIST digits; then one customer leaks its
-copy after laundering it (fine-tuning on its own data, pruning, int8 quantization) and the tracer names it.
+"""The quickstart demo (`securemark demo`): a fingerprinted, masked federation on real MNIST digits; then one
+customer leaks its copy after laundering it (fine-tuning on its own data, pruning, int8 quantization) and the
+tracer names it.
 """
 
 from __future__ import annotations

@@ -558,3 +558,31 @@ def test_sigterm_unwinds_a_bench_like_ctrl_c_and_removes_its_throwaway_registry(
         proc.kill()
     assert proc.returncode == 143 and "securemark: terminated" in err
     assert not list(scratch.glob("securemark-bb-*")), "the throwaway registry and its owner key are left behind"
+
+
+def test_refusals_added_after_an_attack_exit_2_with_one_line(tmp_path, capsys, monkeypatch):
+    """A simulation in which no round completed, an empty alignment spec and a coalition larger than the
+    users are refused with one line and exit 2, never reported as a success."""
+    import securemark.sim
+
+    failed = {"rounds": [{"round": 1, "status": "failed", "reason": "1 node(s) connected, the strategy asks for 4"}]}
+    monkeypatch.setattr(securemark.sim, "simulate", lambda cfg, out, resume=False: failed)
+    smoke = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.toml")
+    assert main(["simulate", smoke, "--out", str(tmp_path / "run")]) == 2
+    assert "no round of 1 completed (1 node(s) connected" in capsys.readouterr().err
+    (tmp_path / "groups.json").write_text("[]")
+    from securemark.fingerprint.groups import AlignmentError, load_groups
+
+    with pytest.raises(AlignmentError, match="at least one"):
+        load_groups(tmp_path / "groups.json")
+    assert main(["bench", "trace", "--users", "1", "--max-colluders", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "at least as many users" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_python_m_securemark_runs_the_command_line():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "securemark", "codes", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith("usage: securemark codes")

@@ -33,8 +33,8 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")), ROOT / "simu
 LISTS = tomllib.loads((ROOT / "tests" / "commands.toml").read_text())
 CATALOGUE, OTHER = LISTS["command"], LISTS["other"]  # securemark commands; the docs' other shell lines
 PREFIX = r"(?:\$\s+)?(?:[A-Z_][A-Z0-9_]*=\S*\s+)*(?:python3? -m |\S*/)?"  # a prompt, VAR=1, python -m, a path
-COMMAND = re.compile(rf"{PREFIX}securemark\s+\S.*")
-IN_BLOCK = re.compile(rf"^\s*((?:bash scripts/setup && )?{PREFIX}securemark\s+\S.*)")
+COMMAND = re.compile(rf"{PREFIX}securemark(?:\.cli)?\s+\S.*")  # python -m securemark(.cli) runs the same
+IN_BLOCK = re.compile(rf"^\s*((?:bash scripts/setup && )?{PREFIX}securemark(?:\.cli)?\s+\S.*)")
 FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})[^\n]*\n(.*?)^ {0,3}\1[ \t]*$", re.M | re.S)
 SPAN = re.compile(r"(?<!`)`([^`]+)`(?!`)")
 
@@ -58,7 +58,7 @@ def fold(text: str) -> str:
 def words_of(cmd: str) -> list[str]:
     """The command words after `securemark` (e.g. ["bench", "rounds"]), as deep as the parser's tree goes."""
     tokens = cmd.split()
-    after = tokens[next(i for i, t in enumerate(tokens) if t.endswith("securemark")) + 1 :]
+    after = tokens[next(i for i, t in enumerate(tokens) if t.endswith(("securemark", "securemark.cli"))) + 1 :]
     words, level = [], TREE
     for token in after:
         if token not in level:
@@ -159,10 +159,20 @@ def test_other_shell_lines_run_in_the_test_named(entry):
 
 def test_no_mention_of_a_command_escapes_the_extraction():
     """Outside the fences and spans read above (an indented block, HTML, a prompt the prefixes miss), a page
-    names no command: each would be a documented command that nothing runs."""
+    names no command; inside any fence, whatever its language, a line that names one is read as a command
+    (`cd runs && securemark trace`, `(.venv) $ securemark ...` are not); a span that names one is a whole
+    command or a reference (`time securemark bench` is neither). Each would be a command that nothing runs."""
     for page in DOCS:
-        rest = SPAN.sub("", FENCE.sub("", page.read_text()))
+        text = page.read_text()
+        rest = SPAN.sub("", FENCE.sub("", text))
         assert MENTION.findall(rest) == [], f"{page.name}: a command outside a code block or span"
+        for m in FENCE.finditer(text):
+            for line in re.sub(r"\\\n", "\\ ", m.group(2)).splitlines():
+                bare = re.sub(r"\s#\s.*$", "", line)
+                assert not MENTION.search(bare) or IN_BLOCK.search(bare), f"{page.name}: unread command: {line}"
+        for span in SPAN.findall(FENCE.sub("", text)):
+            span = fold(span)
+            assert not MENTION.search(span) or COMMAND.fullmatch(span), f"{page.name}: unread command: {span}"
 
 
 def test_each_small_version_runs_what_its_entry_shows():

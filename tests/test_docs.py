@@ -4,6 +4,7 @@ The docs' commands run from tests/commands.toml (tests/test_commands.py); the si
 by scripts/check (`mkdocs build --strict`: broken links, anchors and generated reference included)."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -11,11 +12,13 @@ import pytest
 
 from tests.test_commands import DOCS, FENCE, ROOT
 
+PYTHON = re.compile(r"(?i)^\{?\s*\.?(py|python3?)\b")  # ```python, ```py, ```python3, ```{.python}
+
 
 def python_blocks(page):
     for m in FENCE.finditer(page.read_text()):
-        info = m.group(0).split("\n", 1)[0].strip().lstrip("`~").split()
-        if info[:1] == ["python"]:
+        info = m.group(0).split("\n", 1)[0].strip().lstrip("`~").strip()
+        if PYTHON.match(info):
             yield m.group(2)
 
 

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from securemark import models
+from securemark.errors import InputError
 
 
 @pytest.mark.parametrize("name", models.MODELS)
@@ -24,3 +25,9 @@ def test_build_is_reproducible_and_leaves_the_global_random_state_alone(name, mo
     for k, v in a.state_dict().items():
         assert torch.equal(v, b.state_dict()[k])
     assert any(not torch.equal(v, c.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+def test_weights_that_name_no_module_are_refused_as_input():
+    model = models.build("mlp", (1, 8, 8), 10, width=4)
+    with pytest.raises(InputError, match="names no module"):
+        models.load_weights(model, {"net.9.weight": torch.zeros(3, 3)})

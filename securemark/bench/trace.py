@@ -8,11 +8,14 @@ import time
 import numpy as np
 
 from securemark.codes import pack_bits, tardos
+from securemark.errors import InputError
 from securemark.tracing.bound import Law
 from securemark.tracing.scores import PackedCodebook, accuse, tardos_scores
 
 
 def bench_trace(users: int, length: int, max_colluders: int, repeats: int, seed: int) -> dict[str, object]:
+    if users < max_colluders:
+        raise InputError(f"a coalition of {max_colluders} needs at least as many users, got {users}")
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
     bias = tardos.arcsine_bias(rng.random(length), max_colluders)

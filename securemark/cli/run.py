@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from securemark.cli.args import _config_command, _natural
-from securemark.errors import InputError
+from securemark.errors import InputError, RunFailed
 
 RAY_HELP = "run trials as Ray tasks: local (this machine's cores, the default), auto or ray://host:port (a cluster)"
 
@@ -27,6 +27,9 @@ def cmd_simulate(a: argparse.Namespace) -> None:
         cfg = SimConfig.load(a.config, a.set)
         out = Path(a.out or cfg.output)
     metrics = simulate(cfg, out, resume=a.resume is not None)
+    if not any(m["status"] == "completed" for m in metrics["rounds"]):  # a run that trained nothing is no success
+        reasons = sorted({str(m.get("reason", "?")) for m in metrics["rounds"]})
+        raise RunFailed(f"no round of {len(metrics['rounds'])} completed ({'; '.join(reasons)}); outputs in {out}")
     last = metrics["rounds"][-1]
     print(
         f"done: {len(metrics['rounds'])} rounds, final global accuracy {last['global_accuracy']:.4f}; outputs in {out}"

@@ -28,7 +28,7 @@ components are the class structure itself; every student relearns it with its ow
 the MNIST-5k CNN: students' coefficient errors 0.6-2.7 on the top 9 whitened components against 0.1-0.3 on
 the rest), so the mark is placed where students agree with their teacher. How much of it a student keeps
 depends on how much the soft labels say: at temperature 4 a student keeps about half of the mark, at
-temperature 1 (confident MNIST outputs are nearly one-hot) about a seventh. See the README's figures.
+temperature 1 (confident MNIST outputs are nearly one-hot) about a seventh. See docs/experiments/blackbox.md.
 
 **Capacity.** P = (C - 1) K independent directions: the quickstart CNN's 64 features have 45-50 components
 with variance (above 1e-4 of the top one), so with 10 classes P = 9 x 35..40 = 315..360 once the top 10 are

@@ -82,8 +82,8 @@ def load_groups(path: str | Path) -> list[UnitGroup]:
         raise AlignmentError(f"cannot read unit groups from {path}: {exc}") from None
     except UnicodeDecodeError:  # its message would quote a byte of the file
         raise AlignmentError(f"cannot read unit groups from {path}: not a UTF-8 text file") from None
-    if not isinstance(raw, list):
-        raise AlignmentError(f"{path}: expected a JSON list of unit groups")
+    if not isinstance(raw, list) or not raw:
+        raise AlignmentError(f"{path}: expected a JSON list of unit groups, at least one (none aligns nothing)")
     return [UnitGroup.from_json(g) for g in raw]
 
 

@@ -22,7 +22,7 @@ def _directions(rows: np.ndarray) -> np.ndarray:
 
     Limit: a row's spikes are dropped only while there are fewer than k of them (k spikes make the k-th
     largest a spike). With k = 2 for rows up to 40 entries, two spikes in the same short row stay: a known
-    gap, stated in the README ("Alignment", known gaps).
+    gap, stated in docs/explanations/alignment.md (known gaps).
 
     Scale-free: a rescaled copy drops the same entries as the base."""
     mags = np.abs(rows)

@@ -1,7 +1,7 @@
 """The Flower layer (the only code that imports flwr and ray).
 
 Add securemark to a Flower app: ``ClientApp(mods=[securemark_mod])`` on the clients, and
-``SecureMark(FedAvg(...), out=...)`` as the strategy on the server (README, "Add securemark to your Flower app").
+``SecureMark(FedAvg(...), out=...)`` as the strategy on the server (docs/tutorials/your-flower-app.md).
 
 Both are imported on first use, so a module of this layer imports only what it needs. The server side needs
 torch and the mod does not: a deployed SuperNode starts a fresh ClientApp process for every message, and the

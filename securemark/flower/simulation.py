@@ -20,7 +20,7 @@ for _var, _value in (
 
 class _HideRunSimulationDeprecation(logging.Filter):
     """run_simulation is the in-process entry point this runner needs (apps bound to a config object);
-    ``flwr run`` is supported separately (see README), so Flower's notice about it is noise here."""
+    ``flwr run`` is supported separately (docs/how-to/deploy.md), so Flower's notice about it is noise here."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "run_simulation" not in record.getMessage()

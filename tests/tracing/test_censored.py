@@ -2,8 +2,8 @@
 models, not one: which model a machine trains from the same seeds depends on its floating-point paths, and a
 reading that held for one model and not another once failed the suite on a fresh machine.
 
-The margin: over 20 training seeds of each of these two models (`securemark bench censored`, README
-"Black-box tracing") the leaker's score stood at >= 2.17 x the certified threshold for every censoring; these
+The margin: over 20 training seeds of each of these two models (`securemark bench censored`,
+docs/experiments/blackbox.md) the leaker's score stood at >= 2.17 x the certified threshold for every censoring; these
 tests ask for 1.5 x on 3 other seeds x 2 models, and that nobody else is accused."""
 
 import pytest
