@@ -48,7 +48,7 @@ def _finite(text: str) -> float:
 def _config_command(parent: Any, name: str, help: str, example: str, unique: bool = False) -> argparse.ArgumentParser:
     """A command run from a config file: CONFIG, --out, --set."""
     cmd = parent.add_parser(name, help=help)
-    cmd.add_argument("config", type=Path, nargs="?" if name == "simulate" else None)
+    cmd.add_argument("config", type=Path, nargs="?" if name == "simulate" else None, help="the TOML config")
     made_unique = ", made unique" if unique else ""
     cmd.add_argument("--out", default=None, help=f"output directory (default: the config's output{made_unique})")
     cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=f"override, e.g. {example}")

@@ -110,33 +110,39 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 def _add_trace(bench: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bt = bench.add_parser("trace", help="seconds to score one suspect against N customers")
-    bt.add_argument("--users", type=_positive, default=1_000_000)
-    bt.add_argument("--length", type=_positive, default=2048)
-    bt.add_argument("--max-colluders", type=_positive, default=5)
-    bt.add_argument("--repeats", type=_positive, default=5)
-    bt.add_argument("--seed", type=_natural, default=0)
-    bt.add_argument("--json", action="store_true")
+    bt.add_argument("--users", type=_positive, default=1_000_000, help="customers scored")
+    bt.add_argument("--length", type=_positive, default=2048, help="code length L")
+    bt.add_argument("--max-colluders", type=_positive, default=5, help="the coalition merged and traced")
+    bt.add_argument("--repeats", type=_positive, default=5, help="scorings timed (the best is reported)")
+    bt.add_argument("--seed", type=_natural, default=0, help="seed of the simulated randomness (never of a secret)")
+    bt.add_argument(
+        "--json", action="store_true", help="print the result as JSON on stdout (strict; nothing else goes there)"
+    )
     bt.set_defaults(func=cmd_bench_trace)
 
 
 def _add_secagg(bench: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bs = bench.add_parser("secagg", help="one masked-aggregation round against a plain sum")
-    bs.add_argument("--clients", type=_positive, default=10)
-    bs.add_argument("--params", type=_positive, default=1_000_000)
+    bs.add_argument("--clients", type=_positive, default=10, help="clients in the round")
+    bs.add_argument("--params", type=_positive, default=1_000_000, help="values in each update")
     bs.add_argument("--dropout", type=_finite, default=0.0, help="share of clients vanishing before masked input")
-    bs.add_argument("--graph", choices=("complete", "sparse"), default="complete")
-    bs.add_argument("--seed", type=_natural, default=0)
-    bs.add_argument("--json", action="store_true")
+    bs.add_argument("--graph", choices=("complete", "sparse"), default="complete", help="SecAgg (complete) or SecAgg+")
+    bs.add_argument("--seed", type=_natural, default=0, help="seed of the simulated randomness (never of a secret)")
+    bs.add_argument(
+        "--json", action="store_true", help="print the result as JSON on stdout (strict; nothing else goes there)"
+    )
     bs.set_defaults(func=cmd_bench_secagg)
 
 
 def _add_rounds(bench: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     br = bench.add_parser("rounds", help="seconds per round: plain FedAvg, securemark, Flower's SecAgg+")
-    br.add_argument("--clients", type=_positive, default=10)
+    br.add_argument("--clients", type=_positive, default=10, help="clients, all in every round")
     br.add_argument("--params", type=_positive, default=1_000_000, help="MLP sized to about this many parameters")
     br.add_argument("--rounds", type=_positive, default=3, help="the first is warm-up and not counted")
-    br.add_argument("--seed", type=_natural, default=0)
-    br.add_argument("--json", action="store_true")
+    br.add_argument("--seed", type=_natural, default=0, help="seed of the simulated randomness (never of a secret)")
+    br.add_argument(
+        "--json", action="store_true", help="print the result as JSON on stdout (strict; nothing else goes there)"
+    )
     br.set_defaults(func=cmd_bench_rounds)
 
 
@@ -145,33 +151,37 @@ def _add_deploy(bench: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "deploy", help="a SuperLink and SuperNodes on loopback: plain vs masked rounds, a node killed"
     )
     bd.add_argument("--app", type=Path, default=Path("."), help="the Flower app directory (this repository)")
-    bd.add_argument("--nodes", type=_positive, default=4)
+    bd.add_argument("--nodes", type=_positive, default=4, help="SuperNodes started (at least 3)")
     bd.add_argument("--rounds", type=_positive, default=3, help="the first is warm-up and not counted")
     bd.add_argument("--grace", type=_finite, default=10.0, help="secagg.grace: seconds to wait past the threshold")
     bd.add_argument("--isolation", choices=("subprocess", "process"), default="subprocess",
                     help="process: a separate flower-superexec beside each SuperNode")  # fmt: skip
-    bd.add_argument("--json", action="store_true")
+    bd.add_argument(
+        "--json", action="store_true", help="print the result as JSON on stdout (strict; nothing else goes there)"
+    )
     bd.set_defaults(func=cmd_bench_deploy)
 
 
 def _add_align(bench: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ba = bench.add_parser("align", help="seconds to align an obfuscated suspect: quickstart CNN, 10^7-param MLP")
-    ba.add_argument("--repeats", type=_positive, default=3)
+    ba.add_argument("--repeats", type=_positive, default=3, help="alignments timed per model")
     ba.add_argument("--budget", type=_finite, default=0.05, help="the stand-in mark's RMS relative to the weights'")
     ba.add_argument("--small", action="store_true", help="the quickstart CNN only")
-    ba.add_argument("--seed", type=_natural, default=0)
-    ba.add_argument("--json", action="store_true")
+    ba.add_argument("--seed", type=_natural, default=0, help="seed of the simulated randomness (never of a secret)")
+    ba.add_argument(
+        "--json", action="store_true", help="print the result as JSON on stdout (strict; nothing else goes there)"
+    )
     ba.set_defaults(func=cmd_bench_align)
 
 
 def _add_blackbox(bench: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bb = bench.add_parser("blackbox", help="function mark: fidelity, HTTP tracing, distilled students (MNIST-5k CNN)")
-    bb.add_argument("--customers", type=_positive, default=1000)
+    bb.add_argument("--customers", type=_positive, default=1000, help="customers in the registry")
     bb.add_argument("--trials", type=_positive, default=2, help="trials per cell")
     bb.add_argument("--copies", type=_positive, default=10, help="copies measured for fidelity")
-    bb.add_argument("--colluders", type=_positive, nargs="+", default=[1, 2, 4])
-    bb.add_argument("--temperatures", type=_finite, nargs="+", default=[1.0, 4.0])
-    bb.add_argument("--archs", nargs="+", choices=("cnn", "mlp"), default=["cnn", "mlp"])
+    bb.add_argument("--colluders", type=_positive, nargs="+", default=[1, 2, 4], help="coalition sizes of the students")
+    bb.add_argument("--temperatures", type=_finite, nargs="+", default=[1.0, 4.0], help="distillation temperatures")
+    bb.add_argument("--archs", nargs="+", choices=("cnn", "mlp"), default=["cnn", "mlp"], help="student models")
     bb.add_argument("--no-hard", action="store_true", help="skip the hard-label students")
     bb.add_argument("--no-students", action="store_true", help="no distilled students: fidelity, intact copies")
     bb.add_argument("--budget", type=_finite, default=0.03, help="function mark RMS / centred logits RMS")
@@ -185,8 +195,10 @@ def _add_blackbox(bench: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     bb.add_argument("--noise", type=_nonnegative, nargs="+", default=[], metavar="STD",
                     help="also serve intact copies with Gaussian noise of these standard deviations on every logit: "
                     "catch against the served accuracy")  # fmt: skip
-    bb.add_argument("--seed", type=_natural, default=0)
-    bb.add_argument("--json", action="store_true")
+    bb.add_argument("--seed", type=_natural, default=0, help="seed of the simulated randomness (never of a secret)")
+    bb.add_argument(
+        "--json", action="store_true", help="print the result as JSON on stdout (strict; nothing else goes there)"
+    )
     bb.set_defaults(func=cmd_bench_blackbox)
 
 
@@ -204,12 +216,16 @@ def _add_censored(bench: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     bc.add_argument("--served", nargs="+", choices=CENSORED, default=list(CENSORED), metavar="KIND",
                     help=f"censorings to serve (default all: {', '.join(CENSORED)})")  # fmt: skip
     bc.add_argument("--queries", type=_positive, default=800, help="the tracer's queries per suspect (default 800)")
-    bc.add_argument("--json", action="store_true")
+    bc.add_argument(
+        "--json", action="store_true", help="print the result as JSON on stdout (strict; nothing else goes there)"
+    )
     bc.set_defaults(func=cmd_bench_censored)
 
 
 def _add_simulate(bench: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     about = "one federation measured: s/round, peak memory (all processes), tracing"
     bsim = _config_command(bench, "simulate", about, "train.rounds=3", unique=True)
-    bsim.add_argument("--json", action="store_true")
+    bsim.add_argument(
+        "--json", action="store_true", help="print the result as JSON on stdout (strict; nothing else goes there)"
+    )
     bsim.set_defaults(func=cmd_bench_simulate)

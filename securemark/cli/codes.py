@@ -24,16 +24,28 @@ def cmd_codes_eval(a: argparse.Namespace) -> object:
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     codes = sub.add_parser("codes", help="collusion-resistant codes").add_subparsers(dest="sub", required=True)
     ev = codes.add_parser("eval", help="Monte-Carlo catch rate and false accusations of a code under an attack")
-    ev.add_argument("--code", choices=CODE_KINDS, default="tardos")
-    ev.add_argument("--users", type=_positive, default=1000)
-    ev.add_argument("--colluders", type=_positive, default=5)
-    ev.add_argument("--length", type=_positive, default=2048)
-    ev.add_argument("--attack", choices=ATTACKS, default="average")
-    ev.add_argument("--noise", type=_finite, default=0.0)
-    ev.add_argument("--trials", type=_positive, default=200)
-    ev.add_argument("--eps", type=_finite, default=1e-3)
-    ev.add_argument("--seed", type=_natural, default=0)
+    ev.add_argument(
+        "--code",
+        choices=CODE_KINDS,
+        default="tardos",
+        help="the code: Tardos (arcsine bias), random +-1 rows or BIBD (PG(2,q))",
+    )
+    ev.add_argument("--users", type=_positive, default=1000, help="customers holding a code row")
+    ev.add_argument("--colluders", type=_positive, default=5, help="customers in the coalition that merges its rows")
+    ev.add_argument("--length", type=_positive, default=2048, help="code length L (bits a row holds)")
+    ev.add_argument("--attack", choices=ATTACKS, default="average", help="how the coalition merges its rows")
+    ev.add_argument(
+        "--noise",
+        type=_finite,
+        default=0.0,
+        help="standard deviation of Gaussian noise added to the merged observation",
+    )
+    ev.add_argument("--trials", type=_positive, default=200, help="coalitions drawn")
+    ev.add_argument("--eps", type=_finite, default=1e-3, help="bound on P(any innocent accused)")
+    ev.add_argument("--seed", type=_natural, default=0, help="seed of the simulated randomness (never of a secret)")
     ev.add_argument("--max-colluders", type=_positive, default=None, help="design size (default: --colluders)")
     ev.add_argument("--detector", choices=("and", "soft"), default="and", help="BIBD detector")
-    ev.add_argument("--json", action="store_true")
+    ev.add_argument(
+        "--json", action="store_true", help="print the result as JSON on stdout (strict; nothing else goes there)"
+    )
     ev.set_defaults(func=cmd_codes_eval)

@@ -203,28 +203,37 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 def _add_registry(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     reg = sub.add_parser("registry", help="the owner's registry").add_subparsers(dest="sub", required=True)
     ini = reg.add_parser("init", help="create a registry and a fresh owner secret")
-    ini.add_argument("directory", type=Path)
-    ini.add_argument("--code", choices=CODE_KINDS, default="tardos")
-    ini.add_argument("--length", type=_positive, default=2048)
-    ini.add_argument("--max-colluders", type=_positive, default=5)
-    ini.add_argument("--eps", type=_finite, default=1e-3)
+    ini.add_argument("directory", type=Path, help="the registry folder")
+    ini.add_argument("--code", choices=CODE_KINDS, default="tardos", help="the code customers' rows are drawn from")
+    ini.add_argument("--length", type=_positive, default=2048, help="code length L (bits each copy carries)")
+    ini.add_argument(
+        "--max-colluders", type=_positive, default=5, help="the largest coalition the code is designed for"
+    )
+    ini.add_argument("--eps", type=_finite, default=1e-3, help="bound on P(any innocent accused) the tracer certifies")
     ini.add_argument("--budget", type=_finite, default=0.05, help="perturbation RMS / carrier RMS")
-    ini.add_argument("--carrier", choices=("weights", "filter-mean"), default="weights")
+    ini.add_argument(
+        "--carrier",
+        choices=("weights", "filter-mean"),
+        default="weights",
+        help="the mark in every weight, or in each selected tensor's mean over its filters (Uchida)",
+    )
     ini.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                      help="tensors the white-box mark leaves alone (fnmatch, repeatable), e.g. 'head.3.*' for a "
                      "function mark")  # fmt: skip
     ini.set_defaults(func=cmd_registry_init)
     show = reg.add_parser("show", help="print a registry's parameters, customers and deliveries as JSON")
-    show.add_argument("directory", type=Path)
+    show.add_argument("directory", type=Path, help="the registry folder")
     show.set_defaults(func=cmd_registry_show)
 
 
 def _add_issue(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     iss = sub.add_parser("issue", help="issue a fingerprinted copy of a model to a customer")
-    iss.add_argument("directory", type=Path)
-    iss.add_argument("--model", type=Path, required=True)
-    iss.add_argument("--customer", required=True)
-    iss.add_argument("--out", type=Path, required=True)
+    iss.add_argument("directory", type=Path, help="the registry folder")
+    iss.add_argument("--model", type=Path, required=True, help="the base model (.safetensors or .pt state_dict)")
+    iss.add_argument(
+        "--customer", required=True, help="the customer the copy is for (its code row is drawn the first time)"
+    )
+    iss.add_argument("--out", type=Path, required=True, help="where the copy is written")
     iss.add_argument("--config", type=Path, default=None,
                      help="a simulate config: the copy also carries the function (black-box) mark its runs make, "
                      "fitted on its held-out share (a base that has one recorded always carries it)")  # fmt: skip
@@ -233,41 +242,55 @@ def _add_issue(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def _add_trace(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     tr = sub.add_parser("trace", help="name the customers behind a suspect model (weights, or outputs only)")
-    tr.add_argument("directory", type=Path)
+    tr.add_argument("directory", type=Path, help="the registry folder")
     tr.add_argument("suspect", type=Path, nargs="?", default=None, help="the suspect's weights (white-box)")
     tr.add_argument("--endpoint", default=None, help="black box: http://host:port/v2/models/NAME (Open Inference V2)")
     tr.add_argument("--query-model", type=Path, default=None, help="black box: a TorchScript file, outputs only")
     tr.add_argument("--query-data", type=Path, default=None, help="query inputs (.npz, array x: N,C,H,W)")
     tr.add_argument("--queries", type=_positive, default=2000, help="black-box query budget")
-    tr.add_argument("--outputs", choices=("auto", "probs", "logits"), default="auto")
+    tr.add_argument(
+        "--outputs",
+        choices=("auto", "probs", "logits"),
+        default="auto",
+        help="what the suspect answers with (auto: read every way, keep the closest to the base)",
+    )
     tr.add_argument("--timeout", type=_finite, default=30.0,
                     help="seconds one HTTP request, or one batch of a --query-model, may take (> 0)")  # fmt: skip
-    tr.add_argument("--retries", type=_natural, default=3)
-    tr.add_argument("--top", type=_positive, default=10)
+    tr.add_argument("--retries", type=_natural, default=3, help="retries of a failed request, counted in --queries")
+    tr.add_argument("--top", type=_positive, default=10, help="customers shown, highest score first")
     tr.add_argument("--hard", action="store_true", help="score the signs of the extracted code only")
     tr.add_argument("--align-spec", type=Path, default=None, help="unit groups (JSON) for models that are no chain")
     tr.add_argument("--no-align", action="store_true", help="read the suspect in its own coordinates")
-    tr.add_argument("--json", action="store_true")
+    tr.add_argument(
+        "--json", action="store_true", help="print the result as JSON on stdout (strict; nothing else goes there)"
+    )
     tr.set_defaults(func=cmd_trace)
 
 
 def _add_attack(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     att = sub.add_parser("attack", help="attacks on model files").add_subparsers(dest="attack", required=True)
     col = att.add_parser("collude", help="merge copies")
-    col.add_argument("files", type=Path, nargs="+")
-    col.add_argument("--method", choices=COLLUSION_METHODS, default="average")
+    col.add_argument("files", type=Path, nargs="+", help="the colluders' copies")
+    col.add_argument("--method", choices=COLLUSION_METHODS, default="average", help="how the copies are merged")
     col.add_argument("--alpha", type=_finite, default=0.5, help="extrapolate: w_a + alpha (w_a - w_b)")
     pr = att.add_parser("prune", help="magnitude pruning")
-    pr.add_argument("file", type=Path)
-    pr.add_argument("--ratio", type=_finite, required=True)
-    pr.add_argument("--scope", choices=("global", "layer"), default="global")
+    pr.add_argument("file", type=Path, help="the model to prune")
+    pr.add_argument("--ratio", type=_finite, required=True, help="share of weights set to zero")
+    pr.add_argument(
+        "--scope",
+        choices=("global", "layer"),
+        default="global",
+        help="the smallest weights of the whole model, or of each layer",
+    )
     qu = att.add_parser("quantize", help="integer (4, 8) or float16 (16) round trip")
-    qu.add_argument("file", type=Path)
-    qu.add_argument("--bits", type=int, choices=(4, 8, 16), default=8)
+    qu.add_argument("file", type=Path, help="the model to quantize")
+    qu.add_argument("--bits", type=int, choices=(4, 8, 16), default=8, help="bits per weight")
     no = att.add_parser("noise", help="add Gaussian noise of absolute std S to every weight")
-    no.add_argument("file", type=Path)
-    no.add_argument("--std", type=_finite, required=True)
+    no.add_argument("file", type=Path, help="the model to add noise to")
+    no.add_argument(
+        "--std", type=_finite, required=True, help="standard deviation of the Gaussian noise added to every weight"
+    )
     for sp in (col, pr, qu, no):
-        sp.add_argument("--out", type=Path, required=True)
-        sp.add_argument("--seed", type=_natural, default=0)
+        sp.add_argument("--out", type=Path, required=True, help="where the attacked model is written")
+        sp.add_argument("--seed", type=_natural, default=0, help="seed of the simulated randomness (never of a secret)")
         sp.set_defaults(func=cmd_attack)

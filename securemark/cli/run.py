@@ -106,7 +106,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     ev.set_defaults(func=cmd_evaluate)
 
     demo = sub.add_parser("demo", help="quickstart: federated training, then a laundered leak traced to its customer")
-    demo.add_argument("--config", type=Path, default=Path("configs/quickstart.toml"))
+    demo.add_argument("--config", type=Path, default=Path("configs/quickstart.toml"), help="the run's TOML config")
     demo.add_argument("--out", default=None, help="run directory (default: the config's output, made unique)")
     demo.add_argument("--seed", type=_natural, default=0, help="chooses the leaking customer")
     demo.add_argument("--owner", action="store_true", help="the owner workflow alone on digits: no federation")
