@@ -198,20 +198,25 @@ class MaskedSum:
 
 def _apply_masked(srv: P.ServerRound, i: int, content: RecordDict) -> None:
     """The masked vector of a train reply, checked against the checksum securemark_mod attached."""
-    y, crc = wire.array_from(content[wire.UPDATE]), content[wire.SM]["crc32"]
+    with wire.malformed("masked reply"):
+        y, crc = wire.array_from(content[wire.UPDATE]), content[wire.SM]["crc32"]
+        masked = wire.masked_from(y, content[wire.PAYLOAD])
     if isinstance(crc, bool) or not isinstance(crc, int) or wire.checksum(y) != crc:
         raise P.ProtocolViolation("masked update changed after securemark_mod (must be the first mod)")
-    P.server_receive_masked(srv, i, wire.masked_from(y, content[wire.PAYLOAD]))
+    P.server_receive_masked(srv, i, masked)
 
 
 def _apply_unmask(srv: P.ServerRound, i: int, content: RecordDict) -> None:
-    P.server_receive_unmask(srv, i, *wire.reveals_from(content[wire.PAYLOAD]))
+    with wire.malformed("unmask reply"):
+        reveals, bad = wire.reveals_from(content[wire.PAYLOAD])
+    P.server_receive_unmask(srv, i, reveals, bad)
 
 
 def _plain_update(content: RecordDict, size: int, max_weight: int) -> tuple[int, np.ndarray]:
-    weight, update = content[wire.SM]["weight"], wire.array_from(content[wire.UPDATE]).astype(np.float64)
+    with wire.malformed("plain reply"):
+        weight, update = content[wire.SM]["weight"], wire.array_from(content[wire.UPDATE]).astype(np.float64)
     if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= max_weight:
-        raise ValueError(f"weight must be a whole number in [1, {max_weight}]")
+        raise P.ProtocolViolation(f"weight must be a whole number in [1, {max_weight}]")
     if update.shape != (size,) or not np.isfinite(update).all():
-        raise ValueError(f"update must be {size} finite values")
+        raise P.ProtocolViolation(f"update must be {size} finite values")
     return weight, update

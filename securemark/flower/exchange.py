@@ -19,7 +19,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from rich.console import Console
 
-from securemark.errors import RoundFailed
+from securemark.errors import RoundFailed, SecureMarkError
 
 
 def exchange(
@@ -51,11 +51,12 @@ def exchange(
 
 
 def accept(console: Console, node: int, parse_and_apply: Callable[..., Any], *args: Any) -> Any:
-    """Parse and apply one node's reply; anything malformed (a protocol violation, a missing record, a wrong
-    type) rejects that reply (None), the node counts as dropped, and the run goes on."""
+    """Parse and apply one node's reply; a reply that is malformed or breaks the protocol (a SecureMarkError:
+    the parsers read a node's records under ``wire.malformed``) is rejected (None), the node counts as
+    dropped, and the run goes on. Anything else is a bug of ours and ends the run with its traceback."""
     try:
         return parse_and_apply(*args)
-    except Exception as exc:  # a hostile or buggy node must never end the run
+    except SecureMarkError as exc:  # a hostile or broken node must never end the run
         console.print(f"  [yellow]rejected node {node}: {type(exc).__name__}: {exc}[/]")
         return None
 

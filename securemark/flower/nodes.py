@@ -169,5 +169,7 @@ def _registered_name(info: Any) -> str | None:
 
 
 def _apply_keys(keys: P.SessionKeys, i: int, content: RecordDict) -> bool:
-    keys.register(i, content[wire.PAYLOAD]["c_pk"], content[wire.PAYLOAD]["s_pk"])
+    with wire.malformed("hello reply"):
+        c_pk, s_pk = content[wire.PAYLOAD]["c_pk"], content[wire.PAYLOAD]["s_pk"]
+    keys.register(i, c_pk, s_pk)
     return True

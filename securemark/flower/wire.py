@@ -7,6 +7,8 @@ between messages (a node's messages may be served by different processes), never
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -32,6 +34,18 @@ UPDATE = "securemark.update"  # ArrayRecord: the (masked) update of one client
 SHARES = "securemark.shares"  # ConfigRecord: encrypted shares addressed to one node (unmask request)
 # in context.state: long-term keys; the round masked and not yet unmasked, and its neighbours' public keys
 KEYS, ROUND, PEERS = "securemark.keys", "securemark.round", "securemark.peers"
+
+
+@contextmanager
+def malformed(what: str) -> Iterator[None]:
+    """Reading a peer's records: a missing key, a wrong type or an undecodable value there is the peer's fault,
+    a ProtocolViolation (the reply is refused, the node counts as dropped); put only the reading inside, so a
+    bug in what is done with the values still ends the run."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, IndexError, OverflowError, AttributeError) as exc:  # AttributeError:
+        # a record of another kind than the one read (a ConfigRecord where an ArrayRecord belongs)
+        raise P.ProtocolViolation(f"malformed {what}: {type(exc).__name__}: {exc}") from None
 
 
 def with_arrays(content: RecordDict, arrays: ArrayRecord) -> RecordDict:

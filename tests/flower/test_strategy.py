@@ -170,6 +170,26 @@ def test_no_copy_leaves_before_its_base_is_in_the_registry(tmp_path):
     assert staged.count(wire.TRAIN) == 3  # round 2's copies only
 
 
+@pytest.mark.parametrize("secagg", [True, False])
+def test_a_bug_in_what_is_done_with_a_reply_ends_the_run_not_a_dropped_node(tmp_path, monkeypatch, secagg):
+    """A node's records are read under wire.malformed (its fault: the node is dropped); past that reading, an
+    exception of ours is a bug: it ends the run with its traceback instead of failing every round quietly."""
+    from securemark.flower import aggregate
+    from securemark.secagg import protocol
+
+    def bug(*_):
+        raise TypeError("a bug of ours")
+
+    if secagg:
+        monkeypatch.setattr(protocol, "server_receive_masked", bug)
+    else:
+        monkeypatch.setattr(aggregate, "_plain_update", bug)
+    cfg = config(clients=3, fingerprint=False, secagg=secagg)
+    s = quiet_strategy(cfg, tmp_path)
+    with pytest.raises(TypeError, match="a bug of ours"):
+        s.start(InProcessGrid(3), initial(cfg), num_rounds=1, train_config=train_config(cfg))
+
+
 def test_plain_rounds_and_outputs_of_a_full_run(tmp_path):
     cfg = config(fingerprint=False, secagg=False, clients=3)
     rounds = run_app(InProcessGrid(3), cfg, tmp_path, Console(quiet=True))
