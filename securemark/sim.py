@@ -9,13 +9,13 @@ from typing import Any
 
 from securemark.config import SimConfig
 from securemark.errors import RunFailed
-from securemark.flower.checkpoint import CHECKPOINT, checked_state
 from securemark.flower.simulation import run_securemark
 
 
 def simulate(cfg: SimConfig, out: Path, resume: bool = False) -> dict[str, Any]:
     """Run all rounds (with ``resume``, those after ``out``'s checkpoint); returns metrics.json's content.
     Raises if the ServerApp did not finish."""
+    from securemark.flower.checkpoint import CHECKPOINT, checked_state  # flwr and torch: only when run
     from securemark.flower.server_app import resumable
 
     out = Path(out)

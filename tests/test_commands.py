@@ -15,6 +15,7 @@ import json
 import re
 import shlex
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -85,14 +86,25 @@ def spans(text: str) -> list[str]:
     return [fold(s) for s in SPAN.findall(FENCE.sub("", text)) if COMMAND.fullmatch(fold(s))]
 
 
+def fences(text: str) -> Iterator[tuple[str, str]]:
+    """(info string, body) of every fenced block of a page: ```bash gives "bash"."""
+    for m in FENCE.finditer(text.replace("\r\n", "\n")):
+        yield m.group(0).split("\n", 1)[0].strip().lstrip("`~").strip(), m.group(2)
+
+
+def block_lines(body: str) -> list[str]:
+    """A block's lines, backslash continuations joined, a comment after a line cut."""
+    return [re.sub(r"\s#\s.*$", "", line) for line in re.sub(r"\\\n", "\\ ", body).splitlines()]
+
+
 def documented() -> dict[str, list[str]]:
     """Each command shown in DOCS (whitespace folded, a comment after it cut) and the pages that show it."""
     found: dict[str, list[str]] = {}
     for page in DOCS:
         text = page.read_text().replace("\r\n", "\n")
-        for _, block in FENCE.findall(text):
-            for line in re.sub(r"\\\n", "\\ ", block).splitlines():
-                if m := IN_BLOCK.search(re.sub(r"\s#\s.*$", "", line)):
+        for _, body in fences(text):
+            for line in block_lines(body):
+                if m := IN_BLOCK.search(line):
                     found.setdefault(fold(m.group(1)), []).append(page.name)
         for span in spans(text):
             if not is_reference(span):
@@ -128,11 +140,10 @@ def shell_lines() -> dict[str, list[str]]:
     """The lines of the docs' shell blocks that are not securemark commands, and the pages that show them."""
     found: dict[str, list[str]] = {}
     for page in DOCS:
-        for m in FENCE.finditer(page.read_text()):
-            if m.group(0).split("\n", 1)[0].strip().lstrip("`~").split()[:1] not in [[s] for s in SHELL]:
+        for info, body in fences(page.read_text()):
+            if info.split()[:1] not in [[s] for s in SHELL]:
                 continue
-            for line in re.sub(r"\\\n", "\\ ", m.group(2)).splitlines():
-                line = fold(re.sub(r"\s#\s.*$", "", line))
+            for line in map(fold, block_lines(body)):
                 if line and not line.startswith("#") and not IN_BLOCK.search(line):
                     found.setdefault(line, []).append(page.name)
     return found
@@ -166,10 +177,9 @@ def test_no_mention_of_a_command_escapes_the_extraction():
         text = page.read_text()
         rest = SPAN.sub("", FENCE.sub("", text))
         assert MENTION.findall(rest) == [], f"{page.name}: a command outside a code block or span"
-        for m in FENCE.finditer(text):
-            for line in re.sub(r"\\\n", "\\ ", m.group(2)).splitlines():
-                bare = re.sub(r"\s#\s.*$", "", line)
-                assert not MENTION.search(bare) or IN_BLOCK.search(bare), f"{page.name}: unread command: {line}"
+        for _, body in fences(text):
+            for line in block_lines(body):
+                assert not MENTION.search(line) or IN_BLOCK.search(line), f"{page.name}: unread command: {line}"
         for span in SPAN.findall(FENCE.sub("", text)):
             span = fold(span)
             assert not MENTION.search(span) or COMMAND.fullmatch(span), f"{page.name}: unread command: {span}"

@@ -10,16 +10,13 @@ import sys
 
 import pytest
 
-from tests.test_commands import DOCS, FENCE, ROOT
+from tests.test_commands import DOCS, ROOT, fences
 
 PYTHON = re.compile(r"(?i)^\{?\s*\.?(py|python3?)\b")  # ```python, ```py, ```python3, ```{.python}
 
 
 def python_blocks(page):
-    for m in FENCE.finditer(page.read_text()):
-        info = m.group(0).split("\n", 1)[0].strip().lstrip("`~").strip()
-        if PYTHON.match(info):
-            yield m.group(2)
+    return [body for info, body in fences(page.read_text()) if PYTHON.match(info)]
 
 
 BLOCKS = [(page, i, code) for page in DOCS for i, code in enumerate(python_blocks(page))]

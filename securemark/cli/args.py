@@ -53,3 +53,13 @@ def _config_command(parent: Any, name: str, help: str, example: str, unique: boo
     cmd.add_argument("--out", default=None, help=f"output directory (default: the config's output{made_unique})")
     cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=f"override, e.g. {example}")
     return cmd
+
+
+def add_seed(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seed", type=_natural, default=0, help="seed of the simulated randomness (never of a secret)")
+
+
+def add_json(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--json", action="store_true", help="print the result as JSON on stdout (strict; nothing else goes there)"
+    )

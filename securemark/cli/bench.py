@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from securemark.cli.args import _config_command, _finite, _natural, _nonnegative, _positive
+from securemark.cli.args import _config_command, _finite, _natural, _nonnegative, _positive, add_json, add_seed
 from securemark.cli.output import _json_or_table
 from securemark.cli.run import _fresh_dir
 
@@ -114,10 +114,8 @@ def _add_trace(bench: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     bt.add_argument("--length", type=_positive, default=2048, help="code length L")
     bt.add_argument("--max-colluders", type=_positive, default=5, help="the coalition merged and traced")
     bt.add_argument("--repeats", type=_positive, default=5, help="scorings timed (the best is reported)")
-    bt.add_argument("--seed", type=_natural, default=0, help="seed of the simulated randomness (never of a secret)")
-    bt.add_argument(
-        "--json", action="store_true", help="print the result as JSON on stdout (strict; nothing else goes there)"
-    )
+    add_seed(bt)
+    add_json(bt)
     bt.set_defaults(func=cmd_bench_trace)
 
 
@@ -127,10 +125,8 @@ def _add_secagg(bench: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     bs.add_argument("--params", type=_positive, default=1_000_000, help="values in each update")
     bs.add_argument("--dropout", type=_finite, default=0.0, help="share of clients vanishing before masked input")
     bs.add_argument("--graph", choices=("complete", "sparse"), default="complete", help="SecAgg (complete) or SecAgg+")
-    bs.add_argument("--seed", type=_natural, default=0, help="seed of the simulated randomness (never of a secret)")
-    bs.add_argument(
-        "--json", action="store_true", help="print the result as JSON on stdout (strict; nothing else goes there)"
-    )
+    add_seed(bs)
+    add_json(bs)
     bs.set_defaults(func=cmd_bench_secagg)
 
 
@@ -139,10 +135,8 @@ def _add_rounds(bench: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     br.add_argument("--clients", type=_positive, default=10, help="clients, all in every round")
     br.add_argument("--params", type=_positive, default=1_000_000, help="MLP sized to about this many parameters")
     br.add_argument("--rounds", type=_positive, default=3, help="the first is warm-up and not counted")
-    br.add_argument("--seed", type=_natural, default=0, help="seed of the simulated randomness (never of a secret)")
-    br.add_argument(
-        "--json", action="store_true", help="print the result as JSON on stdout (strict; nothing else goes there)"
-    )
+    add_seed(br)
+    add_json(br)
     br.set_defaults(func=cmd_bench_rounds)
 
 
@@ -156,9 +150,7 @@ def _add_deploy(bench: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     bd.add_argument("--grace", type=_finite, default=10.0, help="secagg.grace: seconds to wait past the threshold")
     bd.add_argument("--isolation", choices=("subprocess", "process"), default="subprocess",
                     help="process: a separate flower-superexec beside each SuperNode")  # fmt: skip
-    bd.add_argument(
-        "--json", action="store_true", help="print the result as JSON on stdout (strict; nothing else goes there)"
-    )
+    add_json(bd)
     bd.set_defaults(func=cmd_bench_deploy)
 
 
@@ -167,10 +159,8 @@ def _add_align(bench: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     ba.add_argument("--repeats", type=_positive, default=3, help="alignments timed per model")
     ba.add_argument("--budget", type=_finite, default=0.05, help="the stand-in mark's RMS relative to the weights'")
     ba.add_argument("--small", action="store_true", help="the quickstart CNN only")
-    ba.add_argument("--seed", type=_natural, default=0, help="seed of the simulated randomness (never of a secret)")
-    ba.add_argument(
-        "--json", action="store_true", help="print the result as JSON on stdout (strict; nothing else goes there)"
-    )
+    add_seed(ba)
+    add_json(ba)
     ba.set_defaults(func=cmd_bench_align)
 
 
@@ -195,10 +185,8 @@ def _add_blackbox(bench: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     bb.add_argument("--noise", type=_nonnegative, nargs="+", default=[], metavar="STD",
                     help="also serve intact copies with Gaussian noise of these standard deviations on every logit: "
                     "catch against the served accuracy")  # fmt: skip
-    bb.add_argument("--seed", type=_natural, default=0, help="seed of the simulated randomness (never of a secret)")
-    bb.add_argument(
-        "--json", action="store_true", help="print the result as JSON on stdout (strict; nothing else goes there)"
-    )
+    add_seed(bb)
+    add_json(bb)
     bb.set_defaults(func=cmd_bench_blackbox)
 
 
@@ -216,16 +204,12 @@ def _add_censored(bench: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     bc.add_argument("--served", nargs="+", choices=CENSORED, default=list(CENSORED), metavar="KIND",
                     help=f"censorings to serve (default all: {', '.join(CENSORED)})")  # fmt: skip
     bc.add_argument("--queries", type=_positive, default=800, help="the tracer's queries per suspect (default 800)")
-    bc.add_argument(
-        "--json", action="store_true", help="print the result as JSON on stdout (strict; nothing else goes there)"
-    )
+    add_json(bc)
     bc.set_defaults(func=cmd_bench_censored)
 
 
 def _add_simulate(bench: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     about = "one federation measured: s/round, peak memory (all processes), tracing"
     bsim = _config_command(bench, "simulate", about, "train.rounds=3", unique=True)
-    bsim.add_argument(
-        "--json", action="store_true", help="print the result as JSON on stdout (strict; nothing else goes there)"
-    )
+    add_json(bsim)
     bsim.set_defaults(func=cmd_bench_simulate)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from securemark.cli.args import _finite, _natural, _positive
+from securemark.cli.args import _finite, _positive, add_json, add_seed
 from securemark.cli.output import _json_or_table
 from securemark.codes.base import CODE_KINDS
 from securemark.codes.channel import ATTACKS
@@ -42,10 +42,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     )
     ev.add_argument("--trials", type=_positive, default=200, help="coalitions drawn")
     ev.add_argument("--eps", type=_finite, default=1e-3, help="bound on P(any innocent accused)")
-    ev.add_argument("--seed", type=_natural, default=0, help="seed of the simulated randomness (never of a secret)")
+    add_seed(ev)
     ev.add_argument("--max-colluders", type=_positive, default=None, help="design size (default: --colluders)")
     ev.add_argument("--detector", choices=("and", "soft"), default="and", help="BIBD detector")
-    ev.add_argument(
-        "--json", action="store_true", help="print the result as JSON on stdout (strict; nothing else goes there)"
-    )
+    add_json(ev)
     ev.set_defaults(func=cmd_codes_eval)

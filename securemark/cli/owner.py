@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from securemark.cli.args import _finite, _natural, _positive
+from securemark.cli.args import _finite, _natural, _positive, add_json, add_seed
 from securemark.cli.output import _print_json
 from securemark.codes.base import CODE_KINDS
 from securemark.errors import InputError
@@ -261,9 +261,7 @@ def _add_trace(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     tr.add_argument("--hard", action="store_true", help="score the signs of the extracted code only")
     tr.add_argument("--align-spec", type=Path, default=None, help="unit groups (JSON) for models that are no chain")
     tr.add_argument("--no-align", action="store_true", help="read the suspect in its own coordinates")
-    tr.add_argument(
-        "--json", action="store_true", help="print the result as JSON on stdout (strict; nothing else goes there)"
-    )
+    add_json(tr)
     tr.set_defaults(func=cmd_trace)
 
 
@@ -292,5 +290,5 @@ def _add_attack(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     )
     for sp in (col, pr, qu, no):
         sp.add_argument("--out", type=Path, required=True, help="where the attacked model is written")
-        sp.add_argument("--seed", type=_natural, default=0, help="seed of the simulated randomness (never of a secret)")
+        add_seed(sp)
         sp.set_defaults(func=cmd_attack)

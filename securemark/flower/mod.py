@@ -183,7 +183,7 @@ def contract(
     before: dict[str, np.ndarray], reply: RecordDict, weight_key: str
 ) -> tuple[np.ndarray, int, str, MetricRecord]:
     """Check a train reply against FedAvg's contract; return (the update relative to ``before``, flat float64 in
-    ``wire.flatten`` order; its weight; the MetricRecord's key; the other metrics)."""
+    ``wire.float_keys`` order; its weight; the MetricRecord's key; the other metrics)."""
     returned = _only(reply.array_records, "the train function's reply", "ArrayRecord")
     after = wire.arrays_of(returned)
     if before.keys() != after.keys():

@@ -386,7 +386,8 @@ class SecureMark(Strategy):
         self.copies.reopen(self.out, self.weights, float(state["strength"]))
 
     def _checkpoint(self, r: int) -> None:
-        checkpoint.save(self.out, self.weights, self.inner, {**self.state_dict(), "round": r})
+        """Checkpoint round ``r``, the last of ``self.rounds`` (state_dict's round is their count)."""
+        checkpoint.save(self.out, self.weights, self.inner, self.state_dict())
 
     def _restore(self, num_rounds: int) -> int:
         """The run in ``out`` from its checkpoint: the last completed round."""

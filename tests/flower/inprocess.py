@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import numpy as np
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
@@ -59,3 +60,10 @@ class InProcessGrid:
 
     def pull_messages(self, message_ids):
         return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+
+def flatten(arrays: dict[str, np.ndarray], names: list[str]) -> np.ndarray:
+    """The arrays ``names``, in that order, as one float64 vector: the reference the tests compare updates with."""
+    if not names:
+        return np.zeros(0)
+    return np.concatenate([np.asarray(arrays[n], dtype=np.float64).reshape(-1) for n in names])

@@ -20,7 +20,7 @@ from securemark.config import FingerprintConfig, SecAggSettings
 from securemark.flower import SecureMark, securemark_mod, wire
 from securemark.flower.processes import Processes, flower_env, free_port, wait_for_port
 
-from .inprocess import InProcessGrid
+from .inprocess import InProcessGrid, flatten
 from .test_deployment import flwr_run, traced
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "flower-pytorch"
@@ -56,10 +56,10 @@ def test_the_masked_aggregate_of_the_examples_model_is_the_plain_weighted_mean(t
     assert m["status"] == "completed" and m["survived"] == 3 and m["max_bit_error"] == 0.0
     names = wire.float_keys(next(iter(seen.values()))[0])
     total = sum(w for _, _, w in seen.values())
-    expected = sum(w * np.clip(wire.flatten(b, names) - wire.flatten(a, names), -1, 1) for a, b, w in seen.values())
+    expected = sum(w * np.clip(flatten(b, names) - flatten(a, names), -1, 1) for a, b, w in seen.values())
     expected /= total
     flat = {k: v.numpy() for k, v in s.weights.items()}
-    got = wire.flatten(flat, names) - wire.flatten({k: v.numpy() for k, v in initial.items()}, names)
+    got = flatten(flat, names) - flatten({k: v.numpy() for k, v in initial.items()}, names)
     step = 2 * secagg.clip / ((1 << secagg.bits) - 1)
     assert np.abs(got - expected).max() < step and np.abs(expected).max() > 100 * step
     copies = [m for m in grid.sent if m.metadata.message_type == "evaluate"]

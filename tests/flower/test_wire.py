@@ -5,6 +5,8 @@ from hypothesis.extra.numpy import arrays
 
 from securemark.flower import wire
 
+from .inprocess import flatten
+
 shapes = st.lists(st.tuples(st.integers(1, 4), st.integers(1, 5)), min_size=1, max_size=4)
 
 
@@ -18,7 +20,7 @@ def test_difference_is_the_flat_difference(dims, dtype, draw):
     after = {n: draw.draw(arrays(dtype, d, elements=st.floats(**finite))) for n, d in zip(names, dims, strict=True)}
     got = wire.difference(after, before, sorted(names))
     assert got.dtype == np.float64
-    assert np.array_equal(got, wire.flatten(after, sorted(names)) - wire.flatten(before, sorted(names)))
+    assert np.array_equal(got, flatten(after, sorted(names)) - flatten(before, sorted(names)))
 
 
 def test_checksum_names_any_change_of_a_masked_vector():
