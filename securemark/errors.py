@@ -15,7 +15,10 @@ from __future__ import annotations
 
 
 class SecureMarkError(Exception):
-    """The input, a peer or the environment is at fault, never the code; the message says what and why."""
+    """The input, a peer or the environment is at fault, never the code; the message says what and why.
+    ``exit_status``: the command line's exit status for it (2; 3 for a suspect that could not be aligned)."""
+
+    exit_status = 2
 
 
 class InputError(SecureMarkError, ValueError):

@@ -1,20 +1,26 @@
 """Rewrites that cost the pirate nothing: the model's outputs stay the same, every carrier coordinate moves.
 
-* ``permute``: shuffle the hidden units of every layer (with the next layer's input axis).
-* ``rescale``: multiply each hidden unit by a positive factor and divide its outgoing weights by it (ReLU and
-  max-pooling are positively homogeneous); with BatchNorm, the BN affine parameters carry the factor.
+* ``permute``: shuffle the hidden units of every unit group (every tensor axis that carries them together).
+* ``rescale``: multiply each hidden unit by a positive factor and divide its outgoing weights by it, in the
+  groups that admit it (the units pass only positively homogeneous functions: ReLU, pooling, sums); after a
+  norm, the norm's weight and bias carry the factor.
+* ``signflip``: negate units under their BatchNorm (the writer's rows, bias and running mean with the
+  BatchNorm's weight), writer by writer, in the groups that admit it.
 * ``widen``: add units that feed nothing (random incoming weights, zero outgoing weights) and split units in
-  two (the same incoming direction at another scale, the outgoing weights shared between them).
+  two (the same incoming direction at another scale, the outgoing weights shared between them; only where a
+  rescale is admitted and no norm sits between). Not in groups with a LayerNorm (a unit more changes its
+  statistics) or attention heads (the head count is the model's).
 * ``spike``: set a few weights far out (5-500x their tensor's std), at inputs that are dead on the pirate's
   data when there are any (then the outputs do not change either).
 * ``obfuscate``: all of them.
 
-Unit groups come from :mod:`securemark.fingerprint.align` (the same layer graph the owner aligns with).
+Unit groups are the owner's own (fingerprint.graph from the model's graph, or fingerprint.groups for a
+sequential chain): a pirate knows the architecture as well as the owner does.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -24,12 +30,13 @@ from securemark.fingerprint.align import UnitGroup, chain_groups, from_units, to
 
 StateDict = Mapping[str, torch.Tensor]
 Arrays = dict[str, np.ndarray]
+Groups = Sequence[UnitGroup] | None
 
 
-def _rewritten(sd: StateDict, change: Callable[[Arrays, UnitGroup], None]) -> dict[str, torch.Tensor]:
-    """``change`` applied to every hidden unit group of ``sd``'s chain, on float64 copies of the tensors the
+def _rewritten(sd: StateDict, groups: Groups, change: Callable[[Arrays, UnitGroup], None]) -> dict[str, torch.Tensor]:
+    """``change`` applied to every unit group (default: ``sd``'s chain), on float64 copies of the tensors the
     groups name (the unit views are align's own); the rest of ``sd`` is cloned as it is."""
-    groups = chain_groups(sd)
+    groups = chain_groups(sd) if groups is None else groups
     named = {m.tensor for g in groups for m in g.members}
     arrs = {k: sd[k].detach().to("cpu", torch.float64).numpy().copy() for k in named}
     for g in groups:
@@ -37,43 +44,93 @@ def _rewritten(sd: StateDict, change: Callable[[Arrays, UnitGroup], None]) -> di
     return {k: torch.from_numpy(arrs[k]).to(v.dtype) if k in arrs else v.detach().clone() for k, v in sd.items()}
 
 
-def permute(sd: StateDict, rng: np.random.Generator) -> tuple[dict, dict]:
+def _scale(arrs: Arrays, g: UnitGroup, n: int, factor: dict[str, np.ndarray], only: str = "") -> None:
+    for m in g.members:
+        if m.role in factor and (not only or m.tensor == only or m.of == only):
+            u = to_units(arrs[m.tensor], m, n)
+            arrs[m.tensor] = from_units(u * factor[m.role].reshape((n,) + (1,) * (u.ndim - 1)), m, arrs[m.tensor].shape)
+
+
+def permute(sd: StateDict, rng: np.random.Generator, groups: Groups = None) -> tuple[dict, dict]:
+    count = 0
+
     def change(arrs: Arrays, g: UnitGroup) -> None:
+        nonlocal count
+        if "permute" not in g.admits:
+            return
         n = units_of(arrs, g)
         perm = rng.permutation(n)
+        count += 1
         for m in g.members:
             arrs[m.tensor] = from_units(to_units(arrs[m.tensor], m, n)[perm], m, arrs[m.tensor].shape)
 
-    return _rewritten(sd, change), {"attack": "permute", "groups": len(chain_groups(sd))}
+    out = _rewritten(sd, groups, change)
+    return out, {"attack": "permute", "groups": count}
 
 
-def rescale(sd: StateDict, rng: np.random.Generator, low: float = 0.25, high: float = 4.0) -> tuple[dict, dict]:
+def rescale(
+    sd: StateDict, rng: np.random.Generator, low: float = 0.25, high: float = 4.0, groups: Groups = None
+) -> tuple[dict, dict]:
     """Each hidden unit x a, a log-uniform in [low, high]; its outgoing weights / a."""
     if not 0 < low <= high or not np.isfinite(high):
         raise ValueError(f"rescale needs 0 < low <= high (finite), got {low}, {high}")
+    count = 0
 
     def change(arrs: Arrays, g: UnitGroup) -> None:
+        nonlocal count
+        if "rescale" not in g.admits:
+            return
         n = units_of(arrs, g)
         a = np.exp(rng.uniform(np.log(low), np.log(high), n))
-        up = ("affine",) if g.norm else ("rows", "bias")
-        for m in g.members:
-            if m.role in up or m.role == "cols":
-                u = to_units(arrs[m.tensor], m, n)
-                f = (a if m.role in up else 1 / a).reshape((n,) + (1,) * (u.ndim - 1))
-                arrs[m.tensor] = from_units(u * f, m, arrs[m.tensor].shape)
+        up = {"affine": a, "shift": a} if g.norm else {"rows": a, "bias": a}
+        _scale(arrs, g, n, up | {"cols": 1 / a})
+        count += 1
 
-    return _rewritten(sd, change), {"attack": "rescale", "low": low, "high": high}
+    out = _rewritten(sd, groups, change)
+    return out, {"attack": "rescale", "low": low, "high": high, "groups": count}
 
 
-def widen(sd: StateDict, rng: np.random.Generator, extra: int = 4, splits: int = 2) -> tuple[dict, dict]:
+def signflip(sd: StateDict, rng: np.random.Generator, share: float = 0.5, groups: Groups = None) -> tuple[dict, dict]:
+    """Negate each unit with probability ``share`` under its BatchNorm, writer by writer."""
+    if not 0 <= share <= 1:
+        raise ValueError(f"signflip needs 0 <= share <= 1, got {share}")
+    flipped = 0
+
+    def change(arrs: Arrays, g: UnitGroup) -> None:
+        nonlocal flipped
+        if "signflip" not in g.admits:
+            return
+        n = units_of(arrs, g)
+        for w in g.of("rows"):
+            sign = np.where(rng.random(n) < share, -1.0, 1.0)
+            flipped += int(np.sum(sign < 0))
+            _scale(arrs, g, n, {"rows": sign, "bias": sign, "mean": sign, "affine": sign}, only=w.tensor)
+
+    out = _rewritten(sd, groups, change)
+    return out, {"attack": "signflip", "share": share, "flipped": flipped}
+
+
+def _widens(g: UnitGroup) -> bool:
+    """Units can be added: no LayerNorm statistics over them (no norm member without running statistics) and
+    not a head layout (outer > 1)."""
+    layer_norm = g.norm and len(g.of("affine")) > len(g.of("mean"))
+    return "permute" in g.admits and not layer_norm and all(m.outer == 1 for m in g.members)
+
+
+def widen(
+    sd: StateDict, rng: np.random.Generator, extra: int = 4, splits: int = 2, groups: Groups = None
+) -> tuple[dict, dict]:
     """Per hidden layer, add ``extra`` units that feed nothing (zero outgoing weights) and split ``splits``
-    units in two (layers without BatchNorm only: a split under BN is not a sum of two ReLU outputs)."""
+    units in two (layers without a norm that admit a rescale only: a split must be a sum of two ReLU outputs)."""
     if extra < 0 or splits < 0:
         raise ValueError(f"widen needs extra, splits >= 0, got {extra}, {splits}")
 
     def change(arrs: Arrays, g: UnitGroup) -> None:
+        if not _widens(g):
+            return
         n = units_of(arrs, g)
-        chosen = rng.choice(n, size=min(splits, n), replace=False) if not g.norm else np.array([], dtype=int)
+        can_split = not g.norm and "rescale" in g.admits
+        chosen = rng.choice(n, size=min(splits, n), replace=False) if can_split else np.array([], dtype=int)
         scale = rng.uniform(0.5, 2.0, len(chosen))  # the split's incoming scale t
         share = rng.uniform(0.2, 0.8, len(chosen))  # the split's share c of the outgoing weights
         for m in g.members:
@@ -96,7 +153,7 @@ def widen(sd: StateDict, rng: np.random.Generator, extra: int = 4, splits: int =
             u = np.concatenate([u, new, added])
             arrs[m.tensor] = from_units(u, m, arrs[m.tensor].shape)
 
-    return _rewritten(sd, change), {"attack": "widen", "extra": extra, "splits": splits}
+    return _rewritten(sd, groups, change), {"attack": "widen", "extra": extra, "splits": splits}
 
 
 def dead_inputs(model: torch.nn.Module, sd: StateDict, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -152,11 +209,13 @@ def spike(
 
 
 def obfuscate(
-    sd: StateDict, rng: np.random.Generator, dead: Mapping[str, torch.Tensor] | None = None
+    sd: StateDict, rng: np.random.Generator, dead: Mapping[str, torch.Tensor] | None = None, groups: Groups = None
 ) -> tuple[dict, dict]:
-    """spike (at dead inputs when known) > widen > rescale > permute."""
+    """spike (at dead inputs when known) > widen > rescale > sign flips > permute. ``groups`` are those of the
+    model as it is; widening changes shapes, so the later steps use the same groups on the widened arrays."""
     out, r1 = spike(sd, rng, dead=dead)
-    out, r2 = widen(out, rng)
-    out, r3 = rescale(out, rng)
-    out, r4 = permute(out, rng)
-    return out, {"attack": "obfuscate", "steps": [r1, r2, r3, r4]}
+    out, r2 = widen(out, rng, groups=groups)
+    out, r3 = rescale(out, rng, groups=groups)
+    out, r4 = signflip(out, rng, groups=groups)
+    out, r5 = permute(out, rng, groups=groups)
+    return out, {"attack": "obfuscate", "steps": [r1, r2, r3, r4, r5]}

@@ -1,7 +1,8 @@
 """securemark command line: codes | registry | issue | trace | attack | bench | simulate | evaluate | demo.
 
 One command runs per call. Under --json its result is printed as strict JSON and stdout carries nothing else;
-an expected error (bad input, an unusable environment) ends in one line on stderr and exit 2, Ctrl-C in exit
+an expected error (bad input, an unusable environment) ends in one line on stderr and exit 2 (a suspect trace
+could not align: 3, its verdict still printed when it could be read), Ctrl-C in exit
 130, SIGTERM (unwound as Ctrl-C is) in exit 143."""
 
 # One module per command group adds its commands to the parser and runs them: codes, owner (registry, issue,
@@ -71,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # never quote the file's bytes (it may be a key)
         why = "a file given as text is not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else exc
         print(f"securemark: error: {why}", file=sys.stderr)
-        return 2
+        return int(getattr(exc, "exit_status", 2))
     except KeyboardInterrupt as exc:  # what the command started (a Ray instance, actors) is already stopped
         terminated = isinstance(exc, _Terminated)
         print(f"securemark: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
@@ -79,4 +80,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if in_main:  # None: a handler set outside Python, which cannot be put back; the default then
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
-    return 0
+    return int(getattr(args, "exit_status", 0))  # a command's verdict may set it (trace: 3, not aligned)

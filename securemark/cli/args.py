@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from securemark.errors import InputError
+
 
 def _positive(text: str) -> int:
     return _int_at_least(text, 1)
@@ -63,3 +65,26 @@ def add_json(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--json", action="store_true", help="print the result as JSON on stdout (strict; nothing else goes there)"
     )
+
+
+def add_arch(parser: argparse.ArgumentParser, what: str) -> None:
+    """--arch, --arch-kwargs, --example-input: the owner's model class, for unit groups from its graph."""
+    parser.add_argument("--arch", default=None, metavar="MODULE:CALLABLE",
+                        help=f"the owner's function or class that builds the model (imported from the working "
+                        f"directory or PYTHONPATH): {what}")  # fmt: skip
+    parser.add_argument(
+        "--arch-kwargs", default=None, metavar="JSON", help="keyword arguments for --arch (JSON object)"
+    )
+    parser.add_argument("--example-input", default=None, metavar="SHAPE",
+                        help="the shape of one input batch for --arch, e.g. 1,3,32,32")  # fmt: skip
+
+
+def arch_of(a: argparse.Namespace) -> Any:
+    """The Arch the options name (None without --arch); --arch-kwargs or --example-input alone are refused."""
+    if a.arch is None:
+        if a.arch_kwargs is not None or a.example_input is not None:
+            raise InputError("--arch-kwargs and --example-input go with --arch")
+        return None
+    from securemark.fingerprint.arch import Arch
+
+    return Arch.parse(a.arch, a.arch_kwargs, a.example_input)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from securemark.cli.args import _finite, _natural, _positive, add_json, add_seed
+from securemark.cli.args import _finite, _natural, _positive, add_arch, add_json, add_seed, arch_of
 from securemark.cli.output import _print_json
 from securemark.codes.base import CODE_KINDS
 from securemark.errors import InputError
@@ -19,6 +19,7 @@ from securemark.errors import InputError
 if TYPE_CHECKING:
     from securemark.tracing.tracer import TraceReport
 
+NOT_ALIGNED = 3  # trace's exit status when the suspect was read unaligned (the verdict is printed all the same)
 # the CLI parses without importing torch: a test checks this equals securemark.attacks.COLLUSION_METHODS
 COLLUSION_METHODS = ("average", "median", "interleave", "layer-interleave", "extreme", "extrapolate", "convex")
 
@@ -35,6 +36,8 @@ def cmd_registry_init(a: argparse.Namespace) -> None:
         carrier_mode=a.carrier,
         exclude=tuple(a.exclude),
     )
+    arch = arch_of(a)
+    record = arch.record() if arch is not None else None  # a model its graph cannot cover is refused here
     if params.code == "bibd":
         print(
             "warning: BIBD (DeepMarks) detectors have no false-accusation bound: a laundered model that carries no"
@@ -42,10 +45,14 @@ def cmd_registry_init(a: argparse.Namespace) -> None:
             file=sys.stderr,
         )
     with Registry.init(a.directory, params) as reg:
+        if record is not None:
+            reg.set_arch(record)
         print(
             f"registry created at {reg.directory} ({params.code}, L={params.length}, c_max={params.max_colluders},"
             f" eps={params.eps}); the owner secret is in {reg.directory / 'owner.key'} (mode 0600): back it up"
         )
+        if record is not None:
+            print(f"architecture {record['target']}: {len(record['groups'])} unit groups from its graph")
 
 
 def cmd_registry_show(a: argparse.Namespace) -> None:
@@ -85,6 +92,8 @@ def cmd_issue(a: argparse.Namespace) -> None:
         raise InputError(f"{out}: a copy is never written over the base model or inside the registry")
     _check_writable(out)
     base = modelio.load_state_dict(a.model)
+    arch = arch_of(a)
+    record = arch.record() if arch is not None else None
     function = None
     if a.config is not None:  # the function mark as a run of this config makes it (its held-out share)
         from securemark import data
@@ -96,6 +105,8 @@ def cmd_issue(a: argparse.Namespace) -> None:
         if function is None:
             raise InputError(f"{a.config} puts no function mark in copies (fingerprint off, or function_budget 0)")
     with Registry.open(a.directory) as reg, reg.issuing():
+        if record is not None:
+            reg.set_arch(record)
         copy, customer = make_copy(reg, base, a.customer, function=function)
         modelio.save_atomic(copy, out)
         reg.record_delivery(customer, modelio.state_digest(copy), note=str(out))
@@ -126,15 +137,20 @@ def cmd_trace(a: argparse.Namespace) -> object:
     given = [x for x in (a.suspect, a.endpoint, a.query_model) if x is not None]
     if len(given) != 1:
         raise InputError("trace needs exactly one suspect: a weights FILE, --endpoint URL or --query-model FILE")
-    if a.suspect is None and (a.hard or a.align_spec or a.no_align):
-        raise InputError("--hard, --align-spec and --no-align apply to a weights file, not to a black-box suspect")
+    if a.suspect is None and (a.hard or a.align_spec or a.no_align or a.arch):
+        raise InputError("--hard, --align-spec, --arch and --no-align apply to a weights file, not a black-box suspect")
+    if sum(x is not None and x is not False for x in (a.align_spec, a.arch, a.no_align or None)) > 1:
+        raise InputError("--align-spec, --arch and --no-align exclude each other")
     if a.suspect is not None:
+        arch = arch_of(a)
         suspect = load_state_dict(a.suspect)
         groups = load_groups(a.align_spec) if a.align_spec else None
         with Registry.open(a.directory) as reg:
-            report = trace(suspect, reg, top_k=a.top, hard=a.hard, groups=groups, aligned=not a.no_align)
+            report = trace(suspect, reg, top_k=a.top, hard=a.hard, groups=groups, aligned=not a.no_align, arch=arch)
     else:
         report = _trace_black_box(a)
+    if not report.aligned and not a.no_align:
+        a.exit_status = NOT_ALIGNED
     if a.json:
         return report.to_json()
     from rich.console import Console
@@ -155,8 +171,13 @@ def cmd_trace(a: argparse.Namespace) -> object:
     for s in report.scores_top:
         pv = "" if s.p_value is None else f"{s.p_value:.2e}"
         table.add_row(s.customer, f"{s.score:.3f}", pv, "ACCUSED" if s.customer in accused else "")
+    if not report.aligned and not a.no_align:
+        print(f"not aligned: {str(report.alignment['status']).removeprefix('off: ')}")
+        print("  a copy whose units were permuted or rescaled would escape this reading; register the model's "
+              "architecture (registry init --arch, or trace --arch) to read one")  # fmt: skip
     Console().print(table)
-    print("accused: " + (", ".join(s.customer for s in report.accused) or "nobody"))
+    print("accused: " + (", ".join(s.customer for s in report.accused) or "nobody")
+          + (" (not aligned)" if not report.aligned and not a.no_align else ""))  # fmt: skip
     return None
 
 
@@ -220,6 +241,7 @@ def _add_registry(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     ini.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                      help="tensors the white-box mark leaves alone (fnmatch, repeatable), e.g. 'head.3.*' for a "
                      "function mark")  # fmt: skip
+    add_arch(ini, "unit groups derived from its graph are recorded, so suspects of any architecture are aligned")
     ini.set_defaults(func=cmd_registry_init)
     show = reg.add_parser("show", help="print a registry's parameters, customers and deliveries as JSON")
     show.add_argument("directory", type=Path, help="the registry folder")
@@ -237,6 +259,7 @@ def _add_issue(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     iss.add_argument("--config", type=Path, default=None,
                      help="a simulate config: the copy also carries the function (black-box) mark its runs make, "
                      "fitted on its held-out share (a base that has one recorded always carries it)")  # fmt: skip
+    add_arch(iss, "recorded in a registry made without one (refused if it records another)")
     iss.set_defaults(func=cmd_issue)
 
 
@@ -259,7 +282,9 @@ def _add_trace(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     tr.add_argument("--retries", type=_natural, default=3, help="retries of a failed request, counted in --queries")
     tr.add_argument("--top", type=_positive, default=10, help="customers shown, highest score first")
     tr.add_argument("--hard", action="store_true", help="score the signs of the extracted code only")
-    tr.add_argument("--align-spec", type=Path, default=None, help="unit groups (JSON) for models that are no chain")
+    tr.add_argument("--align-spec", type=Path, default=None,
+                    help="unit groups (JSON, experts: docs/explanations/alignment.md), not derived ones")  # fmt: skip
+    add_arch(tr, "for a registry made without one (its unit groups derived now)")
     tr.add_argument("--no-align", action="store_true", help="read the suspect in its own coordinates")
     add_json(tr)
     tr.set_defaults(func=cmd_trace)

@@ -75,6 +75,7 @@ class AlignmentReport:
     merged: int = 0  # split units folded back
     dropped: int = 0  # extra units dropped
     missing: int = 0  # base units the suspect lacks (read as zeros)
+    flipped: int = 0  # writers' units whose sign was flipped under their BatchNorm
 
 
 def _incoming(g: UnitGroup) -> list[Member]:
@@ -82,37 +83,125 @@ def _incoming(g: UnitGroup) -> list[Member]:
 
 
 def _up(g: UnitGroup) -> list[Member]:
-    """What sets a unit's activation scale: its rows and bias, or the BN affine parameters after a norm."""
-    return g.of("affine") if g.norm else _incoming(g)
+    """What sets a unit's activation scale: its rows and bias, or the norm's affine parameters after a norm."""
+    return g.of("affine") + g.of("shift") if g.norm else _incoming(g)
 
 
-def _apply(s: dict[str, np.ndarray], g: UnitGroup, units: int, scale: dict[str, np.ndarray]) -> None:
+def _flippable(g: UnitGroup) -> bool:
+    """A writer's sign can flip with its BatchNorm's weight (rows, bias, mean and weight negated)."""
+    return "signflip" in g.admits and bool(g.of("mean"))
+
+
+def _linked(g: UnitGroup, writer: Member) -> list[Member]:
+    """The writer and what belongs to it: its bias and the BatchNorm after it (``of`` links; a group with one
+    writer owns every unlinked member)."""
+    alone = len(g.of("rows")) == 1
+    return [writer] + [m for m in g.members if m.role != "rows" and (m.of == writer.tensor or (alone and not m.of))]
+
+
+def _apply(s: dict[str, np.ndarray], members: Sequence[Member], units: int, scale: dict[str, np.ndarray]) -> None:
     """Multiply each member's units by scale[role] (roles not named are left as they are)."""
-    for mem in g.members:
+    for mem in members:
         if mem.role in scale:
             u = to_units(s[mem.tensor], mem, units)
             f = scale[mem.role].reshape((units,) + (1,) * (u.ndim - 1))
             s[mem.tensor] = from_units(u * f, mem, s[mem.tensor].shape)
 
 
-def _align_group(
-    s: dict[str, np.ndarray], b: dict[str, np.ndarray], g: UnitGroup, rep: AlignmentReport, noise: float
+class _Order:
+    """Which tensor axes belong to which group, and which groups are in base coordinates already: a writer's
+    rows say which base unit it is only once every other unit axis of its tensor has been aligned."""
+
+    def __init__(self, groups: Sequence[UnitGroup]) -> None:
+        self.groups = list(groups)
+        self.axes: dict[str, dict[int, int]] = {}
+        for i, g in enumerate(self.groups):
+            for m in g.members:
+                self.axes.setdefault(m.tensor, {})[m.axis] = i
+        self.done: set[int] = set()
+
+    def ready(self, m: Member, i: int) -> bool:
+        return all(j in self.done for a, j in self.axes.get(m.tensor, {}).items() if a != m.axis)
+
+    def next(self) -> tuple[int, list[Member]]:
+        """The next group to match, and the members to match its units on: its writers whose inputs are aligned
+        (with their biases), else its readers whose outputs are, else (a cycle) every writer."""
+        pending = [i for i in range(len(self.groups)) if i not in self.done]
+        for role in ("rows", "cols"):
+            for i in pending:
+                g = self.groups[i]
+                ready = [m for m in g.of(role) if self.ready(m, i)]
+                if ready:
+                    if role == "rows":
+                        ready += [b for w in ready for b in _linked(g, w) if b.role == "bias"]
+                    return i, ready
+        return pending[0], _incoming(self.groups[pending[0]])
+
+
+def _similarity_of(
+    s: dict[str, np.ndarray], b: dict[str, np.ndarray], g: UnitGroup, on: list[Member], m: int, n: int
+) -> np.ndarray:
+    """(m, n) cosines of the units' entries in ``on``; where a writer's sign can flip under its BatchNorm,
+    the mean of each writer's absolute cosines (the writers flip independently)."""
+    writers = [w for w in on if w.role == "rows"]
+    if not _flippable(g) or not writers:
+        su, bu = _unit_matrices(s, b, on, m, n)
+        return _similarity(_directions(su), _directions(bu))
+    total = np.zeros((m, n))
+    for w in writers:
+        own = [x for x in _linked(g, w) if x in on]
+        su, bu = _unit_matrices(s, b, own, m, n)
+        total += np.abs(_similarity(_directions(su), _directions(bu)))
+    return total / len(writers)
+
+
+def _unflip(s: dict[str, np.ndarray], b: dict[str, np.ndarray], g: UnitGroup, w: Member, n: int) -> int:
+    """Undo a writer's sign flips (rows, bias, BatchNorm mean and weight negated together); how many. The
+    sign is read off the BatchNorm's weight (a positive rescale never changes it), which is in base order as
+    soon as the group is, whether or not the writer's own inputs are; off the rows where that weight is 0."""
+    own = _linked(g, w)
+    weight = [x for x in own if x.role == "affine"][:1]
+    su, bu = _unit_matrices(s, b, weight or [w], n, n)
+    dot = np.sum(su * bu, axis=1)
+    if weight and not bu[:, 0].all() and s[w.tensor].shape == b[w.tensor].shape:  # the rows once they are aligned
+        rs, rb = _unit_matrices(s, b, [w], n, n)
+        dot = np.where(bu[:, 0] != 0, dot, np.sum(rs * rb, axis=1))
+    sign = np.where(dot < 0, -1.0, 1.0)
+    _apply(s, own, n, {"rows": sign, "bias": sign, "mean": sign, "affine": sign})
+    return int(np.sum(sign < 0))
+
+
+def _writer_scales(
+    s: dict[str, np.ndarray], b: dict[str, np.ndarray], g: UnitGroup, writers: Sequence[Member], n: int, noise: float
 ) -> None:
+    """Under a BatchNorm each writer's scale is absorbed by its own running statistics: undo it writer by
+    writer (rows and bias / r, mean / r, var / r^2), after undoing its sign flips where it has any."""
+    same = np.arange(n)
+    for w in writers:
+        if _flippable(g):
+            _unflip(s, b, g, w, n)
+        own = _linked(g, w)
+        r = _fits(*_unit_matrices(s, b, [x for x in own if x.role in ("rows", "bias")], n, n), same, noise)
+        _apply(s, own, n, {"rows": 1 / r, "bias": 1 / r, "mean": 1 / r, "var": 1 / r**2})
+
+
+def _align_group(
+    s: dict[str, np.ndarray], b: dict[str, np.ndarray], g: UnitGroup, on: list[Member], rep: AlignmentReport,
+    noise: float,
+) -> None:  # fmt: skip
     m, n = units_of(s, g), units_of(b, g)
-    srows, brows = _unit_matrices(s, b, _incoming(g), m, n)
+    srows, brows = _unit_matrices(s, b, on, m, n)
     fs = _directions(srows)
-    cos = _similarity(fs, _directions(brows))  # (m, n)
+    cos = _similarity_of(s, b, g, on, m, n)  # (m, n)
     rows_idx, cols_idx = linear_sum_assignment(-cos)
     live = fs[rows_idx].any(axis=1)  # a unit with all-zero incoming weights is one removed in place
     rows_idx, cols_idx = rows_idx[live], cols_idx[live]
     source = np.full(n, -1)  # suspect unit feeding base unit j (-1: missing)
     source[cols_idx] = rows_idx
-    conv = _fits(srows, brows, source, noise)
-    # the activation scale, undone on the cols; under a norm the conv scale is absorbed by the BN statistics
-    alpha = _fits(*_unit_matrices(s, b, _up(g), m, n), source, noise) if g.norm else conv
+    writers = [w for w in on if w.role == "rows"]
     extra = np.setdiff1d(np.arange(m), rows_idx)
     merges: list[tuple[int, int, float]] = []  # (suspect unit, base unit, its scale)
-    for u in extra if not g.norm else ():  # a split of a unit under BN is not a sum of two ReLU outputs
+    for u in extra if not g.norm and writers else ():  # a split of a unit under BN is not a sum of two ReLU outputs
         j = int(np.argmax(cos[u]))
         # parallel to its twin in the suspect itself: the mark (and laundering) moves both halves alike,
         # while either one's cosine to the base unit is lowered by the mark (0.9987 at the default budget)
@@ -120,10 +209,10 @@ def _align_group(
             merges.append((int(u), j, _robust_scale(srows[u], brows[j], noise)))
     rep.groups += 1
     rep.permuted += int(np.sum((source >= 0) & (source != np.arange(n))))
-    rep.rescaled += int(np.sum(np.abs(alpha - 1.0) > 0.01))
     rep.merged += len(merges)
     rep.dropped += len(extra) - len(merges)
     rep.missing += int(np.sum(source < 0))
+    shares: list[tuple[Member, int, np.ndarray]] = []  # a split's outgoing weights, in base scale
     for mem in g.members:  # permute (merge, drop, zero-fill) into base order
         arr = s[mem.tensor]
         u = to_units(arr, mem, m)
@@ -131,36 +220,47 @@ def _align_group(
         ok = source >= 0
         out[ok] = u[source[ok]]
         if mem.role == "cols":
-            for unit, j, a in merges:
-                out[j] += (a / alpha[j]) * u[unit]  # ReLU(a r x) = a ReLU(r x); scaled by alpha[j] below
+            shares += [(mem, j, a * u[unit]) for unit, j, a in merges]  # ReLU(a r x) = a ReLU(r x)
         s[mem.tensor] = from_units(out, mem, arr.shape)
-    scale = {"rows": 1 / conv, "bias": 1 / conv}
-    if g.norm:
-        scale |= {"mean": 1 / conv, "var": 1 / conv**2, "affine": 1 / alpha}
-    _apply(s, g, n, scale | {"cols": alpha})
+    same = np.arange(n)
+    if g.norm:  # each writer's scale is absorbed by its BatchNorm; the cols see the norm's affine scale
+        if _flippable(g):
+            rep.flipped += sum(_unflip(s, b, g, w, n) for w in g.of("rows"))
+        _writer_scales(s, b, g, writers, n, noise)
+        alpha = _fits(*_unit_matrices(s, b, _up(g), n, n), same, noise)
+        _apply(s, g.members, n, {"affine": 1 / alpha, "shift": 1 / alpha, "cols": alpha})
+    elif writers:  # the writers share the units' scale, and the cols see it
+        alpha = _fits(*_unit_matrices(s, b, _incoming(g), n, n), same, noise)
+        _apply(s, g.members, n, {"rows": 1 / alpha, "bias": 1 / alpha, "cols": alpha})
+    else:  # matched on the readers: the scale waits for the balance
+        alpha = np.ones(n)
+    for mem, j, share in shares:  # added once the twin's cols are in base scale
+        u = to_units(s[mem.tensor], mem, n)
+        u[j] += share
+        s[mem.tensor] = from_units(u, mem, s[mem.tensor].shape)
+    rep.rescaled += int(np.sum(np.abs(alpha - 1.0) > 0.01))
 
 
 def _balance(s: dict[str, np.ndarray], b: dict[str, np.ndarray], g: UnitGroup, noise: float) -> None:
     """After every group is in place, undo the scale error e left on each unit: its activation side (rows, or
-    BN affine) reads e x base, its cols base / e. Both fits estimate log e, with variances noise^2 / |b|^2 of
+    norm affine) reads e x base, its cols base / e. Both fits estimate log e, with variances noise^2 / |b|^2 of
     their own entries, so they are combined by precision: a 9-entry kernel row says little, the 288 entries of
     its outgoing channel say much (an equal-weight mean left a 3x3 kernel's units off by a third of the mark).
     An estimate within SHADOW_SIGMAS standard errors of 1 is the mark's own shadow and reads as 1."""
     n = units_of(b, g)
     same = np.arange(n)
     up_s, up_b = _unit_matrices(s, b, _up(g), n, n)
-    cols_s, cols_b = _unit_matrices(s, b, g.of("cols"), n, n)
+    cols_s, cols_b = _unit_matrices(s, b, g.of("cols"), n, n) if g.of("cols") else (up_s[:, :0], up_b[:, :0])
     p_up, p_cols = np.sum(up_b**2, axis=1), np.sum(cols_b**2, axis=1)
     total = p_up + p_cols
     votes = p_up * np.log(_fits(up_s, up_b, same, 0.0)) - p_cols * np.log(_fits(cols_s, cols_b, same, 0.0))
     log_e = np.divide(votes, total, out=np.zeros(n), where=total > 0)
     log_e[np.abs(log_e) <= SHADOW_SIGMAS * noise / np.sqrt(np.maximum(total, 1e-300))] = 0.0
     f = np.exp(-log_e)
-    up = {"affine": f} if g.norm else {"rows": f, "bias": f}
-    _apply(s, g, n, up | {"cols": 1 / f})
-    if g.norm:  # the conv side under BN: rows and running statistics together
-        r = _fits(*_unit_matrices(s, b, _incoming(g), n, n), same, noise)
-        _apply(s, g, n, {"rows": 1 / r, "bias": 1 / r, "mean": 1 / r, "var": 1 / r**2})
+    up = {"affine": f, "shift": f} if g.norm else {"rows": f, "bias": f}
+    _apply(s, g.members, n, up | {"cols": 1 / f})
+    if g.norm:  # the conv side under BN, writer by writer: rows and running statistics together
+        _writer_scales(s, b, g, g.of("rows"), n, noise)
 
 
 def _erase_tiny(arr: np.ndarray) -> None:
@@ -183,10 +283,10 @@ def _output_gauge(
     standard errors of the mark's own class mean is the mark's and is left; a pirate's larger one takes the mark's
     class-mean component with it (1 / classes of that layer's share)."""
     hidden = {m.tensor for g in groups for m in g.of("rows")}
-    last = groups[-1].of("cols") if groups else []
-    if not last or last[0].tensor in hidden:
+    heads = {m.tensor for g in groups for m in g.of("cols")} - hidden
+    if len(heads) != 1:  # no output layer that reads hidden units (or several): nothing to undo
         return
-    w = last[0].tensor
+    w = heads.pop()
     if s[w].shape != b[w].shape or s[w].shape[0] < 2:  # a misshapen one is refused by align's final check
         return
     names = [w]
@@ -244,7 +344,11 @@ def align(
         unknown = [m.tensor for m in g.members if m.tensor not in b]
         if unknown:
             raise AlignmentError(f"unit group {g.name!r} names {unknown[0]!r}, which the base does not hold as floats")
-        _align_group(s, b, g, rep, noise)
+    order = _Order(groups)
+    while len(order.done) < len(groups):
+        i, on = order.next()
+        _align_group(s, b, groups[i], on, rep, noise)
+        order.done.add(i)
     _output_gauge(s, b, groups, noise)  # before balancing: a logit scale must not be pushed into hidden units
     for g in groups:
         _balance(s, b, g, noise)

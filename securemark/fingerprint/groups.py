@@ -19,7 +19,8 @@ import torch
 from securemark.errors import SecureMarkError
 
 StateDict = Mapping[str, torch.Tensor]
-ROLES = ("rows", "bias", "cols", "mean", "var", "affine")
+ROLES = ("rows", "bias", "cols", "mean", "var", "affine", "shift")
+REWRITES = ("permute", "rescale", "signflip")  # what a group may admit (attacks.rewrite applies only these)
 
 
 class AlignmentError(SecureMarkError, ValueError):
@@ -32,46 +33,71 @@ class Member:
 
     role: ``rows`` a weight's own units (axis 0: the unit's incoming weights), ``bias`` their bias,
     ``cols`` the next layer's input axis (``block`` consecutive entries per unit: H*W after a flatten),
-    ``mean``/``var`` BatchNorm running statistics, ``affine`` BatchNorm weight and bias.
+    ``mean``/``var`` BatchNorm running statistics, ``affine`` a norm's weight (BatchNorm, LayerNorm),
+    ``shift`` its bias (older specs call both ``affine``).
+
+    The axis is read as ``outer`` x units x ``block`` entries: ``outer`` > 1 lays several unit runs side by side
+    (the heads of a fused q/k/v projection: 3 x heads x head_dim). ``of`` names the weight a bias or a norm's
+    member belongs to (the writer whose scale a BatchNorm absorbs); empty: the group's writers together.
     """
 
     tensor: str
     role: str
     axis: int = 0
     block: int = 1
+    outer: int = 1
+    of: str = ""
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise AlignmentError(f"member {self.tensor!r}: role must be one of {ROLES}, got {self.role!r}")
-        if not 0 <= self.axis < 64 or not 1 <= self.block < 2**40:
+        if not 0 <= self.axis < 64 or not 1 <= self.block < 2**40 or not 1 <= self.outer < 2**20:
             raise AlignmentError(
-                f"member {self.tensor!r}: needs 0 <= axis < 64 and block >= 1, got {self.axis}, {self.block}"
+                f"member {self.tensor!r}: needs 0 <= axis < 64, block >= 1 and outer >= 1, got {self.axis}, "
+                f"{self.block}, {self.outer}"
             )
+
+    def to_json(self) -> list:
+        extra = [self.outer, self.of] if (self.outer, self.of) != (1, "") else []
+        return [self.tensor, self.role, self.axis, self.block, *extra]
 
 
 @dataclass(frozen=True)
 class UnitGroup:
     name: str
     members: tuple[Member, ...]
-    norm: bool = False  # a BatchNorm sits between the rows and the cols
+    norm: bool = False  # a norm sits between the rows and the cols (BatchNorm after the writers, LayerNorm before
+    # the readers): the cols see the norm's affine scale, not the rows'
+    admits: tuple[str, ...] = ("permute", "rescale")  # the function-preserving rewrites of these units
+
+    def __post_init__(self) -> None:
+        unknown = set(self.admits) - set(REWRITES)
+        if unknown:
+            raise AlignmentError(f"unit group {self.name!r}: admits one of {REWRITES}, got {sorted(unknown)}")
 
     def of(self, role: str) -> list[Member]:
         return [m for m in self.members if m.role == role]
 
     def to_json(self) -> dict:
-        return {
-            "name": self.name,
-            "norm": self.norm,
-            "members": [[m.tensor, m.role, m.axis, m.block] for m in self.members],
-        }
+        return {"name": self.name, "norm": self.norm, "admits": list(self.admits),
+                "members": [m.to_json() for m in self.members]}  # fmt: skip
 
     @classmethod
     def from_json(cls, obj: dict) -> UnitGroup:
         try:
-            members = tuple(Member(str(t), str(r), int(a), int(b)) for t, r, a, b in obj["members"])
-            return cls(str(obj["name"]), members, bool(obj.get("norm", False)))
+            members = tuple(
+                Member(str(t), str(r), int(a), int(b), *_extra(rest)) for t, r, a, b, *rest in obj["members"]
+            )
+            admits = tuple(str(a) for a in obj.get("admits", ("permute", "rescale")))
+            return cls(str(obj["name"]), members, bool(obj.get("norm", False)), admits)
         except (KeyError, TypeError, ValueError) as exc:
             raise AlignmentError(f"bad unit group {obj!r}: {exc}") from None
+
+
+def _extra(rest: list) -> tuple[int, str]:
+    if len(rest) not in (0, 2):
+        raise ValueError("a member is [tensor, role, axis, block] or [tensor, role, axis, block, outer, of]")
+    return (int(rest[0]), str(rest[1])) if rest else (1, "")
 
 
 def load_groups(path: str | Path) -> list[UnitGroup]:
@@ -99,13 +125,13 @@ class _Layer:
     tensors: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
-def _layers(sd: StateDict) -> list[_Layer]:
+def _layers(sd: StateDict, by_name: bool) -> list[_Layer]:
     modules: dict[str, dict[str, tuple[int, ...]]] = {}
     for name, t in sd.items():
         prefix, _, leaf = name.rpartition(".")
         modules.setdefault(prefix, {})[leaf] = tuple(t.shape)
     layers = []
-    for prefix in sorted(modules, key=_natural):
+    for prefix in sorted(modules, key=_natural) if by_name else modules:
         leaves = modules[prefix]
         if "weight" not in leaves:
             raise AlignmentError(
@@ -127,11 +153,25 @@ def chain_groups(sd: StateDict) -> list[UnitGroup]:
     """The hidden unit groups of a sequential Linear / Conv (/ BatchNorm) chain, derived from shapes.
 
     Layers are ordered by name (numbers compared as numbers: ``features.10`` after ``features.9``), as
-    ``nn.Sequential`` and modules defined in forward order (Flower's quickstart ``Net``) name them. Each layer
-    must take what the previous one gives: the same width, or a multiple of it after a flatten
-    (conv -> linear). Anything else is refused with the reason.
+    ``nn.Sequential`` and modules defined in forward order (Flower's quickstart ``Net``) name them; where that
+    order is no chain, in the state_dict's own order (the order the modules were defined in, e.g. a ``fc``
+    defined last that sorts before ``layer1``). Each layer must take what the previous one gives: the same
+    width, or a multiple of it after a flatten (conv -> linear). Anything else is refused with the reason
+    (residual models are no chain: register their architecture, fingerprint.arch).
     """
-    layers = _layers(sd)
+    try:
+        return _chain(_layers(sd, by_name=True))
+    except AlignmentError:
+        if [k for k in sd] == sorted(sd, key=_natural):
+            raise
+        try:
+            return _chain(_layers(sd, by_name=False))
+        except AlignmentError:
+            pass
+        raise
+
+
+def _chain(layers: list[_Layer]) -> list[UnitGroup]:
     weights = [i for i, layer in enumerate(layers) if layer.kind == "weight"]
     groups = []
     for a, b in itertools.pairwise(weights):
@@ -141,43 +181,48 @@ def chain_groups(sd: StateDict) -> list[UnitGroup]:
         if fan_in % out or (conv_to_conv and fan_in != out):
             raise AlignmentError(
                 f"layer {nxt.prefix!r} takes {fan_in} inputs but {prev.prefix!r} gives {out} units: not a "
-                "sequential chain (residual or branching models need explicit unit groups)"
+                "sequential chain (register the architecture of residual or branching models: registry init --arch)"
             )
-        members = [Member(f"{prev.prefix}.weight", "rows")]
+        w = f"{prev.prefix}.weight"
+        members = [Member(w, "rows")]
         if "bias" in prev.tensors:
-            members.append(Member(f"{prev.prefix}.bias", "bias"))
+            members.append(Member(f"{prev.prefix}.bias", "bias", of=w))
         norms = [layers[k] for k in range(a + 1, b)]
         for norm in norms:
             if norm.tensors["weight"] != (out,):
                 raise AlignmentError(
                     f"norm {norm.prefix!r} has {norm.tensors['weight'][0]} channels, {prev.prefix!r} gives {out}"
                 )
-            members += [Member(f"{norm.prefix}.running_mean", "mean"), Member(f"{norm.prefix}.running_var", "var"),
-                        Member(f"{norm.prefix}.weight", "affine")]  # fmt: skip
+            members += [Member(f"{norm.prefix}.running_mean", "mean", of=w),
+                        Member(f"{norm.prefix}.running_var", "var", of=w),
+                        Member(f"{norm.prefix}.weight", "affine", of=w)]  # fmt: skip
             if "bias" in norm.tensors:
-                members.append(Member(f"{norm.prefix}.bias", "affine"))
+                members.append(Member(f"{norm.prefix}.bias", "shift", of=w))
         members.append(Member(f"{nxt.prefix}.weight", "cols", axis=1, block=fan_in // out))
-        groups.append(UnitGroup(prev.prefix, tuple(members), norm=bool(norms)))
+        admits = ("permute", "rescale", "signflip") if norms else ("permute", "rescale")
+        groups.append(UnitGroup(prev.prefix, tuple(members), norm=bool(norms), admits=admits))
     return groups
 
 
 # --- a group's units on its tensors ----------------------------------------------------------------------
 def to_units(arr: np.ndarray, m: Member, units: int) -> np.ndarray:
-    """(units, ...): the member's axis split into (units, block) and moved first."""
+    """(units, ...): the member's axis split into (outer, units, block) and the units moved first."""
     shape = arr.shape
     if arr.ndim <= m.axis:
         raise AlignmentError(f"tensor {m.tensor!r} has {arr.ndim} dimensions, no axis {m.axis}")
-    if units == 0 or shape[m.axis] != units * m.block:
+    if units == 0 or shape[m.axis] != m.outer * units * m.block:
         raise AlignmentError(
-            f"tensor {m.tensor!r} has {shape[m.axis]} entries on axis {m.axis}, expected {units} units x {m.block}"
+            f"tensor {m.tensor!r} has {shape[m.axis]} entries on axis {m.axis}, expected "
+            + (f"{m.outer} x " if m.outer > 1 else "")
+            + f"{units} units x {m.block}"
         )
-    split = arr.reshape((*shape[: m.axis], units, m.block, *shape[m.axis + 1 :]))
-    return np.moveaxis(split, m.axis, 0)
+    split = arr.reshape((*shape[: m.axis], m.outer, units, m.block, *shape[m.axis + 1 :]))
+    return np.moveaxis(split, m.axis + 1, 0)
 
 
 def from_units(u: np.ndarray, m: Member, like: tuple[int, ...]) -> np.ndarray:
-    moved = np.moveaxis(u, 0, m.axis)
-    return moved.reshape((*like[: m.axis], u.shape[0] * m.block, *like[m.axis + 1 :]))
+    moved = np.moveaxis(u, 0, m.axis + 1)
+    return moved.reshape((*like[: m.axis], m.outer * u.shape[0] * m.block, *like[m.axis + 1 :]))
 
 
 def units_of(arrs: dict[str, np.ndarray], g: UnitGroup) -> int:
@@ -187,7 +232,7 @@ def units_of(arrs: dict[str, np.ndarray], g: UnitGroup) -> int:
     if arrs[lead[0].tensor].ndim <= lead[0].axis:
         raise AlignmentError(f"tensor {lead[0].tensor!r} has {arrs[lead[0].tensor].ndim} dimensions, no axis "
                              f"{lead[0].axis}")  # fmt: skip
-    return arrs[lead[0].tensor].shape[lead[0].axis] // lead[0].block
+    return arrs[lead[0].tensor].shape[lead[0].axis] // (lead[0].block * lead[0].outer)
 
 
 def _stack(arrs: dict[str, np.ndarray], members: list[Member], units: int) -> np.ndarray:

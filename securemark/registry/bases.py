@@ -112,6 +112,24 @@ class BasesMixin(Store):
             raise RegistryError(f"base {base.digest[:12]} has another carrier layout than this registry's bases")
 
     @_db_errors
+    def set_arch(self, record: dict[str, Any]) -> None:
+        """Record the bases' architecture (fingerprint.arch: import path, arguments, input shape, graph digest,
+        unit groups). Set once: a registry's bases share one architecture; the same record again is a no-op."""
+        with self._write() as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'arch'").fetchone()
+            if row is not None:
+                if json.loads(row[0]).get("graph") != record.get("graph"):
+                    raise RegistryError("this registry already records another architecture (its graph differs)")
+                return
+            conn.execute("INSERT INTO meta VALUES ('arch', ?)", (json.dumps(record),))
+
+    @_db_errors
+    def arch(self) -> dict[str, Any] | None:
+        """The architecture record (:meth:`set_arch`), or None for a registry made without one."""
+        row = self._conn.execute("SELECT value FROM meta WHERE key = 'arch'").fetchone()
+        return None if row is None else json.loads(row[0])
+
+    @_db_errors
     def set_function_mark(self, digest: str, info: dict[str, Any], basis: np.ndarray) -> None:
         """Record the function mark's parameters for base ``digest`` (fingerprint.function): ``info`` (JSON:
         the layer it edits, the model to rebuild, the data it was fitted on) and the basis array. Written

@@ -18,6 +18,7 @@ import torch
 from securemark.codes import bibd, unpack_bits
 from securemark.errors import SecureMarkError
 from securemark.fingerprint.align import AlignmentError, UnitGroup, align, chain_groups
+from securemark.fingerprint.arch import Arch, check_covers, groups_of
 from securemark.fingerprint.carrier import CarrierLayout, CarrierMismatch, StateDict
 from securemark.fingerprint.embed import Fingerprinter
 from securemark.modelio import first_bad_entry
@@ -49,6 +50,12 @@ def fill_erasures(suspect: StateDict, base: StateDict) -> tuple[dict, int]:
         if n:
             out[name], count = torch.where(hole, b.to(t.dtype), t), count + n
     return out, count
+
+
+class NotAligned(CarrierMismatch):
+    """The suspect could not be aligned to the base and cannot be read as it is either (its shapes differ)."""
+
+    exit_status = 3
 
 
 class SuspectError(SecureMarkError, ValueError):
@@ -88,9 +95,15 @@ class TraceReport:
     signal_rms: float  # ||y|| / sqrt(L) after clipping: 1 for an intact copy, ~mean-row norm for an average
     clipped: int  # coordinates of y saturated as outliers
     bit_agreement_top: float  # share of positions where sign(y) matches the top suspect's row
-    alignment: dict[str, object]  # what alignment to the base undid, or why it did not run
+    alignment: dict[str, object]  # what alignment to the base undid, or why it did not run ("aligned": bool)
     seconds: float
     soft_code: np.ndarray = field(repr=False, compare=False)
+
+    @property
+    def aligned(self) -> bool:
+        """False when the suspect was read in its own coordinates (no unit groups, or it could not be aligned):
+        a rewritten copy (units permuted, rescaled) would escape such a reading."""
+        return self.alignment.get("aligned") is not False
 
     def to_json(self) -> dict[str, object]:
         out = asdict(self)
@@ -98,6 +111,7 @@ class TraceReport:
         if not np.isfinite(self.threshold):
             out["threshold"] = None  # a zero observation: nobody can be accused (strict JSON has no Infinity)
         out["accused"] = [s.customer for s in self.accused]
+        out["aligned"] = self.aligned
         out["accused_detail"] = [asdict(s) for s in self.accused]
         return out
 
@@ -107,14 +121,17 @@ class Tracer:
     derived here, so each :meth:`trace` costs one alignment, one extraction and one scoring pass (the
     evaluation harness traces thousands of suspects against one registry).
 
-    ``groups`` are explicit unit groups for alignment (residual models); by default they are derived from the
-    base when it is a sequential chain. ``aligned=False`` reads suspects in their own coordinates.
+    Unit groups for alignment, first found: ``groups`` (explicit, e.g. ``--align-spec``), those of ``arch``
+    (derived from the model's graph now), those the registry recorded at ``registry init --arch``, those of
+    the base read as a sequential chain. Groups that leave a weight of the base out are refused. Without any,
+    suspects are read in their own coordinates and every report says "aligned": false with the reason.
+    ``aligned=False`` reads suspects in their own coordinates on purpose.
     ``every_base=False`` reads them against the current base only (the registry's earlier bases ignored).
     """
 
     def __init__(
         self, registry: Registry, groups: Sequence[UnitGroup] | None = None, aligned: bool = True,
-        every_base: bool = True,
+        every_base: bool = True, arch: Arch | None = None,
     ) -> None:  # fmt: skip
         self.bases = registry.bases() if every_base else registry.bases()[-1:]
         if not self.bases:
@@ -128,20 +145,33 @@ class Tracer:
         self._fp: Fingerprinter | None = None
         self._models = [registry.base_model(b) if aligned else None for b in self.bases]
         self._carrier_size = CarrierLayout(self.params.carrier, self.base.tensors).size
-        self._groups, self._alignment = self._unit_groups(groups, aligned)
+        self._groups, self._alignment = self._unit_groups(groups, aligned, arch)
 
-    def _unit_groups(self, groups: Sequence[UnitGroup] | None, aligned: bool) -> tuple[list[UnitGroup] | None, str]:
+    def _unit_groups(
+        self, groups: Sequence[UnitGroup] | None, aligned: bool, arch: Arch | None
+    ) -> tuple[list[UnitGroup] | None, str]:
         if not aligned:
             return None, "off: disabled"
         kept = [m for m in self._models if m is not None]
         if not kept:
             return None, "off: the registry keeps no base model (made before alignment existed)"
-        if groups is not None:
-            return list(groups), "explicit unit groups"
+        recorded = self._registry.arch()
         try:
-            return chain_groups(kept[-1]), "unit groups derived from the base"
+            if groups is not None:
+                chosen, how = list(groups), "explicit unit groups"
+            elif arch is not None:
+                record = arch.record()
+                changed = recorded is not None and recorded.get("graph") != record["graph"]
+                chosen = groups_of(record)
+                how = f"unit groups of {arch.target}" + (" (its graph differs from the registered one)" * changed)
+            elif recorded is not None:
+                chosen, how = groups_of(recorded), f"unit groups of {recorded.get('target')} (registered)"
+            else:
+                chosen, how = chain_groups(kept[-1]), "unit groups derived from the base (a sequential chain)"
+            check_covers(chosen, kept[-1])
         except AlignmentError as exc:
             return None, f"off: {exc}"
+        return chosen, how
 
     def prepare(self, suspect: StateDict, base: int = -1) -> tuple[StateDict, dict[str, object]]:
         """The suspect checked (SuspectError), aligned to base number ``base`` (default: the current one) and
@@ -153,15 +183,22 @@ class Tracer:
         model = self._models[base]
         if self._groups is None or model is None:
             why = self._alignment if model is not None or self._groups is None else "off: this base's model is not kept"
-            return suspect, {"status": why}
+            return suspect, {"status": why, "aligned": False}
         mark_rms = self.bases[base].strength * np.sqrt(self.params.length / self._carrier_size)  # per weight
-        aligned, rep = align(suspect, model, self._groups, noise=mark_rms)
+        try:
+            aligned, rep = align(suspect, model, self._groups, noise=mark_rms)
+        except AlignmentError as exc:  # read as it is; the report says it is not aligned and why
+            try:
+                self._fingerprinter(suspect).layout.check(suspect)
+            except CarrierMismatch as mismatch:
+                raise NotAligned(f"not aligned ({exc}), and unreadable as it is: {mismatch}") from None
+            return suspect, {"status": f"off: {exc}", "aligned": False}
         filled, erased = fill_erasures(aligned, model)
         try:
             check_suspect(filled)  # undoing a pirate's scales can overflow an absurd suspect's float32
         except SuspectError as exc:
             raise SuspectError(f"after alignment to the base: {exc}") from None
-        return filled, {"status": "aligned: " + self._alignment, **asdict(rep), "erased": erased}
+        return filled, {"status": "aligned: " + self._alignment, "aligned": True, **asdict(rep), "erased": erased}
 
     def extract(self, suspect: StateDict, base: int = -1) -> np.ndarray:
         """The raw soft code y = (X v - h) / s (L,) of a suspect prepared for base number ``base``."""
@@ -174,7 +211,7 @@ class Tracer:
             fp = self._fingerprinter(suspect)
             fp.layout.check(suspect)
         except CarrierMismatch as exc:
-            raise CarrierMismatch(f"{exc} (alignment {self._alignment})") from None
+            raise NotAligned(f"not aligned, and unreadable as it is: {exc} (alignment {self._alignment})") from None
         return fp.project(suspect)
 
     def _fingerprinter(self, model: StateDict) -> Fingerprinter:
@@ -309,7 +346,7 @@ class Verdict:
 
 def trace(
     suspect: StateDict, registry: Registry, top_k: int = 10, hard: bool = False,
-    groups: Sequence[UnitGroup] | None = None, aligned: bool = True,
+    groups: Sequence[UnitGroup] | None = None, aligned: bool = True, arch: Arch | None = None,
 ) -> TraceReport:  # fmt: skip
     """One suspect against ``registry`` (see :class:`Tracer`)."""
-    return Tracer(registry, groups, aligned).trace(suspect, top_k, hard)
+    return Tracer(registry, groups, aligned, arch=arch).trace(suspect, top_k, hard)

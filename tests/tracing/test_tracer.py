@@ -4,12 +4,11 @@ import torch
 
 from securemark import attacks
 from securemark.demo import run_demo
-from securemark.fingerprint.align import AlignmentError
 from securemark.fingerprint.carrier import CarrierMismatch
 from securemark.models import build
 from securemark.owner import issue_copy
 from securemark.registry import Registry, RegistryError, RegistryParams
-from securemark.tracing.tracer import SuspectError, Tracer, trace
+from securemark.tracing.tracer import NotAligned, SuspectError, Tracer, trace
 
 
 def test_owner_workflow_small_cnn(tmp_path):
@@ -51,13 +50,13 @@ def test_exact_copy_has_unit_signal_and_full_agreement(tmp_path):
 def test_wrong_architecture_and_empty_registry(tmp_path):
     reg, base, _ = _small(tmp_path)
     other = build("mlp", (1, 8, 8), 10).state_dict()
-    with pytest.raises(AlignmentError, match=r"'features\.0\.bias' is missing"):
+    with pytest.raises(NotAligned, match=r"not aligned \(tensor 'features\.0\.bias' is missing"):
         trace(other, reg)
     with pytest.raises(CarrierMismatch, match=r"'features\.0\.weight' is missing \(.*alignment off: disabled"):
         trace(other, reg, aligned=False)
     wider = dict(base)
     wider["head.3.weight"] = torch.zeros(11, 64)  # more classes: no unit group explains the output axis
-    with pytest.raises(AlignmentError, match=r"'head.3.weight' has shape \[11, 64\], the base \[10, 64\]"):
+    with pytest.raises(NotAligned, match=r"'head.3.weight' has shape \[11, 64\], the base \[10, 64\]"):
         trace(wider, reg)
     reg.close()
     empty = Registry.init(tmp_path / "e", RegistryParams(length=64))
