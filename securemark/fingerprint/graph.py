@@ -132,16 +132,17 @@ def derive(model: nn.Module, example: torch.Tensor) -> Derived:
     try:
         graph = _Tracer().trace(model)
     except Exception as exc:  # torch.fx raises anything from user code it cannot trace through
-        raise AlignmentError(f"torch.fx cannot trace the model: {type(exc).__name__}: {exc}") from None
+        raise AlignmentError(f"torch.fx cannot trace the model: {_one_line(exc)}") from None
     gm = fx.GraphModule(model, graph)
     was_training = model.training
     gm.eval()
     try:
         with torch.no_grad():
+            gm(example)  # first on its own: ShapeProp prints the traceback of a failing node to stderr
             ShapeProp(gm).propagate(example)
     except Exception as exc:  # the user's forward on the example input
         raise AlignmentError(f"the model does not run on an example input of shape {list(example.shape)}: "
-                             f"{type(exc).__name__}: {exc}") from None  # fmt: skip
+                             f"{_one_line(exc)}") from None  # fmt: skip
     finally:
         model.train(was_training)
     walk = _Walk(gm)
@@ -152,6 +153,16 @@ def derive(model: nn.Module, example: torch.Tensor) -> Derived:
     shapes = [(n.op, str(n.target), str(_shape(n))) for n in gm.graph.nodes]
     digest = hashlib.sha256(repr((gm.code, shapes)).encode()).hexdigest()
     return Derived(groups, digest)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The innermost cause's first line (torch.fx wraps errors in node dumps and tracebacks)."""
+    while (inner := exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)) is not None:
+        exc = inner
+    lines = str(exc).strip().splitlines() or [""]
+    if lines[0].startswith("Traceback"):  # a message that carries its own traceback ends in the error's line
+        return lines[-1]
+    return f"{type(exc).__name__}: {lines[0]}"
 
 
 def _shape(node: fx.Node) -> tuple[int, ...] | None:

@@ -8,6 +8,7 @@ to gets copies with the white-box mark alone and one logged line, never a failed
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from rich.console import Console
 from securemark import models
 from securemark.config import FingerprintConfig
 from securemark.errors import InputError
+from securemark.fingerprint.arch import Arch
 from securemark.fingerprint.embed import Fingerprinter
 from securemark.fingerprint.function import FunctionMark, FunctionMarkUnfit, features_and_logits
 from securemark.modelio import save_state_dict
@@ -27,13 +29,31 @@ from securemark.registry import Registry, RegistryParams
 Weights = dict[str, torch.Tensor]
 
 
+def arch_record(model: torch.nn.Module | None, example_input: Sequence[int] | None) -> dict[str, Any] | None:
+    """The registry's record of the architecture a run trains (``SecureMark(model=, example_input=)``): its unit
+    groups from its graph, so copies rewritten without changing their outputs are traced. A model whose graph
+    cannot be derived is refused here, before any round (AlignmentError says why)."""
+    if model is None:
+        if example_input is not None:
+            raise InputError("SecureMark(example_input=...) goes with model=")
+        return None
+    if example_input is None:
+        raise InputError("SecureMark(model=...) needs example_input, the shape of one input batch, e.g. (1, 3, 32, 32)")
+    target = f"{type(model).__module__}:{type(model).__qualname__}"
+    return Arch(target, {}, tuple(int(s) for s in example_input)).record(model)
+
+
 class Copies:
     """Copies for the customers of one run, made from the weights the strategy holds now. ``token`` names
     those weights (the ArrayRecord they were decoded from): what was fitted or recorded for one token is
     kept until the weights change."""
 
-    def __init__(self, fingerprint: FingerprintConfig, function: FunctionSpec | None, console: Console) -> None:
+    def __init__(
+        self, fingerprint: FingerprintConfig, function: FunctionSpec | None, console: Console,
+        arch: dict[str, Any] | None = None,
+    ) -> None:  # fmt: skip
         self.fingerprint, self.function, self.console = fingerprint, function, console
+        self.arch = arch  # the model's architecture record (fingerprint.arch), kept in the registry
         self.registry: Registry | None = None
         self.fp: Fingerprinter | None = None
         self.strength = 0.0
@@ -57,6 +77,8 @@ class Copies:
             exclude=exclude,
         )  # fmt: skip
         self.registry = Registry.init(out / "registry", params)
+        if self.arch is not None:
+            self.registry.set_arch(self.arch)
         self.fp = Fingerprinter.create(self.registry.secret, params.carrier, weights, params.length)
         self.strength = self.fp.strength_for_budget(weights, fc.budget)
 
@@ -71,6 +93,8 @@ class Copies:
             fc.code, fc.length, fc.max_colluders, fc.eps
         ):  # fmt: skip
             raise InputError(f"the registry in {out} was made with other fingerprint settings than this run's")
+        if self.arch is not None:
+            self.registry.set_arch(self.arch)
         self.fp = Fingerprinter.create(self.registry.secret, params.carrier, weights, params.length)
 
     def record_base(self, token: object, weights: Weights, after: int) -> np.ndarray | None:

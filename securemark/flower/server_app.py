@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
@@ -34,8 +35,9 @@ def train_config(cfg: SimConfig) -> ConfigRecord:
 
 
 def strategy_for(
-    cfg: SimConfig, out: Path, max_weight: int, console: Console | None = None, function: FunctionSpec | None = None
-) -> SecureMark:
+    cfg: SimConfig, out: Path, max_weight: int, console: Console | None = None, function: FunctionSpec | None = None,
+    model: torch.nn.Module | None = None, example_input: tuple[int, ...] | None = None,
+) -> SecureMark:  # fmt: skip
     t = cfg.train
     inner = FedAvg(fraction_train=t.per_round / t.clients, min_train_nodes=t.per_round, min_available_nodes=t.clients)
     inner.fraction_evaluate, inner.min_evaluate_nodes = 0.0, 0  # evaluation runs on the server (evaluate_fn)
@@ -48,6 +50,8 @@ def strategy_for(
         max_weight=max_weight,
         console=console,
         function=function,
+        model=model,
+        example_input=example_input,
     )
 
 
@@ -71,7 +75,8 @@ def run(
         cfg.model.name, tuple(test.x.shape[1:]), test.classes, seed=cfg.train.seed, width=cfg.model.width
     )
     # no client can hold more examples than the training share
-    strategy = strategy_for(cfg, out, len(train_set), console, function_spec(cfg, test))
+    example = (1, *test.x.shape[1:])  # the architecture registered: copies rewritten without changing outputs trace
+    strategy = strategy_for(cfg, out, len(train_set), console, function_spec(cfg, test), model, example)
 
     def evaluate(_round: int, arrays: ArrayRecord) -> MetricRecord:
         return MetricRecord({"accuracy": training.accuracy_of(model, arrays.to_torch_state_dict(), test)})

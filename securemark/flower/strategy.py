@@ -22,9 +22,10 @@ server optimizer (FedAvgM, FedAdam, ...). SecureMark changes what travels. One r
    global model and a few customers' copies.
 
 Every model copies are made from (each round's global model) is kept in the registry as a base, so a copy of any
-round traces against the model it was made from. At the end ``out`` holds what ``securemark simulate`` writes:
-``registry/`` (with the owner key), ``customers/<customer>.safetensors`` (every customer's final copy),
-``metrics.json`` and ``global.safetensors``.
+round traces against the model it was made from; ``model=Net(), example_input=(1, 3, 32, 32)`` registers the
+architecture, so copies rewritten without changing their outputs trace too (fingerprint.graph). At the end
+``out`` holds what ``securemark simulate`` writes: ``registry/`` (with the owner key),
+``customers/<customer>.safetensors`` (every customer's final copy), ``metrics.json`` and ``global.safetensors``.
 After every round ``out/checkpoint/`` holds the global model, the round, the fingerprint strength, the metrics so
 far, the graph RNG and the inner strategy's optimizer state; ``start(resume=True)`` goes on from there with the
 same registry, key and strength, so copies issued before a crash still trace. A kill at any instant leaves the
@@ -45,7 +46,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,7 @@ from securemark.errors import InputError, RoundFailed, SecureMarkError
 from securemark.flower import checkpoint, wire
 from securemark.flower.aggregate import MaskedSum, PlainSum, Sum, check_inner
 from securemark.flower.checkpoint import CHECKPOINT
-from securemark.flower.copies import Copies, Weights
+from securemark.flower.copies import Copies, Weights, arch_record
 from securemark.flower.exchange import StageClock, enough_nodes, exchange
 from securemark.flower.metrics import mean_metrics, metrics_of, round_line
 from securemark.flower.nodes import IDENTITIES, Nodes
@@ -101,6 +102,8 @@ class SecureMark(Strategy):
         max_weight: int = 1 << 16,
         console: Console | None = None,
         function: FunctionSpec | None = None,
+        model: torch.nn.Module | None = None,
+        example_input: Sequence[int] | None = None,
     ) -> None:
         check_inner(strategy)
         if not 1 <= max_weight <= 1 << 32:
@@ -115,7 +118,7 @@ class SecureMark(Strategy):
         self.console = console or Console(stderr=True)
         self.rng = np.random.default_rng()  # neighbour graphs and simulated losses: nothing secret
         self.nodes = Nodes(self.secagg, identity, self.console, self.rng)
-        self.copies = Copies(self.fingerprint, function, self.console)
+        self.copies = Copies(self.fingerprint, function, self.console, arch_record(model, example_input))
         self.sum: Sum = (
             MaskedSum(self.nodes, self.secagg, max_weight, self.console, self.rng)
             if self.secagg.enabled

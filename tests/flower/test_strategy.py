@@ -716,3 +716,29 @@ def test_a_function_spec_that_names_another_model_stops_the_run_before_its_first
     with pytest.raises(FunctionMarkError, match=r"not the mlp model the config names: .* size mismatch"):
         s.start(grid, initial(cfg), num_rounds=1, train_config=train_config(cfg))
     assert grid.sent == [] and not (tmp_path / "run").exists()
+
+
+def test_a_run_registers_the_architecture_it_is_given(tmp_path):
+    """SecureMark(model=, example_input=) keeps the model's unit groups in the run's registry; a model without
+    its input shape, or one its graph cannot cover, is refused before any round."""
+    from torch import nn
+
+    from securemark.corpus.resnet import resnet8
+    from securemark.fingerprint.groups import AlignmentError
+    from securemark.registry import Registry
+
+    cfg = config(clients=3)
+    model = resnet8(width=8)
+    s = SecureMark(FedAvg(), tmp_path / "out", fingerprint=cfg.fingerprint, secagg=cfg.secagg,
+                   console=Console(quiet=True), model=model, example_input=(1, 3, 32, 32))  # fmt: skip
+    s.copies.create(tmp_path / "out", {k: v.detach().clone() for k, v in model.state_dict().items()})
+    s.copies.registry.close()
+    with Registry.open(tmp_path / "out" / "registry") as reg:
+        record = reg.arch()
+    assert record["target"] == "securemark.corpus.resnet:ResNet" and record["example"] == [1, 3, 32, 32]
+    assert len(record["groups"]) == 6  # three stage streams, three blocks' hidden channels
+    with pytest.raises(ValueError, match="needs example_input"):
+        SecureMark(FedAvg(), tmp_path / "b", model=model)
+    gated = nn.Sequential(nn.Conv2d(3, 4, 3, groups=1), nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(AlignmentError, match="grouped convolution"):
+        SecureMark(FedAvg(), tmp_path / "c", model=gated, example_input=(1, 3, 8, 8))
