@@ -49,8 +49,10 @@ def test_a_rewritten_resnet_copy_is_traced_once_its_architecture_is_registered(t
     for kind in registries:
         rng = np.random.default_rng(7)
         copy = load_state_dict(tmp_path / f"{kind}-c2.safetensors")
-        leaked = R.permute(R.signflip(R.rescale(copy, rng, groups=groups)[0], rng, groups=groups)[0], rng, groups=groups)
-        save_state_dict(leaked[0], tmp_path / f"{kind}-leak.safetensors")
+        leaked, _ = R.rescale(copy, rng, groups=groups)
+        leaked, _ = R.signflip(leaked, rng, groups=groups)
+        leaked, _ = R.permute(leaked, rng, groups=groups)
+        save_state_dict(leaked, tmp_path / f"{kind}-leak.safetensors")
 
     code, out, _ = run(capsys, "trace", registries["arch"], tmp_path / "arch-leak.safetensors", "--json")
     report = json.loads(out)

@@ -143,8 +143,8 @@ def test_benchmarks_do_not_import_flwr_or_ray():
 
 # The packages in layers (docs/layout.md): a package imports only packages of a lower layer. Top-level modules
 # (config, owner, sim, ...) are placed one by one in the docs and are not checked here.
-LAYERS = {"corpus": 1, "codes": 2, "secagg": 2, "fingerprint": 3, "registry": 4, "tracing": 5, "attacks": 5, "evaluation": 6,
-          "flower": 7, "bench": 8, "cli": 9}  # fmt: skip
+LAYERS = {"corpus": 1, "codes": 2, "secagg": 2, "fingerprint": 3, "registry": 4, "tracing": 5, "attacks": 5,
+          "evaluation": 6, "flower": 7, "bench": 8, "cli": 9}  # fmt: skip
 KEPT = {("securemark.evaluation", "securemark.flower")}  # the --ray runner, picked at run time (docs/layout.md)
 
 

@@ -57,7 +57,7 @@ def _rewrite_all(sd: dict, groups: list, rng: np.random.Generator) -> dict:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_every_admitted_rewrite_keeps_the_outputs_and_is_undone(name):
-    model, sd, x, groups = _case(name)
+    _, sd, x, groups = _case(name)
     out = _rewrite_all(sd, groups, np.random.default_rng(1))
     ref = _outputs(name, sd, x)
     assert _carrier_error(out, sd) > 1e-2  # the rewrite moved the carrier
@@ -90,8 +90,8 @@ def test_the_groups_of_a_resnet_follow_its_streams():
     assert {m.tensor for m in stream.of("rows")} == {"conv1.weight", "layer1.0.conv2.weight"}
     assert {m.tensor for m in stream.of("cols")} == {"layer1.0.conv1.weight", "layer2.0.conv1.weight",
                                                     "layer2.0.downsample.0.weight"}  # fmt: skip
-    assert {(m.tensor, m.of) for m in stream.of("affine")} == {("bn1.weight", "conv1.weight"),
-                                                              ("layer1.0.bn2.weight", "layer1.0.conv2.weight")}  # fmt: skip
+    affine = {(m.tensor, m.of) for m in stream.of("affine")}
+    assert affine == {("bn1.weight", "conv1.weight"), ("layer1.0.bn2.weight", "layer1.0.conv2.weight")}
     last = by_name["layer3.0.downsample.0"]
     assert [m.tensor for m in last.of("cols")] == ["fc.weight"]
     assert all(g.admits == ("permute", "rescale", "signflip") for g in groups)
@@ -100,8 +100,9 @@ def test_the_groups_of_a_resnet_follow_its_streams():
 def test_the_groups_of_a_vit_hold_its_heads_and_stream():
     _, sd, _, groups = _case("vit-tiny")
     stream = groups[0]
-    assert {m.tensor for m in stream.of("rows")} >= {"patch_embed.proj.weight", "cls_token", "pos_embed",
-                                                     "blocks.0.attn.proj.weight", "blocks.1.mlp.fc2.weight"}  # fmt: skip
+    writers = {m.tensor for m in stream.of("rows")}
+    assert writers >= {"patch_embed.proj.weight", "cls_token", "pos_embed", "blocks.0.attn.proj.weight",
+                       "blocks.1.mlp.fc2.weight"}  # fmt: skip
     assert "head.weight" in {m.tensor for m in stream.of("cols")}
     assert stream.admits == ("permute", "rescale")  # LayerNorm outputs feed only linear readers
     heads = next(g for g in groups if g.name == "blocks.0.attn.qkv")
@@ -119,7 +120,7 @@ def test_admits_follow_the_activations():
 
 
 def test_the_flower_net_graph_gives_its_chain():
-    model, sd, x, groups = _case("flower-net")
+    _, sd, _, groups = _case("flower-net")
     chain = chain_groups(sd)
     assert [g.name for g in groups] == [g.name for g in chain]
     assert [sorted(m.to_json()[:4] for m in g.members) for g in groups] == [
@@ -180,8 +181,11 @@ class _Unknown(nn.Module):
         (_Gate(), (1, 3), r"node 'mul'.*gating"),
         (_Branchy(), (1, 3), r"torch.fx cannot trace the model"),
         (_Unknown(), (1, 3), r"node 'cumsum'.*do not cover"),
-        (nn.Sequential(nn.Conv2d(3, 4, 3), nn.LayerNorm([4, 6, 6]), nn.Flatten(), nn.Linear(144, 2)), (1, 3, 8, 8),
-         r"LayerNorm over more than"),
+        (
+            nn.Sequential(nn.Conv2d(3, 4, 3), nn.LayerNorm([4, 6, 6]), nn.Flatten(), nn.Linear(144, 2)),
+            (1, 3, 8, 8),
+            r"LayerNorm over more than",
+        ),
         (nn.Sequential(nn.Linear(3, 4)), (1, 5), r"does not run on an example input of shape \[1, 5\]"),
     ],
 )

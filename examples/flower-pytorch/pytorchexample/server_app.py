@@ -23,9 +23,8 @@ def main(grid: Grid, context: Context) -> None:
     arrays = ArrayRecord(global_model.state_dict())
 
     strategy = FedAvg(fraction_evaluate=fraction_evaluate)
-    strategy = SecureMark(  # securemark
-        strategy, out=str(context.run_config["out"]), model=Net(), example_input=(1, 3, 32, 32)  # securemark
-    )  # securemark
+    out = str(context.run_config["out"])  # securemark
+    strategy = SecureMark(strategy, out=out, model=Net(), example_input=(1, 3, 32, 32))  # securemark
 
     result = strategy.start(
         grid=grid,
