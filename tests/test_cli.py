@@ -122,10 +122,13 @@ def test_bench_trace_small(capsys):
 
 def test_bench_align_small(capsys):
     code, out, _ = run(capsys, "bench", "align", "--small", "--repeats", "1", "--json")
-    (row,) = json.loads(out)["models"]
+    row, resnet, vit = json.loads(out)["models"]
     assert code == 0 and row["model"] == "quickstart-cnn" and row["params"] == 105_866
     assert row["units_merged"] == 6 and row["units_dropped"] == 12  # 2 splits and 4 dummies in each of 3 layers
     assert row["mark_cosine"] > 0.99 and row["mark_coordinates_recovered"] > 0.9
+    assert (resnet["model"], vit["model"]) == ("resnet18", "vit-tiny")
+    assert resnet["units_flipped"] > 0 and resnet["units_permuted"] > 0 and vit["units_permuted"] > 0
+    assert min(resnet["mark_cosine"], vit["mark_cosine"]) > 0.99
 
 
 @pytest.mark.parametrize("graph", ["complete", "sparse"])
