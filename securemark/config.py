@@ -24,7 +24,10 @@ from typing import Any, ClassVar, get_args, get_origin, get_type_hints
 from securemark.codes.base import CODE_KINDS
 from securemark.errors import SecureMarkError
 
-DATASET_NAMES = ("digits", "mnist5k", "synthetic", "mnist", "fashion-mnist", "cifar10")  # see securemark.data
+DATASET_NAMES = ("digits", "digits-rgb", "mnist5k", "synthetic", "mnist", "fashion-mnist", "cifar10")  # securemark.data
+# securemark.models: its own three, then the corpus of users' architectures (securemark.corpus, small sizes)
+MODEL_NAMES = ("mlp", "cnn", "cifar-cnn", "resnet18", "resnet8", "cifar-resnet18", "preact-resnet18", "vgg11-bn",
+               "mobilenet-v2", "vit-tiny", "flower-net")  # fmt: skip
 MAX_CLIENTS = 100_000  # one customer, one code row and one key pair per client; beyond this, shard the run
 
 
@@ -165,7 +168,7 @@ class SimConfig(TomlConfig):
         _check(_finite(d.alpha) and d.alpha > 0, "data.alpha", d.alpha)
         _check(1 <= d.classes_per_client <= 1000, "data.classes_per_client", d.classes_per_client)
         _check(0 < d.test_fraction < 1, "data.test_fraction", d.test_fraction)
-        _check(m.name in ("mlp", "cnn", "cifar-cnn"), "model.name", m.name)
+        _check(m.name in MODEL_NAMES, "model.name", m.name)
         _check(0 <= m.width <= 65536, "model.width", m.width)
         _check(1 <= t.rounds <= 100_000, "train.rounds", t.rounds)
         _check(1 <= t.clients <= MAX_CLIENTS, f"train.clients (1..{MAX_CLIENTS})", t.clients)

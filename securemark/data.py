@@ -25,7 +25,7 @@ HUB_DATASETS = {
     "fashion-mnist": ("zalando-datasets/fashion_mnist", "image"),
     "cifar10": ("uoft-cs/cifar10", "img"),
 }
-DATASETS = ("digits", "mnist5k", "synthetic", *HUB_DATASETS)
+DATASETS = ("digits", "digits-rgb", "mnist5k", "synthetic", *HUB_DATASETS)
 assert set(DATASETS) == set(DATASET_NAMES)
 
 
@@ -122,6 +122,8 @@ def load(name: str, seed: int = 0, files: str = "") -> Dataset:
         return load_hub(name, seed, files)
     if name == "digits":
         return load_digits(seed)
+    if name == "digits-rgb":
+        return digits_rgb(32, seed)
     if name == "mnist5k":
         return load_mnist5k(seed)
     if name == "synthetic":

@@ -1,4 +1,6 @@
-"""Small models written here (no torchvision): an MLP, a small CNN, and a CIFAR-size CNN."""
+"""Small models written here (no torchvision): an MLP, a small CNN, and a CIFAR-size CNN; and, by name, the
+corpus of users' architectures (securemark.corpus: ResNets, VGG, MobileNetV2, a ViT, Flower's Net) at their
+small sizes."""
 
 from __future__ import annotations
 
@@ -7,9 +9,16 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from securemark import corpus
+from securemark.config import MODEL_NAMES
 from securemark.errors import InputError
 
-MODELS = ("mlp", "cnn", "cifar-cnn")
+MODELS = ("mlp", "cnn", "cifar-cnn", *corpus.CORPUS)
+assert MODELS == MODEL_NAMES
+# the keyword a corpus model's width (model.width) sets; None: its width is fixed
+CORPUS_WIDTH = {"resnet18": "width", "resnet8": "width", "cifar-resnet18": "width", "preact-resnet18": "width",
+                "vgg11-bn": "width",
+                "vit-tiny": "dim", "mobilenet-v2": None, "flower-net": None}  # fmt: skip
 
 
 class MLP(nn.Module):
@@ -86,7 +95,23 @@ def _build(name: str, in_shape: tuple[int, int, int], classes: int, width: int) 
         return SmallCNN(in_shape, classes, width=width or DEFAULT_WIDTH["cnn"])
     if name == "cifar-cnn":
         return CifarCNN(in_shape, classes)
+    if name in corpus.CORPUS:
+        return _corpus(name, in_shape, classes, width)
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+
+
+def _corpus(name: str, in_shape: tuple[int, int, int], classes: int, width: int) -> nn.Module:
+    c, h, w = in_shape
+    kwargs: dict[str, object] = {"num_classes": classes, "in_channels": c}
+    if name == "vit-tiny":
+        if h != w:
+            raise InputError(f"vit-tiny takes square images, got {h}x{w}")
+        kwargs["img_size"] = h
+    if width:
+        if CORPUS_WIDTH[name] is None:
+            raise InputError(f"model {name!r} has a fixed width: set model.width = 0")
+        kwargs[str(CORPUS_WIDTH[name])] = width
+    return corpus.build(name, **kwargs)
 
 
 def load_weights(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> nn.Module:

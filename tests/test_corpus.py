@@ -20,7 +20,8 @@ def _params(model: nn.Module) -> int:
 
 def test_small_is_given_for_every_model():
     assert set(SMALL) == set(CORPUS) == {
-        "resnet18", "resnet8", "cifar-resnet18", "vgg11-bn", "mobilenet-v2", "vit-tiny", "flower-net"
+        "resnet18", "resnet8", "cifar-resnet18", "preact-resnet18", "vgg11-bn", "mobilenet-v2", "vit-tiny",
+        "flower-net",
     }  # fmt: skip
 
 
@@ -73,6 +74,12 @@ def test_cifar_resnet18_keys():
     assert not any(k.startswith("layer1.0.shortcut") for k in sd)  # empty nn.Sequential
     assert sd["conv1.weight"].shape == (8, 3, 3, 3)
     assert "fc.weight" not in sd
+
+
+def test_preact_resnet18_keys():
+    sd = build("preact-resnet18").state_dict()
+    assert {"layer1.0.bn1.running_mean", "layer2.0.shortcut.0.weight", "bn.running_var", "linear.weight"} <= set(sd)
+    assert "layer2.0.shortcut.1.weight" not in sd and "bn1.weight" not in sd  # no BatchNorm on the shortcut, stem
 
 
 def test_vgg11_bn_keys():

@@ -18,6 +18,7 @@ from securemark.attacks import launder as L
 from securemark.attacks import rewrite as R
 from securemark.attacks.collude import COLLUSION_METHODS, collude
 from securemark.data import Dataset
+from securemark.fingerprint.groups import UnitGroup
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -34,6 +35,7 @@ STEPS: dict[str, dict[str, type]] = {
     "permute": {},
     "rescale": {"low": float, "high": float},
     "widen": {"extra": int, "splits": int},
+    "signflip": {"share": float},
     "obfuscate": {"dead": int},
 }
 _FINITE = "finite and > 0"
@@ -58,6 +60,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "dead": (lambda v: v in (0, 1), "0 or 1"),
     "extra": (lambda v: 0 <= v <= 100_000, "0..10^5"),
     "splits": (lambda v: 0 <= v <= 100_000, "0..10^5"),
+    "share": (lambda v: 0 <= v <= 1, "in [0, 1]"),
 }
 assert all(k in RANGES for params in STEPS.values() for k in params)
 DEAD_PROBE = 512  # examples of the pirate's own data that find inputs which are always zero
@@ -78,6 +81,7 @@ class Attacker:
     rng: np.random.Generator
     length: int = 1024  # overwrite: the attacker's own code length
     budget: float = 0.05  # overwrite: the attacker's own fidelity budget
+    groups: Sequence[UnitGroup] | None = None  # the architecture's unit groups (None: read as a sequential chain)
 
 
 def parse(spec: str) -> list[Step]:
@@ -153,13 +157,15 @@ def run(copies: Sequence[StateDict], steps: Sequence[Step], attacker: Attacker) 
                 current, rec = R.spike(current, attacker.rng, p.get("count", 0), p.get("low", 5.0),
                                        p.get("high", 500.0), dead)  # fmt: skip
             else:
-                current, rec = R.obfuscate(current, attacker.rng, dead)
+                current, rec = R.obfuscate(current, attacker.rng, dead, groups=attacker.groups)
         elif step.name == "permute":
-            current, rec = R.permute(current, attacker.rng)
+            current, rec = R.permute(current, attacker.rng, groups=attacker.groups)
         elif step.name == "rescale":
-            current, rec = R.rescale(current, attacker.rng, p.get("low", 0.25), p.get("high", 4.0))
+            current, rec = R.rescale(current, attacker.rng, p.get("low", 0.25), p.get("high", 4.0), attacker.groups)
+        elif step.name == "signflip":
+            current, rec = R.signflip(current, attacker.rng, p.get("share", 0.5), attacker.groups)
         elif step.name == "widen":
-            current, rec = R.widen(current, attacker.rng, p.get("extra", 4), p.get("splits", 2))
+            current, rec = R.widen(current, attacker.rng, p.get("extra", 4), p.get("splits", 2), attacker.groups)
         else:  # distill
             unlabeled = attacker.data.sample(p.get("fraction", 1.0), attacker.rng)
             current, rec = L.distill(
@@ -182,5 +188,7 @@ def _mutually_aligned(copies: Sequence[StateDict], attacker: Attacker) -> list[d
     average into the same function.)"""
     from securemark.fingerprint.align import align
 
-    held = [R.permute(R.rescale(c, attacker.rng)[0], attacker.rng)[0] for c in copies]
-    return [held[0]] + [align(c, held[0])[0] for c in held[1:]]
+    g = attacker.groups
+    held = [R.permute(R.signflip(R.rescale(c, attacker.rng, groups=g)[0], attacker.rng, groups=g)[0], attacker.rng,
+                      groups=g)[0] for c in copies]  # fmt: skip
+    return [held[0]] + [align(c, held[0], g)[0] for c in held[1:]]

@@ -3,9 +3,10 @@
 * ``permute``: shuffle the hidden units of every unit group (every tensor axis that carries them together).
 * ``rescale``: multiply each hidden unit by a positive factor and divide its outgoing weights by it, in the
   groups that admit it (the units pass only positively homogeneous functions: ReLU, pooling, sums); after a
-  norm, the norm's weight and bias carry the factor.
-* ``signflip``: negate units under their BatchNorm (the writer's rows, bias and running mean with the
-  BatchNorm's weight), writer by writer, in the groups that admit it.
+  norm, the norm's weight and bias carry the factor; and where a BatchNorm absorbs its writers' scale, the
+  writers by another factor, the BatchNorm's weight divided by it.
+* ``signflip``: negate units under their BatchNorm (the writers' rows, bias and running mean with the
+  BatchNorm's weight), section by section (fingerprint.moves), in the groups that admit it.
 * ``widen``: add units that feed nothing (random incoming weights, zero outgoing weights) and split units in
   two (the same incoming direction at another scale, the outgoing weights shared between them; only where a
   rescale is admitted and no norm sits between). Not in groups with a LayerNorm (a unit more changes its
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 from securemark import models
+from securemark.fingerprint import moves
 from securemark.fingerprint.align import UnitGroup, chain_groups, from_units, to_units, units_of
 
 StateDict = Mapping[str, torch.Tensor]
@@ -44,25 +46,14 @@ def _rewritten(sd: StateDict, groups: Groups, change: Callable[[Arrays, UnitGrou
     return {k: torch.from_numpy(arrs[k]).to(v.dtype) if k in arrs else v.detach().clone() for k, v in sd.items()}
 
 
-def _scale(arrs: Arrays, g: UnitGroup, n: int, factor: dict[str, np.ndarray], only: str = "") -> None:
-    for m in g.members:
-        if m.role in factor and (not only or m.tensor == only or m.of == only):
-            u = to_units(arrs[m.tensor], m, n)
-            arrs[m.tensor] = from_units(u * factor[m.role].reshape((n,) + (1,) * (u.ndim - 1)), m, arrs[m.tensor].shape)
-
-
 def permute(sd: StateDict, rng: np.random.Generator, groups: Groups = None) -> tuple[dict, dict]:
     count = 0
 
     def change(arrs: Arrays, g: UnitGroup) -> None:
         nonlocal count
-        if "permute" not in g.admits:
-            return
-        n = units_of(arrs, g)
-        perm = rng.permutation(n)
-        count += 1
-        for m in g.members:
-            arrs[m.tensor] = from_units(to_units(arrs[m.tensor], m, n)[perm], m, arrs[m.tensor].shape)
+        if "permute" in g.admits:
+            moves.permute(arrs, g, rng.permutation(units_of(arrs, g)))
+            count += 1
 
     out = _rewritten(sd, groups, change)
     return out, {"attack": "permute", "groups": count}
@@ -71,27 +62,30 @@ def permute(sd: StateDict, rng: np.random.Generator, groups: Groups = None) -> t
 def rescale(
     sd: StateDict, rng: np.random.Generator, low: float = 0.25, high: float = 4.0, groups: Groups = None
 ) -> tuple[dict, dict]:
-    """Each hidden unit x a, a log-uniform in [low, high]; its outgoing weights / a."""
+    """Each hidden unit x a, a log-uniform in [low, high]; its outgoing weights / a. Where a BatchNorm absorbs
+    its writers' scale, the writers x another such factor too (the BatchNorm's weight / it)."""
     if not 0 < low <= high or not np.isfinite(high):
         raise ValueError(f"rescale needs 0 < low <= high (finite), got {low}, {high}")
     count = 0
 
+    def factors(n: int) -> np.ndarray:
+        return np.exp(rng.uniform(np.log(low), np.log(high), n))
+
     def change(arrs: Arrays, g: UnitGroup) -> None:
         nonlocal count
-        if "rescale" not in g.admits:
-            return
         n = units_of(arrs, g)
-        a = np.exp(rng.uniform(np.log(low), np.log(high), n))
-        up = {"affine": a, "shift": a} if g.norm else {"rows": a, "bias": a}
-        _scale(arrs, g, n, up | {"cols": 1 / a})
-        count += 1
+        if "rescale" in g.admits:
+            moves.rescale(arrs, g, factors(n))
+            count += 1
+        if "absorb" in g.admits:
+            moves.absorb(arrs, g, [factors(n) for _ in moves.sections(g)])
 
     out = _rewritten(sd, groups, change)
     return out, {"attack": "rescale", "low": low, "high": high, "groups": count}
 
 
 def signflip(sd: StateDict, rng: np.random.Generator, share: float = 0.5, groups: Groups = None) -> tuple[dict, dict]:
-    """Negate each unit with probability ``share`` under its BatchNorm, writer by writer."""
+    """Negate each unit with probability ``share`` under its BatchNorm, section by section (fingerprint.moves)."""
     if not 0 <= share <= 1:
         raise ValueError(f"signflip needs 0 <= share <= 1, got {share}")
     flipped = 0
@@ -101,10 +95,9 @@ def signflip(sd: StateDict, rng: np.random.Generator, share: float = 0.5, groups
         if "signflip" not in g.admits:
             return
         n = units_of(arrs, g)
-        for w in g.of("rows"):
-            sign = np.where(rng.random(n) < share, -1.0, 1.0)
-            flipped += int(np.sum(sign < 0))
-            _scale(arrs, g, n, {"rows": sign, "bias": sign, "mean": sign, "affine": sign}, only=w.tensor)
+        signs = [np.where(rng.random(n) < share, -1.0, 1.0) for _ in moves.sections(g)]
+        flipped += int(sum(np.sum(x < 0) for x in signs))
+        moves.absorb(arrs, g, signs)
 
     out = _rewritten(sd, groups, change)
     return out, {"attack": "signflip", "share": share, "flipped": flipped}

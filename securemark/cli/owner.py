@@ -107,10 +107,25 @@ def cmd_issue(a: argparse.Namespace) -> None:
     with Registry.open(a.directory) as reg, reg.issuing():
         if record is not None:
             reg.set_arch(record)
+        _check_architecture(reg.arch(), base)
         copy, customer = make_copy(reg, base, a.customer, function=function)
         modelio.save_atomic(copy, out)
         reg.record_delivery(customer, modelio.state_digest(copy), note=str(out))
     print(f"issued {out} to {a.customer!r} (sha256 {modelio.file_sha256(out)[:16]}...)")
+
+
+def _check_architecture(record: dict | None, base: dict) -> None:
+    """A base the registry's architecture does not describe is refused before a copy is made (its copies
+    could never be aligned)."""
+    if record is None:
+        return
+    from securemark.fingerprint.arch import check_covers, groups_of
+    from securemark.fingerprint.groups import AlignmentError
+
+    try:
+        check_covers(groups_of(record), base, record.get("exempt", []))
+    except AlignmentError as exc:
+        raise InputError(f"the base is not the registered architecture {record.get('target')}: {exc}") from None
 
 
 def _check_writable(out: Path) -> None:

@@ -15,6 +15,7 @@ from torch import nn
 
 from securemark.corpus.mobilenet import mobilenet_v2
 from securemark.corpus.net import flower_net
+from securemark.corpus.preact import preact_resnet18
 from securemark.corpus.resnet import cifar_resnet18, resnet8, resnet18
 from securemark.corpus.vgg import vgg11_bn
 from securemark.corpus.vit import vit_tiny
@@ -23,6 +24,7 @@ CORPUS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": resnet18,
     "resnet8": resnet8,
     "cifar-resnet18": cifar_resnet18,
+    "preact-resnet18": preact_resnet18,
     "vgg11-bn": vgg11_bn,
     "mobilenet-v2": mobilenet_v2,
     "vit-tiny": vit_tiny,
@@ -33,6 +35,7 @@ SMALL: dict[str, dict[str, Any]] = {
     "resnet18": {"width": 16},
     "resnet8": {"width": 16},
     "cifar-resnet18": {"width": 8},
+    "preact-resnet18": {"width": 8},
     "vgg11-bn": {"width": 8, "hidden": 64},
     "mobilenet-v2": {"width_mult": 0.25, "last_channel": 128},
     "vit-tiny": {"dim": 32, "depth": 2, "heads": 2, "patch": 8},

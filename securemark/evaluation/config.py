@@ -18,6 +18,7 @@ SCHEMES = (*CODE_KINDS, "fedtracker")  # a shared-projection code traced by scor
 class SourceConfig:
     run: str = "runs/quickstart"  # a `securemark simulate` output: global.safetensors + config.toml
     config: str = ""  # a simulate config to train `run` with first, when it holds no finished run
+    overrides: tuple[str, ...] = ()  # KEY=VALUE applied to that config (e.g. "model.name=resnet8"), as --set
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ class EvalConfig(TomlConfig):
         c, e, f = self.code, self.evaluate, self.fidelity
         _check(_path_ok(self.source.run), "source.run", self.source.run)
         _check(not self.source.config or _path_ok(self.source.config), "source.config", self.source.config)
+        _check(all("=" in o for o in self.source.overrides), "source.overrides (KEY=VALUE)", self.source.overrides)
         _check(_path_ok(self.output), "output", self.output)
         _check(16 <= c.length <= 1 << 20, "code.length (16..2^20)", c.length)
         _check(1 <= c.max_colluders <= 1000, "code.max_colluders", c.max_colluders)

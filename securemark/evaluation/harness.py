@@ -42,7 +42,7 @@ def load_source(cfg: EvalConfig, console: Console) -> tuple[SimConfig, Setting]:
         from securemark.sim import simulate  # imports flwr and ray: only when training
 
         console.print(f"training the base model with {cfg.source.config} -> {run}")
-        simulate(SimConfig.load(cfg.source.config), run)
+        simulate(SimConfig.load(cfg.source.config, list(cfg.source.overrides)), run)
     sim = SimConfig.load(run / "config.toml")
     pool, test = data.server_split(sim.data, sim.train.seed)
     shape = tuple(test.x.shape[1:])
@@ -229,7 +229,7 @@ def _run_schemes(
         try:
             for name in e.schemes:  # on Ray, a scheme's trials run while the next scheme is built here
                 bar.update(task, description=f"{name}: issuing {scheme_customers(name, cfg)} customers")
-                scheme = make_scheme(name, cfg, s.base, out / "registries")
+                scheme = make_scheme(name, cfg, s.base, out / "registries", s.arch)
                 here = [(attack, size) for n, attack, size in to_run if n == name]
                 schemes.append((scheme, here))
                 fid[name] = fidelity(scheme, s, f.copies, np.random.default_rng([e.seed, 20_000]))

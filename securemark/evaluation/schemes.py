@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -66,8 +67,13 @@ class SharedScheme:
         self.tracer = Tracer(registry)
 
     @classmethod
-    def create(cls, code: str, cfg: EvalConfig, base: StateDict, directory: Path) -> SharedScheme:
+    def create(
+        cls, code: str, cfg: EvalConfig, base: StateDict, directory: Path, arch: dict[str, Any] | None = None
+    ) -> SharedScheme:
+        """A new registry with its customers; ``arch``: the model's architecture record (its unit groups)."""
         registry = Registry.init(directory, registry_params(code, cfg))
+        if arch is not None:
+            registry.set_arch(arch)
         for j in range(scheme_customers(code, cfg)):
             registry.customer(f"customer-{j:05d}")
         return cls(registry, base)
@@ -145,7 +151,9 @@ class FedTrackerScheme:
 Scheme = SharedScheme | FedTrackerScheme
 
 
-def make_scheme(name: str, cfg: EvalConfig, base: StateDict, directory: Path) -> Scheme:
+def make_scheme(
+    name: str, cfg: EvalConfig, base: StateDict, directory: Path, arch: dict[str, Any] | None = None
+) -> Scheme:
     if name == "fedtracker":
         return FedTrackerScheme(cfg, base)
-    return SharedScheme.create(name, cfg, base, directory / name)
+    return SharedScheme.create(name, cfg, base, directory / name, arch)

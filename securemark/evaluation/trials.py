@@ -19,6 +19,7 @@ from securemark.attacks import pipeline
 from securemark.data import Dataset
 from securemark.evaluation.config import EvalConfig
 from securemark.evaluation.schemes import Scheme
+from securemark.fingerprint.arch import groups_of, record_of
 from securemark.fingerprint.carrier import StateDict
 
 
@@ -34,6 +35,10 @@ class Setting:
     def __post_init__(self) -> None:
         self._model = self.fresh()  # reused for every evaluation: weights are loaded, never trained
         self.global_accuracy = self.accuracy(self.base)
+        # the architecture's record (its unit groups from its graph): the owner registers it, the pirate rewrites
+        # with the same groups (it knows the architecture as well as the owner does)
+        self.arch = record_of(self._model, (1, *self.test.x.shape[1:]))
+        self.groups = groups_of(self.arch)
 
     def accuracy(self, sd: StateDict) -> float:
         return training.accuracy_of(self._model, sd, self.test)
@@ -52,7 +57,8 @@ def run_trial(
     (and the attacked model's accuracy is measured when ``with_accuracy``, else NaN)."""
     coalition = np.sort(rng.choice(scheme.customers, size=size, replace=False))
     copies: list[StateDict] = [scheme.copy(int(j)) for j in coalition] or [s.base]  # size 0: the unmarked base
-    attacker = pipeline.Attacker(s.fresh, s.pool, rng, length=cfg.code.length, budget=cfg.code.budget)
+    attacker = pipeline.Attacker(s.fresh, s.pool, rng, length=cfg.code.length, budget=cfg.code.budget,
+                                 groups=s.groups)  # fmt: skip
     t0 = time.perf_counter()
     pirate, _ = pipeline.run(copies, steps, attacker)
     t1 = time.perf_counter()

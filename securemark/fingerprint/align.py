@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from securemark.fingerprint import moves
 from securemark.fingerprint.groups import (
     AlignmentError,
     Member,
@@ -87,16 +88,15 @@ def _up(g: UnitGroup) -> list[Member]:
     return g.of("affine") + g.of("shift") if g.norm else _incoming(g)
 
 
-def _flippable(g: UnitGroup) -> bool:
-    """A writer's sign can flip with its BatchNorm's weight (rows, bias, mean and weight negated)."""
-    return "signflip" in g.admits and bool(g.of("mean"))
+def _has_bn(g: UnitGroup) -> bool:
+    """A BatchNorm on these units: its writers' signs and scales are free (fingerprint.moves sections)."""
+    return bool(g.of("mean"))
 
 
 def _linked(g: UnitGroup, writer: Member) -> list[Member]:
-    """The writer and what belongs to it: its bias and the BatchNorm after it (``of`` links; a group with one
-    writer owns every unlinked member)."""
+    """The writer and its bias (``of`` links; a group with one writer owns every unlinked bias)."""
     alone = len(g.of("rows")) == 1
-    return [writer] + [m for m in g.members if m.role != "rows" and (m.of == writer.tensor or (alone and not m.of))]
+    return [writer] + [m for m in g.of("bias") if m.of == writer.tensor or (alone and not m.of)]
 
 
 def _apply(s: dict[str, np.ndarray], members: Sequence[Member], units: int, scale: dict[str, np.ndarray]) -> None:
@@ -141,10 +141,10 @@ class _Order:
 def _similarity_of(
     s: dict[str, np.ndarray], b: dict[str, np.ndarray], g: UnitGroup, on: list[Member], m: int, n: int
 ) -> np.ndarray:
-    """(m, n) cosines of the units' entries in ``on``; where a writer's sign can flip under its BatchNorm,
-    the mean of each writer's absolute cosines (the writers flip independently)."""
+    """(m, n) cosines of the units' entries in ``on``; under a BatchNorm, where writers' signs are free, the
+    mean of each writer's absolute cosines (the writers flip independently)."""
     writers = [w for w in on if w.role == "rows"]
-    if not _flippable(g) or not writers:
+    if not _has_bn(g) or not writers:
         su, bu = _unit_matrices(s, b, on, m, n)
         return _similarity(_directions(su), _directions(bu))
     total = np.zeros((m, n))
@@ -155,34 +155,71 @@ def _similarity_of(
     return total / len(writers)
 
 
-def _unflip(s: dict[str, np.ndarray], b: dict[str, np.ndarray], g: UnitGroup, w: Member, n: int) -> int:
-    """Undo a writer's sign flips (rows, bias, BatchNorm mean and weight negated together); how many. The
-    sign is read off the BatchNorm's weight (a positive rescale never changes it), which is in base order as
-    soon as the group is, whether or not the writer's own inputs are; off the rows where that weight is 0."""
-    own = _linked(g, w)
-    weight = [x for x in own if x.role == "affine"][:1]
-    su, bu = _unit_matrices(s, b, weight or [w], n, n)
-    dot = np.sum(su * bu, axis=1)
-    if weight and not bu[:, 0].all() and s[w.tensor].shape == b[w.tensor].shape:  # the rows once they are aligned
-        rs, rb = _unit_matrices(s, b, [w], n, n)
-        dot = np.where(bu[:, 0] != 0, dot, np.sum(rs * rb, axis=1))
-    sign = np.where(dot < 0, -1.0, 1.0)
-    _apply(s, own, n, {"rows": sign, "bias": sign, "mean": sign, "affine": sign})
-    return int(np.sum(sign < 0))
+def _unflip(s: dict[str, np.ndarray], b: dict[str, np.ndarray], g: UnitGroup, n: int) -> int:
+    """Undo sign flips section by section (fingerprint.moves: writers, bias, running mean and BatchNorm weight
+    negated together); how many. The sign is read off the section's BatchNorm weights (a positive scale never
+    changes it), in base order as soon as the group is, whether or not the writers' own inputs are; off the
+    rows where those weights are 0 and the rows are aligned."""
+    flipped = 0
+    for writers, members in moves.sections(g):
+        weights = [x for x in members if x.role == "affine"]
+        su, bu = _unit_matrices(s, b, weights or writers[:1], n, n)
+        dot = np.sum(su * bu, axis=1)
+        if weights and not bu.all() and all(s[w.tensor].shape == b[w.tensor].shape for w in writers):
+            rs, rb = _unit_matrices(s, b, writers, n, n)
+            dot = np.where(np.abs(bu).sum(axis=1) > 0, dot, np.sum(rs * rb, axis=1))
+        sign = np.where(dot < 0, -1.0, 1.0)
+        _apply(s, writers + members, n, {"rows": sign, "bias": sign, "mean": sign, "affine": sign})
+        flipped += int(np.sum(sign < 0))
+    return flipped
 
 
-def _writer_scales(
-    s: dict[str, np.ndarray], b: dict[str, np.ndarray], g: UnitGroup, writers: Sequence[Member], n: int, noise: float
+def _section_scales(
+    s: dict[str, np.ndarray], b: dict[str, np.ndarray], g: UnitGroup, ready: Sequence[Member], n: int, noise: float
 ) -> None:
-    """Under a BatchNorm each writer's scale is absorbed by its own running statistics: undo it writer by
-    writer (rows and bias / r, mean / r, var / r^2), after undoing its sign flips where it has any."""
+    """A BatchNorm absorbs its writers' scale r, in its running mean (x r) and either its variance (x s^2) or
+    its weight (x s / r): undo r on the writers, bias and mean, and, where r is not 1, the variance's s
+    (read off the statistics, which no mark touches) and the weight's s / r. Sections whose writers are not all
+    aligned yet wait for the balance."""
     same = np.arange(n)
-    for w in writers:
-        if _flippable(g):
-            _unflip(s, b, g, w, n)
-        own = _linked(g, w)
-        r = _fits(*_unit_matrices(s, b, [x for x in own if x.role in ("rows", "bias")], n, n), same, noise)
-        _apply(s, own, n, {"rows": 1 / r, "bias": 1 / r, "mean": 1 / r, "var": 1 / r**2})
+    for writers, members in moves.sections(g):
+        if not all(w in ready for w in writers):
+            continue
+        own = writers + [x for x in members if x.role == "bias"]
+        r = _fits(*_unit_matrices(s, b, own, n, n), same, noise)
+        _apply(s, writers + members, n, {"rows": 1 / r, "bias": 1 / r, "mean": 1 / r})
+        if np.all(r == 1.0):
+            continue
+        for var in (x for x in members if x.role == "var"):
+            module = var.tensor.rpartition(".")[0]  # the BatchNorm's own weight
+            weight = [x for x in members if x.role == "affine" and x.tensor.rpartition(".")[0] == module]
+            vs, vb = to_units(s[var.tensor], var, n).reshape(n), to_units(b[var.tensor], var, n).reshape(n)
+            ratio = np.divide(vs, vb, out=r**2, where=(vb > 0) & (vs > 0))
+            sd = np.sqrt(ratio)
+            _apply(s, [var, *weight], n, {"var": 1 / ratio, "affine": r / sd})
+
+
+def _provisional(
+    s: dict[str, np.ndarray], b: dict[str, np.ndarray], g: UnitGroup, ready: Sequence[Member], n: int
+) -> dict[str, np.ndarray]:
+    """The suspect's arrays with the BatchNorm weights of sections whose writers are not aligned yet read as
+    if their absorbed scale were undone: r from the running means, s from the variances (statistics no mark
+    touches), weight x r / s. Only to fit the activation scale the cols see now; the writers' rows are fitted
+    once they are aligned (_section_scales)."""
+    out = dict(s)
+    for writers, members in moves.sections(g):
+        if all(w in ready for w in writers):
+            continue
+        mean = [x for x in members if x.role == "mean"]
+        r = _fits(*_unit_matrices(s, b, mean, n, n), np.arange(n), 0.0)
+        for var in (x for x in members if x.role == "var"):
+            module = var.tensor.rpartition(".")[0]
+            for w in (x for x in members if x.role == "affine" and x.tensor.rpartition(".")[0] == module):
+                vs, vb = to_units(s[var.tensor], var, n).reshape(n), to_units(b[var.tensor], var, n).reshape(n)
+                sd = np.sqrt(np.divide(vs, vb, out=np.ones(n), where=(vb > 0) & (vs > 0)))
+                u = to_units(out[w.tensor], w, n)
+                out[w.tensor] = from_units(u * (r / sd).reshape((n,) + (1,) * (u.ndim - 1)), w, out[w.tensor].shape)
+    return out
 
 
 def _align_group(
@@ -224,10 +261,10 @@ def _align_group(
         s[mem.tensor] = from_units(out, mem, arr.shape)
     same = np.arange(n)
     if g.norm:  # each writer's scale is absorbed by its BatchNorm; the cols see the norm's affine scale
-        if _flippable(g):
-            rep.flipped += sum(_unflip(s, b, g, w, n) for w in g.of("rows"))
-        _writer_scales(s, b, g, writers, n, noise)
-        alpha = _fits(*_unit_matrices(s, b, _up(g), n, n), same, noise)
+        if _has_bn(g):
+            rep.flipped += _unflip(s, b, g, n)
+            _section_scales(s, b, g, writers, n, noise)
+        alpha = _fits(*_unit_matrices(_provisional(s, b, g, writers, n), b, _up(g), n, n), same, noise)
         _apply(s, g.members, n, {"affine": 1 / alpha, "shift": 1 / alpha, "cols": alpha})
     elif writers:  # the writers share the units' scale, and the cols see it
         alpha = _fits(*_unit_matrices(s, b, _incoming(g), n, n), same, noise)
@@ -249,6 +286,8 @@ def _balance(s: dict[str, np.ndarray], b: dict[str, np.ndarray], g: UnitGroup, n
     An estimate within SHADOW_SIGMAS standard errors of 1 is the mark's own shadow and reads as 1."""
     n = units_of(b, g)
     same = np.arange(n)
+    if _has_bn(g):  # the writers' side under BatchNorm first, section by section, now that every writer is aligned
+        _section_scales(s, b, g, g.of("rows"), n, noise)
     up_s, up_b = _unit_matrices(s, b, _up(g), n, n)
     cols_s, cols_b = _unit_matrices(s, b, g.of("cols"), n, n) if g.of("cols") else (up_s[:, :0], up_b[:, :0])
     p_up, p_cols = np.sum(up_b**2, axis=1), np.sum(cols_b**2, axis=1)
@@ -259,8 +298,6 @@ def _balance(s: dict[str, np.ndarray], b: dict[str, np.ndarray], g: UnitGroup, n
     f = np.exp(-log_e)
     up = {"affine": f, "shift": f} if g.norm else {"rows": f, "bias": f}
     _apply(s, g.members, n, up | {"cols": 1 / f})
-    if g.norm:  # the conv side under BN, writer by writer: rows and running statistics together
-        _writer_scales(s, b, g, g.of("rows"), n, noise)
 
 
 def _erase_tiny(arr: np.ndarray) -> None:

@@ -11,6 +11,7 @@ import importlib
 import json
 import math
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from torch import nn
 
 from securemark.errors import InputError
 from securemark.fingerprint.graph import derive
-from securemark.fingerprint.groups import AlignmentError, UnitGroup
+from securemark.fingerprint.groups import AlignmentError, UnitGroup, to_units, units_of
 
 
 @dataclass(frozen=True)
@@ -60,11 +61,11 @@ class Arch:
             obj: Any = importlib.import_module(module)
             for part in name.split("."):
                 obj = getattr(obj, part)
-        except (ImportError, AttributeError) as exc:
+        except (ImportError, AttributeError, SyntaxError, SystemExit) as exc:  # importing runs the module's code
             raise InputError(f"--arch {self.target}: cannot import it ({type(exc).__name__}: {exc})") from None
         try:
             model = obj(**self.kwargs)
-        except Exception as exc:  # the owner's own code, called with the owner's arguments
+        except (Exception, SystemExit) as exc:  # the owner's own code, called with the owner's arguments
             raise InputError(f"--arch {self.target}: calling it failed ({type(exc).__name__}: {exc})") from None
         if not isinstance(model, nn.Module):
             raise InputError(f"--arch {self.target}: returned {type(model).__name__}, not a torch.nn.Module")
@@ -74,8 +75,16 @@ class Arch:
         """What the registry keeps: the import path, arguments, input shape, graph digest and unit groups.
         AlignmentError says why the model's graph cannot be derived (refused at registration)."""
         derived = derive(model if model is not None else self.build(), torch.zeros(self.example))
-        return {"target": self.target, "kwargs": self.kwargs, "example": list(self.example),
-                "graph": derived.digest, "groups": [g.to_json() for g in derived.groups]}  # fmt: skip
+        return {"target": self.target, "kwargs": self.kwargs, "example": list(self.example), "graph": derived.digest,
+                "groups": [g.to_json() for g in derived.groups], "exempt": derived.exempt}  # fmt: skip
+
+
+def record_of(model: nn.Module, example_input: Sequence[int]) -> dict[str, Any]:
+    """The architecture record of a model built in the owner's process (a Flower ServerApp, an evaluation):
+    its class as the import path, no arguments, and its unit groups. AlignmentError when its graph cannot
+    be derived."""
+    target = f"{type(model).__module__}:{type(model).__qualname__}"
+    return Arch(target, {}, tuple(int(s) for s in example_input)).record(model)
 
 
 def groups_of(record: dict[str, Any]) -> list[UnitGroup]:
@@ -86,13 +95,19 @@ def groups_of(record: dict[str, Any]) -> list[UnitGroup]:
         raise AlignmentError(f"the registry's architecture record is malformed ({exc})") from None
 
 
-def check_covers(groups: list[UnitGroup], base: dict[str, torch.Tensor]) -> None:
+def check_covers(groups: list[UnitGroup], base: Mapping[str, torch.Tensor], exempt: Sequence[str] = ()) -> None:
     """Refuse unit groups that name a tensor the base lacks, or leave a >= 2-D weight of the base out of every
-    group (a stream or stem left out of a spec would be read unaligned: silently lost to a rewrite)."""
-    named = {m.tensor for g in groups for m in g.members}
+    group (a stream or stem left out of a spec would be read unaligned: silently lost to a rewrite), unless
+    the derivation found that no rewrite moves it (``exempt``: between the fixed input and output, or unused)."""
+    named = {m.tensor for g in groups for m in g.members} | set(exempt)
     unknown = sorted(named - set(base))
     if unknown:
         raise AlignmentError(f"the unit groups name {unknown[0]!r}, which the base does not have")
+    arrays = {m.tensor: base[m.tensor].detach().numpy() for g in groups for m in g.members if m.tensor in base}
+    for g in groups:  # every member lays out the group's number of units (AlignmentError names one that does not)
+        n = units_of(arrays, g)
+        for m in g.members:
+            to_units(arrays[m.tensor], m, n)
     left = [k for k, t in base.items() if t.is_floating_point() and t.dim() >= 2 and k not in named]
     if left:
         raise AlignmentError(f"no unit group covers {left[0]!r} ({len(left)} weight tensors left out): a copy whose "

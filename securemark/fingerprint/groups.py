@@ -20,7 +20,7 @@ from securemark.errors import SecureMarkError
 
 StateDict = Mapping[str, torch.Tensor]
 ROLES = ("rows", "bias", "cols", "mean", "var", "affine", "shift")
-REWRITES = ("permute", "rescale", "signflip")  # what a group may admit (attacks.rewrite applies only these)
+REWRITES = ("permute", "rescale", "absorb", "signflip")  # what a group may admit (fingerprint.moves)
 
 
 class AlignmentError(SecureMarkError, ValueError):
@@ -199,7 +199,7 @@ def _chain(layers: list[_Layer]) -> list[UnitGroup]:
             if "bias" in norm.tensors:
                 members.append(Member(f"{norm.prefix}.bias", "shift", of=w))
         members.append(Member(f"{nxt.prefix}.weight", "cols", axis=1, block=fan_in // out))
-        admits = ("permute", "rescale", "signflip") if norms else ("permute", "rescale")
+        admits = ("permute", "rescale", "absorb", "signflip") if norms else ("permute", "rescale")
         groups.append(UnitGroup(prev.prefix, tuple(members), norm=bool(norms), admits=admits))
     return groups
 

@@ -19,7 +19,7 @@ from rich.console import Console
 from securemark import models
 from securemark.config import FingerprintConfig
 from securemark.errors import InputError
-from securemark.fingerprint.arch import Arch
+from securemark.fingerprint.arch import record_of
 from securemark.fingerprint.embed import Fingerprinter
 from securemark.fingerprint.function import FunctionMark, FunctionMarkUnfit, features_and_logits
 from securemark.modelio import save_state_dict
@@ -39,8 +39,7 @@ def arch_record(model: torch.nn.Module | None, example_input: Sequence[int] | No
         return None
     if example_input is None:
         raise InputError("SecureMark(model=...) needs example_input, the shape of one input batch, e.g. (1, 3, 32, 32)")
-    target = f"{type(model).__module__}:{type(model).__qualname__}"
-    return Arch(target, {}, tuple(int(s) for s in example_input)).record(model)
+    return record_of(model, example_input)
 
 
 class Copies:

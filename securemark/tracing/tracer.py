@@ -156,21 +156,25 @@ class Tracer:
         if not kept:
             return None, "off: the registry keeps no base model (made before alignment existed)"
         recorded = self._registry.arch()
+        exempt: list[str] = []
         try:
             if groups is not None:
                 chosen, how = list(groups), "explicit unit groups"
             elif arch is not None:
                 record = arch.record()
                 changed = recorded is not None and recorded.get("graph") != record["graph"]
-                chosen = groups_of(record)
+                chosen, exempt = groups_of(record), record["exempt"]
                 how = f"unit groups of {arch.target}" + (" (its graph differs from the registered one)" * changed)
             elif recorded is not None:
-                chosen, how = groups_of(recorded), f"unit groups of {recorded.get('target')} (registered)"
+                chosen, exempt = groups_of(recorded), list(recorded.get("exempt", []))
+                how = f"unit groups of {recorded.get('target')} (registered)"
             else:
                 chosen, how = chain_groups(kept[-1]), "unit groups derived from the base (a sequential chain)"
-            check_covers(chosen, kept[-1])
+            check_covers(chosen, kept[-1], exempt)
         except AlignmentError as exc:
             return None, f"off: {exc}"
+        if any(m.outer > 1 for g in chosen for m in g.members):  # a known gap, said where it applies
+            how += "; maps inside attention heads (q and k rotated against each other) are not undone"
         return chosen, how
 
     def prepare(self, suspect: StateDict, base: int = -1) -> tuple[StateDict, dict[str, object]]:

@@ -94,7 +94,7 @@ def test_the_groups_of_a_resnet_follow_its_streams():
     assert affine == {("bn1.weight", "conv1.weight"), ("layer1.0.bn2.weight", "layer1.0.conv2.weight")}
     last = by_name["layer3.0.downsample.0"]
     assert [m.tensor for m in last.of("cols")] == ["fc.weight"]
-    assert all(g.admits == ("permute", "rescale", "signflip") for g in groups)
+    assert all(g.admits == ("permute", "rescale", "absorb", "signflip") for g in groups)
 
 
 def test_the_groups_of_a_vit_hold_its_heads_and_stream():
@@ -192,3 +192,106 @@ class _Unknown(nn.Module):
 def test_what_the_derivation_cannot_cover_is_refused_by_name(model, shape, why):
     with pytest.raises(AlignmentError, match=why):
         derive(model, torch.zeros(shape))
+
+
+# --- models written the ways users write them, which the derivation must read right or refuse ------------------
+class _Shared(nn.Module):
+    """One Linear applied to two branches (a siamese projection): one group for its rows, one for its cols."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.shared, self.head = nn.Linear(3, 6), nn.Linear(3, 6), nn.Linear(6, 5), nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.shared(self.a(x))) + torch.relu(self.shared(self.b(x))))
+
+
+class _NeoxHeads(nn.Module):
+    """Attention named like timm's, its fused qkv laid out per head (heads x 3 x head_dim): another layout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_heads, self.qkv, self.proj = 2, nn.Linear(8, 24), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, self.num_heads, 3, c // self.num_heads).permute(3, 0, 2, 1, 4).unbind(0)
+        return self.proj((torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v).transpose(1, 2).reshape(b, n, c))
+
+
+class _Neox(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.attn, self.head = nn.Linear(4, 8), _NeoxHeads(), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        return self.head(h + self.attn(h))[:, 0]
+
+
+class _Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.b.weight = self.a.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+
+class _Shifted(nn.Module):
+    """Units that pass relu(x - 0.5), 1 / (1 + relu(x)) and relu(bn(y) + y): no rescale, no sign flip."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(6, 6), nn.Conv1d(6, 6, 1)
+        self.bn, self.head = nn.BatchNorm1d(6), nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x) - 0.5)
+        h = 1.0 / (1.0 + torch.relu(self.b(h)))
+        y = self.c(h.unsqueeze(-1))
+        return self.head(torch.relu(self.bn(y) + y).squeeze(-1))
+
+
+class _Aux(nn.Module):
+    """A head defined and never called (an auxiliary classifier at inference): no rewrite moves it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.head, self.aux = nn.Conv1d(3, 6, 3), nn.Linear(6, 2), nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.a(x)).mean(-1))
+
+
+def test_a_module_called_twice_is_one_group_and_tied_weights_are_refused():
+    model = _Shared()
+    groups = derive(model, torch.zeros(1, 3)).groups
+    assert [g.name for g in groups] == ["a", "shared"]  # a and b write what shared reads: one group
+    shared = [g for g in groups if any(m.tensor == "shared.weight" and m.role == "rows" for m in g.members)]
+    assert len(shared) == 1 and [m.role for m in shared[0].members].count("rows") == 1
+    assert sum(m.tensor == "shared.weight" and m.role == "cols" for g in groups for m in g.members) == 1
+    with pytest.raises(AlignmentError, match="tied weights"):
+        derive(_Tied(), torch.zeros(1, 4))
+
+
+def test_a_layout_the_derivation_misreads_is_refused_by_the_check_on_the_model():
+    with pytest.raises(AlignmentError, match="permuting its units changes the model's outputs"):
+        derive(_Neox(), torch.zeros(1, 5, 4))
+
+
+def test_what_a_group_admits_is_what_the_model_admits():
+    by_writer = {g.of("rows")[0].tensor: g.admits for g in derive(_Shifted(), torch.zeros(1, 4)).groups}
+    assert by_writer == {"a.weight": ("permute",), "b.weight": ("permute",), "c.weight": ("permute",)}
+
+
+def test_fixed_and_unused_weights_are_exempt_and_other_layouts_are_read():
+    derived = derive(_Aux(), torch.zeros(1, 3, 10))  # a Conv1d first: the input's layout is the layer's
+    assert derived.exempt == ["aux.bias", "aux.weight", "head.bias"]  # head.bias: the classes, fixed
+    patchify = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.Flatten(2), nn.Linear(4, 4))  # (B, 8, 4) -> Linear
+    with pytest.raises(AlignmentError):  # a Linear over the positions, not the units
+        derive(patchify, torch.zeros(1, 3, 8, 8))
+    pooled = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.MaxPool1d(2))  # pooling over units is refused
+    with pytest.raises(AlignmentError):
+        derive(pooled, torch.zeros(1, 3, 6, 6))
