@@ -19,7 +19,25 @@ from securemark.evaluation.outputs import rewrite
 
 HERE = Path(__file__).resolve().parent
 ORDER = ("collusion", "adversarial", "rewrite-launder", "spikes", "comparison", "robustness", "fidelity", "uchida",
-         "blackbox", "blackbox-single")  # fmt: skip
+         "blackbox", "blackbox-single", "corpus")  # fmt: skip
+# `corpus` runs configs/corpus.toml once per model of securemark.corpus, each from its own trained run
+CORPUS = ("resnet8", "resnet18", "cifar-resnet18", "preact-resnet18", "vgg11-bn", "mobilenet-v2", "vit-tiny",
+          "flower-net")  # fmt: skip
+
+
+def configs(name: str, extra: list[str]) -> list[tuple[str, EvalConfig]]:
+    """(label, config) of one NAME: the corpus one per model (its run, its output), the others as they are."""
+    path = HERE / "configs" / f"{name}.toml"
+    if name != "corpus":
+        return [(name, EvalConfig.load(path, extra))]
+    root = HERE.parent
+    return [
+        (f"corpus/{m}", EvalConfig.load(path, [
+            f"source.run={root / 'runs' / f'corpus-{m}'}", f'source.overrides=["model.name={m}"]',
+            f"output={HERE / 'results' / 'corpus' / m}", *extra,
+        ]))
+        for m in CORPUS
+    ]  # fmt: skip
 
 
 def main() -> None:
@@ -33,8 +51,7 @@ def main() -> None:
     unknown = set(args.names) - set(ORDER)
     if unknown:
         parser.error(f"unknown simulation {', '.join(sorted(unknown))}; choose from {', '.join(ORDER)}")
-    for name in args.names or ORDER:
-        cfg = EvalConfig.load(HERE / "configs" / f"{name}.toml", args.set)
+    for name, cfg in [c for n in args.names or ORDER for c in configs(n, args.set)]:
         out = Path(cfg.output)
         if args.report_only:
             rewrite(out)

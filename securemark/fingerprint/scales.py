@@ -16,6 +16,8 @@ SHADOW_SIGMAS = 6.0
 def _row_median(x: np.ndarray, ok: np.ndarray) -> np.ndarray:
     """Per row, the median of the entries where ``ok`` (0 for a row with none)."""
     count = ok.sum(axis=1)
+    if x.shape[1] == 0:  # rows of no entries (a group with no readers): no median
+        return np.zeros(len(x))
     srt = np.sort(np.where(ok, x, np.inf), axis=1)
     rows, last = np.arange(len(x)), np.maximum(count - 1, 0)
     med = 0.5 * (srt[rows, last // 2] + srt[rows, last - last // 2])
