@@ -155,7 +155,7 @@ def _similarity_of(
     return total / len(writers)
 
 
-def _unflip(s: dict[str, np.ndarray], b: dict[str, np.ndarray], g: UnitGroup, n: int) -> int:
+def _unflip(s: dict[str, np.ndarray], b: dict[str, np.ndarray], g: UnitGroup, n: int, ready: Sequence[Member]) -> int:
     """Undo sign flips section by section (fingerprint.moves: writers, bias, running mean and BatchNorm weight
     negated together); how many. The sign is read off the section's BatchNorm weights (a positive scale never
     changes it), in base order as soon as the group is, whether or not the writers' own inputs are; off the
@@ -165,9 +165,12 @@ def _unflip(s: dict[str, np.ndarray], b: dict[str, np.ndarray], g: UnitGroup, n:
         weights = [x for x in members if x.role == "affine"]
         su, bu = _unit_matrices(s, b, weights or writers[:1], n, n)
         dot = np.sum(su * bu, axis=1)
-        if weights and not bu.all() and all(s[w.tensor].shape == b[w.tensor].shape for w in writers):
-            rs, rb = _unit_matrices(s, b, writers, n, n)
-            dot = np.where(np.abs(bu).sum(axis=1) > 0, dot, np.sum(rs * rb, axis=1))
+        if weights:  # a weight near 0 may cross 0 in fine-tuning: there the rows say, once aligned, or nothing
+            size = np.abs(bu).sum(axis=1)
+            firm = size > 0.1 * np.median(size)
+            aligned = all(s[w.tensor].shape == b[w.tensor].shape for w in writers) and all(w in ready for w in writers)
+            rows = np.sum(np.prod(_unit_matrices(s, b, writers, n, n), axis=0), axis=1) if aligned else np.zeros(n)
+            dot = np.where(firm, dot, rows)
         sign = np.where(dot < 0, -1.0, 1.0)
         _apply(s, writers + members, n, {"rows": sign, "bias": sign, "mean": sign, "affine": sign})
         flipped += int(np.sum(sign < 0))
@@ -197,6 +200,24 @@ def _section_scales(
             ratio = np.divide(vs, vb, out=r**2, where=(vb > 0) & (vs > 0))
             sd = np.sqrt(ratio)
             _apply(s, [var, *weight], n, {"var": 1 / ratio, "affine": r / sd})
+
+
+def _stream_scale(
+    s: dict[str, np.ndarray], b: dict[str, np.ndarray], g: UnitGroup, ready: Sequence[Member], noise: float
+) -> None:
+    """A stream read only through LayerNorms is scale-free: its writers times one factor c change no output
+    (LayerNorm(c x) = LayerNorm(x)); a depthwise convolution on the stream passes c on, so its own rows keep
+    theirs. Each aligned writer's factor is fitted as one number over all its entries (and its bias), and
+    undone on it; a factor within the mark's shadow is read as 1."""
+    if not g.of("affine") or _has_bn(g):
+        return
+    n = units_of(b, g)
+    for w in (x for x in g.of("rows") if x in ready):
+        own = _linked(g, w)
+        fs, fb = _unit_matrices(s, b, own, n, n)
+        c = float(_scales(fs.reshape(1, -1), fb.reshape(1, -1), noise)[0])
+        if c != 1.0:
+            _apply(s, own, n, {"rows": np.full(n, 1 / c), "bias": np.full(n, 1 / c)})
 
 
 def _provisional(
@@ -262,12 +283,17 @@ def _align_group(
     same = np.arange(n)
     if g.norm:  # each writer's scale is absorbed by its BatchNorm; the cols see the norm's affine scale
         if _has_bn(g):
-            rep.flipped += _unflip(s, b, g, n)
+            rep.flipped += _unflip(s, b, g, n, writers)
             _section_scales(s, b, g, writers, n, noise)
-        alpha = _fits(*_unit_matrices(_provisional(s, b, g, writers, n), b, _up(g), n, n), same, noise)
+        _stream_scale(s, b, g, writers, noise)
+        up = _up(g)  # a norm without affine parameters fixes the activation scale: nothing to read or undo
+        alpha = (
+            _fits(*_unit_matrices(_provisional(s, b, g, writers, n), b, up, n, n), same, noise) if up else np.ones(n)
+        )
         _apply(s, g.members, n, {"affine": 1 / alpha, "shift": 1 / alpha, "cols": alpha})
-    elif writers:  # the writers share the units' scale, and the cols see it
-        alpha = _fits(*_unit_matrices(s, b, _incoming(g), n, n), same, noise)
+    elif writers:  # the writers share the units' scale, and the cols see it; read on those already aligned
+        incoming = [x for x in on if x.role in ("rows", "bias")]
+        alpha = _fits(*_unit_matrices(s, b, incoming, n, n), same, noise)
         _apply(s, g.members, n, {"rows": 1 / alpha, "bias": 1 / alpha, "cols": alpha})
     else:  # matched on the readers: the scale waits for the balance
         alpha = np.ones(n)
@@ -288,6 +314,9 @@ def _balance(s: dict[str, np.ndarray], b: dict[str, np.ndarray], g: UnitGroup, n
     same = np.arange(n)
     if _has_bn(g):  # the writers' side under BatchNorm first, section by section, now that every writer is aligned
         _section_scales(s, b, g, g.of("rows"), n, noise)
+    if not _up(g):  # no affine parameters after the norm: the activation scale is fixed
+        return
+    _stream_scale(s, b, g, g.of("rows"), noise)
     up_s, up_b = _unit_matrices(s, b, _up(g), n, n)
     cols_s, cols_b = _unit_matrices(s, b, g.of("cols"), n, n) if g.of("cols") else (up_s[:, :0], up_b[:, :0])
     p_up, p_cols = np.sum(up_b**2, axis=1), np.sum(cols_b**2, axis=1)
@@ -362,12 +391,12 @@ def align(
     shape no group explains, raise :class:`AlignmentError`; tensors the base does not have are ignored.
     """
     groups = chain_groups(base) if groups is None else list(groups)
-    missing = [n for n in base if n not in suspect]
+    missing = [n for n in base if n not in suspect and base[n].is_floating_point()]
     if missing:
         raise AlignmentError(
             f"tensor {missing[0]!r} is missing from the suspect (expected shape {list(base[missing[0]].shape)})"
         )
-    kind = [n for n in base if suspect[n].is_floating_point() != base[n].is_floating_point()]
+    kind = [n for n in base if base[n].is_floating_point() and not suspect[n].is_floating_point()]
     if kind:
         raise AlignmentError(
             f"tensor {kind[0]!r} is {suspect[kind[0]].dtype} in the suspect, {base[kind[0]].dtype} in the base"
@@ -391,8 +420,8 @@ def align(
         _balance(s, b, g, noise)
     out: dict[str, torch.Tensor] = {}
     for name, t in base.items():
-        if name not in s:
-            out[name] = suspect[name]
+        if name not in s:  # an integer buffer (num_batches_tracked): the suspect's, or the base's if it dropped it
+            out[name] = suspect.get(name, t)
             continue
         if s[name].shape != tuple(t.shape):
             raise AlignmentError(
