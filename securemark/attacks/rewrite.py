@@ -104,10 +104,10 @@ def signflip(sd: StateDict, rng: np.random.Generator, share: float = 0.5, groups
 
 
 def _widens(g: UnitGroup) -> bool:
-    """Units can be added: no LayerNorm statistics over them (no norm member without running statistics) and
-    not a head layout (outer > 1)."""
+    """Units can be added: the group admits it (checked on the model, fingerprint.verify: the forward runs at
+    the new width with the same outputs), no LayerNorm statistics over them, not a head layout (outer > 1)."""
     layer_norm = g.norm and len(g.of("affine")) > len(g.of("mean"))
-    return "permute" in g.admits and not layer_norm and all(m.outer == 1 for m in g.members)
+    return "widen" in g.admits and not layer_norm and all(m.outer == 1 for m in g.members)
 
 
 def widen(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from securemark.corpus.init import torchvision_init
+
 # torchvision's inverted_residual_setting: expansion t, output channels c, repeats n, first stride s.
 INVERTED_RESIDUAL_SETTING: list[list[int]] = [
     [1, 16, 1, 1],
@@ -80,15 +82,7 @@ class MobileNetV2(nn.Module):
         features.append(ConvBNReLU(input_channel, self.last_channel, kernel_size=1))
         self.features = nn.Sequential(*features)
         self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(self.last_channel, num_classes))
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        torchvision_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -95,14 +97,6 @@ class VisionTransformer(nn.Module):
         return self.head(x[:, 0])
 
 
-def vit_tiny(
-    num_classes: int = 10,
-    in_channels: int = 3,
-    img_size: int = 32,
-    patch: int = 4,
-    dim: int = 192,
-    depth: int = 12,
-    heads: int = 3,
-    mlp_ratio: float = 4.0,
-) -> VisionTransformer:
-    return VisionTransformer(num_classes, in_channels, img_size, patch, dim, depth, heads, mlp_ratio)
+def vit_tiny(**kwargs: Any) -> VisionTransformer:
+    """timm's vit_tiny sizes by default (dim 192, depth 12, 3 heads); any keyword of VisionTransformer."""
+    return VisionTransformer(**kwargs)

@@ -20,7 +20,7 @@ from securemark.errors import SecureMarkError
 
 StateDict = Mapping[str, torch.Tensor]
 ROLES = ("rows", "bias", "cols", "mean", "var", "affine", "shift")
-REWRITES = ("permute", "rescale", "absorb", "signflip")  # what a group may admit (fingerprint.moves)
+REWRITES = ("permute", "rescale", "absorb", "signflip", "widen")  # what a group may admit (fingerprint.moves)
 
 
 class AlignmentError(SecureMarkError, ValueError):
@@ -68,7 +68,7 @@ class UnitGroup:
     members: tuple[Member, ...]
     norm: bool = False  # a norm sits between the rows and the cols (BatchNorm after the writers, LayerNorm before
     # the readers): the cols see the norm's affine scale, not the rows'
-    admits: tuple[str, ...] = ("permute", "rescale")  # the function-preserving rewrites of these units
+    admits: tuple[str, ...] = ("permute", "rescale", "widen")  # the function-preserving rewrites of these units
 
     def __post_init__(self) -> None:
         unknown = set(self.admits) - set(REWRITES)
@@ -88,7 +88,7 @@ class UnitGroup:
             members = tuple(
                 Member(str(t), str(r), int(a), int(b), *_extra(rest)) for t, r, a, b, *rest in obj["members"]
             )
-            admits = tuple(str(a) for a in obj.get("admits", ("permute", "rescale")))
+            admits = tuple(str(a) for a in obj.get("admits", ("permute", "rescale", "widen")))
             return cls(str(obj["name"]), members, bool(obj.get("norm", False)), admits)
         except (KeyError, TypeError, ValueError) as exc:
             raise AlignmentError(f"bad unit group {obj!r}: {exc}") from None
@@ -199,7 +199,7 @@ def _chain(layers: list[_Layer]) -> list[UnitGroup]:
             if "bias" in norm.tensors:
                 members.append(Member(f"{norm.prefix}.bias", "shift", of=w))
         members.append(Member(f"{nxt.prefix}.weight", "cols", axis=1, block=fan_in // out))
-        admits = ("permute", "rescale", "absorb", "signflip") if norms else ("permute", "rescale")
+        admits = ("permute", "rescale", "absorb", "signflip", "widen") if norms else ("permute", "rescale", "widen")
         groups.append(UnitGroup(prev.prefix, tuple(members), norm=bool(norms), admits=admits))
     return groups
 

@@ -6,6 +6,7 @@
 * ``absorb``: a BatchNorm absorbs its writers' scale: rows and bias x r, running mean x r, the BatchNorm's weight
   / r (exactly: BN(r y) with mean r mu and weight gamma / r is BN(y)).
 * ``signflip``: the same with r = -1 (a negative scale is absorbed as well).
+* ``widen``: units added that feed nothing (their readers' columns 0), when the model runs at the new width.
 
 The last two act per *section*: each writer with its own BatchNorm after it (post-norm), and the writers
 without one together with the BatchNorms that read the units (pre-norm: the stream of a pre-activation
@@ -70,3 +71,17 @@ def absorb(arrs: Arrays, g: UnitGroup, r: list[np.ndarray]) -> None:
     n = units(arrs, g)
     for (writers, members), f in zip(sections(g), r, strict=True):
         scale_members(arrs, writers + members, n, {"rows": f, "bias": f, "mean": f, "affine": 1 / f})
+
+
+def widen(arrs: Arrays, g: UnitGroup, extra: int = 1) -> None:
+    """``extra`` units added after the others: rows at the rows' scale (a fixed pattern: this is a probe, not an
+    attack), readers' columns 0, BatchNorm statistics 0 and 1, norm weights 1 and biases 0."""
+    n = units(arrs, g)
+    fill = {"cols": 0.0, "mean": 0.0, "var": 1.0, "affine": 1.0, "shift": 0.0}
+    for m in g.members:
+        u = to_units(arrs[m.tensor], m, n)
+        if m.role in fill:
+            added = np.full((extra, *u.shape[1:]), fill[m.role])
+        else:
+            added = np.resize(u, (extra, *u.shape[1:])) * 0.5  # rows and bias: like a real unit's
+        arrs[m.tensor] = from_units(np.concatenate([u, added]), m, arrs[m.tensor].shape)

@@ -11,28 +11,8 @@ from torch import nn
 
 from securemark import data, models
 from securemark.attacks import rewrite
+from securemark.corpus.net import flower_net  # the model of Flower's PyTorch quickstart, written its way
 from securemark.fingerprint.align import AlignmentError, UnitGroup, align, chain_groups, load_groups
-
-
-class Net(nn.Module):
-    """The model of Flower's PyTorch quickstart, written its way (modules, F.relu, x.view)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 6, 5)
-        self.pool = nn.MaxPool2d(2, 2)
-        self.conv2 = nn.Conv2d(6, 16, 5)
-        self.fc1 = nn.Linear(16 * 5 * 5, 120)
-        self.fc2 = nn.Linear(120, 84)
-        self.fc3 = nn.Linear(84, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pool(F.relu(self.conv1(x)))
-        x = self.pool(F.relu(self.conv2(x)))
-        x = x.view(-1, 16 * 5 * 5)
-        x = F.relu(self.fc1(x))
-        x = F.relu(self.fc2(x))
-        return self.fc3(x)
 
 
 def _digits() -> torch.Tensor:
@@ -46,7 +26,7 @@ def _cases():
         "mlp": (models.build("mlp", (1, 8, 8), 10), x8),
         "cnn": (models.build("cnn", (1, 8, 8), 10), x8),
         "cifar-cnn": (models.build("cifar-cnn", (3, 32, 32), 10), x32),
-        "flower-net": (Net(), x32),
+        "flower-net": (flower_net(), x32),
     }
 
 
@@ -100,7 +80,7 @@ def test_obfuscation_without_spikes_is_undone_exactly(seed, name):
 
 
 def test_chain_groups_of_the_flower_net():
-    groups = chain_groups(Net().state_dict())
+    groups = chain_groups(flower_net().state_dict())
     assert [g.name for g in groups] == ["conv1", "conv2", "fc1", "fc2"]
     flatten = groups[1].of("cols")[0]
     assert (flatten.tensor, flatten.block) == ("fc1.weight", 25)  # 16 channels x 5 x 5 positions

@@ -94,7 +94,7 @@ def test_the_groups_of_a_resnet_follow_its_streams():
     assert affine == {("bn1.weight", "conv1.weight"), ("layer1.0.bn2.weight", "layer1.0.conv2.weight")}
     last = by_name["layer3.0.downsample.0"]
     assert [m.tensor for m in last.of("cols")] == ["fc.weight"]
-    assert all(g.admits == ("permute", "rescale", "absorb", "signflip") for g in groups)
+    assert all(g.admits == ("permute", "rescale", "absorb", "signflip", "widen") for g in groups)
 
 
 def test_the_groups_of_a_vit_hold_its_heads_and_stream():
@@ -104,13 +104,13 @@ def test_the_groups_of_a_vit_hold_its_heads_and_stream():
     assert writers >= {"patch_embed.proj.weight", "cls_token", "pos_embed", "blocks.0.attn.proj.weight",
                        "blocks.1.mlp.fc2.weight"}  # fmt: skip
     assert "head.weight" in {m.tensor for m in stream.of("cols")}
-    assert stream.admits == ("permute", "rescale")  # LayerNorm outputs feed only linear readers
+    assert stream.admits == ("permute", "rescale")  # LayerNorm outputs feed only linear readers; no unit added
     heads = next(g for g in groups if g.name == "blocks.0.attn.qkv")
     qkv = heads.of("rows")[0]
     dim = sd["blocks.0.attn.qkv.weight"].shape[1]
     assert (qkv.outer, qkv.block) == (3, dim // 2)  # 3 x 2 heads x head_dim rows
     assert heads.admits == ("permute",)  # a softmax inside
-    assert next(g for g in groups if g.name == "blocks.0.mlp.fc1").admits == ("permute",)  # GELU
+    assert next(g for g in groups if g.name == "blocks.0.mlp.fc1").admits == ("permute", "widen")  # GELU: no rescale
 
 
 def test_admits_follow_the_activations():
@@ -283,7 +283,8 @@ def test_a_layout_the_derivation_misreads_is_refused_by_the_check_on_the_model()
 
 def test_what_a_group_admits_is_what_the_model_admits():
     by_writer = {g.of("rows")[0].tensor: g.admits for g in derive(_Shifted(), torch.zeros(1, 4)).groups}
-    assert by_writer == {"a.weight": ("permute",), "b.weight": ("permute",), "c.weight": ("permute",)}
+    only = ("permute", "widen")  # units that feed nothing can be added; no rescale, no sign flip
+    assert by_writer == {"a.weight": only, "b.weight": only, "c.weight": only}
 
 
 def test_fixed_and_unused_weights_are_exempt_and_other_layouts_are_read():
