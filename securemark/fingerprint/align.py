@@ -50,7 +50,8 @@ from securemark.fingerprint.groups import (
     units_of,
 )
 from securemark.fingerprint.matching import _directions, _similarity
-from securemark.fingerprint.norms import _apply, _has_bn, _linked, _provisional, _section_scales, _stream_scale, _unflip
+from securemark.fingerprint.moves import scale_members as scale
+from securemark.fingerprint.norms import _has_bn, _linked, _provisional, _section_scales, _stream_scale, _unflip
 from securemark.fingerprint.scales import SHADOW_SIGMAS, _fits, _robust_scale, _scales
 
 # the unit groups and their layout (fingerprint.groups) stay importable from here, where callers take them
@@ -184,11 +185,11 @@ def _align_group(
         alpha = (
             _fits(*_unit_matrices(_provisional(s, b, g, writers, n), b, up, n, n), same, noise) if up else np.ones(n)
         )
-        _apply(s, g.members, n, {"affine": 1 / alpha, "shift": 1 / alpha, "cols": alpha})
+        scale(s, g.members, n, {"affine": 1 / alpha, "shift": 1 / alpha, "cols": alpha})
     elif writers:  # the writers share the units' scale, and the cols see it; read on those already aligned
         incoming = [x for x in on if x.role in ("rows", "bias")]
         alpha = _fits(*_unit_matrices(s, b, incoming, n, n), same, noise)
-        _apply(s, g.members, n, {"rows": 1 / alpha, "bias": 1 / alpha, "cols": alpha})
+        scale(s, g.members, n, {"rows": 1 / alpha, "bias": 1 / alpha, "cols": alpha})
     else:  # matched on the readers: the scale waits for the balance
         alpha = np.ones(n)
     for mem, j, share in shares:  # added once the twin's cols are in base scale
@@ -220,7 +221,7 @@ def _balance(s: dict[str, np.ndarray], b: dict[str, np.ndarray], g: UnitGroup, n
     log_e[np.abs(log_e) <= SHADOW_SIGMAS * noise / np.sqrt(np.maximum(total, 1e-300))] = 0.0
     f = np.exp(-log_e)
     up = {"affine": f, "shift": f} if g.norm else {"rows": f, "bias": f}
-    _apply(s, g.members, n, up | {"cols": 1 / f})
+    scale(s, g.members, n, up | {"cols": 1 / f})
 
 
 def _erase_tiny(arr: np.ndarray) -> None:

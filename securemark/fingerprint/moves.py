@@ -16,9 +16,11 @@ rewrite attacks (attacks.rewrite) and alignment (fingerprint.align) use the same
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
-from securemark.fingerprint.groups import Member, UnitGroup, from_units, to_units
+from securemark.fingerprint.groups import Member, UnitGroup, from_units, to_units, units_of
 
 Arrays = dict[str, np.ndarray]
 NORM_ROLES = ("mean", "var", "affine", "shift")
@@ -41,7 +43,7 @@ def sections(g: UnitGroup) -> list[tuple[list[Member], list[Member]]]:
     return out
 
 
-def scale_members(arrs: Arrays, members: list[Member], n: int, factor: dict[str, np.ndarray]) -> None:
+def scale_members(arrs: Arrays, members: Sequence[Member], n: int, factor: dict[str, np.ndarray]) -> None:
     """Multiply each member's units by factor[role] (roles not named are left as they are)."""
     for m in members:
         if m.role in factor:
@@ -50,25 +52,20 @@ def scale_members(arrs: Arrays, members: list[Member], n: int, factor: dict[str,
             arrs[m.tensor] = from_units(u * f, m, arrs[m.tensor].shape)
 
 
-def units(arrs: Arrays, g: UnitGroup) -> int:
-    lead = g.of("rows")[0]
-    return arrs[lead.tensor].shape[lead.axis] // (lead.block * lead.outer)
-
-
 def permute(arrs: Arrays, g: UnitGroup, perm: np.ndarray) -> None:
-    n = units(arrs, g)
+    n = units_of(arrs, g)
     for m in g.members:
         arrs[m.tensor] = from_units(to_units(arrs[m.tensor], m, n)[perm], m, arrs[m.tensor].shape)
 
 
 def rescale(arrs: Arrays, g: UnitGroup, a: np.ndarray) -> None:
     up = {"affine": a, "shift": a} if g.norm else {"rows": a, "bias": a}
-    scale_members(arrs, list(g.members), units(arrs, g), up | {"cols": 1 / a})
+    scale_members(arrs, list(g.members), units_of(arrs, g), up | {"cols": 1 / a})
 
 
 def absorb(arrs: Arrays, g: UnitGroup, r: list[np.ndarray]) -> None:
     """Section k's writers x r[k] (negative entries flip them), absorbed by its BatchNorms."""
-    n = units(arrs, g)
+    n = units_of(arrs, g)
     for (writers, members), f in zip(sections(g), r, strict=True):
         scale_members(arrs, writers + members, n, {"rows": f, "bias": f, "mean": f, "affine": 1 / f})
 
@@ -76,7 +73,7 @@ def absorb(arrs: Arrays, g: UnitGroup, r: list[np.ndarray]) -> None:
 def widen(arrs: Arrays, g: UnitGroup, extra: int = 1) -> None:
     """``extra`` units added after the others: rows at the rows' scale (a fixed pattern: this is a probe, not an
     attack), readers' columns 0, BatchNorm statistics 0 and 1, norm weights 1 and biases 0."""
-    n = units(arrs, g)
+    n = units_of(arrs, g)
     fill = {"cols": 0.0, "mean": 0.0, "var": 1.0, "affine": 1.0, "shift": 0.0}
     for m in g.members:
         u = to_units(arrs[m.tensor], m, n)

@@ -10,7 +10,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from securemark.fingerprint import moves
-from securemark.fingerprint.groups import Member, UnitGroup, _unit_matrices, from_units, to_units, units_of
+from securemark.fingerprint.groups import Member, UnitGroup, _unit_matrices, to_units, units_of
+from securemark.fingerprint.moves import scale_members as scale
 from securemark.fingerprint.scales import _fits, _scales
 
 Arrays = dict[str, np.ndarray]
@@ -27,15 +28,6 @@ def _linked(g: UnitGroup, writer: Member) -> list[Member]:
     return [writer] + [m for m in g.of("bias") if m.of == writer.tensor or (alone and not m.of)]
 
 
-def _apply(s: dict[str, np.ndarray], members: Sequence[Member], units: int, scale: dict[str, np.ndarray]) -> None:
-    """Multiply each member's units by scale[role] (roles not named are left as they are)."""
-    for mem in members:
-        if mem.role in scale:
-            u = to_units(s[mem.tensor], mem, units)
-            f = scale[mem.role].reshape((units,) + (1,) * (u.ndim - 1))
-            s[mem.tensor] = from_units(u * f, mem, s[mem.tensor].shape)
-
-
 def _unflip(s: Arrays, b: Arrays, g: UnitGroup, n: int, ready: Sequence[Member]) -> int:
     """Undo sign flips section by section (fingerprint.moves: writers, bias, running mean and BatchNorm weight
     negated together); how many. The sign is read off the section's BatchNorm weights (a positive scale never
@@ -50,12 +42,31 @@ def _unflip(s: Arrays, b: Arrays, g: UnitGroup, n: int, ready: Sequence[Member])
             size = np.abs(bu).sum(axis=1)
             firm = size > 0.1 * np.median(size)
             aligned = all(s[w.tensor].shape == b[w.tensor].shape for w in writers) and all(w in ready for w in writers)
-            rows = np.sum(np.prod(_unit_matrices(s, b, writers, n, n), axis=0), axis=1) if aligned else np.zeros(n)
+            rows = np.zeros(n)
+            if aligned:
+                rs, rb = _unit_matrices(s, b, writers, n, n)
+                rows = np.sum(rs * rb, axis=1)
             dot = np.where(firm, dot, rows)
         sign = np.where(dot < 0, -1.0, 1.0)
-        _apply(s, writers + members, n, {"rows": sign, "bias": sign, "mean": sign, "affine": sign})
+        scale(s, writers + members, n, {"rows": sign, "bias": sign, "mean": sign, "affine": sign})
         flipped += int(np.sum(sign < 0))
     return flipped
+
+
+def _norm_pairs(members: Sequence[Member]) -> list[tuple[Member, list[Member]]]:
+    """Each BatchNorm's running variance with its own weight (members of one module)."""
+
+    def module(m: Member) -> str:
+        return m.tensor.rpartition(".")[0]
+
+    return [(v, [w for w in members if w.role == "affine" and module(w) == module(v)])
+            for v in members if v.role == "var"]  # fmt: skip
+
+
+def _var_ratio(s: Arrays, b: Arrays, var: Member, n: int, default: np.ndarray) -> np.ndarray:
+    """Per unit, the suspect's running variance over the base's (``default`` where either is not positive)."""
+    vs, vb = to_units(s[var.tensor], var, n).reshape(n), to_units(b[var.tensor], var, n).reshape(n)
+    return np.divide(vs, vb, out=default.copy(), where=(vb > 0) & (vs > 0))
 
 
 def _section_scales(s: Arrays, b: Arrays, g: UnitGroup, ready: Sequence[Member], n: int, noise: float) -> None:
@@ -69,16 +80,12 @@ def _section_scales(s: Arrays, b: Arrays, g: UnitGroup, ready: Sequence[Member],
             continue
         own = writers + [x for x in members if x.role == "bias"]
         r = _fits(*_unit_matrices(s, b, own, n, n), same, noise)
-        _apply(s, writers + members, n, {"rows": 1 / r, "bias": 1 / r, "mean": 1 / r})
+        scale(s, writers + members, n, {"rows": 1 / r, "bias": 1 / r, "mean": 1 / r})
         if np.all(r == 1.0):
             continue
-        for var in (x for x in members if x.role == "var"):
-            module = var.tensor.rpartition(".")[0]  # the BatchNorm's own weight
-            weight = [x for x in members if x.role == "affine" and x.tensor.rpartition(".")[0] == module]
-            vs, vb = to_units(s[var.tensor], var, n).reshape(n), to_units(b[var.tensor], var, n).reshape(n)
-            ratio = np.divide(vs, vb, out=r**2, where=(vb > 0) & (vs > 0))
-            sd = np.sqrt(ratio)
-            _apply(s, [var, *weight], n, {"var": 1 / ratio, "affine": r / sd})
+        for var, weight in _norm_pairs(members):
+            ratio = _var_ratio(s, b, var, n, r**2)
+            scale(s, [var, *weight], n, {"var": 1 / ratio, "affine": r / np.sqrt(ratio)})
 
 
 def _stream_scale(s: Arrays, b: Arrays, g: UnitGroup, ready: Sequence[Member], noise: float) -> None:
@@ -94,7 +101,7 @@ def _stream_scale(s: Arrays, b: Arrays, g: UnitGroup, ready: Sequence[Member], n
         fs, fb = _unit_matrices(s, b, own, n, n)
         c = float(_scales(fs.reshape(1, -1), fb.reshape(1, -1), noise)[0])
         if c != 1.0:
-            _apply(s, own, n, {"rows": np.full(n, 1 / c), "bias": np.full(n, 1 / c)})
+            scale(s, own, n, {"rows": np.full(n, 1 / c), "bias": np.full(n, 1 / c)})
 
 
 def _provisional(s: Arrays, b: Arrays, g: UnitGroup, ready: Sequence[Member], n: int) -> dict[str, np.ndarray]:
@@ -108,11 +115,6 @@ def _provisional(s: Arrays, b: Arrays, g: UnitGroup, ready: Sequence[Member], n:
             continue
         mean = [x for x in members if x.role == "mean"]
         r = _fits(*_unit_matrices(s, b, mean, n, n), np.arange(n), 0.0)
-        for var in (x for x in members if x.role == "var"):
-            module = var.tensor.rpartition(".")[0]
-            for w in (x for x in members if x.role == "affine" and x.tensor.rpartition(".")[0] == module):
-                vs, vb = to_units(s[var.tensor], var, n).reshape(n), to_units(b[var.tensor], var, n).reshape(n)
-                sd = np.sqrt(np.divide(vs, vb, out=np.ones(n), where=(vb > 0) & (vs > 0)))
-                u = to_units(out[w.tensor], w, n)
-                out[w.tensor] = from_units(u * (r / sd).reshape((n,) + (1,) * (u.ndim - 1)), w, out[w.tensor].shape)
+        for var, weight in _norm_pairs(members):
+            scale(out, weight, n, {"affine": r / np.sqrt(_var_ratio(s, b, var, n, np.ones(n)))})
     return out

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from securemark.fingerprint import moves
-from securemark.fingerprint.groups import AlignmentError, UnitGroup
+from securemark.fingerprint.groups import AlignmentError, UnitGroup, units_of
 
 BATCH = 4  # random inputs the outputs are compared on
 Arrays = dict[str, np.ndarray]
@@ -66,7 +66,7 @@ def verify(model: nn.Module, groups: list[UnitGroup], example: torch.Tensor) -> 
     rng = np.random.default_rng(0)  # the moves tried: nothing secret
     out = []
     for g in groups:
-        n = moves.units({k: v.numpy() for k, v in probe.base.items() if k == g.of("rows")[0].tensor}, g)
+        n = units_of({m.tensor: probe.base[m.tensor].numpy() for m in g.members}, g)
         perm = np.roll(np.arange(n), 1) if n > 1 else np.arange(n)  # every unit moves
         if not probe.preserves(g, partial(moves.permute, g=g, perm=perm)):
             raise AlignmentError(f"unit group {g.name!r}: permuting its units changes the model's outputs, so the "
