@@ -21,11 +21,10 @@ server optimizer (FedAvgM, FedAdam, ...). SecureMark changes what travels. One r
 5. client evaluation gets fingerprinted copies (never the plain global model); ``evaluate_fn`` scores the
    global model and a few customers' copies.
 
-Every model copies are made from (each round's global model) is kept in the registry as a base, so a copy of any
-round traces against the model it was made from; ``model=Net(), example_input=(1, 3, 32, 32)`` registers the
-architecture, so copies rewritten without changing their outputs trace too (fingerprint.graph). At the end
-``out`` holds what ``securemark simulate`` writes: ``registry/`` (with the owner key),
-``customers/<customer>.safetensors`` (every customer's final copy), ``metrics.json`` and ``global.safetensors``.
+Each round's global model is kept in the registry as a base (a copy traces against the model it was made from);
+``model=Net(), example_input=(1, 3, 32, 32)`` registers the architecture (fingerprint.graph: rewritten copies
+trace too). ``out`` ends as ``securemark simulate`` leaves it: ``registry/``, ``customers/*.safetensors``,
+``metrics.json``, ``global.safetensors``.
 After every round ``out/checkpoint/`` holds the global model, the round, the fingerprint strength, the metrics so
 far, the graph RNG and the inner strategy's optimizer state; ``start(resume=True)`` goes on from there with the
 same registry, key and strength, so copies issued before a crash still trace. A kill at any instant leaves the
@@ -106,10 +105,8 @@ class SecureMark(Strategy):
         example_input: Sequence[int] | None = None,
     ) -> None:
         check_inner(strategy)
-        if not 1 <= max_weight <= 1 << 32:
-            raise ValueError(
-                f"max_weight (largest example count a client may declare) must be in [1, 2^32], got {max_weight}"
-            )
+        if not 1 <= max_weight <= 1 << 32:  # the largest example count a client may declare
+            raise ValueError(f"max_weight must be in [1, 2^32], got {max_weight}")
         self.inner: FedAvg = strategy  # type: ignore[assignment]
         self.out = Path(out)
         self.fingerprint = fingerprint if fingerprint is not None else FingerprintConfig()
