@@ -89,8 +89,11 @@ def record_of(model: nn.Module, example_input: Sequence[int]) -> dict[str, Any]:
 
 def groups_of(record: dict[str, Any]) -> list[UnitGroup]:
     """The unit groups a registry's architecture record holds."""
+    groups = record.get("groups") if isinstance(record, dict) else None
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        raise AlignmentError("the registry's architecture record is malformed: its groups are no list of objects")
     try:
-        return [UnitGroup.from_json(g) for g in record["groups"]]
+        return [UnitGroup.from_json(g) for g in groups]
     except (KeyError, TypeError) as exc:
         raise AlignmentError(f"the registry's architecture record is malformed ({exc})") from None
 

@@ -70,3 +70,14 @@ def test_the_architecture_at_trace_time_aligns_and_catches(setting):
     report = Tracer(reg, arch=ARCH).trace(leaked)
     assert report.aligned and [s.customer for s in report.accused] == ["c2"]
     assert report.alignment["permuted"] > 0 and report.alignment["flipped"] > 0
+
+
+def test_a_malformed_architecture_record_reads_unaligned_with_the_reason(tmp_path):
+    from securemark.models import build
+
+    base = {k: v.clone() for k, v in build("cnn", (1, 8, 8), 10).state_dict().items()}
+    with Registry.init(tmp_path / "r", RegistryParams(length=256, max_colluders=3)) as reg:
+        copy = issue_copy(reg, base, "c0")
+        reg.set_arch({"target": "x:y", "graph": "0" * 64, "groups": "not a list"})  # as a damaged file reads
+        report = Tracer(reg).trace(copy)
+    assert not report.aligned and "architecture record is malformed" in str(report.alignment["status"])
