@@ -36,8 +36,7 @@ def cmd_registry_init(a: argparse.Namespace) -> None:
         carrier_mode=a.carrier,
         exclude=tuple(a.exclude),
     )
-    arch = arch_of(a)
-    record = arch.record() if arch is not None else None  # a model its graph cannot cover is refused here
+    record = _arch_record(a)
     if params.code == "bibd":
         print(
             "warning: BIBD (DeepMarks) detectors have no false-accusation bound: a laundered model that carries no"
@@ -92,8 +91,7 @@ def cmd_issue(a: argparse.Namespace) -> None:
         raise InputError(f"{out}: a copy is never written over the base model or inside the registry")
     _check_writable(out)
     base = modelio.load_state_dict(a.model)
-    arch = arch_of(a)
-    record = arch.record() if arch is not None else None
+    record = _arch_record(a)
     function = None
     if a.config is not None:  # the function mark as a run of this config makes it (its held-out share)
         from securemark import data
@@ -112,6 +110,13 @@ def cmd_issue(a: argparse.Namespace) -> None:
         modelio.save_atomic(copy, out)
         reg.record_delivery(customer, modelio.state_digest(copy), note=str(out))
     print(f"issued {out} to {a.customer!r} (sha256 {modelio.file_sha256(out)[:16]}...)")
+
+
+def _arch_record(a: argparse.Namespace) -> dict | None:
+    """The registry's record of --arch (None without it); a model whose graph cannot be covered is refused here,
+    before anything is written."""
+    arch = arch_of(a)
+    return None if arch is None else arch.record()
 
 
 def _check_architecture(record: dict | None, base: dict) -> None:
@@ -154,7 +159,7 @@ def cmd_trace(a: argparse.Namespace) -> object:
         raise InputError("trace needs exactly one suspect: a weights FILE, --endpoint URL or --query-model FILE")
     if a.suspect is None and (a.hard or a.align_spec or a.no_align or a.arch):
         raise InputError("--hard, --align-spec, --arch and --no-align apply to a weights file, not a black-box suspect")
-    if sum(x is not None and x is not False for x in (a.align_spec, a.arch, a.no_align or None)) > 1:
+    if sum(map(bool, (a.align_spec, a.arch, a.no_align))) > 1:
         raise InputError("--align-spec, --arch and --no-align exclude each other")
     if a.suspect is not None:
         arch = arch_of(a)
@@ -164,7 +169,8 @@ def cmd_trace(a: argparse.Namespace) -> object:
             report = trace(suspect, reg, top_k=a.top, hard=a.hard, groups=groups, aligned=not a.no_align, arch=arch)
     else:
         report = _trace_black_box(a)
-    if not report.aligned and not a.no_align:
+    unaligned = not report.aligned and not a.no_align  # --no-align asked for it: no warning, exit 0
+    if unaligned:
         a.exit_status = NOT_ALIGNED
     if a.json:
         return report.to_json()
@@ -186,13 +192,13 @@ def cmd_trace(a: argparse.Namespace) -> object:
     for s in report.scores_top:
         pv = "" if s.p_value is None else f"{s.p_value:.2e}"
         table.add_row(s.customer, f"{s.score:.3f}", pv, "ACCUSED" if s.customer in accused else "")
-    if not report.aligned and not a.no_align:
+    if unaligned:
         print(f"not aligned: {str(report.alignment['status']).removeprefix('off: ')}")
         print("  a copy whose units were permuted or rescaled would escape this reading; register the model's "
               "architecture (registry init --arch, or trace --arch) to read one")  # fmt: skip
     Console().print(table)
     print("accused: " + (", ".join(s.customer for s in report.accused) or "nobody")
-          + (" (not aligned)" if not report.aligned and not a.no_align else ""))  # fmt: skip
+          + (" (not aligned)" if unaligned else ""))  # fmt: skip
     return None
 
 
