@@ -79,8 +79,10 @@ class FingerprintConfig:
 class SecAggSettings:
     enabled: bool = True
     graph: str = "complete"  # complete (SecAgg) | sparse (SecAgg+)
-    clip: float = 0.5  # update values are clipped to [-clip, clip] before quantization
-    bits: int = 16
+    # the smallest quantization range: each floating tensor's is max(clip, 16 x its largest |value|), 4x wider
+    # after each round that clipped it, 256 x clip at least in the first round (securemark.secagg.ranges)
+    clip: float = 8.0
+    bits: int = 32  # quantization bits per value (step 2 x range / (2^bits - 1)); the sum is mod 2^64 either way
     dropout: float = 0.0  # simulated: probability that a client's message is lost at each stage
     timeout: float = 300.0  # longest wait for the replies of one stage (seconds)
     grace: float = 10.0  # once the threshold has answered, how much longer a stage waits for the rest (seconds)
@@ -188,7 +190,7 @@ class SimConfig(TomlConfig):
         _check(f.identity in ("partition-id", "node"), "fingerprint.identity (partition-id | node)", f.identity)
         _check(s.graph in ("complete", "sparse"), "secagg.graph", s.graph)
         _check(_finite(s.clip) and s.clip > 0, "secagg.clip", s.clip)
-        _check(1 <= s.bits <= 30, "secagg.bits (1..30)", s.bits)
+        _check(1 <= s.bits <= 32, "secagg.bits (1..32)", s.bits)
         _check(0 <= s.dropout < 1, "secagg.dropout", s.dropout)
         _check(_finite(s.timeout) and s.timeout > 0, "secagg.timeout", s.timeout)
         _check(_finite(s.grace) and 0 <= s.grace <= s.timeout, "secagg.grace (0..timeout)", s.grace)

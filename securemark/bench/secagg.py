@@ -41,7 +41,7 @@ def bench_secagg(clients: int, params: int, dropout: float = 0.0, graph: str = "
     weights = {i: int(rng.integers(100, 1000)) for i in ids}
     qcfg = QuantConfig(clip=0.5, bits=16, max_weight=1024, max_clients=clients, size=params)
     neighbours, threshold = P.neighbour_graph(ids, graph, rng)
-    cfg = P.RoundConfig("bench", 1, neighbours, threshold, params + 2, qcfg.modulus_bits)
+    cfg = P.RoundConfig("bench", 1, neighbours, threshold, params + qcfg.extra, qcfg.modulus_bits, qcfg.digest())
     dropped = set(rng.choice(ids, size=int(dropout * clients), replace=False).tolist())
     kept = [i for i in ids if i not in dropped]
 

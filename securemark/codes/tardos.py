@@ -47,3 +47,19 @@ def soft_scores_reference(rows: np.ndarray, y: np.ndarray, bias: np.ndarray) -> 
     """Slow, obvious S_j for bits ``rows`` (n, L); the fast packed path is checked against this."""
     g = (rows.astype(np.float64) - bias) / np.sqrt(bias * (1.0 - bias))  # (n, L)
     return g @ np.asarray(y, dtype=np.float64)
+
+
+def length_for(customers: int, max_colluders: int, eps: float) -> int:
+    """The code length the symmetric Tardos code needs to catch a coalition of ``max_colluders`` among
+    ``customers`` with P(any innocent accused) <= eps (Skoric et al. 2008): L >= pi^2/2 c^2 ln(n/eps)."""
+    if customers < 1 or max_colluders < 1 or not 0 < eps < 1:
+        raise ValueError("need customers >= 1, max_colluders >= 1 and 0 < eps < 1")
+    return math.ceil(math.pi**2 / 2 * max_colluders**2 * math.log(customers / eps))
+
+
+def customers_for(length: int, max_colluders: int, eps: float) -> int:
+    """The most customers a code of ``length`` serves by that rule, n <= eps e^(2L/(pi^2 c^2)) (0: none)."""
+    if length < 1 or max_colluders < 1 or not 0 < eps < 1:
+        raise ValueError("need length >= 1, max_colluders >= 1 and 0 < eps < 1")
+    exponent = 2 * length / (math.pi**2 * max_colluders**2)
+    return int(min(eps * math.exp(min(exponent, 700.0)), 2**62))

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp.strategy import FedAvg, Strategy
 from rich.console import Console
@@ -26,6 +28,9 @@ from securemark.flower.exchange import StageClock, accept
 from securemark.flower.nodes import Nodes
 from securemark.secagg import protocol as P
 from securemark.secagg.quantize import QuantConfig, decode
+from securemark.secagg.ranges import GROWTH, Ranges
+
+CLIPPED_WARN = 1e-5  # a round whose share of clipped values passes this is said on the console, with the cure
 
 _MEAN_ONLY = (
     "masked aggregation reveals only the weighted sum of the updates; SecureMark wraps strategies whose aggregate "
@@ -64,8 +69,16 @@ class Aggregate:
     info: dict[str, Any]  # what metrics.json records of the round (survived, dropped, stage seconds, ...)
 
 
+Tensors = list[tuple[str, int, float]]  # the global model's floating tensors: (name, size, largest |value|)
+
+
+def tensor_scales(weights: Mapping[str, torch.Tensor], names: list[str]) -> Tensors:
+    """The update's tensors as masking sizes their ranges (``secagg.ranges``), in the update's order."""
+    return [(n, weights[n].numel(), float(weights[n].abs().max()) if weights[n].numel() else 0.0) for n in names]
+
+
 class Sum(Protocol):
-    def setup(self, r: int, sampled: list[int], size: int) -> dict[int, dict[str, Any]]: ...
+    def setup(self, r: int, sampled: list[int], tensors: Tensors) -> dict[int, dict[str, Any]]: ...
 
     def need(self) -> int: ...
 
@@ -80,8 +93,8 @@ class PlainSum:
         self.sampled: list[int] = []
         self.size = 0
 
-    def setup(self, r: int, sampled: list[int], size: int) -> dict[int, dict[str, Any]]:
-        self.sampled, self.size = sampled, size
+    def setup(self, r: int, sampled: list[int], tensors: Tensors) -> dict[int, dict[str, Any]]:
+        self.sampled, self.size = sampled, sum(n for _, n, _ in tensors)
         return {}
 
     def need(self) -> int:
@@ -112,6 +125,7 @@ class _MaskedRound:
     srv: P.ServerRound
     qcfg: QuantConfig
     sampled: int
+    names: list[str]  # the tensors of the update's parts, in order
 
     @property
     def node_of(self) -> dict[int, int]:
@@ -127,21 +141,30 @@ class MaskedSum:
     ) -> None:
         self.nodes, self.secagg, self.max_weight, self.console, self.rng = nodes, secagg, max_weight, console, rng
         self.round: _MaskedRound | None = None
+        self.ranges = Ranges(secagg.clip)
 
-    def setup(self, r: int, sampled: list[int], size: int) -> dict[int, dict[str, Any]]:
+    def setup(self, r: int, sampled: list[int], tensors: Tensors) -> dict[int, dict[str, Any]]:
         """The round's masking state, and for each node the records its train message adds: the quantization
-        (in its SM record), the round's configuration and its neighbours' public keys. Fewer than 2 nodes fail
-        the round: a lone update would be its own sum, and the protocol's threshold needs 2 holders."""
+        (in its SM record: bits, weights and one range per tensor, ``secagg.ranges``), the round's configuration
+        (which binds the quantization's digest into every key) and its neighbours' public keys. Fewer than 2
+        nodes fail the round: a lone update would be its own sum, and the protocol's threshold needs 2 holders."""
         self.round = None
         if len(sampled) < 2:
             raise RoundFailed(f"{len(sampled)} node(s) can take part in this round's masking; it needs at least 2")
         sc, keys = self.secagg, self.nodes.keys
         ids = {n: self.nodes.ids[n] for n in sampled}
         graph, threshold = P.neighbour_graph(tuple(sorted(ids.values())), sc.graph, self.rng)
-        qcfg = QuantConfig(sc.clip, sc.bits, self.max_weight, len(sampled), size)
-        cfg = P.RoundConfig(keys.session, r, graph, threshold, size + 2, qcfg.modulus_bits)
-        quant = {"clip": sc.clip, "bits": sc.bits, "max-weight": self.max_weight, "max-clients": len(sampled)}
-        self.round = _MaskedRound(ids, P.ServerRound(cfg), qcfg, len(sampled))
+        parts = self.ranges.parts(tensors)
+        # as many of secagg.bits as the 2^64 sum holds: n x max_weight x (2^bits - 1) < 2^64
+        bits = min(sc.bits, 64 - math.ceil(math.log2(len(sampled) * self.max_weight + 1)))
+        qcfg = QuantConfig.of_parts(parts, bits, self.max_weight, len(sampled))
+        size = qcfg.size + qcfg.extra
+        cfg = P.RoundConfig(keys.session, r, graph, threshold, size, qcfg.modulus_bits, qcfg.digest())
+        quant = {
+            "ranges": [c for _, c in parts], "bits": bits, "max-weight": self.max_weight,
+            "max-clients": len(sampled),
+        }  # fmt: skip
+        self.round = _MaskedRound(ids, P.ServerRound(cfg), qcfg, len(sampled), [n for n, _, _ in tensors])
         return {
             n: {
                 wire.SM: quant,
@@ -186,10 +209,21 @@ class MaskedSum:
             raise
         dec = decode(total, st.qcfg, len(survivors))
         clock.lap("sum")
+        widened = self.ranges.grow(st.names, dec.clipped_parts)
+        share = dec.clipped / (len(survivors) * st.qcfg.size)
+        if share > CLIPPED_WARN:
+            self.console.print(
+                f"  [yellow]{dec.clipped:,} update values clipped ({share:.1e} of those sent) in {len(widened)} "
+                f"tensor(s) ({', '.join(widened[:3])}{', ...' if len(widened) > 3 else ''}): this round's mean is "
+                f"biased there. Their ranges grow {GROWTH:g}x from the next round; to keep a first round unclipped, "
+                "raise secagg.clip (the smallest range) or lower the learning rate[/]"
+            )
         info = {
             "survived": len(survivors),
             "dropped": st.sampled - len(survivors),
             "clipped": dec.clipped,
+            "clipped_share": share,
+            "widened": widened,
             "threshold": srv.cfg.threshold,
             "stage_seconds": clock.laps,
         }

@@ -17,13 +17,21 @@ import torch
 from rich.console import Console
 
 from securemark import models
+from securemark.codes.tardos import customers_for, length_for
 from securemark.config import FingerprintConfig
 from securemark.errors import InputError
 from securemark.fingerprint.arch import record_of
 from securemark.fingerprint.embed import Fingerprinter
 from securemark.fingerprint.function import FunctionMark, FunctionMarkUnfit, features_and_logits
 from securemark.modelio import save_state_dict
-from securemark.owner import FunctionSpec, add_earlier_base, establish_function_mark, issue_copies, mark
+from securemark.owner import (
+    FunctionSpec,
+    add_earlier_base,
+    establish_function_mark,
+    issue_copies,
+    mark,
+    relative_change,
+)
 from securemark.registry import Registry, RegistryParams
 
 Weights = dict[str, torch.Tensor]
@@ -60,6 +68,7 @@ class Copies:
         self._based: tuple[object, np.ndarray] | None = None  # (token, projection) kept as a base
         self._fm: tuple[object, tuple[FunctionMark, str] | None] | None = None  # (token, its mark)
         self._fm_refused = ""  # why the last model could not carry a function mark (said once per reason)
+        self._oversized = False  # the warning that customers outnumber the code's size was said
 
     @property
     def enabled(self) -> bool:
@@ -80,6 +89,30 @@ class Copies:
             self.registry.set_arch(self.arch)
         self.fp = Fingerprinter.create(self.registry.secret, params.carrier, weights, params.length)
         self.strength = self.fp.strength_for_budget(weights, fc.budget)
+        self.console.print(self.describe())
+
+    def describe(self) -> str:
+        """Where the run's registry is and the code its copies carry (said when a run starts or resumes)."""
+        fc = self.fingerprint
+        if self.registry is None:
+            return "fingerprints off: the run issues no copies"
+        function = f", function mark {fc.function_budget}" if self.function is not None else ""
+        served = customers_for(fc.length, fc.max_colluders, fc.eps) if fc.code == "tardos" else None
+        sized = "" if served is None else f"; sized for {served:,} customers (L >= pi^2/2 c^2 ln(n/eps))"
+        return (f"registry {self.registry.directory}: {fc.code} code L={fc.length}, c_max={fc.max_colluders}, "
+                f"eps={fc.eps}, mark budget {fc.budget}{function}{sized}")  # fmt: skip
+
+    def check_customers(self, n: int) -> None:
+        """Warn, once, when the run's customers outnumber what its code was sized for at its eps."""
+        fc = self.fingerprint
+        if self.registry is None or fc.code != "tardos" or self._oversized:
+            return
+        if n > customers_for(fc.length, fc.max_colluders, fc.eps):
+            self._oversized = True
+            need = length_for(n, fc.max_colluders, fc.eps)
+            self.console.print(f"  [yellow]{n} customers and L={fc.length}: a coalition of {fc.max_colluders} may "
+                               f"escape the tracer (Tardos needs L >= pi^2/2 c^2 ln(n/eps) = {need}); set "
+                               "fingerprint.length or FingerprintConfig(length=...)[/]")  # fmt: skip
 
     def reopen(self, out: Path, weights: Weights, strength: float) -> None:
         """The registry of the run in ``out``, resumed: refused when made with other fingerprint settings."""
@@ -95,6 +128,7 @@ class Copies:
         if self.arch is not None:
             self.registry.set_arch(self.arch)
         self.fp = Fingerprinter.create(self.registry.secret, params.carrier, weights, params.length)
+        self.console.print(self.describe())
 
     def record_base(self, token: object, weights: Weights, after: int) -> np.ndarray | None:
         """Keep ``weights`` in the registry as a base (once per model), so a copy of any round traces against
@@ -163,4 +197,17 @@ class Copies:
         copies = issue_copies(self.registry, weights, sorted(customers), note, self.strength, function)
         for name, copy in copies.items():
             save_state_dict(copy, out / "customers" / f"{name}.safetensors")
+        if copies and self.fp is not None:
+            reference = self.fp.project(weights)
+            errors = [float(np.mean((self.fp.extract(c, reference, self.strength) > 0) != self.bits_of(n)))
+                      for n, c in copies.items()]  # fmt: skip
+            change = max(relative_change(c, weights) for c in copies.values())
+            self.console.print(f"final copies: {len(copies)} in {out / 'customers'}, each within {change:.2e} of the "
+                               f"global model's norm, bit error at most {max(errors):.3f}; registry "
+                               f"{out / 'registry'}")  # fmt: skip
         self.registry.close()
+
+    def bits_of(self, customer: str) -> np.ndarray:
+        if customer not in self.bits and self.registry is not None:
+            self.bits[customer] = self.registry.customer(customer, create=False).bits
+        return self.bits[customer]

@@ -48,5 +48,7 @@ def round_line(m: dict[str, Any]) -> str:
         parts.append(f"function mark cosine {m['min_function_cosine']:.3f}")
     if "survived" in m:
         parts.append(f"survived {m['survived']}/{m['sampled']}")
+    if "clipped" in m:  # masked rounds: values cut to their tensor's quantization range
+        parts.append(f"clipped {m['clipped']:,}" + (f" ({m['clipped_share']:.1e})" if m["clipped"] else ""))
     parts.append(f"{m['seconds']:.1f} s")
     return "  " + ", ".join(parts)

@@ -30,7 +30,7 @@ from flwr.common.constant import ErrorCode
 from securemark.errors import SecureMarkError
 from securemark.flower import wire
 from securemark.secagg import protocol as P
-from securemark.secagg.quantize import EXTRA_SLOTS, QuantConfig, QuantizationError, encode
+from securemark.secagg.quantize import QuantConfig, QuantizationError, encode
 
 Next = Callable[[Message, Context], Message]
 
@@ -159,12 +159,12 @@ def _after_train(msg: Message, context: Context, sent: dict[str, np.ndarray], re
     keys = _keys(context)
     # capped, never refused: a refusal that depends on the count would let a server binary-search it
     weight = min(weight, int(head["max-weight"]))
-    qcfg = QuantConfig(
-        float(head["clip"]), int(head["bits"]), int(head["max-weight"]), int(head["max-clients"]), len(delta)
-    )
+    qcfg = _quantization(head, [int(np.size(sent[n])) for n in wire.float_keys(sent)])
     cfg, _ = wire.round_config_from(msg.content[wire.SECAGG])
-    if cfg.size != len(delta) + EXTRA_SLOTS or cfg.modulus_bits != qcfg.modulus_bits:
+    if cfg.size != qcfg.size + qcfg.extra or cfg.modulus_bits != qcfg.modulus_bits:
         raise ContractError("the round's vector size or modulus does not fit this update")
+    if cfg.encoding != qcfg.digest():  # the binding that makes per-node ranges useless to a lying server
+        raise P.ProtocolViolation("the round's keys are bound to another quantization than the one sent to this node")
     peer_keys = wire.key_map_from(msg.content[wire.PAYLOAD])
     rng = np.random.default_rng(int.from_bytes(os.urandom(16), "little"))  # stochastic rounding
     masked = P.client_masked_input(keys, cfg, peer_keys, encode(delta, weight, qcfg, rng))
@@ -177,6 +177,18 @@ def _after_train(msg: Message, context: Context, sent: dict[str, np.ndarray], re
         wire.PAYLOAD: wire.masked_record(masked),
     }
     return _reply(msg, wire.TRAIN, context, **records, **{metrics_key: metrics})
+
+
+def _quantization(head: ConfigRecord, sizes: list[int]) -> QuantConfig:
+    """The round's quantization as sent: one range per floating tensor of the update (``secagg.ranges``)."""
+    ranges = head["ranges"]
+    if not isinstance(ranges, list) or len(ranges) != len(sizes):
+        raise P.ProtocolViolation(f"the round's quantization must give one range for each of {len(sizes)} tensors")
+    try:
+        parts = tuple(zip(sizes, (float(r) for r in ranges), strict=True))
+        return QuantConfig.of_parts(parts, int(head["bits"]), int(head["max-weight"]), int(head["max-clients"]))
+    except (QuantizationError, TypeError, ValueError) as exc:
+        raise P.ProtocolViolation(f"the round's quantization is malformed: {exc}") from None
 
 
 def contract(

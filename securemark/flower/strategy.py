@@ -61,7 +61,7 @@ from securemark import training
 from securemark.config import FingerprintConfig, SecAggSettings
 from securemark.errors import InputError, RoundFailed, SecureMarkError
 from securemark.flower import checkpoint, wire
-from securemark.flower.aggregate import MaskedSum, PlainSum, Sum, check_inner
+from securemark.flower.aggregate import MaskedSum, PlainSum, Sum, check_inner, tensor_scales
 from securemark.flower.checkpoint import CHECKPOINT
 from securemark.flower.copies import Copies, Weights, arch_record
 from securemark.flower.exchange import StageClock, enough_nodes, exchange
@@ -109,7 +109,7 @@ class SecureMark(Strategy):
             raise ValueError(f"max_weight must be in [1, 2^32], got {max_weight}")
         self.inner: FedAvg = strategy  # type: ignore[assignment]
         self.out = Path(out)
-        self.fingerprint = fingerprint if fingerprint is not None else FingerprintConfig()
+        self.fingerprint = fingerprint or FingerprintConfig(length=2048, max_colluders=5)  # registry init's code
         self.secagg = secagg if secagg is not None else SecAggSettings()
         self.function = function  # copies also carry the black-box mark (fingerprint.function) when given
         self.console = console or Console(stderr=True)
@@ -178,11 +178,12 @@ class SecureMark(Strategy):
                 m.metadata.dst_node_id: m for m in self.inner.configure_train(server_round, arrays, config, nodes)
             }
         sampled = sorted(self.nodes.identify(inner_msgs))
+        self.copies.check_customers(len(self.nodes.customers))
         clock.lap("hello")
         function = (self.copies.function_mark(self._loaded, self.weights), self.weights)  # what reads the copies
         self._round = _Round(sampled, clock, function=function)
         self._round.reference = self.copies.record_base(self._loaded, self.weights, server_round - 1)
-        records = self.sum.setup(server_round, sampled, self.size)
+        records = self.sum.setup(server_round, sampled, tensor_scales(self.weights, self.names))
         clock.lap("setup")
         return self._train_messages(server_round, inner_msgs, records)
 
@@ -383,6 +384,8 @@ class SecureMark(Strategy):
         self.rng.bit_generator.state = state["rng"]
         self.rounds = list(state["rounds"])
         self.nodes.banned = set(state["banned"])
+        if isinstance(self.sum, MaskedSum):  # the ranges widened so far (each round's metrics name them)
+            self.sum.ranges.replay(self.rounds)
         self.copies.reopen(self.out, self.weights, float(state["strength"]))
 
     def _checkpoint(self, r: int) -> None:

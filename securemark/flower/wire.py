@@ -76,6 +76,7 @@ def round_config_record(cfg: P.RoundConfig, client_id: int) -> ConfigRecord:
             "threshold": cfg.threshold,
             "size": cfg.size,
             "modulus_bits": cfg.modulus_bits,
+            "encoding": cfg.encoding,
             "client_id": client_id,
             "ids": ids,
             "degrees": [len(cfg.neighbours[i]) for i in ids],
@@ -99,6 +100,7 @@ def round_config_from(rec: ConfigRecord) -> tuple[P.RoundConfig, int]:
         int(rec["threshold"]),
         int(rec["size"]),
         int(rec["modulus_bits"]),
+        rec["encoding"],
     )
     return cfg, int(rec["client_id"])
 

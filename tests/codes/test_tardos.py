@@ -57,3 +57,16 @@ def test_innocent_scores_are_standardized():
     rows = tardos.draw_rows(bias, rng.random((20_000, 512)))
     z = tardos.soft_scores_reference(rows, y, bias) / np.linalg.norm(y)
     assert abs(z.mean()) < 0.03 and abs(z.std() - 1) < 0.03
+
+
+def test_the_length_rule_hand_worked():
+    """L >= pi^2/2 c^2 ln(n/eps): c = 3, n = 40, eps = 1e-3: 4.9348 x 9 x ln(40000) = 4.9348 x 9 x 10.5966 = 470.6.
+    Inverted, L = 2048, c = 5 serves n <= 1e-3 e^(4096 / (pi^2 25)) = 1e-3 e^16.600 = 16,199; L = 256, c = 3
+    serves none (n <= 0.32)."""
+    from securemark.codes.tardos import customers_for, length_for
+
+    assert length_for(40, 3, 1e-3) == 471
+    assert customers_for(2048, 5, 1e-3) == 16199 and customers_for(256, 3, 1e-3) == 0
+    for n in (1, 10, 1000, 10**6):  # the two agree: the length for n serves at least n
+        assert customers_for(length_for(n, 4, 1e-6), 4, 1e-6) >= n
+        assert customers_for(length_for(n, 4, 1e-6) - 1, 4, 1e-6) < n + 1

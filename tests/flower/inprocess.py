@@ -67,3 +67,12 @@ def flatten(arrays: dict[str, np.ndarray], names: list[str]) -> np.ndarray:
     if not names:
         return np.zeros(0)
     return np.concatenate([np.asarray(arrays[n], dtype=np.float64).reshape(-1) for n in names])
+
+
+def quantization_steps(msg: Message, sizes: list[int]) -> np.ndarray:
+    """The quantization step of every value of an update, from the ranges a masked train message sent (one
+    per floating tensor, sizes in the update's order): stochastic rounding moves a value by less than it."""
+    head = msg.content["securemark"]
+    ranges, levels = np.array(list(head["ranges"]), dtype=np.float64), (1 << int(head["bits"])) - 1
+    assert len(ranges) == len(sizes)
+    return np.repeat(2 * ranges / levels, sizes)

@@ -20,7 +20,7 @@ from securemark.config import FingerprintConfig, SecAggSettings
 from securemark.flower import SecureMark, securemark_mod, wire
 from securemark.flower.processes import Processes, flower_env, free_port, wait_for_port
 
-from .inprocess import InProcessGrid, flatten
+from .inprocess import InProcessGrid, flatten, quantization_steps
 from .test_deployment import flwr_run, traced
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "flower-pytorch"
@@ -46,7 +46,7 @@ def test_the_masked_aggregate_of_the_examples_model_is_the_plain_weighted_mean(t
     app = ClientApp(mods=[securemark_mod, recorder])
     app.train()(example_client.train)  # the example's own functions (its decorators return them unchanged)
     app.evaluate()(example_client.evaluate)
-    secagg = SecAggSettings(clip=1.0)
+    secagg = SecAggSettings()
     s = SecureMark(FedAvg(fraction_evaluate=0.5), tmp_path / "out", fingerprint=FingerprintConfig(length=256),
                    secagg=secagg, console=Console(file=io.StringIO()))  # fmt: skip
     initial = {k: v.detach().clone() for k, v in Net().state_dict().items()}
@@ -56,12 +56,12 @@ def test_the_masked_aggregate_of_the_examples_model_is_the_plain_weighted_mean(t
     assert m["status"] == "completed" and m["survived"] == 3 and m["max_bit_error"] == 0.0
     names = wire.float_keys(next(iter(seen.values()))[0])
     total = sum(w for _, _, w in seen.values())
-    expected = sum(w * np.clip(flatten(b, names) - flatten(a, names), -1, 1) for a, b, w in seen.values())
-    expected /= total
+    expected = sum(w * (flatten(b, names) - flatten(a, names)) for a, b, w in seen.values()) / total
     flat = {k: v.numpy() for k, v in s.weights.items()}
     got = flatten(flat, names) - flatten({k: v.numpy() for k, v in initial.items()}, names)
-    step = 2 * secagg.clip / ((1 << secagg.bits) - 1)
-    assert np.abs(got - expected).max() < step and np.abs(expected).max() > 100 * step
+    train_msg = next(m for m in grid.sent if wire.SM in m.content and str(m.content[wire.SM]["stage"]) == wire.TRAIN)
+    step = quantization_steps(train_msg, [initial[n].numel() for n in names])
+    assert m["clipped"] == 0 and np.all(np.abs(got - expected) < step) and np.abs(expected).max() > 100 * step.max()
     copies = [m for m in grid.sent if m.metadata.message_type == "evaluate"]
     assert copies, "client evaluation was sampled"
     for msg in copies:  # client evaluation gets fingerprinted copies, never the global model

@@ -25,7 +25,7 @@ from securemark.flower.server_app import strategy_for, train_config
 from securemark.flower.strategy import SecureMark
 from securemark.models import build
 
-from .inprocess import InProcessGrid
+from .inprocess import InProcessGrid, quantization_steps
 
 
 def config(fingerprint=True, secagg=True, clients=5, rounds=1):
@@ -90,15 +90,15 @@ def test_masked_round_with_dropouts_gives_the_survivors_weighted_mean(tmp_path, 
     m = s.rounds[0]
     assert m["status"] == "completed" and m["survived"] == 4 and m["dropped"] == 1 and m["max_bit_error"] == 0.0
     updates = {n: user_update(grid, n) for n in grid.contexts if n != 1001}
-    clip = cfg.secagg.clip
     total = sum(w for _, w in updates.values())
-    expected = sum(w * np.clip(u, -clip, clip) for u, w in updates.values()) / total
+    expected = sum(w * u for u, w in updates.values()) / total  # nothing clipped: every tensor has its range
     before = start.to_torch_state_dict()
     names = training.float_names(before)
     got = training.flatten(s.weights, names) - training.flatten(before, names)
-    step = 2 * clip / ((1 << cfg.secagg.bits) - 1)  # stochastic rounding moves each value by less than a step
-    assert np.abs(got - expected).max() < step
-    assert np.abs(expected).max() > 100 * step  # the comparison is not vacuous
+    train_msg = next(m for m in grid.sent if str(m.content[wire.SM]["stage"]) == wire.TRAIN)
+    step = quantization_steps(train_msg, [before[n].numel() for n in names])
+    assert m["clipped"] == 0 and np.all(np.abs(got - expected) < step)
+    assert np.abs(expected).max() > 100 * step.max()  # the comparison is not vacuous
 
 
 def test_too_few_survivors_fail_the_round_loudly_and_leave_the_model(tmp_path, monkeypatch):
@@ -522,6 +522,52 @@ def test_a_node_that_masks_refuses_a_plain_train_request(tmp_path):
     downgrade = Message(content, dst_node_id=node, message_type="train", group_id="9")
     reply = grid.app(downgrade, grid.contexts[node])
     assert reply.has_error() and "plain train request" in reply.error.reason
+
+
+@pytest.mark.parametrize(
+    ("edit", "why"),
+    [
+        (lambda r: [r[0] * 2, *r[1:]], "bound to another quantization"),  # what a lying server tells its victim
+        (lambda r: r[:-1], "one range for each of 4 tensors"),
+        (lambda r: [-1.0, *r[1:]], "quantization is malformed"),
+    ],
+)
+def test_a_node_refuses_ranges_the_rounds_keys_are_not_bound_to(tmp_path, edit, why):
+    """Node 1000 is sent other quantization ranges than the round's keys are bound to (or malformed ones): it
+    masks nothing and says why; the round goes on with the other three."""
+    from securemark.flower.client_app import app as shipped_app
+
+    errors = {}
+
+    def app(msg, context):
+        if context.node_id == 1000 and wire.SM in msg.content and str(msg.content[wire.SM]["stage"]) == wire.TRAIN:
+            msg.content[wire.SM]["ranges"] = edit(list(msg.content[wire.SM]["ranges"]))
+        reply = shipped_app(msg, context)
+        if reply.has_error():
+            errors[context.node_id] = reply.error.reason
+        return reply
+
+    cfg = config(clients=4, rounds=1)
+    s = quiet_strategy(cfg, tmp_path)
+    s.start(InProcessGrid(4, app=app), initial(cfg), num_rounds=1, train_config=train_config(cfg))
+    assert list(errors) == [1000] and why in errors[1000]
+    assert s.rounds[0]["status"] == "completed" and s.rounds[0]["survived"] == 3 and s.rounds[0]["clipped"] == 0
+
+
+def test_a_run_says_what_it_makes(tmp_path):
+    """At the start the registry and the code (with the customers it serves, and a warning when the run has
+    more), a clipped count on every masked round line, at the end where the final copies went."""
+    cfg = config(clients=4, rounds=1)
+    console = recording_console()
+    s = quiet_strategy(cfg, tmp_path, console=console)
+    s.start(InProcessGrid(4), initial(cfg), num_rounds=1, train_config=train_config(cfg))
+    text = console.export_text()
+    assert f"registry {tmp_path / 'registry'}: tardos code L=128, c_max=3, eps=0.001" in text
+    assert "sized for 0 customers" in text and "4 customers and L=128: a coalition of 3 may escape" in text
+    assert "round 1: completed" in text and "clipped 0" in text
+    assert f"final copies: 4 in {tmp_path / 'customers'}" in text and "bit error at most 0.000" in text
+    default = SecureMark(FedAvg(), tmp_path / "other", console=recording_console())
+    assert (default.fingerprint.length, default.fingerprint.max_colluders) == (2048, 5)  # registry init's code
 
 
 def test_an_aggregate_that_overflows_the_model_fails_the_round_and_a_huge_metric_is_ignored(tmp_path):

@@ -1,3 +1,4 @@
+import dataclasses
 import itertools
 
 import numpy as np
@@ -120,3 +121,33 @@ def test_neighbour_graph_picks_secagg_or_secagg_plus_and_a_majority_threshold():
     assert P.neighbour_graph((1, 2, 3, 4, 5), "complete", rng) == (P.complete_graph((1, 2, 3, 4, 5)), 3)
     with pytest.raises(ValueError, match="complete"):
         P.neighbour_graph((1, 2, 3), "ring", rng)
+
+
+def test_nodes_told_different_encodings_make_masks_that_never_cancel(monkeypatch):
+    """A lying server gives its victim (node 1) other quantization ranges than nodes 2 and 3, hoping that
+    the others' values sit still while the victim's show in the sum. The encoding's digest is bound into
+    every key: the victim's pair masks and the others' no longer cancel, so even with every self-mask
+    removed the sum is padded (the same round with one encoding sums exactly)."""
+    from securemark.prg import add_keystream
+    from securemark.secagg.protocol import client as C
+    from securemark.secagg.protocol.derive import _self_mask_key
+
+    ids, size = (1, 2, 3), 64
+    seeds = {1: b"\x01" * 32, 2: b"\x02" * 32, 3: b"\x03" * 32}
+    x = inputs(ids, size, seed=7)
+    for r, victim_encoding in ((1, b"common"), (2, b"victim")):
+        session = Session(f"lie-{r}")
+        for i in ids:
+            session.join(i)
+        cfg = P.RoundConfig(session.name, r, P.complete_graph(ids), threshold=2, size=size, encoding=b"common")
+        told = {i: cfg if i != 1 else dataclasses.replace(cfg, encoding=victim_encoding) for i in ids}
+        total = np.zeros(size, dtype=np.uint64)
+        for i in ids:
+            monkeypatch.setattr(C.os, "urandom", lambda n, i=i: seeds[i][:n] if n == 32 else bytes(n))
+            y = P.client_masked_input(session.nodes[i], told[i], session.server.for_client(cfg, i), x[i]).y
+            add_keystream(_self_mask_key(told[i], seeds[i], i), y, subtract=True)  # all the server could remove
+            total += y
+        exact = np.array_equal(total, expected_sum(x, ids))
+        assert exact == (victim_encoding == b"common")
+        if not exact:  # padded in (nearly) every word, not off by a little
+            assert np.mean(total != expected_sum(x, ids)) > 0.9

@@ -115,3 +115,94 @@ def test_decode_refuses_sums_no_honest_clients_produce():
     total[-1] = 7  # 2 clients x 3 values = 6 at most
     with pytest.raises(QuantizationError, match="impossible sum"):
         decode(total, cfg, 2)
+
+
+# --- an update in parts, each with its own range -------------------------------------------------------------
+def test_parts_hand_worked():
+    """bits=2: part 1 range 1.5 (step 1, grid -1.5 -0.5 0.5 1.5), part 2 range 3 (step 2, grid -3 -1 1 3).
+    Values on the grids encode exactly; 7.0 in part 2 is clipped to 3 and counted in part 2's slot."""
+    cfg = QuantConfig.of_parts(((1, 1.5), (2, 3.0)), bits=2, max_weight=10, max_clients=4)
+    assert cfg.size == 3 and cfg.extra == 3 and cfg.n_parts == 2
+    rng = np.random.default_rng(0)
+    a = encode(np.array([0.5, -1.0, 7.0]), 2, cfg, rng)  # q = 2 | 1, 3 (clipped)
+    b = encode(np.array([-1.5, 1.0, -3.0]), 1, cfg, rng)  # q = 0 | 2, 0
+    assert list(a) == [4, 2, 6, 2, 0, 1] and list(b) == [0, 2, 0, 1, 0, 0]
+    dec = decode(a + b, cfg, 2)
+    assert dec.total_weight == 3 and dec.clipped_parts == (0, 1) and dec.clipped == 1
+    np.testing.assert_allclose(dec.mean, [(2 * 0.5 - 1.5) / 3, (2 * -1.0 + 1.0) / 3, (2 * 3.0 - 3.0) / 3])
+
+
+def test_a_tensor_beyond_the_old_clip_aggregates_exactly_within_its_step():
+    """The BatchNorm case: a running variance moving by hundreds beside weights moving by 1e-3. With its own
+    range nothing is clipped, and every part's mean is within that part's step of the true weighted mean."""
+    rng = np.random.default_rng(3)
+    weights_part, var_part = 1e-3 * rng.standard_normal((4, 500)), 300 + 50 * rng.standard_normal((4, 16))
+    cfg = QuantConfig.of_parts(((500, 8.0), (16, 1024.0)), bits=24, max_weight=1 << 16, max_clients=4)
+    ns = [120, 80, 300, 7]
+    total = sum(encode(np.concatenate([weights_part[k], var_part[k]]), ns[k], cfg, rng) for k in range(4))
+    dec = decode(total, cfg, 4)
+    expected = sum(n * np.concatenate([weights_part[k], var_part[k]]) for k, n in enumerate(ns)) / sum(ns)
+    step = np.repeat([2 * 8.0 / cfg.levels, 2 * 1024.0 / cfg.levels], [500, 16])
+    assert dec.clipped == 0 and np.all(np.abs(dec.mean - expected) < step)
+    one = QuantConfig(clip=0.5, bits=24, max_weight=1 << 16, max_clients=4, size=516)  # the old single range
+    old = decode(sum(encode(np.concatenate([weights_part[k], var_part[k]]), ns[k], one, rng) for k in range(4)), one, 4)
+    assert old.clipped == 4 * 16 and abs(old.mean[-1] - expected[-1]) > 200  # what one range did
+
+
+def test_the_digest_names_the_encoding_exactly():
+    base = QuantConfig.of_parts(((3, 8.0), (2, 64.0)), 24, 1 << 16, 5)
+    assert base.digest() == QuantConfig.of_parts(((3, 8.0), (2, 64.0)), 24, 1 << 16, 5).digest()
+    others = [
+        QuantConfig.of_parts(((3, 8.0), (2, 128.0)), 24, 1 << 16, 5),  # one range
+        QuantConfig.of_parts(((2, 8.0), (3, 64.0)), 24, 1 << 16, 5),  # where the parts split
+        QuantConfig.of_parts(((3, 8.0), (2, 64.0)), 23, 1 << 16, 5),  # bits
+        QuantConfig.of_parts(((3, 8.0), (2, 64.0)), 24, 1 << 15, 5),  # max weight
+        QuantConfig.of_parts(((3, 8.0), (2, 64.0)), 24, 1 << 16, 6),  # clients
+    ]
+    assert len({base.digest(), *(o.digest() for o in others)}) == 6 and len(base.digest()) == 32
+
+
+@pytest.mark.parametrize("parts", [((0, 1.0),), ((3, 0.0),), ((3, -1.0),), ((3, float("nan")),), ((3, float("inf")),)])
+def test_bad_parts_are_refused(parts):
+    with pytest.raises(QuantizationError, match="part"):
+        QuantConfig.of_parts(parts, 16, 10, 4)
+
+
+def test_an_update_of_another_length_than_its_parts_is_refused():
+    cfg = QuantConfig.of_parts(((3, 1.0), (2, 1.0)), 16, 10, 4)
+    with pytest.raises(QuantizationError, match="flat vector of 5"):
+        encode(np.zeros(4), 1, cfg, np.random.default_rng(0))
+    with pytest.raises(QuantizationError, match="D \\+ 3"):
+        decode(np.zeros(7, dtype=cfg.dtype), cfg, 1)
+
+
+def _encode_parts_reference(x, weight, cfg, rng):
+    """Part by part as the module doc writes it, products in Python integers."""
+    u = rng.random(x.shape, dtype=np.float32)
+    values, clipped, start = [], [], 0
+    for length, c in cfg.parts:
+        part, step = x[start : start + length], 2 * c / cfg.levels
+        q = np.minimum(np.floor((np.clip(part, -c, c) + c) * (1.0 / step) + u[start : start + length]), cfg.levels)
+        values += [int(v) * weight % (1 << cfg.modulus_bits) for v in q]
+        clipped.append(int(np.sum(np.abs(part) > c)))
+        start += length
+    return np.array([*values, weight, *clipped], dtype=cfg.dtype)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(1, 6), st.sampled_from([0.25, 1.0, 8.0, 4096.0])), min_size=1, max_size=5),
+    st.integers(1, 1 << 16),
+    st.sampled_from([2, 16, 24, 32]),
+    st.integers(0, 2**32),
+    st.data(),
+)
+def test_parts_match_the_reference(parts, weight, bits, seed, data):
+    cfg = QuantConfig.of_parts(tuple(parts), bits, 1 << 16, 8)
+    x = np.array(data.draw(st.lists(st.floats(-5000, 5000), min_size=cfg.size, max_size=cfg.size)))
+    got = encode(x, weight, cfg, np.random.default_rng(seed))
+    assert np.array_equal(got, _encode_parts_reference(x, weight, cfg, np.random.default_rng(seed)))
+    dec = decode(got, cfg, 1)
+    for start, stop, c in cfg.spans(cfg.size):
+        clipped = np.clip(x[start:stop], -c, c)
+        assert np.all(np.abs(dec.mean[start:stop] - clipped) <= 2 * c / cfg.levels * (1 + 1e-9))

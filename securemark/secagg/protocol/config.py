@@ -1,6 +1,6 @@
-"""One round's public configuration: session, round, neighbour graph, threshold and vector layout, checked on
-construction; the holders and labels of each owner's shares; and the context string that binds every derived
-key, associated data and commitment to this round."""
+"""One round's public configuration: session, round, neighbour graph, threshold, vector layout and encoding
+digest, checked on construction; the holders and labels of each owner's shares; and the context string that
+binds every derived key, associated data and commitment to this round."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ class RoundConfig:
     threshold: int  # shares needed to rebuild a secret (and the fewest survivors that may be unmasked)
     size: int  # length of the integer vectors
     modulus_bits: int = 64
+    encoding: bytes = b""  # digest of how inputs are encoded (quantize.QuantConfig.digest), bound into every key
 
     def __post_init__(self) -> None:
         ids = set(self.neighbours)
@@ -35,6 +36,8 @@ class RoundConfig:
             raise ValueError(f"threshold {self.threshold} must lie in [2, {smallest}] (smallest neighbourhood + 1)")
         if self.modulus_bits not in (32, 64) or self.size < 1:
             raise ValueError("modulus_bits must be 32 or 64 and size >= 1")
+        if not isinstance(self.encoding, bytes) or len(self.encoding) > 64:
+            raise ValueError("encoding must be a digest of at most 64 bytes")
 
     @property
     def clients(self) -> tuple[int, ...]:
@@ -52,8 +55,10 @@ class RoundConfig:
         return (B_LABEL, *sorted(self.neighbours[i]))
 
     def context(self, purpose: str, a: int, b: int) -> bytes:
-        """Binds a derived key, associated data or a commitment to this session, round, purpose and pair."""
-        return f"securemark/secagg/v2|{self.session}|{self.round}|{purpose}|{a}|{b}".encode()
+        """Binds a derived key, associated data or a commitment to this session, round, encoding, purpose and
+        pair: two nodes told different encodings (a lying server's per-node quantization ranges) derive
+        different pair seeds, so their masks never cancel and the sum they make stays padded."""
+        return f"securemark/secagg/v3|{self.session}|{self.round}|{self.encoding.hex()}|{purpose}|{a}|{b}".encode()
 
     def check_safe_threshold(self, i: int) -> None:
         """A node's refusal of a threshold a lying server could exploit: at most half of H(i)."""
