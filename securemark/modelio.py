@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -25,6 +25,7 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"model file {path} does not exist")
+    sd: object
     try:
         if path.suffix == ".safetensors":
             sd = load_file(str(path))
@@ -42,11 +43,39 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             ) from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelFileError(f"{path} could not be read as a model: {first}") from None
-    if not isinstance(sd, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()
-    ):
-        raise ModelFileError(f"{path} is not a flat mapping of tensor names to tensors (a state_dict)")
+    if isinstance(sd, Mapping) and not _flat(sd):  # a training checkpoint: its model's state_dict, when it has one
+        inner = [sd[k] for k in CHECKPOINT_KEYS if isinstance(sd.get(k), Mapping) and _flat(sd[k])]
+        if len(inner) == 1:
+            sd = inner[0]
+    if not isinstance(sd, Mapping) or not _flat(sd):
+        held = "" if not isinstance(sd, Mapping) else f" (it holds {', '.join(repr(k) for k in list(sd)[:5])})"
+        raise ModelFileError(
+            f"{path} is not a flat mapping of tensor names to tensors (a state_dict){held}: save "
+            f"model.state_dict(), or a checkpoint with it under one of {', '.join(CHECKPOINT_KEYS)}"
+        )
     return dict(sd)
+
+
+CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model")  # where checkpoints keep the model's state_dict
+DDP_PREFIX = "module."  # torch.nn.parallel.DistributedDataParallel's (and DataParallel's) names
+
+
+def _flat(sd: Mapping) -> bool:
+    return all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items())
+
+
+def match_names(sd: Mapping[str, torch.Tensor], names: Iterable[str]) -> Mapping[str, torch.Tensor]:
+    """``sd`` named as ``names`` are when the two differ by DistributedDataParallel's "module." prefix alone
+    (a copy saved from a wrapped model, or a base that was); otherwise ``sd`` unchanged."""
+    want = set(names)
+    if not want or want <= sd.keys():
+        return sd
+    if all(k.startswith(DDP_PREFIX) for k in sd):
+        stripped = {k.removeprefix(DDP_PREFIX): v for k, v in sd.items()}
+        if want <= stripped.keys():
+            return stripped
+    prefixed = {DDP_PREFIX + k: v for k, v in sd.items()}
+    return prefixed if want <= prefixed.keys() else sd
 
 
 def save_state_dict(sd: Mapping[str, torch.Tensor], path: str | Path) -> None:

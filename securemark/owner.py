@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import operator
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -244,12 +244,37 @@ def make_copy(
     """The copy of ``base_model`` for ``customer``, and the customer, WITHOUT recording a delivery: a caller
     that writes the copy to a file calls ``registry.record_delivery`` once the write succeeded, so the
     registry never lists a delivery that does not exist; it holds ``registry.issuing()`` around both."""
-    Registry.check_customer_name(customer)
+    return next(copies_for(registry, base_model, [customer], strength, function))
+
+
+def copies_for(
+    registry: Registry,
+    base_model: StateDict,
+    customers: Sequence[str],
+    strength: float | None = None,
+    function: FunctionSpec | None = None,
+) -> Iterator[tuple[dict, Customer]]:
+    """:func:`make_copy` for each of ``customers`` in turn, from one preparation (the base hashed and recorded,
+    the projection derived, the function mark fitted once): the same copies as one call each. Names are checked
+    before anything is recorded; each customer is recorded as its copy is made (no delivery: see make_copy)."""
+    for name in customers:
+        Registry.check_customer_name(name)
     prepared = function_mark_for(registry, base_model, function)  # checked before anything is recorded
     fp, base = establish_base(registry, base_model, strength)
     fm = None if prepared is None else record_function_mark(registry, base_model, prepared)
-    cust = registry.customer(customer)
-    return mark(fp, base.strength, fm, base_model, cust.bits), cust
+    for name in customers:
+        cust = registry.customer(name)
+        yield mark(fp, base.strength, fm, base_model, cust.bits), cust
+
+
+def relative_change(copy: StateDict, base: StateDict) -> float:
+    """||copy - base|| / ||base|| over the floating tensors: how far a copy is from its base (its fidelity)."""
+    moved = total = 0.0
+    for name, b in base.items():
+        if b.is_floating_point():
+            moved += float((copy[name].double() - b.double()).pow(2).sum())
+            total += float(b.double().pow(2).sum())
+    return math.sqrt(moved / total) if total > 0 else 0.0
 
 
 def mark(

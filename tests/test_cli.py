@@ -500,7 +500,7 @@ def test_a_refused_issue_records_nothing(tmp_path, capsys):
     late = tmp_path / "late"
     assert run(capsys, "registry", "init", str(late), "--length", "256", "--max-colluders", "3", *exclude)[0] == 0
     argv = ["issue", str(late), "--model", str(tmp_path / "base.pt"), "--customer", "cy", "--out"]
-    assert run(capsys, *argv, str(tmp_path / "cy.pt"))[0] == 0
+    assert run(capsys, *argv, str(tmp_path / "cy-late.pt"))[0] == 0  # (cy.pt holds the copy delivered above)
     argv[5] = "di"
     code, _, err = run(capsys, *argv, str(tmp_path / "di.pt"), "--config", str(config))
     assert code == 2 and "issued without a function mark" in err and _registry_state(late)[0] == ["cy"]

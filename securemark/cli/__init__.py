@@ -3,22 +3,24 @@
 One command runs per call. Under --json its result is printed as strict JSON and stdout carries nothing else;
 an expected error (bad input, an unusable environment) ends in one line on stderr and exit 2 (a suspect trace
 could not align: 3, its verdict still printed when it could be read), Ctrl-C in exit
-130, SIGTERM (unwound as Ctrl-C is) in exit 143."""
+130, SIGTERM (unwound as Ctrl-C is) in exit 143, a reader that closed the pipe (`| head`) quietly in exit 141."""
 
-# One module per command group adds its commands to the parser and runs them: codes, owner (registry, issue,
-# trace, attack), bench, run (simulate, evaluate, demo); output.py prints, args.py checks arguments. Heavy
+# One module per command group adds its commands to the parser and runs them: codes, owner (registry, trace,
+# attack), issue, bench, run (simulate, evaluate, demo); output.py prints, args.py checks arguments. Heavy
 # imports (torch, Flower, Ray) wait inside the command functions: parsing stays torch-free.
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
 from collections.abc import Sequence
 
 from securemark.cli import bench, codes, owner, run
+from securemark.cli.args import show_defaults
 from securemark.cli.bench import CENSORED
 from securemark.cli.output import _print_json, _stdout_reserved
 from securemark.cli.owner import COLLUSION_METHODS
@@ -46,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for group in (codes, owner, bench, run):  # in the order --help lists the commands
         group.add_commands(sub)
+    show_defaults(p)
     return p
 
 
@@ -68,6 +71,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if payload is not None:
             _print_json(payload)
             sys.stdout.flush()
+    except BrokenPipeError:  # `securemark registry show | head`: the reader took what it wanted; end quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 128 + signal.SIGPIPE  # what a tool killed by SIGPIPE reports
     except EXPECTED_ERRORS as exc:  # bad input gets one clear line, not a traceback
         # never quote the file's bytes (it may be a key)
         why = "a file given as text is not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else exc

@@ -88,3 +88,31 @@ def arch_of(a: argparse.Namespace) -> Any:
     from securemark.fingerprint.arch import Arch
 
     return Arch.parse(a.arch, a.arch_kwargs, a.example_input)
+
+
+class ShowDefaults(argparse.HelpFormatter):
+    """Help text that ends in the option's default wherever it has one worth showing (not None, False or [])
+    and the text does not already say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        shown = action.default not in (None, False, [], argparse.SUPPRESS)
+        if action.option_strings and shown and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Every parser under ``parser`` (itself included) formats its help with :class:`ShowDefaults`."""
+    parser.formatter_class = ShowDefaults
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                show_defaults(sub)
+
+
+def arch_record(a: argparse.Namespace) -> dict | None:
+    """The registry's record of --arch (None without it); a model whose graph cannot be covered is refused here,
+    before anything is written."""
+    arch = arch_of(a)
+    return None if arch is None else arch.record()

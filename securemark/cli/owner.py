@@ -1,5 +1,5 @@
-"""The owner's commands: registry init and show, issue (a fingerprinted copy to a customer), trace (the
-customers behind a suspect model) and attack (collusion, pruning, quantization, noise on model files)."""
+"""The owner's commands: registry init and show, trace (the customers behind a suspect model) and attack
+(collusion, pruning, quantization, noise on model files); issue (copies to customers) is cli.issue."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from securemark.cli.args import _finite, _natural, _positive, add_arch, add_json, add_seed, arch_of
+from securemark.cli.args import _finite, _natural, _positive, add_arch, add_json, add_seed, arch_of, arch_record
+from securemark.cli.issue import add_issue
 from securemark.cli.output import _print_json
 from securemark.codes.base import CODE_KINDS
 from securemark.errors import InputError
@@ -36,7 +37,7 @@ def cmd_registry_init(a: argparse.Namespace) -> None:
         carrier_mode=a.carrier,
         exclude=tuple(a.exclude),
     )
-    record = _arch_record(a)
+    record = arch_record(a)
     if params.code == "bibd":
         print(
             "warning: BIBD (DeepMarks) detectors have no false-accusation bound: a laundered model that carries no"
@@ -75,77 +76,6 @@ def cmd_registry_show(a: argparse.Namespace) -> None:
                 "deliveries": reg.deliveries(),
             }
         )
-
-
-def cmd_issue(a: argparse.Namespace) -> None:
-    """The delivery is recorded only once the copy's file is whole on disk (written beside it, then renamed);
-    an --out the CLI cannot write is refused before any customer or delivery is recorded."""
-    from securemark import modelio
-    from securemark.owner import make_copy
-    from securemark.registry import Registry
-
-    out: Path = a.out
-    if out.suffix not in modelio.MODEL_SUFFIXES:
-        raise modelio.ModelFileError(f"{out}: unknown model format; use one of {', '.join(modelio.MODEL_SUFFIXES)}")
-    if out.resolve() == Path(a.model).resolve() or Path(a.directory).resolve() in out.resolve().parents:
-        raise InputError(f"{out}: a copy is never written over the base model or inside the registry")
-    _check_writable(out)
-    base = modelio.load_state_dict(a.model)
-    record = _arch_record(a)
-    function = None
-    if a.config is not None:  # the function mark as a run of this config makes it (its held-out share)
-        from securemark import data
-        from securemark.config import SimConfig
-        from securemark.owner import function_spec
-
-        cfg = SimConfig.load(a.config)
-        function = function_spec(cfg, data.server_split(cfg.data, cfg.train.seed)[1])
-        if function is None:
-            raise InputError(f"{a.config} puts no function mark in copies (fingerprint off, or function_budget 0)")
-    with Registry.open(a.directory) as reg, reg.issuing():
-        if record is not None:
-            reg.set_arch(record)
-        _check_architecture(reg.arch(), base)
-        copy, customer = make_copy(reg, base, a.customer, function=function)
-        modelio.save_atomic(copy, out)
-        reg.record_delivery(customer, modelio.state_digest(copy), note=str(out))
-    print(f"issued {out} to {a.customer!r} (sha256 {modelio.file_sha256(out)[:16]}...)")
-
-
-def _arch_record(a: argparse.Namespace) -> dict | None:
-    """The registry's record of --arch (None without it); a model whose graph cannot be covered is refused here,
-    before anything is written."""
-    arch = arch_of(a)
-    return None if arch is None else arch.record()
-
-
-def _check_architecture(record: dict | None, base: dict) -> None:
-    """A base the registry's architecture does not describe is refused before a copy is made (its copies
-    could never be aligned)."""
-    if record is None:
-        return
-    from securemark.fingerprint.arch import check_covers, groups_of
-    from securemark.fingerprint.groups import AlignmentError
-
-    try:
-        check_covers(groups_of(record), base, record.get("exempt", []))
-    except AlignmentError as exc:
-        raise InputError(f"the base is not the registered architecture {record.get('target')}: {exc}") from None
-
-
-def _check_writable(out: Path) -> None:
-    """Refuse an --out that cannot be written (a directory, a read-only folder) by writing a scratch file
-    where it would go: permission bits say nothing to root, and /proc takes no files."""
-    import tempfile
-
-    if out.is_dir():
-        raise OSError(f"{out} is a directory")
-    folder = next(p for p in (out.parent, *out.parent.parents) if p.exists())  # missing folders are made later
-    try:
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{out.stem}.", suffix=".probe"):
-            pass
-    except OSError as exc:
-        raise OSError(f"{out}: cannot write there ({exc.strerror or exc})") from None
 
 
 def cmd_trace(a: argparse.Namespace) -> object:
@@ -237,7 +167,7 @@ def cmd_attack(a: argparse.Namespace) -> None:
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """registry, issue, trace and attack, in the order --help lists them."""
     _add_registry(sub)
-    _add_issue(sub)
+    add_issue(sub)
     _add_trace(sub)
     _add_attack(sub)
 
@@ -267,21 +197,6 @@ def _add_registry(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     show = reg.add_parser("show", help="print a registry's parameters, customers and deliveries as JSON")
     show.add_argument("directory", type=Path, help="the registry folder")
     show.set_defaults(func=cmd_registry_show)
-
-
-def _add_issue(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    iss = sub.add_parser("issue", help="issue a fingerprinted copy of a model to a customer")
-    iss.add_argument("directory", type=Path, help="the registry folder")
-    iss.add_argument("--model", type=Path, required=True, help="the base model (.safetensors or .pt state_dict)")
-    iss.add_argument(
-        "--customer", required=True, help="the customer the copy is for (its code row is drawn the first time)"
-    )
-    iss.add_argument("--out", type=Path, required=True, help="where the copy is written")
-    iss.add_argument("--config", type=Path, default=None,
-                     help="a simulate config: the copy also carries the function (black-box) mark its runs make, "
-                     "fitted on its held-out share (a base that has one recorded always carries it)")  # fmt: skip
-    add_arch(iss, "recorded in a registry made without one (refused if it records another)")
-    iss.set_defaults(func=cmd_issue)
 
 
 def _add_trace(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

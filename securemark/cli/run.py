@@ -4,6 +4,7 @@ evaluate (traitor tracing under attack and collusion) and demo (the quickstart).
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from securemark.cli.args import _config_command, _natural
@@ -47,7 +48,8 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
     from securemark.evaluation.harness import evaluate
     from securemark.evaluation.stats import meets_target
 
-    cfg = EvalConfig.load(a.config, a.set)
+    sources = [f"source.{k}={json.dumps(str(v))}" for k, v in (("run", a.run), ("data", a.data)) if v is not None]
+    cfg = EvalConfig.load(a.config, [*a.set, *sources])
     out = Path(a.out or cfg.output)
     results = evaluate(cfg, out, ray_address=a.ray)
     cells = results["cells"]
@@ -103,6 +105,10 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     about = "traitor tracing under attack and collusion: trials, report, plots"
     ev = _config_command(sub, "evaluate", about, "evaluate.trials=50")
     ev.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS", help=RAY_HELP)
+    ev.add_argument("--run", type=Path, default=None, metavar="DIR",
+                    help="the run to evaluate (source.run): a simulate run, or one your own Flower app made")
+    ev.add_argument("--data", type=Path, default=None, metavar="X.npz",
+                    help="an app's run: its held-out data, arrays x (N,C,H,W) and y (labels) (source.data)")
     ev.set_defaults(func=cmd_evaluate)
 
     demo = sub.add_parser("demo", help="quickstart: federated training, then a laundered leak traced to its customer")

@@ -21,7 +21,7 @@ from securemark.fingerprint.align import AlignmentError, UnitGroup, align, chain
 from securemark.fingerprint.arch import Arch, check_covers, groups_of
 from securemark.fingerprint.carrier import CarrierLayout, CarrierMismatch, StateDict
 from securemark.fingerprint.embed import Fingerprinter
-from securemark.modelio import first_bad_entry
+from securemark.modelio import first_bad_entry, match_names
 from securemark.registry import Base, Registry, RegistryError
 from securemark.registry.marks import fingerprinter
 from securemark.tracing.bound import Law, Observation, robust_observation
@@ -235,6 +235,7 @@ class Tracer:
         still independent of the observation and its certified threshold holds unchanged (no multiple-testing
         correction is needed). Cost: one alignment per base."""
         check_suspect(suspect)
+        suspect = match_names(suspect, (n for base in self.bases for n, _ in base.tensors))  # a DDP "module." prefix
         best: tuple[float, Observation, dict[str, object], int] | None = None
         for i in reversed(range(len(self.bases))):  # the current base first: it wins ties
             prepared, alignment = self._prepare_checked(suspect, i)
