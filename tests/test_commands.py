@@ -30,7 +30,8 @@ from securemark.modelio import load_state_dict, save_state_dict
 ROOT = Path(__file__).resolve().parents[1]
 # the docs pages whose commands are listed in commands.toml: the README, the site's pages and the evaluation
 # tables the site includes (docs/experiments/collusion.md includes simulations/README.md at build time)
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")), ROOT / "simulations" / "README.md"]
+EXAMPLES = [ROOT / "examples" / name / "README.md" for name in ("flower-pytorch", "flower-resnet")]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")), ROOT / "simulations" / "README.md", *EXAMPLES]
 LISTS = tomllib.loads((ROOT / "tests" / "commands.toml").read_text())
 CATALOGUE, OTHER = LISTS["command"], LISTS["other"]  # securemark commands; the docs' other shell lines
 PREFIX = r"(?:\$\s+)?(?:[A-Z_][A-Z0-9_]*=\S*\s+)*(?:python3? -m |\S*/)?"  # a prompt, VAR=1, python -m, a path
@@ -253,10 +254,11 @@ def places(tmp_path_factory):
     np.savez(tmp / "queries.npz", x=held[:300])
     (tmp / "groups.json").write_text(json.dumps([g.to_json() for g in chain_groups(model.state_dict())]))
     torch.save(models.build("cnn", (1, 28, 28), 10, seed=0).state_dict(), tmp / "quickstart-cnn.pt")
+    (tmp / "names.txt").write_text("cy\ndi\n")
     server, url = start("leak", copy, (1, 8, 8))
     yield {"reg": reg, "base": tmp / "base.pt", "copy": tmp / "ann.pt", "copy2": tmp / "bob.pt", "ts": tmp / "ann.ts",
            "queries": tmp / "queries.npz", "groups": tmp / "groups.json", "endpoint": url, "smoke": smoke,
-           "qbase": tmp / "quickstart-cnn.pt"}  # fmt: skip
+           "qbase": tmp / "quickstart-cnn.pt", "names": tmp / "names.txt"}  # fmt: skip
     server.shutdown()
 
 

@@ -19,6 +19,9 @@ class SourceConfig:
     run: str = "runs/quickstart"  # a `securemark simulate` output: global.safetensors + config.toml
     config: str = ""  # a simulate config to train `run` with first, when it holds no finished run
     overrides: tuple[str, ...] = ()  # KEY=VALUE applied to that config (e.g. "model.name=resnet8"), as --set
+    # a run a user's own Flower app made (no config.toml; SecureMark(model=, example_input=) registered its model):
+    # its held-out data, an .npz of inputs x (N,C,H,W) and labels y, half the pirate's pool and half the test set
+    data: str = ""
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,7 @@ def _student_ok(entry: str) -> bool:
 
 @dataclass(frozen=True)
 class EvalConfig(TomlConfig):
-    PATHS: ClassVar[tuple[str, ...]] = ("output", "source.run", "source.config")
+    PATHS: ClassVar[tuple[str, ...]] = ("output", "source.run", "source.config", "source.data")
     source: SourceConfig = field(default_factory=SourceConfig)
     code: CodeSettings = field(default_factory=CodeSettings)
     evaluate: TrialSettings = field(default_factory=TrialSettings)

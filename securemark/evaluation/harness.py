@@ -23,6 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from securemark import data, models
 from securemark.attacks import pipeline
 from securemark.config import ConfigError, SimConfig, check_ray_option, shown
+from securemark.errors import InputError
 from securemark.evaluation.config import EvalConfig
 from securemark.evaluation.schemes import Scheme, SharedScheme, make_scheme, scheme_customers
 from securemark.evaluation.stats import summarize
@@ -30,8 +31,9 @@ from securemark.evaluation.trials import Runner, SerialRunner, Setting
 from securemark.modelio import load_state_dict
 
 
-def load_source(cfg: EvalConfig, console: Console) -> tuple[SimConfig, Setting]:
-    """The base model of a finished simulate run (trained first from ``source.config`` when missing)."""
+def load_source(cfg: EvalConfig, console: Console) -> tuple[SimConfig | None, Setting]:
+    """The base model of a finished simulate run (trained first from ``source.config`` when missing), or of
+    a run a user's app made (no simulate config: :func:`app_setting`, with None for the config)."""
     run = Path(cfg.source.run)
     if not (run / "global.safetensors").is_file():
         if not cfg.source.config:
@@ -43,6 +45,8 @@ def load_source(cfg: EvalConfig, console: Console) -> tuple[SimConfig, Setting]:
 
         console.print(f"training the base model with {cfg.source.config} -> {run}")
         simulate(SimConfig.load(cfg.source.config, list(cfg.source.overrides)), run)
+    if not (run / "config.toml").is_file():
+        return None, app_setting(run, cfg.source.data, cfg.evaluate.seed)
     sim = SimConfig.load(run / "config.toml")
     pool, test = data.server_split(sim.data, sim.train.seed)
     shape = tuple(test.x.shape[1:])
@@ -51,6 +55,26 @@ def load_source(cfg: EvalConfig, console: Console) -> tuple[SimConfig, Setting]:
         return models.build(sim.model.name, shape, test.classes, width=sim.model.width)  # type: ignore[arg-type]
 
     return sim, Setting(load_state_dict(run / "global.safetensors"), pool, test, fresh)
+
+
+def app_setting(run: Path, held_out: str, seed: int) -> Setting:
+    """A run a user's own Flower app made with ``SecureMark(..., model=, example_input=)``: the model rebuilt from
+    the architecture its registry records (imported from the working directory or PYTHONPATH, as ``--arch``),
+    the held-out data from ``held_out`` (an .npz of x and y), split in halves: the pirate's pool, the test set."""
+    from securemark.fingerprint.arch import Arch
+    from securemark.registry import Registry
+
+    with Registry.open(run / "registry") as reg:
+        record = reg.arch()
+    if record is None:
+        raise InputError(f"{run} holds no simulate config and its registry no architecture: the app that made it "
+                         "must pass SecureMark(..., model=Net(), example_input=(1, C, H, W))")  # fmt: skip
+    if not held_out:
+        raise InputError(f"{run} was made by an app (no config.toml): give its held-out data as --data x.npz "
+                         "(arrays x: N,C,H,W and y: labels) or source.data")  # fmt: skip
+    arch = Arch(str(record["target"]), dict(record.get("kwargs", {})), tuple(record.get("example", ())))
+    pool, test = data.load_labelled(held_out).split(0.5, seed)
+    return Setting(load_state_dict(run / "global.safetensors"), pool, test, arch.build)
 
 
 @contextmanager
@@ -187,7 +211,7 @@ def _evaluate(cfg: EvalConfig, out: Path, console: Console, ray_address: str | N
         (out / "config.toml").write_text(cfg.to_toml(out))
         cells, fid, sweep = _run_schemes(cfg, s, out, run, console) if to_run else ([], {}, [])
     results: dict[str, Any] = {
-        "source": {"run": shown(cfg.source.run), "data": sim.data.name, "model": sim.model.name},
+        "source": _source_record(cfg, sim),
         "global_accuracy": s.global_accuracy,
         "fidelity": fid,
         "fidelity_sweep": sweep,
@@ -248,10 +272,13 @@ def _run_schemes(
     return cells, fid, sweep
 
 
-def black_box_setup(cfg: EvalConfig, sim: SimConfig, s: Setting) -> Any:
+def black_box_setup(cfg: EvalConfig, sim: SimConfig | None, s: Setting) -> Any:
     """What the black-box cells run on (evaluation.blackbox.Setup): the run's global model, the training pool
     (the pirates' data) and the server's held-out share (the tracer's queries), checked against
-    ``blackbox.queries`` before any cell runs."""
+    ``blackbox.queries`` before any cell runs. A run of a user's app has no black-box cells yet (the function
+    mark is fitted to models securemark can rebuild by name): refused, not skipped."""
+    if sim is None:
+        raise InputError("black-box cells need a securemark simulate run; set blackbox.trials = 0 for an app's run")
     from securemark.evaluation import blackbox
     from securemark.fingerprint.function import Basis
     from securemark.tracing.blackbox import SHIFTS
@@ -310,3 +337,9 @@ def _finite(obj: Any) -> Any:
     if isinstance(obj, list | tuple):
         return [_finite(v) for v in obj]
     return obj
+
+
+def _source_record(cfg: EvalConfig, sim: SimConfig | None) -> dict[str, str]:
+    if sim is not None:
+        return {"run": shown(cfg.source.run), "data": sim.data.name, "model": sim.model.name}
+    return {"run": shown(cfg.source.run), "data": shown(cfg.source.data), "model": "the app's registered architecture"}

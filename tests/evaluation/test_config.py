@@ -106,3 +106,34 @@ def test_black_box_defaults_bind_only_when_the_cells_run():
 def test_black_box_students_parse_and_allow_an_evaluation_without_attacks():
     cfg = EvalConfig.from_dict({"attacks": {}, "blackbox": {"trials": 2, "students": ["cnn:2.5", "mlp:hard"]}})
     assert plan(cfg) == [] and cfg.blackbox.student_cells() == [("cnn", 2.5, False), ("mlp", 1.0, True)]
+
+
+def test_an_apps_run_needs_its_architecture_and_its_held_out_data(tmp_path):
+    """A run with no simulate config is a user's app's: its model comes from the registry's architecture record
+    and its data from source.data; either missing is named, with what to do."""
+    import numpy as np
+
+    from securemark.corpus.net import Net  # a class that builds with no arguments, as an app's own Net()
+    from securemark.errors import InputError
+    from securemark.evaluation.harness import app_setting
+    from securemark.fingerprint.arch import record_of
+    from securemark.modelio import save_state_dict
+    from securemark.registry import Registry, RegistryParams
+
+    model = Net()
+    save_state_dict(model.state_dict(), tmp_path / "global.safetensors")
+    with Registry.init(tmp_path / "registry", RegistryParams(length=64, max_colluders=2)):
+        pass
+    with pytest.raises(InputError, match=r"registry no architecture.*model=Net"):
+        app_setting(tmp_path, "x.npz", 0)
+    with Registry.open(tmp_path / "registry") as reg:
+        reg.set_arch(record_of(model, (1, 3, 32, 32)))
+    with pytest.raises(InputError, match=r"--data x\.npz"):
+        app_setting(tmp_path, "", 0)
+    np.savez(tmp_path / "bad.npz", x=np.zeros((4, 3, 32, 32)), z=np.zeros(4))
+    with pytest.raises(InputError, match="name the inputs 'x' and the labels 'y'"):
+        app_setting(tmp_path, str(tmp_path / "bad.npz"), 0)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "held.npz", x=rng.random((40, 3, 32, 32)), y=rng.integers(0, 10, 40))
+    s = app_setting(tmp_path, str(tmp_path / "held.npz"), 0)
+    assert len(s.pool) == len(s.test) == 20 and type(s.fresh()).__name__ == type(model).__name__
