@@ -105,10 +105,20 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     about = "traitor tracing under attack and collusion: trials, report, plots"
     ev = _config_command(sub, "evaluate", about, "evaluate.trials=50")
     ev.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS", help=RAY_HELP)
-    ev.add_argument("--run", type=Path, default=None, metavar="DIR",
-                    help="the run to evaluate (source.run): a simulate run, or one your own Flower app made")
-    ev.add_argument("--data", type=Path, default=None, metavar="X.npz",
-                    help="an app's run: its held-out data, arrays x (N,C,H,W) and y (labels) (source.data)")
+    ev.add_argument(
+        "--run",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="the run to evaluate (source.run): a simulate run, or one your own Flower app made",
+    )
+    ev.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        metavar="X.npz",
+        help="an app's run: its held-out data, arrays x (N,C,H,W) and y (labels) (source.data)",
+    )
     ev.set_defaults(func=cmd_evaluate)
 
     demo = sub.add_parser("demo", help="quickstart: federated training, then a laundered leak traced to its customer")
