@@ -189,7 +189,7 @@ class SimConfig(TomlConfig):
         _check(0 <= f.eval_copies <= t.clients, "fingerprint.eval_copies (0..train.clients)", f.eval_copies)
         _check(f.identity in ("partition-id", "node"), "fingerprint.identity (partition-id | node)", f.identity)
         _check(s.graph in ("complete", "sparse"), "secagg.graph", s.graph)
-        _check(_finite(s.clip) and s.clip > 0, "secagg.clip", s.clip)
+        _check(_finite(s.clip) and 1e-9 <= s.clip <= 1e15, "secagg.clip (1e-9..1e15)", s.clip)
         _check(1 <= s.bits <= 32, "secagg.bits (1..32)", s.bits)
         _check(0 <= s.dropout < 1, "secagg.dropout", s.dropout)
         _check(_finite(s.timeout) and s.timeout > 0, "secagg.timeout", s.timeout)

@@ -47,6 +47,8 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         inner = [sd[k] for k in CHECKPOINT_KEYS if isinstance(sd.get(k), Mapping) and _flat(sd[k])]
         if len(inner) == 1:
             sd = inner[0]
+    if isinstance(sd, Mapping) and _flat(sd) and any(v.layout != torch.strided for v in sd.values()):
+        raise ModelFileError(f"{path} holds sparse tensors; save a dense state_dict (tensor.to_dense())")
     if not isinstance(sd, Mapping) or not _flat(sd):
         held = "" if not isinstance(sd, Mapping) else f" (it holds {', '.join(repr(k) for k in list(sd)[:5])})"
         raise ModelFileError(
@@ -81,7 +83,12 @@ def match_names(sd: Mapping[str, torch.Tensor], names: Iterable[str]) -> Mapping
 def save_state_dict(sd: Mapping[str, torch.Tensor], path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+    tensors, seen = {}, set()
+    for k, v in sd.items():  # tied weights (one storage under two names) are written as two tensors
+        t = v.detach().to("cpu").contiguous()
+        shared = t.untyped_storage().data_ptr() in seen and t.numel() > 0
+        seen.add(t.untyped_storage().data_ptr())
+        tensors[k] = t.clone() if shared else t
     if path.suffix == ".safetensors":
         save_file(tensors, str(path))
     elif path.suffix in (".pt", ".pth"):

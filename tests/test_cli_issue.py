@@ -75,6 +75,12 @@ def test_an_existing_copy_is_never_overwritten_without_force(tmp_path, capsys):
         (["--customers", "a,b"], "copies.safetensors", "--out names a folder"),
         (["--customers", " , "], "dir", "no customer named"),
         (["--customer", "a", "--customers", "b"], "x.pt", "not allowed with"),
+        (["--customers", "ok,../escape"], "dir", "cannot name a file in the --out folder"),
+        (["--customers", "ok,/tmp/abs"], "dir", "cannot name a file"),
+        (["--customers", "ok,sub/x"], "dir", "cannot name a file"),
+        (["--customers", "b,./b"], "dir", "cannot name a file"),
+        (["--customers", "Ann,ann"], "dir", "would share one file where names ignore case"),
+        (["--customers", "ok,a\x00b"], "dir", "control character"),
     ],
 )
 def test_bad_batches_are_refused_before_anything_is_recorded(tmp_path, capsys, who, out, why):
@@ -143,3 +149,35 @@ def test_a_copy_saved_from_a_ddp_wrapped_model_traces_to_its_customer(tmp_path, 
     torch.save({"state_dict": {f"module.{k}": v for k, v in copy.items()}}, tmp_path / "leak.pt")
     code, out, _ = run(capsys, "trace", str(reg), str(tmp_path / "leak.pt"), "--json")
     assert code == 0 and json.loads(out)["accused"] == ["ben"]
+
+
+def test_a_batch_a_fixed_size_code_cannot_serve_is_refused_whole(tmp_path, capsys):
+    base = tmp_path / "base.pt"
+    save_state_dict(build("cnn", (1, 8, 8), 10).state_dict(), base)
+    reg = tmp_path / "bibd"
+    assert run(capsys, "registry", "init", str(reg), "--code", "bibd", "--max-colluders", "2")[0] == 0
+    with Registry.open(reg) as r:
+        cap = r.params.capacity
+    names = ",".join(f"c{i}" for i in range(cap + 2))
+    code, _, err = run(
+        capsys, "issue", str(reg), "--model", str(base), "--customers", names, "--out", str(tmp_path / "o")
+    )
+    assert code == 2 and f"serves {cap} customers" in err
+    with Registry.open(reg) as r:
+        assert r.customers() == [] and r.deliveries() == []
+
+
+def test_tied_weights_are_issued_and_sparse_tensors_refused_in_one_line(tmp_path, capsys):
+    """An embedding shared with the output layer (one storage, two names) is written as two tensors; a sparse
+    tensor is named, not a traceback."""
+    emb = torch.nn.Embedding(50, 16)
+    tied = {"emb.weight": emb.weight.data, "mid.weight": torch.randn(16, 16), "out.weight": emb.weight.data}
+    torch.save(tied, tmp_path / "tied.pt")
+    torch.save({"w": torch.eye(4).to_sparse()}, tmp_path / "sparse.pt")
+    reg = tmp_path / "reg"
+    assert run(capsys, "registry", "init", str(reg), "--length", "64", "--max-colluders", "2")[0] == 0
+    argv = ["issue", str(reg), "--model", str(tmp_path / "tied.pt"), "--customer", "a", "--out", str(tmp_path / "a.pt")]
+    assert run(capsys, *argv)[0] == 0 and load_state_dict(tmp_path / "a.pt").keys() == tied.keys()
+    code, _, err = run(capsys, "issue", str(reg), "--model", str(tmp_path / "sparse.pt"), "--customer", "b",
+                       "--out", str(tmp_path / "b.pt"))  # fmt: skip
+    assert code == 2 and "sparse tensors" in err and len(err.splitlines()) == 1

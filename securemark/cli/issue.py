@@ -4,6 +4,7 @@ registry once its file is whole on disk."""
 from __future__ import annotations
 
 import argparse
+import unicodedata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,6 +15,7 @@ if TYPE_CHECKING:
     from rich.progress import Progress
 
     from securemark.owner import FunctionSpec
+    from securemark.registry import Registry
 
 
 def cmd_issue(a: argparse.Namespace) -> object:
@@ -35,6 +37,7 @@ def cmd_issue(a: argparse.Namespace) -> object:
         if record is not None:
             reg.set_arch(record)
         _check_architecture(reg.arch(), base)
+        _check_capacity(reg, names)
         task = bar.add_task("issuing copies", total=len(names))
         for (copy, customer), out in zip(copies_for(reg, base, names, function=function), targets, strict=True):
             modelio.save_atomic(copy, out)
@@ -78,6 +81,10 @@ def _customers(a: argparse.Namespace) -> list[str]:
         names = [a.customer]
     if not names:
         raise InputError("no customer named")
+    from securemark.registry import Registry
+
+    for n in names:  # before any name becomes a path
+        Registry.check_customer_name(n)
     if len(set(names)) != len(names):
         twice = sorted({n for n in names if names.count(n) > 1})
         raise InputError(f"customer(s) named twice: {', '.join(twice[:5])}")
@@ -98,7 +105,8 @@ def _targets(a: argparse.Namespace, names: list[str]) -> list[Path]:
     else:
         if out.suffix in modelio.MODEL_SUFFIXES or out.is_file():
             raise InputError(f"{out}: with --customers or --customers-file, --out names a folder (one copy a file)")
-        targets = [out / f"{n}.safetensors" for n in names]
+        targets = [out / f"{_file_name(n)}.safetensors" for n in names]
+        _no_shared_files(names)
     for t in targets:
         if t.resolve() == Path(a.model).resolve() or Path(a.directory).resolve() in t.resolve().parents:
             raise InputError(f"{t}: a copy is never written over the base model or inside the registry")
@@ -108,6 +116,35 @@ def _targets(a: argparse.Namespace, names: list[str]) -> list[Path]:
             raise InputError(f"{t} exists (a copy already delivered?); --force writes over it")
     _check_writable(targets[0])
     return targets
+
+
+def _file_name(name: str) -> str:
+    """A customer's name as the file name of its copy in a batch folder: a plain name, never a path (``../x``,
+    ``/abs``, ``a/b``) or a hidden file, so no copy lands outside --out."""
+    if name in (".", "..") or name.startswith(".") or any(c in name for c in "/\\"):
+        raise InputError(
+            f"customer {name!r} cannot name a file in the --out folder: issue it alone (--customer, --out)"
+        )
+    return name
+
+
+def _no_shared_files(names: list[str]) -> None:
+    """Refuse two customers whose files would be one on a case- or normalization-insensitive file system."""
+    seen: dict[str, str] = {}
+    for n in names:
+        key = unicodedata.normalize("NFC", n).casefold()
+        if key in seen:
+            raise InputError(f"customers {seen[key]!r} and {n!r} would share one file where names ignore case")
+        seen[key] = n
+
+
+def _check_capacity(reg: Registry, names: list[str]) -> None:
+    """A code with a fixed number of rows (BIBD) refuses a batch it cannot serve whole, before any is issued."""
+    cap, known = reg.params.capacity, set(reg.customers())
+    new = [n for n in names if n not in known]
+    if cap is not None and len(known) + len(new) > cap:
+        raise InputError(f"the {reg.params.code} code serves {cap} customers; {len(known)} are issued and this batch "
+                         f"adds {len(new)}")  # fmt: skip
 
 
 def _function_spec(config: Path | None) -> FunctionSpec | None:

@@ -40,7 +40,8 @@ class ContractError(SecureMarkError, ValueError):
     with the example count), or a securemark message is malformed."""
 
 
-_REFUSE = (ContractError, P.SecAggError, QuantizationError, KeyError, TypeError, ValueError)
+COUNT_KEY = "num-examples"  # FedAvg's example count: masked, never sent in clear
+_REFUSE = (ContractError, P.SecAggError, QuantizationError, KeyError, TypeError, ValueError, OverflowError)
 
 
 def securemark_mod(msg: Message, context: Context, call_next: Next) -> Message:
@@ -157,6 +158,9 @@ def _after_train(msg: Message, context: Context, sent: dict[str, np.ndarray], re
         records = {wire.SM: ConfigRecord({"weight": weight}), wire.UPDATE: wire.array_record(delta)}
         return _reply(msg, wire.TRAIN, context, **records, **{metrics_key: metrics})
     keys = _keys(context)
+    # the example count never leaves in clear, whatever weight-key a server names (it could name another
+    # whole-number metric as the weight, and read num-examples among the rest)
+    metrics = MetricRecord({k: v for k, v in metrics.items() if k != COUNT_KEY})
     # capped, never refused: a refusal that depends on the count would let a server binary-search it
     weight = min(weight, int(head["max-weight"]))
     qcfg = _quantization(head, [int(np.size(sent[n])) for n in wire.float_keys(sent)])
@@ -184,10 +188,12 @@ def _quantization(head: ConfigRecord, sizes: list[int]) -> QuantConfig:
     ranges = head["ranges"]
     if not isinstance(ranges, list) or len(ranges) != len(sizes):
         raise P.ProtocolViolation(f"the round's quantization must give one range for each of {len(sizes)} tensors")
+    if not all(isinstance(r, float) for r in ranges):
+        raise P.ProtocolViolation("the round's quantization ranges must be floating-point numbers")
     try:
         parts = tuple(zip(sizes, (float(r) for r in ranges), strict=True))
         return QuantConfig.of_parts(parts, int(head["bits"]), int(head["max-weight"]), int(head["max-clients"]))
-    except (QuantizationError, TypeError, ValueError) as exc:
+    except (QuantizationError, TypeError, ValueError, OverflowError) as exc:
         raise P.ProtocolViolation(f"the round's quantization is malformed: {exc}") from None
 
 

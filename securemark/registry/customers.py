@@ -4,6 +4,7 @@ customers, the codebook a tracer scores against, and the hash of every model del
 from __future__ import annotations
 
 import sqlite3
+import unicodedata
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,6 +26,8 @@ class CustomersMixin(Store):
     def check_customer_name(name: str) -> None:
         if not isinstance(name, str) or not name or name != name.strip():
             raise RegistryError(f"customer name {name!r} must be non-empty without surrounding spaces")
+        if any(unicodedata.category(c) == "Cc" for c in name):
+            raise RegistryError(f"customer name {name!r} holds a control character")
 
     @_db_errors
     def customer(self, name: str, *, create: bool = True) -> Customer:

@@ -33,6 +33,7 @@ import numpy as np
 from securemark.errors import SecureMarkError
 
 EXTRA_SLOTS = 2  # weight and clipped count of a vector sent as one part
+SMALLEST_RANGE, LARGEST_RANGE = 2.0**-40, 2.0**64  # a part's range: its step stays a normal float, its values finite
 
 
 class QuantizationError(SecureMarkError, ValueError):
@@ -50,13 +51,20 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         for length, rng in self.parts:
-            if not (isinstance(length, int) and length >= 1 and np.isfinite(rng) and rng > 0):
-                raise QuantizationError(f"a part needs a length >= 1 and a finite range > 0, got ({length}, {rng})")
-        if not self.clip > 0 or not 1 <= self.bits <= 32 or self.max_weight < 1 or self.max_clients < 1:
-            raise QuantizationError("need clip > 0, 1 <= bits <= 32, max_weight >= 1 and max_clients >= 1")
+            if not (isinstance(length, int) and length >= 0 and SMALLEST_RANGE <= rng <= LARGEST_RANGE):
+                raise QuantizationError(
+                    f"a part needs a length >= 0 and a range in [2^-40, 2^64], got ({length}, {rng})"
+                )
+        if (
+            not SMALLEST_RANGE <= self.clip <= LARGEST_RANGE
+            or not 1 <= self.bits <= 32
+            or self.max_weight < 1
+            or self.max_clients < 1
+        ):
+            raise QuantizationError("need clip in [2^-40, 2^64], 1 <= bits <= 32, max_weight >= 1, max_clients >= 1")
         if self.size < 1:
             raise QuantizationError(f"size (update length) must be >= 1, got {self.size}")
-        if self.parts and sum(n for n, _ in self.parts) != self.size:
+        if self.parts and sum(n for n, _ in self.parts) != self.size:  # (size >= 1: some part is not empty)
             raise QuantizationError("the parts' lengths must add up to size (use QuantConfig.of_parts)")
         if self.bound >= 1 << 64:
             raise QuantizationError(f"the largest slot sum {self.bound} would wrap even mod 2^64")

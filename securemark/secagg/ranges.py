@@ -8,8 +8,11 @@ and any weight when training runs hot. Here tensor k of round t gets
 
 where w_k is the global model's tensor (a running variance of 3000 gets a range of 65536), floor is
 ``secagg.clip`` (the smallest range; it covers tensors that start at zero, such as running means), and g_k
-counts the earlier rounds whose sum showed values of tensor k clipped (each such round widens that tensor's
-range GROWTH-fold from then on). Ranges are rounded up to powers of two so that they print and compare exactly.
+counts the earlier rounds whose sum showed values of tensor k clipped (each widens the range GROWTH-fold from
+then on), at most MOST_GROWN. A client can lie about its clipped counts (the sum only bounds them by the
+part's length): the cap keeps what it can do to a range at 4096x, where the floor's step is still 1.5e-5 with
+32 bits, and every such round's warning names the tensors. Ranges never narrow back: a range that oscillated
+would clip every other round. Ranges are rounded up to powers of two so that they print and compare exactly.
 Before the run's first sum the model says nothing of its statistics' scale (running variances start at 1,
 running means at 0, and the stem's move by tens in a first round at a high learning rate), so the first
 round's floor is FIRST x floor (2048 for the default 8; with 32 bits its step is 1e-6).
@@ -26,8 +29,11 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from securemark.secagg.quantize import QuantizationError
+
 SCALE = 16.0  # a tensor's range is at least SCALE x its largest |value| in the global model
 GROWTH = 4.0  # a tensor whose values were clipped in a round: its range grows this much for later rounds
+MOST_GROWN = 6  # at most GROWTH^6 = 4096x: what one client that lies about clipped counts can make of a range
 FIRST = 256.0  # the first round's floor, in floors: nothing has shown the updates' scale yet
 MAX_RANGE = 2.0**64  # no range is wider (an update beyond it is no training step)
 
@@ -49,8 +55,8 @@ class Ranges:
         out, floor = [], self.floor * (1.0 if self.summed else FIRST)
         for name, size, top in tensors:
             if not math.isfinite(top):
-                raise ValueError(f"the global model's tensor {name!r} holds NaN or infinite values")
-            c = max(floor, SCALE * top) * GROWTH ** min(self.grown.get(name, 0), 64)
+                raise QuantizationError(f"the global model's tensor {name!r} holds NaN or infinite values")
+            c = max(floor, SCALE * top) * GROWTH ** min(self.grown.get(name, 0), MOST_GROWN)
             out.append((int(size), pow2ceil(min(c, MAX_RANGE))))
         return tuple(out)
 
@@ -59,12 +65,11 @@ class Ranges:
         self.summed = True
         hit = [n for n, c in zip(names, clipped, strict=True) if c > 0]
         for n in hit:
-            self.grown[n] = self.grown.get(n, 0) + 1
+            self.grown[n] = min(self.grown.get(n, 0) + 1, MOST_GROWN)
         return hit
 
     def replay(self, rounds: Iterable[dict]) -> None:
         """The growth of a resumed run, from its rounds' metrics (each lists the tensors it widened)."""
         for m in rounds:
-            self.summed = self.summed or "clipped" in m  # a masked round that was summed
-            for n in m.get("widened", []):
-                self.grown[n] = self.grown.get(n, 0) + 1
+            if "clipped" in m:  # a masked round that was summed
+                self.grow(list(m.get("widened", [])), [1] * len(m.get("widened", [])))

@@ -554,6 +554,27 @@ def test_a_node_refuses_ranges_the_rounds_keys_are_not_bound_to(tmp_path, edit, 
     assert s.rounds[0]["status"] == "completed" and s.rounds[0]["survived"] == 3 and s.rounds[0]["clipped"] == 0
 
 
+def test_a_server_that_names_another_metric_as_the_weight_never_reads_the_example_count(tmp_path):
+    """A lying server names another whole-number metric the app reports (epochs) as the weight key: the node
+    masks that as the weight, and still never sends num-examples in clear among the other metrics."""
+    replies = []
+    inner = app_with(lambda a: good_reply(a, **{"num-examples": 137, "epochs": 1}))
+
+    def app(msg, context):
+        if wire.SM in msg.content and str(msg.content[wire.SM]["stage"]) == wire.TRAIN:
+            msg.content[wire.SM]["weight-key"] = "epochs"
+        reply = inner(msg, context)
+        replies.append(reply)
+        return reply
+
+    s, _, _ = one_round(tmp_path, app, clients=3)
+    trained = [r for r in replies if not r.has_error() and wire.UPDATE in r.content]
+    assert len(trained) == 3 and s.rounds[0]["status"] == "completed"
+    for r in trained:
+        clear = {k: v for rec in r.content.metric_records.values() for k, v in rec.items()}
+        assert "num-examples" not in clear and 137 not in clear.values()
+
+
 def test_a_run_says_what_it_makes(tmp_path):
     """At the start the registry and the code (with the customers it serves, and a warning when the run has
     more), a clipped count on every masked round line, at the end where the final copies went."""

@@ -162,10 +162,33 @@ def test_the_digest_names_the_encoding_exactly():
     assert len({base.digest(), *(o.digest() for o in others)}) == 6 and len(base.digest()) == 32
 
 
-@pytest.mark.parametrize("parts", [((0, 1.0),), ((3, 0.0),), ((3, -1.0),), ((3, float("nan")),), ((3, float("inf")),)])
+@pytest.mark.parametrize(
+    "parts",
+    [
+        ((-1, 1.0),),
+        ((3, 0.0),),
+        ((3, -1.0),),
+        ((3, float("nan")),),
+        ((3, float("inf")),),
+        ((3, 1e-300),),
+        ((3, 1e308),),
+    ],
+)
 def test_bad_parts_are_refused(parts):
+    """A range whose step would underflow (5e-324 made it 0) or whose values would overflow is refused."""
     with pytest.raises(QuantizationError, match="part"):
         QuantConfig.of_parts(parts, 16, 10, 4)
+
+
+def test_an_empty_tensor_is_an_empty_part():
+    """A state_dict may hold a tensor with no values: its part is empty, its clipped slot 0."""
+    cfg = QuantConfig.of_parts(((2, 1.0), (0, 8.0), (1, 2.0)), bits=8, max_weight=4, max_clients=2)
+    dec = decode(encode(np.array([0.5, -0.25, 1.5]), 3, cfg, np.random.default_rng(0)), cfg, 1)
+    assert dec.clipped_parts == (0, 0, 0) and np.all(
+        np.abs(dec.mean - [0.5, -0.25, 1.5]) <= [2 / 255, 2 / 255, 4 / 255]
+    )
+    with pytest.raises(QuantizationError, match="size"):
+        QuantConfig.of_parts(((0, 1.0),), 16, 10, 4)
 
 
 def test_an_update_of_another_length_than_its_parts_is_refused():

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from securemark.secagg.ranges import FIRST, GROWTH, MAX_RANGE, SCALE, Ranges, pow2ceil
+from securemark.secagg.ranges import FIRST, GROWTH, MAX_RANGE, MOST_GROWN, SCALE, Ranges, pow2ceil
 
 
 def test_pow2ceil():
@@ -33,14 +33,20 @@ def test_the_first_round_has_a_floor_256_times_wider_until_a_sum_is_seen():
 
 def test_a_resumed_run_widens_as_the_run_did():
     r = Ranges(8.0)
-    r.replay([{"widened": ["a"], "clipped": 1}, {"round": 2}, {"widened": ["a", "b"], "clipped": 3}])
+    r.replay([{"widened": ["a"], "clipped": 1}, {"round": 2}, {"widened": ["a", "b"], "clipped": 3}, {"clipped": 0}])
     assert r.summed
     assert r.grown == {"a": 2, "b": 1}
     assert r.parts([("a", 1, 0.0), ("b", 1, 0.0), ("c", 1, 0.0)]) == ((1, 128.0), (1, 32.0), (1, 8.0))
 
 
-def test_ranges_stay_finite_and_refuse_a_broken_model():
-    r = Ranges(8.0, {"a": 10_000})
-    assert r.parts([("a", 1, 1.0)]) == ((1, MAX_RANGE),) and math.isfinite(MAX_RANGE)
+def test_a_client_that_lies_about_clipped_counts_widens_a_range_4096x_at_most():
+    """The sum bounds a clipped count only by the part's length: one client can claim clipping every round.
+    Growth stops at MOST_GROWN = 6 steps (4096x: the floor's step 8 x 4096 x 2 / 2^32 = 1.5e-5)."""
+    r = Ranges(8.0, summed=True)
+    for _ in range(50):
+        r.grow(["a"], [1])
+    assert r.grown == {"a": MOST_GROWN} and r.parts([("a", 1, 0.1)]) == ((1, 8.0 * 4**6),)
+    assert Ranges(8.0, {"a": 10_000}, summed=True).parts([("a", 1, 1.0)]) == ((1, 16.0 * 4**6),)
+    assert Ranges(8.0, summed=True).parts([("big", 1, 1e300)]) == ((1, MAX_RANGE),) and math.isfinite(MAX_RANGE)
     with pytest.raises(ValueError, match="'b' holds NaN"):
         r.parts([("b", 1, float("nan"))])
