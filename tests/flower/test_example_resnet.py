@@ -26,7 +26,7 @@ from resnetexample import client_app, server_app, task  # noqa: E402
 def test_the_resnet_app_trains_masked_unclipped_and_its_run_is_evaluated(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # the app saves final_model.pt where it runs
     out = tmp_path / "run"
-    config = {"num-server-rounds": 3, "fraction-evaluate": 0.5, "local-epochs": 1, "lr": 0.05, "out": str(out)}
+    config = {"num-server-rounds": 3, "fraction-evaluate": 0.5, "local-epochs": 2, "lr": 0.05, "out": str(out)}
     grid = InProcessGrid(3, app=client_app.app, run_config=config)
     server_app.main(grid, Context(4242, 0, {}, RecordDict(), config))  # the app's own ServerApp function
     rounds = json.loads((out / "metrics.json").read_text())["rounds"]
@@ -34,7 +34,7 @@ def test_the_resnet_app_trains_masked_unclipped_and_its_run_is_evaluated(tmp_pat
     # every BatchNorm statistic within its tensor's range: nothing clipped in any round (one range for all clipped
     # the stem's statistics and left such runs at chance)
     assert all(m["clipped"] == 0 and m["survived"] == 3 and m["max_bit_error"] == 0.0 for m in rounds), rounds
-    assert rounds[-1]["global_accuracy"] > 0.5  # chance is 0.1
+    assert rounds[-1]["global_accuracy"] > 0.5  # chance is 0.1; 0.80-0.94 after 3 rounds in 8 runs (fresh secrets)
     for name in ("client-000", "client-002"):
         assert traced(out / "registry", out / "customers" / f"{name}.safetensors", capsys) == [name]
 
