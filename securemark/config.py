@@ -82,7 +82,7 @@ class SecAggSettings:
     # the smallest quantization range: each floating tensor's is max(clip, 16 x its largest |value|), 4x wider
     # after each round that clipped it, 256 x clip at least in the first round (securemark.secagg.ranges)
     clip: float = 8.0
-    bits: int = 32  # quantization bits per value (step 2 x range / (2^bits - 1)); the sum is mod 2^64 either way
+    bits: int = 32  # most quantization bits a value gets (step 2 x range / (2^bits - 1)): securemark.secagg.ranges
     dropout: float = 0.0  # simulated: probability that a client's message is lost at each stage
     timeout: float = 300.0  # longest wait for the replies of one stage (seconds)
     grace: float = 10.0  # once the threshold has answered, how much longer a stage waits for the rest (seconds)

@@ -28,7 +28,7 @@ from securemark.flower.exchange import StageClock, accept
 from securemark.flower.nodes import Nodes
 from securemark.secagg import protocol as P
 from securemark.secagg.quantize import QuantConfig, decode
-from securemark.secagg.ranges import GROWTH, Ranges
+from securemark.secagg.ranges import GROWTH, Ranges, round_bits
 
 CLIPPED_WARN = 1e-5  # a round whose share of clipped values passes this is said on the console, with the cure
 
@@ -155,8 +155,7 @@ class MaskedSum:
         ids = {n: self.nodes.ids[n] for n in sampled}
         graph, threshold = P.neighbour_graph(tuple(sorted(ids.values())), sc.graph, self.rng)
         parts = self.ranges.parts(tensors)
-        # as many of secagg.bits as the 2^64 sum holds: n x max_weight x (2^bits - 1) < 2^64
-        bits = min(sc.bits, 64 - math.ceil(math.log2(len(sampled) * self.max_weight + 1)))
+        bits = round_bits(sc.bits, len(sampled), self.max_weight, self.ranges.summed)
         qcfg = QuantConfig.of_parts(parts, bits, self.max_weight, len(sampled))
         size = qcfg.size + qcfg.extra
         cfg = P.RoundConfig(keys.session, r, graph, threshold, size, qcfg.modulus_bits, qcfg.digest())
@@ -223,6 +222,7 @@ class MaskedSum:
             "dropped": st.sampled - len(survivors),
             "clipped": dec.clipped,
             "clipped_share": share,
+            "bits": st.qcfg.bits,
             "widened": widened,
             "threshold": srv.cfg.threshold,
             "stage_seconds": clock.laps,

@@ -50,3 +50,16 @@ def test_a_client_that_lies_about_clipped_counts_widens_a_range_4096x_at_most():
     assert Ranges(8.0, summed=True).parts([("big", 1, 1e300)]) == ((1, MAX_RANGE),) and math.isfinite(MAX_RANGE)
     with pytest.raises(ValueError, match="'b' holds NaN"):
         r.parts([("b", 1, float("nan"))])
+
+
+def test_round_bits_hand_worked():
+    """10 clients of at most 500 examples: the sum needs ceil(log2(5001)) = 13 bits for weights. The first round
+    takes the 8-byte sum (min(32, 64 - 13) = 32 bits); later rounds the 4-byte one (32 - 13 = 19 >= 16 bits);
+    with up to 2^16 examples 4-byte words would leave 12 bits: 8-byte, 32 bits."""
+    from securemark.secagg.quantize import QuantConfig
+    from securemark.secagg.ranges import round_bits
+
+    assert [round_bits(32, 10, 500, s) for s in (False, True)] == [32, 19]
+    assert round_bits(32, 10, 1 << 16, True) == 32 and round_bits(12, 10, 500, False) == 12
+    assert QuantConfig.of_parts(((10, 8.0),), 19, 500, 10).modulus_bits == 32
+    assert QuantConfig.of_parts(((10, 8.0),), 20, 500, 10).modulus_bits == 64  # one more bit would not fit
