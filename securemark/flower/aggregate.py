@@ -214,7 +214,8 @@ class MaskedSum:
             self.console.print(
                 f"  [yellow]{dec.clipped:,} update values clipped ({share:.1e} of those sent) in {len(widened)} "
                 f"tensor(s) ({', '.join(widened[:3])}{', ...' if len(widened) > 3 else ''}): this round's mean is "
-                f"biased there. Their ranges grow {GROWTH:g}x from the next round; to keep a first round unclipped, "
+                f"biased there. Their ranges grow {GROWTH:g}x from the next round (4096x at most); to keep a first "
+                "round unclipped, "
                 "raise secagg.clip (the smallest range) or lower the learning rate[/]"
             )
         info = {

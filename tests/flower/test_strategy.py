@@ -575,6 +575,26 @@ def test_a_server_that_names_another_metric_as_the_weight_never_reads_the_exampl
         assert "num-examples" not in clear and 137 not in clear.values()
 
 
+def test_clipping_is_said_on_the_round_line_warned_and_widens_the_range(tmp_path):
+    """Updates of 5,000 in every value pass the first round's range of 2,048: the round line gives the clipped
+    count and share, a warning names the tensors and the cure. Every weight then moved by 2,048 (the clipped
+    mean) from an initial value within +-1, so round 2's range is pow2ceil(4 x 16 x (2,048 + a bit)) = 262,144:
+    the same updates pass."""
+    big = app_with(lambda a: RecordDict({"arrays": ArrayRecord({k: Array(v.numpy() + 5000.0) for k, v in a.items()}),
+                                         "metrics": MetricRecord({"num-examples": 10})}))  # fmt: skip
+    cfg = config(clients=3, rounds=2, fingerprint=False)
+    console = recording_console()
+    s = quiet_strategy(cfg, tmp_path, console=console)
+    grid = InProcessGrid(3, app=big)
+    s.start(grid, initial(cfg), num_rounds=2, train_config=train_config(cfg))
+    first, second = s.rounds[0], s.rounds[1]
+    assert first["clipped"] == 3 * s.size and first["clipped_share"] == 1.0 and len(first["widened"]) == 4
+    text = console.export_text()
+    assert f"clipped {3 * s.size:,} (1.0e+00)" in text and "raise secagg.clip" in text
+    ranges = [list(m.content[wire.SM]["ranges"]) for m in grid.sent if str(m.content[wire.SM]["stage"]) == wire.TRAIN]
+    assert ranges[0] == [2048.0] * 4 and ranges[-1] == [262144.0] * 4 and second["clipped"] == 0
+
+
 def test_a_run_says_what_it_makes(tmp_path):
     """At the start the registry and the code (with the customers it serves, and a warning when the run has
     more), a clipped count on every masked round line, at the end where the final copies went."""
