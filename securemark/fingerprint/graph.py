@@ -137,7 +137,7 @@ class _Walk(ValueOps):
 
     # --- the walk --------------------------------------------------------------------------------
     def visit(self, node: fx.Node) -> None:
-        if node.op == "placeholder":
+        if node.op == "placeholder":  # torch.fx's name for a model input
             self.feat[node] = self._input(node)
         elif node.op == "get_attr":
             self.feat[node] = self._param(node)

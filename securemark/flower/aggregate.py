@@ -84,6 +84,8 @@ class Sum(Protocol):
 
     def collect(self, r: int, replies: dict[int, Message], clock: StageClock) -> Aggregate: ...
 
+    def resume(self, rounds: list[dict[str, Any]]) -> None: ...
+
 
 class PlainSum:
     """Updates in clear with their weights: what a round costs without masking."""
@@ -96,6 +98,9 @@ class PlainSum:
     def setup(self, r: int, sampled: list[int], tensors: Tensors) -> dict[int, dict[str, Any]]:
         self.sampled, self.size = sampled, sum(n for _, n, _ in tensors)
         return {}
+
+    def resume(self, rounds: list[dict[str, Any]]) -> None:
+        """Nothing a plain sum keeps between rounds."""
 
     def need(self) -> int:
         return len(self.sampled) // 2 + 1
@@ -175,6 +180,10 @@ class MaskedSum:
 
     def need(self) -> int:
         return 1 if self.round is None else self.round.srv.cfg.threshold
+
+    def resume(self, rounds: list[dict[str, Any]]) -> None:
+        """The ranges a resumed run widened so far (each round's metrics name them)."""
+        self.ranges.replay(rounds)
 
     def collect(self, r: int, replies: dict[int, Message], clock: StageClock) -> Aggregate:
         st = self.round

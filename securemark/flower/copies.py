@@ -164,9 +164,7 @@ class Copies:
         """``customer``'s copy of ``weights`` (``weights`` themselves without fingerprints)."""
         if self.fp is None or self.registry is None:
             return weights
-        if customer not in self.bits:
-            self.bits[customer] = self.registry.customer(customer).bits
-        return mark(self.fp, self.strength, self.function_mark(token, weights), weights, self.bits[customer])
+        return mark(self.fp, self.strength, self.function_mark(token, weights), weights, self.bits_of(customer))
 
     def score(
         self, issued: dict[str, Weights], reference: np.ndarray | None, function: tuple[Any, Weights | None]
@@ -208,6 +206,7 @@ class Copies:
         self.registry.close()
 
     def bits_of(self, customer: str) -> np.ndarray:
+        """``customer``'s code row (drawn the first time), read from the registry once."""
         if customer not in self.bits and self.registry is not None:
-            self.bits[customer] = self.registry.customer(customer, create=False).bits
+            self.bits[customer] = self.registry.customer(customer).bits
         return self.bits[customer]

@@ -29,11 +29,9 @@ After every round ``out/checkpoint/`` holds the global model, the round, the fin
 far, the graph RNG and the inner strategy's optimizer state; ``start(resume=True)`` goes on from there with the
 same registry, key and strength, so copies issued before a crash still trace. A kill at any instant leaves the
 previous checkpoint or the new one (files by round, then ``state.json`` replaced atomically). The masking
-session is not resumed: it is new after a restart, and every node is re-keyed in its first hello.
-
-Inner strategies whose aggregate is not a weighted mean of updates need the individual updates that masking
-hides; they are refused with the reason. Client metrics travel in clear and are averaged without weights:
-the example counts are secret.
+session is new after a restart: every node is re-keyed in its first hello. Inner strategies whose aggregate is
+not a weighted mean need the individual updates masking hides: refused with the reason. Client metrics travel
+in clear, averaged without weights: the example counts are secret.
 
 The parts, each in its own module: ``nodes`` (which node is which customer, session keys, filtered replies),
 ``exchange`` (deadlines and polling), ``aggregate`` (a plain or a masked sum, interchangeable), ``copies`` (the
@@ -384,8 +382,7 @@ class SecureMark(Strategy):
         self.rng.bit_generator.state = state["rng"]
         self.rounds = list(state["rounds"])
         self.nodes.banned = set(state["banned"])
-        if isinstance(self.sum, MaskedSum):  # the ranges widened so far (each round's metrics name them)
-            self.sum.ranges.replay(self.rounds)
+        self.sum.resume(self.rounds)
         self.copies.reopen(self.out, self.weights, float(state["strength"]))
 
     def _checkpoint(self, r: int) -> None:
