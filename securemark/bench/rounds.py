@@ -6,18 +6,28 @@
   are in securemark.flower.secaggplus).
 
 A round is timed on the server from sampling to the updated global model (evaluation excluded, as in
-metrics.json). Each variant is a fresh simulation; the figure is the median over rounds after the first,
-so Ray start-up and warm-up do not count.
+metrics.json). Each variant is a fresh simulation, run ``repeats`` times in alternating order (plain,
+securemark, SecAgg+, then SecAgg+, securemark, plain, ...) so a machine that slows down or speeds up during
+the bench weighs on every variant alike; the figure is the median over every counted round of a variant (each
+run's first round, Ray start-up and warm-up, is not counted).
+
+What masking must cost here, whatever the code, is measured beside it: one client's encoding and masking of
+an update of this size (in this process, median of 5), and the unmask exchange, a second trip through
+Flower's engine, which takes up new messages every 0.1 s (``flwr.server.superlink.fleet.vce``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import statistics
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from securemark import data, models
 from securemark.config import SimConfig
@@ -79,17 +89,22 @@ def median_stages(rounds: list[dict[str, float]]) -> dict[str, float]:
     return {s: round(statistics.median(r.get(s, 0.0) for r in rounds), 4) for s in stages}
 
 
-def function_marks(out: Path) -> dict[str, Any]:
+def function_marks(out: Path, initial_marked: bool = False) -> dict[str, Any]:
     """The function mark in the copies of a run in ``out``: the rounds whose copies carried it (metrics.json's
-    min_function_cosine, measured on every copy a round issued) and the final copies, read back as a tracer
-    reads them: for each, the cosine between its reading on the held-out data and its code row's expected
-    reading (FunctionMark.health: 1 for the mark alone, 0.8-0.97 beside the white-box mark, ~0 without it)."""
+    min_function_cosine, measured on every copy a round issued) beside the rounds whose copies should (round 1's,
+    of the initial model, only with ``initial_marked``: fingerprint.function_initial), and the final copies, read
+    back as a tracer reads them: for each, the cosine between its reading on the held-out data and its code
+    row's expected reading (FunctionMark.health: 1 for the mark alone, 0.8-0.97 beside the white-box mark, ~0
+    without it)."""
     from securemark.registry import Registry
     from securemark.registry.marks import function_mark_of
 
     rounds = json.loads((out / "metrics.json").read_text())["rounds"]
     health = [m["min_function_cosine"] for m in rounds if "min_function_cosine" in m]
-    seen = {"rounds": len(rounds), "rounds_marked": len(health), "rounds_min_cosine": min(health, default=None)}
+    seen = {
+        "rounds": len(rounds), "rounds_to_mark": len(rounds) - (not initial_marked), "rounds_marked": len(health),
+        "rounds_min_cosine": min(health, default=None),
+    }  # fmt: skip
     with Registry.open(out / "registry") as reg:
         base = reg.base()
         recorded = None if base is None else function_mark_of(reg, base.digest)
@@ -111,24 +126,62 @@ def function_marks(out: Path) -> dict[str, Any]:
 MARKED = 0.7  # a health above this: the copy carries its function mark (the smoke test's bound, and why)
 
 
-def bench_rounds(clients: int, params: int, rounds: int, seed: int = 0) -> dict[str, Any]:
+def client_masking_seconds(cfg: SimConfig, size: int, reps: int = 5) -> float:
+    """One client's encoding and masking of an update of ``size`` values in a round of ``cfg.train.per_round``
+    clients after the first (the words ``round_bits`` gives then), keys agreed: the median of ``reps``."""
+    from securemark.secagg import protocol as P
+    from securemark.secagg.quantize import QuantConfig, encode
+    from securemark.secagg.ranges import round_bits
+
+    n, max_weight = cfg.train.per_round, 1 << 16
+    rng = np.random.default_rng(0)
+    graph, threshold = P.neighbour_graph(tuple(range(1, n + 1)), cfg.secagg.graph, rng)
+    bits = round_bits(cfg.secagg.bits, n, max_weight, summed=True)
+    qcfg = QuantConfig.of_parts(((size, cfg.secagg.clip),), bits, max_weight, n)
+    keys = {i: P.NodeKeys("bench", i) for i in graph}
+    server = P.SessionKeys("bench")
+    for i, k in keys.items():
+        server.register(i, *k.public())
+    update = rng.normal(0.0, 0.01, size)
+    seconds = []
+    for r in range(1, reps + 1):
+        rc = P.RoundConfig("bench", r, graph, threshold, qcfg.size + qcfg.extra, qcfg.modulus_bits, qcfg.digest())
+        start = time.perf_counter()
+        P.client_masked_input(keys[1], rc, server.for_client(rc, 1), encode(update, 100, qcfg, rng))
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
+
+
+def run_order(repeats: int) -> list[str]:
+    """The variants' runs: in order, then reversed, and so on, ``repeats`` runs each."""
+    return [v for k in range(repeats) for v in (VARIANTS if k % 2 == 0 else VARIANTS[::-1])]
+
+
+def bench_rounds(clients: int, params: int, rounds: int, seed: int = 0, repeats: int = 2) -> dict[str, Any]:
     if rounds < 2:
         raise InputError("bench rounds needs >= 2 rounds: the first (warm-up) is not counted")
+    if repeats < 1:
+        raise InputError("bench rounds needs >= 1 repeat")
     cfg = bench_config(clients, params, rounds, seed)
-    per_round: dict[str, list[float]] = {}
-    stages: dict[str, dict[str, float]] = {}
+    per_round: dict[str, list[list[float]]] = {v: [] for v in VARIANTS}
+    by_round: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANTS}
     with tempfile.TemporaryDirectory(prefix="securemark-bench-") as tmp:
-        for variant in VARIANTS:
-            per_round[variant], by_round = run_variant(cfg, variant, Path(tmp))
-            if by_round:
-                stages[variant] = median_stages(by_round[1:])
-        marks = function_marks(Path(tmp) / "securemark")
-    med = {v: statistics.median(s[1:]) for v, s in per_round.items()}
+        for k, variant in enumerate(run_order(repeats)):
+            seconds, stages_of = run_variant(cfg, variant, Path(tmp) / str(k))
+            per_round[variant].append(seconds)
+            by_round[variant] += stages_of[1:]
+        first = Path(tmp) / str(run_order(repeats).index("securemark")) / "securemark"
+        marks = function_marks(first, cfg.fingerprint.function_initial)
+    stages = {v: median_stages(s) for v, s in by_round.items() if s}
+    med = {v: statistics.median(s for run in runs for s in run[1:]) for v, runs in per_round.items()}
     n_params = sum(p.numel() for p in models.build("mlp", (1, 28, 28), 10, width=cfg.model.width).parameters())
+    masking = client_masking_seconds(cfg, n_params)
+    cores = max(1, min(clients, os.cpu_count() or 1))
     return {
         "clients": clients,
         "params": n_params,
         "rounds": rounds,
+        "repeats": repeats,
         "plain_seconds": med["plain"],
         "securemark_seconds": med["securemark"],
         "flower_secaggplus_seconds": med["flower_secaggplus"],
@@ -137,5 +190,9 @@ def bench_rounds(clients: int, params: int, rounds: int, seed: int = 0) -> dict[
         "securemark_over_flower_secaggplus": med["securemark"] / med["flower_secaggplus"],
         "function_mark": {"features": cfg.model.width, **marks},
         "stage_seconds": stages,  # the median of each stage over the rounds counted
-        "per_round_seconds": per_round,
+        # what masking costs whatever the code: each client encodes and masks its update (clients / cores of
+        # them one after another), and the unmask exchange waits on Flower's engine
+        "client_masking_seconds": masking,
+        "masking_compute_seconds": clients * masking / cores,
+        "per_round_seconds": per_round,  # each variant's runs in the order they ran
     }

@@ -36,7 +36,7 @@ def cmd_bench_secagg(a: argparse.Namespace) -> object:
 def cmd_bench_rounds(a: argparse.Namespace) -> object:
     from securemark.bench.rounds import bench_rounds
 
-    result = bench_rounds(a.clients, a.params, a.rounds, a.seed)
+    result = bench_rounds(a.clients, a.params, a.rounds, a.seed, a.repeats)
     shown = {k: v for k, v in result.items() if k not in ("per_round_seconds", "stage_seconds")}
     stages = {f"{v}_{s}_seconds": t for v, by in result["stage_seconds"].items() for s, t in by.items()}
     return _json_or_table(a, result, shown | stages)
@@ -135,6 +135,7 @@ def _add_rounds(bench: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     br.add_argument("--clients", type=_positive, default=10, help="clients, all in every round")
     br.add_argument("--params", type=_positive, default=1_000_000, help="MLP sized to about this many parameters")
     br.add_argument("--rounds", type=_positive, default=3, help="the first is warm-up and not counted")
+    br.add_argument("--repeats", type=_positive, default=2, help="runs of each variant, in alternating order")
     add_seed(br)
     add_json(br)
     br.set_defaults(func=cmd_bench_rounds)
