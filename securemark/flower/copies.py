@@ -68,6 +68,7 @@ class Copies:
         self._based: tuple[object, np.ndarray] | None = None  # (token, projection) kept as a base
         self._fm: tuple[object, tuple[FunctionMark, str] | None] | None = None  # (token, its mark)
         self._fm_refused = ""  # why the last model could not carry a function mark (said once per reason)
+        self.initial: object | None = None  # the token of the run's initial model (fingerprint.function_initial)
         self._oversized = False  # the warning that customers outnumber the code's size was said
 
     @property
@@ -147,6 +148,13 @@ class Copies:
         held-out inputs to read it) gets copies with the white-box mark alone and one logged line, never a
         failed round. A spec that names another model is the caller's mistake: the run stops on it first."""
         if self.function is None or self.registry is None:
+            return None
+        if token is self.initial and not self.fingerprint.function_initial:
+            if self._fm is None or self._fm[0] is not token:
+                self._fm = (token, None)
+                self.console.print("  copies of the initial model carry the white-box mark alone: the function mark "
+                                   "is fitted to features a round has trained (fingerprint.function_initial = true "
+                                   "marks a pretrained initial model's copies too)")  # fmt: skip
             return None
         if self._fm is None or self._fm[0] is not token:
             try:

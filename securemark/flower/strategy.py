@@ -274,6 +274,7 @@ class SecureMark(Strategy):
         train_config = train_config if train_config is not None else ConfigRecord()
         evaluate_config = evaluate_config if evaluate_config is not None else ConfigRecord()
         arrays = ArrayRecord(self.weights) if resume else initial_arrays
+        self.copies.initial = arrays if done == 0 else None  # see fingerprint.function_initial
         result = Result(arrays=arrays)
         if not resume and evaluate_fn is not None and (res := evaluate_fn(0, initial_arrays)) is not None:
             result.evaluate_metrics_serverapp[0] = res
