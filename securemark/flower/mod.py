@@ -11,6 +11,12 @@ global model), encodes it with the example count as weight, masks it, and replie
 user's other metrics: never the plain update, never the example count in clear. Messages without a
 ``securemark`` record (a plain Flower server, evaluate and query messages) pass through untouched.
 
+A node can set a floor: with ``securemark-require-masking = true`` in its node config (``flower-supernode
+--node-config "... securemark-require-masking=true"``) it refuses, before any training, every train request
+that would send its update unmasked: a plain Flower train message, a securemark round without masking, and
+one from a server that skipped the keyed hello (no keys of this session on the node). Evaluate and query
+messages pass as before: they return metrics, never an update.
+
 Why first: a mod listed before it would see (and could change) the masked reply; ``fixedclipping_mod`` or
 ``localdp_mod`` there would corrupt the sum. The reply carries the CRC-32 of the masked vector (a checksum of a
 one-time-padded vector: it tells the server nothing new), so the server names a reply changed after this mod.
@@ -41,6 +47,7 @@ class ContractError(SecureMarkError, ValueError):
 
 
 COUNT_KEY = "num-examples"  # FedAvg's example count: masked, never sent in clear
+REQUIRE_MASKING = "securemark-require-masking"  # node config: train requests that are not masked are refused
 _REFUSE = (ContractError, P.SecAggError, QuantizationError, KeyError, TypeError, ValueError, OverflowError)
 
 
@@ -49,6 +56,11 @@ def securemark_mod(msg: Message, context: Context, call_next: Next) -> Message:
     A malformed message or a reply breaking the contract gets an error reply naming why; an exception raised
     by the app's own train function propagates as Flower reports any app's exception."""
     if not msg.has_content() or wire.SM not in msg.content:
+        if msg.metadata.message_type == wire.MESSAGE_TYPE:
+            try:
+                _plain_allowed(context)
+            except ContractError as exc:
+                return _refuse(msg, exc)
         return call_next(msg, context)
     try:
         stage = str(msg.content[wire.SM]["stage"])
@@ -137,7 +149,9 @@ def _keys(context: Context) -> P.NodeKeys:
 def _before_train(msg: Message, context: Context) -> tuple[Message, dict[str, np.ndarray]]:
     """The message the app's train function gets (exactly what the inner strategy sent) and the arrays sent,
     read before the app runs (an app may change the received record in place)."""
-    if wire.SECAGG in msg.content:  # everything checkable is checked before spending time on training
+    if wire.SECAGG not in msg.content:  # everything checkable is checked before spending time on training
+        _plain_allowed(context)
+    else:
         keys = _keys(context)
         cfg, client_id = wire.round_config_from(msg.content[wire.SECAGG])
         if (cfg.session, client_id) != (keys.session, keys.id) or cfg.round <= keys.last_round:
@@ -153,8 +167,6 @@ def _after_train(msg: Message, context: Context, sent: dict[str, np.ndarray], re
     head = msg.content[wire.SM]
     delta, weight, metrics_key, metrics = contract(sent, reply.content, str(head["weight-key"]))
     if wire.SECAGG not in msg.content:
-        if wire.KEYS in context.state:  # this node masks in this run: a plain request is a downgrade
-            raise ContractError("a plain train request to a node that masks its updates in this run: refused")
         records = {wire.SM: ConfigRecord({"weight": weight}), wire.UPDATE: wire.array_record(delta)}
         return _reply(msg, wire.TRAIN, context, **records, **{metrics_key: metrics})
     keys = _keys(context)
@@ -181,6 +193,20 @@ def _after_train(msg: Message, context: Context, sent: dict[str, np.ndarray], re
         wire.PAYLOAD: wire.masked_record(masked),
     }
     return _reply(msg, wire.TRAIN, context, **records, **{metrics_key: metrics})
+
+
+def _plain_allowed(context: Context) -> None:
+    """Refuse a train request whose update would leave unmasked: on a node that masks in this run (a downgrade),
+    or on a node whose config requires masking (a value other than true or false is refused too: the floor
+    fails closed)."""
+    if wire.KEYS in context.state:
+        raise ContractError("a plain train request to a node that masks its updates in this run: refused")
+    required = context.node_config.get(REQUIRE_MASKING, False)
+    if required in (True, 1, "true"):
+        raise ContractError(f"this node requires masked aggregation ({REQUIRE_MASKING}): a plain train request, or "
+                            "a server that never set up this node's keys, is refused")  # fmt: skip
+    if required not in (False, 0, "false"):
+        raise ContractError(f"node config {REQUIRE_MASKING} must be true or false, got {required!r}: refused")
 
 
 def _quantization(head: ConfigRecord, sizes: list[int]) -> QuantConfig:

@@ -525,6 +525,64 @@ def test_a_node_that_masks_refuses_a_plain_train_request(tmp_path):
     assert reply.has_error() and "plain train request" in reply.error.reason
 
 
+def _floor_grid(value, calls, clients=3):
+    """Nodes whose config sets the masking floor to ``value``; ``calls`` counts the train function's runs."""
+
+    def counted(arrays):
+        calls.append(1)
+        return good_reply(arrays)
+
+    grid = InProcessGrid(clients, app=app_with(counted))
+    for context in grid.contexts.values():
+        context.node_config["securemark-require-masking"] = value
+    return grid
+
+
+@pytest.mark.parametrize("value", [True, "true", 1])
+def test_a_node_that_requires_masking_never_trains_for_an_update_that_would_leave_unmasked(tmp_path, value):
+    """The floor refuses, before any training: a plain Flower train message, and a securemark run without
+    masking (every node refuses, the round fails with the model unchanged). A masked run goes on as usual, and
+    an evaluate message passes."""
+    calls = []
+    grid = _floor_grid(value, calls)
+    plain = Message(RecordDict({"arrays": initial(config()), "config": ConfigRecord()}), dst_node_id=1000,
+                    message_type="train")  # fmt: skip
+    [mid] = grid.push_messages([plain])
+    [reply] = grid.pull_messages([mid])
+    assert reply.has_error() and "requires masked aggregation" in reply.error.reason and not calls
+
+    cfg = config(clients=3, secagg=False)
+    console = recording_console()
+    s = strategy_for(cfg, tmp_path / "plain", max_weight=2000, console=console)
+    s.start(grid, initial(cfg), num_rounds=1, train_config=train_config(cfg))
+    assert s.rounds[0]["status"] == "failed" and not calls
+    assert console.export_text().count("requires masked aggregation") == 3
+
+    cfg = config(clients=3)
+    s = quiet_strategy(cfg, tmp_path / "masked")
+    s.start(grid, initial(cfg), num_rounds=1, train_config=train_config(cfg))
+    assert s.rounds[0]["status"] == "completed" and s.rounds[0]["survived"] == 3 and len(calls) == 3
+
+    evaluate = Message(RecordDict({"arrays": initial(config()), "config": ConfigRecord()}), dst_node_id=1001,
+                       message_type="evaluate")  # fmt: skip
+    [mid] = grid.push_messages([evaluate])
+    [reply] = grid.pull_messages([mid])
+    assert not reply.has_error() or "requires masked aggregation" not in reply.error.reason
+
+
+@pytest.mark.parametrize(("value", "refused"), [(False, False), ("false", False), (0, False), ("yes", True), (2, True)])
+def test_the_masking_floor_is_off_only_when_said_off_and_a_bad_value_fails_closed(value, refused):
+    calls = []
+    grid = _floor_grid(value, calls, clients=1)
+    plain = Message(RecordDict({"arrays": initial(config()), "config": ConfigRecord()}), dst_node_id=1000,
+                    message_type="train")  # fmt: skip
+    [mid] = grid.push_messages([plain])
+    [reply] = grid.pull_messages([mid])
+    assert reply.has_error() is refused and len(calls) == (0 if refused else 1)
+    if refused:
+        assert f"must be true or false, got {value!r}" in reply.error.reason
+
+
 @pytest.mark.parametrize(
     ("edit", "why"),
     [
