@@ -76,7 +76,9 @@ class FingerprintConfig:
     # edited for them set round 1 back (a ResNet-8: 0.36 against 0.80 with the white-box mark alone)
     function_initial: bool = False
     eval_copies: int = 3  # fingerprinted copies evaluated per round
-    identity: str = "partition-id"  # who a customer is: claimed partition-id | node (registered SuperNode key)
+    # who a customer is: auto (a simulation's partition-id; a SuperLink's registered SuperNode key; a deployment
+    # without keys is refused) | partition-id (what a node claims: anyone can) | node (its registered key)
+    identity: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -191,7 +193,8 @@ class SimConfig(TomlConfig):
         _check(_finite(f.function_budget) and 0 <= f.function_budget <= 1, "fingerprint.function_budget (0..1)",
                f.function_budget)  # fmt: skip
         _check(0 <= f.eval_copies <= t.clients, "fingerprint.eval_copies (0..train.clients)", f.eval_copies)
-        _check(f.identity in ("partition-id", "node"), "fingerprint.identity (partition-id | node)", f.identity)
+        _check(f.identity in ("auto", "partition-id", "node"), "fingerprint.identity (auto | partition-id | node)",
+               f.identity)  # fmt: skip
         _check(s.graph in ("complete", "sparse"), "secagg.graph", s.graph)
         _check(_finite(s.clip) and 1e-9 <= s.clip <= 1e15, "secagg.clip (1e-9..1e15)", s.clip)
         _check(1 <= s.bits <= 32, "secagg.bits (1..32)", s.bits)

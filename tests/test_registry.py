@@ -438,3 +438,17 @@ def test_issuers_take_turns_and_a_spec_given_with_tuples_or_other_components_is_
         with pytest.raises(RegistryError, match="recorded already, differently \\(components: recorded 8, asked 16"):
             issue_copies(reg, base, ["cy"], function=FunctionSpec(**{**spec.__dict__, "components": 16}))
         assert [d["customer"] for d in reg.deliveries()] == ["ann", "bob"]
+
+
+def test_a_contested_customer_is_kept_with_its_first_reason_across_a_reopen(reg):
+    assert reg.contested() == {}
+    reg.contest("client-001", "nodes 3, 4 claimed it at once")
+    reg.contest("client-001", "a later claim")  # the first reason stays
+    reg.contest("a%b_c", "names with LIKE's wildcards are kept as they are")
+    again = Registry.open(reg.directory)
+    assert again.contested() == {
+        "client-001": "nodes 3, 4 claimed it at once", "a%b_c": "names with LIKE's wildcards are kept as they are",
+    }  # fmt: skip
+    again.close()
+    with pytest.raises(RegistryError, match="control character"):
+        reg.contest("bad\nname", "x")

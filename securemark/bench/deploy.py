@@ -68,7 +68,8 @@ def bench_deploy(
                                 f"127.0.0.1:{port}", "--parent-pid", str(supernodes[-1].pid))  # fmt: skip
             common = (
                 f'data.name="digits" train.rounds={rounds} train.clients={nodes} train.per_round={nodes} '
-                f"fingerprint.length=256 fingerprint.max_colluders=2 secagg.grace={grace}"
+                f"fingerprint.length=256 fingerprint.max_colluders=2 secagg.grace={grace} "
+                'fingerprint.identity="partition-id"'  # an --insecure SuperLink: anyone can claim a partition id
             )
             runs = {
                 "plain": _run(procs, app, work / "plain", common + " fingerprint.enabled=false secagg.enabled=false"),

@@ -74,6 +74,7 @@ def cmd_registry_show(a: argparse.Namespace) -> None:
                     "carrier_tensors": [n for n, _ in base.tensors],
                 },
                 "deliveries": reg.deliveries(),
+                "contested": reg.contested(),
             }
         )
 
@@ -121,7 +122,8 @@ def cmd_trace(a: argparse.Namespace) -> object:
     accused = {s.customer for s in report.accused}
     for s in report.scores_top:
         pv = "" if s.p_value is None else f"{s.p_value:.2e}"
-        table.add_row(s.customer, f"{s.score:.3f}", pv, "ACCUSED" if s.customer in accused else "")
+        mark = "ACCUSED" if s.customer in accused else "CONTESTED" if s.customer in report.contested else ""
+        table.add_row(s.customer, f"{s.score:.3f}", pv, mark)
     if unaligned:
         print(f"not aligned: {str(report.alignment['status']).removeprefix('off: ')}")
         print("  a copy whose units were permuted or rescaled would escape this reading; register the model's "
@@ -129,6 +131,8 @@ def cmd_trace(a: argparse.Namespace) -> object:
     Console().print(table)
     print("accused: " + (", ".join(s.customer for s in report.accused) or "nobody")
           + (" (not aligned)" if unaligned else ""))  # fmt: skip
+    for name, why in report.contested.items():
+        print(f"contested, not accused: {name} scores above the threshold, but {why}")
     return None
 
 

@@ -213,6 +213,15 @@ class Copies:
                                f"{out / 'registry'}")  # fmt: skip
         self.registry.close()
 
+    def contest(self, customer: str, why: str) -> None:
+        """Two nodes claimed ``customer`` (Nodes suspended it): said, and marked in the registry, so a tracer
+        reports a copy that reads as this customer's as contested instead of accusing it."""
+        self.console.print(f"  [red]identity {customer!r} suspended ({why}): no node gets its copies; a copy that "
+                           "reads as its own will be reported contested, not accused[/]")  # fmt: skip
+        if self.registry is not None:
+            self.registry.contest(customer, f"two nodes claimed this identity in a run ({why}): its copies may "
+                                            "have reached either")  # fmt: skip
+
     def bits_of(self, customer: str) -> np.ndarray:
         """``customer``'s code row (drawn the first time), read from the registry once."""
         if customer not in self.bits and self.registry is not None:

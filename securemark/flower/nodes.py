@@ -1,8 +1,11 @@
 """Which node is which customer, and what the server hears from them.
 
 A node is identified once, as the customer its hello claims (its partition-id) or, on a SuperLink with
-SuperNode authentication, as its registered key. A node claiming an identity already taken, or whose identity
-changes later, is refused and gets nothing; a customer refused for misbehaving is banned for the run. Under
+SuperNode authentication, as its registered key. Two nodes claiming one identity (at once, or one while the
+other holds it) suspend it: both are refused, no node gets that identity's copies for the rest of the run, and
+the registry marks it contested, so a tracer names no one for a copy that reads as its own (a node that
+claimed a victim's partition id first got the victim's copies, and its leak accused the victim). A node whose
+identity changes later is refused and gets nothing; a customer refused for misbehaving is banned for the run. Under
 masking the hello also sets up the node's long-term keys for this run's session. Every reply a round reads
 comes through :meth:`Nodes.receive`: errors logged, identities re-checked, simulated losses applied.
 """
@@ -11,21 +14,34 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
+from flwr.superlink.grid import InMemoryGrid
 from rich.console import Console
 
 from securemark.config import SecAggSettings
+from securemark.errors import InputError
 from securemark.flower import wire
 from securemark.flower.exchange import accept, exchange
 from securemark.owner import customer_name
 from securemark.secagg import protocol as P
 
-IDENTITIES = ("partition-id", "node")
+IDENTITIES = ("auto", "partition-id", "node")
+
+
+class IdentityUnsafe(InputError):
+    """``identity="auto"`` on a deployment whose SuperLink reports no registered node keys (``--insecure``):
+    customers would be whatever partition ids nodes claim. The run stops before any copy is made."""
+
+
+def simulated(grid: Grid) -> bool:
+    """A grid of Flower's simulation engine (``run_simulation``, ``flwr-simulation``): every node is one the
+    engine itself made, so a partition id names a node."""
+    return isinstance(grid, InMemoryGrid)
 
 
 class Nodes:
@@ -39,7 +55,9 @@ class Nodes:
         self.ids: dict[int, int] = {}  # node id -> its id in the masking session (a Shamir x-coordinate)
         self.keys = P.SessionKeys(os.urandom(16).hex())  # this run's session: long-term public keys of the nodes
         self.refused: set[int] = set()
-        self.banned: set[str] = set()  # customers refused for misbehaving (kept across a resume)
+        self.banned: set[str] = set()  # customers refused for misbehaving or contested (kept across a resume)
+        self.contested: dict[str, str] = {}  # identities two nodes claimed, and how
+        self.on_contest: Callable[[str, str], None] = lambda name, why: None  # where a contest is recorded
         self.grid: Grid | None = None
 
     # --- messaging ------------------------------------------------------------------------------------------
@@ -79,6 +97,30 @@ class Nodes:
         return self.grid
 
     # --- identities -----------------------------------------------------------------------------------------
+    def resolve_identity(self) -> None:
+        """Settle who the customers are, once, before any copy is made. ``auto``: partition ids in a simulation;
+        registered node keys on a SuperLink that reports them (SuperNode authentication); otherwise the run
+        stops (IdentityUnsafe) until ``partition-id`` is chosen explicitly. An explicit ``partition-id`` outside
+        a simulation says, once, that any node can claim any partition id."""
+        if self.identity == "auto":
+            if simulated(self._grid()):
+                self.identity = "partition-id"
+            elif any(_registered_name(info) for info in self._grid().get_nodes()):
+                self.identity = "node"
+                self.console.print("customers are the SuperNodes' registered keys (fingerprint.identity auto)")
+            else:
+                raise IdentityUnsafe(
+                    "this SuperLink reports no registered SuperNode keys (an --insecure SuperLink, or no node has "
+                    "connected yet): customers would be the partition ids nodes claim, and any node can claim any. "
+                    'Set fingerprint.identity = "partition-id" (SecureMark(identity="partition-id")) to accept '
+                    'that, or enable SuperNode authentication (fingerprint.identity = "node")'
+                )
+        elif self.identity == "partition-id" and not simulated(self._grid()):
+            self.console.print("  [yellow]customers are the partition ids nodes claim (fingerprint.identity = "
+                               "partition-id): any node can claim any; a second claim suspends the identity. "
+                               'SuperNode authentication with fingerprint.identity = "node" binds each customer '
+                               "to a registered key[/]")  # fmt: skip
+
     def identify(self, nodes: Iterable[int]) -> list[int]:
         """The nodes that may take part: new ones are identified (a hello, or their registered key); under
         masking, a hello also sets up the node's long-term keys (new nodes, and nodes that lost theirs)."""
@@ -104,15 +146,33 @@ class Nodes:
         return [n for n in nodes if n in self.customers and (not masked or self.ids.get(n) in self.keys.keys)]
 
     def _admit(self, claims: dict[int, str | None]) -> None:
-        taken = set(self.customers.values())
+        holders = {name: node for node, name in self.customers.items()}
         for node, name in claims.items():
-            twins = [m for m, other in claims.items() if other == name and m != node]
-            if name in self.banned:
+            if node in self.refused:  # a twin refused with the first claim of its identity
+                continue
+            twins = sorted(m for m, other in claims.items() if other == name and m != node)
+            if name is None:
+                self.refuse(node, "no identity")
+            elif name in self.contested:
+                self.refuse(node, f"identity {name!r} is suspended: {self.contested[name]}")
+            elif name in self.banned:
                 self.refuse(node, f"customer {name!r} was refused earlier in this run")
-            elif name is None or name in taken or twins:
-                self.refuse(node, "no identity" if name is None else f"identity {name!r} is already taken")
+            elif name in holders or twins:
+                self._contest(name, node, holders.get(name), twins)
             else:
                 self.customers[node] = name
+
+    def _contest(self, name: str, node: int, holder: int | None, twins: list[int]) -> None:
+        """Suspend identity ``name``: every node claiming or holding it is refused, and the contest recorded."""
+        if holder is not None:
+            why = f"node {node} claimed it while node {holder} held it"
+        else:
+            why = f"nodes {', '.join(map(str, sorted([node, *twins])))} claimed it at once"
+        self.contested[name] = why
+        self.banned.add(name)
+        self.on_contest(name, why)
+        for other in ([holder] if holder is not None else twins) + [node]:
+            self.refuse(other, f"identity {name!r} is suspended: {why}")
 
     def refuse(self, node: int, why: str) -> None:
         self.console.print(f"  [red]refused node {node}: {why}; it gets no copy[/]")

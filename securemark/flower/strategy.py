@@ -8,8 +8,8 @@ server optimizer (FedAvgM, FedAdam, ...). SecureMark changes what travels. One r
 
 1. the inner strategy's ``configure_train`` samples nodes and builds its messages;
 2. each sampled node is identified as a customer (its claimed partition-id, or on a SuperLink with SuperNode
-   authentication its registered key); a node claiming an identity already taken, or whose identity changes,
-   is refused and gets nothing;
+   authentication its registered key); two nodes claiming one identity suspend it (both refused, the registry
+   marks it contested), and a node whose identity changes is refused and gets nothing;
 3. masked rounds (``secagg.protocol``): a node sets up long-term keys once per run, in the hello that identifies
    it; each round's train message carries the customer's copy ``w + s X^T b_customer``, the round's graph and
    the neighbours' public keys; the reply is the masked update relative to that copy (``securemark_mod``) with
@@ -95,7 +95,7 @@ class SecureMark(Strategy):
         *,
         fingerprint: FingerprintConfig | None = None,
         secagg: SecAggSettings | None = None,
-        identity: str = "partition-id",
+        identity: str = "auto",
         max_weight: int = 1 << 16,
         console: Console | None = None,
         function: FunctionSpec | None = None,
@@ -114,6 +114,7 @@ class SecureMark(Strategy):
         self.rng = np.random.default_rng()  # neighbour graphs and simulated losses: nothing secret
         self.nodes = Nodes(self.secagg, identity, self.console, self.rng)
         self.copies = Copies(self.fingerprint, function, self.console, arch_record(model, example_input))
+        self.nodes.on_contest = self.copies.contest
         self.sum: Sum = (
             MaskedSum(self.nodes, self.secagg, max_weight, self.console, self.rng)
             if self.secagg.enabled
@@ -261,6 +262,7 @@ class SecureMark(Strategy):
         """Run ``num_rounds`` rounds (see the module doc); write ``out``; return Flower's Result. With ``resume``,
         go on from the last checkpoint in ``out`` (``initial_arrays`` then gives only names and dtypes)."""
         self.nodes.grid, self._timeout = grid, timeout
+        self.nodes.resolve_identity()  # before any copy: who the customers are, or the run stops here
         self._load(initial_arrays)
         done = self._restore(num_rounds) if resume else 0
         self._first_round = done + 1

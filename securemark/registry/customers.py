@@ -1,8 +1,10 @@
 """The registry's customers and deliveries: one code row per customer, issued once and never to two
-customers, the codebook a tracer scores against, and the hash of every model delivered."""
+customers, the codebook a tracer scores against, the hash of every model delivered, and the identities two
+nodes claimed in a run (contested: a tracer does not accuse them)."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import unicodedata
 from dataclasses import dataclass, field
@@ -73,6 +75,21 @@ class CustomersMixin(Store):
         if len(blob) != len(rows) * nbytes:
             raise RegistryError(f"registry {self.directory}: stored code rows are not {nbytes} bytes each (corrupt)")
         return [r[0] for r in rows], np.frombuffer(blob, dtype=np.uint8).reshape(len(rows), nbytes)
+
+    @_db_errors
+    def contest(self, name: str, why: str) -> None:
+        """Mark customer ``name`` contested: two nodes of a run claimed its identity, so its copies may have
+        reached either and a copy that reads as its own names no one. The first reason is kept."""
+        self.check_customer_name(name)
+        with self._write() as conn:
+            record = json.dumps({"why": str(why), "at": _now()})
+            conn.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (f"contested/{name}", record))
+
+    @_db_errors
+    def contested(self) -> dict[str, str]:
+        """Contested customers and why (:meth:`contest`)."""
+        rows = self._conn.execute("SELECT key, value FROM meta WHERE substr(key, 1, 10) = 'contested/'")
+        return {key[len("contested/") :]: str(json.loads(value)["why"]) for key, value in rows}
 
     @_db_errors
     def record_delivery(self, customer: Customer, sha256: str, note: str = "") -> None:

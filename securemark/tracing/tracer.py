@@ -98,6 +98,9 @@ class TraceReport:
     alignment: dict[str, object]  # what alignment to the base undid, or why it did not run ("aligned": bool)
     seconds: float
     soft_code: np.ndarray = field(repr=False, compare=False)
+    # customers who score above the threshold but whose identity two nodes claimed in a run (Registry.contest):
+    # not accused, since their copies may have reached either node; name -> why
+    contested: dict[str, str] = field(default_factory=dict)
 
     @property
     def aligned(self) -> bool:
@@ -281,6 +284,7 @@ class Scorer:
         length = self.params.length
         self._book = PackedCodebook.from_packed_rows(self._packed, length)
         self.bias = registry.bias() if self.params.code != "bibd" else None
+        self.contested = registry.contested()
         # BIBD rows are public and few (v <= a few hundred): kept unpacked for the soft detector
         self._rows = unpack_bits(self._packed, length) if self.params.code == "bibd" else None
 
@@ -320,8 +324,9 @@ class Scorer:
 
         top_row = unpack_bits(self._packed[order[0]], self.params.length)
         tail = v.innocent_tail
+        accused = suspects(v.accused)
         return TraceReport(
-            accused=suspects(v.accused),
+            accused=[s for s in accused if s.customer not in self.contested],
             scores_top=suspects(order[:top_k]),
             threshold=float(v.threshold),
             eps=self.params.eps,
@@ -337,6 +342,7 @@ class Scorer:
             alignment=alignment,
             seconds=round(time.perf_counter() - start, 4),
             soft_code=y,
+            contested={s.customer: self.contested[s.customer] for s in accused if s.customer in self.contested},
         )
 
 

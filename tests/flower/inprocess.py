@@ -11,16 +11,21 @@ import numpy as np
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
+from flwr.superlink.grid import InMemoryGrid
 
 from securemark.flower.client_app import app as shipped_client_app
 
 
-class InProcessGrid:
-    def __init__(
+class InProcessGrid(InMemoryGrid):
+    """Flower's simulation grid (an InMemoryGrid, as a simulation's ServerApp gets: its nodes are the engine's
+    own) without its LinkState: messages go straight to the ClientApp. ``Deployed`` wraps one to stand for a
+    SuperLink's grid."""
+
+    def __init__(  # no InMemoryGrid.__init__: there is no LinkState to talk to
         self, clients: int, app=shipped_client_app, run_id: int = 4242, partitions=None, keys=None, run_config=None
     ) -> None:
         TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = run_id, 1, 0  # as run_simulation does
-        self.run = SimpleNamespace(run_id=run_id)  # SecureMark reads run.run_id only
+        self._run_ns = SimpleNamespace(run_id=run_id)  # SecureMark reads run.run_id only
         self.app = app
         partitions = list(range(clients)) if partitions is None else partitions
         self.contexts = {
@@ -32,6 +37,10 @@ class InProcessGrid:
         self.keys = keys or {}  # node id -> (registered public key, name): what a SuperLink with node auth reports
         self.sent: list[Message] = []
         self.replies: dict[str, Message] = {}
+
+    @property
+    def run(self):
+        return self._run_ns
 
     def get_node_ids(self) -> list[int]:
         return sorted(self.contexts)
@@ -60,6 +69,16 @@ class InProcessGrid:
 
     def pull_messages(self, message_ids):
         return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+
+class Deployed:
+    """An InProcessGrid standing for a SuperLink's grid (not a simulation's): every call goes to it."""
+
+    def __init__(self, grid: InProcessGrid) -> None:
+        self.inner = grid
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
 
 def flatten(arrays: dict[str, np.ndarray], names: list[str]) -> np.ndarray:

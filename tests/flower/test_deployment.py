@@ -65,8 +65,8 @@ def test_flwr_run_against_a_real_superlink_with_three_supernodes(deployment, tmp
     out = tmp_path / "run"
     overrides = (
         f'output="{out}" data.name="digits" train.rounds=2 train.clients={NODES} train.per_round={NODES} '
-        "fingerprint.length=256 fingerprint.max_colluders=2"
-    )
+        'fingerprint.length=256 fingerprint.max_colluders=2 fingerprint.identity="partition-id"'
+    )  # an --insecure SuperLink: partition ids said explicitly (any node can claim one)
     done = flwr_run(deployment, ROOT, overrides)
     assert (out / "report.md").is_file(), f"the ServerApp did not finish:\n{done.stdout}\n{deployment.tails()}"
     rounds = json.loads((out / "metrics.json").read_text())["rounds"]
@@ -78,7 +78,8 @@ def test_flwr_run_against_a_real_superlink_with_three_supernodes(deployment, tmp
 
 def test_the_example_app_runs_masked_and_fingerprinted_on_real_supernodes(deployment, tmp_path, capsys):
     out = tmp_path / "example"
-    done = flwr_run(deployment, ROOT / "examples" / "flower-pytorch", f'out="{out}" num-server-rounds=2')
+    overrides = f'out="{out}" num-server-rounds=2 identity="partition-id"'
+    done = flwr_run(deployment, ROOT / "examples" / "flower-pytorch", overrides)
     assert (out / "global.safetensors").is_file(), f"{done.stdout}\n{deployment.tails()}"
     rounds = json.loads((out / "metrics.json").read_text())["rounds"]
     assert [m["status"] for m in rounds] == ["completed", "completed"]

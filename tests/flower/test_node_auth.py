@@ -96,8 +96,8 @@ def test_customers_are_registered_nodes_and_an_unregistered_node_gets_nothing(tm
         out = tmp_path / "run"
         overrides = (
             f'output="{out}" data.name="digits" train.rounds=1 train.clients=3 train.per_round=3 '
-            'fingerprint.identity="node" fingerprint.length=256 fingerprint.max_colluders=2 fingerprint.eval_copies=1'
-        )
+            "fingerprint.length=256 fingerprint.max_colluders=2 fingerprint.eval_copies=1"
+        )  # identity "auto": the registered keys, as the docs' command runs it
         done = flwr_run(procs, ROOT, overrides)
     finally:
         procs.stop()

@@ -4,12 +4,13 @@ sees, the train contract, hostile nodes, refused inner strategies."""
 import contextlib
 import copy
 import io
+import json
 import signal
 import time
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import Bulyan, FedAdam, FedAvg, FedAvgM, FedMedian, FedTrimmedAvg, Krum, QFedAvg
 from rich.console import Console
@@ -24,8 +25,9 @@ from securemark.flower.server_app import run as run_app
 from securemark.flower.server_app import strategy_for, train_config
 from securemark.flower.strategy import SecureMark
 from securemark.models import build
+from securemark.registry import Registry
 
-from .inprocess import InProcessGrid, quantization_steps
+from .inprocess import Deployed, InProcessGrid, quantization_steps
 
 
 def config(fingerprint=True, secagg=True, clients=5, rounds=1):
@@ -308,10 +310,55 @@ def test_messages_without_securemark_records_pass_through_untouched():
 # --- identities -------------------------------------------------------------------------------------------------
 def test_a_duplicated_partition_id_is_refused_and_gets_no_copy(tmp_path):
     s, grid, log = one_round(tmp_path, app_with(good_reply), clients=4, partitions=[0, 1, 1, 2])
-    assert "refused node 1001" in log and "refused node 1002" in log and "already taken" in log
+    assert "refused node 1001" in log and "refused node 1002" in log
+    assert "identity 'client-001' is suspended: nodes 1001, 1002 claimed it at once" in log
     got_copy = {m.metadata.dst_node_id for m in grid.sent if str(m.content[wire.SM]["stage"]) == wire.TRAIN}
     assert got_copy == {1000, 1003}
     assert sorted(s.nodes.customers.values()) == ["client-000", "client-002"]
+    with Registry.open(tmp_path / "registry") as reg:
+        assert list(reg.contested()) == ["client-001"]
+
+
+def test_a_node_that_took_a_victims_identity_first_is_cut_off_and_its_leak_accuses_no_one(tmp_path, capsys):
+    """Node 1001 claims partition 1 before its owner connects and gets round 1's copy of client-001. When the
+    victim (1003) claims it in round 2, the identity is suspended: neither node gets another copy, there is no
+    final copy of client-001, and the attacker's leaked copy, which reads as client-001's, is reported contested
+    with the reason: nobody is accused."""
+    from securemark.cli import main
+    from securemark.modelio import save_state_dict
+
+    cfg = config(clients=3, rounds=3)
+    s = quiet_strategy(cfg, tmp_path, console=recording_console())
+    grid = InProcessGrid(3, app=app_with(good_reply))
+    real = grid.push_messages
+
+    def victim_connects_after_round_one(messages):
+        messages = list(messages)
+        if any(m.metadata.group_id == "1" for m in messages):
+            grid.contexts[1003] = Context(4242, 1003, {"partition-id": 1, "num-partitions": 3}, RecordDict(), {})
+        return real(messages)
+
+    grid.push_messages = victim_connects_after_round_one
+    s.start(grid, initial(cfg), num_rounds=3, train_config=train_config(cfg))
+    log = s.console.export_text()
+    assert "identity 'client-001' is suspended: node 1003 claimed it while node 1001 held it" in log
+    assert [m["status"] for m in s.rounds] == ["completed"] * 3 and s.rounds[-1]["survived"] == 2
+    trains = [m for m in grid.sent if str(m.content[wire.SM]["stage"]) == wire.TRAIN]
+    to_attacker = [m for m in trains if m.metadata.dst_node_id == 1001]
+    assert [m.metadata.group_id for m in to_attacker] == ["1"]  # round 1's copy only
+    assert not any(m.metadata.dst_node_id == 1003 for m in trains)  # the victim gets nothing either
+    assert sorted(p.stem for p in (tmp_path / "customers").iterdir()) == ["client-000", "client-002"]
+    leaked = tmp_path / "leak.safetensors"
+    save_state_dict(to_attacker[0].content["arrays"].to_torch_state_dict(), leaked)
+    capsys.readouterr()
+    assert main(["trace", str(tmp_path / "registry"), str(leaked), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["accused"] == [] and list(report["contested"]) == ["client-001"]
+    assert "node 1003 claimed it while node 1001 held it" in report["contested"]["client-001"]
+    assert report["scores_top"][0]["customer"] == "client-001"  # the copy does read as client-001's
+    assert main(["trace", str(tmp_path / "registry"), str(leaked)]) == 0
+    out = capsys.readouterr().out
+    assert "accused: nobody" in out and "contested, not accused: client-001" in out
 
 
 def test_a_node_whose_identity_changes_between_rounds_is_refused(tmp_path):
@@ -344,6 +391,35 @@ def test_identity_by_registered_node_key(tmp_path):
     customers = s.nodes.customers
     assert customers[1000] == "alice" and customers[1001].startswith("node-") and 1002 in s.nodes.refused
     assert "refused node 1002: no identity" in s.console.export_text()
+
+
+def test_who_the_customers_are_is_settled_before_any_copy_and_an_unkeyed_deployment_must_say_so(tmp_path):
+    """identity "auto": partition ids in a simulation; registered keys on a SuperLink that reports them; a
+    SuperLink without keys stops the run before anything is written, until "partition-id" is said, which the
+    run then warns about."""
+    from securemark.flower.nodes import IdentityUnsafe
+
+    cfg = config(clients=3)
+    s = quiet_strategy(cfg, tmp_path / "sim", console=recording_console())
+    s.start(InProcessGrid(3, app=app_with(good_reply)), initial(cfg), num_rounds=1, train_config=train_config(cfg))
+    assert s.nodes.identity == "partition-id" and "any node can claim" not in s.console.export_text()
+
+    s = quiet_strategy(cfg, tmp_path / "open")
+    with pytest.raises(IdentityUnsafe, match=r'Set fingerprint\.identity = "partition-id"'):
+        s.start(Deployed(InProcessGrid(3, app=app_with(good_reply))), initial(cfg), num_rounds=1)
+    assert not (tmp_path / "open").exists()
+
+    keys = {1000: (b"key-a", "alice"), 1001: (b"key-b", "bob"), 1002: (b"key-c", "carol")}
+    s = quiet_strategy(cfg, tmp_path / "keyed")
+    grid = Deployed(InProcessGrid(3, app=app_with(good_reply), keys=keys))
+    s.start(grid, initial(cfg), num_rounds=1, train_config=train_config(cfg))
+    assert s.nodes.identity == "node" and sorted(s.nodes.customers.values()) == ["alice", "bob", "carol"]
+
+    s = quiet_strategy(cfg, tmp_path / "said", identity="partition-id", console=recording_console())
+    s.start(Deployed(InProcessGrid(3, app=app_with(good_reply))), initial(cfg), num_rounds=1,
+            train_config=train_config(cfg))  # fmt: skip
+    assert s.rounds[0]["status"] == "completed"
+    assert s.console.export_text().count("any node can claim any; a second claim suspends the identity") == 1
 
 
 # --- inner strategies -----------------------------------------------------------------------------------------

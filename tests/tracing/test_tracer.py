@@ -38,6 +38,23 @@ def test_single_leaker_after_laundering_is_named(tmp_path):
     reg.close()
 
 
+def test_a_contested_customer_is_reported_not_accused_and_the_others_unchanged(tmp_path):
+    """Two colluders average their copies; one of them is contested: it moves from accused to contested (with
+    its reason), the other stays accused with the same score and threshold."""
+    reg, _, copies = _small(tmp_path)
+    average = {k: (copies["c1"][k] + copies["c3"][k]) / 2 for k in copies["c1"]}
+    before = trace(average, reg)
+    assert sorted(s.customer for s in before.accused) == ["c1", "c3"] and before.contested == {}
+    reg.contest("c3", "two nodes claimed it")
+    after = trace(average, reg)
+    assert [s.customer for s in after.accused] == [s.customer for s in before.accused if s.customer != "c3"]
+    assert after.contested == {"c3": "two nodes claimed it"} and after.threshold == before.threshold
+    assert after.to_json()["contested"] == {"c3": "two nodes claimed it"}
+    reg.contest("c5", "an innocent's contest changes nothing")
+    assert trace(average, reg).contested == {"c3": "two nodes claimed it"}
+    reg.close()
+
+
 def test_exact_copy_has_unit_signal_and_full_agreement(tmp_path):
     reg, _, copies = _small(tmp_path)
     report = trace(copies["c4"], reg)

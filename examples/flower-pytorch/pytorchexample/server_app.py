@@ -24,7 +24,8 @@ def main(grid: Grid, context: Context) -> None:
 
     strategy = FedAvg(fraction_evaluate=fraction_evaluate)
     out = str(context.run_config["out"])  # securemark
-    strategy = SecureMark(strategy, out=out, model=Net(), example_input=(1, 1, 28, 28))  # securemark
+    identity = str(context.run_config["identity"])  # securemark
+    strategy = SecureMark(strategy, out=out, identity=identity, model=Net(), example_input=(1, 1, 28, 28))  # securemark
 
     result = strategy.start(
         grid=grid,
