@@ -76,8 +76,9 @@ class FingerprintConfig:
     # edited for them set round 1 back (a ResNet-8: 0.36 against 0.80 with the white-box mark alone)
     function_initial: bool = False
     eval_copies: int = 3  # fingerprinted copies evaluated per round
-    # who a customer is: auto (a simulation's partition-id; a SuperLink's registered SuperNode key; a deployment
-    # without keys is refused) | partition-id (what a node claims: anyone can) | node (its registered key)
+    # who a customer is: auto (partition ids in a simulation; a deployment stops until it says one of the
+    # others) | partition-id (what a node claims: anyone can) | node (its key registered on an authenticating
+    # SuperLink)
     identity: str = "auto"
 
 

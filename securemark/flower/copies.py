@@ -222,6 +222,10 @@ class Copies:
             self.registry.contest(customer, f"two nodes claimed this identity in a run ({why}): its copies may "
                                             "have reached either")  # fmt: skip
 
+    def contested(self) -> dict[str, str]:
+        """The registry's contested customers (none without fingerprints)."""
+        return {} if self.registry is None else self.registry.contested()
+
     def bits_of(self, customer: str) -> np.ndarray:
         """``customer``'s code row (drawn the first time), read from the registry once."""
         if customer not in self.bits and self.registry is not None:

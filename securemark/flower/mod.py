@@ -56,7 +56,7 @@ def securemark_mod(msg: Message, context: Context, call_next: Next) -> Message:
     A malformed message or a reply breaking the contract gets an error reply naming why; an exception raised
     by the app's own train function propagates as Flower reports any app's exception."""
     if not msg.has_content() or wire.SM not in msg.content:
-        if msg.metadata.message_type == wire.MESSAGE_TYPE:
+        if is_train(msg):
             try:
                 _plain_allowed(context)
             except ContractError as exc:
@@ -78,6 +78,12 @@ def securemark_mod(msg: Message, context: Context, call_next: Next) -> Message:
         return _after_train(msg, context, sent, reply)
     except _REFUSE as exc:
         return _refuse(msg, exc)
+
+
+def is_train(msg: Message) -> bool:
+    """A message a ClientApp answers with a train function: "train", and "train.ACTION" for any action
+    (Flower runs ``@app.train()`` for "train.default" too)."""
+    return str(msg.metadata.message_type).split(".")[0] == wire.MESSAGE_TYPE
 
 
 def _refuse(msg: Message, exc: Exception) -> Message:
@@ -201,6 +207,9 @@ def _plain_allowed(context: Context) -> None:
     fails closed)."""
     if wire.KEYS in context.state:
         raise ContractError("a plain train request to a node that masks its updates in this run: refused")
+    unknown = [k for k in context.node_config if k.replace("_", "-").startswith("securemark") and k != REQUIRE_MASKING]
+    if unknown:  # a misspelt floor would turn the floor off without a word
+        raise ContractError(f"unknown node config key {unknown[0]!r} (the floor is {REQUIRE_MASKING!r}): refused")
     required = context.node_config.get(REQUIRE_MASKING, False)
     if required in (True, 1, "true"):
         raise ContractError(f"this node requires masked aggregation ({REQUIRE_MASKING}): a plain train request, or "

@@ -28,14 +28,15 @@ from securemark.errors import InputError
 from securemark.flower import wire
 from securemark.flower.exchange import accept, exchange
 from securemark.owner import customer_name
+from securemark.registry import Registry, RegistryError
 from securemark.secagg import protocol as P
 
 IDENTITIES = ("auto", "partition-id", "node")
 
 
 class IdentityUnsafe(InputError):
-    """``identity="auto"`` on a deployment whose SuperLink reports no registered node keys (``--insecure``):
-    customers would be whatever partition ids nodes claim. The run stops before any copy is made."""
+    """``identity="auto"`` outside a simulation: who the customers are must be said (see
+    :meth:`Nodes.resolve_identity`). The run stops before any copy is made."""
 
 
 def simulated(grid: Grid) -> bool:
@@ -57,6 +58,7 @@ class Nodes:
         self.refused: set[int] = set()
         self.banned: set[str] = set()  # customers refused for misbehaving or contested (kept across a resume)
         self.contested: dict[str, str] = {}  # identities two nodes claimed, and how
+        self.since: dict[int, int] = {}  # node -> the round it was identified in
         self.on_contest: Callable[[str, str], None] = lambda name, why: None  # where a contest is recorded
         self.grid: Grid | None = None
 
@@ -98,30 +100,28 @@ class Nodes:
 
     # --- identities -----------------------------------------------------------------------------------------
     def resolve_identity(self) -> None:
-        """Settle who the customers are, once, before any copy is made. ``auto``: partition ids in a simulation;
-        registered node keys on a SuperLink that reports them (SuperNode authentication); otherwise the run
-        stops (IdentityUnsafe) until ``partition-id`` is chosen explicitly. An explicit ``partition-id`` outside
-        a simulation says, once, that any node can claim any partition id."""
+        """Settle who the customers are, once, before any copy is made. ``auto``: partition ids in a simulation
+        (the engine made every node); outside one the run stops (IdentityUnsafe) until the owner says which:
+        a ServerApp cannot tell an authenticating SuperLink from an ``--insecure`` one, whose SuperNodes
+        register throwaway keys of their own (Flower's ``register_node``), so registered keys prove nothing
+        unless the owner started the SuperLink with ``--enable-supernode-auth``. An explicit ``partition-id``
+        outside a simulation says, once, that any node can claim any partition id."""
         if self.identity == "auto":
-            if simulated(self._grid()):
-                self.identity = "partition-id"
-            elif any(_registered_name(info) for info in self._grid().get_nodes()):
-                self.identity = "node"
-                self.console.print("customers are the SuperNodes' registered keys (fingerprint.identity auto)")
-            else:
+            if not simulated(self._grid()):
                 raise IdentityUnsafe(
-                    "this SuperLink reports no registered SuperNode keys (an --insecure SuperLink, or no node has "
-                    "connected yet): customers would be the partition ids nodes claim, and any node can claim any. "
-                    'Set fingerprint.identity = "partition-id" (SecureMark(identity="partition-id")) to accept '
-                    'that, or enable SuperNode authentication (fingerprint.identity = "node")'
+                    'who the customers are must be said for a deployment: fingerprint.identity = "node" '
+                    '(SecureMark(identity="node")) on a SuperLink started with --enable-supernode-auth, '
+                    'each customer a SuperNode key the owner registered; or "partition-id", the partition id '
+                    "each node claims, which any node can claim (an --insecure SuperLink)"
                 )
+            self.identity = "partition-id"
         elif self.identity == "partition-id" and not simulated(self._grid()):
             self.console.print("  [yellow]customers are the partition ids nodes claim (fingerprint.identity = "
                                "partition-id): any node can claim any; a second claim suspends the identity. "
                                'SuperNode authentication with fingerprint.identity = "node" binds each customer '
                                "to a registered key[/]")  # fmt: skip
 
-    def identify(self, nodes: Iterable[int]) -> list[int]:
+    def identify(self, nodes: Iterable[int], round_no: int = 0) -> list[int]:
         """The nodes that may take part: new ones are identified (a hello, or their registered key); under
         masking, a hello also sets up the node's long-term keys (new nodes, and nodes that lost theirs)."""
         nodes = list(nodes)
@@ -135,7 +135,7 @@ class Nodes:
                 claims = {n: registered.get(n) for n in new}
             else:
                 claims = {n: _claimed(replies[n]) for n in new if n in replies}
-            self._admit(claims)
+            self._admit(claims, round_no)
         for node, reply in replies.items():
             if not masked or node not in self.customers:
                 continue
@@ -145,7 +145,7 @@ class Nodes:
                 self.refuse(node, "its keys were refused")
         return [n for n in nodes if n in self.customers and (not masked or self.ids.get(n) in self.keys.keys)]
 
-    def _admit(self, claims: dict[int, str | None]) -> None:
+    def _admit(self, claims: dict[int, str | None], round_no: int) -> None:
         holders = {name: node for node, name in self.customers.items()}
         for node, name in claims.items():
             if node in self.refused:  # a twin refused with the first claim of its identity
@@ -153,21 +153,33 @@ class Nodes:
             twins = sorted(m for m, other in claims.items() if other == name and m != node)
             if name is None:
                 self.refuse(node, "no identity")
+            elif (bad := _unusable(name)) is not None:
+                self.refuse(node, f"no usable identity: {bad}")
             elif name in self.contested:
                 self.refuse(node, f"identity {name!r} is suspended: {self.contested[name]}")
             elif name in self.banned:
                 self.refuse(node, f"customer {name!r} was refused earlier in this run")
             elif name in holders or twins:
-                self._contest(name, node, holders.get(name), twins)
+                self._contest(name, node, holders.get(name), twins, round_no)
             else:
                 self.customers[node] = name
+                self.since[node] = round_no
 
-    def _contest(self, name: str, node: int, holder: int | None, twins: list[int]) -> None:
-        """Suspend identity ``name``: every node claiming or holding it is refused, and the contest recorded."""
+    def recall(self, contested: dict[str, str]) -> None:
+        """Identities suspended earlier in this run (a resumed run reads them from the registry)."""
+        self.contested.update(contested)
+        self.banned.update(contested)
+
+    def _contest(self, name: str, node: int, holder: int | None, twins: list[int], round_no: int) -> None:
+        """Suspend identity ``name``: every node claiming or holding it is refused, and the contest recorded
+        with who held it when (a pirate that contests its own identity gives up its later copies, and a trace
+        of an earlier one still names the node that alone received it)."""
         if holder is not None:
-            why = f"node {node} claimed it while node {holder} held it"
+            since = f" since round {self.since[holder]}" if holder in self.since else ""
+            why = (f"node {node} claimed it in round {round_no} while node {holder} held it{since}; its copies "
+                   f"before round {round_no} went to node {holder} alone, none after")  # fmt: skip
         else:
-            why = f"nodes {', '.join(map(str, sorted([node, *twins])))} claimed it at once"
+            why = f"nodes {', '.join(map(str, sorted([node, *twins])))} claimed it at once in round {round_no}"
         self.contested[name] = why
         self.banned.add(name)
         self.on_contest(name, why)
@@ -220,12 +232,24 @@ def _claimed(reply: Message) -> str | None:
 
 
 def _registered_name(info: Any) -> str | None:
-    """A registered node's customer: its registered name, else a digest of its public key. None for a node
-    without a key (simulation, or a SuperLink without SuperNode authentication)."""
+    """A registered node's customer: its public key's digest, after its registered name when it has one
+    (``alice-3f2a9c01``). Flower keeps keys unique, not names: a name is whatever the registrant typed, and two
+    keys registered as "bob" are two customers. None for a node without a key."""
     if info is None or not getattr(info, "public_key", b""):
         return None
+    digest = hashlib.sha256(info.public_key).hexdigest()
     name = getattr(info, "name", "")
-    return name or "node-" + hashlib.sha256(info.public_key).hexdigest()[:16]
+    usable = isinstance(name, str) and name and _unusable(name) is None
+    return f"{name}-{digest[:8]}" if usable else f"node-{digest[:16]}"
+
+
+def _unusable(name: str) -> str | None:
+    """Why a registry cannot hold ``name`` as a customer, or None."""
+    try:
+        Registry.check_customer_name(name)
+    except RegistryError as exc:
+        return str(exc)
+    return None
 
 
 def _apply_keys(keys: P.SessionKeys, i: int, content: RecordDict) -> bool:

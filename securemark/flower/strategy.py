@@ -7,9 +7,8 @@ The inner strategy keeps what it owns: sampling, the configs it sends, how metri
 server optimizer (FedAvgM, FedAdam, ...). SecureMark changes what travels. One round:
 
 1. the inner strategy's ``configure_train`` samples nodes and builds its messages;
-2. each sampled node is identified as a customer (its claimed partition-id, or on a SuperLink with SuperNode
-   authentication its registered key); two nodes claiming one identity suspend it (both refused, the registry
-   marks it contested), and a node whose identity changes is refused and gets nothing;
+2. each sampled node is identified as a customer (``nodes``: a claimed partition-id or a registered key; two
+   claims of one identity suspend it, a node whose identity changes is refused);
 3. masked rounds (``secagg.protocol``): a node sets up long-term keys once per run, in the hello that identifies
    it; each round's train message carries the customer's copy ``w + s X^T b_customer``, the round's graph and
    the neighbours' public keys; the reply is the masked update relative to that copy (``securemark_mod``) with
@@ -21,10 +20,8 @@ server optimizer (FedAvgM, FedAdam, ...). SecureMark changes what travels. One r
 5. client evaluation gets fingerprinted copies (never the plain global model); ``evaluate_fn`` scores the
    global model and a few customers' copies.
 
-Each round's global model is kept in the registry as a base (a copy traces against the model it was made from);
-``model=Net(), example_input=(1, 3, 32, 32)`` registers the architecture (fingerprint.graph: rewritten copies
-trace too). ``out`` ends as ``securemark simulate`` leaves it: ``registry/``, ``customers/*.safetensors``,
-``metrics.json``, ``global.safetensors``.
+Each round's global model is kept in the registry as a base; ``model=Net(), example_input=(1, 3, 32, 32)``
+registers the architecture (rewritten copies trace too). ``out`` ends as ``securemark simulate`` leaves it.
 After every round ``out/checkpoint/`` holds the global model, the round, the fingerprint strength, the metrics so
 far, the graph RNG and the inner strategy's optimizer state; ``start(resume=True)`` goes on from there with the
 same registry, key and strength, so copies issued before a crash still trace. A kill at any instant leaves the
@@ -176,7 +173,7 @@ class SecureMark(Strategy):
             inner_msgs = {
                 m.metadata.dst_node_id: m for m in self.inner.configure_train(server_round, arrays, config, nodes)
             }
-        sampled = sorted(self.nodes.identify(inner_msgs))
+        sampled = sorted(self.nodes.identify(inner_msgs, server_round))
         self.copies.check_customers(len(self.nodes.customers))
         clock.lap("hello")
         function = (self.copies.function_mark(self._loaded, self.weights), self.weights)  # what reads the copies
@@ -238,7 +235,7 @@ class SecureMark(Strategy):
         return [
             Message(wire.with_arrays(inner_msgs[n].content, ArrayRecord(self.copy_for(n))), dst_node_id=n,
                     message_type=inner_msgs[n].metadata.message_type, group_id=str(server_round))
-            for n in self.nodes.identify(inner_msgs)
+            for n in self.nodes.identify(inner_msgs, server_round)
         ]  # fmt: skip
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -276,7 +273,8 @@ class SecureMark(Strategy):
         train_config = train_config if train_config is not None else ConfigRecord()
         evaluate_config = evaluate_config if evaluate_config is not None else ConfigRecord()
         arrays = ArrayRecord(self.weights) if resume else initial_arrays
-        self.copies.initial = arrays if done == 0 else None  # see fingerprint.function_initial
+        trained = any(m.get("status") == "completed" for m in self.rounds)  # see fingerprint.function_initial
+        self.copies.initial = None if trained else arrays
         result = Result(arrays=arrays)
         if not resume and evaluate_fn is not None and (res := evaluate_fn(0, initial_arrays)) is not None:
             result.evaluate_metrics_serverapp[0] = res
@@ -387,6 +385,7 @@ class SecureMark(Strategy):
         self.nodes.banned = set(state["banned"])
         self.sum.resume(self.rounds)
         self.copies.reopen(self.out, self.weights, float(state["strength"]))
+        self.nodes.recall(self.copies.contested())  # a contest after the last checkpoint is in the registry
 
     def _checkpoint(self, r: int) -> None:
         """Checkpoint round ``r``, the last of ``self.rounds`` (state_dict's round is their count)."""

@@ -96,8 +96,8 @@ def test_customers_are_registered_nodes_and_an_unregistered_node_gets_nothing(tm
         out = tmp_path / "run"
         overrides = (
             f'output="{out}" data.name="digits" train.rounds=1 train.clients=3 train.per_round=3 '
-            "fingerprint.length=256 fingerprint.max_colluders=2 fingerprint.eval_copies=1"
-        )  # identity "auto": the registered keys, as the docs' command runs it
+            'fingerprint.identity="node" fingerprint.length=256 fingerprint.max_colluders=2 fingerprint.eval_copies=1'
+        )
         done = flwr_run(procs, ROOT, overrides)
     finally:
         procs.stop()
@@ -105,7 +105,8 @@ def test_customers_are_registered_nodes_and_an_unregistered_node_gets_nothing(tm
     rounds = json.loads((out / "metrics.json").read_text())["rounds"]
     assert rounds[0]["status"] == "completed" and rounds[0]["survived"] == 3, done.stdout
     customers = sorted(p.stem for p in (out / "customers").iterdir())
-    assert customers[:2] == ["alice", "carol"] and customers[2].startswith("node-") and len(customers) == 3
+    # each customer is its key: a registered name, then the key's digest (a digest alone without a name)
+    assert [c.split("-")[0] for c in customers] == ["alice", "carol", "node"] and len(customers) == 3
     for name in customers:
         assert traced(out / "registry", out / "customers" / f"{name}.safetensors", capsys) == [name]
     link_log = (tmp_path / "logs" / "superlink.log").read_text()

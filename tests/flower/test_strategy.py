@@ -311,7 +311,7 @@ def test_messages_without_securemark_records_pass_through_untouched():
 def test_a_duplicated_partition_id_is_refused_and_gets_no_copy(tmp_path):
     s, grid, log = one_round(tmp_path, app_with(good_reply), clients=4, partitions=[0, 1, 1, 2])
     assert "refused node 1001" in log and "refused node 1002" in log
-    assert "identity 'client-001' is suspended: nodes 1001, 1002 claimed it at once" in log
+    assert "identity 'client-001' is suspended: nodes 1001, 1002 claimed it at once in round 1" in log
     got_copy = {m.metadata.dst_node_id for m in grid.sent if str(m.content[wire.SM]["stage"]) == wire.TRAIN}
     assert got_copy == {1000, 1003}
     assert sorted(s.nodes.customers.values()) == ["client-000", "client-002"]
@@ -341,7 +341,8 @@ def test_a_node_that_took_a_victims_identity_first_is_cut_off_and_its_leak_accus
     grid.push_messages = victim_connects_after_round_one
     s.start(grid, initial(cfg), num_rounds=3, train_config=train_config(cfg))
     log = s.console.export_text()
-    assert "identity 'client-001' is suspended: node 1003 claimed it while node 1001 held it" in log
+    why = "node 1003 claimed it in round 2 while node 1001 held it since round 1; its copies before round 2 went to "
+    assert f"identity 'client-001' is suspended: {why}node 1001 alone" in log
     assert [m["status"] for m in s.rounds] == ["completed"] * 3 and s.rounds[-1]["survived"] == 2
     trains = [m for m in grid.sent if str(m.content[wire.SM]["stage"]) == wire.TRAIN]
     to_attacker = [m for m in trains if m.metadata.dst_node_id == 1001]
@@ -354,7 +355,7 @@ def test_a_node_that_took_a_victims_identity_first_is_cut_off_and_its_leak_accus
     assert main(["trace", str(tmp_path / "registry"), str(leaked), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["accused"] == [] and list(report["contested"]) == ["client-001"]
-    assert "node 1003 claimed it while node 1001 held it" in report["contested"]["client-001"]
+    assert f"{why}node 1001 alone" in report["contested"]["client-001"]
     assert report["scores_top"][0]["customer"] == "client-001"  # the copy does read as client-001's
     assert main(["trace", str(tmp_path / "registry"), str(leaked)]) == 0
     out = capsys.readouterr().out
@@ -382,21 +383,29 @@ def test_a_node_whose_identity_changes_between_rounds_is_refused(tmp_path):
 
 
 def test_identity_by_registered_node_key(tmp_path):
-    keys = {1000: (b"key-a", "alice"), 1001: (b"key-b", "")}  # 1002 is not registered: no key
-    cfg = config(clients=3)
+    """A customer is its node's key (after its registered name): Flower keeps keys unique, not names, so two keys
+    registered as "bob" are two customers, never a contest; a name no registry can hold is dropped for the
+    key's digest; a node without a key gets nothing."""
+    import hashlib
+
+    keys = {1000: (b"key-a", "bob"), 1001: (b"key-b", ""), 1003: (b"key-d", "bob"), 1004: (b"key-e", "carol ")}
+    cfg = config(clients=5)
     s = quiet_strategy(cfg, tmp_path, identity="node")
     s.console = recording_console()
-    grid = InProcessGrid(3, app=app_with(good_reply), keys=keys)
+    grid = InProcessGrid(5, app=app_with(good_reply), keys=keys)  # 1002 is not registered: no key
     s.start(grid, initial(cfg), num_rounds=1, train_config=train_config(cfg))
-    customers = s.nodes.customers
-    assert customers[1000] == "alice" and customers[1001].startswith("node-") and 1002 in s.nodes.refused
-    assert "refused node 1002: no identity" in s.console.export_text()
+    digest = {n: hashlib.sha256(k).hexdigest() for n, (k, _) in keys.items()}
+    assert s.nodes.customers == {
+        1000: f"bob-{digest[1000][:8]}", 1001: f"node-{digest[1001][:16]}", 1003: f"bob-{digest[1003][:8]}",
+        1004: f"node-{digest[1004][:16]}",
+    }  # fmt: skip
+    assert 1002 in s.nodes.refused and "refused node 1002: no identity" in s.console.export_text()
+    assert s.nodes.contested == {} and s.rounds[0]["survived"] == 4
 
 
 def test_who_the_customers_are_is_settled_before_any_copy_and_an_unkeyed_deployment_must_say_so(tmp_path):
-    """identity "auto": partition ids in a simulation; registered keys on a SuperLink that reports them; a
-    SuperLink without keys stops the run before anything is written, until "partition-id" is said, which the
-    run then warns about."""
+    """identity "auto": partition ids in a simulation; a deployment stops before anything is written until
+    "node" or "partition-id" is said, and "partition-id" is then warned about."""
     from securemark.flower.nodes import IdentityUnsafe
 
     cfg = config(clients=3)
@@ -404,22 +413,73 @@ def test_who_the_customers_are_is_settled_before_any_copy_and_an_unkeyed_deploym
     s.start(InProcessGrid(3, app=app_with(good_reply)), initial(cfg), num_rounds=1, train_config=train_config(cfg))
     assert s.nodes.identity == "partition-id" and "any node can claim" not in s.console.export_text()
 
-    s = quiet_strategy(cfg, tmp_path / "open")
-    with pytest.raises(IdentityUnsafe, match=r'Set fingerprint\.identity = "partition-id"'):
-        s.start(Deployed(InProcessGrid(3, app=app_with(good_reply))), initial(cfg), num_rounds=1)
-    assert not (tmp_path / "open").exists()
-
+    # outside a simulation "auto" stops, with keys or without: an --insecure SuperLink's SuperNodes register
+    # throwaway keys of their own, so keys alone do not say the SuperLink authenticates them
     keys = {1000: (b"key-a", "alice"), 1001: (b"key-b", "bob"), 1002: (b"key-c", "carol")}
-    s = quiet_strategy(cfg, tmp_path / "keyed")
-    grid = Deployed(InProcessGrid(3, app=app_with(good_reply), keys=keys))
-    s.start(grid, initial(cfg), num_rounds=1, train_config=train_config(cfg))
-    assert s.nodes.identity == "node" and sorted(s.nodes.customers.values()) == ["alice", "bob", "carol"]
+    for name, grid_keys in (("open", None), ("keyed", keys)):
+        s = quiet_strategy(cfg, tmp_path / name)
+        with pytest.raises(IdentityUnsafe, match=r'fingerprint\.identity = "node".*--enable-supernode-auth'):
+            s.start(Deployed(InProcessGrid(3, app=app_with(good_reply), keys=grid_keys)), initial(cfg), num_rounds=1)
+        assert not (tmp_path / name).exists()
 
     s = quiet_strategy(cfg, tmp_path / "said", identity="partition-id", console=recording_console())
     s.start(Deployed(InProcessGrid(3, app=app_with(good_reply))), initial(cfg), num_rounds=1,
             train_config=train_config(cfg))  # fmt: skip
     assert s.rounds[0]["status"] == "completed"
     assert s.console.export_text().count("any node can claim any; a second claim suspends the identity") == 1
+
+
+def test_a_pirate_that_contests_its_own_identity_is_still_named_by_node(tmp_path, capsys):
+    """Node 1002 holds client-002 alone for rounds 1-2 and leaks round 2's copy, then a second node of its own
+    claims partition 2 in round 3: client-002 is suspended, so the leak is reported contested, not accused,
+    but the reason names node 1002 as the only node that received client-002's copies before round 3."""
+    from securemark.cli import main
+    from securemark.modelio import save_state_dict
+
+    cfg = config(clients=3, rounds=3)
+    s = quiet_strategy(cfg, tmp_path, console=recording_console())
+    grid = InProcessGrid(3, app=app_with(good_reply))
+    real = grid.push_messages
+
+    def sockpuppet_after_round_two(messages):
+        messages = list(messages)
+        if any(m.metadata.group_id == "2" for m in messages):
+            grid.contexts[1003] = Context(4242, 1003, {"partition-id": 2, "num-partitions": 3}, RecordDict(), {})
+        return real(messages)
+
+    grid.push_messages = sockpuppet_after_round_two
+    s.start(grid, initial(cfg), num_rounds=3, train_config=train_config(cfg))
+    leak = next(m for m in grid.sent if m.metadata.dst_node_id == 1002 and m.metadata.group_id == "2"
+                and str(m.content[wire.SM]["stage"]) == wire.TRAIN)  # fmt: skip
+    save_state_dict(leak.content["arrays"].to_torch_state_dict(), tmp_path / "leak.safetensors")
+    capsys.readouterr()
+    assert main(["trace", str(tmp_path / "registry"), str(tmp_path / "leak.safetensors"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["accused"] == [] and report["scores_top"][0]["customer"] == "client-002"
+    assert "its copies before round 3 went to node 1002 alone" in report["contested"]["client-002"]
+
+
+def test_a_contest_recorded_after_the_last_checkpoint_holds_in_the_resumed_run(tmp_path):
+    """The server dies after a contest in round 2 and before round 2's checkpoint: the registry has it, the
+    checkpoint does not. The resumed run still refuses both claimants of the suspended identity."""
+    cfg = config(clients=3, rounds=2)
+    s = quiet_strategy(cfg, tmp_path)
+    real = s._checkpoint
+
+    def killed_after(r):
+        real(r)
+        raise SystemExit("killed after round 1's checkpoint")
+
+    s._checkpoint = killed_after
+    with pytest.raises(SystemExit):
+        s.start(InProcessGrid(3), initial(cfg), num_rounds=2, train_config=train_config(cfg))
+    with Registry.open(tmp_path / "registry") as reg:
+        reg.contest("client-001", "nodes 1001, 1003 claimed it at once in round 2")
+    resumed = quiet_strategy(cfg, tmp_path, console=recording_console())
+    resumed.start(InProcessGrid(3), initial(cfg), num_rounds=2, train_config=train_config(cfg), resume=True)
+    assert 1001 in resumed.nodes.refused and "client-001" not in resumed.nodes.customers.values()
+    assert "identity 'client-001' is suspended: nodes 1001, 1003" in resumed.console.export_text()
+    assert not (tmp_path / "customers" / "client-001.safetensors").exists()
 
 
 # --- inner strategies -----------------------------------------------------------------------------------------
@@ -599,6 +659,11 @@ def test_a_node_that_masks_refuses_a_plain_train_request(tmp_path):
     downgrade = Message(content, dst_node_id=node, message_type="train", group_id="9")
     reply = grid.app(downgrade, grid.contexts[node])
     assert reply.has_error() and "plain train request" in reply.error.reason
+    for kind in ("train", "train.default"):  # a plain Flower message, no securemark record at all
+        bare = Message(RecordDict({"arrays": train.content["arrays"], "config": ConfigRecord()}), dst_node_id=node,
+                       message_type=kind, group_id="9")  # fmt: skip
+        reply = grid.app(bare, grid.contexts[node])
+        assert reply.has_error() and "plain train request to a node that masks" in reply.error.reason, kind
 
 
 def _floor_grid(value, calls, clients=3):
@@ -621,11 +686,12 @@ def test_a_node_that_requires_masking_never_trains_for_an_update_that_would_leav
     an evaluate message passes."""
     calls = []
     grid = _floor_grid(value, calls)
-    plain = Message(RecordDict({"arrays": initial(config()), "config": ConfigRecord()}), dst_node_id=1000,
-                    message_type="train")  # fmt: skip
-    [mid] = grid.push_messages([plain])
-    [reply] = grid.pull_messages([mid])
-    assert reply.has_error() and "requires masked aggregation" in reply.error.reason and not calls
+    for kind in ("train", "train.default"):  # Flower runs @app.train() for "train.default" too
+        plain = Message(RecordDict({"arrays": initial(config()), "config": ConfigRecord()}), dst_node_id=1000,
+                        message_type=kind)  # fmt: skip
+        [mid] = grid.push_messages([plain])
+        [reply] = grid.pull_messages([mid])
+        assert reply.has_error() and "requires masked aggregation" in reply.error.reason and not calls, kind
 
     cfg = config(clients=3, secagg=False)
     console = recording_console()
@@ -650,6 +716,15 @@ def test_a_node_that_requires_masking_never_trains_for_an_update_that_would_leav
 def test_the_masking_floor_is_off_only_when_said_off_and_a_bad_value_fails_closed(value, refused):
     calls = []
     grid = _floor_grid(value, calls, clients=1)
+    for key in ("securemark_require_masking", "securemark-requires-masking"):  # a misspelt floor fails closed
+        context = grid.contexts[1000]
+        context.node_config[key] = True
+        plain = Message(RecordDict({"arrays": initial(config()), "config": ConfigRecord()}), dst_node_id=1000,
+                        message_type="train")  # fmt: skip
+        [mid] = grid.push_messages([plain])
+        [reply] = grid.pull_messages([mid])
+        assert reply.has_error() and f"unknown node config key {key!r}" in reply.error.reason and not calls
+        del context.node_config[key]
     plain = Message(RecordDict({"arrays": initial(config()), "config": ConfigRecord()}), dst_node_id=1000,
                     message_type="train")  # fmt: skip
     [mid] = grid.push_messages([plain])
@@ -950,6 +1025,48 @@ def test_copies_of_the_initial_model_carry_the_function_mark_only_when_asked(tmp
     with Registry.open(tmp_path / "registry") as reg:
         marked = [function_mark_of(reg, b.digest) is not None for b in reg.bases()]
     assert marked == [marked_initial, True, True]  # the initial model, round 1's, round 2's (the final copies)
+
+
+def test_the_initial_model_stays_unmarked_by_the_function_mark_until_a_round_has_trained_it(tmp_path):
+    """Round 1 fails (every node errs), so round 2 copies the initial model again: its copies still carry no
+    function mark, in one run and in a run killed in round 2 and resumed (the rule is "no round completed",
+    not "round 1")."""
+    from securemark import data
+    from securemark.models import spec_of
+    from securemark.owner import FunctionSpec
+    from securemark.registry.marks import function_mark_of
+
+    inner = app_with(good_reply)
+
+    def busy_in_round_one(msg, context):
+        if wire.SM in msg.content and str(msg.content[wire.SM]["stage"]) == wire.TRAIN and msg.metadata.group_id == "1":
+            raise RuntimeError("node busy in round 1")
+        return inner(msg, context)
+
+    cfg = config(rounds=2, clients=3)
+    test = data.server_split(cfg.data, cfg.train.seed)[1]
+    spec = FunctionSpec(spec_of("mlp", (1, 8, 8), 10), test.x[:360], data.heldout_record(cfg.data, 1))
+    for resumed in (False, True):
+        out = tmp_path / str(resumed)
+        s = strategy_for(cfg, out, 2000, recording_console(), spec)
+        if resumed:
+            real = s._checkpoint
+
+            def killed_after(r, real=real):
+                real(r)
+                raise SystemExit("killed after round 1's checkpoint")
+
+            s._checkpoint = killed_after
+            with pytest.raises(SystemExit):
+                s.start(InProcessGrid(3, app=busy_in_round_one), initial(cfg), num_rounds=2,
+                        train_config=train_config(cfg))  # fmt: skip
+            s = strategy_for(cfg, out, 2000, recording_console(), spec)
+        s.start(InProcessGrid(3, app=busy_in_round_one), initial(cfg), num_rounds=2, train_config=train_config(cfg),
+                resume=resumed)  # fmt: skip
+        assert [m["status"] for m in s.rounds] == ["failed", "completed"], resumed
+        assert "min_function_cosine" not in s.rounds[1], resumed
+        with Registry.open(out / "registry") as reg:
+            assert [function_mark_of(reg, b.digest) is not None for b in reg.bases()] == [False, True], resumed
 
 
 def test_a_function_spec_that_names_another_model_stops_the_run_before_its_first_round(tmp_path):
