@@ -106,6 +106,7 @@ def cmd_trace(a: argparse.Namespace) -> object:
     if a.json:
         return report.to_json()
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     title = f"{a.suspect or a.endpoint or a.query_model}: {report.users} customers, threshold {report.threshold:.2f}, "
@@ -116,14 +117,14 @@ def cmd_trace(a: argparse.Namespace) -> object:
         caption = f"black box: {al['queries']} queries, {al['outputs']} read; bound: {report.bound}"
     if "base" in report.alignment:  # a registry with several bases (a federation keeps each round's model)
         caption += f"; read against the {report.alignment['base']} ({report.alignment['bases_tried']} bases kept)"
-    table = Table(title=title, caption=caption)
+    table = Table(title=escape(title), caption=escape(caption))
     for col in ("customer", "score", "p-value", "accused"):
         table.add_column(col)
     accused = {s.customer for s in report.accused}
     for s in report.scores_top:
         pv = "" if s.p_value is None else f"{s.p_value:.2e}"
         mark = "ACCUSED" if s.customer in accused else "CONTESTED" if s.customer in report.contested else ""
-        table.add_row(s.customer, f"{s.score:.3f}", pv, mark)
+        table.add_row(escape(s.customer), f"{s.score:.3f}", pv, mark)  # a name is data, never markup
     if unaligned:
         print(f"not aligned: {str(report.alignment['status']).removeprefix('off: ')}")
         print("  a copy whose units were permuted or rescaled would escape this reading; register the model's "

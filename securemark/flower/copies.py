@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from securemark import models
 from securemark.codes.tardos import customers_for, length_for
@@ -216,8 +217,10 @@ class Copies:
     def contest(self, customer: str, why: str) -> None:
         """Two nodes claimed ``customer`` (Nodes suspended it): said, and marked in the registry, so a tracer
         reports a copy that reads as this customer's as contested instead of accusing it."""
-        self.console.print(f"  [red]identity {customer!r} suspended ({why}): no node gets its copies; a copy that "
-                           "reads as its own will be reported contested, not accused[/]")  # fmt: skip
+        self.console.print(
+            f"  [red]identity {escape(repr(customer))} suspended ({escape(why)}): no node gets "
+            "its copies; a copy that reads as its own is reported contested, not accused[/]"
+        )
         if self.registry is not None:
             self.registry.contest(customer, f"two nodes claimed this identity in a run ({why}): its copies may "
                                             "have reached either")  # fmt: skip

@@ -18,6 +18,7 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from rich.console import Console
+from rich.markup import escape
 
 from securemark.errors import RoundFailed, SecureMarkError
 
@@ -64,7 +65,7 @@ def accept(console: Console, node: int, parse_and_apply: Callable[..., Any], *ar
     try:
         return parse_and_apply(*args)
     except SecureMarkError as exc:  # a hostile or broken node must never end the run
-        console.print(f"  [yellow]rejected node {node}: {type(exc).__name__}: {exc}[/]")
+        console.print(f"  [yellow]rejected node {node}: {type(exc).__name__}: {escape(str(exc))}[/]")
         return None
 
 

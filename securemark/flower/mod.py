@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import re
 from collections.abc import Callable
 
 import numpy as np
@@ -207,7 +208,7 @@ def _plain_allowed(context: Context) -> None:
     fails closed)."""
     if wire.KEYS in context.state:
         raise ContractError("a plain train request to a node that masks its updates in this run: refused")
-    unknown = [k for k in context.node_config if k.replace("_", "-").startswith("securemark") and k != REQUIRE_MASKING]
+    unknown = [k for k in context.node_config if _floor_like(k) and k != REQUIRE_MASKING]
     if unknown:  # a misspelt floor would turn the floor off without a word
         raise ContractError(f"unknown node config key {unknown[0]!r} (the floor is {REQUIRE_MASKING!r}): refused")
     required = context.node_config.get(REQUIRE_MASKING, False)
@@ -216,6 +217,13 @@ def _plain_allowed(context: Context) -> None:
                             "a server that never set up this node's keys, is refused")  # fmt: skip
     if required not in (False, 0, "false"):
         raise ContractError(f"node config {REQUIRE_MASKING} must be true or false, got {required!r}: refused")
+
+
+def _floor_like(key: str) -> bool:
+    """A node-config key that reads as securemark's or as a masking floor, whatever its case and separators
+    (``SecureMark_Require_Masking``, ``require-masking``)."""
+    letters = re.sub(r"[^a-z]", "", str(key).lower())
+    return "securemark" in letters or "requiremask" in letters
 
 
 def _quantization(head: ConfigRecord, sizes: list[int]) -> QuantConfig:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -22,6 +23,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.superlink.grid import InMemoryGrid
 from rich.console import Console
+from rich.markup import escape
 
 from securemark.config import SecAggSettings
 from securemark.errors import InputError
@@ -59,6 +61,10 @@ class Nodes:
         self.banned: set[str] = set()  # customers refused for misbehaving or contested (kept across a resume)
         self.contested: dict[str, str] = {}  # identities two nodes claimed, and how
         self.since: dict[int, int] = {}  # node -> the round it was identified in
+        # identity -> (node, since) of a holder refused since (or before a resume): outside a simulation another
+        # node's later claim of it is a contest, so a node cannot hand an identity it held to its victim
+        self.former: dict[str, tuple[int, int | None]] = {}
+        self.simulated = True  # claims come from the engine's own nodes (resolve_identity says)
         self.on_contest: Callable[[str, str], None] = lambda name, why: None  # where a contest is recorded
         self.grid: Grid | None = None
 
@@ -84,7 +90,7 @@ class Nodes:
         for reply in got:
             node = reply.metadata.src_node_id
             if reply.has_error():
-                self.console.print(f"  [yellow]node {node} failed at {stage}: {reply.error.reason}[/]")
+                self.console.print(f"  [yellow]node {node} failed at {stage}: {escape(reply.error.reason)}[/]")
                 if stage != wire.HELLO:
                     self.keys.forget(self.ids.get(node, 0))
             elif stage != wire.HELLO and not self._claim_holds(node, reply, registered):
@@ -106,6 +112,7 @@ class Nodes:
         register throwaway keys of their own (Flower's ``register_node``), so registered keys prove nothing
         unless the owner started the SuperLink with ``--enable-supernode-auth``. An explicit ``partition-id``
         outside a simulation says, once, that any node can claim any partition id."""
+        self.simulated = simulated(self._grid())
         if self.identity == "auto":
             if not simulated(self._grid()):
                 raise IdentityUnsafe(
@@ -161,6 +168,8 @@ class Nodes:
                 self.refuse(node, f"customer {name!r} was refused earlier in this run")
             elif name in holders or twins:
                 self._contest(name, node, holders.get(name), twins, round_no)
+            elif name in self.former and self.former[name][0] != node and not self.simulated:
+                self._contest(name, node, None, [], round_no, self.former[name])
             else:
                 self.customers[node] = name
                 self.since[node] = round_no
@@ -170,14 +179,24 @@ class Nodes:
         self.contested.update(contested)
         self.banned.update(contested)
 
-    def _contest(self, name: str, node: int, holder: int | None, twins: list[int], round_no: int) -> None:
+    def holders(self) -> dict[str, list[int | None]]:
+        """Identity -> [node, since] of every node that held one in this run (what a resumed run keeps)."""
+        now = {name: (node, self.since.get(node)) for node, name in self.customers.items()}
+        return {name: list(held) for name, held in {**self.former, **now}.items()}
+
+    def _contest(
+        self, name: str, node: int, holder: int | None, twins: list[int], round_no: int,
+        former: tuple[int, int | None] | None = None,
+    ) -> None:  # fmt: skip
         """Suspend identity ``name``: every node claiming or holding it is refused, and the contest recorded
         with who held it when (a pirate that contests its own identity gives up its later copies, and a trace
-        of an earlier one still names the node that alone received it)."""
-        if holder is not None:
-            since = f" since round {self.since[holder]}" if holder in self.since else ""
-            why = (f"node {node} claimed it in round {round_no} while node {holder} held it{since}; its copies "
-                   f"before round {round_no} went to node {holder} alone, none after")  # fmt: skip
+        of an earlier one still names the node that alone received it). ``former``: a holder refused since."""
+        held = (holder, self.since.get(holder)) if holder is not None else former
+        if held is not None:
+            since = f" since round {held[1]}" if held[1] is not None else ""
+            gone = "" if holder is not None else " until it was refused"
+            why = (f"node {node} claimed it in round {round_no} while node {held[0]} held it{since}{gone}; its "
+                   f"copies before round {round_no} went to node {held[0]} alone, none after")  # fmt: skip
         else:
             why = f"nodes {', '.join(map(str, sorted([node, *twins])))} claimed it at once in round {round_no}"
         self.contested[name] = why
@@ -187,8 +206,10 @@ class Nodes:
             self.refuse(other, f"identity {name!r} is suspended: {why}")
 
     def refuse(self, node: int, why: str) -> None:
-        self.console.print(f"  [red]refused node {node}: {why}; it gets no copy[/]")
-        self.customers.pop(node, None)
+        self.console.print(f"  [red]refused node {node}: {escape(why)}; it gets no copy[/]")
+        name = self.customers.pop(node, None)
+        if name is not None:
+            self.former[name] = (node, self.since.get(node))
         self.keys.forget(self.ids.get(node, 0))
         self.refused.add(node)
 
@@ -234,13 +255,18 @@ def _claimed(reply: Message) -> str | None:
 def _registered_name(info: Any) -> str | None:
     """A registered node's customer: its public key's digest, after its registered name when it has one
     (``alice-3f2a9c01``). Flower keeps keys unique, not names: a name is whatever the registrant typed, and two
-    keys registered as "bob" are two customers. None for a node without a key."""
+    keys registered as "bob" are two customers; a name that is no plain file name (``../x``, 63+ characters,
+    markup, any character but letters, digits and . _ -) is left out. None for a node without a key."""
     if info is None or not getattr(info, "public_key", b""):
         return None
     digest = hashlib.sha256(info.public_key).hexdigest()
     name = getattr(info, "name", "")
-    usable = isinstance(name, str) and name and _unusable(name) is None
+    usable = isinstance(name, str) and REGISTERED_NAME.fullmatch(name) is not None and ".." not in name
     return f"{name}-{digest[:8]}" if usable else f"node-{digest[:16]}"
+
+
+# a registered name becomes part of a customer's name and of its copy's file name: letters, digits and . _ -
+REGISTERED_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
 
 def _unusable(name: str) -> str | None:

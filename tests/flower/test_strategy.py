@@ -10,8 +10,9 @@ import time
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 from flwr.serverapp.strategy import Bulyan, FedAdam, FedAvg, FedAvgM, FedMedian, FedTrimmedAvg, Krum, QFedAvg
 from rich.console import Console
 
@@ -459,6 +460,100 @@ def test_a_pirate_that_contests_its_own_identity_is_still_named_by_node(tmp_path
     assert "its copies before round 3 went to node 1002 alone" in report["contested"]["client-002"]
 
 
+def _takeover_grid(clients, switch):
+    """A SuperLink's grid (not a simulation's) whose pushes call ``switch(grid, round)`` first."""
+    grid = InProcessGrid(clients, app=app_with(good_reply))
+    real = grid.push_messages
+
+    def push(messages):
+        messages = list(messages)
+        switch(grid, {m.metadata.group_id for m in messages})
+        return real(messages)
+
+    grid.push_messages = push
+    return Deployed(grid)
+
+
+def test_an_identity_a_node_held_cannot_be_handed_on_by_leaving_it(tmp_path, capsys):
+    """On a deployment, node 1001 claims partition 1 first and gets round 1's copy of client-001, then claims
+    another partition (and is refused); when the victim (1003) claims partition 1, the identity is contested, not
+    handed over: the leak of the pirate's copy accuses nobody and its reason names node 1001."""
+    from securemark.cli import main
+    from securemark.modelio import save_state_dict
+
+    def switch(grid, groups):
+        if "1" in groups and 1003 not in grid.contexts:
+            grid.contexts[1001].node_config["partition-id"] = 9  # hello replies of later rounds claim client-009
+            grid.contexts[1003] = Context(4242, 1003, {"partition-id": 1, "num-partitions": 3}, RecordDict(), {})
+
+    cfg = config(clients=3, rounds=3)
+    s = quiet_strategy(cfg, tmp_path, identity="partition-id", console=recording_console())
+    grid = _takeover_grid(3, switch)
+    s.start(grid, initial(cfg), num_rounds=3, train_config=train_config(cfg))
+    assert "client-001" in s.nodes.contested and "client-001" not in s.nodes.customers.values()
+    assert "while node 1001 held it since round 1 until it was refused" in s.nodes.contested["client-001"]
+    leak = next(m for m in grid.inner.sent if m.metadata.dst_node_id == 1001 and m.metadata.group_id == "1"
+                and str(m.content[wire.SM]["stage"]) == wire.TRAIN)  # fmt: skip
+    save_state_dict(leak.content["arrays"].to_torch_state_dict(), tmp_path / "leak.safetensors")
+    capsys.readouterr()
+    assert main(["trace", str(tmp_path / "registry"), str(tmp_path / "leak.safetensors"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["accused"] == [] and "went to node 1001 alone" in report["contested"]["client-001"]
+
+
+def test_a_resumed_deployment_remembers_who_held_each_identity(tmp_path):
+    """Node 1001 holds client-001 in round 1; the server dies after round 1's checkpoint; in the resumed run node
+    1001 is gone and node 1003 claims partition 1: a contest naming node 1001, not a handover. A node that keeps
+    its id across the restart keeps its identity."""
+    cfg = config(clients=3, rounds=2)
+    s = quiet_strategy(cfg, tmp_path, identity="partition-id")
+    real = s._checkpoint
+
+    def killed_after(r):
+        real(r)
+        raise SystemExit("killed after round 1's checkpoint")
+
+    s._checkpoint = killed_after
+    with pytest.raises(SystemExit):
+        s.start(Deployed(InProcessGrid(3, app=app_with(good_reply))), initial(cfg), num_rounds=2,
+                train_config=train_config(cfg))  # fmt: skip
+    grid = InProcessGrid(3, app=app_with(good_reply))
+    del grid.contexts[1001]
+    grid.contexts[1003] = Context(4242, 1003, {"partition-id": 1, "num-partitions": 3}, RecordDict(), {})
+    resumed = quiet_strategy(cfg, tmp_path, identity="partition-id")
+    resumed.start(Deployed(grid), initial(cfg), num_rounds=2, train_config=train_config(cfg), resume=True)
+    assert (
+        "node 1003 claimed it in round 2 while node 1001 held it since round 1" in resumed.nodes.contested["client-001"]
+    )
+    assert resumed.nodes.customers == {1000: "client-000", 1002: "client-002"}
+
+
+def test_registered_names_that_are_no_plain_file_name_are_left_out_and_markup_is_data(tmp_path):
+    """A registered name becomes part of a file name and of console lines: "../x", an absolute path, a long
+    name, markup and invisible characters give the key's digest alone; a node's error reason in markup is
+    printed as text, never parsed (it ended runs)."""
+    import hashlib
+
+    bad = ["../../escaped/x", "/tmp/abs/evil", "a" * 300, "[/]", "bob\u2028accused: nobody", "x..y"]
+    keys = {1000 + i: (f"key-{i}".encode(), name) for i, name in enumerate(bad)}
+    cfg = config(clients=len(bad))
+    s = quiet_strategy(cfg, tmp_path, identity="node", console=recording_console())
+    s.start(InProcessGrid(len(bad), app=app_with(good_reply), keys=keys), initial(cfg), num_rounds=1,
+            train_config=train_config(cfg))  # fmt: skip
+    expected = {n: "node-" + hashlib.sha256(k).hexdigest()[:16] for n, (k, _) in keys.items()}
+    assert s.nodes.customers == expected and s.rounds[0]["status"] == "completed"
+    assert sorted(p.name for p in (tmp_path / "customers").iterdir()) == sorted(
+        f"{v}.safetensors" for v in expected.values()
+    )
+
+    def failing_hello(msg, context):
+        return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "[/]boom [bold]"), reply_to=msg)
+
+    s = quiet_strategy(config(clients=3), tmp_path / "markup", console=recording_console())
+    s.start(InProcessGrid(3, app=failing_hello), initial(cfg), num_rounds=1, train_config=train_config(cfg))
+    assert "failed at hello: [/]boom [bold]" in s.console.export_text()
+
+
 def test_a_contest_recorded_after_the_last_checkpoint_holds_in_the_resumed_run(tmp_path):
     """The server dies after a contest in round 2 and before round 2's checkpoint: the registry has it, the
     checkpoint does not. The resumed run still refuses both claimants of the suspended identity."""
@@ -716,7 +811,9 @@ def test_a_node_that_requires_masking_never_trains_for_an_update_that_would_leav
 def test_the_masking_floor_is_off_only_when_said_off_and_a_bad_value_fails_closed(value, refused):
     calls = []
     grid = _floor_grid(value, calls, clients=1)
-    for key in ("securemark_require_masking", "securemark-requires-masking"):  # a misspelt floor fails closed
+    misspelt = ("securemark_require_masking", "securemark-requires-masking", "SecureMark-require-masking",
+                "SECUREMARK_REQUIRE_MASKING", "require-masking")  # fmt: skip
+    for key in misspelt:  # a misspelt floor fails closed
         context = grid.contexts[1000]
         context.node_config[key] = True
         plain = Message(RecordDict({"arrays": initial(config()), "config": ConfigRecord()}), dst_node_id=1000,
