@@ -177,9 +177,10 @@ def _after_train(msg: Message, context: Context, sent: dict[str, np.ndarray], re
         records = {wire.SM: ConfigRecord({"weight": weight}), wire.UPDATE: wire.array_record(delta)}
         return _reply(msg, wire.TRAIN, context, **records, **{metrics_key: metrics})
     keys = _keys(context)
-    # the example count never leaves in clear, whatever weight-key a server names (it could name another
-    # whole-number metric as the weight, and read num-examples among the rest)
-    metrics = MetricRecord({k: v for k, v in metrics.items() if k != COUNT_KEY})
+    # the example count never leaves in clear, whatever weight-key a server names: it could name another
+    # whole-number metric as the weight and read the count among the rest, under num-examples or whatever name
+    # the app gives it, so a masked reply carries no whole number in clear (losses and accuracies pass)
+    metrics = MetricRecord({k: v for k, v in metrics.items() if k != COUNT_KEY and not _whole(v)})
     # capped, never refused: a refusal that depends on the count would let a server binary-search it
     weight = min(weight, int(head["max-weight"]))
     qcfg = _quantization(head, [int(np.size(sent[n])) for n in wire.float_keys(sent)])
@@ -217,6 +218,13 @@ def _plain_allowed(context: Context) -> None:
                             "a server that never set up this node's keys, is refused")  # fmt: skip
     if required not in (False, 0, "false"):
         raise ContractError(f"node config {REQUIRE_MASKING} must be true or false, got {required!r}: refused")
+
+
+def _whole(value: object) -> bool:
+    """A metric that could be a count: an integer, a float with no fraction, or a list holding one."""
+    if isinstance(value, list):
+        return any(_whole(v) for v in value)
+    return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
 
 
 def _floor_like(key: str) -> bool:

@@ -863,9 +863,11 @@ def test_a_node_refuses_ranges_the_rounds_keys_are_not_bound_to(tmp_path, edit, 
 
 def test_a_server_that_names_another_metric_as_the_weight_never_reads_the_example_count(tmp_path):
     """A lying server names another whole-number metric the app reports (epochs) as the weight key: the node
-    masks that as the weight, and still never sends num-examples in clear among the other metrics."""
+    masks that as the weight, and still never sends the count in clear among the other metrics, whether the
+    app calls it num-examples or samples, as an int or a whole float; a loss passes."""
     replies = []
-    inner = app_with(lambda a: good_reply(a, **{"num-examples": 137, "epochs": 1}))
+    counts = {"num-examples": 137, "epochs": 1, "samples": 1234, "seen": 1234.0, "per-class": [3, 4], "loss": 0.25}
+    inner = app_with(lambda a: good_reply(a, **counts))
 
     def app(msg, context):
         if wire.SM in msg.content and str(msg.content[wire.SM]["stage"]) == wire.TRAIN:
@@ -879,7 +881,7 @@ def test_a_server_that_names_another_metric_as_the_weight_never_reads_the_exampl
     assert len(trained) == 3 and s.rounds[0]["status"] == "completed"
     for r in trained:
         clear = {k: v for rec in r.content.metric_records.values() for k, v in rec.items()}
-        assert "num-examples" not in clear and 137 not in clear.values()
+        assert clear == {"loss": 0.25}
 
 
 def test_clipping_is_said_on_the_round_line_warned_and_widens_the_range(tmp_path):
