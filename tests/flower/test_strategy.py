@@ -320,6 +320,33 @@ def test_a_duplicated_partition_id_is_refused_and_gets_no_copy(tmp_path):
         assert list(reg.contested()) == ["client-001"]
 
 
+def _grid_that(switch, clients=3, deployed=False):
+    """A grid whose pushes call ``switch(grid, groups)`` first (``groups``: the round numbers of the messages
+    pushed); a SuperLink's grid with ``deployed``, else a simulation's."""
+    grid = InProcessGrid(clients, app=app_with(good_reply))
+    real = grid.push_messages
+
+    def push(messages):
+        messages = list(messages)
+        switch(grid, {m.metadata.group_id for m in messages})
+        return real(messages)
+
+    grid.push_messages = push
+    return Deployed(grid) if deployed else grid
+
+
+def _joins(node, partition, after):
+    """A switch: ``node`` connects claiming ``partition`` when round ``after``'s messages go out."""
+
+    def switch(grid, groups):
+        if after in groups and node not in grid.contexts:
+            grid.contexts[node] = Context(
+                4242, node, {"partition-id": partition, "num-partitions": 3}, RecordDict(), {}
+            )
+
+    return switch
+
+
 def test_a_node_that_took_a_victims_identity_first_is_cut_off_and_its_leak_accuses_no_one(tmp_path, capsys):
     """Node 1001 claims partition 1 before its owner connects and gets round 1's copy of client-001. When the
     victim (1003) claims it in round 2, the identity is suspended: neither node gets another copy, there is no
@@ -330,16 +357,7 @@ def test_a_node_that_took_a_victims_identity_first_is_cut_off_and_its_leak_accus
 
     cfg = config(clients=3, rounds=3)
     s = quiet_strategy(cfg, tmp_path, console=recording_console())
-    grid = InProcessGrid(3, app=app_with(good_reply))
-    real = grid.push_messages
-
-    def victim_connects_after_round_one(messages):
-        messages = list(messages)
-        if any(m.metadata.group_id == "1" for m in messages):
-            grid.contexts[1003] = Context(4242, 1003, {"partition-id": 1, "num-partitions": 3}, RecordDict(), {})
-        return real(messages)
-
-    grid.push_messages = victim_connects_after_round_one
+    grid = _grid_that(_joins(1003, partition=1, after="1"))  # the victim connects after round 1
     s.start(grid, initial(cfg), num_rounds=3, train_config=train_config(cfg))
     log = s.console.export_text()
     why = "node 1003 claimed it in round 2 while node 1001 held it since round 1; its copies before round 2 went to "
@@ -439,16 +457,7 @@ def test_a_pirate_that_contests_its_own_identity_is_still_named_by_node(tmp_path
 
     cfg = config(clients=3, rounds=3)
     s = quiet_strategy(cfg, tmp_path, console=recording_console())
-    grid = InProcessGrid(3, app=app_with(good_reply))
-    real = grid.push_messages
-
-    def sockpuppet_after_round_two(messages):
-        messages = list(messages)
-        if any(m.metadata.group_id == "2" for m in messages):
-            grid.contexts[1003] = Context(4242, 1003, {"partition-id": 2, "num-partitions": 3}, RecordDict(), {})
-        return real(messages)
-
-    grid.push_messages = sockpuppet_after_round_two
+    grid = _grid_that(_joins(1003, partition=2, after="2"))  # the sockpuppet connects after round 2
     s.start(grid, initial(cfg), num_rounds=3, train_config=train_config(cfg))
     leak = next(m for m in grid.sent if m.metadata.dst_node_id == 1002 and m.metadata.group_id == "2"
                 and str(m.content[wire.SM]["stage"]) == wire.TRAIN)  # fmt: skip
@@ -458,20 +467,6 @@ def test_a_pirate_that_contests_its_own_identity_is_still_named_by_node(tmp_path
     report = json.loads(capsys.readouterr().out)
     assert report["accused"] == [] and report["scores_top"][0]["customer"] == "client-002"
     assert "its copies before round 3 went to node 1002 alone" in report["contested"]["client-002"]
-
-
-def _takeover_grid(clients, switch):
-    """A SuperLink's grid (not a simulation's) whose pushes call ``switch(grid, round)`` first."""
-    grid = InProcessGrid(clients, app=app_with(good_reply))
-    real = grid.push_messages
-
-    def push(messages):
-        messages = list(messages)
-        switch(grid, {m.metadata.group_id for m in messages})
-        return real(messages)
-
-    grid.push_messages = push
-    return Deployed(grid)
 
 
 def test_an_identity_a_node_held_cannot_be_handed_on_by_leaving_it(tmp_path, capsys):
@@ -484,11 +479,11 @@ def test_an_identity_a_node_held_cannot_be_handed_on_by_leaving_it(tmp_path, cap
     def switch(grid, groups):
         if "1" in groups and 1003 not in grid.contexts:
             grid.contexts[1001].node_config["partition-id"] = 9  # hello replies of later rounds claim client-009
-            grid.contexts[1003] = Context(4242, 1003, {"partition-id": 1, "num-partitions": 3}, RecordDict(), {})
+        _joins(1003, partition=1, after="1")(grid, groups)
 
     cfg = config(clients=3, rounds=3)
     s = quiet_strategy(cfg, tmp_path, identity="partition-id", console=recording_console())
-    grid = _takeover_grid(3, switch)
+    grid = _grid_that(switch, deployed=True)
     s.start(grid, initial(cfg), num_rounds=3, train_config=train_config(cfg))
     assert "client-001" in s.nodes.contested and "client-001" not in s.nodes.customers.values()
     assert "while node 1001 held it since round 1 until it was refused" in s.nodes.contested["client-001"]
@@ -501,12 +496,8 @@ def test_an_identity_a_node_held_cannot_be_handed_on_by_leaving_it(tmp_path, cap
     assert report["accused"] == [] and "went to node 1001 alone" in report["contested"]["client-001"]
 
 
-def test_a_resumed_deployment_remembers_who_held_each_identity(tmp_path):
-    """Node 1001 holds client-001 in round 1; the server dies after round 1's checkpoint; in the resumed run node
-    1001 is gone and node 1003 claims partition 1: a contest naming node 1001, not a handover. A node that keeps
-    its id across the restart keeps its identity."""
-    cfg = config(clients=3, rounds=2)
-    s = quiet_strategy(cfg, tmp_path, identity="partition-id")
+def killed_after_round_one(s, grid, cfg):
+    """Start ``s`` on ``grid`` for 2 rounds and kill it right after round 1's checkpoint, as a crash would."""
     real = s._checkpoint
 
     def killed_after(r):
@@ -514,9 +505,17 @@ def test_a_resumed_deployment_remembers_who_held_each_identity(tmp_path):
         raise SystemExit("killed after round 1's checkpoint")
 
     s._checkpoint = killed_after
-    with pytest.raises(SystemExit):
-        s.start(Deployed(InProcessGrid(3, app=app_with(good_reply))), initial(cfg), num_rounds=2,
-                train_config=train_config(cfg))  # fmt: skip
+    with pytest.raises(SystemExit), deadline(120):
+        s.start(grid, initial(cfg), num_rounds=2, train_config=train_config(cfg))
+
+
+def test_a_resumed_deployment_remembers_who_held_each_identity(tmp_path):
+    """Node 1001 holds client-001 in round 1; the server dies after round 1's checkpoint; in the resumed run node
+    1001 is gone and node 1003 claims partition 1: a contest naming node 1001, not a handover. A node that keeps
+    its id across the restart keeps its identity."""
+    cfg = config(clients=3, rounds=2)
+    s = quiet_strategy(cfg, tmp_path, identity="partition-id")
+    killed_after_round_one(s, Deployed(InProcessGrid(3, app=app_with(good_reply))), cfg)
     grid = InProcessGrid(3, app=app_with(good_reply))
     del grid.contexts[1001]
     grid.contexts[1003] = Context(4242, 1003, {"partition-id": 1, "num-partitions": 3}, RecordDict(), {})
@@ -558,16 +557,7 @@ def test_a_contest_recorded_after_the_last_checkpoint_holds_in_the_resumed_run(t
     """The server dies after a contest in round 2 and before round 2's checkpoint: the registry has it, the
     checkpoint does not. The resumed run still refuses both claimants of the suspended identity."""
     cfg = config(clients=3, rounds=2)
-    s = quiet_strategy(cfg, tmp_path)
-    real = s._checkpoint
-
-    def killed_after(r):
-        real(r)
-        raise SystemExit("killed after round 1's checkpoint")
-
-    s._checkpoint = killed_after
-    with pytest.raises(SystemExit):
-        s.start(InProcessGrid(3), initial(cfg), num_rounds=2, train_config=train_config(cfg))
+    killed_after_round_one(quiet_strategy(cfg, tmp_path), InProcessGrid(3), cfg)
     with Registry.open(tmp_path / "registry") as reg:
         reg.contest("client-001", "nodes 1001, 1003 claimed it at once in round 2")
     resumed = quiet_strategy(cfg, tmp_path, console=recording_console())
@@ -1044,15 +1034,7 @@ def test_the_inner_strategy_samples_a_frozen_node_list_and_a_resumed_run_waits_f
     cfg = SimConfig.from_flat({**config(clients=4).to_flat(), "secagg.grace": 0.1})
     s = quiet_strategy(cfg, tmp_path)
     grid = FlakyGrid(4, listed=lambda call: call == 1)  # counted once, gone when FedAvg looks
-    real = s._checkpoint
-
-    def killed_after(r):
-        real(r)
-        raise SystemExit("killed after round 1's checkpoint")
-
-    s._checkpoint = killed_after
-    with pytest.raises(SystemExit), deadline(120):
-        s.start(grid, initial(cfg), num_rounds=2, train_config=train_config(cfg))
+    killed_after_round_one(s, grid, cfg)
     assert s.rounds[0]["status"] == "completed" and s.rounds[0]["sampled"] == 4  # the list FedAvg sampled was frozen
 
     s = quiet_strategy(cfg, tmp_path)
@@ -1149,16 +1131,7 @@ def test_the_initial_model_stays_unmarked_by_the_function_mark_until_a_round_has
         out = tmp_path / str(resumed)
         s = strategy_for(cfg, out, 2000, recording_console(), spec)
         if resumed:
-            real = s._checkpoint
-
-            def killed_after(r, real=real):
-                real(r)
-                raise SystemExit("killed after round 1's checkpoint")
-
-            s._checkpoint = killed_after
-            with pytest.raises(SystemExit):
-                s.start(InProcessGrid(3, app=busy_in_round_one), initial(cfg), num_rounds=2,
-                        train_config=train_config(cfg))  # fmt: skip
+            killed_after_round_one(s, InProcessGrid(3, app=busy_in_round_one), cfg)
             s = strategy_for(cfg, out, 2000, recording_console(), spec)
         s.start(InProcessGrid(3, app=busy_in_round_one), initial(cfg), num_rounds=2, train_config=train_config(cfg),
                 resume=resumed)  # fmt: skip
