@@ -120,22 +120,7 @@ def checked_state(path: Path) -> dict[str, Any]:
         raise InputError(f"checkpoint {path}: 'banned' and 'rng' are missing or malformed")
     if "registry" not in state or not isinstance(state.get("inner"), str):
         raise InputError(f"checkpoint {path}: 'registry' and 'inner' are missing")
-    holders(state, path)  # checked here, read by the strategy
     return state
-
-
-def holders(state: dict[str, Any], path: Path | None = None) -> dict[str, tuple[int, int | None]]:
-    """Who held each identity before the checkpoint: identity -> (node, the round it was identified in). A
-    checkpoint written before holders were kept has none."""
-    raw = state.get("holders", {})
-    ok = isinstance(raw, dict) and all(
-        isinstance(k, str) and isinstance(v, list) and len(v) == 2 and type(v[0]) is int
-        and (v[1] is None or type(v[1]) is int)
-        for k, v in raw.items()
-    )  # fmt: skip
-    if not ok:
-        raise InputError(f"checkpoint {path or ''}: 'holders' must map identities to [node, round]")
-    return {k: (v[0], v[1]) for k, v in raw.items()}
 
 
 def sha256(path: Path) -> str:

@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
-from rich.markup import escape
 
 from securemark import models
 from securemark.codes.tardos import customers_for, length_for
@@ -24,6 +23,7 @@ from securemark.errors import InputError
 from securemark.fingerprint.arch import record_of
 from securemark.fingerprint.embed import Fingerprinter
 from securemark.fingerprint.function import FunctionMark, FunctionMarkUnfit, features_and_logits
+from securemark.flower.exchange import shown
 from securemark.modelio import save_state_dict
 from securemark.owner import (
     FunctionSpec,
@@ -218,7 +218,7 @@ class Copies:
         """Two nodes claimed ``customer`` (Nodes suspended it): said, and marked in the registry, so a tracer
         reports a copy that reads as this customer's as contested instead of accusing it."""
         self.console.print(
-            f"  [red]identity {escape(repr(customer))} suspended ({escape(why)}): no node gets "
+            f"  [red]identity {shown(repr(customer))} suspended ({shown(why)}): no node gets "
             "its copies; a copy that reads as its own is reported contested, not accused[/]"
         )
         if self.registry is not None:

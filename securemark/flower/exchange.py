@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 import time
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -65,8 +66,16 @@ def accept(console: Console, node: int, parse_and_apply: Callable[..., Any], *ar
     try:
         return parse_and_apply(*args)
     except SecureMarkError as exc:  # a hostile or broken node must never end the run
-        console.print(f"  [yellow]rejected node {node}: {type(exc).__name__}: {escape(str(exc))}[/]")
+        console.print(f"  [yellow]rejected node {node}: {type(exc).__name__}: {shown(exc)}[/]")
         return None
+
+
+def shown(text: object) -> str:
+    """Text a node chose (an error reason, a claim, an exception about its reply) as a console shows it: rich
+    markup inert and control characters written out (``\x1b``), so a node can neither end the run with a bad
+    tag nor move the operator's cursor; None (an error without a reason) reads "(no reason)"."""
+    raw = "(no reason)" if text is None else str(text)
+    return escape("".join(c if unicodedata.category(c) != "Cc" else f"\\x{ord(c):02x}" for c in raw))
 
 
 @contextmanager

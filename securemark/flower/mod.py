@@ -177,9 +177,10 @@ def _after_train(msg: Message, context: Context, sent: dict[str, np.ndarray], re
         records = {wire.SM: ConfigRecord({"weight": weight}), wire.UPDATE: wire.array_record(delta)}
         return _reply(msg, wire.TRAIN, context, **records, **{metrics_key: metrics})
     keys = _keys(context)
-    # the example count never leaves in clear, whatever weight-key a server names: it could name another
-    # whole-number metric as the weight and read the count among the rest, under num-examples or whatever name
-    # the app gives it, so a masked reply carries no whole number in clear (losses and accuracies pass)
+    # the example count never leaves in clear as a number, whatever weight-key a server names: it could name
+    # another whole-number metric as the weight and read the count among the rest, under num-examples or
+    # whatever name the app gives it, so a masked reply carries no whole number in clear. Fractions pass (losses,
+    # accuracies), and an accuracy correct/n can still tell n: docs/explanations/masking.md says so
     metrics = MetricRecord({k: v for k, v in metrics.items() if k != COUNT_KEY and not _whole(v)})
     # capped, never refused: a refusal that depends on the count would let a server binary-search it
     weight = min(weight, int(head["max-weight"]))
@@ -229,9 +230,10 @@ def _whole(value: object) -> bool:
 
 def _floor_like(key: str) -> bool:
     """A node-config key that reads as securemark's or as a masking floor, whatever its case and separators
-    (``SecureMark_Require_Masking``, ``require-masking``)."""
+    (``SecureMark_Require_Masking``, ``require-masking``, ``masking-required``, ``require-secagg``)."""
     letters = re.sub(r"[^a-z]", "", str(key).lower())
-    return "securemark" in letters or "requiremask" in letters
+    return any(w in letters for w in ("securemark", "securmark", "requiremask", "requiresmask", "maskingrequired",
+                                      "requiresecagg", "secaggrequired"))  # fmt: skip
 
 
 def _quantization(head: ConfigRecord, sizes: list[int]) -> QuantConfig:

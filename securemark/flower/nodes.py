@@ -23,12 +23,11 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.superlink.grid import InMemoryGrid
 from rich.console import Console
-from rich.markup import escape
 
 from securemark.config import SecAggSettings
 from securemark.errors import InputError
 from securemark.flower import wire
-from securemark.flower.exchange import accept, exchange
+from securemark.flower.exchange import accept, exchange, shown
 from securemark.owner import customer_name
 from securemark.registry import Registry, RegistryError
 from securemark.secagg import protocol as P
@@ -61,8 +60,10 @@ class Nodes:
         self.banned: set[str] = set()  # customers refused for misbehaving or contested (kept across a resume)
         self.contested: dict[str, str] = {}  # identities two nodes claimed, and how
         self.since: dict[int, int] = {}  # node -> the round it was identified in
-        # identity -> (node, since) of a holder refused since (or before a resume): outside a simulation another
-        # node's later claim of it is a contest, so a node cannot hand an identity it held to its victim
+        # identity -> (node, since) of a holder refused since: with claimed partition ids outside a simulation,
+        # another node's later claim of it is a contest, so a node cannot hand an identity it held to its victim.
+        # Not kept across a resume: a restarted SuperLink gives every node a new id, and a takeover across the
+        # restart cannot be told from a reconnect (SuperNode authentication, identity "node", is the way)
         self.former: dict[str, tuple[int, int | None]] = {}
         self.simulated = True  # claims come from the engine's own nodes (resolve_identity says)
         self.on_contest: Callable[[str, str], None] = lambda name, why: None  # where a contest is recorded
@@ -90,7 +91,7 @@ class Nodes:
         for reply in got:
             node = reply.metadata.src_node_id
             if reply.has_error():
-                self.console.print(f"  [yellow]node {node} failed at {stage}: {escape(reply.error.reason)}[/]")
+                self.console.print(f"  [yellow]node {node} failed at {stage}: {shown(reply.error.reason)}[/]")
                 if stage != wire.HELLO:
                     self.keys.forget(self.ids.get(node, 0))
             elif stage != wire.HELLO and not self._claim_holds(node, reply, registered):
@@ -168,21 +169,21 @@ class Nodes:
                 self.refuse(node, f"customer {name!r} was refused earlier in this run")
             elif name in holders or twins:
                 self._contest(name, node, holders.get(name), twins, round_no)
-            elif name in self.former and self.former[name][0] != node and not self.simulated:
+            elif name in self.former and self.former[name][0] != node and self._claims_open():
                 self._contest(name, node, None, [], round_no, self.former[name])
             else:
                 self.customers[node] = name
                 self.since[node] = round_no
 
+    def _claims_open(self) -> bool:
+        """Claimed partition ids on a deployment: a node's claim proves nothing. (Node identities carry their key's
+        digest, so one identity is one key; a simulation's nodes are the engine's own.)"""
+        return self.identity == "partition-id" and not self.simulated
+
     def recall(self, contested: dict[str, str]) -> None:
         """Identities suspended earlier in this run (a resumed run reads them from the registry)."""
         self.contested.update(contested)
         self.banned.update(contested)
-
-    def holders(self) -> dict[str, list[int | None]]:
-        """Identity -> [node, since] of every node that held one in this run (what a resumed run keeps)."""
-        now = {name: (node, self.since.get(node)) for node, name in self.customers.items()}
-        return {name: list(held) for name, held in {**self.former, **now}.items()}
 
     def _contest(
         self, name: str, node: int, holder: int | None, twins: list[int], round_no: int,
@@ -206,7 +207,7 @@ class Nodes:
             self.refuse(other, f"identity {name!r} is suspended: {why}")
 
     def refuse(self, node: int, why: str) -> None:
-        self.console.print(f"  [red]refused node {node}: {escape(why)}; it gets no copy[/]")
+        self.console.print(f"  [red]refused node {node}: {shown(why)}; it gets no copy[/]")
         name = self.customers.pop(node, None)
         if name is not None:
             self.former[name] = (node, self.since.get(node))
@@ -254,15 +255,16 @@ def _claimed(reply: Message) -> str | None:
 
 def _registered_name(info: Any) -> str | None:
     """A registered node's customer: its public key's digest, after its registered name when it has one
-    (``alice-3f2a9c01``). Flower keeps keys unique, not names: a name is whatever the registrant typed, and two
-    keys registered as "bob" are two customers; a name that is no plain file name (``../x``, 63+ characters,
-    markup, any character but letters, digits and . _ -) is left out. None for a node without a key."""
+    (``alice-3f2a9c01b7d4e865``: 64 bits of it, too many to grind a key for). Flower keeps keys unique, not
+    names: a name is whatever the registrant typed, and two keys registered as "bob" are two customers; a
+    name that is no plain file name (``../x``, 63+ characters, markup, any character but letters, digits and
+    . _ -) is left out. None for a node without a key."""
     if info is None or not getattr(info, "public_key", b""):
         return None
     digest = hashlib.sha256(info.public_key).hexdigest()
     name = getattr(info, "name", "")
     usable = isinstance(name, str) and REGISTERED_NAME.fullmatch(name) is not None and ".." not in name
-    return f"{name}-{digest[:8]}" if usable else f"node-{digest[:16]}"
+    return f"{name}-{digest[:16]}" if usable else f"node-{digest[:16]}"
 
 
 # a registered name becomes part of a customer's name and of its copy's file name: letters, digits and . _ -

@@ -51,7 +51,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result, Strategy
 from rich.console import Console
-from rich.markup import escape
 
 from securemark import training
 from securemark.config import FingerprintConfig, SecAggSettings
@@ -60,7 +59,7 @@ from securemark.flower import checkpoint, wire
 from securemark.flower.aggregate import MaskedSum, PlainSum, Sum, check_inner, tensor_scales
 from securemark.flower.checkpoint import CHECKPOINT
 from securemark.flower.copies import Copies, Weights, arch_record
-from securemark.flower.exchange import StageClock, enough_nodes, exchange
+from securemark.flower.exchange import StageClock, enough_nodes, exchange, shown
 from securemark.flower.metrics import mean_metrics, metrics_of, round_line
 from securemark.flower.nodes import IDENTITIES, Nodes
 from securemark.modelio import save_state_dict
@@ -313,7 +312,7 @@ class SecureMark(Strategy):
             m.update(self._round.info, status="completed")
         except SecureMarkError as exc:  # the round fails, not the run; a bug raises anything else and ends the run
             m.update(status="failed", reason=str(exc))
-            self.console.print(f"  [red]round {r} failed, model unchanged: {escape(str(exc))}[/]")
+            self.console.print(f"  [red]round {r} failed, model unchanged: {shown(exc)}[/]")
         m["seconds"] = round(time.perf_counter() - start, 3)
         return arrays, m
 
@@ -350,14 +349,14 @@ class SecureMark(Strategy):
         try:
             msgs = self.configure_evaluate(r, arrays, ConfigRecord(dict(config)), grid)
         except SecureMarkError as exc:  # too few nodes connected, a bad base: no client evaluation this round
-            self.console.print(f"  [yellow]client evaluation of round {r} skipped: {escape(str(exc))}[/]")
+            self.console.print(f"  [yellow]client evaluation of round {r} skipped: {shown(exc)}[/]")
             return
         if not msgs:
             return
         try:
             agg = self.aggregate_evaluate(r, exchange(grid, msgs, timeout, self.secagg.grace))
         except Exception as exc:  # the inner strategy refuses inconsistent replies by raising
-            self.console.print(f"  [yellow]client evaluation of round {r} not aggregated: {escape(str(exc))}[/]")
+            self.console.print(f"  [yellow]client evaluation of round {r} not aggregated: {shown(exc)}[/]")
             return
         if agg:
             result.evaluate_metrics_clientapp[r] = agg
@@ -377,7 +376,6 @@ class SecureMark(Strategy):
             "rounds": self.rounds,
             "rng": self.rng.bit_generator.state,
             "banned": sorted(self.nodes.banned),
-            "holders": self.nodes.holders(),
             "inner": type(self.inner).__name__,
         }
 
@@ -385,7 +383,6 @@ class SecureMark(Strategy):
         self.rng.bit_generator.state = state["rng"]
         self.rounds = list(state["rounds"])
         self.nodes.banned = set(state["banned"])
-        self.nodes.former = checkpoint.holders(state)
         self.sum.resume(self.rounds)
         self.copies.reopen(self.out, self.weights, float(state["strength"]))
         self.nodes.recall(self.copies.contested())  # a contest after the last checkpoint is in the registry
