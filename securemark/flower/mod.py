@@ -9,7 +9,8 @@ fingerprinted copy, and its ConfigRecord), then checks the reply against FedAvg'
 arrays into the update relative to the copy it received (so the customer's fingerprint never reaches the
 global model), encodes it with the example count as weight, masks it, and replies with the masked update and the
 user's other metrics: never the plain update, never the example count in clear. Messages without a
-``securemark`` record (a plain Flower server, evaluate and query messages) pass through untouched.
+``securemark`` record (a plain Flower server, evaluate and query messages) pass through untouched, except a
+train request the node must refuse (below, and on a node that masks in this run).
 
 A node can set a floor: with ``securemark-require-masking = true`` in its node config (``flower-supernode
 --node-config "... securemark-require-masking=true"``) it refuses, before any training, every train request
