@@ -130,6 +130,7 @@ def client_masking_seconds(cfg: SimConfig, size: int, reps: int = 5) -> float:
     """One client's encoding and masking of an update of ``size`` values in a round of ``cfg.train.per_round``
     clients after the first (the words ``round_bits`` gives then), keys agreed: the median of ``reps``."""
     from securemark.secagg import protocol as P
+    from securemark.secagg.driver import Session
     from securemark.secagg.quantize import QuantConfig, encode
     from securemark.secagg.ranges import round_bits
 
@@ -138,16 +139,15 @@ def client_masking_seconds(cfg: SimConfig, size: int, reps: int = 5) -> float:
     graph, threshold = P.neighbour_graph(tuple(range(1, n + 1)), cfg.secagg.graph, rng)
     bits = round_bits(cfg.secagg.bits, n, max_weight, summed=True)
     qcfg = QuantConfig.of_parts(((size, cfg.secagg.clip),), bits, max_weight, n)
-    keys = {i: P.NodeKeys("bench", i) for i in graph}
-    server = P.SessionKeys("bench")
-    for i, k in keys.items():
-        server.register(i, *k.public())
+    session = Session("bench")
+    for i in graph:  # keys once per session, not timed
+        session.join(i)
     update = rng.normal(0.0, 0.01, size)
     seconds = []
     for r in range(1, reps + 1):
         rc = P.RoundConfig("bench", r, graph, threshold, qcfg.size + qcfg.extra, qcfg.modulus_bits, qcfg.digest())
         start = time.perf_counter()
-        P.client_masked_input(keys[1], rc, server.for_client(rc, 1), encode(update, 100, qcfg, rng))
+        P.client_masked_input(session.nodes[1], rc, session.server.for_client(rc, 1), encode(update, 100, qcfg, rng))
         seconds.append(time.perf_counter() - start)
     return statistics.median(seconds)
 

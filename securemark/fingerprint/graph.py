@@ -43,6 +43,8 @@ from securemark.fingerprint.spaces import (
 from securemark.fingerprint.valueops import ValueOps, _shape
 from securemark.fingerprint.verify import verify
 
+FX_INPUT = "placeholder"  # the op torch.fx gives a node that is one of the model's inputs (torch.fx.Node.op)
+
 
 def _is_attention(mod: nn.Module) -> bool:
     """timm's layout (``qkv`` and ``proj`` Linear layers, ``num_heads``) or torch's MultiheadAttention; the
@@ -137,7 +139,7 @@ class _Walk(ValueOps):
 
     # --- the walk --------------------------------------------------------------------------------
     def visit(self, node: fx.Node) -> None:
-        if node.op == "placeholder":  # torch.fx's name for a model input
+        if node.op == FX_INPUT:
             self.feat[node] = self._input(node)
         elif node.op == "get_attr":
             self.feat[node] = self._param(node)

@@ -150,24 +150,28 @@ class Copies:
         failed round. A spec that names another model is the caller's mistake: the run stops on it first."""
         if self.function is None or self.registry is None:
             return None
-        if token is self.initial and not self.fingerprint.function_initial:
-            if self._fm is None or self._fm[0] is not token:
-                self._fm = (token, None)
-                self.console.print("  copies of the initial model carry the white-box mark alone: the function mark "
-                                   "is fitted to features a round has trained (fingerprint.function_initial = true "
-                                   "marks a pretrained initial model's copies too)")  # fmt: skip
-            return None
         if self._fm is None or self._fm[0] is not token:
-            try:
-                self._fm = (token, establish_function_mark(self.registry, weights, self.function))
-            except FunctionMarkUnfit as exc:  # a mistake of the caller's (another model, a bad budget) stays loud
-                self._fm = (token, None)
-                if str(exc) != self._fm_refused:
-                    self._fm_refused = str(exc)
-                    self.console.print(f"  [yellow]copies of this model carry no function mark: {exc}. Black-box "
-                                       "tracing cannot read them; white-box tracing can (fingerprint.function_budget"
-                                       " = 0 turns the function mark off)[/]")  # fmt: skip
+            self._fm = (token, self._fit(token, weights))
         return self._fm[1]
+
+    def _fit(self, token: object, weights: Weights) -> tuple[FunctionMark, str] | None:
+        """The function mark fitted and recorded for ``weights`` (once per model: see :meth:`function_mark`),
+        or None, said once per reason: the run's initial model (fingerprint.function_initial) or FunctionMarkUnfit."""
+        assert self.function is not None and self.registry is not None
+        if token is self.initial and not self.fingerprint.function_initial:
+            self.console.print("  copies of the initial model carry the white-box mark alone: the function mark is "
+                               "fitted to features a round has trained (fingerprint.function_initial = true marks "
+                               "a pretrained initial model's copies too)")  # fmt: skip
+            return None
+        try:
+            return establish_function_mark(self.registry, weights, self.function)
+        except FunctionMarkUnfit as exc:  # a mistake of the caller's (another model, a bad budget) stays loud
+            if str(exc) != self._fm_refused:
+                self._fm_refused = str(exc)
+                self.console.print(f"  [yellow]copies of this model carry no function mark: {exc}. Black-box "
+                                   "tracing cannot read them; white-box tracing can (fingerprint.function_budget"
+                                   " = 0 turns the function mark off)[/]")  # fmt: skip
+            return None
 
     def copy_for(self, customer: str, token: object, weights: Weights) -> Weights:
         """``customer``'s copy of ``weights`` (``weights`` themselves without fingerprints)."""

@@ -115,7 +115,7 @@ class Nodes:
         outside a simulation says, once, that any node can claim any partition id."""
         self.simulated = simulated(self._grid())
         if self.identity == "auto":
-            if not simulated(self._grid()):
+            if not self.simulated:
                 raise IdentityUnsafe(
                     'who the customers are must be said for a deployment: fingerprint.identity = "node" '
                     '(SecureMark(identity="node")) on a SuperLink started with --enable-supernode-auth, '
@@ -123,7 +123,7 @@ class Nodes:
                     "each node claims, which any node can claim (an --insecure SuperLink)"
                 )
             self.identity = "partition-id"
-        elif self.identity == "partition-id" and not simulated(self._grid()):
+        elif self.identity == "partition-id" and not self.simulated:
             self.console.print("  [yellow]customers are the partition ids nodes claim (fingerprint.identity = "
                                "partition-id): any node can claim any; a second claim suspends the identity. "
                                'SuperNode authentication with fingerprint.identity = "node" binds each customer '

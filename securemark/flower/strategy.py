@@ -158,13 +158,10 @@ class SecureMark(Strategy):
     ) -> Iterator[Message]:
         """The inner strategy's train messages, each carrying its customer's copy; under masking with the round's
         configuration and the node's neighbours' public keys (new nodes are identified and keyed first).
-
-        Nodes are identified, the weights recorded as a base and the sum set up here, before any copy leaves:
-        a copy out in the world always has its base in the registry (recording it after the last copy was out
-        saved 15-70 ms a round and left copies of a server that died in between untraceable to their round's
-        model). Each copy is made as its message is taken from the returned iterator, so the exchange sends the
-        first copies while the rest are made (10 copies of a 1M-parameter model took 0.15-0.25 s that the nodes
-        spent waiting)."""
+        Nodes are identified, the weights recorded as a base and the sum set up before any copy leaves, so a copy
+        out in the world always has its base in the registry. Each copy is made as its message is taken from the
+        returned iterator: the exchange sends the first copies while the rest are made (10 copies of a
+        1M-parameter model took 0.15-0.25 s that the nodes spent waiting)."""
         self.nodes.grid = grid
         self._load(arrays)
         clock = StageClock()
