@@ -80,6 +80,9 @@ class FingerprintConfig:
     # others) | partition-id (what a node claims: anyone can) | node (its key registered on an authenticating
     # SuperLink)
     identity: str = "auto"
+    # every round's model is a base (its projection, 8 bytes x L); the model file itself is kept for the
+    # first and then every anchor_every-th (1: every one): what the tracer aligns suspects to
+    anchor_every: int = 16
 
 
 @dataclass(frozen=True)
@@ -196,6 +199,7 @@ class SimConfig(TomlConfig):
         _check(0 <= f.eval_copies <= t.clients, "fingerprint.eval_copies (0..train.clients)", f.eval_copies)
         _check(f.identity in ("auto", "partition-id", "node"), "fingerprint.identity (auto | partition-id | node)",
                f.identity)  # fmt: skip
+        _check(1 <= f.anchor_every <= 100_000, "fingerprint.anchor_every (1..100000)", f.anchor_every)
         _check(s.graph in ("complete", "sparse"), "secagg.graph", s.graph)
         _check(_finite(s.clip) and 1e-9 <= s.clip <= 1e15, "secagg.clip (1e-9..1e15)", s.clip)
         _check(1 <= s.bits <= 32, "secagg.bits (1..32)", s.bits)

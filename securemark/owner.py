@@ -65,13 +65,19 @@ def establish_base(
     return fp, base
 
 
-def add_earlier_base(registry: Registry, fp: Fingerprinter, model: StateDict, strength: float, label: str) -> Base:
-    """Record ``model`` as a base copies are issued from along the way (a training round's global model):
-    its projection, and the model itself for alignment. The current base is left as it is."""
+def add_earlier_base(
+    registry: Registry, fp: Fingerprinter, model: StateDict, strength: float, label: str, keep_model: bool = True
+) -> Base:
+    """Record ``model`` as a base copies are issued from along the way (a training round's global model): its
+    projection always, and with ``keep_model`` the model itself (an anchor a tracer aligns suspects to).
+    The current base is left as it is; a model recorded already is returned as recorded."""
+    recorded = next((b for b in registry.bases() if b.digest == state_digest(model)), None)
+    if recorded is not None:  # e.g. a resumed run records its last round's model again: nothing is written
+        return recorded
     check_finite(model)
     check_strength(strength)
-    digest = registry.save_base_model(model)
-    base = Base(digest, fp.project(model), strength, fp.layout.tensors, label)
+    digest = registry.save_base_model(model) if keep_model else state_digest(model)
+    base = Base(digest, fp.project(model), strength, fp.layout.tensors, label, keep_model)
     registry.add_base(base)
     return base
 

@@ -167,6 +167,13 @@ def test_cli_collusion_choices_match_the_attacks():
     assert cli.COLLUSION_METHODS == attacks.COLLUSION_METHODS
 
 
+def test_cli_model_suffixes_match_modelio():
+    from securemark.cli.suspects import MODEL_SUFFIXES
+    from securemark.modelio import MODEL_SUFFIXES as READ
+
+    assert MODEL_SUFFIXES == READ
+
+
 # --- owner-side hardening of registry init and issue ----------------------------------------------------
 def _owner_setup(tmp_path, capsys, customers=("ann", "ben", "cat")):
     base = tmp_path / "base.pt"

@@ -319,8 +319,13 @@ def test_the_base_model_is_kept_by_digest_and_read_back_checked(reg):
     path.write_bytes(b"not safetensors")
     with pytest.raises(RegistryError, match="could not be read"):
         reg.base_model()
-    path.unlink()  # a registry made before bases were kept: callers trace without alignment
-    assert reg.base_model() is None
+    path.unlink()  # recorded as kept: a removed model file is tamper evidence, not a quiet fallback
+    with pytest.raises(RegistryError, match="recorded as kept and is missing"):
+        reg.base_model()
+    record = json.loads(reg._conn.execute("SELECT value FROM meta WHERE key = 'base'").fetchone()[0])
+    assert record.pop("kept") is True
+    reg._conn.execute("UPDATE meta SET value = ? WHERE key = 'base'", (json.dumps(record),))
+    assert reg.base_model() is None  # a registry made before bases were kept: callers trace without alignment
 
 
 def test_safetensors_round_trip_keeps_the_state_digest(reg):

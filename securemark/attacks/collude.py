@@ -64,3 +64,21 @@ def collude(
             merged = torch.where(use_max, stack.max(0).values, stack.min(0).values)
         out[name] = merged.to(first.dtype)
     return out, record
+
+
+def mix_rounds(
+    copies: Sequence[StateDict], rng: np.random.Generator, weights: Sequence[float] | np.ndarray | None = None
+) -> tuple[dict, dict]:
+    """One customer's own copies of several rounds merged: sum_j weights_j x copy_j (equal weights by default;
+    any real weights summing to 1: a pirate may extrapolate too). Such a model matches none of the bases its
+    copies were made from; the tracer reads it against a combination of bases (tracing.mixture)."""
+    w = np.full(len(copies), 1 / max(len(copies), 1)) if weights is None else np.asarray(weights, dtype=np.float64)
+    if len(copies) < 2 or w.shape != (len(copies),) or not np.all(np.isfinite(w)) or abs(w.sum() - 1) > 1e-9:
+        raise InputError(f"mix-rounds needs 2 or more copies and one finite weight each summing to 1, got {w}")
+    weighted = torch.from_numpy(w)
+    merged, _ = collude(copies, "average", rng)  # the same tensors checked, counters from the first copy
+    for name, first in copies[0].items():
+        if first.is_floating_point():
+            stack = torch.stack([sd[name].to(torch.float64) for sd in copies])
+            merged[name] = torch.tensordot(weighted, stack, dims=1).to(first.dtype)
+    return merged, {"attack": "mix-rounds", "copies": len(copies), "weights": [round(float(x), 4) for x in w]}

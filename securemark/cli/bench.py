@@ -50,6 +50,22 @@ def cmd_bench_deploy(a: argparse.Namespace) -> object:
     return _json_or_table(a, result, {k: v for k, v in result.items() if k != "runs"}, *runs)
 
 
+def cmd_bench_trace_rounds(a: argparse.Namespace) -> object:
+    from securemark.bench.trace_rounds import bench_trace_rounds
+
+    result = bench_trace_rounds(
+        a.model, a.params, a.rounds, a.customers, a.per_round, a.anchor_every, a.length, a.max_colluders,
+        a.copies, a.trials, a.timed, a.seed,
+    )  # fmt: skip
+    flat = {k: v for k, v in result.items() if not isinstance(v, dict | list)}
+    mixed = [{"cell": k, **result[k]} for k in ("mixed_first_and_last", "mixed_three_rounds")]
+    series: dict[str, object] = {
+        f"after {p['rounds']} rounds": f"{p['registry_bytes']:,} bytes, trace {p['trace_seconds']} s"
+        for p in result["against_rounds"]
+    }
+    return _json_or_table(a, result, flat | result["named_alone"], series, *mixed)
+
+
 def cmd_bench_align(a: argparse.Namespace) -> object:
     from securemark.bench.align import bench_align
 
@@ -103,6 +119,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     _add_rounds(bench)
     _add_deploy(bench)
     _add_align(bench)
+    _add_trace_rounds(bench)
     _add_blackbox(bench)
     _add_censored(bench)
     _add_simulate(bench)
@@ -165,6 +182,26 @@ def _add_align(bench: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     add_seed(ba)
     add_json(ba)
     ba.set_defaults(func=cmd_bench_align)
+
+
+def _add_trace_rounds(bench: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    bt = bench.add_parser("trace-rounds", help="a run's registry against its rounds: bytes, trace seconds, copies of "
+                          "early, middle and final rounds, customers mixing their own copies of rounds")  # fmt: skip
+    bt.add_argument("--model", choices=("mlp", "cnn"), default="mlp", help="mlp: sized by --params; cnn: quickstart's")
+    bt.add_argument("--params", type=_positive, default=1_000_000, help="the MLP's size in parameters")
+    bt.add_argument("--rounds", type=_positive, default=100, help="FedAvg rounds on the offline MNIST-5k digits")
+    bt.add_argument("--customers", type=_positive, default=100, help="clients, one customer each")
+    bt.add_argument("--per-round", type=_positive, default=10, help="clients sampled each round")
+    bt.add_argument("--anchor-every", type=_positive, default=16, help="fingerprint.anchor_every: a model file kept "
+                    "every this many rounds")  # fmt: skip
+    bt.add_argument("--length", type=_positive, default=1024, help="code length L (the quickstart's)")
+    bt.add_argument("--max-colluders", type=_positive, default=4, help="c_max (the quickstart's)")
+    bt.add_argument("--copies", type=_positive, default=20, help="customers traced per round and attack")
+    bt.add_argument("--trials", type=_positive, default=100, help="customers mixing their own rounds, per kind")
+    bt.add_argument("--timed", type=_positive, default=10, help="final copies timed against every base and one")
+    add_seed(bt)
+    add_json(bt)
+    bt.set_defaults(func=cmd_bench_trace_rounds)
 
 
 def _add_blackbox(bench: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

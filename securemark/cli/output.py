@@ -29,7 +29,15 @@ def _strict(obj: object) -> object:
     return obj
 
 
+class JsonLines(list[dict[str, object]]):
+    """A command's --json result printed as one compact JSON object per line (``trace`` of many suspects)."""
+
+
 def _print_json(obj: object) -> None:
+    if isinstance(obj, JsonLines):
+        for item in obj:
+            print(json.dumps(_strict(item), allow_nan=False, default=float))
+        return
     print(json.dumps(_strict(obj), indent=2, allow_nan=False, default=float))
 
 

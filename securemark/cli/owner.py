@@ -14,13 +14,14 @@ import numpy as np
 from securemark.cli.args import _finite, _natural, _positive, add_arch, add_json, add_seed, arch_of, arch_record
 from securemark.cli.issue import add_issue
 from securemark.cli.output import _print_json
+from securemark.cli.suspects import NOT_ALIGNED, read_against, suspect_files, trace_many
 from securemark.codes.base import CODE_KINDS
 from securemark.errors import InputError
 
 if TYPE_CHECKING:
+    from securemark.registry import Base
     from securemark.tracing.tracer import TraceReport
 
-NOT_ALIGNED = 3  # trace's exit status when the suspect was read unaligned (the verdict is printed all the same)
 # the CLI parses without importing torch: a test checks this equals securemark.attacks.COLLUSION_METHODS
 COLLUSION_METHODS = ("average", "median", "interleave", "layer-interleave", "extreme", "extrapolate", "convex")
 
@@ -73,10 +74,18 @@ def cmd_registry_show(a: argparse.Namespace) -> None:
                     "strength": base.strength,
                     "carrier_tensors": [n for n, _ in base.tensors],
                 },
+                "bases": [_base_row(b, base, reg.directory) for b in reg.bases()],
+                "size": reg.size(),
                 "deliveries": reg.deliveries(),
                 "contested": reg.contested(),
             }
         )
+
+
+def _base_row(base: Base, current: Base | None, folder: Path) -> dict[str, object]:
+    label = "current" if current is not None and base.digest == current.digest else base.label
+    kept = (folder / "bases" / f"{base.digest}.safetensors").is_file()
+    return {"label": label, "digest": base.digest, "model_kept": kept}
 
 
 def cmd_trace(a: argparse.Namespace) -> object:
@@ -85,16 +94,18 @@ def cmd_trace(a: argparse.Namespace) -> object:
     from securemark.registry import Registry
     from securemark.tracing.tracer import trace
 
-    given = [x for x in (a.suspect, a.endpoint, a.query_model) if x is not None]
+    given = [x for x in (a.suspect or None, a.endpoint, a.query_model) if x is not None]
     if len(given) != 1:
-        raise InputError("trace needs exactly one suspect: a weights FILE, --endpoint URL or --query-model FILE")
-    if a.suspect is None and (a.hard or a.align_spec or a.no_align or a.arch):
+        raise InputError("trace needs exactly one suspect source: weights FILEs or a folder, --endpoint, --query-model")
+    if not a.suspect and (a.hard or a.align_spec or a.no_align or a.arch):
         raise InputError("--hard, --align-spec, --arch and --no-align apply to a weights file, not a black-box suspect")
     if sum(map(bool, (a.align_spec, a.arch, a.no_align))) > 1:
         raise InputError("--align-spec, --arch and --no-align exclude each other")
-    if a.suspect is not None:
+    if a.suspect and (len(a.suspect) > 1 or a.suspect[0].is_dir()):
+        return trace_many(a, suspect_files(a.suspect))
+    if a.suspect:
         arch = arch_of(a)
-        suspect = load_state_dict(a.suspect)
+        suspect = load_state_dict(a.suspect[0])
         groups = load_groups(a.align_spec) if a.align_spec else None
         with Registry.open(a.directory) as reg:
             report = trace(suspect, reg, top_k=a.top, hard=a.hard, groups=groups, aligned=not a.no_align, arch=arch)
@@ -109,14 +120,15 @@ def cmd_trace(a: argparse.Namespace) -> object:
     from rich.markup import escape
     from rich.table import Table
 
-    title = f"{a.suspect or a.endpoint or a.query_model}: {report.users} customers, threshold {report.threshold:.2f}, "
+    title = f"{a.suspect[0] if a.suspect else a.endpoint or a.query_model}: {report.users} customers, "
+    title += f"threshold {report.threshold:.2f}, "
     title += f"eps {report.eps}"
     caption = f"alignment {report.alignment['status']}; bound: {report.bound}"
     if "queries" in report.alignment:
         al = report.alignment
         caption = f"black box: {al['queries']} queries, {al['outputs']} read; bound: {report.bound}"
     if "base" in report.alignment:  # a registry with several bases (a federation keeps each round's model)
-        caption += f"; read against the {report.alignment['base']} ({report.alignment['bases_tried']} bases kept)"
+        caption += f"; {read_against(report.alignment)}"
     table = Table(title=escape(title), caption=escape(caption))
     for col in ("customer", "score", "p-value", "accused"):
         table.add_column(col)
@@ -152,6 +164,13 @@ def _trace_black_box(a: argparse.Namespace) -> TraceReport:
             return tracer.trace(script, a.queries, a.outputs, a.top)
 
 
+def _weights(text: str) -> list[float]:
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+
+
 def cmd_attack(a: argparse.Namespace) -> None:
     from securemark import attacks
     from securemark.modelio import load_state_dict, save_state_dict
@@ -159,6 +178,8 @@ def cmd_attack(a: argparse.Namespace) -> None:
     rng = np.random.default_rng(a.seed)
     if a.attack == "collude":
         out, record = attacks.collude([load_state_dict(f) for f in a.files], a.method, rng, a.alpha)
+    elif a.attack == "mix-rounds":
+        out, record = attacks.mix_rounds([load_state_dict(f) for f in a.files], rng, a.weights)
     elif a.attack == "prune":
         out, record = attacks.prune(load_state_dict(a.file), a.ratio, a.scope)
     elif a.attack == "quantize":
@@ -207,7 +228,8 @@ def _add_registry(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 def _add_trace(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     tr = sub.add_parser("trace", help="name the customers behind a suspect model (weights, or outputs only)")
     tr.add_argument("directory", type=Path, help="the registry folder")
-    tr.add_argument("suspect", type=Path, nargs="?", default=None, help="the suspect's weights (white-box)")
+    tr.add_argument("suspect", type=Path, nargs="*", default=[],
+                    help="the suspect's weights (white-box); several, or a folder: a line each")  # fmt: skip
     tr.add_argument("--endpoint", default=None, help="black box: http://host:port/v2/models/NAME (Open Inference V2)")
     tr.add_argument("--query-model", type=Path, default=None, help="black box: a TorchScript file, outputs only")
     tr.add_argument("--query-data", type=Path, default=None, help="query inputs (.npz, array x: N,C,H,W)")
@@ -237,6 +259,9 @@ def _add_attack(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     col.add_argument("files", type=Path, nargs="+", help="the colluders' copies")
     col.add_argument("--method", choices=COLLUSION_METHODS, default="average", help="how the copies are merged")
     col.add_argument("--alpha", type=_finite, default=0.5, help="extrapolate: w_a + alpha (w_a - w_b)")
+    mix = att.add_parser("mix-rounds", help="one customer's own copies of several rounds, weighted and summed")
+    mix.add_argument("files", type=Path, nargs="+", help="the customer's copies, one per round")
+    mix.add_argument("--weights", type=_weights, default=None, help="comma-separated, summing to 1 (default: equal)")
     pr = att.add_parser("prune", help="magnitude pruning")
     pr.add_argument("file", type=Path, help="the model to prune")
     pr.add_argument("--ratio", type=_finite, required=True, help="share of weights set to zero")
@@ -254,7 +279,7 @@ def _add_attack(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     no.add_argument(
         "--std", type=_finite, required=True, help="standard deviation of the Gaussian noise added to every weight"
     )
-    for sp in (col, pr, qu, no):
+    for sp in (col, mix, pr, qu, no):
         sp.add_argument("--out", type=Path, required=True, help="where the attacked model is written")
         add_seed(sp)
         sp.set_defaults(func=cmd_attack)

@@ -27,10 +27,12 @@ from securemark.flower.exchange import shown
 from securemark.modelio import save_state_dict
 from securemark.owner import (
     FunctionSpec,
+    PreparedMark,
     add_earlier_base,
-    establish_function_mark,
     issue_copies,
     mark,
+    prepare_function_mark,
+    record_function_mark,
     relative_change,
 )
 from securemark.registry import Registry, RegistryParams
@@ -67,7 +69,8 @@ class Copies:
         self.strength = 0.0
         self.bits: dict[str, np.ndarray] = {}  # customer -> its code row (read from the registry once)
         self._based: tuple[object, np.ndarray] | None = None  # (token, projection) kept as a base
-        self._fm: tuple[object, tuple[FunctionMark, str] | None] | None = None  # (token, its mark)
+        # (token, its mark and layer, the mark prepared: what record_function_mark writes)
+        self._fm: tuple[object, tuple[FunctionMark, str] | None, PreparedMark | None] | None = None
         self._fm_refused = ""  # why the last model could not carry a function mark (said once per reason)
         self.initial: object | None = None  # the token of the run's initial model (fingerprint.function_initial)
         self._oversized = False  # the warning that customers outnumber the code's size was said
@@ -101,8 +104,11 @@ class Copies:
         function = f", function mark {fc.function_budget}" if self.function is not None else ""
         served = customers_for(fc.length, fc.max_colluders, fc.eps) if fc.code == "tardos" else None
         sized = "" if served is None else f"; sized for {served:,} customers (L >= pi^2/2 c^2 ln(n/eps))"
+        anchors = (f"; a model file every {fc.anchor_every} rounds: black-box tracing reads the copies of those rounds"
+                   " and the final ones (fingerprint.anchor_every = 1: every round's)"
+                   if self.function is not None and fc.anchor_every > 1 else "")  # fmt: skip
         return (f"registry {self.registry.directory}: {fc.code} code L={fc.length}, c_max={fc.max_colluders}, "
-                f"eps={fc.eps}, mark budget {fc.budget}{function}{sized}")  # fmt: skip
+                f"eps={fc.eps}, mark budget {fc.budget}{function}{sized}{anchors}")  # fmt: skip
 
     def check_customers(self, n: int) -> None:
         """Warn, once, when the run's customers outnumber what its code was sized for at its eps."""
@@ -134,29 +140,39 @@ class Copies:
 
     def record_base(self, token: object, weights: Weights, after: int) -> np.ndarray | None:
         """Keep ``weights`` in the registry as a base (once per model), so a copy of any round traces against
-        its own base; their projection h = X w, or None without fingerprints."""
+        its own base; their projection h = X w, or None without fingerprints. The model file itself is kept for
+        the run's first base and then every ``fingerprint.anchor_every``-th (counted in the registry, so a
+        resumed run keeps the same rhythm), with its function mark's record; the others keep their projection
+        alone (black-box tracing reads a mark by running the base model: a record without one is never read)."""
         if self.fp is None or self.registry is None:
             return None
         if self._based is None or self._based[0] is not token:
             label = f"global model after round {after}"
-            base = add_earlier_base(self.registry, self.fp, weights, self.strength, label)
+            since = self.registry.rounds_since_kept()
+            keep = since is None or since + 1 >= self.fingerprint.anchor_every
+            base = add_earlier_base(self.registry, self.fp, weights, self.strength, label, keep)
             self._based = (token, base.reference)
+            if base.kept is not False and self.function_mark(token, weights) is not None:
+                assert self._fm is not None and self._fm[2] is not None
+                record_function_mark(self.registry, weights, self._fm[2])
         return self._based[1]
 
     def function_mark(self, token: object, weights: Weights) -> tuple[FunctionMark, str] | None:
-        """The function mark of ``weights`` (fitted and recorded once per model), or None. A model the mark
-        cannot be fitted to (FunctionMarkUnfit: no linear head, features NaN on the held-out data, too few
-        held-out inputs to read it) gets copies with the white-box mark alone and one logged line, never a
-        failed round. A spec that names another model is the caller's mistake: the run stops on it first."""
+        """The function mark of ``weights`` (fitted once per model), or None. A model the mark cannot be fitted
+        to (FunctionMarkUnfit: no linear head, features NaN on the held-out data, too few held-out inputs to
+        read it) gets copies with the white-box mark alone and one logged line, never a failed round. A spec
+        that names another model is the caller's mistake: the run stops on it first."""
         if self.function is None or self.registry is None:
             return None
         if self._fm is None or self._fm[0] is not token:
-            self._fm = (token, self._fit(token, weights))
+            prepared = self._fit(token, weights)
+            self._fm = (token, None if prepared is None else prepared[:2], prepared)
         return self._fm[1]
 
-    def _fit(self, token: object, weights: Weights) -> tuple[FunctionMark, str] | None:
-        """The function mark fitted and recorded for ``weights`` (once per model: see :meth:`function_mark`),
-        or None, said once per reason: the run's initial model (fingerprint.function_initial) or FunctionMarkUnfit."""
+    def _fit(self, token: object, weights: Weights) -> PreparedMark | None:
+        """The function mark prepared for ``weights`` (once per model: see :meth:`function_mark`; recorded by
+        :meth:`record_base` for a base that keeps its model, and by the final issue), or None, said once per
+        reason: the run's initial model (fingerprint.function_initial) or FunctionMarkUnfit."""
         assert self.function is not None and self.registry is not None
         if token is self.initial and not self.fingerprint.function_initial:
             self.console.print("  copies of the initial model carry the white-box mark alone: the function mark is "
@@ -164,7 +180,7 @@ class Copies:
                                "a pretrained initial model's copies too)")  # fmt: skip
             return None
         try:
-            return establish_function_mark(self.registry, weights, self.function)
+            return prepare_function_mark(self.registry, weights, self.function)
         except FunctionMarkUnfit as exc:  # a mistake of the caller's (another model, a bad budget) stays loud
             if str(exc) != self._fm_refused:
                 self._fm_refused = str(exc)

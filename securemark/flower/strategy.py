@@ -173,9 +173,10 @@ class SecureMark(Strategy):
         sampled = sorted(self.nodes.identify(inner_msgs, server_round))
         self.copies.check_customers(len(self.nodes.customers))
         clock.lap("hello")
+        reference = self.copies.record_base(self._loaded, self.weights, server_round - 1)  # before the function mark
         function = (self.copies.function_mark(self._loaded, self.weights), self.weights)  # what reads the copies
         self._round = _Round(sampled, clock, function=function)
-        self._round.reference = self.copies.record_base(self._loaded, self.weights, server_round - 1)
+        self._round.reference = reference
         records = self.sum.setup(server_round, sampled, tensor_scales(self.weights, self.names))
         clock.lap("setup")
         return self._train_messages(server_round, inner_msgs, records)

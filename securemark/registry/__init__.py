@@ -4,12 +4,14 @@ every delivered model, and the embedding parameters. SQLite in WAL mode; every w
 Bases: the *current* base (``set_base``, the model copies are issued from now, e.g. a federation's final model)
 and the earlier bases copies were issued from (``add_base``, e.g. each training round's global model). A
 tracer reads a suspect against every one of them, so a copy handed out in round 3 of 50 is read against the
-model it was made from, not through 47 rounds of training drift.
+model it was made from, not through 47 rounds of training drift. Every base keeps its projection; an earlier
+base keeps its model file only when it is an anchor (``Base.kept``: a federation keeps every
+``fingerprint.anchor_every``-th), so a run's registry grows by a fraction of a model per round.
 
 The owner secret lives beside it in ``owner.key`` (mode 0600) and nowhere else: the registry stores what
 is derived from it (bias, code rows) so tracing reads one file, but never the key itself. The database is
 mode 0600 too: whoever reads the code rows and the bias can forge a copy that frames any customer. The base
-model itself is kept in ``bases/<digest>.safetensors`` (0600), so a tracer can align suspects to it.
+models kept are in ``bases/<digest>.safetensors`` (0600), so a tracer can align suspects to them.
 
 :class:`Registry` is one class put together from one part per job, each a subclass of
 :class:`~securemark.registry.store.Store` (the connection, the write lock, the secret and the bias) in a

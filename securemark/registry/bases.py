@@ -1,7 +1,8 @@
 """The registry's bases: the models copies were issued from (their projections, strengths and carrier
-layouts in the database, their weights in ``bases/<digest>.safetensors``) and, per base, the function
-mark's record. The current base is the one copies are issued from now; the earlier ones stay readable so a
-tracer can read each suspect against the model it was made from."""
+layouts in the database; the weights of the current base and of the anchors in
+``bases/<digest>.safetensors``) and, per base that keeps its model, the function mark's record. The current
+base is the one copies are issued from now; the earlier ones stay readable so a tracer can read each suspect
+against the model it was made from."""
 
 from __future__ import annotations
 
@@ -33,16 +34,23 @@ class Base:
     strength: float
     tensors: tuple[tuple[str, tuple[int, ...]], ...]  # the carrier's tensors: suspects are checked by name
     label: str = ""  # what the base was, for reports ("round 3"); the current base has none
+    # whether its model file is kept in bases/: True (an anchor: suspects are aligned to it), False (its
+    # projection alone: read, never aligned to), None (recorded before the registry said: kept if present)
+    kept: bool | None = None
 
     def info(self) -> dict[str, object]:
-        return {"digest": self.digest, "strength": self.strength, "tensors": [[n, list(s)] for n, s in self.tensors],
+        info = {"digest": self.digest, "strength": self.strength, "tensors": [[n, list(s)] for n, s in self.tensors],
                 "label": self.label}  # fmt: skip
+        return info if self.kept is None else {**info, "kept": self.kept}
 
     @classmethod
     def from_info(cls, info: dict, reference: bytes) -> Base:
         tensors = tuple((name, tuple(shape)) for name, shape in info["tensors"])
-        label = info.get("label", "")
-        return cls(info["digest"], np.frombuffer(reference, dtype=np.float64).copy(), info["strength"], tensors, label)
+        label, kept = info.get("label", ""), info.get("kept")
+        if kept is not None and not isinstance(kept, bool):
+            raise ValueError(f"base {info['digest'][:12]}: 'kept' is {kept!r}, not true or false")
+        reference_array = np.frombuffer(reference, dtype=np.float64).copy()
+        return cls(info["digest"], reference_array, info["strength"], tensors, label, kept)
 
 
 class BasesMixin(Store):
@@ -82,13 +90,16 @@ class BasesMixin(Store):
                     )
                 return
             self._check_layout(conn, base)
-            conn.execute("INSERT INTO meta VALUES ('base', ?)", (json.dumps(replace(base, label="").info()),))
+            current = replace(base, label="", kept=True)  # its model file is written before this record
+            conn.execute("INSERT INTO meta VALUES ('base', ?)", (json.dumps(current.info()),))
             conn.execute("INSERT INTO arrays VALUES ('reference', ?)", (base.reference.tobytes(),))
 
     @_db_errors
     def add_base(self, base: Base) -> None:
         """Record an earlier base (a training round's model that copies were issued from); the same digest
-        again is a no-op. Its carrier layout must be every other base's: one projection reads them all."""
+        again is a no-op. Its carrier layout must be every other base's: one projection reads them all.
+        ``base.kept`` says whether its model file was written (:meth:`save_base_model`) or only its projection
+        is kept (a registry keeps a model every few rounds: see :meth:`rounds_since_kept`)."""
         _check_digest(base.digest)
         with self._write() as conn:
             if conn.execute("SELECT 1 FROM meta WHERE key = ?", (f"base/{base.digest}",)).fetchone() is not None:
@@ -96,6 +107,24 @@ class BasesMixin(Store):
             self._check_layout(conn, base)
             conn.execute("INSERT INTO meta VALUES (?, ?)", (f"base/{base.digest}", json.dumps(base.info())))
             conn.execute("INSERT INTO arrays VALUES (?, ?)", (f"reference/{base.digest}", base.reference.tobytes()))
+
+    def rounds_since_kept(self) -> int | None:
+        """How many bases were recorded after the last one whose model file is kept (None: none is kept).
+        Decides, from the registry alone, whether a run's next base keeps its model (also after a resume)."""
+        flags = [b.kept is not False for b in self.bases()]
+        if not any(flags):
+            return None
+        return flags[::-1].index(True)
+
+    def size(self) -> dict[str, int]:
+        """Bytes on disk: the database (with its WAL, checkpointed first if no other connection is busy) and
+        the model files of recorded bases, how many bases there are and how many have their model file."""
+        self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")  # never waits for another connection
+        db = sum(p.stat().st_size for p in self.directory.glob("registry.sqlite*") if p.is_file())
+        bases = self.bases()
+        files = [p for b in bases if (p := self.directory / BASES_DIR / f"{b.digest}.safetensors").is_file()]
+        return {"database_bytes": db, "model_bytes": sum(p.stat().st_size for p in files), "model_files": len(files),
+                "bases": len(bases), "bases_with_model": len(files)}  # fmt: skip
 
     def _checked(self, base: Base) -> Base:
         """A base read back, refused if damaged: SQLite does not checksum rows, and a strength of inf or a
@@ -174,16 +203,18 @@ class BasesMixin(Store):
 
     def base_model(self, base: Base | None = None) -> dict[str, torch.Tensor] | None:
         """The model of ``base`` (default: the current one), read back and checked against its recorded
-        digest (RegistryError if it was altered or is unreadable). None when no base is recorded yet, or when
-        the registry predates kept base models (no ``bases/`` file): callers then trace without aligning
-        suspects to the base."""
+        digest (RegistryError if it was altered, removed or is unreadable). None when no base is recorded yet,
+        when only the base's projection is kept (``kept`` False), or when the registry predates kept base
+        models (no ``bases/`` file and no ``kept`` record): callers then read it without aligning to it."""
         from securemark.modelio import ModelFileError, load_state_dict, state_digest
 
         base = self.base() if base is None else base
-        if base is None:
+        if base is None or base.kept is False:
             return None
         path = self.directory / BASES_DIR / f"{base.digest}.safetensors"
         if not path.is_file():
+            if base.kept:
+                raise RegistryError(f"base model {path} is recorded as kept and is missing: removed?")
             return None
         try:
             model = load_state_dict(path)

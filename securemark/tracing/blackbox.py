@@ -26,7 +26,7 @@ from securemark.registry import Base, Registry, RegistryError
 from securemark.registry.marks import function_mark_of
 from securemark.tracing.bound import robust_observation
 from securemark.tracing.oracle import Gauge, Oracle, OracleError, gauges, remapped
-from securemark.tracing.tracer import Scorer, TraceReport
+from securemark.tracing.verdict import Scorer, TraceReport
 
 SHIFTS = [(dy, dx) for dy in (0, 1, -1, 2, -2) for dx in (0, 1, -1, 2, -2)]  # (0, 0) first: the data itself
 

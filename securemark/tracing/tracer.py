@@ -9,13 +9,12 @@ threshold is certified for that very observation.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict
 
 import numpy as np
 import torch
 
-from securemark.codes import bibd, unpack_bits
 from securemark.errors import SecureMarkError
 from securemark.fingerprint.align import AlignmentError, UnitGroup, align, chain_groups
 from securemark.fingerprint.arch import Arch, check_covers, groups_of
@@ -24,11 +23,23 @@ from securemark.fingerprint.embed import Fingerprinter
 from securemark.modelio import first_bad_entry, match_names
 from securemark.registry import Base, Registry, RegistryError
 from securemark.registry.marks import fingerprinter
-from securemark.tracing.bound import Law, Observation, robust_observation
-from securemark.tracing.scores import PackedCodebook, accuse, exact_scores, tardos_scores
+from securemark.tracing.bound import Observation
+from securemark.tracing.mixture import Reading, read_bases
+from securemark.tracing.verdict import Scorer, Suspect, TraceReport, Verdict
 
-PValues = Callable[[np.ndarray], np.ndarray]
+__all__ = ["NotAligned", "Scorer", "Suspect", "SuspectError", "TraceReport", "Tracer", "Verdict", "trace"]
+
 ABSURD = 1e30  # no trained model holds a weight near float32's overflow (3.4e38)
+MAX_ALIGNMENTS = 4  # anchors one suspect is aligned to (Tracer.observe)
+ROUGH = 1.5  # a reading whose RMS is above this (an intact copy's is 1) tries more anchors
+
+
+def _bracket(anchors: list[int], base: int) -> list[int]:
+    """The anchors on either side of base number ``base`` (the nearer first; the later of two as near)."""
+    below = [a for a in anchors if a <= base]
+    above = [a for a in anchors if a >= base]
+    sides = [x for x in (below[-1] if below else None, above[0] if above else None) if x is not None]
+    return sorted(dict.fromkeys(sides), key=lambda a: (abs(a - base), -a))
 
 
 def fill_erasures(suspect: StateDict, base: StateDict) -> tuple[dict, int]:
@@ -73,56 +84,11 @@ def check_suspect(sd: StateDict) -> None:
         )
 
 
-@dataclass(frozen=True)
-class Suspect:
-    customer: str
-    score: float
-    p_value: float | None  # certified bound on P(an innocent scores this high); None for BIBD (no null)
-
-
-@dataclass(frozen=True)
-class TraceReport:
-    accused: list[Suspect]
-    scores_top: list[Suspect]
-    threshold: float  # normalized (score / ||y||), certified for this observation
-    eps: float
-    bound: str  # how the threshold was certified
-    innocent_tail: float | None  # certified P(one given innocent accused) at the threshold
-    false_accusation_bound: float | None  # customers x innocent_tail: P(any innocent accused) <= this <= eps
-    code: str
-    users: int
-    length: int
-    signal_rms: float  # ||y|| / sqrt(L) after clipping: 1 for an intact copy, ~mean-row norm for an average
-    clipped: int  # coordinates of y saturated as outliers
-    bit_agreement_top: float  # share of positions where sign(y) matches the top suspect's row
-    alignment: dict[str, object]  # what alignment to the base undid, or why it did not run ("aligned": bool)
-    seconds: float
-    soft_code: np.ndarray = field(repr=False, compare=False)
-    # customers who score above the threshold but whose identity two nodes claimed in a run (Registry.contest):
-    # not accused, since their copies may have reached either node; name -> why
-    contested: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def aligned(self) -> bool:
-        """False when the suspect was read in its own coordinates (no unit groups, or it could not be aligned):
-        a rewritten copy (units permuted, rescaled) would escape such a reading."""
-        return self.alignment.get("aligned") is not False
-
-    def to_json(self) -> dict[str, object]:
-        out = asdict(self)
-        out.pop("soft_code")
-        if not np.isfinite(self.threshold):
-            out["threshold"] = None  # a zero observation: nobody can be accused (strict JSON has no Infinity)
-        out["accused"] = [s.customer for s in self.accused]
-        out["aligned"] = self.aligned
-        out["accused_detail"] = [asdict(s) for s in self.accused]
-        return out
-
-
 class Tracer:
-    """A registry read once for many suspects: base, codebook, bias and the secret projection are loaded and
-    derived here, so each :meth:`trace` costs one alignment, one extraction and one scoring pass (the
-    evaluation harness traces thousands of suspects against one registry).
+    """A registry read once for many suspects: bases (their projections, and the models kept), codebook, bias
+    and the secret projection are loaded and derived here, so each :meth:`trace` costs one to four
+    alignments (see :meth:`observe`), their readings and one scoring pass (the evaluation harness and
+    ``securemark trace DIR suspects/`` trace many suspects against one registry).
 
     Unit groups for alignment, first found: ``groups`` (explicit, e.g. ``--align-spec``), those of ``arch``
     (derived from the model's graph now), those the registry recorded at ``registry init --arch``, those of
@@ -146,7 +112,9 @@ class Tracer:
         self._current = None if current is None else current.digest
         self._registry = registry
         self._fp: Fingerprinter | None = None
-        self._models = [registry.base_model(b) if aligned else None for b in self.bases]
+        self._models = [registry.base_model(b) if aligned else None for b in self.bases]  # None: projection only
+        self._refs = np.stack([b.reference for b in self.bases])
+        self._strengths = np.array([b.strength for b in self.bases])
         self._carrier_size = CarrierLayout(self.params.carrier, self.base.tensors).size
         self._groups, self._alignment = self._unit_groups(groups, aligned, arch)
 
@@ -229,28 +197,71 @@ class Tracer:
     def observe(self, suspect: StateDict) -> tuple[Observation, dict[str, object]]:
         """Check, align, extract and read robustly: the observation the scores are computed from.
 
-        With several bases (a federation keeps each round's model) the suspect is aligned to each and read
-        against it, and the observation with the least energy is kept: the base a suspect was made from leaves
-        the mark and the pirate's changes, any other adds the training drift between the two. (Aligning to the
-        current base only and reading every base from that one projection is cheaper, and wrong: an early
-        copy aligned to a much-trained model gets units matched wrongly and then fits no base.) The choice
-        depends on the suspect and the bases alone, never on an innocent's code row, so an innocent's row is
-        still independent of the observation and its certified threshold holds unchanged (no multiple-testing
-        correction is needed). Cost: one alignment per base."""
+        A federation records every round's model as a base, and keeps the model file of a few (anchors, see
+        fingerprint.anchor_every); the others keep their projection h = X w alone. The suspect is aligned to
+        the current anchor and read against every base (tracing.mixture: the base, or the affine combination
+        of up to three, with the least energy); then aligned to the anchor nearest the base that reading
+        chose, if it is another; while the best reading is rough (RMS above :data:`ROUGH`), to the anchors on
+        both sides of its choice, then the run's first anchor (at most :data:`MAX_ALIGNMENTS` alignments).
+        Late bases often differ by less than the mark's noise, so the choice among them is close to a coin
+        toss: following it from anchor to anchor would buy alignments, not readings. The suspect read in its
+        own coordinates is one more candidate (alignment can mislead: it undoes rescales a pirate's
+        extrapolation only seems to hold). The least-energy reading is kept. The base a copy was made from
+        leaves the mark and the pirate's changes, any other adds the training drift between the two; an anchor near that
+        base matches the suspect's units the way that base would (an early copy aligned to a much-trained
+        model alone gets units matched wrongly). Every choice depends on the suspect and the bases alone,
+        never on an innocent's code row, so an innocent's row is still independent of the observation and its
+        certified threshold holds unchanged (no multiple-testing correction is needed; the bases' own faint
+        dependence on the rows of the customers who trained them is in tracing.mixture). Cost: at most four
+        alignments, and one projection read per base."""
         check_suspect(suspect)
         suspect = match_names(suspect, (n for base in self.bases for n, _ in base.tensors))  # a DDP "module." prefix
-        best: tuple[float, Observation, dict[str, object], int] | None = None
-        for i in reversed(range(len(self.bases))):  # the current base first: it wins ties
-            prepared, alignment = self._prepare_checked(suspect, i)
-            obs = robust_observation(self.extract(prepared, i))
-            energy = float(np.dot(obs.y, obs.y))
-            if best is None or energy < best[0]:
-                best = (energy, obs, alignment, i)
+        anchors = [i for i, m in enumerate(self._models) if m is not None] if self._groups is not None else []
+        tried: dict[int, Reading] = {}
+        best: tuple[Reading, dict[str, object], int] | None = None
+        queue = [anchors[-1] if anchors else len(self.bases) - 1]
+        while len(tried) < MAX_ALIGNMENTS:
+            if not queue and anchors and best is not None:
+                rough = best[0].energy > ROUGH**2 * len(best[0].obs.y)
+                near = _bracket(anchors, best[0].parts[0][0])  # the nearer side first
+                queue = [a for a in (near if rough else near[:1] if len(tried) == 1 else []) if a not in tried]
+                if not queue and rough and anchors[0] not in tried:
+                    queue = [anchors[0]]  # a reading this rough may come of units matched wrongly: the run's start
+            if not queue:
+                break
+            anchor = queue.pop(0)
+            prepared, alignment = self._prepare_checked(suspect, anchor)
+            tried[anchor] = reading = read_bases(self._project(prepared), self._refs, self._strengths)
+            if best is None or reading.energy < best[0].energy:
+                best = (reading, alignment, anchor)
+            if not anchors:
+                break
         assert best is not None
-        _, obs, alignment, i = best
+        if anchors and best[1].get("aligned"):  # its own coordinates too: an alignment can also mislead
+            own = self._own_reading(suspect)
+            if own is not None and own[0].energy < best[0].energy:
+                status = f"{best[1]['status']}; read in its own coordinates, closer to the bases than aligned"
+                best = (own[0], {"status": status, "aligned": True, "own_coordinates": True, "erased": own[1]}, best[2])
+        assert best is not None
+        reading, alignment, anchor = best
         if len(self.bases) > 1:
-            alignment = {**alignment, "base": self._label(self.bases[i]), "bases_tried": len(self.bases)}
-        return obs, alignment
+            alignment = {**alignment, "base": self._label(self.bases[reading.parts[0][0]]),
+                         "bases_tried": len(self.bases), "aligned_to": self._label(self.bases[anchor]),
+                         "alignments": len(tried)}  # fmt: skip
+            if len(reading.parts) > 1:
+                alignment["mixture"] = [[self._label(self.bases[i]), round(w, 4)] for i, w in reading.parts]
+        return reading.obs, alignment
+
+    def _own_reading(self, suspect: StateDict) -> tuple[Reading, int] | None:
+        """The suspect read as it is (erasures filled against the current anchor), or None when its shapes
+        are not the bases'. A candidate like any other: it depends on the suspect and the bases alone."""
+        try:
+            self._fingerprinter(suspect).layout.check(suspect)
+        except CarrierMismatch:
+            return None
+        model = next(m for m in reversed(self._models) if m is not None)
+        filled, erased = fill_erasures(suspect, model)
+        return read_bases(self._project(filled), self._refs, self._strengths), erased
 
     def _label(self, base: Base) -> str:
         if self._current is not None and base.digest == self._current:
@@ -269,90 +280,6 @@ class Tracer:
         start = time.perf_counter()
         obs, alignment = self.observe(suspect)
         return self.scorer.report(obs, alignment, start, top_k, hard)
-
-
-class Scorer:
-    """A registry's customers, code and bias, read once: scores an observation and writes the report. The
-    white-box :class:`Tracer` and the black-box tracer (tracing.blackbox) both end here, so both get the
-    same scores and the same certified bound."""
-
-    def __init__(self, registry: Registry) -> None:
-        self.names, self._packed = registry.codebook()
-        if not self.names:
-            raise RegistryError(f"registry {registry.directory} has no customers")
-        self.params = registry.params
-        length = self.params.length
-        self._book = PackedCodebook.from_packed_rows(self._packed, length)
-        self.bias = registry.bias() if self.params.code != "bibd" else None
-        self.contested = registry.contested()
-        # BIBD rows are public and few (v <= a few hundred): kept unpacked for the soft detector
-        self._rows = unpack_bits(self._packed, length) if self.params.code == "bibd" else None
-
-    def accuse(self, y: np.ndarray) -> Verdict:
-        """Score every customer for observation ``y`` and accuse.
-
-        Tardos and random codes: soft scores against the threshold certified for this y's exact innocent law
-        (p-values are certified bounds, computed only for the customers asked for); BIBD: the soft detector
-        against its midway threshold (no null law, no bound, no p-values).
-        """
-        p = self.params
-        if self._rows is not None:
-            scores = bibd.soft_scores(y, self._rows)
-            threshold = bibd.soft_threshold(bibd.plane_order_for(p.max_colluders), p.max_colluders)
-            order = np.argsort(-scores)
-            return Verdict(scores, threshold, order[scores[order] > threshold], None, None)
-        assert self.bias is not None
-        bias = self.bias
-        acc = accuse(tardos_scores(self._book, y, bias), Law.of(y, bias), p.eps,
-                     lambda users: exact_scores(self._book, users, y, bias))  # fmt: skip
-        return Verdict(acc.normalized, acc.threshold, acc.accused, acc.p_values, acc.innocent_tail)
-
-    def report(
-        self, obs: Observation, alignment: dict[str, object], start: float, top_k: int = 10, hard: bool = False
-    ) -> TraceReport:
-        """Accuse on ``obs`` (its signs only with ``hard``) and report; ``start``: perf_counter at the start."""
-        y = np.sign(obs.y) if hard else obs.y
-        v = self.accuse(y)
-        order = np.argsort(-v.scores)
-
-        shown = np.union1d(v.accused, order[:top_k]).astype(np.int64)  # p-values once per reported customer
-        pv = dict(zip(shown.tolist(), [None] * len(shown) if v.p_values is None else v.p_values(shown).tolist(),
-                      strict=True))  # fmt: skip
-
-        def suspects(idx: np.ndarray) -> list[Suspect]:
-            return [Suspect(self.names[i], float(v.scores[i]), pv[int(i)]) for i in idx]
-
-        top_row = unpack_bits(self._packed[order[0]], self.params.length)
-        tail = v.innocent_tail
-        accused = suspects(v.accused)
-        return TraceReport(
-            accused=[s for s in accused if s.customer not in self.contested],
-            scores_top=suspects(order[:top_k]),
-            threshold=float(v.threshold),
-            eps=self.params.eps,
-            bound="none (BIBD detector)" if tail is None else "Chernoff + Berry-Esseen on the exact innocent law",
-            innocent_tail=tail,
-            false_accusation_bound=None if tail is None else tail * len(self.names),
-            code=self.params.code,
-            users=len(self.names),
-            length=self.params.length,
-            signal_rms=float(np.linalg.norm(y) / np.sqrt(len(y))),
-            clipped=obs.clipped,
-            bit_agreement_top=float(np.mean((y > 0) == top_row)),
-            alignment=alignment,
-            seconds=round(time.perf_counter() - start, 4),
-            soft_code=y,
-            contested={s.customer: self.contested[s.customer] for s in accused if s.customer in self.contested},
-        )
-
-
-@dataclass(frozen=True)
-class Verdict:
-    scores: np.ndarray  # every customer's score (normalized for Tardos/random)
-    threshold: float
-    accused: np.ndarray  # indices, most suspicious first
-    p_values: PValues | None
-    innocent_tail: float | None
 
 
 def trace(

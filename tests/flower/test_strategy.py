@@ -1096,7 +1096,8 @@ def test_copies_of_the_initial_model_carry_the_function_mark_only_when_asked(tmp
     from securemark.registry.marks import function_mark_of
 
     cfg = config(rounds=2, clients=3)
-    cfg = dataclasses.replace(cfg, fingerprint=dataclasses.replace(cfg.fingerprint, function_initial=marked_initial))
+    every = dataclasses.replace(cfg.fingerprint, function_initial=marked_initial, anchor_every=1)  # every model kept
+    cfg = dataclasses.replace(cfg, fingerprint=every)
     test = data.server_split(cfg.data, cfg.train.seed)[1]
     spec = FunctionSpec(spec_of("mlp", (1, 8, 8), 10), test.x[:360], data.heldout_record(cfg.data, 1))
     console = recording_console()
