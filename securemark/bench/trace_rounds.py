@@ -12,8 +12,8 @@ each round, local SGD), every round's global model recorded as a base the way th
   side on the same suspects;
 - copies of round 1 (made from the initial model), of the middle round and final copies, intact and pruned
   50% then int8-quantized: named alone;
-- customers who average their own copies of rounds 1 and R, or of 3 rounds (``attacks.mix_rounds``): caught,
-  and innocents accused.
+- customers who average their own copies of rounds 1 and R, mix 3 rounds, or extrapolate past the final
+  copy (``attacks.mix_rounds``): caught, and innocents accused.
 """
 
 from __future__ import annotations
@@ -157,15 +157,17 @@ def _timing(tracer: Tracer, single: Tracer, suspects: list[Weights]) -> dict[str
 
 
 def _mixed(tracer: Tracer, copy: Any, names: list[str], rounds: int, trials: int, rng: np.random.Generator) -> dict:
-    """Customers (one drawn per trial) who average their own copies of rounds 1 and R, or of 3 random rounds
-    (random convex weights): caught alone, innocents accused, and what the readings mixed."""
+    """Customers (one drawn per trial) who average their own copies of rounds 1 and R, mix 3 random rounds
+    (random convex weights), or extrapolate past the final copy (4 x final - 3 x round 1's): caught,
+    innocents accused, and how many readings combined bases."""
     out: dict[str, Any] = {}
-    for kind in ("first_and_last", "three_rounds"):
+    for kind in ("first_and_last", "three_rounds", "extrapolated"):
         caught = innocents = mixtures = 0
         for _ in range(trials):
             name = str(rng.choice(names))
-            picked = [0, rounds] if kind == "first_and_last" else sorted(rng.choice(rounds + 1, 3, replace=False))
-            weights = None if kind == "first_and_last" else rng.dirichlet(np.ones(3))
+            picked = [0, rounds] if kind != "three_rounds" else sorted(rng.choice(rounds + 1, 3, replace=False))
+            weights = {"first_and_last": None, "three_rounds": rng.dirichlet(np.ones(3)),
+                       "extrapolated": [-3.0, 4.0]}[kind]  # fmt: skip
             suspect, _ = attacks.mix_rounds([copy(name, int(r)) for r in picked], rng, weights)
             report = tracer.trace(suspect)
             accused = [s.customer for s in report.accused]

@@ -58,7 +58,7 @@ def cmd_bench_trace_rounds(a: argparse.Namespace) -> object:
         a.copies, a.trials, a.timed, a.seed,
     )  # fmt: skip
     flat = {k: v for k, v in result.items() if not isinstance(v, dict | list)}
-    mixed = [{"cell": k, **result[k]} for k in ("mixed_first_and_last", "mixed_three_rounds")]
+    mixed = [{"cell": k, **result[k]} for k in ("mixed_first_and_last", "mixed_three_rounds", "mixed_extrapolated")]
     series: dict[str, object] = {
         f"after {p['rounds']} rounds": f"{p['registry_bytes']:,} bytes, trace {p['trace_seconds']} s"
         for p in result["against_rounds"]

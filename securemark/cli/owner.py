@@ -84,8 +84,9 @@ def cmd_registry_show(a: argparse.Namespace) -> None:
 
 def _base_row(base: Base, current: Base | None, folder: Path) -> dict[str, object]:
     label = "current" if current is not None and base.digest == current.digest else base.label
-    kept = (folder / "bases" / f"{base.digest}.safetensors").is_file()
-    return {"label": label, "digest": base.digest, "model_kept": kept}
+    file = (folder / "bases" / f"{base.digest}.safetensors").is_file()
+    kept = file if base.kept is None else base.kept  # a registry from before anchors: its files say
+    return {"label": label, "digest": base.digest, "model_kept": kept, "model_file": file}
 
 
 def cmd_trace(a: argparse.Namespace) -> object:

@@ -108,13 +108,24 @@ class BasesMixin(Store):
             conn.execute("INSERT INTO meta VALUES (?, ?)", (f"base/{base.digest}", json.dumps(base.info())))
             conn.execute("INSERT INTO arrays VALUES (?, ?)", (f"reference/{base.digest}", base.reference.tobytes()))
 
+    @_db_errors
     def rounds_since_kept(self) -> int | None:
         """How many bases were recorded after the last one whose model file is kept (None: none is kept).
-        Decides, from the registry alone, whether a run's next base keeps its model (also after a resume)."""
-        flags = [b.kept is not False for b in self.bases()]
-        if not any(flags):
-            return None
-        return flags[::-1].index(True)
+        Decides, from the registry alone, whether a run's next base keeps its model (also after a resume).
+        Reads the bases' records only, never their projections: a run asks every round."""
+        rows = self._conn.execute("SELECT key, value FROM meta WHERE key LIKE 'base/%' ORDER BY rowid").fetchall()
+        current = self._conn.execute("SELECT value FROM meta WHERE key = 'base'").fetchone()
+        kept = [json.loads(v).get("kept") is not False for _, v in rows]
+        if current is not None:
+            digest = json.loads(current[0])["digest"]
+            kept = [k for (key, _), k in zip(rows, kept, strict=True) if key != f"base/{digest}"] + [True]
+        return None if not any(kept) else kept[::-1].index(True)
+
+    @_db_errors
+    def has_base(self, digest: str) -> bool:
+        """Whether a base of model ``digest`` is recorded (current or earlier)."""
+        rows = self._conn.execute("SELECT value FROM meta WHERE key = ? OR key = 'base'", (f"base/{digest}",))
+        return any(json.loads(v)["digest"] == digest for (v,) in rows)
 
     def size(self) -> dict[str, int]:
         """Bytes on disk: the database (with its WAL, checkpointed first if no other connection is busy) and
@@ -200,6 +211,16 @@ class BasesMixin(Store):
         folder.mkdir(mode=0o700, exist_ok=True)
         save_atomic(model, folder / f"{digest}.safetensors")
         return digest
+
+    def keeps_model(self, base: Base) -> bool:
+        """Whether ``base``'s model file is kept (an anchor); RegistryError when recorded as kept and missing."""
+        if base.kept is False:
+            return False
+        if (self.directory / BASES_DIR / f"{base.digest}.safetensors").is_file():
+            return True
+        if base.kept:
+            raise RegistryError(f"base model {base.digest[:12]} is recorded as kept and is missing: removed?")
+        return False
 
     def base_model(self, base: Base | None = None) -> dict[str, torch.Tensor] | None:
         """The model of ``base`` (default: the current one), read back and checked against its recorded

@@ -20,7 +20,10 @@ a trace of other customers' rows stays in the observation at its own small size.
 weights of opposite signs (an ill-conditioned fit of bases that differ by little) would multiply it, and
 would eat the mark's own energy: in a test federation whose rounds barely moved, weights of -44, 28 and 17
 accused two innocents. Within [-0.5, 1.5] the trace is at most 2.5 times what a single base leaves, and a
-pirate's mixtures of its own rounds (convex, or extrapolating by half a step) are read.
+pirate's mixtures of its own rounds (convex, or extrapolating by half a step) are read. A reading that is
+still rough (RMS above :data:`ROUGH`) then tries its main base and one other with free weights: a pirate
+that extrapolates further, (1 + K) w_R - K w_r, keeps its accuracy for K up to 50 (an attack pass), and
+there the drift it leaves is far above the mark, so a fit removes drift, not mark.
 
 Why the bound still holds: every choice here (bases, weights, outlier mask) is a function of the suspect and
 the bases alone, never of a code row. An innocent's row is independent of both, hence of the observation,
@@ -42,6 +45,7 @@ MOST = 3  # bases in one reading
 GAIN = 0.01  # a base joins the reading only if it lowers the energy by at least this share (see _gain)
 WEIGHTS = (-0.5, 1.5)  # the range of a weight in a combination (see the module docstring)
 SCREEN = 4  # bases fitted in full per step, after a least-squares screen of every base
+ROUGH = 1.5  # a reading whose RMS is above this (an intact copy's is 1) fits the bases badly: see read_bases
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,22 @@ def read_bases(p: np.ndarray, refs: np.ndarray, strengths: np.ndarray, most: int
         if wider is None or wider.energy > (1 - needed) * best.energy:
             break
         best = _pruned(p, refs, strengths, wider, needed)
-    return _swapped(p, refs, strengths, best) if len(best.parts) > 1 else best
+    best = _swapped(p, refs, strengths, best) if len(best.parts) > 1 else best
+    return _extrapolated(p, refs, strengths, best) if best.energy > ROUGH**2 * len(p) else best
+
+
+def _extrapolated(p: np.ndarray, refs: np.ndarray, strengths: np.ndarray, current: Reading) -> Reading:
+    """For a rough reading only: the main base and one other with free weights, if that reads lower. A pirate
+    who extrapolates between its own copies, (1 + K) w_R - K w_r, keeps its accuracy for K up to 50 and fits
+    nothing within :data:`WEIGHTS`. Free weights are not used on a reading that is not rough: there they
+    could only fit the mark itself and the faint code traces in the bases (module docstring)."""
+    main = current.parts[0][0]
+    inliers = _inliers(p, refs, strengths, current)
+    fits = (
+        _fit(p, refs, strengths, [main, j], inliers, free=True) for j in _screened(p, refs, [main], inliers, [main])
+    )
+    best = min((f for f in fits if f is not None), key=lambda f: f.energy, default=None)
+    return best if best is not None and best.energy < current.energy else current
 
 
 def _swapped(p: np.ndarray, refs: np.ndarray, strengths: np.ndarray, current: Reading) -> Reading:
@@ -124,15 +143,19 @@ def _inliers(p: np.ndarray, refs: np.ndarray, strengths: np.ndarray, current: Re
     return np.abs(p - w @ refs[idx]) <= cap
 
 
-def _fit(p: np.ndarray, refs: np.ndarray, strengths: np.ndarray, idx: list[int], inliers: np.ndarray) -> Reading | None:
+def _fit(
+    p: np.ndarray, refs: np.ndarray, strengths: np.ndarray, idx: list[int], inliers: np.ndarray, free: bool = False
+) -> Reading | None:
     """The affine combination of bases ``idx`` closest to ``p`` on ``inliers`` (least squares, weights
-    within :data:`WEIGHTS`: the weights a free fit puts outside are held at the nearer bound and the others
-    fitted again), read; None when no such combination exists or its strengths cancel (it reads no mark)."""
+    within :data:`WEIGHTS` unless ``free``: the weights a free fit puts outside are held at the nearer bound
+    and the others fitted again), read; None when no such combination exists or its strengths cancel."""
     w = _weights(p, refs, idx, inliers, {})
-    if w is not None and (np.any(w < WEIGHTS[0]) or np.any(w > WEIGHTS[1])):
+    if w is not None and not free and (np.any(w < WEIGHTS[0]) or np.any(w > WEIGHTS[1])):
         held = {i: float(np.clip(x, *WEIGHTS)) for i, x in enumerate(w) if not WEIGHTS[0] <= x <= WEIGHTS[1]}
         w = _weights(p, refs, idx, inliers, held)
-    if w is None or np.any(w < WEIGHTS[0] - 1e-9) or np.any(w > WEIGHTS[1] + 1e-9):
+    if w is None or not np.all(np.isfinite(w)):
+        return None
+    if not free and (np.any(w < WEIGHTS[0] - 1e-9) or np.any(w > WEIGHTS[1] + 1e-9)):
         return None
     s = float(w @ strengths[idx])
     if not s > 0:

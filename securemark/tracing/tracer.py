@@ -24,14 +24,14 @@ from securemark.modelio import first_bad_entry, match_names
 from securemark.registry import Base, Registry, RegistryError
 from securemark.registry.marks import fingerprinter
 from securemark.tracing.bound import Observation
-from securemark.tracing.mixture import Reading, read_bases
+from securemark.tracing.mixture import ROUGH, Reading, read_bases
 from securemark.tracing.verdict import Scorer, Suspect, TraceReport, Verdict
 
 __all__ = ["NotAligned", "Scorer", "Suspect", "SuspectError", "TraceReport", "Tracer", "Verdict", "trace"]
 
 ABSURD = 1e30  # no trained model holds a weight near float32's overflow (3.4e38)
 MAX_ALIGNMENTS = 4  # anchors one suspect is aligned to (Tracer.observe)
-ROUGH = 1.5  # a reading whose RMS is above this (an intact copy's is 1) tries more anchors
+LOADED = 6  # anchor models a Tracer keeps in memory at once
 
 
 def _bracket(anchors: list[int], base: int) -> list[int]:
@@ -112,7 +112,9 @@ class Tracer:
         self._current = None if current is None else current.digest
         self._registry = registry
         self._fp: Fingerprinter | None = None
-        self._models = [registry.base_model(b) if aligned else None for b in self.bases]  # None: projection only
+        # which bases keep their model (anchors); the models are read when a suspect is first aligned to them
+        self._kept = [aligned and registry.keeps_model(b) for b in self.bases]
+        self._loaded: dict[int, StateDict] = {}
         self._refs = np.stack([b.reference for b in self.bases])
         self._strengths = np.array([b.strength for b in self.bases])
         self._carrier_size = CarrierLayout(self.params.carrier, self.base.tensors).size
@@ -123,7 +125,7 @@ class Tracer:
     ) -> tuple[list[UnitGroup] | None, str]:
         if not aligned:
             return None, "off: disabled"
-        kept = [m for m in self._models if m is not None]
+        kept = [m for i in range(len(self.bases)) if (m := self._model(i)) is not None][-1:]
         if not kept:
             return None, "off: the registry keeps no base model (made before alignment existed)"
         recorded = self._registry.arch()
@@ -155,7 +157,7 @@ class Tracer:
         return self._prepare_checked(suspect, base)
 
     def _prepare_checked(self, suspect: StateDict, base: int) -> tuple[StateDict, dict[str, object]]:
-        model = self._models[base]
+        model = self._model(base)
         if self._groups is None or model is None:
             why = self._alignment if model is not None or self._groups is None else "off: this base's model is not kept"
             return suspect, {"status": why, "aligned": False}
@@ -216,7 +218,7 @@ class Tracer:
         alignments, and one projection read per base."""
         check_suspect(suspect)
         suspect = match_names(suspect, (n for base in self.bases for n, _ in base.tensors))  # a DDP "module." prefix
-        anchors = [i for i, m in enumerate(self._models) if m is not None] if self._groups is not None else []
+        anchors = [i for i, k in enumerate(self._kept) if k] if self._groups is not None else []
         tried: dict[int, Reading] = {}
         best: tuple[Reading, dict[str, object], int] | None = None
         queue = [anchors[-1] if anchors else len(self.bases) - 1]
@@ -252,6 +254,20 @@ class Tracer:
                 alignment["mixture"] = [[self._label(self.bases[i]), round(w, 4)] for i, w in reading.parts]
         return reading.obs, alignment
 
+    def _model(self, i: int) -> StateDict | None:
+        """Base ``i``'s model (checked against its digest), read once and kept for the next suspects, the last
+        few only (LOADED): a registry of a long run keeps many anchors, a suspect is aligned to at most four."""
+        if not self._kept[i]:
+            return None
+        if i not in self._loaded:
+            if len(self._loaded) >= LOADED:
+                del self._loaded[next(iter(self._loaded))]
+            model = self._registry.base_model(self.bases[i])
+            if model is None:
+                raise RegistryError(f"base {self.bases[i].digest[:12]}'s model file went missing while tracing")
+            self._loaded[i] = model
+        return self._loaded[i]
+
     def _own_reading(self, suspect: StateDict) -> tuple[Reading, int] | None:
         """The suspect read as it is (erasures filled against the current anchor), or None when its shapes
         are not the bases'. A candidate like any other: it depends on the suspect and the bases alone."""
@@ -259,7 +275,8 @@ class Tracer:
             self._fingerprinter(suspect).layout.check(suspect)
         except CarrierMismatch:
             return None
-        model = next(m for m in reversed(self._models) if m is not None)
+        model = self._model(max(i for i, k in enumerate(self._kept) if k))
+        assert model is not None
         filled, erased = fill_erasures(suspect, model)
         return read_bases(self._project(filled), self._refs, self._strengths), erased
 

@@ -117,11 +117,13 @@ def test_an_early_copy_is_aligned_to_an_anchor_near_its_round(tmp_path):
 
 def test_a_customer_mixing_its_own_rounds_is_caught_and_unmarked_mixtures_accuse_nobody(tmp_path):
     """Drift 0.3 a round here: read against any single base the copy carries 1.7-4.5 times the mark's RMS.
+    The last mixture extrapolates past the final copy (4 x final - 3 x round 1's): outside what a bounded
+    reading combines, so a rough reading tries two bases with free weights.
     Which bases the reading combines need not be the ones mixed (the bases of a run are nearly collinear),
     the reading is: the mark read back at RMS ~1."""
     reg, history, copy = _run(tmp_path, rounds=8, anchor_every=4, drift=0.3)
     rng = np.random.default_rng(1)
-    for picked, weights in (([0, 8], None), ([1, 4, 7], [0.2, 0.5, 0.3]), ([2, 6], [1.4, -0.4])):
+    for picked, weights in (([0, 8], None), ([1, 4, 7], [0.2, 0.5, 0.3]), ([2, 6], [1.4, -0.4]), ([1, 8], [-3, 4])):
         mixed, _ = attacks.mix_rounds([copy("c5", r) for r in picked], rng, weights)
         tracer = Tracer(reg)
         report = tracer.trace(mixed)
@@ -189,3 +191,4 @@ def test_many_suspects_in_one_call(tmp_path, capsys):
     shown = json.loads(capsys.readouterr().out)
     assert shown["size"]["bases"] == 5 and shown["size"]["model_files"] == 3
     assert [b["model_kept"] for b in shown["bases"]] == [True, False, True, False, True]
+    assert [b["model_file"] for b in shown["bases"]] == [True, False, True, False, True]
