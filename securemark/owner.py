@@ -71,11 +71,13 @@ def add_earlier_base(
     """Record ``model`` as a base copies are issued from along the way (a training round's global model): its
     projection always, and with ``keep_model`` the model itself (an anchor a tracer aligns suspects to).
     The current base is left as it is; a model recorded already is returned as recorded."""
-    if registry.has_base(state_digest(model)):  # e.g. a resumed run records its last round's model again
-        return next(b for b in registry.bases() if b.digest == state_digest(model))  # nothing is written
+    digest = state_digest(model)
+    if registry.has_base(digest):  # e.g. a resumed run records its last round's model again: nothing is written
+        return next(b for b in registry.bases() if b.digest == digest)
     check_finite(model)
     check_strength(strength)
-    digest = registry.save_base_model(model) if keep_model else state_digest(model)
+    if keep_model:
+        registry.save_base_model(model)
     base = Base(digest, fp.project(model), strength, fp.layout.tensors, label, keep_model)
     registry.add_base(base)
     return base

@@ -74,7 +74,7 @@ def cmd_registry_show(a: argparse.Namespace) -> None:
                     "strength": base.strength,
                     "carrier_tensors": [n for n, _ in base.tensors],
                 },
-                "bases": [_base_row(b, base, reg.directory) for b in reg.bases()],
+                "bases": [_base_row(b, base, reg.model_path(b.digest).is_file()) for b in reg.bases()],
                 "size": reg.size(),
                 "deliveries": reg.deliveries(),
                 "contested": reg.contested(),
@@ -82,9 +82,8 @@ def cmd_registry_show(a: argparse.Namespace) -> None:
         )
 
 
-def _base_row(base: Base, current: Base | None, folder: Path) -> dict[str, object]:
+def _base_row(base: Base, current: Base | None, file: bool) -> dict[str, object]:
     label = "current" if current is not None and base.digest == current.digest else base.label
-    file = (folder / "bases" / f"{base.digest}.safetensors").is_file()
     kept = file if base.kept is None else base.kept  # a registry from before anchors: its files say
     return {"label": label, "digest": base.digest, "model_kept": kept, "model_file": file}
 

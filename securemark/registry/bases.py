@@ -12,6 +12,7 @@ import re
 import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -133,7 +134,7 @@ class BasesMixin(Store):
         self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")  # never waits for another connection
         db = sum(p.stat().st_size for p in self.directory.glob("registry.sqlite*") if p.is_file())
         bases = self.bases()
-        files = [p for b in bases if (p := self.directory / BASES_DIR / f"{b.digest}.safetensors").is_file()]
+        files = [p for b in bases if (p := self.model_path(b.digest)).is_file()]
         return {"database_bytes": db, "model_bytes": sum(p.stat().st_size for p in files), "model_files": len(files),
                 "bases": len(bases), "bases_with_model": len(files)}  # fmt: skip
 
@@ -212,11 +213,15 @@ class BasesMixin(Store):
         save_atomic(model, folder / f"{digest}.safetensors")
         return digest
 
+    def model_path(self, digest: str) -> Path:
+        """Where the model of base ``digest`` is kept, if it is."""
+        return self.directory / BASES_DIR / f"{digest}.safetensors"
+
     def keeps_model(self, base: Base) -> bool:
         """Whether ``base``'s model file is kept (an anchor); RegistryError when recorded as kept and missing."""
         if base.kept is False:
             return False
-        if (self.directory / BASES_DIR / f"{base.digest}.safetensors").is_file():
+        if self.model_path(base.digest).is_file():
             return True
         if base.kept:
             raise RegistryError(f"base model {base.digest[:12]} is recorded as kept and is missing: removed?")
@@ -232,7 +237,7 @@ class BasesMixin(Store):
         base = self.base() if base is None else base
         if base is None or base.kept is False:
             return None
-        path = self.directory / BASES_DIR / f"{base.digest}.safetensors"
+        path = self.model_path(base.digest)
         if not path.is_file():
             if base.kept:
                 raise RegistryError(f"base model {path} is recorded as kept and is missing: removed?")

@@ -125,7 +125,8 @@ class Tracer:
     ) -> tuple[list[UnitGroup] | None, str]:
         if not aligned:
             return None, "off: disabled"
-        kept = [m for i in range(len(self.bases)) if (m := self._model(i)) is not None][-1:]
+        last = max((i for i, k in enumerate(self._kept) if k), default=None)  # one model read, not every anchor
+        kept = [] if last is None else [m for m in (self._model(last),) if m is not None]
         if not kept:
             return None, "off: the registry keeps no base model (made before alignment existed)"
         recorded = self._registry.arch()
