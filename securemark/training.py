@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 
 import numpy as np
@@ -20,6 +21,12 @@ def pick_device() -> torch.device:
 def client_generator(seed: int, round_no: int, partition_id: int) -> torch.Generator:
     """The batch-order generator of one client in one round: reproducible, distinct per client and round."""
     return torch.Generator().manual_seed(seed * 100_003 + round_no * 1009 + partition_id)
+
+
+def fresh_generator() -> torch.Generator:
+    """A batch-order generator seeded from the operating system: training that nobody else can make repeat, so a
+    model sent twice is not trained into the same update twice (the shipped ClientApp's)."""
+    return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
 
 
 def train(

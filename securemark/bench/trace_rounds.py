@@ -21,6 +21,7 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +41,15 @@ Weights = dict[str, torch.Tensor]
 
 
 def train_rounds(
-    model: str, params: int, rounds: int, clients: int, per_round: int, seed: int
-) -> tuple[list[Weights], float]:
+    model: str, params: int, rounds: int, clients: int, per_round: int, seed: int, scheme: str = "iid",
+    lr: float = 0.05, seen: Callable[[int, Weights, Weights], None] | None = None,
+) -> tuple[list[Weights], float]:  # fmt: skip
     """The global model after each of ``rounds`` FedAvg rounds, the initial model first (R + 1 models), and
-    the final model's accuracy on the held-out fifth of the digits."""
+    the final model's accuracy on the held-out fifth of the digits. ``seen(client, start, trained)`` is called
+    after each client's local training."""
     pool, test = data.load_mnist5k(seed).split(0.2, seed)
     rng = np.random.default_rng(seed)
-    parts = data.partition(pool.y.numpy(), clients, "iid", rng)
+    parts = data.partition(pool.y.numpy(), clients, scheme, rng)
     shape, classes = tuple(pool.x.shape[1:]), pool.classes
     width = models.mlp_width_for(params, shape, classes) if model == "mlp" else 0  # type: ignore[arg-type]
     net = models.build(model, shape, classes, seed=seed, width=width)  # type: ignore[arg-type]
@@ -55,9 +58,13 @@ def train_rounds(
         total: dict[str, torch.Tensor] = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in history[-1].items()}
         count = 0
         for c in rng.choice(clients, size=per_round, replace=False):
-            net.load_state_dict(history[-1])
             local = pool.subset(parts[c])
-            training.train(net, local, lr=0.05, generator=training.client_generator(seed, r, int(c)))
+            if not len(local):
+                continue
+            net.load_state_dict(history[-1])
+            training.train(net, local, lr=lr, generator=training.client_generator(seed, r, int(c)))
+            if seen is not None:
+                seen(int(c), history[-1], net.state_dict())
             for k, v in net.state_dict().items():
                 total[k] += v.double() * len(local)
             count += len(local)

@@ -66,6 +66,14 @@ def cmd_bench_trace_rounds(a: argparse.Namespace) -> object:
     return _json_or_table(a, result, flat | result["named_alone"], series, *mixed)
 
 
+def cmd_bench_starts(a: argparse.Namespace) -> object:
+    from securemark.bench.starts import bench_starts
+
+    result = bench_starts(tuple(a.partitions), tuple(a.per_round), a.rounds, a.lr, a.seed)
+    runs: list[dict[str, object]] = result["runs"]
+    return _json_or_table(a, result, {k: v for k, v in result.items() if k != "runs"}, *runs)
+
+
 def cmd_bench_align(a: argparse.Namespace) -> object:
     from securemark.bench.align import bench_align
 
@@ -120,6 +128,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     _add_deploy(bench)
     _add_align(bench)
     _add_trace_rounds(bench)
+    _add_starts(bench)
     _add_blackbox(bench)
     _add_censored(bench)
     _add_simulate(bench)
@@ -202,6 +211,20 @@ def _add_trace_rounds(bench: argparse._SubParsersAction[argparse.ArgumentParser]
     add_seed(bt)
     add_json(bt)
     bt.set_defaults(func=cmd_bench_trace_rounds)
+
+
+def _add_starts(bench: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    bs = bench.add_parser("starts", help="how far honest FedAvg moves a node's model between its rounds, against "
+                          "its update: the margin of a node's replay check")  # fmt: skip
+    bs.add_argument("--partitions", nargs="+", choices=("iid", "dirichlet", "pathological"),
+                    default=["iid", "dirichlet", "pathological"], help="how the digits are split")  # fmt: skip
+    bs.add_argument("--per-round", type=_positive, nargs="+", default=[10, 20],
+                    help="clients, each sampled every round")  # fmt: skip
+    bs.add_argument("--rounds", type=_positive, default=15, help="FedAvg rounds on the offline MNIST-5k digits")
+    bs.add_argument("--lr", type=_finite, default=0.05, help="local learning rate")
+    add_seed(bs)
+    add_json(bs)
+    bs.set_defaults(func=cmd_bench_starts)
 
 
 def _add_blackbox(bench: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -4,7 +4,9 @@ of the updates that counted, their total weight and who they came from; the stra
 
 A round with either: ``setup`` gives the records each sampled node's train message carries, ``need`` the
 number of good replies after which the exchange waits only the grace period, ``collect`` the mean from the
-replies (a masked sum runs its second exchange, the unmask, there).
+replies (a masked sum runs its second exchange, the unmask, there), ``after_failure`` the model the next round
+starts from when this one failed (a masked round that failed after nodes revealed shares moves it on: those
+nodes refuse to train from a model they helped unmask a sum of, ``secagg.starts``).
 """
 
 from __future__ import annotations
@@ -86,6 +88,8 @@ class Sum(Protocol):
 
     def resume(self, rounds: list[dict[str, Any]]) -> None: ...
 
+    def after_failure(self, flat: np.ndarray) -> np.ndarray | None: ...
+
 
 class PlainSum:
     """Updates in clear with their weights: what a round costs without masking."""
@@ -104,6 +108,10 @@ class PlainSum:
 
     def need(self) -> int:
         return len(self.sampled) // 2 + 1
+
+    def after_failure(self, flat: np.ndarray) -> np.ndarray | None:
+        """A failed plain round leaves the model as it was."""
+        return None
 
     def collect(self, r: int, replies: dict[int, Message], clock: StageClock) -> Aggregate:
         clock.lap("train")
@@ -147,23 +155,41 @@ class MaskedSum:
         self.nodes, self.secagg, self.max_weight, self.console, self.rng = nodes, secagg, max_weight, console, rng
         self.round: _MaskedRound | None = None
         self.ranges = Ranges(secagg.clip)
+        self.moved = 0.0  # how far the last completed round moved the global model (the norm of its mean update)
+        self.revealed = False  # this round's nodes were asked to reveal shares
+        self.failed = 0  # rounds that stepped since the last completed round
+
+    def after_failure(self, flat: np.ndarray) -> np.ndarray | None:
+        """After a round that failed once its nodes revealed shares, a random step for the global model (``flat``),
+        half of what the last completed round moved it (a hundredth of the model's norm before any), doubled
+        after each failure in a row since. Those nodes refuse the unchanged model, and a server lying about a
+        failure could take another sum from it; past the replay check's 2% of an update, the step changes the
+        model no more than a round's noise. None when the round failed before unmask (nobody revealed) and no
+        failure before it stepped: the model stays."""
+        if not self.revealed and not self.failed:
+            return None
+        self.failed += 1
+        size = (0.5 * self.moved if self.moved > 0 else 1e-2 * float(np.linalg.norm(flat))) * 2.0 ** (self.failed - 1)
+        step = self.rng.standard_normal(flat.size)
+        return step * (size / max(float(np.linalg.norm(step)), 1e-300))
 
     def setup(self, r: int, sampled: list[int], tensors: Tensors) -> dict[int, dict[str, Any]]:
         """The round's masking state, and for each node the records its train message adds: the quantization
         (in its SM record: bits, weights and one range per tensor, ``secagg.ranges``), the round's configuration
         (which binds the quantization's digest into every key) and its neighbours' public keys. Fewer than 2
         nodes fail the round: a lone update would be its own sum, and the protocol's threshold needs 2 holders."""
-        self.round = None
+        self.round, self.revealed = None, False
         if len(sampled) < 2:
             raise RoundFailed(f"{len(sampled)} node(s) can take part in this round's masking; it needs at least 2")
         sc, keys = self.secagg, self.nodes.keys
         ids = {n: self.nodes.ids[n] for n in sampled}
-        graph, threshold = P.neighbour_graph(tuple(sorted(ids.values())), sc.graph, self.rng)
+        groups = self.nodes.groups.of_round(ids.values())
+        graph, threshold = P.neighbour_graph(tuple(sorted(ids.values())), sc.graph, self.rng, groups)
         parts = self.ranges.parts(tensors)
         bits = round_bits(sc.bits, len(sampled), self.max_weight, self.ranges.summed)
         qcfg = QuantConfig.of_parts(parts, bits, self.max_weight, len(sampled))
         size = qcfg.size + qcfg.extra
-        cfg = P.RoundConfig(keys.session, r, graph, threshold, size, qcfg.modulus_bits, qcfg.digest())
+        cfg = P.RoundConfig(keys.session, r, graph, threshold, size, qcfg.modulus_bits, qcfg.digest(), groups)
         quant = {
             "ranges": [c for _, c in parts], "bits": bits, "max-weight": self.max_weight,
             "max-clients": len(sampled),
@@ -204,6 +230,7 @@ class MaskedSum:
             )
             for i in survivors
         }
+        self.revealed = True
         for n, rep in self.nodes.send(wire.UNMASK, unmask, r, self.secagg.timeout, need=srv.cfg.threshold).items():
             if n in ids:
                 accept(self.console, n, _apply_unmask, srv, ids[n], rep.content)
@@ -217,6 +244,7 @@ class MaskedSum:
             raise
         dec = decode(total, st.qcfg, len(survivors))
         clock.lap("sum")
+        self.moved, self.failed = float(np.linalg.norm(dec.mean)), 0
         widened = self.ranges.grow(st.names, dec.clipped_parts)
         share = dec.clipped / (len(survivors) * st.qcfg.size)
         if share > CLIPPED_WARN:

@@ -47,7 +47,7 @@ def train(msg: Message, context: Context) -> Message:
         epochs=int(cfg["local_epochs"]),
         lr=float(cfg["lr"]),
         batch_size=int(cfg["batch_size"]),
-        generator=training.client_generator(int(cfg["seed"]), int(cfg["server-round"]), pid),
+        generator=training.fresh_generator(),  # the node's own randomness: a replayed round does not train alike
     )
     trained = ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()})
     metrics = MetricRecord({"train_loss": loss, "num-examples": len(local)})

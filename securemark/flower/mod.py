@@ -16,7 +16,15 @@ A node can set a floor: with ``securemark-require-masking = true`` in its node c
 --node-config "... securemark-require-masking=true"``) it refuses, before any training, every train request
 that would send its update unmasked: a plain Flower train message, a securemark round without masking, and
 one from a server that skipped the keyed hello (no keys of this session on the node). Evaluate and query
-messages pass as before: they return metrics, never an update.
+messages pass as before: they return metrics, never an update. ``securemark-min-group = G`` (G > 1 implies
+the first) refuses also every round in which this node's group has fewer than G nodes: the server then learns
+only sums of G or more nodes, over any number of rounds (``secagg.groups``), unless it makes up members whose
+keys it holds (nothing binds a key to a node yet).
+
+Over a run the node keeps what a server could replay: the session it was keyed for (a hello of another session,
+or under another id, is refused: a new session would regroup the nodes) and a sketch of every model it trained
+from in a round it revealed shares in (``secagg.starts``): such a model, or one near it, is refused before
+training. A node that restarts forgets both.
 
 Why first: a mod listed before it would see (and could change) the masked reply; ``fixedclipping_mod`` or
 ``localdp_mod`` there would corrupt the sum. The reply carries the CRC-32 of the masked vector (a checksum of a
@@ -39,6 +47,7 @@ from securemark.errors import SecureMarkError
 from securemark.flower import wire
 from securemark.secagg import protocol as P
 from securemark.secagg.quantize import QuantConfig, QuantizationError, encode
+from securemark.secagg.starts import Starts
 
 Next = Callable[[Message, Context], Message]
 
@@ -50,6 +59,7 @@ class ContractError(SecureMarkError, ValueError):
 
 COUNT_KEY = "num-examples"  # FedAvg's example count: masked, never sent in clear
 REQUIRE_MASKING = "securemark-require-masking"  # node config: train requests that are not masked are refused
+MIN_GROUP = "securemark-min-group"  # node config: rounds whose group for this node is smaller are refused
 _REFUSE = (ContractError, P.SecAggError, QuantizationError, KeyError, TypeError, ValueError, OverflowError)
 
 
@@ -70,14 +80,14 @@ def securemark_mod(msg: Message, context: Context, call_next: Next) -> Message:
             if stage not in _HANDLERS:
                 raise ContractError(f"unknown securemark stage {stage!r}")
             return _HANDLERS[stage](msg, context)
-        user_msg, sent = _before_train(msg, context)
+        user_msg, sent, start = _before_train(msg, context)
     except _REFUSE as exc:
         return _refuse(msg, exc)
     reply = call_next(user_msg, context)
     if reply.has_error():
         return reply
     try:
-        return _after_train(msg, context, sent, reply)
+        return _after_train(msg, context, sent, start, reply)
     except _REFUSE as exc:
         return _refuse(msg, exc)
 
@@ -119,6 +129,12 @@ def _hello(msg: Message, context: Context) -> Message:
     if not session or not 1 <= node_id < 1 << 31:
         raise ContractError("a session needs a name and a client id in [1, 2^31)")
     keys = P.NodeKeys(session, node_id)
+    if wire.KEYS in context.state:  # re-keyed: the same session and id, the rounds and groups it saw kept
+        old = wire.keys_from(context.state[wire.KEYS])
+        if (old.session, old.id) != (session, node_id):
+            why = f"a hello for client {node_id} of session {session} is refused (it would regroup the nodes)"
+            raise P.StageError(f"this node is client {old.id} of session {old.session} in this run; {why}")
+        keys.last_round, keys.groups = old.last_round, old.groups
     context.state[wire.KEYS] = wire.keys_record(keys)
     context.state.pop(wire.ROUND, None)
     context.state.pop(wire.PEERS, None)
@@ -141,10 +157,18 @@ def _unmask(msg: Message, context: Context) -> Message:
     finally:  # one unmask per round, even a refused one
         context.state[wire.KEYS] = wire.keys_record(keys)
         del context.state[wire.ROUND], context.state[wire.PEERS]
+    starts = _starts(context)  # this node helps unmask a sum holding its input: its model is recorded for good
+    starts.revealed(cfg.round)
+    context.state[wire.STARTS] = wire.starts_record(starts)
     return _reply(msg, wire.UNMASK, context, **{wire.PAYLOAD: wire.reveals_record(reveals, bad)})
 
 
 _HANDLERS: dict[str, Callable[[Message, Context], Message]] = {wire.HELLO: _hello, wire.UNMASK: _unmask}
+
+
+def _starts(context: Context) -> Starts:
+    """The sketches of the models this node trained from in this run (a new, keyed record the first time)."""
+    return wire.starts_from(context.state[wire.STARTS]) if wire.STARTS in context.state else Starts()
 
 
 def _keys(context: Context) -> P.NodeKeys:
@@ -154,27 +178,36 @@ def _keys(context: Context) -> P.NodeKeys:
 
 
 # --- the train stage -----------------------------------------------------------------------------------------
-def _before_train(msg: Message, context: Context) -> tuple[Message, dict[str, np.ndarray]]:
-    """The message the app's train function gets (exactly what the inner strategy sent) and the arrays sent,
-    read before the app runs (an app may change the received record in place)."""
+Start = tuple[Starts, np.ndarray]  # the node's record of the models it trained from, and this one's sketch
+
+
+def _before_train(msg: Message, context: Context) -> tuple[Message, dict[str, np.ndarray], Start | None]:
+    """The message the app's train function gets (exactly what the inner strategy sent), the arrays sent, read
+    before the app runs (an app may change the received record in place), and under masking their sketch."""
+    user_content = RecordDict({k: v for k, v in msg.content.items() if not k.startswith(wire.SM)})
+    sent = wire.arrays_of(_only(user_content.array_records, "the train message", "ArrayRecord"))
     if wire.SECAGG not in msg.content:  # everything checkable is checked before spending time on training
         _plain_allowed(context)
     else:
         keys = _keys(context)
         cfg, client_id = wire.round_config_from(msg.content[wire.SECAGG])
-        if (cfg.session, client_id) != (keys.session, keys.id) or cfg.round <= keys.last_round:
-            raise P.StageError("train message of another session or node, or of a round already masked")
-        cfg.check_safe_threshold(client_id)
-    user_content = RecordDict({k: v for k, v in msg.content.items() if not k.startswith(wire.SM)})
-    sent = wire.arrays_of(_only(user_content.array_records, "the train message", "ArrayRecord"))
-    return Message(content=user_content, metadata=copy.copy(msg.metadata)), sent
+        if client_id != keys.id:
+            raise P.StageError(f"train message for client {client_id}; this node is client {keys.id}")
+        P.check_round(keys, cfg, min_group(context))
+        starts = _starts(context)
+        start = starts.sketch(wire.flat(sent))  # a model holding NaN or infinities is refused here
+        starts.check(start, cfg.round)
+        return Message(content=user_content, metadata=copy.copy(msg.metadata)), sent, (starts, start)
+    return Message(content=user_content, metadata=copy.copy(msg.metadata)), sent, None
 
 
-def _after_train(msg: Message, context: Context, sent: dict[str, np.ndarray], reply: Message) -> Message:
+def _after_train(
+    msg: Message, context: Context, sent: dict[str, np.ndarray], start: Start | None, reply: Message
+) -> Message:
     """The update relative to ``sent``: masked (masked rounds) or plain with its weight (baseline)."""
     head = msg.content[wire.SM]
     delta, weight, metrics_key, metrics = contract(sent, reply.content, str(head["weight-key"]))
-    if wire.SECAGG not in msg.content:
+    if wire.SECAGG not in msg.content or start is None:
         records = {wire.SM: ConfigRecord({"weight": weight}), wire.UPDATE: wire.array_record(delta)}
         return _reply(msg, wire.TRAIN, context, **records, **{metrics_key: metrics})
     keys = _keys(context)
@@ -193,7 +226,10 @@ def _after_train(msg: Message, context: Context, sent: dict[str, np.ndarray], re
         raise P.ProtocolViolation("the round's keys are bound to another quantization than the one sent to this node")
     peer_keys = wire.key_map_from(msg.content[wire.PAYLOAD])
     rng = np.random.default_rng(int.from_bytes(os.urandom(16), "little"))  # stochastic rounding
-    masked = P.client_masked_input(keys, cfg, peer_keys, encode(delta, weight, qcfg, rng))
+    masked = P.client_masked_input(keys, cfg, peer_keys, encode(delta, weight, qcfg, rng), min_group(context))
+    starts, model = start  # the model trained from: never again once this node reveals shares for the round
+    starts.masked(model, starts.sketch(delta), cfg.round)
+    context.state[wire.STARTS] = wire.starts_record(starts)
     context.state[wire.KEYS] = wire.keys_record(keys)
     context.state[wire.ROUND] = wire.round_config_record(cfg, keys.id)
     context.state[wire.PEERS] = ConfigRecord(dict(msg.content[wire.PAYLOAD]))
@@ -211,7 +247,7 @@ def _plain_allowed(context: Context) -> None:
     fails closed)."""
     if wire.KEYS in context.state:
         raise ContractError("a plain train request to a node that masks its updates in this run: refused")
-    unknown = [k for k in context.node_config if _floor_like(k) and k != REQUIRE_MASKING]
+    unknown = [k for k in context.node_config if _floor_like(k) and k not in (REQUIRE_MASKING, MIN_GROUP)]
     if unknown:  # a misspelt floor would turn the floor off without a word
         raise ContractError(f"unknown node config key {unknown[0]!r} (the floor is {REQUIRE_MASKING!r}): refused")
     required = context.node_config.get(REQUIRE_MASKING, False)
@@ -220,6 +256,19 @@ def _plain_allowed(context: Context) -> None:
                             "a server that never set up this node's keys, is refused")  # fmt: skip
     if required not in (False, 0, "false"):
         raise ContractError(f"node config {REQUIRE_MASKING} must be true or false, got {required!r}: refused")
+    if min_group(context) > 1:
+        raise ContractError(f"this node requires groups of {min_group(context)} ({MIN_GROUP}), so masked aggregation:"
+                            " a plain train request is refused")  # fmt: skip
+
+
+def min_group(context: Context) -> int:
+    """The node's ``securemark-min-group`` (1 when unset); anything but a whole number >= 1 is refused."""
+    value = context.node_config.get(MIN_GROUP, 1)
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ContractError(f"node config {MIN_GROUP} must be a whole number >= 1, got {value!r}: refused")
+    return value
 
 
 def _whole(value: object) -> bool:

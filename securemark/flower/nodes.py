@@ -31,6 +31,7 @@ from securemark.flower.exchange import accept, exchange, shown
 from securemark.owner import customer_name
 from securemark.registry import Registry, RegistryError
 from securemark.secagg import protocol as P
+from securemark.secagg.groups import Groups
 
 IDENTITIES = ("auto", "partition-id", "node")
 
@@ -56,6 +57,7 @@ class Nodes:
         self.customers: dict[int, str] = {}  # node id -> customer
         self.ids: dict[int, int] = {}  # node id -> its id in the masking session (a Shamir x-coordinate)
         self.keys = P.SessionKeys(os.urandom(16).hex())  # this run's session: long-term public keys of the nodes
+        self.groups = Groups(secagg.group)  # the session's fixed groups of session ids
         self.refused: set[int] = set()
         self.banned: set[str] = set()  # customers refused for misbehaving or contested (kept across a resume)
         self.contested: dict[str, str] = {}  # identities two nodes claimed, and how
@@ -152,6 +154,35 @@ class Nodes:
             if accept(self.console, node, _apply_keys, self.keys, self.ids[node], reply.content) is None:
                 self.refuse(node, "its keys were refused")
         return [n for n in nodes if n in self.customers and (not masked or self.ids.get(n) in self.keys.keys)]
+
+    def for_round(self, order: list[int], round_no: int) -> list[int]:
+        """The nodes of a train round, from those the inner strategy sampled (``order``): the identified ones;
+        under masking with ``secagg.group`` > 1, whole groups of them (``in_groups``)."""
+        sampled = sorted(self.identify(order, round_no))
+        if self.secagg.enabled and self.groups.size > 1:
+            return self.in_groups(sampled, order, round_no)
+        return sampled
+
+    def in_groups(self, sampled: list[int], order: list[int], round_no: int) -> list[int]:
+        """Whole groups of the sampled nodes, in the inner strategy's order, until they hold as many nodes as it
+        sampled. Sampled nodes without a group are grouped first, with other connected nodes when fewer than a
+        group's size of them are new; a group with a member that is gone or cannot be keyed sits the round out
+        (``secagg.groups``)."""
+        ids = [self.ids[n] for n in order if n in sampled and n in self.ids]
+        if self.groups.form(ids):
+            spare = [n for n in self._grid().get_node_ids() if n not in self.customers and n not in self.refused]
+            more = self.identify(spare[: self.groups.size], round_no)
+            self.groups.form([*ids, *(self.ids[n] for n in more)])
+        node_of = {i: n for n, i in self.ids.items()}
+        connected = set(self._grid().get_node_ids())
+        ready = {self.ids[n] for n in connected if n in self.customers and n in self.ids}
+        nodes = [node_of[i] for i in self.groups.whole(ids, ready, len(order))]
+        keyed = set(self.identify(nodes, round_no))  # members that lost their keys are keyed again
+        out = [n for n in nodes if all(node_of[i] in keyed for i in self.groups.of[self.ids[n]])]
+        if len(out) < len(order):
+            self.console.print(f"  round {round_no}: {len(out)} node(s) in whole groups of {self.groups.size}+ "
+                               f"({len(order)} sampled)")  # fmt: skip
+        return sorted(out)
 
     def _admit(self, claims: dict[int, str | None], round_no: int) -> None:
         holders = {name: node for node, name in self.customers.items()}

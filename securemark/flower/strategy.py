@@ -8,7 +8,8 @@ server optimizer (FedAvgM, FedAdam, ...). SecureMark changes what travels. One r
 
 1. the inner strategy's ``configure_train`` samples nodes and builds its messages;
 2. each sampled node is identified as a customer (``nodes``: a claimed partition-id or a registered key; two
-   claims of one identity suspend it, a node whose identity changes is refused);
+   claims of one identity suspend it, a node whose identity changes is refused); with ``secagg.group`` > 1
+   the round takes whole fixed groups of the sampled nodes (``secagg.groups``);
 3. masked rounds (``secagg.protocol``): a node sets up long-term keys once per run, in the hello that identifies
    it; each round's train message carries the customer's copy ``w + s X^T b_customer``, the round's graph and
    the neighbours' public keys; the reply is the masked update relative to that copy (``securemark_mod``) with
@@ -22,18 +23,15 @@ server optimizer (FedAvgM, FedAdam, ...). SecureMark changes what travels. One r
 
 Each round's global model is kept in the registry as a base; ``model=Net(), example_input=(1, 3, 32, 32)``
 registers the architecture (rewritten copies trace too). ``out`` ends as ``securemark simulate`` leaves it.
-After every round ``out/checkpoint/`` holds the global model, the round, the fingerprint strength, the metrics so
-far, the graph RNG and the inner strategy's optimizer state; ``start(resume=True)`` goes on from there with the
-same registry, key and strength, so copies issued before a crash still trace. A kill at any instant leaves the
-previous checkpoint or the new one (files by round, then ``state.json`` replaced atomically). The masking
-session is new after a restart: every node is re-keyed in its first hello. Inner strategies whose aggregate is
-not a weighted mean need the individual updates masking hides: refused with the reason. Client metrics travel
-in clear, averaged without weights: the example counts are secret.
+After every round ``out/checkpoint/`` holds what ``start(resume=True)`` goes on from (the global model, round,
+strength, metrics, graph RNG, the inner strategy's optimizer state), with the same registry and key, so copies
+issued before a crash still trace; a kill at any instant leaves the previous checkpoint or the new one. The
+masking session is new after a restart: every node is re-keyed in its first hello. Inner strategies whose
+aggregate is not a weighted mean need the individual updates masking hides: refused with the reason. Client
+metrics travel in clear, averaged without weights: the example counts are secret.
 
-The parts, each in its own module: ``nodes`` (which node is which customer, session keys, filtered replies),
-``exchange`` (deadlines and polling), ``aggregate`` (a plain or a masked sum, interchangeable), ``copies`` (the
-registry, each customer's copy, the bases), ``checkpoint`` (files and integrity) and ``metrics``. This module
-keeps the Strategy itself and the run loop.
+Parts: ``nodes`` (customers, session keys, groups, replies), ``exchange`` (deadlines), ``aggregate`` (plain or
+masked sums), ``copies`` (registry, copies, bases), ``checkpoint``, ``metrics``; here the Strategy and run loop.
 """
 
 from __future__ import annotations
@@ -118,10 +116,8 @@ class SecureMark(Strategy):
             else PlainSum(max_weight, self.console)
         )
         self.rounds: list[dict[str, Any]] = []
-        self._timeout = 3600.0  # start's: how long its first round waits for the nodes the inner strategy asks for
-        self._first_round = 1
-        self._round = _Round()
-        self._loaded: ArrayRecord | None = None
+        self._timeout, self._first_round = 3600.0, 1  # how long start's first round waits for the inner's nodes
+        self._round, self._loaded = _Round(), None
         self.dtypes: dict[str, torch.dtype] = {}
 
     @property
@@ -170,7 +166,7 @@ class SecureMark(Strategy):
             inner_msgs = {
                 m.metadata.dst_node_id: m for m in self.inner.configure_train(server_round, arrays, config, nodes)
             }
-        sampled = sorted(self.nodes.identify(inner_msgs, server_round))
+        sampled = self.nodes.for_round(list(inner_msgs), server_round)
         self.copies.check_customers(len(self.nodes.customers))
         clock.lap("hello")
         reference = self.copies.record_base(self._loaded, self.weights, server_round - 1)  # before the function mark
@@ -185,9 +181,10 @@ class SecureMark(Strategy):
         self, r: int, inner_msgs: dict[int, Message], records: dict[int, dict[str, Any]]
     ) -> Iterator[Message]:
         head = {"stage": wire.TRAIN, "weight-key": self.inner.weighted_by_key}
+        template = next(iter(inner_msgs.values()))  # what a group member the inner strategy did not sample gets
         for n in self._round.sampled:
             copy = self._round.issued[self.nodes.customers[n]] = self.copy_for(n)
-            content = wire.with_arrays(inner_msgs[n].content, ArrayRecord(copy))
+            content = wire.with_arrays(inner_msgs.get(n, template).content, ArrayRecord(copy))
             extra = dict(records.get(n, {}))
             content[wire.SM] = ConfigRecord({**head, **extra.pop(wire.SM, {})})
             for key, record in extra.items():
@@ -292,7 +289,7 @@ class SecureMark(Strategy):
     def _train_round(
         self, grid: Grid, r: int, arrays: ArrayRecord, train_config: ConfigRecord, timeout: float, result: Result
     ) -> tuple[ArrayRecord, dict[str, Any]]:
-        """One training round: the new global model (the old one when the round fails) and its metrics."""
+        """One training round: the new global model (when it fails, the old one or a step from it) and metrics."""
         m: dict[str, Any] = {"round": r, "sampled": 0}
         self._round = _Round()  # a round that fails early leaves no copies of the previous one to score
         start = time.perf_counter()
@@ -310,7 +307,12 @@ class SecureMark(Strategy):
             m.update(self._round.info, status="completed")
         except SecureMarkError as exc:  # the round fails, not the run; a bug raises anything else and ends the run
             m.update(status="failed", reason=str(exc))
-            self.console.print(f"  [red]round {r} failed, model unchanged: {shown(exc)}[/]")
+            step = self.sum.after_failure(training.flatten(self.weights, self.names))
+            if step is not None:  # its nodes revealed shares: they refuse the unchanged model (Sum.after_failure)
+                arrays = result.arrays = ArrayRecord(training.add_flat(self.weights, self.names, step))
+            self.console.print(
+                f"  [red]round {r} failed, model {'unchanged' if step is None else 'stepped'}: {shown(exc)}[/]"
+            )
         m["seconds"] = round(time.perf_counter() - start, 3)
         return arrays, m
 

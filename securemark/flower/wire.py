@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from securemark.secagg import protocol as P
+from securemark.secagg.starts import K, Starts
 
 # Every securemark message travels as a Flower ``train`` message: a ClientApp routes a message only to a
 # function it registered, and the user's app registers ``@app.train()``; securemark_mod, wrapped around it,
@@ -34,6 +35,7 @@ UPDATE = "securemark.update"  # ArrayRecord: the (masked) update of one client
 SHARES = "securemark.shares"  # ConfigRecord: encrypted shares addressed to one node (unmask request)
 # in context.state: long-term keys; the round masked and not yet unmasked, and its neighbours' public keys
 KEYS, ROUND, PEERS = "securemark.keys", "securemark.round", "securemark.peers"
+STARTS = "securemark.starts"  # the sketches of the models this node trained from (``secagg.starts``), all run
 
 
 @contextmanager
@@ -81,6 +83,7 @@ def round_config_record(cfg: P.RoundConfig, client_id: int) -> ConfigRecord:
             "ids": ids,
             "degrees": [len(cfg.neighbours[i]) for i in ids],
             "neighbours": [j for i in ids for j in cfg.neighbours[i]] or [0],
+            "groups": [cfg.group_of(i)[0] for i in ids],  # each client's group, named by its first member
         }
     )
 
@@ -93,6 +96,12 @@ def round_config_from(rec: ConfigRecord) -> tuple[P.RoundConfig, int]:
     for i, d in zip(ids, degrees, strict=True):
         neighbours[int(i)] = tuple(int(j) for j in flat[pos : pos + int(d)])
         pos += int(d)
+    named: dict[int, list[int]] = {}
+    for i, first in zip(ids, list(rec["groups"]), strict=True):
+        named.setdefault(int(first), []).append(int(i))
+    if any(first not in members for first, members in named.items()):
+        raise ValueError("a group must be named by one of its members")
+    groups = tuple(sorted(tuple(sorted(g)) for g in named.values())) if len(named) < len(ids) else ()
     cfg = P.RoundConfig(
         str(rec["session"]),
         int(rec["round"]),
@@ -101,6 +110,7 @@ def round_config_from(rec: ConfigRecord) -> tuple[P.RoundConfig, int]:
         int(rec["size"]),
         int(rec["modulus_bits"]),
         rec["encoding"],
+        groups,
     )
     return cfg, int(rec["client_id"])
 
@@ -114,6 +124,8 @@ def keys_record(keys: P.NodeKeys) -> ConfigRecord:
             "s_key": P.private_bytes(keys.s_key),
             "last_round": keys.last_round,
             "open_round": -1 if keys.open_round is None else keys.open_round,
+            "grouped": list(keys.groups) or [0],  # every client whose group this node saw, then each one's group
+            "groups": [keys.groups[j][0] for j in keys.groups] or [0],
         }
     )
 
@@ -127,7 +139,44 @@ def keys_from(rec: ConfigRecord) -> P.NodeKeys:
         s_key=X25519PrivateKey.from_private_bytes(bytes(rec["s_key"])),
         last_round=int(rec["last_round"]),
         open_round=None if open_round < 0 else open_round,
+        groups=_groups_from(rec),
     )
+
+
+def starts_record(st: Starts) -> ConfigRecord:
+    rec = ConfigRecord({"key": st.key, "models": st.models.astype(np.float64).tobytes()})
+    if st.rounds:
+        rec["rounds"], rec["updates"] = list(st.rounds), list(st.updates)
+    if st.pending is not None:
+        r, model, update = st.pending
+        rec["pending_round"], rec["pending_model"], rec["pending_update"] = r, model.tobytes(), update
+    return rec
+
+
+def starts_from(rec: ConfigRecord) -> Starts:
+    models = np.frombuffer(bytes(rec["models"]), np.float64).reshape(-1, K).copy()
+    rounds, updates = [int(r) for r in rec.get("rounds", [])], [float(u) for u in rec.get("updates", [])]
+    if not len(rounds) == len(updates) == len(models):
+        raise ValueError("the node's record of its starting models is inconsistent")
+    pending = None
+    if "pending_round" in rec:
+        model = np.frombuffer(bytes(rec["pending_model"]), np.float64).copy()
+        pending = (int(rec["pending_round"]), model, float(rec["pending_update"]))
+    return Starts(bytes(rec["key"]), rounds, models, updates, pending)
+
+
+def flat(arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """The floating arrays of a model, flat float64 in ``float_keys`` order."""
+    return np.concatenate([np.asarray(arrays[n], np.float64).reshape(-1) for n in float_keys(arrays)] or [np.zeros(0)])
+
+
+def _groups_from(rec: ConfigRecord) -> dict[int, tuple[int, ...]]:
+    """client -> its group, from the members' list and each one's group name (its first member)."""
+    named: dict[int, list[int]] = {}
+    for j, first in zip(list(rec.get("grouped", [0])), list(rec.get("groups", [0])), strict=True):
+        if int(j):
+            named.setdefault(int(first), []).append(int(j))
+    return {j: tuple(sorted(g)) for g in named.values() for j in g}
 
 
 def masked_record(m: P.MaskedInput) -> ConfigRecord:

@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
@@ -71,7 +72,7 @@ def lose(monkeypatch, strategy, lost):
 
 def user_update(grid, node):
     """What the user's train function returns for ``node``'s train message, minus the copy it received:
-    the plain update the mod masked (the shipped train function is deterministic given its message)."""
+    the plain update the mod masked (the test pins the node's own randomness: ``repeatable_training``)."""
     msg = next(
         m for m in grid.sent if m.metadata.dst_node_id == node and str(m.content[wire.SM]["stage"]) == wire.TRAIN
     )
@@ -83,7 +84,14 @@ def user_update(grid, node):
     return training.flatten(after, names) - training.flatten(sent, names), int(reply.content["metrics"]["num-examples"])
 
 
+def repeatable_training(monkeypatch):
+    """The shipped train function draws its batch order from the OS (a replayed round trains anew); a test that
+    trains a node's message again pins it."""
+    monkeypatch.setattr(training, "fresh_generator", lambda: torch.Generator().manual_seed(7))
+
+
 def test_masked_round_with_dropouts_gives_the_survivors_weighted_mean(tmp_path, monkeypatch):
+    repeatable_training(monkeypatch)
     cfg = config()
     grid, s = InProcessGrid(5), quiet_strategy(config(), tmp_path)
     # 1001 vanishes before its masked input arrives; 1003 after sending it (its input still counts)
@@ -131,8 +139,9 @@ def test_the_server_sees_only_masked_updates_and_every_client_its_own_copy(tmp_p
         wire.KEYS in ctx.state and wire.ROUND not in ctx.state and wire.PEERS not in ctx.state
         for ctx in grid.contexts.values()
     )
-    # run a second round while recording what comes back: only uint vectors and the user's other metrics
+    # run again (a new run: fresh nodes) while recording what comes back: only uint vectors and other metrics
     seen = []
+    grid = InProcessGrid(5)
     real_pull = grid.pull_messages
 
     def record(ids):

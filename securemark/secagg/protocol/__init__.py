@@ -32,6 +32,10 @@ What the server learns (honest-but-curious server: it follows the protocol and r
   j outside S, so y_j stays one-time padded by PRG(b_j), whatever pair seeds of j were revealed;
 - nothing about another round: every seed is bound to (sid, round) by HKDF, b_i is fresh, and a node masks at
   most once per (sid, round) and answers at most one unmask per round, so no seed is ever used twice.
+  Sums of different rounds still combine (two sums over survivors that differ by one client, from one model
+  trained twice, give that client's input): ``securemark.secagg.starts`` (no update twice from one model) and
+  ``securemark.secagg.groups`` (fixed groups, summed whole) bound what rounds reveal together; a round's
+  groups are part of its configuration and bound into every key it derives.
 A server that lies (different survivor lists to different nodes, a graph of its choosing, substituted public
 keys) is outside this guarantee: nothing binds a node's public key to that node (no PKI), so such a server can
 give a client fake neighbours and unmask it. Nodes still refuse what would make lying cheap: a threshold of at
@@ -54,7 +58,13 @@ from __future__ import annotations
 
 from securemark.prg import add_keystream
 from securemark.secagg import shamir
-from securemark.secagg.protocol.client import NONCE_BYTES, MaskedInput, client_masked_input, client_unmask
+from securemark.secagg.protocol.client import (
+    NONCE_BYTES,
+    MaskedInput,
+    check_round,
+    client_masked_input,
+    client_unmask,
+)
 from securemark.secagg.protocol.config import B_LABEL, RoundConfig
 from securemark.secagg.protocol.derive import COMMIT_BYTES, commitment
 from securemark.secagg.protocol.errors import (
@@ -101,6 +111,7 @@ __all__ = [
     "TooFewSurvivors",
     "add_keystream",  # the keystream and the sharing the stages use: tests undo masks and forge shares with them
     "check_public_key",
+    "check_round",
     "client_masked_input",
     "client_unmask",
     "commitment",

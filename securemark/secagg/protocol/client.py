@@ -39,16 +39,36 @@ class MaskedInput:
     commitments: bytes  # |H(i)| x |labels| commitments, holders and labels in ``RoundConfig`` order
 
 
-def client_masked_input(
-    keys: NodeKeys, cfg: RoundConfig, peer_keys: Mapping[int, tuple[bytes, bytes]], x: np.ndarray
-) -> MaskedInput:
-    """The train step: mask ``x`` and share this round's secrets; at most once per (session, round)."""
+def check_round(keys: NodeKeys, cfg: RoundConfig, min_group: int = 1) -> None:
+    """What a node checks of a round before it trains for it: its session, a later round, a safe threshold,
+    and the session's groups: every client's group as this node saw it before in the session (a server that
+    regroups could difference sums over different groups down to one client), its own of ``min_group`` or more."""
     i = keys.id
     if cfg.session != keys.session or i not in cfg.neighbours:
         raise StageError(f"client {i}: round config of another session, or not naming this client")
     if cfg.round <= keys.last_round:
         raise StageError(f"client {i}: round {cfg.round} is not after round {keys.last_round}; masking refused")
     cfg.check_safe_threshold(i)
+    for j in cfg.clients:
+        seen, now = keys.groups.get(j), cfg.group_of(j)
+        if seen is not None and seen != now:
+            raise ProtocolViolation(f"client {i}: client {j}'s group was {list(seen)} earlier in this session, "
+                                    f"now {list(now)}; groups are fixed for a session: refused")  # fmt: skip
+    if len(cfg.group_of(i)) < min_group:
+        raise ProtocolViolation(f"client {i}: its group has {len(cfg.group_of(i))} client(s); this node requires "
+                                f"{min_group} or more: refused")  # fmt: skip
+
+
+def client_masked_input(
+    keys: NodeKeys,
+    cfg: RoundConfig,
+    peer_keys: Mapping[int, tuple[bytes, bytes]],
+    x: np.ndarray,
+    min_group: int = 1,
+) -> MaskedInput:
+    """The train step: mask ``x`` and share this round's secrets; at most once per (session, round)."""
+    i = keys.id
+    check_round(keys, cfg, min_group)
     _check_peer_keys(cfg, i, peer_keys)
     x = np.asarray(x)
     if x.dtype != cfg.dtype or x.shape != (cfg.size,):
@@ -72,6 +92,7 @@ def client_masked_input(
         cts[h] = nonce + aead.encrypt(nonce, plain, cfg.context("share-ad", i, h))
         commits += [commitment(cfg, i, lb, h, shares[lb][h]) for lb in labels]
     keys.last_round, keys.open_round = cfg.round, cfg.round
+    keys.groups.update({j: cfg.group_of(j) for j in cfg.clients})
     return MaskedInput(y, cts, b"".join(commits))
 
 
@@ -94,6 +115,10 @@ def client_unmask(
         raise ProtocolViolation(f"client {i}: the survivor list omits this client; refusing to reveal anything")
     if len(alive) < cfg.threshold:
         raise TooFewSurvivors(f"client {i}: {len(alive)} inputs arrived, threshold {cfg.threshold}: refusing")
+    if not cfg.whole_groups(alive):
+        split = next(cfg.group_of(j) for j in sorted(alive) if not set(cfg.group_of(j)) <= alive)
+        raise ProtocolViolation(f"client {i}: the survivor list holds part of the group {list(split)}; only whole "
+                                "groups are summed: refusing to reveal anything")  # fmt: skip
     _check_peer_keys(cfg, i, peer_keys)
     peer_c = {**{j: k[0] for j, k in peer_keys.items()}, i: keys.public()[0]}
     keys.open_round = None  # one unmask per round, whatever happens next

@@ -1,9 +1,11 @@
-"""One round's public configuration: session, round, neighbour graph, threshold, vector layout and encoding
-digest, checked on construction; the holders and labels of each owner's shares; and the context string that
-binds every derived key, associated data and commitment to this round."""
+"""One round's public configuration: session, round, neighbour graph, threshold, vector layout, encoding
+digest and the clients' groups, checked on construction; the holders and labels of each owner's shares; and the
+context string that binds every derived key, associated data and commitment to this round."""
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -23,6 +25,9 @@ class RoundConfig:
     size: int  # length of the integer vectors
     modulus_bits: int = 64
     encoding: bytes = b""  # digest of how inputs are encoded (quantize.QuantConfig.digest), bound into every key
+    # the round's clients partitioned into the session's fixed groups (each sorted; () = every client alone): a
+    # round holds whole groups and only whole groups are summed (``secagg.groups`` says why)
+    groups: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self) -> None:
         ids = set(self.neighbours)
@@ -38,6 +43,27 @@ class RoundConfig:
             raise ValueError("modulus_bits must be 32 or 64 and size >= 1")
         if not isinstance(self.encoding, bytes) or len(self.encoding) > 64:
             raise ValueError("encoding must be a digest of at most 64 bytes")
+        if all(len(g) == 1 for g in self.groups):
+            object.__setattr__(self, "groups", ())  # every client alone: one spelling, one digest
+        members = [i for g in self.groups for i in g]
+        if self.groups and (sorted(members) != sorted(ids) or any(list(g) != sorted(g) for g in self.groups)):
+            raise ValueError("the groups must split the round's clients into sorted, disjoint sets covering them all")
+        for g in self.groups:  # a clique: any survivors' component holds whole groups, so no sum splits one
+            if any(not set(g) - {i} <= set(self.neighbours[i]) for i in g):
+                raise ValueError(f"the group {list(g)} must be a clique of the round's graph (every member every "
+                                 "other's neighbour)")  # fmt: skip
+
+    def group_of(self, i: int) -> tuple[int, ...]:
+        """The clients of i's group in this round (i alone when the round has no groups)."""
+        return next((g for g in self.groups if i in g), (i,))
+
+    def whole_groups(self, clients: set[int]) -> bool:
+        """Whether ``clients`` is a union of whole groups of this round."""
+        return all(set(self.group_of(i)) <= clients for i in clients)
+
+    @functools.cached_property
+    def _groups_digest(self) -> str:
+        return hashlib.sha256(repr(self.groups).encode()).hexdigest()[:32]
 
     @property
     def clients(self) -> tuple[int, ...]:
@@ -56,9 +82,10 @@ class RoundConfig:
 
     def context(self, purpose: str, a: int, b: int) -> bytes:
         """Binds a derived key, associated data or a commitment to this session, round, encoding, purpose and
-        pair: two nodes told different encodings (a lying server's per-node quantization ranges) derive
-        different pair seeds, so their masks never cancel and the sum they make stays padded."""
-        return f"securemark/secagg/v3|{self.session}|{self.round}|{self.encoding.hex()}|{purpose}|{a}|{b}".encode()
+        pair: two nodes told different encodings (a lying server's per-node quantization ranges) or different
+        groups derive different pair seeds, so their masks never cancel and the sum they make stays padded."""
+        head = f"securemark/secagg/v4|{self.session}|{self.round}|{self.encoding.hex()}|{self._groups_digest}"
+        return f"{head}|{purpose}|{a}|{b}".encode()
 
     def check_safe_threshold(self, i: int) -> None:
         """A node's refusal of a threshold a lying server could exploit: at most half of H(i)."""

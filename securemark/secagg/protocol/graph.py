@@ -39,16 +39,25 @@ def harary_graph(clients: Sequence[int], k: int, rng: np.random.Generator) -> di
 
 
 def neighbour_graph(
-    clients: Sequence[int], kind: str, rng: np.random.Generator
+    clients: Sequence[int], kind: str, rng: np.random.Generator, groups: Sequence[Sequence[int]] = ()
 ) -> tuple[dict[int, tuple[int, ...]], int]:
     """The round's graph and threshold, a strict majority of each holder set (neighbourhood + self).
 
     ``complete`` is SecAgg; ``sparse`` is SecAgg+'s random k-regular graph, which for 4 clients or fewer
-    would be no sparser than complete in any useful sense, so they get the complete graph.
+    would be no sparser than complete in any useful sense, so they get the complete graph. ``groups`` (the
+    session's fixed groups, ``secagg.groups``) are made cliques of a sparse graph, so that no set of survivors
+    falls apart inside a group; the threshold is then a strict majority of the largest holder set, and a graph
+    whose smallest holder set cannot reach it is complete instead.
     """
     if kind not in ("complete", "sparse"):
         raise ValueError(f"graph must be 'complete' or 'sparse', got {kind!r}")
     if kind == "sparse" and len(clients) > 4:
         k = sparse_degree(len(clients))
-        return harary_graph(clients, k, rng), k // 2 + 1
+        peers = {i: set(p) for i, p in harary_graph(clients, k, rng).items()}
+        for g in groups:
+            for i in g:
+                peers[i] |= set(g) - {i}
+        sizes = [len(p) + 1 for p in peers.values()]
+        if max(sizes) // 2 + 1 <= min(sizes):
+            return {i: tuple(sorted(p)) for i, p in peers.items()}, max(sizes) // 2 + 1
     return complete_graph(clients), len(clients) // 2 + 1

@@ -38,7 +38,8 @@ def check_public_key(key: object, what: str) -> bytes:
 
 @dataclass
 class NodeKeys:
-    """A node's long-term keys for one session, and the last round it masked (rounds only go forward)."""
+    """A node's long-term keys for one session, the last round it masked (rounds only go forward) and every
+    client's group as this node saw it (groups are fixed for a session)."""
 
     session: str
     id: int
@@ -46,6 +47,7 @@ class NodeKeys:
     s_key: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate, repr=False)
     last_round: int = -1
     open_round: int | None = None  # masked, not yet unmasked
+    groups: dict[int, tuple[int, ...]] = field(default_factory=dict)  # client -> its group, as first seen
 
     def public(self) -> tuple[bytes, bytes]:
         return public_bytes(self.c_key), public_bytes(self.s_key)

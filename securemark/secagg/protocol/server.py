@@ -26,7 +26,8 @@ def _check_sender(known: Collection[int], sender: int, what: str) -> None:
 class ServerRound:
     cfg: RoundConfig
     masked_sum: np.ndarray | None = field(default=None, repr=False)  # running sum of masked inputs only
-    inputs: set[int] = field(default_factory=set)  # S
+    inputs: set[int] = field(default_factory=set)  # the clients whose input arrived; S once closed
+    waiting: dict[int, np.ndarray] = field(default_factory=dict, repr=False)  # inputs of groups not yet whole
     routed: dict[int, dict[int, bytes]] = field(default_factory=dict, repr=False)  # holder -> owner -> ciphertext
     commits: dict[int, bytes] = field(default_factory=dict, repr=False)  # owner -> commitments
     shares: dict[tuple[int, int], dict[int, bytes]] = field(default_factory=dict, repr=False)  # (owner,label)->h->
@@ -56,21 +57,29 @@ def server_receive_masked(st: ServerRound, sender: int, m: MaskedInput) -> None:
         raise ProtocolViolation(f"client {sender} must send one {size}-byte ciphertext per holder {list(holders)}")
     if not isinstance(m.commitments, bytes) or len(m.commitments) != len(holders) * len(labels) * COMMIT_BYTES:
         raise ProtocolViolation(f"client {sender} sent commitments of the wrong size")
-    if st.masked_sum is None:
-        st.masked_sum = y.copy()
-    else:
-        st.masked_sum += y
     st.inputs.add(sender)
     st.commits[sender] = m.commitments
     for h, ct in m.ciphertexts.items():
         st.routed.setdefault(h, {})[sender] = ct
+    st.waiting[sender] = y
+    group = cfg.group_of(sender)
+    if set(group) <= st.inputs:  # a whole group joins the sum; a group never whole stays out of it
+        for j in group:
+            if st.masked_sum is None:
+                st.masked_sum = st.waiting.pop(j).copy()
+            else:
+                st.masked_sum += st.waiting.pop(j)
 
 
 def server_close_inputs(st: ServerRound) -> tuple[int, ...]:
-    """Fix S (later inputs are refused); below the threshold the round fails loudly."""
-    if len(st.inputs) < st.cfg.threshold:
-        raise TooFewSurvivors(f"{len(st.inputs)} masked inputs arrived, threshold is {st.cfg.threshold}")
-    st.closed = True
+    """Fix S, the clients of the groups whose every input arrived (later inputs are refused; a client whose
+    group is not whole counts as dropped); below the threshold the round fails loudly."""
+    whole = {i for i in st.inputs if i not in st.waiting}
+    if len(whole) < st.cfg.threshold:
+        part = f" ({len(st.inputs) - len(whole)} more of groups not whole)" if st.waiting else ""
+        raise TooFewSurvivors(f"{len(whole)} masked inputs arrived{part}, threshold is {st.cfg.threshold}")
+    st.closed, st.inputs = True, whole
+    st.waiting.clear()
     return tuple(sorted(st.inputs))
 
 

@@ -1,0 +1,90 @@
+"""Fixed groups: what a server learns over many rounds of masked sums, and why no more.
+
+One round's masked sum tells the server the sum over the survivors S and nothing finer. Over many rounds it
+tells more: sums over different survivor sets, subtracted, isolate one client. A server replayed one round's
+model under two masking rounds with survivors {A, B, C, D} and {B, C, D} and read A's update (correlation
+0.999998) and example count (exactly); with honest sampling alone, 12 rounds of 3 of 5 clients gave every
+client's example count by least squares. Following So, Guler and Avestimehr ("Securing Secure Aggregation",
+AAAI 2023), clients take part in fixed groups:
+
+- the server puts each client, once in a session, in a group of ``secagg.group`` = g or more (``Groups.form``:
+  g at a time, in the order the clients joined, a remainder under g joining the last group formed with it);
+  a round holds whole groups only, and each round's configuration lists them (``RoundConfig.groups``, bound
+  into every key the round derives, so nodes told different groups derive masks that never cancel); each group
+  is a clique of the round's graph (``neighbour_graph`` adds its edges to a sparse graph), so every connected
+  set of survivors, whose sum a server can unmask on its own, is whole groups;
+- a node remembers every client's group as it first saw it in the session and refuses a round that says
+  otherwise (``check_round``), refuses a round whose group for it is under its own floor (node config
+  ``securemark-min-group``), and refuses to unmask unless the survivors are whole groups (``client_unmask``);
+  one session per run (``securemark_mod``: a hello of another session or id is refused), so groups cannot be
+  redrawn;
+- the server sums only the groups whose every input arrived (``server_close_inputs``): a group with one node
+  lost is dropped from that round whole.
+
+**The bound.** Take a server that chooses every round's model, configuration and survivors (it may replay,
+perturb, claim any dropouts) but shows the nodes of a round one configuration and one survivor list, and holds
+no keys of its own among them (a server that shows different lists to different nodes within a round, or
+makes up members whose keys it holds, is the malicious-server mode's case: signed lists, a roster of keys).
+Unmasking needs t reveals, from survivors that each checked S to be whole groups of a configuration that
+agrees with their memory, and a set of survivors that the graph splits is unmasked component by component, each
+of them whole groups (cliques); a client's group is the same in every round it takes part in. So every sum
+the server can unmask is, round by round, a sum of whole groups' sums, and no combination of sums over any
+number of rounds separates two clients of one group: the finest thing the server can compute is the sum of a
+group's inputs (updates and example counts). With the same model sent twice (refused by ``secagg.starts``,
+unless changed beyond its check), that is one group's summed update; with honest rounds, the example count
+totals of the groups, never a client's own. Colluding nodes learn their own inputs: a group of g holding c
+colluders exposes the sum of its other g - c clients, so g = 3 keeps one client behind one colluder. The pins
+live in the node's state for the run: a node that restarts has forgotten them (a server can then regroup it).
+
+**The cost.** A lost node costs its whole group for the round (``securemark simulate ... --set
+secagg.dropout=0.1`` measures it; docs/explanations/masking.md has the table), and a round takes whole groups
+of the nodes the inner strategy samples, so it can hold up to g - 1 more nodes than sampled. Clients that
+joined late wait until g of them are without a group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class Groups:
+    """The session's fixed groups of client ids (the server's side; nodes check them, ``check_round``)."""
+
+    def __init__(self, size: int) -> None:
+        if size < 1:
+            raise ValueError(f"a group size must be >= 1, got {size}")
+        self.size = size
+        self.of: dict[int, tuple[int, ...]] = {}  # client id -> its group (sorted)
+
+    def form(self, ids: Iterable[int]) -> list[int]:
+        """Group the clients among ``ids`` that have none, ``size`` at a time in the order given, the remainder
+        joining the last group formed; fewer than ``size`` wait. Returns the clients still without a group."""
+        new = list(dict.fromkeys(i for i in ids if i not in self.of))
+        if len(new) < self.size:
+            return new
+        chunks = [new[k : k + self.size] for k in range(0, len(new) - self.size + 1, self.size)]
+        chunks[-1] += new[len(chunks) * self.size :]
+        for chunk in chunks:
+            group = tuple(sorted(chunk))
+            self.of.update({i: group for i in group})
+        return []
+
+    def of_round(self, ids: Iterable[int]) -> tuple[tuple[int, ...], ...]:
+        """The groups of a round's clients (which must be whole groups), as ``RoundConfig.groups`` takes them."""
+        ids = set(ids)
+        groups = {self.of.get(i, (i,)) for i in ids}
+        if {i for g in groups for i in g} != ids:
+            raise ValueError("a round must hold whole groups")
+        return tuple(sorted(groups))
+
+    def whole(self, order: Iterable[int], available: set[int], want: int) -> list[int]:
+        """Whole groups of the clients in ``order`` (the sampling order) whose every member is ``available``,
+        taken until they hold ``want`` clients or more; clients without a group are left out."""
+        out: list[int] = []
+        for i in order:
+            group = self.of.get(i)
+            if len(out) >= want:
+                break
+            if group is not None and i not in out and set(group) <= available:
+                out += group
+        return sorted(out)
