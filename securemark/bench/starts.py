@@ -28,7 +28,7 @@ def federation(
     scheme: str, clients: int, per_round: int, rounds: int, model: str, lr: float, seed: int
 ) -> dict[str, Any]:
     """One run's ratios (least, 1st percentile, median), exact and sketched, and its final accuracy."""
-    earlier: dict[int, list[tuple[np.ndarray, float, np.ndarray, float]]] = {}
+    earlier: dict[int, list[tuple[np.ndarray, float, np.ndarray]]] = {}
     exact: list[float] = []
     sketched: list[float] = []
     node = Starts()
@@ -36,11 +36,10 @@ def federation(
     def seen(c: int, start: Weights, trained: Weights) -> None:
         s, t = _flat(start), _flat(trained)
         s_sk = node.sketch(s)
-        for prev, norm, prev_sk, sk_norm in earlier.get(c, []):
+        for prev, norm, prev_sk in earlier.get(c, []):
             exact.append(float(np.linalg.norm(s - prev)) / norm)
-            sketched.append(float(np.linalg.norm(s_sk.astype(np.float64) - prev_sk)) / sk_norm)
-        sk_update = float(np.linalg.norm(node.sketch(t - s).astype(np.float64)))
-        earlier.setdefault(c, []).append((s, float(np.linalg.norm(t - s)), s_sk.astype(np.float64), sk_update))
+            sketched.append(float(np.linalg.norm(s_sk - prev_sk)) / norm)
+        earlier.setdefault(c, []).append((s, float(np.linalg.norm(t - s)), s_sk))
 
     _, accuracy = train_rounds(model, 0, rounds, clients, per_round, seed, scheme=scheme, lr=lr, seen=seen)
     e, k = np.array(exact), np.array(sketched)

@@ -26,7 +26,7 @@ from rich.console import Console
 from securemark.config import SecAggSettings
 from securemark.errors import RoundFailed
 from securemark.flower import wire
-from securemark.flower.exchange import StageClock, accept
+from securemark.flower.exchange import Need, StageClock, accept
 from securemark.flower.nodes import Nodes
 from securemark.secagg import protocol as P
 from securemark.secagg.quantize import QuantConfig, decode
@@ -82,7 +82,7 @@ def tensor_scales(weights: Mapping[str, torch.Tensor], names: list[str]) -> Tens
 class Sum(Protocol):
     def setup(self, r: int, sampled: list[int], tensors: Tensors) -> dict[int, dict[str, Any]]: ...
 
-    def need(self) -> int: ...
+    def need(self) -> Need: ...
 
     def collect(self, r: int, replies: dict[int, Message], clock: StageClock) -> Aggregate: ...
 
@@ -157,19 +157,20 @@ class MaskedSum:
         self.ranges = Ranges(secagg.clip)
         self.moved = 0.0  # how far the last completed round moved the global model (the norm of its mean update)
         self.revealed = False  # this round's nodes were asked to reveal shares
-        self.failed = 0  # rounds that stepped since the last completed round
+        self.scale = 1.0  # of the step after a failed round: doubled by each replay refusal since a completed round
 
     def after_failure(self, flat: np.ndarray) -> np.ndarray | None:
-        """After a round that failed once its nodes revealed shares, a random step for the global model (``flat``),
-        half of what the last completed round moved it (a hundredth of the model's norm before any), doubled
-        after each failure in a row since. Those nodes refuse the unchanged model, and a server lying about a
-        failure could take another sum from it; past the replay check's 2% of an update, the step changes the
-        model no more than a round's noise. None when the round failed before unmask (nobody revealed) and no
-        failure before it stepped: the model stays."""
-        if not self.revealed and not self.failed:
+        """After a round that failed once its nodes revealed shares, a random step for the global model (``flat``):
+        half of what the last completed round moved it (a hundredth of the model's norm before any). Those nodes
+        refuse the unchanged model, and a server lying about a failure could take another sum from it; past the
+        replay check's 2% of an update, the step changes the model no more than a round's noise. A step too small
+        for some node (it refused the model as a replay) is followed by one twice as large. None when the round
+        failed before unmask (nobody revealed) and no node refused a replay: the model stays."""
+        refused = any("Replay:" in why for why in self.nodes.failures.get(wire.TRAIN, []))
+        if not self.revealed and not refused:
             return None
-        self.failed += 1
-        size = (0.5 * self.moved if self.moved > 0 else 1e-2 * float(np.linalg.norm(flat))) * 2.0 ** (self.failed - 1)
+        self.scale *= 2.0 if refused else 1.0
+        size = (0.5 * self.moved if self.moved > 0 else 1e-2 * float(np.linalg.norm(flat))) * self.scale
         step = self.rng.standard_normal(flat.size)
         return step * (size / max(float(np.linalg.norm(step)), 1e-300))
 
@@ -204,8 +205,20 @@ class MaskedSum:
             for n in sampled
         }
 
-    def need(self) -> int:
-        return 1 if self.round is None else self.round.srv.cfg.threshold
+    def need(self) -> Need:
+        """Masked inputs enough to wait only the grace for the rest: the threshold, counted in whole groups (a
+        group missing one input is not summed, so a straggler of a group is worth waiting for)."""
+        if self.round is None:
+            return 1
+        cfg, ids = self.round.srv.cfg, self.round.ids
+        if not cfg.groups:
+            return cfg.threshold
+
+        def enough(nodes: set[int]) -> bool:
+            got = {ids[n] for n in nodes if n in ids}
+            return sum(set(cfg.group_of(i)) <= got for i in got) >= cfg.threshold
+
+        return enough
 
     def resume(self, rounds: list[dict[str, Any]]) -> None:
         """The ranges a resumed run widened so far (each round's metrics name them)."""
@@ -244,7 +257,7 @@ class MaskedSum:
             raise
         dec = decode(total, st.qcfg, len(survivors))
         clock.lap("sum")
-        self.moved, self.failed = float(np.linalg.norm(dec.mean)), 0
+        self.moved, self.scale = float(np.linalg.norm(dec.mean)), 1.0
         widened = self.ranges.grow(st.names, dec.clipped_parts)
         share = dec.clipped / (len(survivors) * st.qcfg.size)
         if share > CLIPPED_WARN:

@@ -23,12 +23,13 @@ from rich.markup import escape
 
 from securemark.errors import RoundFailed, SecureMarkError
 
+Need = int | Callable[[set[int]], bool] | None  # good replies enough to wait only the grace: a count, or a test
 
-def exchange(
-    grid: Grid, msgs: Iterable[Message], timeout: float, grace: float, need: int | None = None
-) -> list[Message]:
-    """Grid.send_and_receive with deadlines: every reply, or once ``need`` good replies are in at most ``grace``
-    seconds more (a dead node costs the grace, not the timeout), and never past ``timeout``.
+
+def exchange(grid: Grid, msgs: Iterable[Message], timeout: float, grace: float, need: Need = None) -> list[Message]:
+    """Grid.send_and_receive with deadlines: every reply, or once ``need`` good replies are in (a count, or a
+    test of the nodes they came from) at most ``grace`` seconds more (a dead node costs the grace, not the
+    timeout), and never past ``timeout``.
 
     Messages are pushed one at a time as ``msgs`` yields them: a message made while the first ones are on their
     way goes out when made. Between polls it sleeps 2% of the time waited so far (at least 1 ms, at most 50 ms)
@@ -41,13 +42,13 @@ def exchange(
         pending.update(grid.push_messages([msg]))
     replies: list[Message] = []
     start = time.monotonic()
-    end, good = start + timeout, 0
+    end, good = start + timeout, set()
     while pending and time.monotonic() < end:
         got = list(grid.pull_messages(pending))
         replies += got
         pending -= {m.metadata.reply_to_message_id for m in got}
-        good += sum(not m.has_error() for m in got)
-        if need is not None and good >= need:
+        good |= {m.metadata.src_node_id for m in got if not m.has_error()}
+        if need is not None and (need(good) if callable(need) else len(good) >= need):
             end = min(end, time.monotonic() + grace)
         if pending:
             time.sleep(poll_wait(time.monotonic() - start))

@@ -228,7 +228,7 @@ def _after_train(
     rng = np.random.default_rng(int.from_bytes(os.urandom(16), "little"))  # stochastic rounding
     masked = P.client_masked_input(keys, cfg, peer_keys, encode(delta, weight, qcfg, rng), min_group(context))
     starts, model = start  # the model trained from: never again once this node reveals shares for the round
-    starts.masked(model, starts.sketch(delta), cfg.round)
+    starts.masked(model, float(np.linalg.norm(delta)), cfg.round)
     context.state[wire.STARTS] = wire.starts_record(starts)
     context.state[wire.KEYS] = wire.keys_record(keys)
     context.state[wire.ROUND] = wire.round_config_record(cfg, keys.id)

@@ -27,7 +27,7 @@ from rich.console import Console
 from securemark.config import SecAggSettings
 from securemark.errors import InputError
 from securemark.flower import wire
-from securemark.flower.exchange import accept, exchange, shown
+from securemark.flower.exchange import Need, accept, exchange, shown
 from securemark.owner import customer_name
 from securemark.registry import Registry, RegistryError
 from securemark.secagg import protocol as P
@@ -58,6 +58,7 @@ class Nodes:
         self.ids: dict[int, int] = {}  # node id -> its id in the masking session (a Shamir x-coordinate)
         self.keys = P.SessionKeys(os.urandom(16).hex())  # this run's session: long-term public keys of the nodes
         self.groups = Groups(secagg.group)  # the session's fixed groups of session ids
+        self.failures: dict[str, list[str]] = {}  # stage -> the reasons of the nodes that failed it last
         self.refused: set[int] = set()
         self.banned: set[str] = set()  # customers refused for misbehaving or contested (kept across a resume)
         self.contested: dict[str, str] = {}  # identities two nodes claimed, and how
@@ -73,7 +74,7 @@ class Nodes:
 
     # --- messaging ------------------------------------------------------------------------------------------
     def send(
-        self, stage: str, contents: dict[int, RecordDict], round_no: int, timeout: float, need: int | None = None
+        self, stage: str, contents: dict[int, RecordDict], round_no: int, timeout: float, need: Need = None
     ) -> dict[int, Message]:
         """One message per node, the stage named in its SM record; see :meth:`receive`."""
         msgs = []
@@ -82,18 +83,18 @@ class Nodes:
             msgs.append(Message(content, dst_node_id=node, message_type=wire.MESSAGE_TYPE, group_id=str(round_no)))
         return self.receive(stage, msgs, timeout, need)
 
-    def receive(
-        self, stage: str, msgs: Iterable[Message], timeout: float, need: int | None = None
-    ) -> dict[int, Message]:
+    def receive(self, stage: str, msgs: Iterable[Message], timeout: float, need: Need = None) -> dict[int, Message]:
         """Replies without error whose sender's identity still holds; ``secagg.dropout`` simulates losses. A node
         that fails a masked stage is re-keyed before it takes part again (it may have lost its keys)."""
         replies: dict[int, Message] = {}
+        self.failures[stage] = []
         got = exchange(self._grid(), msgs, timeout, self.secagg.grace, need)
         registered = self.registered() if self.identity == "node" and stage != wire.HELLO else {}
         for reply in got:
             node = reply.metadata.src_node_id
             if reply.has_error():
                 self.console.print(f"  [yellow]node {node} failed at {stage}: {shown(reply.error.reason)}[/]")
+                self.failures[stage] = [*self.failures.get(stage, []), str(reply.error.reason)]
                 if stage != wire.HELLO:
                     self.keys.forget(self.ids.get(node, 0))
             elif stage != wire.HELLO and not self._claim_holds(node, reply, registered):

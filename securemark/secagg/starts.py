@@ -4,10 +4,10 @@ A server that sends a node the same model twice (a replayed round) under two mas
 differ by that node, and subtracts the two sums, reads the node's update: bit for bit when training repeats
 (a review did it through the real mod, and read the node's example count exactly too). So a node keeps, for
 every round in which it masked an update and then revealed shares to unmask a sum, a sketch of the model it
-trained from and of the update it sent, and before training refuses a model that lies within ``NEAR`` times
+trained from and the norm of the update it sent, and before training refuses a model that lies within ``NEAR`` times
 that update of any of them:
 
-    refuse  if  || S(w_new) - S(w_r) ||  <=  NEAR * || S(Δ_r) ||   for some earlier round r
+    refuse  if  || S(w_new) - S(w_r) ||  <=  NEAR * || Δ_r ||   for some earlier round r
 
 A round is recorded when the node reveals, not when it masks: a round that fails before its unmask stage
 (too few inputs arrived) leaves the model unchanged, and its nodes train from it again (their inputs were never
@@ -17,7 +17,7 @@ the last round's movement).
 
 An exact replay (distance 0) is refused whatever the update. ``NEAR`` = 0.02 sits seven times under the least
 that honest federated averaging moved a node's model between two of its rounds, relative to its update, in
-``securemark bench starts`` (0.16, sketched 0.14, for 20 clients a round with two classes each;
+``securemark bench starts`` (0.16, sketched 0.16, for 20 clients a round with two classes each;
 docs/explanations/masking.md has the table): more clients a round move the mean less, so the margin is wide.
 
 S is a count sketch of ``K`` buckets under a key only the node holds: each coordinate goes to one bucket with
@@ -58,7 +58,7 @@ class Starts:
     key: bytes = field(default_factory=lambda: os.urandom(32), repr=False)
     rounds: list[int] = field(default_factory=list)
     models: np.ndarray = field(default_factory=lambda: np.zeros((0, K)), repr=False)
-    updates: list[float] = field(default_factory=list)  # || S(update) || of each round
+    updates: list[float] = field(default_factory=list)  # || update || of each round
     pending: tuple[int, np.ndarray, float] | None = None
 
     def sketch(self, x: np.ndarray) -> np.ndarray:
@@ -84,9 +84,9 @@ class Starts:
                 f"computed twice from one model lets two sums tell it apart), refused"
             )
 
-    def masked(self, model: np.ndarray, update: np.ndarray, round_no: int) -> None:
-        """A masked round, pending until this node reveals shares for it: the sketches of its model and update."""
-        self.pending = (int(round_no), model, float(np.linalg.norm(update)))
+    def masked(self, model: np.ndarray, update: float, round_no: int) -> None:
+        """A masked round, pending until this node reveals shares for it: its model's sketch, its update's norm."""
+        self.pending = (int(round_no), model, float(update))
 
     def revealed(self, round_no: int) -> None:
         """This node revealed shares for ``round_no``: its pending model is recorded for good."""

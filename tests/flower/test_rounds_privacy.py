@@ -207,3 +207,46 @@ def training_set(grid, node, cfg):
 
     ctx = grid.contexts[node].node_config
     return data.client_data(cfg.data, int(ctx["partition-id"]), int(ctx["num-partitions"]), cfg.train.seed)
+
+
+def test_with_groups_the_train_exchange_waits_for_whole_groups_not_a_count(tmp_path):
+    """Once the threshold's worth of inputs is in, the exchange waits only the grace for the rest; with groups a
+    straggler's whole group is lost without it, so the inputs are counted in whole groups."""
+    cfg = config(clients=6, per_round=6, group=2)
+    s, grid = strategy(cfg, tmp_path), InProcessGrid(6)
+    s.start(grid, initial(), num_rounds=1, train_config=train_config(cfg))
+    need, st = s.sum.need(), s.sum.round
+    node_of = {i: n for n, i in st.ids.items()}
+    pairs = [[node_of[i] for i in g] for g in st.srv.cfg.groups]
+    assert st.srv.cfg.threshold == 4 and len(pairs) == 3
+    assert not need({pairs[0][0], pairs[1][0], pairs[2][0], pairs[0][1]})  # four inputs, one whole pair
+    assert need({*pairs[0], *pairs[1]})
+
+
+def test_after_a_round_fails_past_unmask_the_model_steps_until_the_nodes_take_it(tmp_path):
+    """Node 1000 deals garbage shares: round 1 fails after the others revealed theirs, so they refuse its model.
+    The server steps a hundredth of the model's norm (no round has completed); these nodes' updates are 0.8 of
+    it, so that step is inside their 2% and refused as a replay (round 2), and the doubled one is taken."""
+    from flwr.app import Array, MetricRecord, RecordDict
+
+    from securemark.flower.mod import securemark_mod
+
+    from .test_strategy import _hostile, app_with
+
+    def garbage(content):
+        content[wire.PAYLOAD]["values"] = [bytes(len(v)) for v in content[wire.PAYLOAD]["values"]]
+
+    def shrink(arrays):
+        moved = ArrayRecord({k: Array(v.numpy() * 0.2) for k, v in arrays.items()})
+        return RecordDict({"arrays": moved, "metrics": MetricRecord({"num-examples": 10})})
+
+    cfg = config(clients=4, per_round=4, rounds=3)
+    s, grid = (
+        strategy(cfg, tmp_path),
+        InProcessGrid(4, app=app_with(shrink, mods=[_hostile(wire.TRAIN, garbage), securemark_mod])),
+    )
+    s.start(grid, initial(), num_rounds=3, train_config=train_config(cfg))
+    log = s.console.export_text()
+    assert [m["status"] for m in s.rounds] == ["failed", "failed", "completed"], log
+    assert "could not open" in s.rounds[0]["reason"] and log.count("a replayed round") == 3
+    assert log.count("model stepped") == 2
