@@ -97,7 +97,7 @@ class SecAggSettings:
     timeout: float = 300.0  # longest wait for the replies of one stage (seconds)
     grace: float = 10.0  # once the threshold has answered, how much longer a stage waits for the rest (seconds)
     # nodes take part in fixed groups of this many or more, and only whole groups are summed: over any number of
-    # rounds the server learns at most a group's summed updates and example counts (securemark.secagg.groups)
+    # rounds of one model for all, the server learns at most a group's sums (securemark.secagg.groups)
     group: int = 1
 
 
@@ -210,7 +210,7 @@ class SimConfig(TomlConfig):
         _check(_finite(s.timeout) and s.timeout > 0, "secagg.timeout", s.timeout)
         _check(_finite(s.grace) and 0 <= s.grace <= s.timeout, "secagg.grace (0..timeout)", s.grace)
         _check(not s.enabled or t.per_round >= 3, "train.per_round (masked aggregation needs >= 3)", t.per_round)
-        _check(1 <= s.group <= t.clients, "secagg.group (1..train.clients)", s.group)
+        _check(1 <= s.group <= t.per_round, "secagg.group (1..train.per_round)", s.group)
         _check(_finite(r.num_cpus) and r.num_cpus > 0, "resources.num_cpus", r.num_cpus)
         _check(_finite(r.num_gpus) and r.num_gpus >= 0, "resources.num_gpus", r.num_gpus)
         ray_key = "resources.ray_address (auto, host:port or ray://host:port)"

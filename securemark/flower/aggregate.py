@@ -164,13 +164,14 @@ class MaskedSum:
         half of what the last completed round moved it (a hundredth of the model's norm before any). Those nodes
         refuse the unchanged model, and a server lying about a failure could take another sum from it; past the
         replay check's 2% of an update, the step changes the model no more than a round's noise. A step too small
-        for some node (it refused the model as a replay) is followed by one twice as large. None when the round
-        failed before unmask (nobody revealed) and no node refused a replay: the model stays."""
+        for some node (it refused the model as a replay) is followed by one twice as large (64 times at most).
+        None when the round failed before unmask (nobody revealed) and no node refused a replay: the model stays."""
         refused = any("Replay:" in why for why in self.nodes.failures.get(wire.TRAIN, []))
         if not self.revealed and not refused:
             return None
-        self.scale *= 2.0 if refused else 1.0
-        size = (0.5 * self.moved if self.moved > 0 else 1e-2 * float(np.linalg.norm(flat))) * self.scale
+        self.scale = min(self.scale * (2.0 if refused else 1.0), 64.0)
+        base = 0.5 * self.moved or 1e-2 * float(np.linalg.norm(flat)) or 1e-3 * flat.size**0.5  # a zero model too
+        size = base * self.scale
         step = self.rng.standard_normal(flat.size)
         return step * (size / max(float(np.linalg.norm(step)), 1e-300))
 
@@ -186,6 +187,9 @@ class MaskedSum:
         ids = {n: self.nodes.ids[n] for n in sampled}
         groups = self.nodes.groups.of_round(ids.values())
         graph, threshold = P.neighbour_graph(tuple(sorted(ids.values())), sc.graph, self.rng, groups)
+        if groups and len(sampled) - max(len(g) for g in groups) < threshold:
+            self.console.print(f"  [yellow]round {r}: {len(sampled)} nodes in groups of up to {max(map(len, groups))}, "
+                               f"threshold {threshold}: one lost node fails the round[/]")  # fmt: skip
         parts = self.ranges.parts(tensors)
         bits = round_bits(sc.bits, len(sampled), self.max_weight, self.ranges.summed)
         qcfg = QuantConfig.of_parts(parts, bits, self.max_weight, len(sampled))

@@ -17,9 +17,9 @@ A node can set a floor: with ``securemark-require-masking = true`` in its node c
 that would send its update unmasked: a plain Flower train message, a securemark round without masking, and
 one from a server that skipped the keyed hello (no keys of this session on the node). Evaluate and query
 messages pass as before: they return metrics, never an update. ``securemark-min-group = G`` (G > 1 implies
-the first) refuses also every round in which this node's group has fewer than G nodes: the server then learns
-only sums of G or more nodes, over any number of rounds (``secagg.groups``), unless it makes up members whose
-keys it holds (nothing binds a key to a node yet).
+the first) refuses also every round in which this node's group has fewer than G nodes: the server then sums
+only groups of G or more, over any number of rounds (``secagg.groups``: what that bounds, and what it does not,
+such as groupmates sent models that train to nothing, or members the server made up).
 
 Over a run the node keeps what a server could replay: the session it was keyed for (a hello of another session,
 or under another id, is refused: a new session would regroup the nodes) and a sketch of every model it trained

@@ -180,9 +180,11 @@ class Nodes:
         nodes = [node_of[i] for i in self.groups.whole(ids, ready, len(order))]
         keyed = set(self.identify(nodes, round_no))  # members that lost their keys are keyed again
         out = [n for n in nodes if all(node_of[i] in keyed for i in self.groups.of[self.ids[n]])]
-        if len(out) < len(order):
+        waiting = sorted(n for n in order if n in self.ids and self.ids[n] not in self.groups.of)
+        if len(out) < len(order) or waiting:
+            wait = f"; without a group yet (fewer than {self.groups.size} new): nodes {waiting}" if waiting else ""
             self.console.print(f"  round {round_no}: {len(out)} node(s) in whole groups of {self.groups.size}+ "
-                               f"({len(order)} sampled)")  # fmt: skip
+                               f"({len(order)} sampled){wait}")  # fmt: skip
         return sorted(out)
 
     def _admit(self, claims: dict[int, str | None], round_no: int) -> None:

@@ -21,20 +21,25 @@ AAAI 2023), clients take part in fixed groups:
 - the server sums only the groups whose every input arrived (``server_close_inputs``): a group with one node
   lost is dropped from that round whole.
 
-**The bound.** Take a server that chooses every round's model, configuration and survivors (it may replay,
-perturb, claim any dropouts) but shows the nodes of a round one configuration and one survivor list, and holds
-no keys of its own among them (a server that shows different lists to different nodes within a round, or
-makes up members whose keys it holds, is the malicious-server mode's case: signed lists, a roster of keys).
-Unmasking needs t reveals, from survivors that each checked S to be whole groups of a configuration that
-agrees with their memory, and a set of survivors that the graph splits is unmasked component by component, each
-of them whole groups (cliques); a client's group is the same in every round it takes part in. So every sum
-the server can unmask is, round by round, a sum of whole groups' sums, and no combination of sums over any
-number of rounds separates two clients of one group: the finest thing the server can compute is the sum of a
-group's inputs (updates and example counts). With the same model sent twice (refused by ``secagg.starts``,
-unless changed beyond its check), that is one group's summed update; with honest rounds, the example count
-totals of the groups, never a client's own. Colluding nodes learn their own inputs: a group of g holding c
-colluders exposes the sum of its other g - c clients, so g = 3 keeps one client behind one colluder. The pins
-live in the node's state for the run: a node that restarts has forgotten them (a server can then regroup it).
+**The bound.** Take a server that chooses every round's survivors and sampling (it may claim any dropouts)
+and sends every node of a round the same model (each node's own fingerprinted copy of it) and configuration,
+shows them one survivor list, and holds no keys of its own among them. Unmasking needs t reveals, from
+survivors that each checked S to be whole groups of a configuration that agrees with their memory, and a set
+of survivors that the graph splits is unmasked component by component, each of them whole groups (cliques); a
+client's group is the same in every round it takes part in. So every sum the server can unmask is, round by
+round, a sum of whole groups' sums, and no combination of sums over any number of rounds separates two clients
+of one group: from honest rounds the server learns each group's summed updates and example counts, never a
+client's own (the least-squares attack on counts gets group totals). Colluding nodes learn their own inputs:
+a group of g holding c colluders exposes the sum of its other g - c clients, so g = 3 keeps one client behind
+one colluder.
+
+**What it does not bound.** The groups fix which inputs are summed, not what they hold, and each node trains
+on what the server sends it alone: a server that sends a node's groupmates a model or configuration that
+trains to no update (zero local epochs; a model whose units are all dead) makes the group's sum that node's
+update and count (a review read both, correlation 0.9999, the count exactly). Stopping it needs nodes to check
+that they and their groupmates trained from one model and configuration (a commitment they compare): the
+malicious-server work, not done. Nor does anything outlive a node's state for the run: a node that restarts,
+or a new run, has forgotten its groups and models.
 
 **The cost.** A lost node costs its whole group for the round (``securemark simulate ... --set
 secagg.dropout=0.1`` measures it; docs/explanations/masking.md has the table), and a round takes whole groups

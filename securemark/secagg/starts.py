@@ -27,9 +27,9 @@ the sketch's blind spots. What a distance cannot see: a change that training ign
 added to every bias of a softmax layer, the weights of a dead unit, hidden units permuted or rescaled through a
 ReLU) moves the model as far as the server likes while the update repeats, and a server that sends one batch as
 large as the node's data makes training deterministic whatever the node's batch order. The sketch stops replays
-and small perturbations, not a determined server; what no choice of models gets past is the session's fixed
-groups (``secagg.groups``): only whole groups are ever summed. A model holding NaN or infinite values is refused
-(it has no distance).
+and small perturbations, not a determined server; the session's fixed groups (``secagg.groups``) bound what
+the sums reveal when every node gets the same model (only whole groups are ever summed). A model holding NaN
+or infinite values is refused (it has no distance).
 """
 
 from __future__ import annotations

@@ -250,3 +250,23 @@ def test_after_a_round_fails_past_unmask_the_model_steps_until_the_nodes_take_it
     assert [m["status"] for m in s.rounds] == ["failed", "failed", "completed"], log
     assert "could not open" in s.rounds[0]["reason"] and log.count("a replayed round") == 3
     assert log.count("model stepped") == 2
+
+
+def test_the_step_after_a_failure_moves_even_a_zero_model_and_doubles_only_on_refusals_to_a_cap(tmp_path):
+    s = strategy(config(), tmp_path)
+    assert s.sum.after_failure(np.ones(100)) is None  # nobody revealed, nobody refused: the model stays
+    s.sum.revealed = True
+    zero = s.sum.after_failure(np.zeros(100))
+    assert np.linalg.norm(zero) == pytest.approx(1e-3 * 10)  # a zero model still moves
+    s.sum.moved = 2.0
+    assert np.linalg.norm(s.sum.after_failure(np.ones(100))) == pytest.approx(1.0)  # half the last movement
+    s.sum.nodes.failures[wire.TRAIN] = ["securemark_mod refused the train message: Replay: ..."]
+    sizes = [np.linalg.norm(s.sum.after_failure(np.ones(100))) for _ in range(10)]
+    assert sizes[:3] == pytest.approx([2.0, 4.0, 8.0]) and max(sizes) == pytest.approx(64.0)
+
+
+def test_a_group_larger_than_a_round_is_a_config_error():
+    from securemark.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"secagg.group \(1..train.per_round\)"):
+        config(clients=10, per_round=3, group=5)
