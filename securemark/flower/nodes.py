@@ -85,7 +85,8 @@ class Nodes:
 
     def receive(self, stage: str, msgs: Iterable[Message], timeout: float, need: Need = None) -> dict[int, Message]:
         """Replies without error whose sender's identity still holds; ``secagg.dropout`` simulates losses. A node
-        that fails a masked stage is re-keyed before it takes part again (it may have lost its keys)."""
+        that fails a masked stage is re-keyed before it takes part again (it may have lost its keys); one whose
+        floor is above the run's groups is refused for the run (its group then sits out: groups are fixed)."""
         replies: dict[int, Message] = {}
         self.failures[stage] = []
         got = exchange(self._grid(), msgs, timeout, self.secagg.grace, need)
@@ -97,6 +98,8 @@ class Nodes:
                 self.failures[stage] = [*self.failures.get(stage, []), str(reply.error.reason)]
                 if stage != wire.HELLO:
                     self.keys.forget(self.ids.get(node, 0))
+                if "GroupTooSmall:" in str(reply.error.reason):  # it would refuse every round of this session
+                    self.refuse(node, "its floor (securemark-min-group) is above this run's groups")
             elif stage != wire.HELLO and not self._claim_holds(node, reply, registered):
                 continue
             elif self.rng.random() >= self.secagg.dropout:

@@ -270,3 +270,19 @@ def test_a_group_larger_than_a_round_is_a_config_error():
 
     with pytest.raises(ConfigError, match=r"secagg.group \(1..train.per_round\)"):
         config(clients=10, per_round=3, group=5)
+
+
+def test_a_node_whose_floor_is_above_the_runs_groups_is_refused_and_its_group_sits_out(tmp_path):
+    """Groups of 3 over 6 nodes; node 1000 requires 4. It refuses round 1 (whose other group alone is under
+    the threshold), is refused for the run, and from round 2 its group sits out while the other trains."""
+    cfg = config(clients=6, per_round=6, rounds=2, group=3)
+    s, grid = strategy(cfg, tmp_path), InProcessGrid(6)
+    grid.contexts[1000].node_config["securemark-min-group"] = 4
+    seen = counted(s)
+    s.start(grid, initial(), num_rounds=2, train_config=train_config(cfg))
+    log = s.console.export_text()
+    assert [m["status"] for m in s.rounds] == ["failed", "completed"], log
+    assert "GroupTooSmall" in log and "its floor (securemark-min-group) is above this run's groups" in log
+    assert "one lost node fails the round" in log and 1000 in s.nodes.refused
+    mates = set(s.nodes.groups.of[s.nodes.ids[1000]])
+    assert len(seen) == 1 and not {s.nodes.ids[n] for n in seen[0][0]} & mates and len(seen[0][0]) == 3

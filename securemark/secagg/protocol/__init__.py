@@ -69,6 +69,7 @@ from securemark.secagg.protocol.config import B_LABEL, RoundConfig
 from securemark.secagg.protocol.derive import COMMIT_BYTES, commitment
 from securemark.secagg.protocol.errors import (
     BadOwner,
+    GroupTooSmall,
     ProtocolViolation,
     SecAggError,
     ShareAuthError,
@@ -99,6 +100,7 @@ __all__ = [
     "KEY_BYTES",
     "NONCE_BYTES",
     "BadOwner",
+    "GroupTooSmall",
     "MaskedInput",
     "NodeKeys",
     "ProtocolViolation",

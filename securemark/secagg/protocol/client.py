@@ -17,7 +17,13 @@ from securemark.prg import add_keystream
 from securemark.secagg import shamir
 from securemark.secagg.protocol.config import B_LABEL, RoundConfig
 from securemark.secagg.protocol.derive import _pair_seed, _self_mask_key, _share_key, commitment
-from securemark.secagg.protocol.errors import ProtocolViolation, ShareAuthError, StageError, TooFewSurvivors
+from securemark.secagg.protocol.errors import (
+    GroupTooSmall,
+    ProtocolViolation,
+    ShareAuthError,
+    StageError,
+    TooFewSurvivors,
+)
 from securemark.secagg.protocol.keys import KEY_BYTES, NodeKeys
 
 NONCE_BYTES = 12
@@ -55,7 +61,7 @@ def check_round(keys: NodeKeys, cfg: RoundConfig, min_group: int = 1) -> None:
             raise ProtocolViolation(f"client {i}: client {j}'s group was {list(seen)} earlier in this session, "
                                     f"now {list(now)}; groups are fixed for a session: refused")  # fmt: skip
     if len(cfg.group_of(i)) < min_group:
-        raise ProtocolViolation(f"client {i}: its group has {len(cfg.group_of(i))} client(s); this node requires "
+        raise GroupTooSmall(f"client {i}: its group has {len(cfg.group_of(i))} client(s); this node requires "
                                 f"{min_group} or more: refused")  # fmt: skip
 
 

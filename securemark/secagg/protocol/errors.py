@@ -17,6 +17,10 @@ class ProtocolViolation(SecAggError):
     """A message from an unknown sender, a duplicate, or of the wrong size, dtype or content."""
 
 
+class GroupTooSmall(ProtocolViolation):
+    """The round's group for this node is smaller than the node's floor: it will not take part in this session."""
+
+
 class ShareAuthError(SecAggError):
     """An encrypted share failed authentication: tampered, replayed from another round, or misaddressed."""
 
