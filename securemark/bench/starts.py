@@ -14,14 +14,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 
+from securemark import training
 from securemark.bench.trace_rounds import Weights, train_rounds
 from securemark.secagg.starts import NEAR, Starts
-
-
-def _flat(w: Weights) -> np.ndarray:
-    return torch.cat([v.double().reshape(-1) for k, v in sorted(w.items()) if v.is_floating_point()]).numpy()
 
 
 def federation(
@@ -34,7 +30,8 @@ def federation(
     node = Starts()
 
     def seen(c: int, start: Weights, trained: Weights) -> None:
-        s, t = _flat(start), _flat(trained)
+        names = training.float_names(start)
+        s, t = training.flatten(start, names), training.flatten(trained, names)
         s_sk = node.sketch(s)
         for prev, norm, prev_sk in earlier.get(c, []):
             exact.append(float(np.linalg.norm(s - prev)) / norm)

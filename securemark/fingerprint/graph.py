@@ -43,7 +43,7 @@ from securemark.fingerprint.spaces import (
 from securemark.fingerprint.valueops import ValueOps, _shape
 from securemark.fingerprint.verify import verify
 
-FX_INPUT = "placeholder"  # the op torch.fx gives a node that is one of the model's inputs (torch.fx.Node.op)
+FX_INPUT = "placeholder"  # torch.fx's own name (Node.op) for a graph input node: a real value, not a stand-in
 
 
 def _is_attention(mod: nn.Module) -> bool:

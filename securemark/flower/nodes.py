@@ -173,12 +173,12 @@ class Nodes:
         group's size of them are new; a group with a member that is gone or cannot be keyed sits the round out
         (``secagg.groups``)."""
         ids = [self.ids[n] for n in order if n in sampled and n in self.ids]
+        connected = self._grid().get_node_ids()  # one request to the grid
         if self.groups.form(ids):
-            spare = [n for n in self._grid().get_node_ids() if n not in self.customers and n not in self.refused]
+            spare = [n for n in connected if n not in self.customers and n not in self.refused]
             more = self.identify(spare[: self.groups.size], round_no)
             self.groups.form([*ids, *(self.ids[n] for n in more)])
         node_of = {i: n for n, i in self.ids.items()}
-        connected = set(self._grid().get_node_ids())
         ready = {self.ids[n] for n in connected if n in self.customers and n in self.ids}
         nodes = [node_of[i] for i in self.groups.whole(ids, ready, len(order))]
         keyed = set(self.identify(nodes, round_no))  # members that lost their keys are keyed again

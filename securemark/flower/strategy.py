@@ -154,10 +154,8 @@ class SecureMark(Strategy):
     ) -> Iterator[Message]:
         """The inner strategy's train messages, each carrying its customer's copy; under masking with the round's
         configuration and the node's neighbours' public keys (new nodes are identified and keyed first).
-        Nodes are identified, the weights recorded as a base and the sum set up before any copy leaves, so a copy
-        out in the world always has its base in the registry. Each copy is made as its message is taken from the
-        returned iterator: the exchange sends the first copies while the rest are made (10 copies of a
-        1M-parameter model took 0.15-0.25 s that the nodes spent waiting)."""
+        Nodes are identified, the base recorded and the sum set up before any copy leaves (a copy out in the world
+        always has its base in the registry). Copies are made as the exchange takes each message."""
         self.nodes.grid = grid
         self._load(arrays)
         clock = StageClock()
