@@ -85,6 +85,9 @@ class FingerprintConfig:
     anchor_every: int = 16
 
 
+THREATS = ("semi-honest", "malicious")
+
+
 @dataclass(frozen=True)
 class SecAggSettings:
     enabled: bool = True
@@ -99,6 +102,14 @@ class SecAggSettings:
     # nodes take part in fixed groups of this many or more, and only whole groups are summed: over any number of
     # rounds of one model for all, the server learns at most a group's sums (securemark.secagg.groups)
     group: int = 1
+    # semi-honest: the server follows the protocol (two exchanges a round). malicious: nodes sign their keys and,
+    # in a third exchange, the survivor list and configuration; none reveals without enough matching signatures
+    # (securemark.secagg.protocol.signing)
+    threat: str = "semi-honest"
+    # the roster of the nodes' signing keys (malicious threat): every node holds it from the owner; "" in a
+    # simulation makes one for its simulated nodes
+    roster: str = ""
+    signers: float = 2 / 3  # share of a round's nodes whose signatures a node needs before it reveals (> 1/2)
 
 
 @dataclass(frozen=True)
@@ -166,7 +177,7 @@ class TomlConfig:
 
 @dataclass(frozen=True)
 class SimConfig(TomlConfig):
-    PATHS: ClassVar[tuple[str, ...]] = ("output", "data.files")
+    PATHS: ClassVar[tuple[str, ...]] = ("output", "data.files", "secagg.roster")
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -211,6 +222,10 @@ class SimConfig(TomlConfig):
         _check(_finite(s.grace) and 0 <= s.grace <= s.timeout, "secagg.grace (0..timeout)", s.grace)
         _check(not s.enabled or t.per_round >= 3, "train.per_round (masked aggregation needs >= 3)", t.per_round)
         _check(1 <= s.group <= t.per_round, "secagg.group (1..train.per_round)", s.group)
+        _check(s.threat in THREATS, "secagg.threat (semi-honest | malicious)", s.threat)
+        _check(not s.roster or (s.threat == "malicious" and _path_ok(s.roster)), "secagg.roster (a path, with "
+               "secagg.threat = malicious)", s.roster)  # fmt: skip
+        _check(_finite(s.signers) and 0.5 < s.signers <= 1, "secagg.signers (more than 0.5, at most 1)", s.signers)
         _check(_finite(r.num_cpus) and r.num_cpus > 0, "resources.num_cpus", r.num_cpus)
         _check(_finite(r.num_gpus) and r.num_gpus >= 0, "resources.num_gpus", r.num_gpus)
         ray_key = "resources.ray_address (auto, host:port or ray://host:port)"

@@ -11,7 +11,8 @@ from securemark.flower.exchange import poll_wait
 
 def test_runs_alternate_so_drift_weighs_on_every_variant_alike():
     assert run_order(1) == list(VARIANTS)
-    assert run_order(2) == ["plain", "securemark", "flower_secaggplus", "flower_secaggplus", "securemark", "plain"]
+    assert run_order(2) == ["plain", "securemark", "malicious", "flower_secaggplus",
+                            "flower_secaggplus", "malicious", "securemark", "plain"]  # fmt: skip
     order = run_order(4)
     assert all(order.count(v) == 4 for v in VARIANTS)
     # each variant's mean position is the same: a linear drift adds the same to each

@@ -2,8 +2,9 @@
 
 One SuperLink and N SuperNodes (``flower-supernode``) on 127.0.0.1, then three ``flwr run``s of the shipped
 apps on digits: plain (fingerprint and masking off), masked, and masked with one SuperNode killed (SIGKILL, its
-whole process group) once the first round is done. Per-round seconds and the server's per-stage seconds come
-from each run's metrics.json.
+whole process group) once the first round is done; then a second SuperLink whose N SuperNodes hold a roster
+(``securemark roster``) and a masked run under ``secagg.threat = "malicious"``. Per-round seconds and the
+server's per-stage seconds come from each run's metrics.json.
 
 ``isolation="subprocess"`` (Flower's default): each SuperNode starts its own ``flower-superexec``, which starts
 a fresh ``flwr-clientapp`` process per message. ``isolation="process"``: the SuperNodes start none, and a
@@ -23,11 +24,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from securemark.errors import InputError, RunFailed
 from securemark.flower.processes import BIN, Processes, flower_env, free_port, wait_for_port
+from securemark.secagg.roster import make
 
 RUN_DEADLINE_S = 900
 
@@ -48,24 +51,14 @@ def bench_deploy(
         work = Path(tmp)
         home = work / "flwr-home"
         home.mkdir()
-        link = free_port()
-        (home / "config.toml").write_text(
-            f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\naddress = "127.0.0.1:{link}"\ninsecure = true\n'
-        )
+        links = {"bench": free_port(), "signed": free_port()}
+        (home / "config.toml").write_text('[superlink]\ndefault = "bench"\n' + "".join(
+            f'\n[superlink.{name}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n' for name, port in links.items()
+        ))  # fmt: skip
         procs = Processes(flower_env(home), work, work / "logs")
         previous = signal.signal(signal.SIGTERM, _terminate)  # a bench that is killed still stops what it started
         try:
-            procs.start("superlink", "flower-superlink", "--insecure", "--port", str(link))
-            wait_for_port(link, 60)
-            node = ("flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}", "--isolation", isolation)
-            supernodes = []
-            for i in range(nodes):
-                where, port = f"partition-id={i} num-partitions={nodes}", free_port()
-                supernodes.append(procs.start(f"supernode-{i}", *node, "--port", str(port), "--node-config", where))
-                if isolation == "process":  # the launcher a deployment runs beside each SuperNode
-                    wait_for_port(port, 60)
-                    procs.start(f"superexec-{i}", "flower-superexec", "--insecure", "--runtime-api-address",
-                                f"127.0.0.1:{port}", "--parent-pid", str(supernodes[-1].pid))  # fmt: skip
+            supernodes = _federation(procs, "bench", links["bench"], nodes, isolation, lambda i: "")
             common = (
                 f'data.name="digits" train.rounds={rounds} train.clients={nodes} train.per_round={nodes} '
                 f"fingerprint.length=256 fingerprint.max_colluders=2 secagg.grace={grace} "
@@ -76,6 +69,15 @@ def bench_deploy(
                 "masked": _run(procs, app, work / "masked", common),
             }
             runs["masked_one_killed"] = _run(procs, app, work / "killed", common, kill=supernodes[0])
+            # the malicious threat: nodes that hold the owner's roster (they refuse unsigned rounds: a federation
+            # of their own)
+            folder = work / "roster"
+            make([f"node-{i}" for i in range(nodes)], folder)
+            _federation(procs, "signed", links["signed"], nodes, isolation,
+                        lambda i: f" securemark-roster='{folder / 'roster.json'}' "
+                                  f"securemark-signing-key='{folder / f'node-{i}.key'}'")  # fmt: skip
+            signed = f' secagg.threat="malicious" secagg.roster="{folder / "roster.json"}"'
+            runs["malicious"] = _run(procs, app, work / "malicious", common + signed, superlink="signed")
         finally:
             procs.stop()
             signal.signal(signal.SIGTERM, previous)
@@ -89,12 +91,36 @@ def bench_deploy(
         "plain_seconds": plain,
         "masked_seconds": masked,
         "masked_over_plain": round(masked / plain, 3),
+        "malicious_seconds": runs["malicious"]["median_seconds"],
+        "malicious_over_plain": round(runs["malicious"]["median_seconds"] / plain, 3),
         "runs": runs,
     }
 
 
-def _run(procs: Processes, app: Path, out: Path, overrides: str, kill: subprocess.Popen | None = None) -> dict:
-    cmd = [str(BIN / "flwr"), "run", str(Path(app).resolve()), "--stream", "-c", f'output="{out}" {overrides}']
+def _federation(
+    procs: Processes, name: str, link: int, nodes: int, isolation: str, extra: Callable[[int], str]
+) -> list[subprocess.Popen]:
+    """A SuperLink on ``link`` and ``nodes`` SuperNodes (node ``i``'s config: its partition, then ``extra(i)``)."""
+    procs.start(f"superlink-{name}", "flower-superlink", "--insecure", "--port", str(link))
+    wait_for_port(link, 60)
+    node = ("flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}", "--isolation", isolation)
+    supernodes = []
+    for i in range(nodes):
+        where, port = f"partition-id={i} num-partitions={nodes}{extra(i)}", free_port()
+        supernodes.append(procs.start(f"supernode-{name}-{i}", *node, "--port", str(port), "--node-config", where))
+        if isolation == "process":  # the launcher a deployment runs beside each SuperNode
+            wait_for_port(port, 60)
+            procs.start(f"superexec-{name}-{i}", "flower-superexec", "--insecure", "--runtime-api-address",
+                        f"127.0.0.1:{port}", "--parent-pid", str(supernodes[-1].pid))  # fmt: skip
+    return supernodes
+
+
+def _run(
+    procs: Processes, app: Path, out: Path, overrides: str, kill: subprocess.Popen | None = None,
+    superlink: str = "bench",
+) -> dict:  # fmt: skip
+    cmd = [str(BIN / "flwr"), "run", str(Path(app).resolve()), superlink, "--stream", "-c",
+           f'output="{out}" {overrides}']  # fmt: skip
     log = (procs.logs / f"flwr-run-{out.name}.log").open("w")
     proc = subprocess.Popen(cmd, env=procs.env, cwd=procs.cwd, stdout=log, stderr=subprocess.STDOUT)
     killed_after = None

@@ -1,15 +1,17 @@
-"""`securemark bench rounds`: seconds per federated round, three ways, same model, data and clients.
+"""`securemark bench rounds`: seconds per federated round, four ways, same model, data and clients.
 
 - plain: securemark's ServerApp with fingerprinting and masking off (FedAvg of plain updates);
 - securemark: fingerprinted copies and masked aggregation (SecAgg over `cryptography`);
+- malicious: the same under ``secagg.threat = "malicious"`` (signed keys, a third exchange for the signed
+  survivor list);
 - flower_secaggplus: Flower's own SecAgg+ (SecAggPlusWorkflow around a legacy FedAvg, secaggplus_mod; the apps
   are in securemark.flower.secaggplus).
 
 A round is timed on the server from sampling to the updated global model (evaluation excluded, as in
 metrics.json). Each variant is a fresh simulation, run ``repeats`` times in alternating order (plain,
-securemark, SecAgg+, then SecAgg+, securemark, plain, ...) so a machine that slows down or speeds up during
-the bench weighs on every variant alike; the figure is the median over every counted round of a variant (each
-run's first round, Ray start-up and warm-up, is not counted).
+securemark, malicious, SecAgg+, then SecAgg+, malicious, securemark, plain, ...) so a machine that slows down
+or speeds up during the bench weighs on every variant alike; the figure is the median over every counted round
+of a variant (each run's first round, Ray start-up and warm-up, is not counted).
 
 What masking must cost here, whatever the code, is measured beside it: one client's encoding and masking of
 an update of this size (in this process, median of 5), and the unmask exchange, a second trip through
@@ -35,7 +37,7 @@ from securemark.errors import InputError, RunFailed
 from securemark.fingerprint.function import features_and_logits
 from securemark.modelio import load_state_dict
 
-VARIANTS = ("plain", "securemark", "flower_secaggplus")
+VARIANTS = ("plain", "securemark", "malicious", "flower_secaggplus")
 
 
 def bench_config(clients: int, params: int, rounds: int, seed: int = 0) -> SimConfig:
@@ -52,11 +54,12 @@ def bench_config(clients: int, params: int, rounds: int, seed: int = 0) -> SimCo
 
 
 def variant_config(cfg: SimConfig, variant: str) -> SimConfig:
-    on = variant == "securemark"
+    on = variant in ("securemark", "malicious")
+    threat = "malicious" if variant == "malicious" else "semi-honest"
     return dataclasses.replace(
         cfg,
         fingerprint=dataclasses.replace(cfg.fingerprint, enabled=on),
-        secagg=dataclasses.replace(cfg.secagg, enabled=on),
+        secagg=dataclasses.replace(cfg.secagg, enabled=on, threat=threat),
     )
 
 
@@ -184,8 +187,10 @@ def bench_rounds(clients: int, params: int, rounds: int, seed: int = 0, repeats:
         "repeats": repeats,
         "plain_seconds": med["plain"],
         "securemark_seconds": med["securemark"],
+        "malicious_seconds": med["malicious"],
         "flower_secaggplus_seconds": med["flower_secaggplus"],
         "securemark_over_plain": med["securemark"] / med["plain"],
+        "malicious_over_plain": med["malicious"] / med["plain"],
         "flower_secaggplus_over_plain": med["flower_secaggplus"] / med["plain"],
         "securemark_over_flower_secaggplus": med["securemark"] / med["flower_secaggplus"],
         "function_mark": {"features": cfg.model.width, **marks},

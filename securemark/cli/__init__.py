@@ -1,4 +1,5 @@
-"""securemark command line: codes | registry | issue | trace | attack | bench | simulate | evaluate | demo.
+"""securemark command line: codes | registry | issue | trace | attack | bench | simulate | evaluate | demo |
+roster.
 
 One command runs per call. Under --json its result is printed as strict JSON and stdout carries nothing else;
 an expected error (bad input, an unusable environment) ends in one line on stderr and exit 2 (a suspect trace
@@ -6,7 +7,7 @@ could not align: 3, its verdict still printed when it could be read), Ctrl-C in 
 130, SIGTERM (unwound as Ctrl-C is) in exit 143, a reader that closed the pipe (`| head`) quietly in exit 141."""
 
 # One module per command group adds its commands to the parser and runs them: codes, owner (registry, trace,
-# attack), issue, bench, run (simulate, evaluate, demo); output.py prints, args.py checks arguments. Heavy
+# attack), issue, bench, run (simulate, evaluate, demo), roster; output.py prints, args.py checks arguments. Heavy
 # imports (torch, Flower, Ray) wait inside the command functions: parsing stays torch-free.
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from securemark.cli import bench, codes, owner, run
+from securemark.cli import bench, codes, owner, roster, run
 from securemark.cli.args import show_defaults
 from securemark.cli.bench import CENSORED
 from securemark.cli.output import _print_json, _stdout_reserved
@@ -46,7 +47,7 @@ EXPECTED_ERRORS: tuple[type[Exception], ...] = (
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="securemark", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    for group in (codes, owner, bench, run):  # in the order --help lists the commands
+    for group in (codes, owner, bench, run, roster):  # in the order --help lists the commands
         group.add_commands(sub)
     show_defaults(p)
     return p

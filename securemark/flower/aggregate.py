@@ -31,6 +31,7 @@ from securemark.flower.nodes import Nodes
 from securemark.secagg import protocol as P
 from securemark.secagg.quantize import QuantConfig, decode
 from securemark.secagg.ranges import GROWTH, Ranges, round_bits
+from securemark.secagg.roster import Roster
 
 CLIPPED_WARN = 1e-5  # a round whose share of clipped values passes this is said on the console, with the cure
 
@@ -194,7 +195,8 @@ class MaskedSum:
         bits = round_bits(sc.bits, len(sampled), self.max_weight, self.ranges.summed)
         qcfg = QuantConfig.of_parts(parts, bits, self.max_weight, len(sampled))
         size = qcfg.size + qcfg.extra
-        cfg = P.RoundConfig(keys.session, r, graph, threshold, size, qcfg.modulus_bits, qcfg.digest(), groups)
+        cfg = P.RoundConfig(keys.session, r, graph, threshold, size, qcfg.modulus_bits, qcfg.digest(), groups,
+                            *self._signed(ids, threshold))  # fmt: skip
         quant = {
             "ranges": [c for _, c in parts], "bits": bits, "max-weight": self.max_weight,
             "max-clients": len(sampled),
@@ -204,10 +206,22 @@ class MaskedSum:
             n: {
                 wire.SM: quant,
                 wire.SECAGG: wire.round_config_record(cfg, ids[n]),
-                wire.PAYLOAD: wire.key_map(keys.for_client(cfg, ids[n])),
+                wire.PAYLOAD: wire.key_map(keys.for_client(cfg, ids[n]), keys.adverts_for(cfg, ids[n])),
             }
             for n in sampled
         }
+
+    def _signed(self, ids: dict[int, int], threshold: int) -> tuple[bytes, tuple[tuple[int, str], ...], int]:
+        """The malicious threat's part of a round: the roster, each client's member, and the signatures of the
+        survivors a node needs before it reveals (``secagg.signers`` of the round's nodes, a majority at least)."""
+        roster = self.nodes.roster
+        if self.secagg.threat != "malicious":
+            return b"", (), 0
+        if roster is None:
+            raise RuntimeError("secagg.threat = malicious needs the roster (SecureMark(roster=...))")
+        n = len(ids)
+        members = tuple((i, self.nodes.keys.adverts[i][0]) for i in ids.values())
+        return roster.digest, members, min(n, max(threshold, n // 2 + 1, math.ceil(self.secagg.signers * n - 1e-9)))
 
     def need(self) -> Need:
         """Masked inputs enough to wait only the grace for the rest: the threshold, counted in whole groups (a
@@ -224,6 +238,24 @@ class MaskedSum:
 
         return enough
 
+    def _signatures(self, r: int, survivors: tuple[int, ...], node_of: dict[int, int]) -> dict[int, bytes]:
+        """The malicious threat's third exchange: every survivor's signature of the survivor list and the round's
+        configuration; fewer than the round's ``signers`` fail the round before anything is revealed."""
+        assert self.round is not None and self.nodes.roster is not None
+        cfg, roster = self.round.srv.cfg, self.nodes.roster
+        ask = {node_of[i]: RecordDict({wire.PAYLOAD: ConfigRecord({"survivors": list(survivors), "round": r})})
+               for i in survivors}  # fmt: skip
+        statement = P.survivors_statement(cfg, survivors)
+        out = {}
+        for n, rep in self.nodes.send(wire.SIGN, ask, r, self.secagg.timeout, need=cfg.signers).items():
+            i = self.round.ids.get(n)
+            if i in survivors and (sig := accept(self.console, n, _apply_signature, cfg, statement, roster, i,
+                                                 rep.content)) is not None:  # fmt: skip
+                out[i] = sig
+        if len(out) < cfg.signers:
+            raise P.TooFewSurvivors(f"{len(out)} of {len(survivors)} survivors signed them, {cfg.signers} needed")
+        return out
+
     def resume(self, rounds: list[dict[str, Any]]) -> None:
         """The ranges a resumed run widened so far (each round's metrics name them)."""
         self.ranges.replay(rounds)
@@ -238,11 +270,15 @@ class MaskedSum:
                 accept(self.console, n, _apply_masked, srv, ids[n], rep.content)
         survivors = P.server_close_inputs(srv)
         clock.lap("train")
+        signatures = self._signatures(r, survivors, node_of) if srv.cfg.malicious else {}
+        if signatures:
+            clock.lap("sign")
         unmask = {
             node_of[i]: RecordDict(
                 {
                     wire.PAYLOAD: ConfigRecord({"survivors": list(survivors), "round": r}),
                     wire.SHARES: wire.bytes_map(P.server_shares_for(srv, i)),
+                    **({wire.SIGNATURES: wire.bytes_map(signatures)} if signatures else {}),
                 }
             )
             for i in survivors
@@ -283,6 +319,14 @@ class MaskedSum:
             "stage_seconds": clock.laps,
         }
         return Aggregate(dec.mean, dec.total_weight, [node_of[i] for i in survivors], info)
+
+
+def _apply_signature(cfg: P.RoundConfig, statement: bytes, roster: Roster, i: int, content: RecordDict) -> bytes:
+    with wire.malformed("signature reply"):
+        signature = content[wire.PAYLOAD]["signature"]
+    if not roster.verify(cfg.member(i), signature, statement):
+        raise P.SignatureError(f"client {i}'s signature of the survivors does not verify")
+    return signature  # type: ignore[no-any-return]
 
 
 def _apply_masked(srv: P.ServerRound, i: int, content: RecordDict) -> None:

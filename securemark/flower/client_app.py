@@ -14,7 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from securemark.config import ConfigError, DataConfig, SimConfig
-from securemark.flower.mod import securemark_mod
+from securemark.flower.mod import SimulatedSigners, securemark_mod
 
 app = ClientApp(mods=[securemark_mod])
 
@@ -52,3 +52,10 @@ def train(msg: Message, context: Context) -> Message:
     trained = ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()})
     metrics = MetricRecord({"train_loss": loss, "num-examples": len(local)})
     return Message(RecordDict({"arrays": trained, "metrics": metrics}), reply_to=msg)
+
+
+def simulated_signers_app(roster_json: str, keys: dict[int, str]) -> ClientApp:
+    """The same ClientApp for a simulation of the malicious threat: each node signs with its partition's key."""
+    signed = ClientApp(mods=[SimulatedSigners(roster_json, keys)])
+    signed.train()(train)
+    return signed

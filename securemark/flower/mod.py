@@ -3,23 +3,22 @@
     app = ClientApp(mods=[securemark_mod])  # it must be the FIRST mod
 
 Every securemark message is a Flower ``train`` message carrying a ``securemark`` record that names its stage
-(see ``wire``). The mod answers hello (identity, and once per session long-term keys) and unmask itself. On the train
-stage it hands the user's function exactly what the inner strategy sent (its ArrayRecord, here the customer's
-fingerprinted copy, and its ConfigRecord), then checks the reply against FedAvg's contract, turns the returned
-arrays into the update relative to the copy it received (so the customer's fingerprint never reaches the
-global model), encodes it with the example count as weight, masks it, and replies with the masked update and the
-user's other metrics: never the plain update, never the example count in clear. Messages without a
+(see ``wire``). The mod answers hello (identity, and once per session long-term keys), sign and unmask itself.
+On the train stage it hands the user's function exactly what the inner strategy sent (its ArrayRecord, here the
+customer's fingerprinted copy, and its ConfigRecord), checks the reply against FedAvg's contract, turns the
+returned arrays into the update relative to the copy it received (so the customer's fingerprint never reaches
+the global model), encodes it with the example count as weight, masks it, and replies with the masked update
+and the user's other metrics: never the plain update, never the example count in clear. Messages without a
 ``securemark`` record (a plain Flower server, evaluate and query messages) pass through untouched, except a
 train request the node must refuse (below, and on a node that masks in this run).
 
-A node can set a floor: with ``securemark-require-masking = true`` in its node config (``flower-supernode
---node-config "... securemark-require-masking=true"``) it refuses, before any training, every train request
-that would send its update unmasked: a plain Flower train message, a securemark round without masking, and
-one from a server that skipped the keyed hello (no keys of this session on the node). Evaluate and query
-messages pass as before: they return metrics, never an update. ``securemark-min-group = G`` (G > 1 implies
-the first) refuses also every round in which this node's group has fewer than G nodes: the server then sums
-only groups of G or more, over any number of rounds (``secagg.groups``: what that bounds, and what it does not,
-such as groupmates sent models that train to nothing, or members the server made up).
+Floors a node sets in its node config (``flower-supernode --node-config "..."``): ``securemark-require-masking
+= true`` refuses, before any training, every train request that would send its update unmasked (a plain Flower
+train message, a securemark round without masking, a server that skipped the keyed hello); evaluate and query
+messages pass (they return metrics, never an update). ``securemark-min-group = G`` (G > 1 implies the first)
+refuses every round in which this node's group has fewer than G nodes (``secagg.groups``: what that bounds, and
+what not). ``securemark-roster`` with ``securemark-signing-key`` (``signers``) makes the node sign and check
+every round, refusing unsigned ones (``secagg.protocol.signing``: a server that lies).
 
 Over a run the node keeps what a server could replay: the session it was keyed for (a hello of another session,
 or under another id, is refused: a new session would regroup the nodes) and a sketch of every model it trained
@@ -45,8 +44,10 @@ from flwr.common.constant import ErrorCode
 
 from securemark.errors import SecureMarkError
 from securemark.flower import wire
+from securemark.flower.signers import ROSTER, SIGNING_KEY, node_signer, simulated_signer
 from securemark.secagg import protocol as P
 from securemark.secagg.quantize import QuantConfig, QuantizationError, encode
+from securemark.secagg.roster import RosterError
 from securemark.secagg.starts import Starts
 
 Next = Callable[[Message, Context], Message]
@@ -61,16 +62,41 @@ COUNT_KEY = "num-examples"  # FedAvg's example count: masked, never sent in clea
 REQUIRE_MASKING = "securemark-require-masking"  # node config: train requests that are not masked are refused
 MIN_GROUP = "securemark-min-group"  # node config: rounds whose group for this node is smaller are refused
 _REFUSE = (ContractError, P.SecAggError, QuantizationError, KeyError, TypeError, ValueError, OverflowError)
+# (RosterError is a ValueError: a node's unusable roster or key refuses the message)
 
 
 def securemark_mod(msg: Message, context: Context, call_next: Next) -> Message:
     """Flower Mod: answer securemark's stages; wrap the train stage around the app's own train function.
     A malformed message or a reply breaking the contract gets an error reply naming why; an exception raised
-    by the app's own train function propagates as Flower reports any app's exception."""
+    by the app's own train function propagates as Flower reports any app's exception. A node whose config
+    names a roster and signing key (``signers``) signs and checks every round (the malicious threat)."""
+    try:
+        signer = node_signer(context)
+    except RosterError as exc:
+        return _refuse(msg, exc) if is_train(msg) else call_next(msg, context)
+    return _mod(msg, context, call_next, signer)
+
+
+class SimulatedSigners:
+    """``securemark_mod`` for a simulation of the malicious threat: each simulated node signs with its
+    partition's key from a roster the owner made for the run (``signers.simulated``)."""
+
+    def __init__(self, roster_json: str, keys: dict[int, str]) -> None:
+        self.roster_json, self.keys = roster_json, keys
+
+    def __call__(self, msg: Message, context: Context, call_next: Next) -> Message:
+        try:
+            signer = simulated_signer(self.roster_json, self.keys, context)
+        except RosterError as exc:
+            return _refuse(msg, exc) if is_train(msg) else call_next(msg, context)
+        return _mod(msg, context, call_next, signer)
+
+
+def _mod(msg: Message, context: Context, call_next: Next, signer: P.Signer | None) -> Message:
     if not msg.has_content() or wire.SM not in msg.content:
         if is_train(msg):
             try:
-                _plain_allowed(context)
+                _plain_allowed(context, signer)
             except ContractError as exc:
                 return _refuse(msg, exc)
         return call_next(msg, context)
@@ -79,15 +105,15 @@ def securemark_mod(msg: Message, context: Context, call_next: Next) -> Message:
         if stage != wire.TRAIN:
             if stage not in _HANDLERS:
                 raise ContractError(f"unknown securemark stage {stage!r}")
-            return _HANDLERS[stage](msg, context)
-        user_msg, sent, start = _before_train(msg, context)
+            return _HANDLERS[stage](msg, context, signer)
+        user_msg, sent, start = _before_train(msg, context, signer)
     except _REFUSE as exc:
         return _refuse(msg, exc)
     reply = call_next(user_msg, context)
     if reply.has_error():
         return reply
     try:
-        return _after_train(msg, context, sent, start, reply)
+        return _after_train(msg, context, sent, start, reply, signer)
     except _REFUSE as exc:
         return _refuse(msg, exc)
 
@@ -119,9 +145,10 @@ def claim(context: Context) -> dict[str, int]:
 
 
 # --- masking stages ------------------------------------------------------------------------------------------
-def _hello(msg: Message, context: Context) -> Message:
+def _hello(msg: Message, context: Context, signer: P.Signer | None) -> Message:
     """The node's identity claim; with a SESSION record, fresh long-term keys for that session (kept in the
-    node's state, the public halves in the reply). A hello for a session replaces any older keys."""
+    node's state, the public halves in the reply, signed by a node with a roster). A hello for a session
+    replaces any older keys."""
     if wire.SESSION not in msg.content:
         return _reply(msg, wire.HELLO, context)
     head = msg.content[wire.SESSION]
@@ -139,10 +166,29 @@ def _hello(msg: Message, context: Context) -> Message:
     context.state.pop(wire.ROUND, None)
     context.state.pop(wire.PEERS, None)
     c_pk, s_pk = keys.public()
-    return _reply(msg, wire.HELLO, context, **{wire.PAYLOAD: ConfigRecord({"c_pk": c_pk, "s_pk": s_pk})})
+    payload = ConfigRecord({"c_pk": c_pk, "s_pk": s_pk})
+    if signer is not None:
+        payload["member"] = signer.member
+        payload["advert"] = signer.sign(P.advert(signer.roster.digest, session, node_id, c_pk, s_pk))
+    return _reply(msg, wire.HELLO, context, **{wire.PAYLOAD: payload})
 
 
-def _unmask(msg: Message, context: Context) -> Message:
+def _sign(msg: Message, context: Context, signer: P.Signer | None) -> Message:
+    """Under the malicious threat: this node's signature of the survivors and of the round it masked for, once
+    per round (``secagg.protocol.signing``)."""
+    keys = _keys(context)
+    if signer is None or wire.ROUND not in context.state:
+        raise P.StageError("a signature of survivors from a node that masked no round of the malicious threat")
+    cfg, _ = wire.round_config_from(context.state[wire.ROUND])
+    payload = msg.content[wire.PAYLOAD]
+    if int(payload["round"]) != cfg.round:
+        raise P.StageError(f"survivors of round {int(payload['round'])}, but this node masked round {cfg.round}")
+    signature = P.sign_survivors(keys, cfg, signer, [int(i) for i in payload["survivors"]])
+    context.state[wire.KEYS] = wire.keys_record(keys)  # the list it signed: it signs no other this round
+    return _reply(msg, wire.SIGN, context, **{wire.PAYLOAD: ConfigRecord({"signature": signature})})
+
+
+def _unmask(msg: Message, context: Context, signer: P.Signer | None) -> Message:
     keys = _keys(context)
     if wire.ROUND not in context.state:
         raise P.StageError("no masked input of this session waiting to be unmasked on this node")
@@ -152,8 +198,10 @@ def _unmask(msg: Message, context: Context) -> Message:
     survivors = [int(i) for i in payload["survivors"]]
     if int(payload["round"]) != cfg.round:
         raise P.StageError(f"unmask of round {int(payload['round'])}, but this node masked round {cfg.round}")
+    signatures = wire.bytes_map_from(msg.content[wire.SIGNATURES]) if wire.SIGNATURES in msg.content else {}
     try:
-        reveals, bad = P.client_unmask(keys, cfg, peer_keys, survivors, wire.bytes_map_from(msg.content[wire.SHARES]))
+        shares = wire.bytes_map_from(msg.content[wire.SHARES])
+        reveals, bad = P.client_unmask(keys, cfg, peer_keys, survivors, shares, signer, signatures)
     finally:  # one unmask per round, even a refused one
         context.state[wire.KEYS] = wire.keys_record(keys)
         del context.state[wire.ROUND], context.state[wire.PEERS]
@@ -163,7 +211,11 @@ def _unmask(msg: Message, context: Context) -> Message:
     return _reply(msg, wire.UNMASK, context, **{wire.PAYLOAD: wire.reveals_record(reveals, bad)})
 
 
-_HANDLERS: dict[str, Callable[[Message, Context], Message]] = {wire.HELLO: _hello, wire.UNMASK: _unmask}
+_HANDLERS: dict[str, Callable[[Message, Context, P.Signer | None], Message]] = {
+    wire.HELLO: _hello,
+    wire.SIGN: _sign,
+    wire.UNMASK: _unmask,
+}
 
 
 def _starts(context: Context) -> Starts:
@@ -181,19 +233,21 @@ def _keys(context: Context) -> P.NodeKeys:
 Start = tuple[Starts, np.ndarray]  # the node's record of the models it trained from, and this one's sketch
 
 
-def _before_train(msg: Message, context: Context) -> tuple[Message, dict[str, np.ndarray], Start | None]:
+def _before_train(
+    msg: Message, context: Context, signer: P.Signer | None
+) -> tuple[Message, dict[str, np.ndarray], Start | None]:
     """The message the app's train function gets (exactly what the inner strategy sent), the arrays sent, read
     before the app runs (an app may change the received record in place), and under masking their sketch."""
     user_content = RecordDict({k: v for k, v in msg.content.items() if not k.startswith(wire.SM)})
     sent = wire.arrays_of(_only(user_content.array_records, "the train message", "ArrayRecord"))
     if wire.SECAGG not in msg.content:  # everything checkable is checked before spending time on training
-        _plain_allowed(context)
+        _plain_allowed(context, signer)
     else:
         keys = _keys(context)
         cfg, client_id = wire.round_config_from(msg.content[wire.SECAGG])
         if client_id != keys.id:
             raise P.StageError(f"train message for client {client_id}; this node is client {keys.id}")
-        P.check_round(keys, cfg, min_group(context))
+        P.check_round(keys, cfg, min_group(context), signer)
         starts = _starts(context)
         start = starts.sketch(wire.flat(sent))  # a model holding NaN or infinities is refused here
         starts.check(start, cfg.round)
@@ -202,7 +256,12 @@ def _before_train(msg: Message, context: Context) -> tuple[Message, dict[str, np
 
 
 def _after_train(
-    msg: Message, context: Context, sent: dict[str, np.ndarray], start: Start | None, reply: Message
+    msg: Message,
+    context: Context,
+    sent: dict[str, np.ndarray],
+    start: Start | None,
+    reply: Message,
+    signer: P.Signer | None,
 ) -> Message:
     """The update relative to ``sent``: masked (masked rounds) or plain with its weight (baseline)."""
     head = msg.content[wire.SM]
@@ -226,7 +285,9 @@ def _after_train(
         raise P.ProtocolViolation("the round's keys are bound to another quantization than the one sent to this node")
     peer_keys = wire.key_map_from(msg.content[wire.PAYLOAD])
     rng = np.random.default_rng(int.from_bytes(os.urandom(16), "little"))  # stochastic rounding
-    masked = P.client_masked_input(keys, cfg, peer_keys, encode(delta, weight, qcfg, rng), min_group(context))
+    adverts = wire.adverts_from(msg.content[wire.PAYLOAD])
+    x = encode(delta, weight, qcfg, rng)
+    masked = P.client_masked_input(keys, cfg, peer_keys, x, min_group(context), signer, adverts)
     starts, model = start  # the model trained from: never again once this node reveals shares for the round
     starts.masked(model, float(np.linalg.norm(delta)), cfg.round)
     context.state[wire.STARTS] = wire.starts_record(starts)
@@ -241,13 +302,17 @@ def _after_train(
     return _reply(msg, wire.TRAIN, context, **records, **{metrics_key: metrics})
 
 
-def _plain_allowed(context: Context) -> None:
+def _plain_allowed(context: Context, signer: P.Signer | None) -> None:
     """Refuse a train request whose update would leave unmasked: on a node that masks in this run (a downgrade),
-    or on a node whose config requires masking (a value other than true or false is refused too: the floor
-    fails closed)."""
+    or on a node whose config requires masking or names a roster (a value other than true or false is refused
+    too: the floor fails closed)."""
     if wire.KEYS in context.state:
         raise ContractError("a plain train request to a node that masks its updates in this run: refused")
-    unknown = [k for k in context.node_config if _floor_like(k) and k not in (REQUIRE_MASKING, MIN_GROUP)]
+    if signer is not None:
+        raise ContractError("this node signs its masked rounds (a roster in its config): a plain train request is "
+                            "refused")  # fmt: skip
+    known = (REQUIRE_MASKING, MIN_GROUP, ROSTER, SIGNING_KEY)
+    unknown = [k for k in context.node_config if _floor_like(k) and k not in known]
     if unknown:  # a misspelt floor would turn the floor off without a word
         raise ContractError(f"unknown node config key {unknown[0]!r} (the floor is {REQUIRE_MASKING!r}): refused")
     required = context.node_config.get(REQUIRE_MASKING, False)

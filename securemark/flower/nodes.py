@@ -32,6 +32,7 @@ from securemark.owner import customer_name
 from securemark.registry import Registry, RegistryError
 from securemark.secagg import protocol as P
 from securemark.secagg.groups import Groups
+from securemark.secagg.roster import Roster
 
 IDENTITIES = ("auto", "partition-id", "node")
 
@@ -39,6 +40,17 @@ IDENTITIES = ("auto", "partition-id", "node")
 class IdentityUnsafe(InputError):
     """``identity="auto"`` outside a simulation: who the customers are must be said (see
     :meth:`Nodes.resolve_identity`). The run stops before any copy is made."""
+
+
+def threat_roster(secagg: SecAggSettings, roster: Roster | None) -> Roster | None:
+    """The roster the server relays signed keys under: ``roster``, else ``secagg.roster``'s file; None under the
+    semi-honest threat. The malicious threat without one is refused (ValueError) before any node is met."""
+    if not secagg.enabled or secagg.threat != "malicious":
+        return None
+    if roster is None and not secagg.roster:
+        raise ValueError("secagg.threat = malicious needs the owner's roster of signing keys: secagg.roster = "
+                         "PATH (securemark roster init), or SecureMark(roster=Roster.load(PATH))")  # fmt: skip
+    return roster if roster is not None else Roster.load(secagg.roster)
 
 
 def simulated(grid: Grid) -> bool:
@@ -50,7 +62,10 @@ def simulated(grid: Grid) -> bool:
 class Nodes:
     """The run's customers by node, their masking-session ids and keys, and the refused ones."""
 
-    def __init__(self, secagg: SecAggSettings, identity: str, console: Console, rng: np.random.Generator) -> None:
+    def __init__(
+        self, secagg: SecAggSettings, identity: str, console: Console, rng: np.random.Generator,
+        roster: Roster | None = None,
+    ) -> None:  # fmt: skip
         if identity not in IDENTITIES:
             raise ValueError(f"identity must be one of {IDENTITIES}, got {identity!r}")
         self.secagg, self.identity, self.console, self.rng = secagg, identity, console, rng
@@ -69,6 +84,7 @@ class Nodes:
         # restart cannot be told from a reconnect (SuperNode authentication, identity "node", is the way)
         self.former: dict[str, tuple[int, int | None]] = {}
         self.simulated = True  # claims come from the engine's own nodes (resolve_identity says)
+        self.roster = roster  # the malicious threat: the owner's roster, each hello's signed keys checked against it
         self.on_contest: Callable[[str, str], None] = lambda name, why: None  # where a contest is recorded
         self.grid: Grid | None = None
 
@@ -155,7 +171,7 @@ class Nodes:
                 continue
             if node not in new and not self._claim_holds(node, reply, registered):
                 continue
-            if accept(self.console, node, _apply_keys, self.keys, self.ids[node], reply.content) is None:
+            if accept(self.console, node, _apply_keys, self.keys, self.ids[node], reply.content, self.roster) is None:
                 self.refuse(node, "its keys were refused")
         return [n for n in nodes if n in self.customers and (not masked or self.ids.get(n) in self.keys.keys)]
 
@@ -317,8 +333,16 @@ def _unusable(name: str) -> str | None:
     return None
 
 
-def _apply_keys(keys: P.SessionKeys, i: int, content: RecordDict) -> bool:
+def _apply_keys(keys: P.SessionKeys, i: int, content: RecordDict, roster: Roster | None) -> bool:
+    """A hello's keys; under the malicious threat (``roster``) signed by a member of the roster, who is then
+    this client of the session (nodes check the signature again themselves: the server only relays it)."""
     with wire.malformed("hello reply"):
-        c_pk, s_pk = content[wire.PAYLOAD]["c_pk"], content[wire.PAYLOAD]["s_pk"]
-    keys.register(i, c_pk, s_pk)
+        payload = content[wire.PAYLOAD]
+        c_pk, s_pk = payload["c_pk"], payload["s_pk"]
+        signed = (str(payload["member"]), payload["advert"]) if roster is not None else None
+    if signed is not None and roster is not None:
+        statement = P.advert(roster.digest, keys.session, i, c_pk, s_pk)
+        if not isinstance(c_pk, bytes) or not isinstance(s_pk, bytes) or not roster.verify(*signed, statement):
+            raise P.SignatureError(f"client {i}'s keys are not signed by roster member {shown(signed[0])}")
+    keys.register(i, c_pk, s_pk, signed)
     return True

@@ -23,6 +23,7 @@ from securemark.flower.checkpoint import CHECKPOINT
 from securemark.flower.strategy import SecureMark
 from securemark.owner import FunctionSpec, function_spec
 from securemark.report import write_report
+from securemark.secagg.roster import Roster
 
 
 def train_config(cfg: SimConfig) -> ConfigRecord:
@@ -36,7 +37,7 @@ def train_config(cfg: SimConfig) -> ConfigRecord:
 
 def strategy_for(
     cfg: SimConfig, out: Path, max_weight: int, console: Console | None = None, function: FunctionSpec | None = None,
-    model: torch.nn.Module | None = None, example_input: tuple[int, ...] | None = None,
+    model: torch.nn.Module | None = None, example_input: tuple[int, ...] | None = None, roster: Roster | None = None,
 ) -> SecureMark:  # fmt: skip
     t = cfg.train
     inner = FedAvg(fraction_train=t.per_round / t.clients, min_train_nodes=t.per_round, min_available_nodes=t.clients)
@@ -52,6 +53,7 @@ def strategy_for(
         function=function,
         model=model,
         example_input=example_input,
+        roster=roster,
     )
 
 
@@ -60,10 +62,11 @@ def resumable(out: Path) -> bool:
 
 
 def run(
-    grid: Grid, cfg: SimConfig, out: Path, console: Console | None = None, resume: bool | None = None
-) -> list[dict[str, Any]]:
+    grid: Grid, cfg: SimConfig, out: Path, console: Console | None = None, resume: bool | None = None,
+    roster: Roster | None = None,
+) -> list[dict[str, Any]]:  # fmt: skip
     """All rounds of ``cfg`` on ``grid``; returns metrics.json's rounds. ``resume``: go on from ``out``'s
-    checkpoint (None: when there is one)."""
+    checkpoint (None: when there is one). ``roster``: the malicious threat's (else ``secagg.roster``'s file)."""
     console = console or Console(stderr=True)
     resume = resumable(out) if resume is None else resume
     if resume:
@@ -76,7 +79,7 @@ def run(
     )
     # no client can hold more examples than the training share
     example = (1, *test.x.shape[1:])  # the architecture registered: copies rewritten without changing outputs trace
-    strategy = strategy_for(cfg, out, len(train_set), console, function_spec(cfg, test), model, example)
+    strategy = strategy_for(cfg, out, len(train_set), console, function_spec(cfg, test), model, example, roster)
 
     def evaluate(_round: int, arrays: ArrayRecord) -> MetricRecord:
         return MetricRecord({"accuracy": training.accuracy_of(model, arrays.to_torch_state_dict(), test)})
@@ -105,14 +108,16 @@ def run(
     return strategy.rounds
 
 
-def make_server_app(cfg: SimConfig | None = None, out: Path | None = None, resume: bool | None = None) -> ServerApp:
+def make_server_app(
+    cfg: SimConfig | None = None, out: Path | None = None, resume: bool | None = None, roster: Roster | None = None
+) -> ServerApp:
     """A ServerApp bound to ``cfg`` (simulation), or reading Flower's run config (``flwr run``)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         run_cfg = cfg or SimConfig.from_flat(dict(context.run_config))
-        run(grid, run_cfg, out or Path(run_cfg.output), resume=resume)
+        run(grid, run_cfg, out or Path(run_cfg.output), resume=resume, roster=roster)
 
     return app
 

@@ -13,25 +13,23 @@ server optimizer (FedAvgM, FedAdam, ...). SecureMark changes what travels. One r
 3. masked rounds (``secagg.protocol``): a node sets up long-term keys once per run, in the hello that identifies
    it; each round's train message carries the customer's copy ``w + s X^T b_customer``, the round's graph and
    the neighbours' public keys; the reply is the masked update relative to that copy (``securemark_mod``) with
-   the encrypted shares of its round secrets; one unmask exchange follows: two exchanges per round. The server
-   learns only the weighted mean of the updates. Each exchange waits for every reply, or for the threshold plus
-   ``secagg.grace`` seconds, never longer than ``secagg.timeout``;
+   the encrypted shares of its round secrets; one unmask exchange follows (``secagg.threat = "malicious"``:
+   keys signed, and a signed survivor list first; ``roster=``). The server learns only the weighted mean of the
+   updates. An exchange waits for every reply, or the threshold plus ``secagg.grace`` s, at most ``timeout``;
 4. the inner strategy aggregates one synthetic reply holding ``w + mean update`` with the total weight, so its
    server optimizer and metric aggregation run unchanged, and the fingerprints never enter the global model;
-5. client evaluation gets fingerprinted copies (never the plain global model); ``evaluate_fn`` scores the
-   global model and a few customers' copies.
+5. client evaluation gets fingerprinted copies (never the global model); ``evaluate_fn`` scores both.
 
-Each round's global model is kept in the registry as a base; ``model=Net(), example_input=(1, 3, 32, 32)``
-registers the architecture (rewritten copies trace too). ``out`` ends as ``securemark simulate`` leaves it.
+Each round's global model is a base in the registry; ``model=Net(), example_input=(1, 3, 32, 32)`` registers
+the architecture (rewritten copies trace too); ``out`` ends as ``securemark simulate`` leaves it.
 After every round ``out/checkpoint/`` holds what ``start(resume=True)`` goes on from (the global model, round,
 strength, metrics, graph RNG, the inner strategy's optimizer state), with the same registry and key, so copies
-issued before a crash still trace; a kill at any instant leaves the previous checkpoint or the new one. The
-masking session is new after a restart: every node is re-keyed in its first hello. Inner strategies whose
-aggregate is not a weighted mean need the individual updates masking hides: refused with the reason. Client
-metrics travel in clear, averaged without weights: the example counts are secret.
+issued before a crash still trace; a kill at any instant leaves the previous checkpoint or the new one; a
+restart keys every node afresh. Inner strategies whose aggregate is not a weighted mean need the individual
+updates masking hides: refused. Client metrics travel in clear, unweighted: the example counts are secret.
 
-Parts: ``nodes`` (customers, session keys, groups, replies), ``exchange`` (deadlines), ``aggregate`` (plain or
-masked sums), ``copies`` (registry, copies, bases), ``checkpoint``, ``metrics``; here the Strategy and run loop.
+Parts: ``nodes`` (customers, keys, groups, replies), ``exchange``, ``aggregate`` (plain or masked sums), ``copies``
+(registry, copies, bases), ``checkpoint``, ``metrics``; here the Strategy and run loop.
 """
 
 from __future__ import annotations
@@ -59,9 +57,10 @@ from securemark.flower.checkpoint import CHECKPOINT
 from securemark.flower.copies import Copies, Weights, arch_record
 from securemark.flower.exchange import StageClock, enough_nodes, exchange, shown
 from securemark.flower.metrics import mean_metrics, metrics_of, round_line
-from securemark.flower.nodes import IDENTITIES, Nodes
+from securemark.flower.nodes import IDENTITIES, Nodes, threat_roster
 from securemark.modelio import save_state_dict
 from securemark.owner import FunctionSpec, spec_module
+from securemark.secagg.roster import Roster
 
 __all__ = ["CHECKPOINT", "IDENTITIES", "EvaluateFn", "SecureMark"]
 
@@ -96,6 +95,7 @@ class SecureMark(Strategy):
         function: FunctionSpec | None = None,
         model: torch.nn.Module | None = None,
         example_input: Sequence[int] | None = None,
+        roster: Roster | None = None,
     ) -> None:
         check_inner(strategy)
         if not 1 <= max_weight <= 1 << 32:  # the largest example count a client may declare
@@ -107,7 +107,7 @@ class SecureMark(Strategy):
         self.function = function  # copies also carry the black-box mark (fingerprint.function) when given
         self.console = console or Console(stderr=True)
         self.rng = np.random.default_rng()  # neighbour graphs and simulated losses: nothing secret
-        self.nodes = Nodes(self.secagg, identity, self.console, self.rng)
+        self.nodes = Nodes(self.secagg, identity, self.console, self.rng, threat_roster(self.secagg, roster))
         self.copies = Copies(self.fingerprint, function, self.console, arch_record(model, example_input))
         self.nodes.on_contest = self.copies.contest
         self.sum: Sum = (

@@ -23,8 +23,9 @@ from securemark.secagg.starts import K, Starts
 MESSAGE_TYPE = "train"
 HELLO = "hello"  # who is this node (its claimed partition-id), and, under masking, its long-term public keys
 TRAIN = "train"  # the customer's copy (+ round config, neighbours' keys) in; the (masked) update + shares out
-UNMASK = "unmask"  # survivors + shares addressed to this node in; the shares the sum needs out
-STAGES = (HELLO, TRAIN, UNMASK)
+SIGN = "sign"  # (malicious threat) survivors in; this node's signature of them and the round's configuration out
+UNMASK = "unmask"  # survivors (+ their signatures) + shares addressed to this node in; the shares the sum needs out
+STAGES = (HELLO, TRAIN, SIGN, UNMASK)
 
 # record keys (prefixed: they sit beside the user's own records in the same message)
 SM = "securemark"  # ConfigRecord: "stage", and a stage's small values
@@ -33,6 +34,7 @@ SECAGG = "securemark.secagg"  # ConfigRecord: the round's masking configuration
 PAYLOAD = "securemark.payload"  # ConfigRecord: keys, shares, survivors
 UPDATE = "securemark.update"  # ArrayRecord: the (masked) update of one client
 SHARES = "securemark.shares"  # ConfigRecord: encrypted shares addressed to one node (unmask request)
+SIGNATURES = "securemark.signatures"  # ConfigRecord: the survivors' signatures (unmask request, malicious threat)
 # in context.state: long-term keys; the round masked and not yet unmasked, and its neighbours' public keys
 KEYS, ROUND, PEERS = "securemark.keys", "securemark.round", "securemark.peers"
 STARTS = "securemark.starts"  # the sketches of the models this node trained from (``secagg.starts``), all run
@@ -84,6 +86,9 @@ def round_config_record(cfg: P.RoundConfig, client_id: int) -> ConfigRecord:
             "degrees": [len(cfg.neighbours[i]) for i in ids],
             "neighbours": [j for i in ids for j in cfg.neighbours[i]] or [0],
             "groups": [cfg.group_of(i)[0] for i in ids],  # each client's group, named by its first member
+            "roster": cfg.roster,
+            "members": [m for _, m in cfg.members] or [""],  # in the order of ids (malicious threat)
+            "signers": cfg.signers,
         }
     )
 
@@ -111,8 +116,18 @@ def round_config_from(rec: ConfigRecord) -> tuple[P.RoundConfig, int]:
         int(rec["modulus_bits"]),
         rec["encoding"],
         groups,
+        rec.get("roster", b""),
+        _members(ids, rec),
+        int(rec.get("signers", 0)),
     )
     return cfg, int(rec["client_id"])
+
+
+def _members(ids: list, rec: ConfigRecord) -> tuple[tuple[int, str], ...]:
+    names = [str(m) for m in rec.get("members", [""])]
+    if names == [""]:
+        return ()
+    return tuple(zip((int(i) for i in ids), names, strict=True))
 
 
 def keys_record(keys: P.NodeKeys) -> ConfigRecord:
@@ -126,6 +141,7 @@ def keys_record(keys: P.NodeKeys) -> ConfigRecord:
             "open_round": -1 if keys.open_round is None else keys.open_round,
             "grouped": list(keys.groups) or [0],  # every client whose group this node saw, then each one's group
             "groups": [keys.groups[j][0] for j in keys.groups] or [0],
+            "signed": [keys.signed[0], *keys.signed[1]] if keys.signed else [-1],  # round, then its survivors
         }
     )
 
@@ -140,7 +156,13 @@ def keys_from(rec: ConfigRecord) -> P.NodeKeys:
         last_round=int(rec["last_round"]),
         open_round=None if open_round < 0 else open_round,
         groups=_groups_from(rec),
+        signed=_signed_from(rec),
     )
+
+
+def _signed_from(rec: ConfigRecord) -> tuple[int, tuple[int, ...]] | None:
+    signed = [int(v) for v in rec.get("signed", [-1])]
+    return None if signed[0] < 0 else (signed[0], tuple(signed[1:]))
 
 
 def starts_record(st: Starts) -> ConfigRecord:
@@ -236,10 +258,10 @@ def bytes_map_from(rec: ConfigRecord) -> dict[int, bytes]:
     return {int(i): v for i, v in zip(ids, values, strict=True)}
 
 
-def key_map(keys: dict[int, tuple[bytes, bytes]]) -> ConfigRecord:
-    """{peer id: (c_pk, s_pk)} as one record."""
+def key_map(keys: dict[int, tuple[bytes, bytes]], adverts: dict[int, bytes] | None = None) -> ConfigRecord:
+    """{peer id: (c_pk, s_pk)} as one record, with each peer's signature of its keys (malicious threat)."""
     ids = sorted(keys)
-    return ConfigRecord(
+    rec = ConfigRecord(
         {
             "ids": ids or [0],
             "c_pk": [keys[i][0] for i in ids] or [b""],
@@ -247,6 +269,9 @@ def key_map(keys: dict[int, tuple[bytes, bytes]]) -> ConfigRecord:
             "count": len(ids),
         }
     )
+    if adverts:
+        rec["adverts"] = [adverts.get(i, b"") for i in ids] or [b""]
+    return rec
 
 
 def key_map_from(rec: ConfigRecord) -> dict[int, tuple[bytes, bytes]]:
@@ -256,6 +281,16 @@ def key_map_from(rec: ConfigRecord) -> dict[int, tuple[bytes, bytes]]:
     if not all(isinstance(k, bytes) for k in c_pk + s_pk):
         raise TypeError("a key map holds non-bytes keys")
     return {int(i): (c, s) for i, c, s in zip(ids, c_pk, s_pk, strict=True)}
+
+
+def adverts_from(rec: ConfigRecord) -> dict[int, bytes]:
+    """The peers' signatures of their keys a key map carries (empty when it carries none)."""
+    if "adverts" not in rec:
+        return {}
+    ids, sigs = _counted(rec, "ids", "adverts")
+    if not all(isinstance(v, bytes) for v in sigs):
+        raise TypeError("a key map holds non-bytes signatures")
+    return {int(i): v for i, v in zip(ids, sigs, strict=True)}
 
 
 def array_record(arr: np.ndarray) -> ArrayRecord:

@@ -229,3 +229,43 @@ def test_parts_match_the_reference(parts, weight, bits, seed, data):
     for start, stop, c in cfg.spans(cfg.size):
         clipped = np.clip(x[start:stop], -c, c)
         assert np.all(np.abs(dec.mean[start:stop] - clipped) <= 2 * c / cfg.levels * (1 + 1e-9))
+
+
+# --- what one lying client can do (no input validation): the bound docs/explanations/masking.md states ----------
+PARTS = ((3, 1.0), (3, 8.0))
+
+
+def _honest_sum(rng, weights, cfg):
+    return sum(encode(rng.uniform(-0.2, 0.2, cfg.size), w, cfg, rng) for w in weights)
+
+
+@settings(max_examples=200, deadline=None)
+@given(lie=st.lists(st.integers(0, (1 << 64) - 1), min_size=9, max_size=9), seed=st.integers(0, 2**32 - 1))
+def test_one_lying_client_leaves_every_parts_mean_within_its_range(lie, seed):
+    """Whatever vector one client sends (any residues, weight slot included), the mean decode returns lies in
+    [-c_p, c_p] for every part p, or the sum is refused: one client moves part p's mean by at most 2 c_p."""
+    cfg = QuantConfig.of_parts(PARTS, 16, 100, 10)
+    rng = np.random.default_rng(seed)
+    total = _honest_sum(rng, [50] * 9, cfg) + np.array(lie, dtype=np.uint64)  # wraps mod 2^64, as masks do
+    try:
+        dec = decode(total, cfg, 10)
+    except QuantizationError:
+        return
+    for start, stop, c in cfg.spans(cfg.size):
+        assert np.all(np.abs(dec.mean[start:stop]) <= c * (1 + 1e-12))
+
+
+def test_the_weight_one_wrap_attack_reaches_the_bound_not_its_weights_share():
+    """A client declaring weight 1 beside 9 of weight 50 (an honest one moves a mean by at most 2 c / 451) that
+    sends a wrapped negative value moves part 2's mean by 0.5 c, 113 times its weight's share: the bound that
+    holds is the part's range, which the docs state."""
+    cfg = QuantConfig.of_parts(PARTS, 16, 100, 10)
+    rng = np.random.default_rng(0)
+    honest = _honest_sum(rng, [50] * 9, cfg)
+    fair = honest + encode(np.zeros(cfg.size), 1, cfg, rng)
+    shift = (cfg.levels // 4) * 451  # a quarter of the range, weighted by the round's total weight
+    liar = encode(np.zeros(cfg.size), 1, cfg, rng)
+    liar[3:6] -= np.uint64(shift)  # wraps: a "negative" contribution to part 2
+    moved = decode(honest + liar, cfg, 10).mean - decode(fair, cfg, 10).mean
+    np.testing.assert_allclose(moved[3:6], -0.5 * 8.0, atol=2 * 8.0 / cfg.levels)
+    assert abs(moved[3]) / (2 * 8.0 / 451) > 100

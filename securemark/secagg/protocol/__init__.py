@@ -73,6 +73,7 @@ from securemark.secagg.protocol.errors import (
     ProtocolViolation,
     SecAggError,
     ShareAuthError,
+    SignatureError,
     StageError,
     TooFewSurvivors,
 )
@@ -93,6 +94,14 @@ from securemark.secagg.protocol.server import (
     server_shares_for,
     server_sum,
 )
+from securemark.secagg.protocol.signing import (
+    Signer,
+    advert,
+    check_adverts,
+    check_survivors,
+    sign_survivors,
+    survivors_statement,
+)
 
 __all__ = [
     "B_LABEL",
@@ -109,11 +118,16 @@ __all__ = [
     "ServerRound",
     "SessionKeys",
     "ShareAuthError",
+    "SignatureError",
+    "Signer",
     "StageError",
     "TooFewSurvivors",
     "add_keystream",  # the keystream and the sharing the stages use: tests undo masks and forge shares with them
+    "advert",
+    "check_adverts",
     "check_public_key",
     "check_round",
+    "check_survivors",
     "client_masked_input",
     "client_unmask",
     "commitment",
@@ -128,5 +142,7 @@ __all__ = [
     "server_shares_for",
     "server_sum",
     "shamir",
+    "sign_survivors",
     "sparse_degree",
+    "survivors_statement",
 ]

@@ -25,6 +25,7 @@ from securemark.secagg.protocol.errors import (
     TooFewSurvivors,
 )
 from securemark.secagg.protocol.keys import KEY_BYTES, NodeKeys
+from securemark.secagg.protocol.signing import Signer, check_adverts, check_member, check_survivors
 
 NONCE_BYTES = 12
 _ENTRY = 4 + shamir.SHARE_BYTES  # label + share inside a ciphertext
@@ -45,11 +46,17 @@ class MaskedInput:
     commitments: bytes  # |H(i)| x |labels| commitments, holders and labels in ``RoundConfig`` order
 
 
-def check_round(keys: NodeKeys, cfg: RoundConfig, min_group: int = 1) -> None:
+def check_round(keys: NodeKeys, cfg: RoundConfig, min_group: int = 1, signer: Signer | None = None) -> None:
     """What a node checks of a round before it trains for it: its session, a later round, a safe threshold,
     and the session's groups: every client's group as this node saw it before in the session (a server that
-    regroups could difference sums over different groups down to one client), its own of ``min_group`` or more."""
+    regroups could difference sums over different groups down to one client), its own of ``min_group`` or more.
+    A node with a ``signer`` takes only rounds of the malicious threat under its roster, and none without one."""
     i = keys.id
+    if signer is not None:
+        check_member(cfg, signer, i)
+    elif cfg.malicious:
+        raise StageError(f"client {i}: the round needs signatures (secagg.threat = malicious) and this node has no "
+                         "signing key and roster")  # fmt: skip
     if cfg.session != keys.session or i not in cfg.neighbours:
         raise StageError(f"client {i}: round config of another session, or not naming this client")
     if cfg.round <= keys.last_round:
@@ -71,11 +78,16 @@ def client_masked_input(
     peer_keys: Mapping[int, tuple[bytes, bytes]],
     x: np.ndarray,
     min_group: int = 1,
+    signer: Signer | None = None,
+    adverts: Mapping[int, bytes] | None = None,
 ) -> MaskedInput:
-    """The train step: mask ``x`` and share this round's secrets; at most once per (session, round)."""
+    """The train step: mask ``x`` and share this round's secrets; at most once per (session, round). Under the
+    malicious threat every neighbour's keys must come with its member's signature (``adverts``)."""
     i = keys.id
-    check_round(keys, cfg, min_group)
+    check_round(keys, cfg, min_group, signer)
     _check_peer_keys(cfg, i, peer_keys)
+    if signer is not None:
+        check_adverts(cfg, signer, peer_keys, adverts or {}, i)
     x = np.asarray(x)
     if x.dtype != cfg.dtype or x.shape != (cfg.size,):
         raise ProtocolViolation(f"input must be {cfg.dtype.__name__} of shape ({cfg.size},), got {x.dtype} {x.shape}")
@@ -97,7 +109,7 @@ def client_masked_input(
         aead = ChaCha20Poly1305(_share_key(cfg, keys.c_key, peer_c[h], i, h))
         cts[h] = nonce + aead.encrypt(nonce, plain, cfg.context("share-ad", i, h))
         commits += [commitment(cfg, i, lb, h, shares[lb][h]) for lb in labels]
-    keys.last_round, keys.open_round = cfg.round, cfg.round
+    keys.last_round, keys.open_round, keys.signed = cfg.round, cfg.round, None
     keys.groups.update({j: cfg.group_of(j) for j in cfg.clients})
     return MaskedInput(y, cts, b"".join(commits))
 
@@ -108,12 +120,19 @@ def client_unmask(
     peer_keys: Mapping[int, tuple[bytes, bytes]],
     survivors: Sequence[int],
     ciphertexts: Mapping[int, bytes],
+    signer: Signer | None = None,
+    signatures: Mapping[int, bytes] | None = None,
 ) -> tuple[dict[tuple[int, int], bytes], list[int]]:
     """The unmask step, once per round: ({(owner, label): share} for what the survivors' sum needs, the owners
-    whose shares failed authentication). A bad ciphertext costs only its owner's shares from this node."""
+    whose shares failed authentication). A bad ciphertext costs only its owner's shares from this node. Under
+    the malicious threat only for the survivors this node signed, with ``cfg.signers`` signatures of them."""
     i = keys.id
     if keys.open_round != cfg.round or cfg.session != keys.session:
         raise StageError(f"client {i}: no masked input of round {cfg.round} waiting to be unmasked")
+    if cfg.malicious:
+        if signer is None:
+            raise StageError(f"client {i}: a round of the malicious threat is unmasked only with a signer")
+        check_survivors(keys, cfg, signer, survivors, signatures or {})
     alive = set(survivors)
     if len(alive) != len(survivors) or not alive <= set(cfg.neighbours):
         raise ProtocolViolation(f"client {i}: the survivor list names unknown or repeated clients")

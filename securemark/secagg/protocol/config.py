@@ -1,6 +1,7 @@
 """One round's public configuration: session, round, neighbour graph, threshold, vector layout, encoding
-digest and the clients' groups, checked on construction; the holders and labels of each owner's shares; and the
-context string that binds every derived key, associated data and commitment to this round."""
+digest, the clients' groups and, under the malicious-server threat, the roster members the clients are; checked
+on construction; the holders and labels of each owner's shares; and the context string that binds every derived
+key, associated data and commitment to all of it, so two nodes told different configurations never cancel."""
 
 from __future__ import annotations
 
@@ -28,6 +29,11 @@ class RoundConfig:
     # the round's clients partitioned into the session's fixed groups (each sorted; () = every client alone): a
     # round holds whole groups and only whole groups are summed (``secagg.groups`` says why)
     groups: tuple[tuple[int, ...], ...] = ()
+    # under secagg.threat = "malicious": the roster's digest and each client's member in it (client id, name),
+    # both signed by every node before it reveals anything (``signing``); empty under the semi-honest threat
+    roster: bytes = b""
+    members: tuple[tuple[int, str], ...] = ()
+    signers: int = 0  # signatures of the survivor list a node needs before it reveals (``signing``)
 
     def __post_init__(self) -> None:
         ids = set(self.neighbours)
@@ -48,6 +54,19 @@ class RoundConfig:
         members = [i for g in self.groups for i in g]
         if self.groups and (sorted(members) != sorted(ids) or any(list(g) != sorted(g) for g in self.groups)):
             raise ValueError("the groups must split the round's clients into sorted, disjoint sets covering them all")
+        if self.roster or self.members:
+            names = [m for _, m in self.members]
+            if len(self.roster) != 32 or sorted(i for i, _ in self.members) != sorted(ids):
+                raise ValueError("a roster's digest is 32 bytes and its members name every client of the round")
+            if len(set(names)) != len(names) or not all(isinstance(m, str) and m for m in names):
+                raise ValueError("the round's roster members must be distinct names (one member, one client)")
+            object.__setattr__(self, "members", tuple(sorted(self.members)))
+            floor = max(self.threshold, len(ids) // 2 + 1)  # fewer would let two survivor lists both pass
+            if not floor <= self.signers <= len(ids):
+                raise ValueError(f"signers {self.signers} must lie in [{floor}, {len(ids)}]: the threshold and a "
+                                 "majority of the round's clients at least")  # fmt: skip
+        elif self.signers:
+            raise ValueError("signers are for rounds with a roster (the malicious-server threat)")
         for g in self.groups:  # a clique: any survivors' component holds whole groups, so no sum splits one
             if any(not set(g) - {i} <= set(self.neighbours[i]) for i in g):
                 raise ValueError(f"the group {list(g)} must be a clique of the round's graph (every member every "
@@ -61,9 +80,21 @@ class RoundConfig:
         """Whether ``clients`` is a union of whole groups of this round."""
         return all(set(self.group_of(i)) <= clients for i in clients)
 
+    @property
+    def malicious(self) -> bool:
+        """A round of the malicious-server threat: keys signed, survivors signed before anything is revealed."""
+        return bool(self.roster)
+
+    def member(self, i: int) -> str:
+        return dict(self.members)[i]
+
     @functools.cached_property
-    def _groups_digest(self) -> str:
-        return hashlib.sha256(repr(self.groups).encode()).hexdigest()[:32]
+    def digest(self) -> bytes:
+        """32 bytes naming everything here: what nodes sign and what every key of the round is bound to."""
+        graph = [[i, sorted(self.neighbours[i])] for i in self.clients]
+        text = repr((self.session, self.round, graph, self.threshold, self.size, self.modulus_bits,
+                     self.encoding.hex(), self.groups, self.roster.hex(), self.members, self.signers))  # fmt: skip
+        return hashlib.sha256(b"securemark/secagg/round/v5|" + text.encode()).digest()
 
     @property
     def clients(self) -> tuple[int, ...]:
@@ -81,11 +112,10 @@ class RoundConfig:
         return (B_LABEL, *sorted(self.neighbours[i]))
 
     def context(self, purpose: str, a: int, b: int) -> bytes:
-        """Binds a derived key, associated data or a commitment to this session, round, encoding, purpose and
-        pair: two nodes told different encodings (a lying server's per-node quantization ranges) or different
-        groups derive different pair seeds, so their masks never cancel and the sum they make stays padded."""
-        head = f"securemark/secagg/v4|{self.session}|{self.round}|{self.encoding.hex()}|{self._groups_digest}"
-        return f"{head}|{purpose}|{a}|{b}".encode()
+        """Binds a derived key, associated data or a commitment to this whole configuration (``digest``), purpose
+        and pair: two nodes told different encodings (a lying server's per-node quantization ranges), groups,
+        graphs or thresholds derive different pair seeds, so their masks never cancel and their sum stays padded."""
+        return f"securemark/secagg/v5|{self.session}|{self.round}|{self.digest.hex()}|{purpose}|{a}|{b}".encode()
 
     def check_safe_threshold(self, i: int) -> None:
         """A node's refusal of a threshold a lying server could exploit: at most half of H(i)."""

@@ -36,3 +36,8 @@ class BadOwner(ProtocolViolation):
     def __init__(self, client: int, why: str) -> None:
         super().__init__(why)
         self.client = client
+
+
+class SignatureError(ProtocolViolation):
+    """Under the malicious-server threat: a key, a roster member or a survivor list that its members' signatures
+    do not vouch for (a server that swapped a key, made a member up, or showed nodes different survivors)."""

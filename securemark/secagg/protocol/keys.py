@@ -48,6 +48,7 @@ class NodeKeys:
     last_round: int = -1
     open_round: int | None = None  # masked, not yet unmasked
     groups: dict[int, tuple[int, ...]] = field(default_factory=dict)  # client -> its group, as first seen
+    signed: tuple[int, tuple[int, ...]] | None = None  # (round, survivors) it signed (the malicious threat)
 
     def public(self) -> tuple[bytes, bytes]:
         return public_bytes(self.c_key), public_bytes(self.s_key)
@@ -55,12 +56,15 @@ class NodeKeys:
 
 @dataclass
 class SessionKeys:
-    """The server's view of a session: every node's long-term public keys (checked once, at setup)."""
+    """The server's view of a session: every node's long-term public keys (checked once, at setup) and, under the
+    malicious-server threat, the roster member each node is and its signature of those keys (relayed to its
+    neighbours, who check it themselves: ``signing``)."""
 
     session: str
     keys: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
+    adverts: dict[int, tuple[str, bytes]] = field(default_factory=dict)  # client -> (member, signature)
 
-    def register(self, node: int, c_pk: object, s_pk: object) -> None:
+    def register(self, node: int, c_pk: object, s_pk: object, advert: tuple[str, bytes] | None = None) -> None:
         """A node's (new) keys; a node that lost its keys registers again and replaces them."""
         c = check_public_key(c_pk, f"encryption key of client {node}")
         s = check_public_key(s_pk, f"mask key of client {node}")
@@ -69,10 +73,20 @@ class SessionKeys:
         taken = {k for other, pair in self.keys.items() if other != node for k in pair}  # keys are canonical
         if c in taken or s in taken:
             raise ProtocolViolation(f"client {node} advertised another client's public key")
+        if advert is not None:
+            holder = next((o for o, (m, _) in self.adverts.items() if m == advert[0] and o != node), None)
+            if holder is not None:
+                raise ProtocolViolation(f"client {node} signs as {advert[0]!r}, the member client {holder} is")
+            self.adverts[node] = advert
         self.keys[node] = (c, s)
 
     def forget(self, node: int) -> None:
         self.keys.pop(node, None)
+        self.adverts.pop(node, None)
 
     def for_client(self, cfg: RoundConfig, i: int) -> dict[int, tuple[bytes, bytes]]:
         return {j: self.keys[j] for j in cfg.neighbours[i]}
+
+    def adverts_for(self, cfg: RoundConfig, i: int) -> dict[int, bytes]:
+        """The signatures of i's neighbours' keys (empty without the malicious threat)."""
+        return {j: self.adverts[j][1] for j in cfg.neighbours[i] if j in self.adverts}

@@ -1,0 +1,251 @@
+"""secagg.threat = "malicious" through the real mod and ClientApp: nodes that hold the owner's roster sign their
+keys and each round's survivors, and refuse, with a reason the server logs, a server that swaps a key, shows
+nodes different survivor lists or configurations, or replays a round."""
+
+import io
+import os
+
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from rich.console import Console
+
+from securemark.config import SimConfig
+from securemark.flower import wire
+from securemark.flower.server_app import strategy_for, train_config
+from securemark.flower.signers import ROSTER, SIGNING_KEY
+from securemark.models import build
+from securemark.secagg import protocol as P
+from securemark.secagg import roster as R
+
+from .inprocess import InProcessGrid
+
+N = 5
+
+
+def config(rounds=1, threat="malicious", roster=""):
+    return SimConfig.from_dict(
+        {
+            "data": {"name": "digits"},
+            "model": {"name": "mlp"},
+            "train": {"rounds": rounds, "clients": N, "per_round": N, "local_epochs": 1, "seed": 1},
+            "fingerprint": {"enabled": False},
+            "secagg": {"enabled": True, "threat": threat, "roster": roster},
+        }
+    )
+
+
+def initial():
+    return ArrayRecord({k: v.detach().clone() for k, v in build("mlp", (1, 8, 8), 10, seed=1).state_dict().items()})
+
+
+@pytest.fixture
+def deployment(tmp_path):
+    """A roster the owner made (``securemark roster init``) and nodes whose config names their files."""
+    folder = tmp_path / "roster"
+    R.make([f"node-{k}" for k in range(N)], folder)
+    grid = InProcessGrid(N)
+    for k, node in enumerate(sorted(grid.contexts)):
+        grid.contexts[node].node_config.update(
+            {ROSTER: str(folder / "roster.json"), SIGNING_KEY: str(folder / f"node-{k}.key")}
+        )
+    return grid, folder / "roster.json"
+
+
+def strategy(cfg, tmp_path):
+    console = Console(record=True, width=400, file=io.StringIO())
+    return strategy_for(cfg, tmp_path / "run", max_weight=2000, console=console)
+
+
+def stages(grid, stage):
+    return [m for m in grid.sent if str(m.content[wire.SM]["stage"]) == stage]
+
+
+def test_signed_rounds_train_and_every_node_signs_each_rounds_survivors(tmp_path, deployment):
+    grid, roster = deployment
+    s = strategy(config(rounds=2, roster=str(roster)), tmp_path)
+    s.start(grid, initial(), num_rounds=2, train_config=train_config(config()))
+    assert [r["status"] for r in s.rounds] == ["completed", "completed"]
+    assert [r["survived"] for r in s.rounds] == [N, N]
+    assert len(stages(grid, wire.SIGN)) == 2 * N
+    unmasks = stages(grid, wire.UNMASK)
+    assert all(wire.bytes_map_from(m.content[wire.SIGNATURES]).keys() == set(range(1, N + 1)) for m in unmasks)
+    assert "sign" in s.rounds[1]["stage_seconds"]
+
+
+def _refusals(s, stage):
+    return [why for why in s.nodes.failures.get(stage, [])]
+
+
+def test_a_swapped_key_is_refused_by_the_node_it_was_sent_to(tmp_path, deployment):
+    grid, roster = deployment
+    s = strategy(config(roster=str(roster)), tmp_path)
+    real = s.nodes.keys.for_client
+
+    def swapped(cfg, i):  # the server hands client 1 its own key in place of client 2's
+        keys = real(cfg, i)
+        if i == 1:
+            keys[2] = (keys[2][0], P.public_bytes(P.NodeKeys("x", 9).s_key))
+        return keys
+
+    s.nodes.keys.for_client = swapped
+    s.start(grid, initial(), num_rounds=1, train_config=train_config(config()))
+    why = _refusals(s, wire.TRAIN)
+    assert len(why) == 1 and "SignatureError" in why[0] and "keys of client 2" in why[0]
+    assert "not signed by that member" in s.console.export_text()
+    assert s.rounds[0]["survived"] == N - 1  # the others went on without it
+
+
+def test_different_survivor_lists_are_refused_by_every_node(tmp_path, deployment):
+    """The server shows the nodes two lists (node 5 dropped in one: the pair seeds of 5 from some, its b_5 from
+    the others) and, skipping its own checks, sends every node whatever signatures it got."""
+    grid, roster = deployment
+    s = strategy(config(roster=str(roster)), tmp_path)
+    real_send = s.nodes.send
+
+    def send(stage, contents, r, timeout, need=None):
+        if stage == wire.SIGN:
+            for n in sorted(contents)[:3]:
+                p = contents[n][wire.PAYLOAD]
+                contents[n][wire.PAYLOAD] = ConfigRecord({**p, "survivors": [i for i in p["survivors"] if i != 5]})
+        if stage == wire.UNMASK:
+            for n in contents:
+                contents[n][wire.SIGNATURES] = wire.bytes_map(got)
+        return real_send(stage, contents, r, timeout, need)
+
+    got = {}
+
+    def lax(cfg, statement, roster, i, content):  # a lying server keeps every signature, valid or not
+        got[i] = content[wire.PAYLOAD]["signature"]
+        return got[i]
+
+    import securemark.flower.aggregate as agg
+
+    orig, agg._apply_signature = agg._apply_signature, lax
+    s.nodes.send = send
+    try:
+        s.start(grid, initial(), num_rounds=1, train_config=train_config(config()))
+    finally:
+        agg._apply_signature = orig
+    assert s.rounds[0]["status"] == "failed"
+    why = _refusals(s, wire.UNMASK)
+    assert len(why) == N and all("SignatureError" in w for w in why)  # every node, each with its reason
+    assert sum("it signed" in w for w in why) == 3 and sum("valid signatures" in w for w in why) == 2
+
+
+def test_other_parameters_for_one_node_are_refused_by_it_and_its_update_stays_hidden(tmp_path, deployment):
+    """Node 1000 is told another weight cap (and a round configuration bound to it, so it masks): it signs
+    another configuration, finds no quorum for it and reveals nothing; its self-mask is never rebuilt."""
+    grid, roster = deployment
+    s = strategy(config(roster=str(roster)), tmp_path)
+    real_setup = s.sum.setup
+
+    def setup(r, sampled, tensors):
+        records = real_setup(r, sampled, tensors)
+        rec = records[1000]
+        rec[wire.SM] = {**rec[wire.SM], "max-weight": 1999}
+        cfg, cid = wire.round_config_from(ConfigRecord(rec[wire.SECAGG]))
+        from securemark.flower.mod import _quantization
+
+        sizes = [n for _, n, _ in tensors]
+        q = _quantization(ConfigRecord(rec[wire.SM]), sizes)
+        lie = P.RoundConfig(cfg.session, cfg.round, cfg.neighbours, cfg.threshold, cfg.size, cfg.modulus_bits,
+                            q.digest(), cfg.groups, cfg.roster, cfg.members, cfg.signers)  # fmt: skip
+        rec[wire.SECAGG] = wire.round_config_record(lie, cid)
+        return records
+
+    s.sum.setup = setup
+    s.start(grid, initial(), num_rounds=1, train_config=train_config(config()))
+    assert s.rounds[0]["status"] == "failed"
+    unmask_why = _refusals(s, wire.UNMASK)
+    assert len(unmask_why) == 1 and "0 valid signatures" in unmask_why[0]
+    assert "its shares cannot be opened or rebuilt" in s.console.export_text()
+
+
+@pytest.mark.parametrize("how", ["drop", "types", "forged"])
+def test_a_malformed_or_forged_signature_drops_that_node_and_the_round_goes_on(tmp_path, deployment, how):
+    grid, roster = deployment
+    real_app = grid.app
+
+    def app(msg, context):
+        reply = real_app(msg, context)
+        if context.node_id == 1000 and str(msg.content[wire.SM]["stage"]) == wire.SIGN:
+            if how == "drop":
+                del reply.content[wire.PAYLOAD]
+            elif how == "types":
+                reply.content[wire.PAYLOAD] = ConfigRecord({"signature": "not bytes"})
+            else:
+                reply.content[wire.PAYLOAD] = ConfigRecord({"signature": bytes(64)})
+        return reply
+
+    grid.app = app
+    s = strategy(config(roster=str(roster)), tmp_path)
+    s.start(grid, initial(), num_rounds=1, train_config=train_config(config()))
+    assert "rejected node 1000" in s.console.export_text()
+    assert s.rounds[0]["status"] == "completed" and s.rounds[0]["survived"] == N  # its input still counts
+
+
+def test_a_replayed_round_is_refused_by_every_node(tmp_path, deployment):
+    grid, roster = deployment
+    s = strategy(config(rounds=1, roster=str(roster)), tmp_path)
+    s.start(grid, initial(), num_rounds=1, train_config=train_config(config()))
+    for stage in (wire.TRAIN, wire.SIGN, wire.UNMASK):
+        old = stages(grid, stage)
+        replies = s.nodes.receive(stage, [_again(m) for m in old], 30.0)
+        assert replies == {}
+        why = _refusals(s, stage)
+        assert len(why) == N and all("Error" in w for w in why)
+
+
+def _again(msg):
+    from flwr.app import Message
+
+    content = RecordDict({k: v for k, v in msg.content.items()})
+    return Message(content, dst_node_id=msg.metadata.dst_node_id, message_type=msg.metadata.message_type)
+
+
+def test_a_signing_node_refuses_a_server_that_does_not_sign(tmp_path, deployment):
+    grid, _ = deployment
+    s = strategy(config(threat="semi-honest"), tmp_path)
+    s.start(grid, initial(), num_rounds=1, train_config=train_config(config()))
+    assert s.rounds[0]["status"] == "failed"
+    why = _refusals(s, wire.TRAIN)
+    assert len(why) == N and all("without signatures" in w for w in why)
+
+
+@pytest.mark.parametrize("problem", ["one file", "readable key", "another roster"])
+def test_a_node_whose_roster_or_key_is_unusable_refuses_every_train_request(tmp_path, deployment, problem):
+    grid, roster = deployment
+    ctx = grid.contexts[1000]
+    if problem == "one file":
+        del ctx.node_config[SIGNING_KEY]
+    elif problem == "readable key":
+        os.chmod(ctx.node_config[SIGNING_KEY], 0o644)
+    else:
+        R.make(["node-0"], tmp_path / "other")
+        ctx.node_config[ROSTER] = str(tmp_path / "other" / "roster.json")
+    s = strategy(config(roster=str(roster)), tmp_path)
+    s.start(grid, initial(), num_rounds=1, train_config=train_config(config()))
+    log = s.console.export_text()
+    assert "node 1000 failed at hello" in log and "RosterError" in log  # it signs nothing, so it is never keyed
+    assert s.rounds[0]["status"] == "completed" and s.rounds[0]["survived"] == N - 1
+
+
+def test_a_simulation_makes_its_own_roster_and_its_nodes_sign(tmp_path):
+    import json
+
+    from securemark.flower.client_app import simulated_signers_app
+    from securemark.flower.signers import simulated
+    from securemark.secagg.roster import Roster
+
+    roster_json, keys = simulated(N)
+    s = strategy_for(config(), tmp_path / "run", max_weight=2000, console=Console(file=io.StringIO()),
+                     roster=Roster.from_json(json.loads(roster_json), "test"))  # fmt: skip
+    grid = InProcessGrid(N, app=simulated_signers_app(roster_json, keys))
+    s.start(grid, initial(), num_rounds=1, train_config=train_config(config()))
+    assert s.rounds[0]["status"] == "completed" and len(stages(grid, wire.SIGN)) == N
+    assert not any(k in json.dumps(s.rounds) + roster_json for k in keys.values())  # private keys stay in memory
+
+
+def test_the_malicious_threat_without_a_roster_is_refused_before_any_node_is_met(tmp_path):
+    with pytest.raises(ValueError, match="roster"):
+        strategy(config(), tmp_path)
