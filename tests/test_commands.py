@@ -255,10 +255,11 @@ def places(tmp_path_factory):
     (tmp / "groups.json").write_text(json.dumps([g.to_json() for g in chain_groups(model.state_dict())]))
     torch.save(models.build("cnn", (1, 28, 28), 10, seed=0).state_dict(), tmp / "quickstart-cnn.pt")
     (tmp / "names.txt").write_text("cy\ndi\n")
+    assert main(["roster", "init", "alice,bob", "--out", str(tmp / "roster")]) == 0
     server, url = start("leak", copy, (1, 8, 8))
     yield {"reg": reg, "base": tmp / "base.pt", "copy": tmp / "ann.pt", "copy2": tmp / "bob.pt", "ts": tmp / "ann.ts",
            "queries": tmp / "queries.npz", "groups": tmp / "groups.json", "endpoint": url, "smoke": smoke,
-           "qbase": tmp / "quickstart-cnn.pt", "names": tmp / "names.txt"}  # fmt: skip
+           "qbase": tmp / "quickstart-cnn.pt", "names": tmp / "names.txt", "roster": tmp / "roster"}  # fmt: skip
     server.shutdown()
 
 

@@ -18,8 +18,10 @@ Wrap bound: the modulus 2^32 or 2^64 is the smallest for which no slot can wrap:
 clients x max_weight x (2^bits - 1), the weight slot clients x max_weight, a clipped slot clients x D.
 ``decode`` refuses a sum that honest clients cannot produce (a weight below the number of contributors or
 above their maximum, a value above weight x (2^bits - 1), more clipped values than a part holds). Within
-those checks a client that lies about its vector can still move part p's mean anywhere in [-c_p, c_p]: wider
-ranges widen what one dishonest client can do (contributions bounded by their weight are future work).
+those checks a client that lies about its vector can still move part p's mean anywhere in [-c_p, c_p], whatever
+weight it declares (2 c_p at most, where an honest client of weight w moves it 2 c_p w / W at most): wider ranges
+widen what one dishonest client can do. Contributions bounded by their weight need input validation (zero-
+knowledge range proofs, as in ACORN): not done.
 """
 
 from __future__ import annotations

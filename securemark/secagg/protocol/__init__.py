@@ -37,21 +37,23 @@ What the server learns (honest-but-curious server: it follows the protocol and r
   ``securemark.secagg.groups`` (fixed groups, summed whole) bound what rounds reveal together; a round's
   groups are part of its configuration and bound into every key it derives.
 A server that lies (different survivor lists to different nodes, a graph of its choosing, substituted public
-keys) is outside this guarantee: nothing binds a node's public key to that node (no PKI), so such a server can
-give a client fake neighbours and unmask it. Nodes still refuse what would make lying cheap: a threshold of at
-most half their holders, a survivor list that omits them, is shorter than t, or leaves fewer than t of an
-owner's holders, a second unmask of a round, a plain train request once they mask in the run. For the complete
-graph these rules alone stop the survivor-list lie: isolating x_i needs b_i and every p_ik, a holder never
-reveals a share of its own pair seed with i and marks at most |H| - t others as dropped, and
-(|H| - 1) t > |H| (|H| - t) whenever t > |H| / 2; but the nodes do not insist on the complete graph. A
-malicious-server guarantee needs authenticated keys and signed survivor lists (Bonawitz et al. Sec. 4).
+keys) is outside this guarantee unless the round is of the malicious threat (``RoundConfig.roster``; ``signing``:
+keys signed by roster members, survivors and configuration signed before anything is revealed, safe while fewer
+than 2m - n of the n members work with the server). Without it nothing binds a node's public key to that node,
+so such a server can give a client fake neighbours and unmask it. Nodes still refuse what would make lying
+cheap: a threshold of at most half their holders, a survivor list that omits them, is shorter than t, or leaves
+fewer than t of an owner's holders, a second unmask of a round, a plain train request once they mask in the run.
+For the complete graph these rules alone stop the survivor-list lie: isolating x_i needs b_i and every p_ik, a
+holder never reveals a share of its own pair seed with i and marks at most |H| - t others as dropped, and
+(|H| - 1) t > |H| (|H| - t) whenever t > |H| / 2; but the nodes do not insist on the complete graph.
 A client can always corrupt the sum with a wrong y (nothing here checks inputs); ``quantize.decode`` refuses sums
 no honest clients could produce.
 
 The modules, each one job: ``errors`` (what a refusal raises), ``keys`` (long-term keys, node and server side),
 ``config`` (one round's public configuration), ``graph`` (drawing the round's graph and threshold), ``derive``
-(seeds, keys and commitments bound to the round), ``client`` (the node's train and unmask stages) and ``server``
-(the server's stages and the final sum). Callers use the names exported here.
+(seeds, keys and commitments bound to the round), ``signing`` (what nodes sign under the malicious threat, and
+the checks), ``client`` (the node's train and unmask stages) and ``server`` (the server's stages and the sum).
+Callers use the names exported here.
 """
 
 from __future__ import annotations
