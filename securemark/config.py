@@ -222,7 +222,8 @@ class SimConfig(TomlConfig):
         _check(_finite(s.grace) and 0 <= s.grace <= s.timeout, "secagg.grace (0..timeout)", s.grace)
         _check(not s.enabled or t.per_round >= 3, "train.per_round (masked aggregation needs >= 3)", t.per_round)
         _check(1 <= s.group <= t.per_round, "secagg.group (1..train.per_round)", s.group)
-        _check(s.threat in THREATS, "secagg.threat (semi-honest | malicious)", s.threat)
+        _check(s.threat in THREATS and (s.enabled or s.threat == "semi-honest"),
+               "secagg.threat (semi-honest | malicious, which needs secagg.enabled)", s.threat)  # fmt: skip
         _check(not s.roster or (s.threat == "malicious" and _path_ok(s.roster)), "secagg.roster (a path, with "
                "secagg.threat = malicious)", s.roster)  # fmt: skip
         _check(_finite(s.signers) and 0.5 < s.signers <= 1, "secagg.signers (more than 0.5, at most 1)", s.signers)

@@ -32,16 +32,29 @@ def masking_rates(size: int, dtype: type[np.unsignedinteger], repeats: int = 5) 
     return raw.nbytes / best_raw, acc.nbytes / best_mask
 
 
-def bench_secagg(clients: int, params: int, dropout: float = 0.0, graph: str = "complete", seed: int = 0) -> dict:
+def bench_secagg(
+    clients: int, params: int, dropout: float = 0.0, graph: str = "complete", seed: int = 0,
+    threat: str = "semi-honest",
+) -> dict:  # fmt: skip
+    """One round in process; ``threat="malicious"``: keys signed by a roster's members and the survivor list
+    signed (its own stage, ``client.sign``; the roster and the key adverts are made once a session, untimed)."""
     if clients < 3 or params < 1 or not 0 <= dropout < 1:
         raise InputError("need clients >= 3, params >= 1 and 0 <= dropout < 1")
+    if threat not in ("semi-honest", "malicious"):
+        raise InputError(f"threat must be semi-honest or malicious, got {threat!r}")
     rng = np.random.default_rng(seed)
     ids = tuple(range(1, clients + 1))
     updates = {i: 0.05 * rng.standard_normal(params) for i in ids}
     weights = {i: int(rng.integers(100, 1000)) for i in ids}
     qcfg = QuantConfig(clip=0.5, bits=16, max_weight=1024, max_clients=clients, size=params)
     neighbours, threshold = P.neighbour_graph(ids, graph, rng)
-    cfg = P.RoundConfig("bench", 1, neighbours, threshold, params + qcfg.extra, qcfg.modulus_bits, qcfg.digest())
+    session = Session.signed("bench", list(ids)) if threat == "malicious" else Session("bench")
+    signed: tuple = ()
+    if threat == "malicious":
+        signers = min(clients, max(threshold, clients // 2 + 1, -(-2 * clients // 3)))
+        signed = (session.signers[1].roster.digest, session.members(ids), signers)
+    size = params + qcfg.extra
+    cfg = P.RoundConfig("bench", 1, neighbours, threshold, size, qcfg.modulus_bits, qcfg.digest(), (), *signed)
     dropped = set(rng.choice(ids, size=int(dropout * clients), replace=False).tolist())
     kept = [i for i in ids if i not in dropped]
 
@@ -53,7 +66,6 @@ def bench_secagg(clients: int, params: int, dropout: float = 0.0, graph: str = "
     qrng = np.random.default_rng(seed + 1)
     encoded = {i: encode(updates[i], weights[i], qcfg, qrng) for i in ids}
     encode_seconds = time.perf_counter() - t
-    session = Session("bench")
     for i in ids:  # once per session, not per round: not timed
         session.join(i)
     result = run_round(session, cfg, encoded, {"masked": dropped})
@@ -71,6 +83,7 @@ def bench_secagg(clients: int, params: int, dropout: float = 0.0, graph: str = "
         "clients": clients,
         "params": params,
         "graph": graph,
+        "threat": threat,
         "threshold": threshold,
         "degree": len(neighbours[1]),
         "dropout": dropout,

@@ -24,7 +24,7 @@ def cmd_bench_trace(a: argparse.Namespace) -> object:
 def cmd_bench_secagg(a: argparse.Namespace) -> object:
     from securemark.bench.secagg import bench_secagg
 
-    result = bench_secagg(a.clients, a.params, a.dropout, a.graph, a.seed)
+    result = bench_secagg(a.clients, a.params, a.dropout, a.graph, a.seed, a.threat)
     shown = {
         k: v for k, v in result.items() if k not in ("stage_seconds", "prg_bytes_per_second", "mask_bytes_per_second")
     }
@@ -151,6 +151,8 @@ def _add_secagg(bench: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     bs.add_argument("--params", type=_positive, default=1_000_000, help="values in each update")
     bs.add_argument("--dropout", type=_finite, default=0.0, help="share of clients vanishing before masked input")
     bs.add_argument("--graph", choices=("complete", "sparse"), default="complete", help="SecAgg (complete) or SecAgg+")
+    bs.add_argument("--threat", choices=("semi-honest", "malicious"), default="semi-honest",
+                    help="malicious: keys and survivor lists signed (secagg.threat)")  # fmt: skip
     add_seed(bs)
     add_json(bs)
     bs.set_defaults(func=cmd_bench_secagg)

@@ -86,7 +86,11 @@ class RoundConfig:
         return bool(self.roster)
 
     def member(self, i: int) -> str:
-        return dict(self.members)[i]
+        return self._member_of[i]
+
+    @functools.cached_property
+    def _member_of(self) -> dict[int, str]:
+        return dict(self.members)
 
     @functools.cached_property
     def digest(self) -> bytes:
