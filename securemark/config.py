@@ -109,7 +109,7 @@ class SecAggSettings:
     # the roster of the nodes' signing keys (malicious threat): every node holds it from the owner; "" in a
     # simulation makes one for its simulated nodes
     roster: str = ""
-    signers: float = 2 / 3  # share of a round's nodes whose signatures a node needs before it reveals (> 1/2)
+    signers: float = 2 / 3  # share of a round's nodes whose signatures a node needs before it reveals (2/3..1)
 
 
 @dataclass(frozen=True)
@@ -222,11 +222,12 @@ class SimConfig(TomlConfig):
         _check(_finite(s.grace) and 0 <= s.grace <= s.timeout, "secagg.grace (0..timeout)", s.grace)
         _check(not s.enabled or t.per_round >= 3, "train.per_round (masked aggregation needs >= 3)", t.per_round)
         _check(1 <= s.group <= t.per_round, "secagg.group (1..train.per_round)", s.group)
-        _check(s.threat in THREATS and (s.enabled or s.threat == "semi-honest"),
-               "secagg.threat (semi-honest | malicious, which needs secagg.enabled)", s.threat)  # fmt: skip
+        _check(s.threat in THREATS and (s.threat == "semi-honest" or (s.enabled and s.graph == "complete")),
+               "secagg.threat (semi-honest | malicious, which needs secagg.enabled and the complete graph)",
+               s.threat)  # fmt: skip
         _check(not s.roster or (s.threat == "malicious" and _path_ok(s.roster)), "secagg.roster (a path, with "
                "secagg.threat = malicious)", s.roster)  # fmt: skip
-        _check(_finite(s.signers) and 0.5 < s.signers <= 1, "secagg.signers (more than 0.5, at most 1)", s.signers)
+        _check(_finite(s.signers) and 2 / 3 <= s.signers <= 1, "secagg.signers (2/3..1)", s.signers)
         _check(_finite(r.num_cpus) and r.num_cpus > 0, "resources.num_cpus", r.num_cpus)
         _check(_finite(r.num_gpus) and r.num_gpus >= 0, "resources.num_gpus", r.num_gpus)
         ray_key = "resources.ray_address (auto, host:port or ray://host:port)"

@@ -47,12 +47,13 @@ def bench_secagg(
     updates = {i: 0.05 * rng.standard_normal(params) for i in ids}
     weights = {i: int(rng.integers(100, 1000)) for i in ids}
     qcfg = QuantConfig(clip=0.5, bits=16, max_weight=1024, max_clients=clients, size=params)
+    if threat == "malicious" and graph != "complete":
+        raise InputError("the malicious threat takes the complete graph")
     neighbours, threshold = P.neighbour_graph(ids, graph, rng)
-    session = Session.signed("bench", list(ids)) if threat == "malicious" else Session("bench")
-    signed: tuple = ()
-    if threat == "malicious":
-        signers = min(clients, max(threshold, clients // 2 + 1, -(-2 * clients // 3)))
-        signed = (session.signers[1].roster.digest, session.members(ids), signers)
+    session = Session.signing("bench", list(ids)) if threat == "malicious" else Session("bench")
+    for i in ids:  # once per session, not per round: not timed
+        session.join(i)
+    signed = session.signed(ids, threshold) if threat == "malicious" else ()
     size = params + qcfg.extra
     cfg = P.RoundConfig("bench", 1, neighbours, threshold, size, qcfg.modulus_bits, qcfg.digest(), (), *signed)
     dropped = set(rng.choice(ids, size=int(dropout * clients), replace=False).tolist())
@@ -66,8 +67,6 @@ def bench_secagg(
     qrng = np.random.default_rng(seed + 1)
     encoded = {i: encode(updates[i], weights[i], qcfg, qrng) for i in ids}
     encode_seconds = time.perf_counter() - t
-    for i in ids:  # once per session, not per round: not timed
-        session.join(i)
     result = run_round(session, cfg, encoded, {"masked": dropped})
     t = time.perf_counter()
     dec = decode(result.total, qcfg, len(result.survivors))

@@ -73,6 +73,7 @@ class Aggregate:
 
 
 Tensors = list[tuple[str, int, float]]  # the global model's floating tensors: (name, size, largest |value|)
+Inner = dict[int, Message]  # the inner strategy's train messages, by node
 
 
 def tensor_scales(weights: Mapping[str, torch.Tensor], names: list[str]) -> Tensors:
@@ -81,7 +82,7 @@ def tensor_scales(weights: Mapping[str, torch.Tensor], names: list[str]) -> Tens
 
 
 class Sum(Protocol):
-    def setup(self, r: int, sampled: list[int], tensors: Tensors) -> dict[int, dict[str, Any]]: ...
+    def setup(self, r: int, sampled: list[int], tensors: Tensors, inner: Inner) -> dict[int, dict[str, Any]]: ...
 
     def need(self) -> Need: ...
 
@@ -100,7 +101,7 @@ class PlainSum:
         self.sampled: list[int] = []
         self.size = 0
 
-    def setup(self, r: int, sampled: list[int], tensors: Tensors) -> dict[int, dict[str, Any]]:
+    def setup(self, r: int, sampled: list[int], tensors: Tensors, inner: Inner) -> dict[int, dict[str, Any]]:
         self.sampled, self.size = sampled, sum(n for _, n, _ in tensors)
         return {}
 
@@ -176,10 +177,11 @@ class MaskedSum:
         step = self.rng.standard_normal(flat.size)
         return step * (size / max(float(np.linalg.norm(step)), 1e-300))
 
-    def setup(self, r: int, sampled: list[int], tensors: Tensors) -> dict[int, dict[str, Any]]:
+    def setup(self, r: int, sampled: list[int], tensors: Tensors, inner: Inner) -> dict[int, dict[str, Any]]:
         """The round's masking state, and for each node the records its train message adds: the quantization
         (in its SM record: bits, weights and one range per tensor, ``secagg.ranges``), the round's configuration
-        (which binds the quantization's digest into every key) and its neighbours' public keys. Fewer than 2
+        (which binds the quantization's digest into every key) and its neighbours' public keys (``inner``: the
+        inner strategy's train messages, whose training configuration a signed round binds). Fewer than 2
         nodes fail the round: a lone update would be its own sum, and the protocol's threshold needs 2 holders."""
         self.round, self.revealed = None, False
         if len(sampled) < 2:
@@ -196,7 +198,7 @@ class MaskedSum:
         qcfg = QuantConfig.of_parts(parts, bits, self.max_weight, len(sampled))
         size = qcfg.size + qcfg.extra
         cfg = P.RoundConfig(keys.session, r, graph, threshold, size, qcfg.modulus_bits, qcfg.digest(), groups,
-                            *self._signed(ids, threshold))  # fmt: skip
+                            *self._signed(ids, threshold, inner))  # fmt: skip
         quant = {
             "ranges": [c for _, c in parts], "bits": bits, "max-weight": self.max_weight,
             "max-clients": len(sampled),
@@ -211,17 +213,24 @@ class MaskedSum:
             for n in sampled
         }
 
-    def _signed(self, ids: dict[int, int], threshold: int) -> tuple[bytes, tuple[tuple[int, str], ...], int]:
-        """The malicious threat's part of a round: the roster, each client's member, and the signatures of the
-        survivors a node needs before it reveals (``secagg.signers`` of the round's nodes, a majority at least)."""
-        roster = self.nodes.roster
+    def _signed(self, ids: dict[int, int], threshold: int, inner: Inner) -> tuple[Any, ...]:
+        """The malicious threat's part of a round (``RoundConfig``): the roster, each client's member, the
+        signatures a node needs (``secagg.signers`` of the round's nodes, two thirds at least), every client's
+        session keys and the one training configuration the nodes are sent."""
+        roster, keys = self.nodes.roster, self.nodes.keys
         if self.secagg.threat != "malicious":
-            return b"", (), 0
+            return ()
         if roster is None:
             raise RuntimeError("secagg.threat = malicious needs the roster (SecureMark(roster=...))")
-        n = len(ids)
-        members = tuple((i, self.nodes.keys.adverts[i][0]) for i in ids.values())
-        return roster.digest, members, min(n, max(threshold, n // 2 + 1, math.ceil(self.secagg.signers * n - 1e-9)))
+        train = {wire.train_digest(m.content) for m in inner.values()}
+        if len(train) != 1:
+            raise RoundFailed("the inner strategy sent nodes different training configurations; a signed round "
+                              "sends every node one")  # fmt: skip
+        n, clients = len(ids), sorted(ids.values())
+        members = tuple((i, keys.adverts[i][0]) for i in clients)
+        signers = min(n, max(threshold, n // 2 + 1, math.ceil(max(self.secagg.signers, P.SIGNERS) * n - 1e-9)))
+        public = tuple((i, *keys.keys[i]) for i in clients)
+        return roster.digest, members, signers, public, next(iter(train))
 
     def need(self) -> Need:
         """Masked inputs enough to wait only the grace for the rest: the threshold, counted in whole groups (a

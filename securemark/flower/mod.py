@@ -62,7 +62,6 @@ COUNT_KEY = "num-examples"  # FedAvg's example count: masked, never sent in clea
 REQUIRE_MASKING = "securemark-require-masking"  # node config: train requests that are not masked are refused
 MIN_GROUP = "securemark-min-group"  # node config: rounds whose group for this node is smaller are refused
 _REFUSE = (ContractError, P.SecAggError, QuantizationError, KeyError, TypeError, ValueError, OverflowError)
-# (RosterError is a ValueError: a node's unusable roster or key refuses the message)
 
 
 def securemark_mod(msg: Message, context: Context, call_next: Next) -> Message:
@@ -70,26 +69,27 @@ def securemark_mod(msg: Message, context: Context, call_next: Next) -> Message:
     A malformed message or a reply breaking the contract gets an error reply naming why; an exception raised
     by the app's own train function propagates as Flower reports any app's exception. A node whose config
     names a roster and signing key (``signers``) signs and checks every round (the malicious threat)."""
-    try:
-        signer = node_signer(context)
-    except RosterError as exc:
-        return _refuse(msg, exc) if is_train(msg) else call_next(msg, context)
-    return _mod(msg, context, call_next, signer)
+    return _signed_by(node_signer, msg, context, call_next)
 
 
 class SimulatedSigners:
-    """``securemark_mod`` for a simulation of the malicious threat: each simulated node signs with its
-    partition's key from a roster the owner made for the run (``signers.simulated``)."""
+    """``securemark_mod`` simulating the malicious threat: a node signs with its partition's key (``signers``)."""
 
     def __init__(self, roster_json: str, keys: dict[int, str]) -> None:
         self.roster_json, self.keys = roster_json, keys
 
     def __call__(self, msg: Message, context: Context, call_next: Next) -> Message:
-        try:
-            signer = simulated_signer(self.roster_json, self.keys, context)
-        except RosterError as exc:
-            return _refuse(msg, exc) if is_train(msg) else call_next(msg, context)
-        return _mod(msg, context, call_next, signer)
+        return _signed_by(lambda c: simulated_signer(self.roster_json, self.keys, c), msg, context, call_next)
+
+
+def _signed_by(
+    signer_of: Callable[[Context], P.Signer | None], msg: Message, context: Context, call_next: Next
+) -> Message:
+    try:  # an unusable roster or key refuses every train message, securemark's or not (it fails closed)
+        signer = signer_of(context)
+    except RosterError as exc:
+        return _refuse(msg, exc) if is_train(msg) else call_next(msg, context)
+    return _mod(msg, context, call_next, signer)
 
 
 def _mod(msg: Message, context: Context, call_next: Next, signer: P.Signer | None) -> Message:
@@ -138,8 +138,7 @@ def _reply(msg: Message, stage: str, context: Context, **records: ConfigRecord |
 
 
 def claim(context: Context) -> dict[str, int]:
-    """The identity this node claims (its partition-id), when its node config has one. On a SuperLink with
-    SuperNode authentication the server identifies the node by its registered key instead."""
+    """The identity this node claims (its partition-id, when its node config has one; or its registered key)."""
     pid = context.node_config.get("partition-id")
     return {} if pid is None else {"partition-id": int(pid)}
 
@@ -147,8 +146,7 @@ def claim(context: Context) -> dict[str, int]:
 # --- masking stages ------------------------------------------------------------------------------------------
 def _hello(msg: Message, context: Context, signer: P.Signer | None) -> Message:
     """The node's identity claim; with a SESSION record, fresh long-term keys for that session (kept in the
-    node's state, the public halves in the reply, signed by a node with a roster). A hello for a session
-    replaces any older keys."""
+    node's state; the public halves in the reply, signed by a node with a roster), replacing any older ones."""
     if wire.SESSION not in msg.content:
         return _reply(msg, wire.HELLO, context)
     head = msg.content[wire.SESSION]
@@ -163,8 +161,8 @@ def _hello(msg: Message, context: Context, signer: P.Signer | None) -> Message:
             raise P.StageError(f"this node is client {old.id} of session {old.session} in this run; {why}")
         keys.last_round, keys.groups = old.last_round, old.groups
     context.state[wire.KEYS] = wire.keys_record(keys)
-    context.state.pop(wire.ROUND, None)
-    context.state.pop(wire.PEERS, None)
+    for key in (wire.ROUND, wire.PEERS):
+        context.state.pop(key, None)
     c_pk, s_pk = keys.public()
     payload = ConfigRecord({"c_pk": c_pk, "s_pk": s_pk})
     if signer is not None:
@@ -174,8 +172,7 @@ def _hello(msg: Message, context: Context, signer: P.Signer | None) -> Message:
 
 
 def _sign(msg: Message, context: Context, signer: P.Signer | None) -> Message:
-    """Under the malicious threat: this node's signature of the survivors and of the round it masked for, once
-    per round (``secagg.protocol.signing``)."""
+    """The malicious threat: this node's signature of the survivors and its round, once (``protocol.signing``)."""
     keys = _keys(context)
     if signer is None or wire.ROUND not in context.state:
         raise P.StageError("a signature of survivors from a node that masked no round of the malicious threat")
@@ -248,6 +245,9 @@ def _before_train(
         if client_id != keys.id:
             raise P.StageError(f"train message for client {client_id}; this node is client {keys.id}")
         P.check_round(keys, cfg, min_group(context), signer)
+        if cfg.malicious and wire.train_digest(user_content) != cfg.train:
+            raise P.SignatureError("the round's signed configuration names another training configuration than "
+                                   "the one sent to this node; refused")  # fmt: skip
         starts = _starts(context)
         start = starts.sketch(wire.flat(sent))  # a model holding NaN or infinities is refused here
         starts.check(start, cfg.round)

@@ -171,7 +171,7 @@ class SecureMark(Strategy):
         function = (self.copies.function_mark(self._loaded, self.weights), self.weights)  # what reads the copies
         self._round = _Round(sampled, clock, function=function)
         self._round.reference = reference
-        records = self.sum.setup(server_round, sampled, tensor_scales(self.weights, self.names))
+        records = self.sum.setup(server_round, sampled, tensor_scales(self.weights, self.names), inner_msgs)
         clock.lap("setup")
         return self._train_messages(server_round, inner_msgs, records)
 

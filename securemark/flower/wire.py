@@ -6,6 +6,7 @@ between messages (a node's messages may be served by different processes), never
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -64,6 +65,14 @@ def with_arrays(content: RecordDict, arrays: ArrayRecord) -> RecordDict:
     return out
 
 
+def train_digest(content: RecordDict) -> bytes:
+    """32 bytes naming the training configuration a train message carries: its ConfigRecords but securemark's.
+    Under the malicious threat it is part of the round's signed configuration, so a server that sends some
+    nodes another one (a learning rate of 0 to all but one node) gets masks that never cancel."""
+    items = sorted((k, sorted(dict(r).items())) for k, r in content.config_records.items() if not k.startswith(SM))
+    return hashlib.sha256(b"securemark/train/v1|" + repr(items).encode()).digest()
+
+
 def checksum(y: np.ndarray) -> int:
     """CRC-32 of a masked vector's bytes: securemark_mod attaches it, the server checks it, so a mod placed
     after securemark_mod that changes the update is named instead of read as a wrong sum. A check against
@@ -89,6 +98,9 @@ def round_config_record(cfg: P.RoundConfig, client_id: int) -> ConfigRecord:
             "roster": cfg.roster,
             "members": [m for _, m in cfg.members] or [""],  # in the order of ids (malicious threat)
             "signers": cfg.signers,
+            "c_pks": [c for _, c, _ in cfg.keys] or [b""],  # every client's session keys, in the order of ids
+            "s_pks": [k for _, _, k in cfg.keys] or [b""],
+            "train": cfg.train,
         }
     )
 
@@ -119,8 +131,17 @@ def round_config_from(rec: ConfigRecord) -> tuple[P.RoundConfig, int]:
         rec.get("roster", b""),
         _members(ids, rec),
         int(rec.get("signers", 0)),
+        _session_keys(ids, rec),
+        rec.get("train", b""),
     )
     return cfg, int(rec["client_id"])
+
+
+def _session_keys(ids: list, rec: ConfigRecord) -> tuple[tuple[int, bytes, bytes], ...]:
+    c_pks, s_pks = list(rec.get("c_pks", [b""])), list(rec.get("s_pks", [b""]))
+    if c_pks == [b""]:
+        return ()
+    return tuple((int(i), bytes(c), bytes(k)) for i, c, k in zip(ids, c_pks, s_pks, strict=True))
 
 
 def _members(ids: list, rec: ConfigRecord) -> tuple[tuple[int, str], ...]:
@@ -142,6 +163,7 @@ def keys_record(keys: P.NodeKeys) -> ConfigRecord:
             "grouped": list(keys.groups) or [0],  # every client whose group this node saw, then each one's group
             "groups": [keys.groups[j][0] for j in keys.groups] or [0],
             "signed": [keys.signed[0], *keys.signed[1]] if keys.signed else [-1],  # round, then its survivors
+            "masked": keys.masked or b"",
         }
     )
 
@@ -157,6 +179,7 @@ def keys_from(rec: ConfigRecord) -> P.NodeKeys:
         open_round=None if open_round < 0 else open_round,
         groups=_groups_from(rec),
         signed=_signed_from(rec),
+        masked=bytes(rec.get("masked", b"")) or None,
     )
 
 

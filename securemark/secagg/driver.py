@@ -7,6 +7,7 @@ its input, then vanished before signing the survivors: the malicious threat's ex
 
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
@@ -44,14 +45,20 @@ class Session:
         self.server = P.SessionKeys(self.name)
 
     @classmethod
-    def signed(cls, name: str, clients: list[int]) -> Session:
+    def signing(cls, name: str, clients: list[int]) -> Session:
         """A session of the malicious threat: a roster of members ``m<i>`` with fresh keys, one per client."""
         keys = {i: Ed25519PrivateKey.generate() for i in clients}
         roster = Roster({f"m{i}": bytes.fromhex(public_hex(k)) for i, k in keys.items()})
         return cls(name, signers={i: P.Signer(roster, k) for i, k in keys.items()})
 
-    def members(self, clients: tuple[int, ...]) -> tuple[tuple[int, str], ...]:
-        return tuple((i, self.signers[i].member) for i in clients)
+    def signed(self, clients: tuple[int, ...], threshold: int, train: bytes = bytes(32), signers: int = 0) -> tuple:
+        """The malicious threat's fields of a ``RoundConfig`` for ``clients`` (joined first): roster, members,
+        signatures needed (default: two thirds and the threshold), session keys, training digest."""
+        n = len(clients)
+        m = signers or min(n, max(threshold, n // 2 + 1, math.ceil(P.SIGNERS * n - 1e-9)))
+        members = tuple((i, self.signers[i].member) for i in clients)
+        keys = tuple((i, *self.server.keys[i]) for i in clients)
+        return self.signers[clients[0]].roster.digest, members, m, keys, train
 
     def join(self, i: int) -> None:
         """Set up (or re-key) node ``i``: new long-term keys, registered with the server."""

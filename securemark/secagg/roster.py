@@ -135,8 +135,10 @@ def make(members: list[str], out: Path) -> Roster:
     keys = {name: Ed25519PrivateKey.generate() for name in members}
     roster = Roster({n: bytes.fromhex(public_hex(k)) for n, k in keys.items()})  # checks the names first
     out.mkdir(parents=True, exist_ok=True)
-    if (out / "roster.json").exists():
-        raise RosterError(f"{out / 'roster.json'} exists; a roster is rotated (roster rotate), never overwritten")
+    taken = [p.name for p in [out / "roster.json", *(out / f"{n}.key" for n in keys)] if p.exists()]
+    if taken:  # checked before anything is written: a refused call leaves the folder as it was
+        raise RosterError(f"{out} holds {', '.join(taken)} already; a roster is rotated (roster rotate), never "
+                          "overwritten")  # fmt: skip
     for name, key in keys.items():
         write_signing_key(out / f"{name}.key", key)
     (out / "roster.json").write_text(roster.to_json())
@@ -144,13 +146,19 @@ def make(members: list[str], out: Path) -> Roster:
 
 
 def rotate(out: Path, member: str) -> Roster:
-    """A new key for ``member`` (or a new member): its old key file kept as NAME.key.old, the roster rewritten."""
+    """A new key for ``member`` (or a new member): its old key file kept (NAME.key.old, then .old.1, ...: none
+    overwritten), the roster rewritten."""
     roster = Roster.load(out / "roster.json")
     key = Ed25519PrivateKey.generate()
     old = out / f"{member}.key"
     new = Roster({**roster.members, member: bytes.fromhex(public_hex(key))})
     if old.exists():
-        old.replace(out / f"{member}.key.old")
+        kept = out / f"{member}.key.old"
+        k = 0
+        while kept.exists():
+            k += 1
+            kept = out / f"{member}.key.old.{k}"
+        old.replace(kept)
     write_signing_key(old, key)
     tmp = out / "roster.json.tmp"
     tmp.write_text(new.to_json())

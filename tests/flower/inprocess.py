@@ -37,6 +37,7 @@ class InProcessGrid(InMemoryGrid):
         self.keys = keys or {}  # node id -> (registered public key, name): what a SuperLink with node auth reports
         self.sent: list[Message] = []
         self.replies: dict[str, Message] = {}
+        self.answers: dict[str, Message] = {}  # every reply, kept after it is pulled
 
     @property
     def run(self):
@@ -64,8 +65,14 @@ class InProcessGrid(InMemoryGrid):
                 self.replies[msg.metadata.message_id] = Message(error, reply_to=msg)
             finally:
                 TaskIdentity.node_id = 0
+            self.answers[msg.metadata.message_id] = self.replies[msg.metadata.message_id]
             ids.append(msg.metadata.message_id)
         return ids
+
+    def replied(self, stage: str) -> list[Message]:
+        """The replies the ClientApp gave to the messages of ``stage`` sent so far (pulled or not)."""
+        return [self.answers[m.metadata.message_id] for m in self.sent
+                if str(m.content["securemark"]["stage"]) == stage]  # fmt: skip
 
     def pull_messages(self, message_ids):
         return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]

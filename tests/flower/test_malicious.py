@@ -2,6 +2,7 @@
 keys and each round's survivors, and refuse, with a reason the server logs, a server that swaps a key, shows
 nodes different survivor lists or configurations, or replays a round."""
 
+import dataclasses
 import io
 import os
 
@@ -76,26 +77,51 @@ def _refusals(s, stage):
     return [why for why in s.nodes.failures.get(stage, [])]
 
 
-def test_a_swapped_key_is_refused_by_the_node_it_was_sent_to(tmp_path, deployment):
+@pytest.mark.parametrize("in_round", [False, True])
+def test_a_swapped_key_is_refused_by_the_node_it_was_sent_to(tmp_path, deployment, in_round):
+    """The server hands client 1 a key of its own for client 2: in the key map alone, or in the round's list of
+    session keys too (then the advert's signature is what fails)."""
     grid, roster = deployment
     s = strategy(config(roster=str(roster)), tmp_path)
-    real = s.nodes.keys.for_client
+    real_setup = s.sum.setup
+    fake, swapped = P.public_bytes(P.NodeKeys("x", 9).s_key), {}
 
-    def swapped(cfg, i):  # the server hands client 1 its own key in place of client 2's
-        keys = real(cfg, i)
-        if i == 1:
-            keys[2] = (keys[2][0], P.public_bytes(P.NodeKeys("x", 9).s_key))
-        return keys
+    def setup(r, sampled, tensors, train):
+        records = real_setup(r, sampled, tensors, train)
+        rec = records[1000]
+        keys = wire.key_map_from(rec[wire.PAYLOAD])
+        j = swapped["of"] = min(keys)  # a neighbour of node 1000
+        keys[j] = (keys[j][0], fake)
+        rec[wire.PAYLOAD] = wire.key_map(keys, wire.adverts_from(rec[wire.PAYLOAD]))
+        if in_round:
+            cfg, cid = wire.round_config_from(ConfigRecord(rec[wire.SECAGG]))
+            named = tuple((i, c, fake if i == j else k) for i, c, k in cfg.keys)
+            rec[wire.SECAGG] = wire.round_config_record(dataclasses.replace(cfg, keys=named), cid)
+        return records
 
-    s.nodes.keys.for_client = swapped
+    s.sum.setup = setup
     s.start(grid, initial(), num_rounds=1, train_config=train_config(config()))
     why = _refusals(s, wire.TRAIN)
-    assert len(why) == 1 and "SignatureError" in why[0] and "keys of client 2" in why[0]
-    assert "not signed by that member" in s.console.export_text()
-    assert s.rounds[0]["survived"] == N - 1  # the others went on without it
+    assert len(why) == 1 and "SignatureError" in why[0]
+    assert (f"keys of client {swapped['of']}" in why[0]) == in_round and ("other session keys" in why[0]) != in_round
+    assert s.rounds[0]["survived"] == N - 1  # refused before masking: the others go on without it
 
 
-def test_different_survivor_lists_are_refused_by_every_node(tmp_path, deployment):
+def lax_server(monkeypatch):
+    """A lying server keeps and relays every signature a node sends, valid or not (it skips its own checks)."""
+    import securemark.flower.aggregate as agg
+
+    got = {}
+
+    def keep(cfg, statement, roster, i, content):
+        got[i] = content[wire.PAYLOAD]["signature"]
+        return got[i]
+
+    monkeypatch.setattr(agg, "_apply_signature", keep)
+    return got
+
+
+def test_different_survivor_lists_are_refused_by_every_node(tmp_path, deployment, monkeypatch):
     """The server shows the nodes two lists (node 5 dropped in one: the pair seeds of 5 from some, its b_5 from
     the others) and, skipping its own checks, sends every node whatever signatures it got."""
     grid, roster = deployment
@@ -112,20 +138,9 @@ def test_different_survivor_lists_are_refused_by_every_node(tmp_path, deployment
                 contents[n][wire.SIGNATURES] = wire.bytes_map(got)
         return real_send(stage, contents, r, timeout, need)
 
-    got = {}
-
-    def lax(cfg, statement, roster, i, content):  # a lying server keeps every signature, valid or not
-        got[i] = content[wire.PAYLOAD]["signature"]
-        return got[i]
-
-    import securemark.flower.aggregate as agg
-
-    orig, agg._apply_signature = agg._apply_signature, lax
+    got = lax_server(monkeypatch)
     s.nodes.send = send
-    try:
-        s.start(grid, initial(), num_rounds=1, train_config=train_config(config()))
-    finally:
-        agg._apply_signature = orig
+    s.start(grid, initial(), num_rounds=1, train_config=train_config(config()))
     assert s.rounds[0]["status"] == "failed"
     why = _refusals(s, wire.UNMASK)
     assert len(why) == N and all("SignatureError" in w for w in why)  # every node, each with its reason
@@ -139,8 +154,8 @@ def test_other_parameters_for_one_node_are_refused_by_it_and_its_update_stays_hi
     s = strategy(config(roster=str(roster)), tmp_path)
     real_setup = s.sum.setup
 
-    def setup(r, sampled, tensors):
-        records = real_setup(r, sampled, tensors)
+    def setup(r, sampled, tensors, train):
+        records = real_setup(r, sampled, tensors, train)
         rec = records[1000]
         rec[wire.SM] = {**rec[wire.SM], "max-weight": 1999}
         cfg, cid = wire.round_config_from(ConfigRecord(rec[wire.SECAGG]))
@@ -148,9 +163,7 @@ def test_other_parameters_for_one_node_are_refused_by_it_and_its_update_stays_hi
 
         sizes = [n for _, n, _ in tensors]
         q = _quantization(ConfigRecord(rec[wire.SM]), sizes)
-        lie = P.RoundConfig(cfg.session, cfg.round, cfg.neighbours, cfg.threshold, cfg.size, cfg.modulus_bits,
-                            q.digest(), cfg.groups, cfg.roster, cfg.members, cfg.signers)  # fmt: skip
-        rec[wire.SECAGG] = wire.round_config_record(lie, cid)
+        rec[wire.SECAGG] = wire.round_config_record(dataclasses.replace(cfg, encoding=q.digest()), cid)
         return records
 
     s.sum.setup = setup
@@ -182,6 +195,43 @@ def test_a_malformed_or_forged_signature_drops_that_node_and_the_round_goes_on(t
     s.start(grid, initial(), num_rounds=1, train_config=train_config(config()))
     assert "rejected node 1000" in s.console.export_text()
     assert s.rounds[0]["status"] == "completed" and s.rounds[0]["survived"] == N  # its input still counts
+
+
+@pytest.mark.parametrize("consistent", [False, True])
+def test_another_training_configuration_for_the_others_leaves_the_victims_update_hidden(
+    tmp_path, deployment, monkeypatch, consistent
+):
+    """A learning rate of 0 for every node but 1000 would make the round's sum 1000's update (an attack review
+    read it, correlation 1.0). The training configuration is part of the signed round: told it plainly, the
+    others refuse before training; told a round that names it, their masks never cancel 1000's, 1000 finds no
+    quorum for its own, and its self-mask is never rebuilt."""
+    grid, roster = deployment
+    s = strategy(config(roster=str(roster)), tmp_path)
+    real_messages = s._train_messages
+
+    def messages(r, inner, records):
+        for m in real_messages(r, inner, records):
+            if m.metadata.dst_node_id != 1000:
+                m.content["config"]["lr"] = 0.0
+                if consistent:
+                    cfg, cid = wire.round_config_from(m.content[wire.SECAGG])
+                    lie = dataclasses.replace(cfg, train=wire.train_digest(m.content))
+                    m.content[wire.SECAGG] = wire.round_config_record(lie, cid)
+            yield m
+
+    s._train_messages = messages
+    lax_server(monkeypatch)
+    s.start(grid, initial(), num_rounds=1, train_config=train_config(config()))
+    assert s.rounds[0]["status"] == "failed"
+    if not consistent:
+        why = _refusals(s, wire.TRAIN)
+        assert len(why) == N - 1 and all("another training configuration" in w for w in why)
+    else:
+        victim = s.nodes.ids[1000]
+        assert [w for w in _refusals(s, wire.UNMASK)] == [w for w in _refusals(s, wire.UNMASK) if "1 valid" in w]
+        opened = [wire.reveals_from(r.content[wire.PAYLOAD]) for r in grid.replied(wire.UNMASK) if not r.has_error()]
+        assert len(opened) == N - 1  # the others revealed for their own statement...
+        assert all(victim in bad and (victim, 0) not in shares for shares, bad in opened)  # ...nothing of 1000's
 
 
 def test_a_replayed_round_is_refused_by_every_node(tmp_path, deployment):

@@ -67,7 +67,7 @@ from securemark.secagg.protocol.client import (
     client_masked_input,
     client_unmask,
 )
-from securemark.secagg.protocol.config import B_LABEL, RoundConfig
+from securemark.secagg.protocol.config import B_LABEL, SIGNERS, RoundConfig
 from securemark.secagg.protocol.derive import COMMIT_BYTES, commitment
 from securemark.secagg.protocol.errors import (
     BadOwner,
@@ -110,6 +110,7 @@ __all__ = [
     "COMMIT_BYTES",
     "KEY_BYTES",
     "NONCE_BYTES",
+    "SIGNERS",
     "BadOwner",
     "GroupTooSmall",
     "MaskedInput",

@@ -87,7 +87,7 @@ def client_masked_input(
     check_round(keys, cfg, min_group, signer)
     _check_peer_keys(cfg, i, peer_keys)
     if signer is not None:
-        check_adverts(cfg, signer, peer_keys, adverts or {}, i)
+        check_adverts(cfg, signer, peer_keys, adverts or {}, keys)
     x = np.asarray(x)
     if x.dtype != cfg.dtype or x.shape != (cfg.size,):
         raise ProtocolViolation(f"input must be {cfg.dtype.__name__} of shape ({cfg.size},), got {x.dtype} {x.shape}")
@@ -109,7 +109,7 @@ def client_masked_input(
         aead = ChaCha20Poly1305(_share_key(cfg, keys.c_key, peer_c[h], i, h))
         cts[h] = nonce + aead.encrypt(nonce, plain, cfg.context("share-ad", i, h))
         commits += [commitment(cfg, i, lb, h, shares[lb][h]) for lb in labels]
-    keys.last_round, keys.open_round, keys.signed = cfg.round, cfg.round, None
+    keys.last_round, keys.open_round, keys.signed, keys.masked = cfg.round, cfg.round, None, cfg.digest
     keys.groups.update({j: cfg.group_of(j) for j in cfg.clients})
     return MaskedInput(y, cts, b"".join(commits))
 
@@ -127,8 +127,8 @@ def client_unmask(
     whose shares failed authentication). A bad ciphertext costs only its owner's shares from this node. Under
     the malicious threat only for the survivors this node signed, with ``cfg.signers`` signatures of them."""
     i = keys.id
-    if keys.open_round != cfg.round or cfg.session != keys.session:
-        raise StageError(f"client {i}: no masked input of round {cfg.round} waiting to be unmasked")
+    if keys.open_round != cfg.round or cfg.session != keys.session or keys.masked != cfg.digest:
+        raise StageError(f"client {i}: no masked input of this round {cfg.round} and configuration to unmask")
     if cfg.malicious:
         if signer is None:
             raise StageError(f"client {i}: a round of the malicious threat is unmasked only with a signer")

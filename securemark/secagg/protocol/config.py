@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ import numpy as np
 from securemark.secagg.protocol.errors import ProtocolViolation
 
 B_LABEL = 0  # the label of b_i; a pair seed p_ij is labelled j (ids are >= 1)
+SIGNERS = 2 / 3  # the least share of a signed round's clients whose signatures a node needs before it reveals
 
 
 @dataclass(frozen=True)
@@ -29,11 +31,15 @@ class RoundConfig:
     # the round's clients partitioned into the session's fixed groups (each sorted; () = every client alone): a
     # round holds whole groups and only whole groups are summed (``secagg.groups`` says why)
     groups: tuple[tuple[int, ...], ...] = ()
-    # under secagg.threat = "malicious": the roster's digest and each client's member in it (client id, name),
-    # both signed by every node before it reveals anything (``signing``); empty under the semi-honest threat
+    # under secagg.threat = "malicious" (``signing``; all empty under the semi-honest threat): the roster's digest,
+    # each client's member in it, the signatures of the survivor list a node needs before it reveals, every
+    # client's session keys (fresh each run: no signature of another run ever matches) and the digest of the
+    # training configuration every node was sent; all signed by every node, all bound into every key
     roster: bytes = b""
     members: tuple[tuple[int, str], ...] = ()
-    signers: int = 0  # signatures of the survivor list a node needs before it reveals (``signing``)
+    signers: int = 0
+    keys: tuple[tuple[int, bytes, bytes], ...] = ()  # (client, c_pk, s_pk)
+    train: bytes = b""
 
     def __post_init__(self) -> None:
         ids = set(self.neighbours)
@@ -54,23 +60,35 @@ class RoundConfig:
         members = [i for g in self.groups for i in g]
         if self.groups and (sorted(members) != sorted(ids) or any(list(g) != sorted(g) for g in self.groups)):
             raise ValueError("the groups must split the round's clients into sorted, disjoint sets covering them all")
-        if self.roster or self.members:
-            names = [m for _, m in self.members]
-            if len(self.roster) != 32 or sorted(i for i, _ in self.members) != sorted(ids):
-                raise ValueError("a roster's digest is 32 bytes and its members name every client of the round")
-            if len(set(names)) != len(names) or not all(isinstance(m, str) and m for m in names):
-                raise ValueError("the round's roster members must be distinct names (one member, one client)")
-            object.__setattr__(self, "members", tuple(sorted(self.members)))
-            floor = max(self.threshold, len(ids) // 2 + 1)  # fewer would let two survivor lists both pass
-            if not floor <= self.signers <= len(ids):
-                raise ValueError(f"signers {self.signers} must lie in [{floor}, {len(ids)}]: the threshold and a "
-                                 "majority of the round's clients at least")  # fmt: skip
-        elif self.signers:
-            raise ValueError("signers are for rounds with a roster (the malicious-server threat)")
+        if self.roster or self.members or self.signers or self.keys or self.train:
+            self._check_signed(ids)
         for g in self.groups:  # a clique: any survivors' component holds whole groups, so no sum splits one
             if any(not set(g) - {i} <= set(self.neighbours[i]) for i in g):
                 raise ValueError(f"the group {list(g)} must be a clique of the round's graph (every member every "
                                  "other's neighbour)")  # fmt: skip
+
+    def _check_signed(self, ids: set[int]) -> None:
+        """A round of the malicious threat: members and keys of exactly its clients, one member one client, the
+        complete graph (a server choosing a sparse one could give a node a single neighbour that works with it),
+        and at least ``SIGNERS`` of the clients' signatures (fewer let members working with the server pass
+        two survivor lists)."""
+        names, n = [m for _, m in self.members], len(ids)
+        if len(self.roster) != 32 or len(self.train) != 32 or sorted(i for i, _ in self.members) != sorted(ids):
+            raise ValueError("a signed round needs 32-byte roster and train digests and a member for every client")
+        if len(set(names)) != len(names) or not all(isinstance(m, str) and m for m in names):
+            raise ValueError("the round's roster members must be distinct names (one member, one client)")
+        if sorted(i for i, _, _ in self.keys) != sorted(ids) or any(
+            len(c) != 32 or len(k) != 32 for _, c, k in self.keys
+        ):
+            raise ValueError("a signed round names every client's two 32-byte session keys")
+        if any(len(self.neighbours[i]) != n - 1 for i in ids):
+            raise ValueError("a signed round takes the complete graph (every client every other's neighbour)")
+        floor = max(self.threshold, n // 2 + 1, math.ceil(SIGNERS * n - 1e-9))
+        if not floor <= self.signers <= n:
+            raise ValueError(f"signers {self.signers} must lie in [{floor}, {n}]: the threshold and two thirds of "
+                             "the round's clients at least")  # fmt: skip
+        object.__setattr__(self, "members", tuple(sorted(self.members)))
+        object.__setattr__(self, "keys", tuple(sorted(self.keys)))
 
     def group_of(self, i: int) -> tuple[int, ...]:
         """The clients of i's group in this round (i alone when the round has no groups)."""
@@ -97,7 +115,8 @@ class RoundConfig:
         """32 bytes naming everything here: what nodes sign and what every key of the round is bound to."""
         graph = [[i, sorted(self.neighbours[i])] for i in self.clients]
         text = repr((self.session, self.round, graph, self.threshold, self.size, self.modulus_bits,
-                     self.encoding.hex(), self.groups, self.roster.hex(), self.members, self.signers))  # fmt: skip
+                     self.encoding.hex(), self.groups, self.roster.hex(), self.members, self.signers,
+                     [(i, c.hex(), k.hex()) for i, c, k in self.keys], self.train.hex()))  # fmt: skip
         return hashlib.sha256(b"securemark/secagg/round/v5|" + text.encode()).digest()
 
     @property

@@ -49,6 +49,7 @@ class NodeKeys:
     open_round: int | None = None  # masked, not yet unmasked
     groups: dict[int, tuple[int, ...]] = field(default_factory=dict)  # client -> its group, as first seen
     signed: tuple[int, tuple[int, ...]] | None = None  # (round, survivors) it signed (the malicious threat)
+    masked: bytes | None = None  # the configuration digest of the round it masked last
 
     def public(self) -> tuple[bytes, bytes]:
         return public_bytes(self.c_key), public_bytes(self.s_key)

@@ -8,16 +8,25 @@ every node against the roster it got from the owner, never from the server:
 
 A node masks with a neighbour's keys only under that neighbour's advert: the server signs nothing, so it can
 neither swap a key nor make up a neighbour, and the round's members are distinct (one member, one client).
-Between its masked input and its unmask a node signs the survivor list S together with the round's whole
-configuration (``RoundConfig.digest``: graph, threshold, encoding with its ranges, bits and weight cap, groups,
-members, signers), and it signs one S a round. It reveals shares only when shown valid signatures of that same
-statement from ``cfg.signers`` distinct members of S, at least the threshold and a majority of the round's n
-clients. Honest members sign one statement a round, so two different statements (two survivor lists, or one
-list under two configurations) both gathering m signatures need 2m - n signers that sign both: with fewer than
-2m - n members working with the server, every node that reveals saw one S and one configuration. So no node's
-shares of b_i go out while others' shares of its pair seeds do (both kinds of one node), and a node told another
-configuration finds no m signatures of its own and refuses. (m = ceil(2n / 3), the default, tolerates fewer than
-n / 3 such members; a node refuses m below a majority.)
+The round's configuration (``RoundConfig.digest``, bound into every key the round derives) holds everything a
+server could tell nodes differently: the complete graph (a server choosing a sparse graph could give a node a
+single neighbour that works with it), threshold, encoding with its ranges, bits and weight cap, groups, members,
+the signatures needed, every client's session keys (fresh each run: a node checks its own and its neighbours',
+so no statement of another run ever matches one of this run, though Ed25519 signs alike twice), and the digest
+of the training configuration sent (a node checks it against what it received: a learning rate of 0 for all
+but one node would make the sum that node's update). Between its masked input and its unmask a node signs the
+survivor list S with that digest, one S a round, and reveals shares only when shown valid signatures of the
+same statement from ``cfg.signers`` distinct members of S, m >= max(threshold, ceil(2n / 3)) of the round's n.
+
+Honest members sign one statement a round and a signature counts only from a member of the list it signs, so
+two different statements (two lists, or one list under two configurations) that each gather m signatures need
+2m - n members that sign both. With fewer members working with the server, every node that reveals saw one S
+and one configuration: no node's shares of b_i go out while others' shares of its pair seeds do (both kinds of
+one node), and a node told another configuration finds no m signatures of its own and reveals nothing. Apart
+from lying, t members holding shares of a node can always rebuild its secrets, as in any threshold scheme, so
+the guarantee holds while fewer than min(t, 2m - n) of a round's members work with the server (n = 10: t = 6,
+m = 7, at most 3). Who is in a round is the server's choice: a round of one honest node among members working
+with the server is outside any such bound, as in every secure aggregation.
 """
 
 from __future__ import annotations
@@ -80,10 +89,17 @@ def check_adverts(
     signer: Signer,
     peer_keys: Mapping[int, tuple[bytes, bytes]],
     adverts: Mapping[int, bytes],
-    me: int,
+    keys: NodeKeys,
 ) -> None:
-    """Every neighbour's masking keys under its member's signature: else the server swapped or made them up."""
+    """Every neighbour's masking keys under its member's signature (else the server swapped or made them up), and
+    the round naming the keys this node and its neighbours hold now: its statement names this run's fresh keys,
+    so no signature from another run (the same session name, ids and round) ever counts in this one."""
+    me = keys.id
     check_member(cfg, signer, me)
+    named = {i: (c, s) for i, c, s in cfg.keys}
+    if named[me] != keys.public() or any(named[j] != k for j, k in peer_keys.items()):
+        raise SignatureError(f"client {me}: the round names other session keys than this node's or its "
+                             "neighbours' (a round of another run?); refused")  # fmt: skip
     for j, (c_pk, s_pk) in peer_keys.items():
         statement = advert(cfg.roster, cfg.session, j, c_pk, s_pk)
         if not signer.roster.verify(cfg.member(j), adverts.get(j), statement):
@@ -95,8 +111,8 @@ def sign_survivors(keys: NodeKeys, cfg: RoundConfig, signer: Signer, survivors: 
     """This node's signature of (configuration, S), once per round: a second, different S is refused (a node
     that signed two would let the server show different nodes different survivors)."""
     i, alive = keys.id, sorted(set(survivors))
-    if keys.open_round != cfg.round or cfg.session != keys.session:
-        raise StageError(f"client {i}: no masked input of round {cfg.round} waiting for its survivors")
+    if keys.open_round != cfg.round or cfg.session != keys.session or keys.masked != cfg.digest:
+        raise StageError(f"client {i}: no masked input of this round {cfg.round} and configuration waiting")
     if len(alive) != len(survivors) or not set(alive) <= set(cfg.clients) or i not in alive:
         raise ProtocolViolation(f"client {i}: the survivor list names unknown or repeated clients, or omits this one")
     if len(alive) < cfg.signers:
