@@ -343,6 +343,8 @@ def _apply_masked(srv: P.ServerRound, i: int, content: RecordDict) -> None:
     with wire.malformed("masked reply"):
         y, crc = wire.array_from(content[wire.UPDATE]), content[wire.SM]["crc32"]
         masked = wire.masked_from(y, content[wire.PAYLOAD])
+        if y.dtype != srv.cfg.dtype or y.ndim != 1:  # before the checksum reads its bytes (a datetime64 array)
+            raise TypeError(f"a masked vector of {y.dtype} {y.shape}, not {srv.cfg.dtype.__name__}")
     if isinstance(crc, bool) or not isinstance(crc, int) or wire.checksum(y) != crc:
         raise P.ProtocolViolation("masked update changed after securemark_mod (must be the first mod)")
     P.server_receive_masked(srv, i, masked)

@@ -33,7 +33,7 @@ one-time-padded vector: it tells the server nothing new), so the server names a 
 from __future__ import annotations
 
 import copy
-import math
+import hashlib
 import os
 import re
 from collections.abc import Callable
@@ -42,26 +42,20 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
 
-from securemark.errors import SecureMarkError
 from securemark.flower import wire
-from securemark.flower.signers import ROSTER, SIGNING_KEY, node_signer, simulated_signer
+from securemark.flower.contract import COUNT_KEY, ContractError, contract, only, quantization, whole_number
+from securemark.flower.signers import ROSTER, SIGNING_KEY, STATE_DIR, node_signer, once, simulated_signer
 from securemark.secagg import protocol as P
-from securemark.secagg.quantize import QuantConfig, QuantizationError, encode
+from securemark.secagg.quantize import QuantizationError, encode
 from securemark.secagg.roster import RosterError
 from securemark.secagg.starts import Starts
 
 Next = Callable[[Message, Context], Message]
 
 
-class ContractError(SecureMarkError, ValueError):
-    """The train function's reply breaks FedAvg's contract (one ArrayRecord with the keys sent, a MetricRecord
-    with the example count), or a securemark message is malformed."""
-
-
-COUNT_KEY = "num-examples"  # FedAvg's example count: masked, never sent in clear
 REQUIRE_MASKING = "securemark-require-masking"  # node config: train requests that are not masked are refused
 MIN_GROUP = "securemark-min-group"  # node config: rounds whose group for this node is smaller are refused
-_REFUSE = (ContractError, P.SecAggError, QuantizationError, KeyError, TypeError, ValueError, OverflowError)
+_REFUSE = (ContractError, P.SecAggError, QuantizationError, KeyError, TypeError, ValueError, OverflowError, OSError)
 
 
 def securemark_mod(msg: Message, context: Context, call_next: Next) -> Message:
@@ -154,12 +148,12 @@ def _hello(msg: Message, context: Context, signer: P.Signer | None) -> Message:
     if not session or not 1 <= node_id < 1 << 31:
         raise ContractError("a session needs a name and a client id in [1, 2^31)")
     keys = P.NodeKeys(session, node_id)
-    if wire.KEYS in context.state:  # re-keyed: the same session and id, the rounds and groups it saw kept
+    if wire.KEYS in context.state:  # re-keyed: the same session and id; its rounds, groups and cap kept
         old = wire.keys_from(context.state[wire.KEYS])
         if (old.session, old.id) != (session, node_id):
             why = f"a hello for client {node_id} of session {session} is refused (it would regroup the nodes)"
             raise P.StageError(f"this node is client {old.id} of session {old.session} in this run; {why}")
-        keys.last_round, keys.groups = old.last_round, old.groups
+        keys.last_round, keys.groups, keys.cap = old.last_round, old.groups, old.cap
     context.state[wire.KEYS] = wire.keys_record(keys)
     for key in (wire.ROUND, wire.PEERS):
         context.state.pop(key, None)
@@ -180,7 +174,10 @@ def _sign(msg: Message, context: Context, signer: P.Signer | None) -> Message:
     payload = msg.content[wire.PAYLOAD]
     if int(payload["round"]) != cfg.round:
         raise P.StageError(f"survivors of round {int(payload['round'])}, but this node masked round {cfg.round}")
-    signature = P.sign_survivors(keys, cfg, signer, [int(i) for i in payload["survivors"]])
+    survivors = [int(i) for i in payload["survivors"]]
+    signature = P.sign_survivors(keys, cfg, signer, survivors)  # checked, then recorded on disk: no two lists,
+    statement = hashlib.sha256(P.survivors_statement(cfg, sorted(set(survivors)))).digest()  # even at once
+    once(context, signer, cfg.session, cfg.round, "sign", statement)
     context.state[wire.KEYS] = wire.keys_record(keys)  # the list it signed: it signs no other this round
     return _reply(msg, wire.SIGN, context, **{wire.PAYLOAD: ConfigRecord({"signature": signature})})
 
@@ -196,6 +193,8 @@ def _unmask(msg: Message, context: Context, signer: P.Signer | None) -> Message:
     if int(payload["round"]) != cfg.round:
         raise P.StageError(f"unmask of round {int(payload['round'])}, but this node masked round {cfg.round}")
     signatures = wire.bytes_map_from(msg.content[wire.SIGNATURES]) if wire.SIGNATURES in msg.content else {}
+    if signer is not None:  # on disk: one unmask a round, even for two requests at once
+        once(context, signer, cfg.session, cfg.round, "unmask")
     try:
         shares = wire.bytes_map_from(msg.content[wire.SHARES])
         reveals, bad = P.client_unmask(keys, cfg, peer_keys, survivors, shares, signer, signatures)
@@ -236,7 +235,7 @@ def _before_train(
     """The message the app's train function gets (exactly what the inner strategy sent), the arrays sent, read
     before the app runs (an app may change the received record in place), and under masking their sketch."""
     user_content = RecordDict({k: v for k, v in msg.content.items() if not k.startswith(wire.SM)})
-    sent = wire.arrays_of(_only(user_content.array_records, "the train message", "ArrayRecord"))
+    sent = wire.arrays_of(only(user_content.array_records, "the train message", "ArrayRecord"))
     if wire.SECAGG not in msg.content:  # everything checkable is checked before spending time on training
         _plain_allowed(context, signer)
     else:
@@ -245,6 +244,8 @@ def _before_train(
         if client_id != keys.id:
             raise P.StageError(f"train message for client {client_id}; this node is client {keys.id}")
         P.check_round(keys, cfg, min_group(context), signer)
+        if keys.cap not in (None, int(msg.content[wire.SM]["max-weight"])):  # sums of min(count, cap) tell counts
+            raise P.ProtocolViolation(f"this session's weight cap was {keys.cap}; one that changes is refused")
         if cfg.malicious and wire.train_digest(user_content) != cfg.train:
             raise P.SignatureError("the round's signed configuration names another training configuration than "
                                    "the one sent to this node; refused")  # fmt: skip
@@ -270,14 +271,12 @@ def _after_train(
         records = {wire.SM: ConfigRecord({"weight": weight}), wire.UPDATE: wire.array_record(delta)}
         return _reply(msg, wire.TRAIN, context, **records, **{metrics_key: metrics})
     keys = _keys(context)
-    # the example count never leaves in clear as a number, whatever weight-key a server names: it could name
-    # another whole-number metric as the weight and read the count among the rest, under num-examples or
-    # whatever name the app gives it, so a masked reply carries no whole number in clear. Fractions pass (losses,
-    # accuracies), and an accuracy correct/n can still tell n: docs/explanations/masking.md says so
-    metrics = MetricRecord({k: v for k, v in metrics.items() if k != COUNT_KEY and not _whole(v)})
-    # capped, never refused: a refusal that depends on the count would let a server binary-search it
-    weight = min(weight, int(head["max-weight"]))
-    qcfg = _quantization(head, [int(np.size(sent[n])) for n in wire.float_keys(sent)])
+    # no whole number leaves in clear, whatever weight-key a server names (it could name another and read the
+    # count among the rest); fractions pass, and correct/n can tell n: docs/explanations/masking.md says so
+    metrics = MetricRecord({k: v for k, v in metrics.items() if k != COUNT_KEY and not whole_number(v)})
+    # capped, never refused (a refusal would let a server binary-search the count); one cap a session (_before_train)
+    weight, keys.cap = min(weight, int(head["max-weight"])), int(head["max-weight"])
+    qcfg = quantization(head, [int(np.size(sent[n])) for n in wire.float_keys(sent)])
     cfg, _ = wire.round_config_from(msg.content[wire.SECAGG])
     if cfg.size != qcfg.size + qcfg.extra or cfg.modulus_bits != qcfg.modulus_bits:
         raise ContractError("the round's vector size or modulus does not fit this update")
@@ -311,7 +310,7 @@ def _plain_allowed(context: Context, signer: P.Signer | None) -> None:
     if signer is not None:
         raise ContractError("this node signs its masked rounds (a roster in its config): a plain train request is "
                             "refused")  # fmt: skip
-    known = (REQUIRE_MASKING, MIN_GROUP, ROSTER, SIGNING_KEY)
+    known = (REQUIRE_MASKING, MIN_GROUP, ROSTER, SIGNING_KEY, STATE_DIR)
     unknown = [k for k in context.node_config if _floor_like(k) and k not in known]
     if unknown:  # a misspelt floor would turn the floor off without a word
         raise ContractError(f"unknown node config key {unknown[0]!r} (the floor is {REQUIRE_MASKING!r}): refused")
@@ -336,65 +335,9 @@ def min_group(context: Context) -> int:
     return value
 
 
-def _whole(value: object) -> bool:
-    """A metric that could be a count: an integer, a float with no fraction, or a list holding one."""
-    if isinstance(value, list):
-        return any(_whole(v) for v in value)
-    return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
-
-
 def _floor_like(key: str) -> bool:
     """A node-config key that reads as securemark's or as a masking floor, whatever its case and separators
     (``SecureMark_Require_Masking``, ``require-masking``, ``masking-required``, ``require-secagg``)."""
     letters = re.sub(r"[^a-z]", "", str(key).lower())
     return any(w in letters for w in ("securemark", "securmark", "requiremask", "requiresmask", "maskingrequired",
                                       "requiresecagg", "secaggrequired"))  # fmt: skip
-
-
-def _quantization(head: ConfigRecord, sizes: list[int]) -> QuantConfig:
-    """The round's quantization as sent: one range per floating tensor of the update (``secagg.ranges``)."""
-    ranges = head["ranges"]
-    if not isinstance(ranges, list) or len(ranges) != len(sizes):
-        raise P.ProtocolViolation(f"the round's quantization must give one range for each of {len(sizes)} tensors")
-    if not all(isinstance(r, float) for r in ranges):
-        raise P.ProtocolViolation("the round's quantization ranges must be floating-point numbers")
-    try:
-        parts = tuple(zip(sizes, (float(r) for r in ranges), strict=True))
-        return QuantConfig.of_parts(parts, int(head["bits"]), int(head["max-weight"]), int(head["max-clients"]))
-    except (QuantizationError, TypeError, ValueError, OverflowError) as exc:
-        raise P.ProtocolViolation(f"the round's quantization is malformed: {exc}") from None
-
-
-def contract(
-    before: dict[str, np.ndarray], reply: RecordDict, weight_key: str
-) -> tuple[np.ndarray, int, str, MetricRecord]:
-    """Check a train reply against FedAvg's contract; return (the update relative to ``before``, flat float64 in
-    ``wire.float_keys`` order; its weight; the MetricRecord's key; the other metrics)."""
-    returned = _only(reply.array_records, "the train function's reply", "ArrayRecord")
-    after = wire.arrays_of(returned)
-    if before.keys() != after.keys():
-        missing, extra = sorted(before.keys() - after.keys()), sorted(after.keys() - before.keys())
-        raise ContractError(f"the reply's arrays differ from those sent: missing {missing[:5]}, extra {extra[:5]}")
-    for k, a in before.items():
-        if after[k].shape != a.shape:
-            raise ContractError(f"array {k!r} came back with shape {after[k].shape}, sent {a.shape}")
-        if wire.is_float(a) and not np.isfinite(after[k]).all():
-            raise ContractError(f"array {k!r} holds NaN or infinite values; refusing to send an update")
-    metrics_key, record = _only(reply.metric_records, "the train function's reply", "MetricRecord", with_key=True)
-    if weight_key not in record:
-        raise ContractError(f"the reply's MetricRecord has no {weight_key!r}: the update's weight (example count)")
-    weight = record[weight_key]
-    whole = isinstance(weight, int) or (isinstance(weight, float) and math.isfinite(weight) and weight.is_integer())
-    if isinstance(weight, bool) or not whole or weight < 1:
-        raise ContractError(f"{weight_key!r} must be a whole number >= 1")  # its value is secret
-    names = wire.float_keys(before)
-    delta = wire.difference(after, before, names)
-    others = MetricRecord({k: v for k, v in record.items() if k != weight_key})
-    return delta, int(weight), metrics_key, others
-
-
-def _only(records: dict, where: str, kind: str, with_key: bool = False):  # type: ignore[no-untyped-def]
-    if len(records) != 1:
-        raise ContractError(f"{where} must hold exactly one {kind} (FedAvg's contract), found {len(records)}")
-    key, value = next(iter(records.items()))
-    return (key, value) if with_key else value

@@ -338,11 +338,11 @@ def _apply_keys(keys: P.SessionKeys, i: int, content: RecordDict, roster: Roster
     this client of the session (nodes check the signature again themselves: the server only relays it)."""
     with wire.malformed("hello reply"):
         payload = content[wire.PAYLOAD]
-        c_pk, s_pk = payload["c_pk"], payload["s_pk"]
+        c_pk, s_pk = P.check_public_key(payload["c_pk"], "a key"), P.check_public_key(payload["s_pk"], "a key")
         signed = (str(payload["member"]), payload["advert"]) if roster is not None else None
     if signed is not None and roster is not None:
         statement = P.advert(roster.digest, keys.session, i, c_pk, s_pk)
-        if not isinstance(c_pk, bytes) or not isinstance(s_pk, bytes) or not roster.verify(*signed, statement):
+        if not roster.verify(*signed, statement):
             raise P.SignatureError(f"client {i}'s keys are not signed by roster member {shown(signed[0])}")
     keys.register(i, c_pk, s_pk, signed)
     return True

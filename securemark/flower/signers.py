@@ -7,20 +7,30 @@ On a deployment each SuperNode names both files in its node config, which the ow
 A node with them signs and checks every round, and refuses a round without signatures (a server cannot switch a
 node back to the semi-honest protocol) and a plain train request. In a simulation the owner runs every node, so
 ``simulated`` makes a roster of fresh keys, one member per partition, held in memory by the ClientApp.
+
+What a signing node may do once a round (sign one survivor list, unmask once) is also kept on its own disk
+(``once``): Flower hands each message a copy of the node's state and keeps the copy of whichever message ends
+last, so two messages a server sends a node at once would each find the other's record missing (an attack review
+had nodes sign two lists that way). The folder is ``securemark-state-dir`` from the node config, else one in
+the system's temporary folder; each record is a file created exclusively, so two processes cannot both make it.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
+from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 from flwr.app import Context
 
-from securemark.secagg.protocol import Signer
+from securemark.secagg.protocol import SignatureError, Signer
 from securemark.secagg.roster import Roster, RosterError, load_signing_key, public_hex
 
 ROSTER, SIGNING_KEY = "securemark-roster", "securemark-signing-key"  # node config keys: paths on the node
+STATE_DIR = "securemark-state-dir"  # node config: where a signing node keeps its once-a-round records
 
 
 def node_signer(context: Context) -> Signer | None:
@@ -56,3 +66,25 @@ def simulated_signer(roster_json: str, keys: dict[int, str], context: Context) -
         raise RosterError(f"no simulated signing key for partition {pid!r}")
     roster = Roster.from_json(json.loads(roster_json), "the simulation's roster")
     return Signer(roster, Ed25519PrivateKey.from_private_bytes(bytes.fromhex(keys[pid])))
+
+
+def once(context: Context, signer: Signer, session: str, round_no: int, what: str, value: bytes = b"") -> None:
+    """Record, for this node's member and session, that it did ``what`` in ``round_no`` with ``value``: again with
+    the same value passes (a re-sent request), any other refuses (SignatureError); ``what = "unmask"`` passes
+    once. Records of rounds before the previous one are removed."""
+    base = Path(str(context.node_config.get(STATE_DIR) or tempfile.gettempdir())) / "securemark-nodes"
+    folder = base / f"{signer.member}-{signer.roster.digest.hex()[:16]}" / session
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = folder / f"{what}-{round_no}"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        if what == "unmask" or path.read_bytes() != value:  # (read while another writes it: refused, safely)
+            raise SignatureError(f"this node did {what} for round {round_no} already (another request of the same "
+                                 "round, at once or before): refused") from None  # fmt: skip
+        return
+    with os.fdopen(fd, "wb") as f:
+        f.write(value)
+    for old in folder.iterdir():
+        if old.name.rsplit("-", 1)[-1].isdigit() and int(old.name.rsplit("-", 1)[-1]) < round_no - 1:
+            old.unlink(missing_ok=True)

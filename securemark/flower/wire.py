@@ -48,8 +48,9 @@ def malformed(what: str) -> Iterator[None]:
     bug in what is done with the values still ends the run."""
     try:
         yield
-    except (KeyError, TypeError, ValueError, IndexError, OverflowError, AttributeError) as exc:  # AttributeError:
-        # a record of another kind than the one read (a ConfigRecord where an ArrayRecord belongs)
+    except (KeyError, TypeError, ValueError, IndexError, OverflowError, AttributeError, EOFError) as exc:
+        # AttributeError: a record of another kind than the one read (a ConfigRecord where an ArrayRecord
+        # belongs); EOFError: an array whose bytes are empty
         raise P.ProtocolViolation(f"malformed {what}: {type(exc).__name__}: {exc}") from None
 
 
@@ -164,6 +165,7 @@ def keys_record(keys: P.NodeKeys) -> ConfigRecord:
             "groups": [keys.groups[j][0] for j in keys.groups] or [0],
             "signed": [keys.signed[0], *keys.signed[1]] if keys.signed else [-1],  # round, then its survivors
             "masked": keys.masked or b"",
+            "cap": -1 if keys.cap is None else keys.cap,
         }
     )
 
@@ -180,6 +182,7 @@ def keys_from(rec: ConfigRecord) -> P.NodeKeys:
         groups=_groups_from(rec),
         signed=_signed_from(rec),
         masked=bytes(rec.get("masked", b"")) or None,
+        cap=None if int(rec.get("cap", -1)) < 0 else int(rec["cap"]),
     )
 
 

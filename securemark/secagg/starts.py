@@ -78,10 +78,10 @@ class Starts:
         near = ~(dist > NEAR * np.asarray(self.updates))  # a NaN distance refuses too
         if near.any():
             r = int(np.argmax(near))
-            raise Replay(
-                f"the model sent for round {round_no} is {dist[r]:.3g} from the one this node trained from in round "
-                f"{self.rounds[r]}, whose update moved it {self.updates[r]:.3g}: a replayed round (an update "
-                f"computed twice from one model lets two sums tell it apart), refused"
+            raise Replay(  # no distance or norm in the reason: the server reads it (an update's norm)
+                f"the model sent for round {round_no} is within {NEAR:g} of an update of the one this node trained "
+                f"from in round {self.rounds[r]}: a replayed round (an update computed twice from one model lets two "
+                "sums tell it apart), refused"
             )
 
     def masked(self, model: np.ndarray, update: float, round_no: int) -> None:

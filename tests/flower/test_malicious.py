@@ -2,18 +2,19 @@
 keys and each round's survivors, and refuse, with a reason the server logs, a server that swaps a key, shows
 nodes different survivor lists or configurations, or replays a round."""
 
+import copy
 import dataclasses
 import io
 import os
 
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from rich.console import Console
 
 from securemark.config import SimConfig
 from securemark.flower import wire
 from securemark.flower.server_app import strategy_for, train_config
-from securemark.flower.signers import ROSTER, SIGNING_KEY
+from securemark.flower.signers import ROSTER, SIGNING_KEY, STATE_DIR
 from securemark.models import build
 from securemark.secagg import protocol as P
 from securemark.secagg import roster as R
@@ -47,7 +48,7 @@ def deployment(tmp_path):
     grid = InProcessGrid(N)
     for k, node in enumerate(sorted(grid.contexts)):
         grid.contexts[node].node_config.update(
-            {ROSTER: str(folder / "roster.json"), SIGNING_KEY: str(folder / f"node-{k}.key")}
+            {ROSTER: str(folder / "roster.json"), SIGNING_KEY: str(folder / f"node-{k}.key"), STATE_DIR: str(tmp_path)}
         )
     return grid, folder / "roster.json"
 
@@ -159,7 +160,7 @@ def test_other_parameters_for_one_node_are_refused_by_it_and_its_update_stays_hi
         rec = records[1000]
         rec[wire.SM] = {**rec[wire.SM], "max-weight": 1999}
         cfg, cid = wire.round_config_from(ConfigRecord(rec[wire.SECAGG]))
-        from securemark.flower.mod import _quantization
+        from securemark.flower.contract import quantization as _quantization
 
         sizes = [n for _, n, _ in tensors]
         q = _quantization(ConfigRecord(rec[wire.SM]), sizes)
@@ -232,6 +233,61 @@ def test_another_training_configuration_for_the_others_leaves_the_victims_update
         opened = [wire.reveals_from(r.content[wire.PAYLOAD]) for r in grid.replied(wire.UNMASK) if not r.has_error()]
         assert len(opened) == N - 1  # the others revealed for their own statement...
         assert all(victim in bad and (victim, 0) not in shares for shares, bad in opened)  # ...nothing of 1000's
+
+
+def test_two_sign_requests_at_once_get_one_signature_from_each_node(tmp_path, deployment):
+    """Flower gives each message a copy of the node's state and keeps the copy of the one that ends last: a
+    server that sends a second list at once finds the first list's record missing from that copy. The record on
+    the node's disk is not: each node signs one of the two lists (an attack review had every node sign both)."""
+    grid, roster = deployment
+    s = strategy(config(roster=str(roster)), tmp_path)
+    real_send, raced = s.nodes.send, {}
+
+    def send(stage, contents, r, timeout, need=None):
+        if stage == wire.SIGN:
+            for n, content in contents.items():
+                p = content[wire.PAYLOAD]
+                other = [i for i in p["survivors"] if i != max(p["survivors"])]
+                saved = grid.contexts[n]
+                grid.contexts[n] = copy.deepcopy(saved)  # the state as a second process reads it, then dropped
+                msg = Message(
+                    RecordDict(
+                        {
+                            wire.SM: ConfigRecord({"stage": wire.SIGN}),
+                            wire.PAYLOAD: ConfigRecord({"survivors": other, "round": p["round"]}),
+                        }
+                    ),
+                    dst_node_id=n,
+                    message_type=wire.MESSAGE_TYPE,
+                )
+                raced[n] = grid.pull_messages(grid.push_messages([msg]))[0]  # fmt: skip
+                grid.contexts[n] = saved
+        return real_send(stage, contents, r, timeout, need)
+
+    s.nodes.send = send
+    s.start(grid, initial(), num_rounds=1, train_config=train_config(config()))
+    signed_first = {n for n, rep in raced.items() if not rep.has_error()}
+    assert len(signed_first) == N - 1  # the node left off the second list refuses it
+    why = _refusals(s, wire.SIGN)
+    assert len(why) == N - 1 and all("already" in w for w in why)  # each of them signs no second list
+    assert s.rounds[0]["status"] == "failed"
+
+
+def test_a_hello_with_keys_of_the_wrong_type_drops_that_node_and_the_run_goes_on(tmp_path, deployment):
+    grid, roster = deployment
+    real_app = grid.app
+
+    def app(msg, context):
+        reply = real_app(msg, context)
+        if context.node_id == 1000 and str(msg.content[wire.SM]["stage"]) == wire.HELLO and wire.SESSION in msg.content:
+            reply.content[wire.PAYLOAD]["c_pk"] = "not bytes"
+        return reply
+
+    grid.app = app
+    s = strategy(config(roster=str(roster)), tmp_path)
+    s.start(grid, initial(), num_rounds=1, train_config=train_config(config()))
+    assert "rejected node 1000" in s.console.export_text()
+    assert s.rounds[0]["status"] == "completed" and s.rounds[0]["survived"] == N - 1
 
 
 def test_a_replayed_round_is_refused_by_every_node(tmp_path, deployment):

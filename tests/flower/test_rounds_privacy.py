@@ -286,3 +286,20 @@ def test_a_node_whose_floor_is_above_the_runs_groups_is_refused_and_its_group_si
     assert "one lost node fails the round" in log and 1000 in s.nodes.refused
     mates = set(s.nodes.groups.of[s.nodes.ids[1000]])
     assert len(seen) == 1 and not {s.nodes.ids[n] for n in seen[0][0]} & mates and len(seen[0][0]) == 3
+
+
+def test_a_weight_cap_that_changes_within_a_session_is_refused(tmp_path):
+    """Totals of min(count, cap) over rounds with different caps tell a group's counts apart (an attack review
+    read three, 52 rounds): a node keeps the session's first cap and refuses another."""
+    s, grid = strategy(config(rounds=2), tmp_path), InProcessGrid(4)
+    real_setup = s.sum.setup
+
+    def setup(r, sampled, tensors, inner):
+        s.sum.max_weight = 2000 if r == 1 else 1999
+        return real_setup(r, sampled, tensors, inner)
+
+    s.sum.setup = setup
+    s.start(grid, initial(), num_rounds=2, train_config=train_config(config()))
+    assert [r["status"] for r in s.rounds] == ["completed", "failed"]
+    why = s.nodes.failures[wire.TRAIN]
+    assert len(why) == 4 and all("weight cap was 2000" in w for w in why)

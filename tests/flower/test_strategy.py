@@ -667,6 +667,13 @@ def _empty_update(content):
     content[wire.UPDATE] = ArrayRecord()
 
 
+def _update_of(array):
+    def change(content):
+        content[wire.UPDATE] = ArrayRecord({"0": array})
+
+    return change
+
+
 LOW_ORDER_KEY = (1).to_bytes(32, "little")
 
 
@@ -679,6 +686,8 @@ LOW_ORDER_KEY = (1).to_bytes(32, "little")
         (wire.HELLO, _set(wire.PAYLOAD, "s_pk", bytes(32)), "low-order"),
         (wire.TRAIN, _set(wire.PAYLOAD, "values", "a string"), "disagree with its count"),  # shares as a string
         (wire.TRAIN, _empty_update, "IndexError"),  # an empty ArrayRecord update
+        (wire.TRAIN, _update_of(Array(dtype="uint64", shape=(3,), stype="numpy.ndarray", data=b"")), "EOFError"),
+        (wire.TRAIN, _update_of(Array(np.zeros(5, "datetime64[s]"))), "datetime64"),  # its checksum read before
         (wire.TRAIN, _set(wire.PAYLOAD, "commitments", b"short"), "commitments"),
         (wire.UNMASK, _set(wire.PAYLOAD, "shares", ["x"]), "count"),
         (wire.UNMASK, _set(wire.PAYLOAD, "owners", [1, 1, 1, 1, 1]), "count"),

@@ -333,3 +333,14 @@ def test_non_canonical_key_encodings_are_refused():
         srv.register(2, c[:31] + bytes([c[31] | 0x80]), P.NodeKeys("keys", 2).public()[1])
     with pytest.raises(P.ProtocolViolation, match="canonical"):
         srv.register(2, b"\xff" * 32, P.NodeKeys("keys", 2).public()[1])
+
+
+def test_an_owner_whose_shares_its_own_commitments_refuse_is_named_not_the_holders():
+    """Client 3 commits to random values: every holder's share of it fails, the round cannot rebuild its
+    self-mask, and the owner is named (BadOwner), so the server refuses it instead of failing every round."""
+    session, cfg, srv, replies = masked_round()
+    m = replies[3]
+    replies[3] = P.MaskedInput(m.y, m.ciphertexts, bytes(len(m.commitments)))
+    with pytest.raises(P.BadOwner) as named:
+        finish(session, cfg, srv, replies)
+    assert named.value.client == 3

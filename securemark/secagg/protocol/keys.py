@@ -50,6 +50,7 @@ class NodeKeys:
     groups: dict[int, tuple[int, ...]] = field(default_factory=dict)  # client -> its group, as first seen
     signed: tuple[int, tuple[int, ...]] | None = None  # (round, survivors) it signed (the malicious threat)
     masked: bytes | None = None  # the configuration digest of the round it masked last
+    cap: int | None = None  # the weight cap of the session's rounds (one: caps that vary would tell counts)
 
     def public(self) -> tuple[bytes, bytes]:
         return public_bytes(self.c_key), public_bytes(self.s_key)

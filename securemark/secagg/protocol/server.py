@@ -114,6 +114,7 @@ def server_receive_unmask(
         expected = st.commits[owner][pos * COMMIT_BYTES : (pos + 1) * COMMIT_BYTES]
         if not isinstance(share, bytes) or commitment(cfg, owner, label, sender, share) != expected:
             st.rejected.append(f"share ({owner}, {label}) from client {sender} fails its commitment")
+            st.complaints.setdefault(owner, set()).add(sender)  # the owner's commitment, or this holder, is bad
             continue
         st.shares.setdefault((owner, label), {})[sender] = share
 
@@ -126,8 +127,10 @@ def server_sum(st: ServerRound) -> np.ndarray:
     total = st.masked_sum.copy()
     for i in sorted(st.inputs):
         if len(st.shares.get((i, B_LABEL), {})) < cfg.threshold and len(st.complaints.get(i, ())) >= cfg.threshold:
-            # t holders (more than half of its holders) could not open them: fewer than t cannot frame it
-            raise BadOwner(i, f"{len(st.complaints[i])} holders could not open the shares of client {i}")
+            # t holders (more than half of its holders) could not open them, or sent shares its own commitments
+            # refuse: fewer than t cannot frame it
+            raise BadOwner(i, f"{len(st.complaints[i])} holders could not open the shares of client {i} or match "
+                              "them to its commitments")  # fmt: skip
         seed = _rebuild(i, st.shares.get((i, B_LABEL), {}), cfg.threshold, f"self-mask seed of client {i}")
         add_keystream(_self_mask_key(cfg, seed, i), total, subtract=True)
         for j in sorted(set(cfg.neighbours[i]) - st.inputs):  # i added sign(i, j) PRG(p_ij); take it out
