@@ -152,9 +152,11 @@ class MaskedSum:
     opened or rebuilt fails the round and is banned."""
 
     def __init__(
-        self, nodes: Nodes, secagg: SecAggSettings, max_weight: int, console: Console, rng: np.random.Generator
-    ) -> None:
+        self, nodes: Nodes, secagg: SecAggSettings, max_weight: int, console: Console, rng: np.random.Generator,
+        weight_key: str = "num-examples",
+    ) -> None:  # fmt: skip
         self.nodes, self.secagg, self.max_weight, self.console, self.rng = nodes, secagg, max_weight, console, rng
+        self.weight_key = weight_key  # the metric nodes weigh by: part of a signed round's training configuration
         self.round: _MaskedRound | None = None
         self.ranges = Ranges(secagg.clip)
         self.moved = 0.0  # how far the last completed round moved the global model (the norm of its mean update)
@@ -168,7 +170,10 @@ class MaskedSum:
         replay check's 2% of an update, the step changes the model no more than a round's noise. A step too small
         for some node (it refused the model as a replay) is followed by one twice as large (64 times at most).
         None when the round failed before unmask (nobody revealed) and no node refused a replay: the model stays."""
-        refused = any("Replay:" in why for why in self.nodes.failures.get(wire.TRAIN, []))
+        # a node names a replay in its error reason, which a hostile node can write too: refusals count from more
+        # than half of the round's nodes (a replay makes every node that trained from the model refuse it)
+        replays = sum("Replay:" in why for why in self.nodes.failures.get(wire.TRAIN, []))
+        refused = self.round is not None and replays > self.round.sampled / 2
         if not self.revealed and not refused:
             return None
         self.scale = min(self.scale * (2.0 if refused else 1.0), 64.0)
@@ -222,7 +227,7 @@ class MaskedSum:
             return ()
         if roster is None:
             raise RuntimeError("secagg.threat = malicious needs the roster (SecureMark(roster=...))")
-        train = {wire.train_digest(m.content) for m in inner.values()}
+        train = {wire.train_digest(m.content, self.weight_key) for m in inner.values()}
         if len(train) != 1:
             raise RoundFailed("the inner strategy sent nodes different training configurations; a signed round "
                               "sends every node one")  # fmt: skip

@@ -145,8 +145,8 @@ def _hello(msg: Message, context: Context, signer: P.Signer | None) -> Message:
         return _reply(msg, wire.HELLO, context)
     head = msg.content[wire.SESSION]
     session, node_id = str(head["session"]), int(head["client_id"])
-    if not session or not 1 <= node_id < 1 << 31:
-        raise ContractError("a session needs a name and a client id in [1, 2^31)")
+    if not re.fullmatch(r"[0-9a-f]{16,64}", session) or not 1 <= node_id < 1 << 31:
+        raise ContractError("a session needs a hex name (16-64) and a client id in [1, 2^31)")
     keys = P.NodeKeys(session, node_id)
     if wire.KEYS in context.state:  # re-keyed: the same session and id; its rounds, groups and cap kept
         old = wire.keys_from(context.state[wire.KEYS])
@@ -246,7 +246,7 @@ def _before_train(
         P.check_round(keys, cfg, min_group(context), signer)
         if keys.cap not in (None, int(msg.content[wire.SM]["max-weight"])):  # sums of min(count, cap) tell counts
             raise P.ProtocolViolation(f"this session's weight cap was {keys.cap}; one that changes is refused")
-        if cfg.malicious and wire.train_digest(user_content) != cfg.train:
+        if cfg.malicious and wire.train_digest(user_content, str(msg.content[wire.SM]["weight-key"])) != cfg.train:
             raise P.SignatureError("the round's signed configuration names another training configuration than "
                                    "the one sent to this node; refused")  # fmt: skip
         starts = _starts(context)

@@ -17,8 +17,10 @@ the system's temporary folder; each record is a file created exclusively, so two
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -72,10 +74,12 @@ def once(context: Context, signer: Signer, session: str, round_no: int, what: st
     """Record, for this node's member and session, that it did ``what`` in ``round_no`` with ``value``: again with
     the same value passes (a re-sent request), any other refuses (SignatureError); ``what = "unmask"`` passes
     once. Records of rounds before the previous one are removed."""
-    base = Path(str(context.node_config.get(STATE_DIR) or tempfile.gettempdir())) / "securemark-nodes"
-    folder = base / f"{signer.member}-{signer.roster.digest.hex()[:16]}" / session
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path = folder / f"{what}-{round_no}"
+    folder = (
+        _private(context)
+        / hashlib.sha256(f"{signer.member}|{signer.roster.digest.hex()}|{session}".encode()).hexdigest()[:32]
+    )
+    folder.mkdir(mode=0o700, exist_ok=True)  # inside a folder only this user can write: no one else's link
+    path = folder / f"{what}-{int(round_no)}"
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
@@ -86,5 +90,18 @@ def once(context: Context, signer: Signer, session: str, round_no: int, what: st
     with os.fdopen(fd, "wb") as f:
         f.write(value)
     for old in folder.iterdir():
-        if old.name.rsplit("-", 1)[-1].isdigit() and int(old.name.rsplit("-", 1)[-1]) < round_no - 1:
+        kind, _, r = old.name.partition("-")
+        if kind in ("sign", "unmask") and r.isdigit() and int(r) < round_no - 1:
             old.unlink(missing_ok=True)
+
+
+def _private(context: Context) -> Path:
+    """``securemark-nodes-<uid>`` in the node's state folder (or the system's temporary one), made 0700 and checked:
+    a real folder, not a link, owned by this user, closed to others (else another local user could plant or
+    remove records)."""
+    base = Path(str(context.node_config.get(STATE_DIR) or tempfile.gettempdir())) / f"securemark-nodes-{os.getuid()}"
+    base.mkdir(mode=0o700, exist_ok=True)
+    st = os.lstat(base)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise RosterError(f"{base} must be a folder of this user's, closed to others (mode 0700), not a link")
+    return base

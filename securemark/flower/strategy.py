@@ -111,7 +111,7 @@ class SecureMark(Strategy):
         self.copies = Copies(self.fingerprint, function, self.console, arch_record(model, example_input))
         self.nodes.on_contest = self.copies.contest
         self.sum: Sum = (
-            MaskedSum(self.nodes, self.secagg, max_weight, self.console, self.rng)
+            MaskedSum(self.nodes, self.secagg, max_weight, self.console, self.rng, self.inner.weighted_by_key)
             if self.secagg.enabled
             else PlainSum(max_weight, self.console)
         )

@@ -66,12 +66,13 @@ def with_arrays(content: RecordDict, arrays: ArrayRecord) -> RecordDict:
     return out
 
 
-def train_digest(content: RecordDict) -> bytes:
-    """32 bytes naming the training configuration a train message carries: its ConfigRecords but securemark's.
-    Under the malicious threat it is part of the round's signed configuration, so a server that sends some
-    nodes another one (a learning rate of 0 to all but one node) gets masks that never cancel."""
+def train_digest(content: RecordDict, weight_key: str) -> bytes:
+    """32 bytes naming the training configuration a train message carries: its ConfigRecords but securemark's,
+    and the metric the node weighs its update by. Under the malicious threat it is part of the round's signed
+    configuration, so a server that sends some nodes another one (a learning rate of 0 to all but one node,
+    another metric as the weight) gets masks that never cancel."""
     items = sorted((k, sorted(dict(r).items())) for k, r in content.config_records.items() if not k.startswith(SM))
-    return hashlib.sha256(b"securemark/train/v1|" + repr(items).encode()).digest()
+    return hashlib.sha256(b"securemark/train/v2|" + repr((weight_key, items)).encode()).digest()
 
 
 def checksum(y: np.ndarray) -> int:

@@ -216,7 +216,9 @@ def test_another_training_configuration_for_the_others_leaves_the_victims_update
                 m.content["config"]["lr"] = 0.0
                 if consistent:
                     cfg, cid = wire.round_config_from(m.content[wire.SECAGG])
-                    lie = dataclasses.replace(cfg, train=wire.train_digest(m.content))
+                    lie = dataclasses.replace(
+                        cfg, train=wire.train_digest(m.content, str(m.content[wire.SM]["weight-key"]))
+                    )
                     m.content[wire.SECAGG] = wire.round_config_record(lie, cid)
             yield m
 
@@ -288,6 +290,48 @@ def test_a_hello_with_keys_of_the_wrong_type_drops_that_node_and_the_run_goes_on
     s.start(grid, initial(), num_rounds=1, train_config=train_config(config()))
     assert "rejected node 1000" in s.console.export_text()
     assert s.rounds[0]["status"] == "completed" and s.rounds[0]["survived"] == N - 1
+
+
+def test_the_weight_metric_is_part_of_the_signed_round(tmp_path, deployment):
+    """A server naming another whole-number metric as the weight for some nodes of a group would read the
+    others' count from the group's total (an attack review read one exactly): the weight key is in the signed
+    training configuration, so the nodes told another one refuse before training."""
+    grid, roster = deployment
+    s = strategy(config(roster=str(roster)), tmp_path)
+    real_messages = s._train_messages
+
+    def messages(r, inner, records):
+        for m in real_messages(r, inner, records):
+            if m.metadata.dst_node_id != 1000:
+                m.content[wire.SM]["weight-key"] = "train_loss"
+            yield m
+
+    s._train_messages = messages
+    s.start(grid, initial(), num_rounds=1, train_config=train_config(config()))
+    why = _refusals(s, wire.TRAIN)
+    assert len(why) == N - 1 and all("another training configuration" in w for w in why)
+
+
+@pytest.mark.parametrize("session", ["/tmp/elsewhere", "../../x", "a", "0123456789abcdef/../x"])
+def test_a_session_name_that_is_no_plain_hex_id_is_refused(tmp_path, deployment, session):
+    """Session names reach the node's record folder only as a hash, and the hello refuses anything but hex."""
+    grid, roster = deployment
+    s = strategy(config(roster=str(roster)), tmp_path)
+    s.nodes.keys.session = session
+    s.start(grid, initial(), num_rounds=1, train_config=train_config(config()))
+    assert s.rounds[0]["status"] == "failed"
+    assert all("a hex name" in w for w in s.nodes.failures[wire.HELLO]) and len(s.nodes.failures[wire.HELLO]) == N
+
+
+def test_the_record_folder_must_be_this_users_alone(tmp_path, deployment):
+    grid, roster = deployment
+    planted = tmp_path / f"securemark-nodes-{os.getuid()}"
+    planted.mkdir(mode=0o777)
+    os.chmod(planted, 0o777)  # another user's folder would look like this (or a link)
+    s = strategy(config(roster=str(roster)), tmp_path)
+    s.start(grid, initial(), num_rounds=1, train_config=train_config(config()))
+    assert s.rounds[0]["status"] == "failed"
+    assert all("closed to others" in w for w in s.nodes.failures[wire.SIGN]) and len(s.nodes.failures[wire.SIGN]) == N
 
 
 def test_a_replayed_round_is_refused_by_every_node(tmp_path, deployment):

@@ -260,7 +260,8 @@ def test_the_step_after_a_failure_moves_even_a_zero_model_and_doubles_only_on_re
     assert np.linalg.norm(zero) == pytest.approx(1e-3 * 10)  # a zero model still moves
     s.sum.moved = 2.0
     assert np.linalg.norm(s.sum.after_failure(np.ones(100))) == pytest.approx(1.0)  # half the last movement
-    s.sum.nodes.failures[wire.TRAIN] = ["securemark_mod refused the train message: Replay: ..."]
+    s.sum.round = type("Round", (), {"sampled": 4})()  # a round of 4 nodes, 3 of which refused a replay
+    s.sum.nodes.failures[wire.TRAIN] = ["securemark_mod refused the train message: Replay: ..."] * 3
     sizes = [np.linalg.norm(s.sum.after_failure(np.ones(100))) for _ in range(10)]
     assert sizes[:3] == pytest.approx([2.0, 4.0, 8.0]) and max(sizes) == pytest.approx(64.0)
 
@@ -303,3 +304,16 @@ def test_a_weight_cap_that_changes_within_a_session_is_refused(tmp_path):
     assert [r["status"] for r in s.rounds] == ["completed", "failed"]
     why = s.nodes.failures[wire.TRAIN]
     assert len(why) == 4 and all("weight cap was 2000" in w for w in why)
+
+
+def test_one_node_claiming_a_replay_moves_no_model(tmp_path):
+    """The server reads a replay refusal from a node's error reason, which a hostile node can write: one node
+    claiming it (and failing the round) must not make the server step the model, only refusals from more than
+    half of the round's nodes do."""
+    cfg = config(rounds=1)
+    s = strategy(cfg, tmp_path)
+    s.sum.round = type("R", (), {"sampled": 4})()
+    s.nodes.failures[wire.TRAIN] = ["securemark_mod refused the train message: Replay: a replayed round, refused"]
+    assert s.sum.after_failure(np.ones(10)) is None
+    s.nodes.failures[wire.TRAIN] *= 3
+    assert s.sum.after_failure(np.ones(10)) is not None
