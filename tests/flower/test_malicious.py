@@ -198,6 +198,19 @@ def test_a_malformed_or_forged_signature_drops_that_node_and_the_round_goes_on(t
     assert s.rounds[0]["status"] == "completed" and s.rounds[0]["survived"] == N  # its input still counts
 
 
+def to_all_but_1000(s, change):
+    """A lying server: ``change(message)`` on every train message but node 1000's, as it goes out."""
+    real_messages = s._train_messages
+
+    def messages(r, inner, records):
+        for m in real_messages(r, inner, records):
+            if m.metadata.dst_node_id != 1000:
+                change(m)
+            yield m
+
+    s._train_messages = messages
+
+
 @pytest.mark.parametrize("consistent", [False, True])
 def test_another_training_configuration_for_the_others_leaves_the_victims_update_hidden(
     tmp_path, deployment, monkeypatch, consistent
@@ -208,21 +221,15 @@ def test_another_training_configuration_for_the_others_leaves_the_victims_update
     quorum for its own, and its self-mask is never rebuilt."""
     grid, roster = deployment
     s = strategy(config(roster=str(roster)), tmp_path)
-    real_messages = s._train_messages
 
-    def messages(r, inner, records):
-        for m in real_messages(r, inner, records):
-            if m.metadata.dst_node_id != 1000:
-                m.content["config"]["lr"] = 0.0
-                if consistent:
-                    cfg, cid = wire.round_config_from(m.content[wire.SECAGG])
-                    lie = dataclasses.replace(
-                        cfg, train=wire.train_digest(m.content, str(m.content[wire.SM]["weight-key"]))
-                    )
-                    m.content[wire.SECAGG] = wire.round_config_record(lie, cid)
-            yield m
+    def lr_zero(m):
+        m.content["config"]["lr"] = 0.0
+        if consistent:
+            cfg, cid = wire.round_config_from(m.content[wire.SECAGG])
+            digest = wire.train_digest(m.content, str(m.content[wire.SM]["weight-key"]))
+            m.content[wire.SECAGG] = wire.round_config_record(dataclasses.replace(cfg, train=digest), cid)
 
-    s._train_messages = messages
+    to_all_but_1000(s, lr_zero)
     lax_server(monkeypatch)
     s.start(grid, initial(), num_rounds=1, train_config=train_config(config()))
     assert s.rounds[0]["status"] == "failed"
@@ -298,15 +305,7 @@ def test_the_weight_metric_is_part_of_the_signed_round(tmp_path, deployment):
     training configuration, so the nodes told another one refuse before training."""
     grid, roster = deployment
     s = strategy(config(roster=str(roster)), tmp_path)
-    real_messages = s._train_messages
-
-    def messages(r, inner, records):
-        for m in real_messages(r, inner, records):
-            if m.metadata.dst_node_id != 1000:
-                m.content[wire.SM]["weight-key"] = "train_loss"
-            yield m
-
-    s._train_messages = messages
+    to_all_but_1000(s, lambda m: m.content[wire.SM].__setitem__("weight-key", "train_loss"))
     s.start(grid, initial(), num_rounds=1, train_config=train_config(config()))
     why = _refusals(s, wire.TRAIN)
     assert len(why) == N - 1 and all("another training configuration" in w for w in why)
