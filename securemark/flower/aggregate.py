@@ -233,7 +233,7 @@ class MaskedSum:
                               "sends every node one")  # fmt: skip
         n, clients = len(ids), sorted(ids.values())
         members = tuple((i, keys.adverts[i][0]) for i in clients)
-        signers = min(n, max(threshold, n // 2 + 1, math.ceil(max(self.secagg.signers, P.SIGNERS) * n - 1e-9)))
+        signers = P.signers_needed(n, threshold, self.secagg.signers)
         public = tuple((i, *keys.keys[i]) for i in clients)
         return roster.digest, members, signers, public, next(iter(train))
 

@@ -7,7 +7,6 @@ its input, then vanished before signing the survivors: the malicious threat's ex
 
 from __future__ import annotations
 
-import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
@@ -55,7 +54,7 @@ class Session:
         """The malicious threat's fields of a ``RoundConfig`` for ``clients`` (joined first): roster, members,
         signatures needed (default: two thirds and the threshold), session keys, training digest."""
         n = len(clients)
-        m = signers or min(n, max(threshold, n // 2 + 1, math.ceil(P.SIGNERS * n - 1e-9)))
+        m = signers or P.signers_needed(n, threshold)
         members = tuple((i, self.signers[i].member) for i in clients)
         keys = tuple((i, *self.server.keys[i]) for i in clients)
         return self.signers[clients[0]].roster.digest, members, m, keys, train

@@ -67,7 +67,7 @@ from securemark.secagg.protocol.client import (
     client_masked_input,
     client_unmask,
 )
-from securemark.secagg.protocol.config import B_LABEL, SIGNERS, RoundConfig
+from securemark.secagg.protocol.config import B_LABEL, SIGNERS, RoundConfig, signers_needed
 from securemark.secagg.protocol.derive import COMMIT_BYTES, commitment
 from securemark.secagg.protocol.errors import (
     BadOwner,
@@ -146,6 +146,7 @@ __all__ = [
     "server_sum",
     "shamir",
     "sign_survivors",
+    "signers_needed",
     "sparse_degree",
     "survivors_statement",
 ]

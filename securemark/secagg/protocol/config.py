@@ -19,6 +19,12 @@ B_LABEL = 0  # the label of b_i; a pair seed p_ij is labelled j (ids are >= 1)
 SIGNERS = 2 / 3  # the least share of a signed round's clients whose signatures a node needs before it reveals
 
 
+def signers_needed(n: int, threshold: int, share: float = SIGNERS) -> int:
+    """The signatures of its survivor list a node of a signed round of ``n`` clients needs before it reveals:
+    ``share`` of them (two thirds at least), the threshold and a majority at least, all of them at most."""
+    return min(n, max(threshold, n // 2 + 1, math.ceil(max(share, SIGNERS) * n - 1e-9)))
+
+
 @dataclass(frozen=True)
 class RoundConfig:
     session: str
@@ -83,7 +89,7 @@ class RoundConfig:
             raise ValueError("a signed round names every client's two 32-byte session keys")
         if any(len(self.neighbours[i]) != n - 1 for i in ids):
             raise ValueError("a signed round takes the complete graph (every client every other's neighbour)")
-        floor = max(self.threshold, n // 2 + 1, math.ceil(SIGNERS * n - 1e-9))
+        floor = signers_needed(n, self.threshold)
         if not floor <= self.signers <= n:
             raise ValueError(f"signers {self.signers} must lie in [{floor}, {n}]: the threshold and two thirds of "
                              "the round's clients at least")  # fmt: skip
