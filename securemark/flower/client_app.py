@@ -15,6 +15,7 @@ from flwr.clientapp import ClientApp
 
 from securemark.config import ConfigError, DataConfig, SimConfig
 from securemark.flower.mod import SimulatedSigners, securemark_mod
+from securemark.secagg.roster import Roster
 
 app = ClientApp(mods=[securemark_mod])
 
@@ -54,8 +55,8 @@ def train(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"arrays": trained, "metrics": metrics}), reply_to=msg)
 
 
-def simulated_signers_app(roster_json: str, keys: dict[int, str]) -> ClientApp:
+def simulated_signers_app(roster: Roster, keys: dict[int, str]) -> ClientApp:
     """The same ClientApp for a simulation of the malicious threat: each node signs with its partition's key."""
-    signed = ClientApp(mods=[SimulatedSigners(roster_json, keys)])
+    signed = ClientApp(mods=[SimulatedSigners(roster, keys)])
     signed.train()(train)
     return signed

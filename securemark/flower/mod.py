@@ -47,7 +47,7 @@ from securemark.flower.contract import COUNT_KEY, ContractError, contract, only,
 from securemark.flower.signers import ROSTER, SIGNING_KEY, STATE_DIR, node_signer, once, simulated_signer
 from securemark.secagg import protocol as P
 from securemark.secagg.quantize import QuantizationError, encode
-from securemark.secagg.roster import RosterError
+from securemark.secagg.roster import Roster, RosterError
 from securemark.secagg.starts import Starts
 
 Next = Callable[[Message, Context], Message]
@@ -69,11 +69,11 @@ def securemark_mod(msg: Message, context: Context, call_next: Next) -> Message:
 class SimulatedSigners:
     """``securemark_mod`` simulating the malicious threat: a node signs with its partition's key (``signers``)."""
 
-    def __init__(self, roster_json: str, keys: dict[int, str]) -> None:
-        self.roster_json, self.keys = roster_json, keys
+    def __init__(self, roster: Roster, keys: dict[int, str]) -> None:
+        self.roster, self.keys = roster, keys
 
     def __call__(self, msg: Message, context: Context, call_next: Next) -> Message:
-        return _signed_by(lambda c: simulated_signer(self.roster_json, self.keys, c), msg, context, call_next)
+        return _signed_by(lambda c: simulated_signer(self.roster, self.keys, c), msg, context, call_next)
 
 
 def _signed_by(

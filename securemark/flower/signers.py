@@ -18,7 +18,6 @@ the system's temporary folder; each record is a file created exclusively, so two
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import stat
 import tempfile
@@ -53,20 +52,20 @@ def member_name(partition: int) -> str:
     return f"partition-{partition}"
 
 
-def simulated(partitions: int) -> tuple[str, dict[int, str]]:
-    """A roster for a simulation's nodes (its JSON) and each partition's private key (hex, kept in memory)."""
+def simulated(partitions: int) -> tuple[Roster, dict[int, str]]:
+    """A roster for a simulation's nodes and each partition's private key (hex, kept in memory: the ClientApp
+    travels to the Ray actors pickled, and a key object does not pickle)."""
     keys = {p: Ed25519PrivateKey.generate() for p in range(partitions)}
     roster = Roster({member_name(p): bytes.fromhex(public_hex(k)) for p, k in keys.items()})
     private = {p: k.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption()).hex() for p, k in keys.items()}
-    return roster.to_json(), private
+    return roster, private
 
 
-def simulated_signer(roster_json: str, keys: dict[int, str], context: Context) -> Signer:
+def simulated_signer(roster: Roster, keys: dict[int, str], context: Context) -> Signer:
     """The signer of a simulated node, by its partition id."""
     pid = context.node_config.get("partition-id")
     if not isinstance(pid, int) or pid not in keys:
         raise RosterError(f"no simulated signing key for partition {pid!r}")
-    roster = Roster.from_json(json.loads(roster_json), "the simulation's roster")
     return Signer(roster, Ed25519PrivateKey.from_private_bytes(bytes.fromhex(keys[pid])))
 
 

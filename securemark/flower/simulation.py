@@ -3,7 +3,6 @@ each SuperNode a Ray actor. securemark.sim runs securemark's own apps in it."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -60,13 +59,11 @@ def run_securemark(cfg: SimConfig, out: Path, resume: bool) -> None:
     from securemark.flower.client_app import app, simulated_signers_app
     from securemark.flower.server_app import make_server_app
     from securemark.flower.signers import simulated
-    from securemark.secagg.roster import Roster
 
     if cfg.secagg.enabled and cfg.secagg.threat == "malicious":
         if cfg.secagg.roster:
             raise ConfigError("a simulation makes its own roster for its nodes: secagg.roster is for deployments")
-        roster_json, keys = simulated(cfg.train.clients)  # the owner runs every node: keys in its memory alone
-        roster = Roster.from_json(json.loads(roster_json), "the simulation's roster")
-        run_apps(make_server_app(cfg, out, resume, roster), simulated_signers_app(roster_json, keys), cfg)
+        roster, keys = simulated(cfg.train.clients)  # the owner runs every node: keys in its memory alone
+        run_apps(make_server_app(cfg, out, resume, roster), simulated_signers_app(roster, keys), cfg)
         return
     run_apps(make_server_app(cfg, out, resume), app, cfg)

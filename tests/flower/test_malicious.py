@@ -384,15 +384,14 @@ def test_a_simulation_makes_its_own_roster_and_its_nodes_sign(tmp_path):
 
     from securemark.flower.client_app import simulated_signers_app
     from securemark.flower.signers import simulated
-    from securemark.secagg.roster import Roster
 
-    roster_json, keys = simulated(N)
+    roster, keys = simulated(N)
     s = strategy_for(config(), tmp_path / "run", max_weight=2000, console=Console(file=io.StringIO()),
-                     roster=Roster.from_json(json.loads(roster_json), "test"))  # fmt: skip
-    grid = InProcessGrid(N, app=simulated_signers_app(roster_json, keys))
+                     roster=roster)  # fmt: skip
+    grid = InProcessGrid(N, app=simulated_signers_app(roster, keys))
     s.start(grid, initial(), num_rounds=1, train_config=train_config(config()))
     assert s.rounds[0]["status"] == "completed" and len(stages(grid, wire.SIGN)) == N
-    assert not any(k in json.dumps(s.rounds) + roster_json for k in keys.values())  # private keys stay in memory
+    assert not any(k in json.dumps(s.rounds) + roster.to_json() for k in keys.values())  # private keys stay in memory
 
 
 def test_the_malicious_threat_without_a_roster_is_refused_before_any_node_is_met(tmp_path):
