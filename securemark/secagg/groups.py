@@ -36,10 +36,12 @@ one colluder.
 **What it does not bound.** The groups fix which inputs are summed, not what they hold, and each node trains
 on what the server sends it alone: a server that sends a node's groupmates a model or configuration that
 trains to no update (zero local epochs; a model whose units are all dead) makes the group's sum that node's
-update and count (a review read both, correlation 0.9999, the count exactly). Stopping it needs nodes to check
-that they and their groupmates trained from one model and configuration (a commitment they compare): the
-malicious-server work, not done. Nor does anything outlive a node's state for the run: a node that restarts,
-or a new run, has forgotten its groups and models.
+update and count (a review read both, correlation 0.9999, the count exactly). Under the malicious threat the
+training configuration and weight metric are part of the signed round (``protocol.signing``: another one for
+groupmates gives masks that never cancel), but the models are not: each node gets its own fingerprinted copy,
+so nodes cannot compare them, and a model that trains to nothing still reads a node (not stopped). Nor does
+anything outlive a node's state for the run: a node that restarts, or a new run, has forgotten its groups and
+models.
 
 **The cost.** A lost node costs its whole group for the round (``securemark simulate ... --set
 secagg.dropout=0.1`` measures it; docs/explanations/masking.md has the table), and a round takes whole groups
