@@ -397,3 +397,26 @@ def test_a_simulation_makes_its_own_roster_and_its_nodes_sign(tmp_path):
 def test_the_malicious_threat_without_a_roster_is_refused_before_any_node_is_met(tmp_path):
     with pytest.raises(ValueError, match="roster"):
         strategy(config(), tmp_path)
+
+
+@pytest.mark.parametrize("same_session", [False, True])
+def test_a_signed_run_killed_after_round_one_resumes_on_fresh_nodes(tmp_path, deployment, same_session):
+    """A crash after round 1's checkpoint, then `flwr run` again: a new Flower run, so every node starts with a
+    fresh state (its files on disk stay). The resumed run is a new session and trains on. A server that resumes
+    under the old session name reaches nodes whose disk still records what they signed and unmasked in round 1
+    of that session: rounds 2 on are new, so it goes on too, and nothing of round 1 can be signed again."""
+    from flwr.app import Context
+
+    from .test_strategy import killed_after_round_one
+
+    grid, roster = deployment
+    cfg = config(rounds=2, roster=str(roster))
+    first = strategy(cfg, tmp_path)
+    killed_after_round_one(first, grid, cfg)
+    grid.contexts = {n: Context(4243, n, c.node_config, RecordDict(), {}) for n, c in grid.contexts.items()}
+    resumed = strategy(cfg, tmp_path)
+    if same_session:
+        resumed.nodes.keys.session = first.nodes.keys.session
+    resumed.start(grid, initial(), num_rounds=2, train_config=train_config(cfg), resume=True)
+    assert [r["status"] for r in resumed.rounds] == ["completed", "completed"]
+    assert len([m for m in stages(grid, wire.SIGN) if m.metadata.group_id == "2"]) == N
