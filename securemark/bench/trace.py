@@ -9,7 +9,7 @@ import numpy as np
 
 from securemark.codes import pack_bits, tardos
 from securemark.errors import InputError
-from securemark.tracing.bound import Law
+from securemark.tracing.bound import Law, centred
 from securemark.tracing.scores import PackedCodebook, accuse, tardos_scores
 
 
@@ -28,7 +28,7 @@ def bench_trace(users: int, length: int, max_colluders: int, repeats: int, seed:
     t2 = time.perf_counter()
     coalition = rng.choice(users, size=max_colluders, replace=False)
     rows = np.unpackbits(packed[coalition], axis=1, count=length).astype(np.float64)
-    y = (2 * rows - 1).mean(0)
+    y = centred((2 * rows - 1).mean(0), bias, max_colluders)
     times = []
     for _ in range(repeats):
         s0 = time.perf_counter()

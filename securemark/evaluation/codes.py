@@ -13,7 +13,7 @@ from securemark.codes.base import CODE_KINDS
 from securemark.codes.channel import ATTACKS, collude
 from securemark.codes.random import uniform_bias
 from securemark.errors import InputError
-from securemark.tracing.bound import Law, robust_observation
+from securemark.tracing.bound import Law, centred, robust_observation
 from securemark.tracing.scores import accuse
 
 
@@ -49,7 +49,8 @@ class CodeTrialSpec:
 def _accuse_scored(spec: CodeTrialSpec, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, float]:
     """One trial of a scored code (Tardos or random): (accused users, coalition, normalized threshold).
 
-    The threshold is the tracer's own: certified for this observation's exact innocent law (tracing.bound).
+    The reading and threshold are the tracer's own: the observation clipped, centred on the code's expected row
+    and scored against the threshold certified for its exact innocent law (tracing.bound).
     """
     c_max = spec.max_colluders or spec.colluders
     if spec.code == "tardos":
@@ -59,7 +60,7 @@ def _accuse_scored(spec: CodeTrialSpec, rng: np.random.Generator) -> tuple[np.nd
     rows = tardos.draw_rows(bias.astype(np.float32), rng.random((spec.users, spec.length), dtype=np.float32))
     coalition = rng.choice(spec.users, size=spec.colluders, replace=False)
     y = collude(2.0 * rows[coalition] - 1.0, spec.attack, rng, spec.noise)
-    y = robust_observation(y).y
+    y = centred(robust_observation(y).y, bias, c_max)
     w, offset = tardos.score_weights(y, bias)
     scores = rows.astype(np.float32) @ w.astype(np.float32) - offset
     acc = accuse(scores, Law.of(y, bias), spec.eps, lambda users: tardos.soft_scores_reference(rows[users], y, bias))

@@ -12,7 +12,7 @@ import numpy as np
 
 from securemark.codes import bibd, unpack_bits
 from securemark.registry import Registry, RegistryError
-from securemark.tracing.bound import Law, Observation
+from securemark.tracing.bound import Law, Observation, centred
 from securemark.tracing.scores import PackedCodebook, accuse, exact_scores, tardos_scores
 
 PValues = Callable[[np.ndarray], np.ndarray]
@@ -84,9 +84,10 @@ class Scorer:
     def accuse(self, y: np.ndarray) -> Verdict:
         """Score every customer for observation ``y`` and accuse.
 
-        Tardos and random codes: soft scores against the threshold certified for this y's exact innocent law
-        (p-values are certified bounds, computed only for the customers asked for); BIBD: the soft detector
-        against its midway threshold (no null law, no bound, no p-values).
+        Tardos and random codes: soft scores of y centred on the code's expected row (tracing.bound.centred),
+        against the threshold certified for the centred y's exact innocent law (p-values are certified bounds,
+        computed only for the customers asked for); BIBD: the soft detector against its midway threshold (no
+        null law, no bound, no p-values).
         """
         p = self.params
         if self._rows is not None:
@@ -96,6 +97,7 @@ class Scorer:
             return Verdict(scores, threshold, order[scores[order] > threshold], None, None)
         assert self.bias is not None
         bias = self.bias
+        y = centred(y, bias, p.max_colluders)  # the code's expected row removed (tracing.bound)
         acc = accuse(tardos_scores(self._book, y, bias), Law.of(y, bias), p.eps,
                      lambda users: exact_scores(self._book, users, y, bias))  # fmt: skip
         return Verdict(acc.normalized, acc.threshold, acc.accused, acc.p_values, acc.innocent_tail)

@@ -131,7 +131,8 @@ def test_a_customer_mixing_its_own_rounds_is_caught_and_unmarked_mixtures_accuse
                             most=1)  # fmt: skip
         assert [s.customer for s in report.accused] == ["c5"] and report.signal_rms < 1.1
         assert "mixture" in report.alignment
-        assert np.sqrt(single.energy / reg.params.length) > 1.5 * report.signal_rms  # no single base fits it
+        # no single base fits it: 1.49-3.6x the mixture's RMS over 30 registries (each has fresh secret keys)
+        assert np.sqrt(single.energy / reg.params.length) > 1.3 * report.signal_rms
         unmarked, _ = attacks.mix_rounds([history[r] for r in picked], rng, weights)
         assert trace(unmarked, reg).accused == []
     reg.close()
