@@ -219,8 +219,11 @@ def centred(y: np.ndarray, bias: np.ndarray, degree: int) -> np.ndarray:
     out = y.copy()
     if degree < 0:
         return out
-    basis = np.polynomial.chebyshev.chebvander(2.0 * bias[on] - 1.0, degree)  # well conditioned on [-1, 1]
-    q, s, _ = np.linalg.svd(basis, full_matrices=False)
-    q = q[:, s > s[0] * 1e-9]  # a constant bias (random codes) spans one direction only
-    out[on] -= q @ (q.T @ y[on])
+    # Chebyshev polynomials are orthogonal under the arcsine law, which is the law of 2p - 1 for Tardos biases:
+    # the normal equations are near-diagonal and cost two products with the (support x degree + 1) basis
+    basis = np.polynomial.chebyshev.chebvander(2.0 * bias[on] - 1.0, degree)
+    vals, vecs = np.linalg.eigh(basis.T @ basis)
+    keep = vals > vals[-1] * 1e-12  # a constant bias (random codes) spans one direction only
+    coef = vecs[:, keep] @ ((vecs[:, keep].T @ (basis.T @ y[on])) / vals[keep])
+    out[on] -= basis @ coef
     return out

@@ -2,8 +2,8 @@
 
 A suspect is untrusted: non-finite or absurd weights are an error, never a verdict. It is aligned to the
 registry's base (fingerprint.align: permuted, rescaled, widened units undone), its soft code is read
-robustly (weights the suspect set to exactly zero are erasures; tracing.bound: outliers saturated), and the
-threshold is certified for that very observation.
+robustly (weights the suspect set to exactly zero are erasures; tracing.bound: outliers saturated), centred
+on the code's expected row (tracing.bound.centred), and the threshold is certified for that very observation.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from securemark.tracing.bound import Law, Observation, centred
 from securemark.tracing.scores import PackedCodebook, accuse, exact_scores, tardos_scores
 
 PValues = Callable[[np.ndarray], np.ndarray]
+BOUND = "Chernoff + Berry-Esseen on the exact innocent law of the observation centred on the expected row"
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class Suspect:
 class TraceReport:
     accused: list[Suspect]
     scores_top: list[Suspect]
-    threshold: float  # normalized (score / ||y||), certified for this observation
+    threshold: float  # normalized (score / ||y'||, y' the centred observation), certified for this observation
     eps: float
     bound: str  # how the threshold was certified
     innocent_tail: float | None  # certified P(one given innocent accused) at the threshold
@@ -125,7 +126,7 @@ class Scorer:
             scores_top=suspects(order[:top_k]),
             threshold=float(v.threshold),
             eps=self.params.eps,
-            bound="none (BIBD detector)" if tail is None else "Chernoff + Berry-Esseen on the exact innocent law",
+            bound="none (BIBD detector)" if tail is None else BOUND,
             innocent_tail=tail,
             false_accusation_bound=None if tail is None else tail * len(self.names),
             code=self.params.code,

@@ -24,6 +24,11 @@ def test_a_linear_function_of_the_bias_is_removed_at_degree_one_golden():
     assert np.abs(centred(2 * bias - 1, bias, 0)).max() > 0.5  # a constant cannot take it away
 
 
+def test_a_constant_bias_spans_the_constant_alone():
+    y = np.random.default_rng(3).standard_normal(200)  # a random code: every bias 1/2, degree 8 asked for
+    assert np.allclose(centred(y, np.full(200, 0.5), 8), y - y.mean(), atol=1e-12)
+
+
 def test_a_reading_too_short_for_the_fit_is_left_alone():
     y = np.arange(1.0, 16.0)  # 15 readings: fewer than 16 per fitted direction
     assert np.array_equal(centred(y, np.full(15, 0.2), 3), y)
