@@ -38,14 +38,17 @@ p, the same at every position of equal bias. That part of y is the code's expect
 it meets an innocent's row at sum_l f(p_l) (x_l - p_l) / sqrt(p_l (1 - p_l)), which for one fixed code is an
 offset of that customer's own, the same in every trace (measured on one registry's code: offsets spread
 with standard deviation 0.81 of the innocents' unit spread, and one customer at +3.06 was accused in 12 of
-7,600 traces). :func:`centred` removes y's least-squares fit by polynomials of degree ``c_max`` in p on y's
-support (the positions it reads), so every coalition up to the code's c_max leaves no expected row, and a
-larger one little. The fit is a function of y and the bias alone, so an innocent's row is still independent
-of the centred observation and the bound above holds for it unchanged; it costs the colluders degree + 1
-of the L dimensions (9 of 4,096 at c_max = 8) and removes roughly half of y's energy (the arcsine bias puts
-most positions near 0 or 1, where 2p - 1 is near +-1), so a colluder's normalized score rises by about a
-third (code-only simulation, n = 1,000, L = 4096, c_max = 8, noise 0.5: the weakest of 2 averaging colluders
-from 20.7 to 28.7; the offsets' spread falls to the sampling floor; tests/tracing/test_centred.py).
+7,600 traces). :func:`centred` removes y's least-squares fit by polynomials of degree ``c_max`` in p (at
+every position, zeros included: see there), so every coalition up to the code's c_max leaves no expected
+row, and a larger one little. The fit is a function of y and the bias alone, so an innocent's row is still
+independent of the centred observation and the bound above holds for it unchanged. It costs the colluders
+degree + 1 of the L dimensions (9 of 4,096 at c_max = 8) and removes roughly half of y's energy (the arcsine
+bias puts most positions near 0 or 1, where 2p - 1 is near +-1). What is left weighs the positions where a
+colluder holds the rare symbol, so the innocent law's tail is heavier and the normalized threshold rises
+(4.4-4.7 to 4.9-5.6 at n = 1,000, L = 2048, c = 5); colluders' normalized scores rise by more under most
+merges (the weakest of 2 averaging colluders 20.7 to 28.7 at L = 4096, noise 0.5; all five of a majority
+coalition named in every trial against 0.68), less under the minority merge, which keeps catching but names
+fewer (docs/explanations/codes-and-bound.md; tests/tracing/test_centred.py).
 """
 
 from __future__ import annotations
@@ -203,27 +206,28 @@ def robust_observation(y: np.ndarray, clip: float = CLIP_SIGMAS) -> Observation:
 
 
 def centred(y: np.ndarray, bias: np.ndarray, degree: int) -> np.ndarray:
-    """``y`` less its least-squares fit by polynomials of degree ``degree`` in the bias, fitted and removed on
-    y's support only (its zeros carry no reading and stay 0); see the module docstring.
+    """``y`` less its least-squares fit by polynomials of degree ``degree`` in the bias (see the module
+    docstring), fitted and removed at every position, zeros included.
 
-    The degree is capped at a sixteenth of the support, so a short reading keeps nearly all its dimensions.
+    A zero is a reading too: colluders who erase every position where their copies differ (pruning the
+    weights there, read as erasures) leave y = 0 exactly where the rare symbol of one of them sits. A fit on
+    the nonzero positions alone would remove nearly all of what they kept (their shared symbol is almost a
+    function of p) and let every one of them escape; fitted over all positions, the centred zeros point at
+    the colluders who hold the rare symbol there. The degree is capped at L / 16 - 1.
     """
     y = np.asarray(y, dtype=np.float64)
     bias = np.asarray(bias, dtype=np.float64)
-    if y.shape != bias.shape:
-        raise ValueError(f"observation has shape {y.shape}, bias {bias.shape}")
+    if y.shape != bias.shape or y.ndim != 1:
+        raise ValueError(f"observation has shape {y.shape}, bias {bias.shape}: need two equal 1-d shapes")
     if degree < 0:
         raise ValueError(f"degree must be >= 0, got {degree}")
-    on = np.flatnonzero(y)
-    degree = min(degree, len(on) // 16 - 1)
-    out = y.copy()
-    if degree < 0:
-        return out
+    degree = min(degree, len(y) // 16 - 1)
+    if degree < 0 or not np.any(y):
+        return y.copy()
     # Chebyshev polynomials are orthogonal under the arcsine law, which is the law of 2p - 1 for Tardos biases:
-    # the normal equations are near-diagonal and cost two products with the (support x degree + 1) basis
-    basis = np.polynomial.chebyshev.chebvander(2.0 * bias[on] - 1.0, degree)
+    # the normal equations are near-diagonal and cost two products with the (L x degree + 1) basis
+    basis = np.polynomial.chebyshev.chebvander(2.0 * bias - 1.0, degree)
     vals, vecs = np.linalg.eigh(basis.T @ basis)
     keep = vals > vals[-1] * 1e-12  # a constant bias (random codes) spans one direction only
-    coef = vecs[:, keep] @ ((vecs[:, keep].T @ (basis.T @ y[on])) / vals[keep])
-    out[on] -= basis @ coef
-    return out
+    coef = vecs[:, keep] @ ((vecs[:, keep].T @ (basis.T @ y)) / vals[keep])
+    return y - basis @ coef

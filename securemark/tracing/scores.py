@@ -59,6 +59,9 @@ class PackedCodebook:
         w = np.asarray(w, dtype=np.float64)
         if w.shape != (self.length,):
             raise ValueError(f"weights have shape {w.shape}, expected ({self.length},)")
+        top = float(np.max(np.abs(w), initial=0.0))
+        if top > 1.0:  # float32 sums overflow near 3.4e38: scaled to |w| <= 1 and back in float64
+            return top * self.matvec(w / top, method)
         if method == "auto":
             method = "dense" if self.users < 16_384 and self.users * self.length <= 1 << 24 else "table"
         if method == "dense":
