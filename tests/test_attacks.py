@@ -27,6 +27,10 @@ def test_collusion_methods_hand_worked():
     ext, _ = attacks.collude(copies, "extreme", rng)
     assert ((ext["w"] == stack.min(0).values) | (ext["w"] == stack.max(0).values)).all()
     assert avg["n"].item() == 3 and avg["n"].dtype == torch.int64
+    erased, _ = attacks.collude(copies, "erase", rng)  # w: 1|3|5, 2|2|8, 3|1|2, 4|0|2; b: all agree
+    np.testing.assert_allclose(erased["w"].reshape(-1), [0, 0, 0, 0])
+    np.testing.assert_allclose(attacks.collude(copies[:2], "erase", rng)[0]["w"].reshape(-1), [0, 2, 0, 0])
+    assert torch.equal(erased["b"], torch.tensor([1.0, 2.0]))
 
 
 def test_collusion_refuses_mismatched_or_single_copies():

@@ -9,7 +9,9 @@ import torch
 
 from securemark.errors import InputError
 
-COLLUSION_METHODS = ("average", "median", "interleave", "layer-interleave", "extreme", "extrapolate", "convex")
+COLLUSION_METHODS = (
+    "average", "median", "interleave", "layer-interleave", "extreme", "erase", "extrapolate", "convex",
+)  # fmt: skip
 StateDict = Mapping[str, torch.Tensor]
 
 
@@ -20,7 +22,9 @@ def collude(
 
     average: the mean; median: the per-weight median; interleave: each weight from a random copy;
     layer-interleave: each tensor from a random copy; extreme: each weight the min or the max of the copies,
-    chosen at random (randomized min/max); extrapolate: w_a + alpha (w_a - w_b) for the first two copies
+    chosen at random (randomized min/max); erase: the copies' shared value where they all agree, 0 wherever
+    they differ (the weights a fingerprint changes are removed: read back as erasures, those code positions
+    are 0 exactly); extrapolate: w_a + alpha (w_a - w_b) for the first two copies
     (walking away from b's fingerprint); convex: a random convex combination (weights ~ Dirichlet(1)).
     Non-float tensors (counters) are taken from the first copy.
     """
@@ -59,6 +63,8 @@ def collude(
             merged = stack[0] + alpha * (stack[0] - stack[1])
         elif method == "convex":
             merged = torch.tensordot(mix, stack, dims=1)
+        elif method == "erase":
+            merged = torch.where((stack == stack[0]).all(0), stack[0], torch.zeros_like(stack[0]))
         else:
             use_max = torch.rand(first.shape, generator=gen) < 0.5
             merged = torch.where(use_max, stack.max(0).values, stack.min(0).values)

@@ -23,7 +23,9 @@ if TYPE_CHECKING:
     from securemark.tracing.tracer import TraceReport
 
 # the CLI parses without importing torch: a test checks this equals securemark.attacks.COLLUSION_METHODS
-COLLUSION_METHODS = ("average", "median", "interleave", "layer-interleave", "extreme", "extrapolate", "convex")
+COLLUSION_METHODS = (
+    "average", "median", "interleave", "layer-interleave", "extreme", "erase", "extrapolate", "convex",
+)  # fmt: skip
 
 
 def cmd_registry_init(a: argparse.Namespace) -> None:
